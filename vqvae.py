@@ -1,0 +1,506 @@
+"""The VQ-VAE of VideoGPT: video -> grid of discrete codes -> video.
+
+Section 3.1 of Yan et al. (2021). An encoder of strided 3D convolutions and
+axial-attention residual blocks compresses a clip (B, 3, T, H, W) by
+`downsample` = (dt, dh, dw) into a latent grid (B, D, t, h, w); each latent
+vector is replaced by its nearest entry of a learned codebook (van den Oord et
+al., 2017), whose entries follow an exponential moving average of the encoder
+outputs assigned to them (Razavi et al., 2019). A mirrored decoder of
+transposed convolutions turns the quantized grid back into a video. The
+integer codes (B, t, h, w) are what the GPT prior (gpt.py) learns to model.
+
+    from vqvae import VQVAE, VQVAEConfig, load_vqvae
+    vq = VQVAE(VQVAEConfig(n_hiddens=64, n_codes=256))
+    codes = vq.encode(video)        # (B, 3, T, H, W) -> (B, t, h, w) int64
+    recon = vq.decode(codes)        # (B, t, h, w) -> (B, 3, T, H, W)
+    out = vq(video)                 # dict: recon, loss, recon_loss, commitment_loss, perplexity, codes, usage
+
+The arithmetic (padding, layer order, initialisation of the codebook, the EMA
+update) is the original implementation's, so its published checkpoints load
+with `load_vqvae` and give the same codes and reconstructions. Every place where
+the original has a quirk is marked `# original:`.
+"""
+
+import argparse
+import math
+import os
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import AxialAttention
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class VQVAEConfig:
+    embedding_dim: int = 256          # width D of each codebook vector (and of the latent grid)
+    n_codes: int = 2048               # number of codebook entries K
+    n_hiddens: int = 240              # channels inside the encoder and decoder
+    n_res_layers: int = 4             # attention residual blocks in the encoder, and again in the decoder
+    downsample: tuple = (4, 4, 4)     # (T, H, W) compression factors, each a power of two
+    sequence_length: int = 16         # frames per training clip; with resolution it fixes the latent shape
+    resolution: int = 64              # height = width of training clips, pixels
+    n_head: int = 2                   # heads of each axial attention
+    commitment_cost: float = 0.25     # beta: weight of ||z - sg[e]||^2 in the loss
+    ema_decay: float = 0.99           # decay of the codebook's moving averages
+    dead_code_threshold: float = 1.0  # a code whose EMA count falls below this is restarted
+    data_variance: float = 0.06       # divides the MSE, giving the paper's normalized MSE
+    latent_shape: tuple = field(init=False)  # (t, h, w) of one training clip, derived
+
+    def __post_init__(self):
+        # Accept lists (argparse, JSON) and store tuples so configs compare and hash.
+        self.downsample = tuple(int(d) for d in self.downsample)
+        if len(self.downsample) != 3:
+            raise ValueError(f"downsample must have 3 factors (T, H, W), got {self.downsample}")
+        for d in self.downsample:
+            if d < 1 or d & (d - 1):
+                raise ValueError(f"downsample factors must be powers of two, got {self.downsample}")
+        if max(self.downsample) == 1:
+            raise ValueError("downsample (1, 1, 1) compresses nothing; use at least one factor of 2 or more")
+        if self.n_hiddens % 2:
+            raise ValueError(f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}")
+        if self.n_hiddens % self.n_head:
+            raise ValueError(f"n_hiddens={self.n_hiddens} is not divisible by n_head={self.n_head}")
+        input_shape = (self.sequence_length, self.resolution, self.resolution)
+        for name, size, d in zip(("sequence_length", "resolution", "resolution"), input_shape, self.downsample):
+            if size % d:
+                raise ValueError(f"downsample {self.downsample} does not divide the input: "
+                                 f"{name}={size} is not a multiple of {d}")
+        self.latent_shape = tuple(s // d for s, d in zip(input_shape, self.downsample))
+
+    def to_dict(self):
+        """Plain dict of the constructor arguments, for checkpoints."""
+        d = asdict(self)
+        d.pop("latent_shape")
+        d["downsample"] = list(d["downsample"])
+        return d
+
+
+# -----------------------------------------------------------------------------
+# "Same"-padded 3D convolutions
+
+
+def same_padding(kernel_size, stride):
+    """F.pad argument that pads each axis by k - s in total, the extra element first.
+
+    With that padding a stride-s convolution maps n -> n / s (n divisible by s),
+    like TensorFlow's "SAME". The list runs W, H, T because F.pad starts at the last axis.
+    """
+    pad = []
+    for k, s in zip(reversed(kernel_size), reversed(stride)):
+        p = k - s
+        pad += [p // 2 + p % 2, p // 2]
+    return tuple(pad)
+
+
+class SamePadConv3d(nn.Module):
+    """Conv3d whose output size is input size / stride."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
+        super().__init__()
+        kernel_size = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        self.pad = same_padding(kernel_size, stride)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))  # (B, C_out, T/st, H/sh, W/sw)
+
+
+class SamePadConvTranspose3d(nn.Module):
+    """ConvTranspose3d whose output size is input size * stride, the inverse of SamePadConv3d."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
+        super().__init__()
+        kernel_size = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        self.pad = same_padding(kernel_size, stride)
+        # original: the input is padded by k - s and the transposed convolution then crops
+        # k - 1 from each side (padding=k-1); together these give exactly n * s outputs.
+        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride,
+                                        bias=bias, padding=tuple(k - 1 for k in kernel_size))
+
+    def forward(self, x):
+        return self.convt(F.pad(x, self.pad))  # (B, C_out, T*st, H*sh, W*sw)
+
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder
+
+
+class AttentionResidualBlock(nn.Module):
+    """x + [BN-ReLU-conv3(C->C/2) - BN-ReLU-conv1(C/2->C) - BN-ReLU - axial attention](x)."""
+
+    def __init__(self, n_hiddens, n_head=2):
+        super().__init__()
+        # A Sequential so that the parameter names (block.0, block.2, ..., block.8) are the original's.
+        self.block = nn.Sequential(
+            nn.BatchNorm3d(n_hiddens),
+            nn.ReLU(),
+            SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
+            nn.BatchNorm3d(n_hiddens // 2),
+            nn.ReLU(),
+            SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
+            nn.BatchNorm3d(n_hiddens),
+            nn.ReLU(),
+            AxialAttention(n_hiddens, n_head),
+        )
+
+    def forward(self, x):
+        # Convolutional part, channels first.
+        h = self.block[:-1](x)                         # (B, C, T, H, W)
+        # Axial attention wants channels last.
+        h = self.block[-1](h.permute(0, 2, 3, 4, 1))   # (B, T, H, W, C)
+        return x + h.permute(0, 4, 1, 2, 3)            # (B, C, T, H, W)
+
+
+def halvings(downsample):
+    """How many stride-2 stages each axis needs: (4, 4, 1) -> [2, 2, 0]."""
+    return [int(math.log2(d)) for d in downsample]
+
+
+class Encoder(nn.Module):
+    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw)."""
+
+    def __init__(self, n_hiddens, n_res_layers, downsample, n_head=2):
+        super().__init__()
+        # One stride-2 conv per halving; an axis that is already small enough gets stride 1.
+        todo = halvings(downsample)
+        self.convs = nn.ModuleList()
+        for i in range(max(todo)):
+            stride = tuple(2 if n > i else 1 for n in todo)
+            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4, stride=stride))
+        # original: conv_last takes the *input* width of the last strided conv, which is 3
+        # when a single halving is enough (e.g. downsample (1, 2, 2)) and then crashes;
+        # here it takes n_hiddens, identical whenever the original runs.
+        self.conv_last = SamePadConv3d(n_hiddens, n_hiddens, kernel_size=3)
+        self.res_stack = nn.Sequential(
+            *[AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)],
+            nn.BatchNorm3d(n_hiddens),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        # Strided convolutions with ReLU downsample each axis by its factor.
+        h = x
+        for conv in self.convs:
+            h = F.relu(conv(h))       # (B, C, ...) halved along the axes still to shrink
+        # A kernel-3 conv (no ReLU), then the attention residual stack ending in BN-ReLU.
+        h = self.conv_last(h)         # (B, C, t, h, w)
+        return self.res_stack(h)     # (B, C, t, h, w)
+
+
+class Decoder(nn.Module):
+    """(B, n_hiddens, t, h, w) -> (B, 3, t*dt, h*dh, w*dw), the encoder's mirror."""
+
+    def __init__(self, n_hiddens, n_res_layers, upsample, n_head=2):
+        super().__init__()
+        self.res_stack = nn.Sequential(
+            *[AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)],
+            nn.BatchNorm3d(n_hiddens),
+            nn.ReLU(),
+        )
+        # One stride-2 transposed conv per doubling; the last one outputs RGB.
+        todo = halvings(upsample)
+        n = max(todo)
+        self.convts = nn.ModuleList()
+        for i in range(n):
+            stride = tuple(2 if m > i else 1 for m in todo)
+            self.convts.append(SamePadConvTranspose3d(n_hiddens, 3 if i == n - 1 else n_hiddens, 4, stride=stride))
+
+    def forward(self, h):
+        # Attention residual stack at latent resolution.
+        h = self.res_stack(h)                     # (B, C, t, h, w)
+        # Transposed convolutions upsample, ReLU between them but not after the last.
+        for i, convt in enumerate(self.convts):
+            h = convt(h)                          # (B, C or 3, ...) doubled along the axes still to grow
+            if i < len(self.convts) - 1:
+                h = F.relu(h)
+        return h                                  # (B, 3, T, H, W)
+
+
+# -----------------------------------------------------------------------------
+# The EMA codebook
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Codebook(nn.Module):
+    """Nearest-neighbour quantizer whose entries are exponential moving averages.
+
+    State (all buffers, so checkpoints carry it):
+      embeddings (K, D)  the code vectors e_k
+      N          (K,)    EMA of how many encoder outputs chose each code
+      z_avg      (K, D)  EMA of the sum of those outputs
+      initialized ()     False until the first training batch has seeded the codebook
+
+    After every training step e_k = z_avg_k / N_k (N Laplace-smoothed), and any
+    code with N_k < dead_code_threshold is restarted at a random encoder output
+    of the current batch. Under DDP the counts and sums are all-reduced and the
+    random draws broadcast from rank 0, so every rank holds the same codebook.
+    All of it runs in float32 with autocast off: distances between nearly equal
+    vectors and long-running averages are exactly where half precision fails.
+    """
+
+    def __init__(self, n_codes, embedding_dim, decay=0.99, dead_code_threshold=1.0, eps=1e-7):
+        super().__init__()
+        self.n_codes = n_codes
+        self.embedding_dim = embedding_dim
+        self.decay = decay
+        self.dead_code_threshold = dead_code_threshold
+        self.eps = eps  # Laplace smoothing of the counts, so an unused code never divides by zero
+        self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
+        self.register_buffer("N", torch.zeros(n_codes))
+        self.register_buffer("z_avg", self.embeddings.clone())
+        # original: a plain Python attribute, so a resumed run re-initialised its codebook.
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def random_rows(self, flat):
+        """K rows drawn without replacement from flat (N, D), identical on every rank.
+
+        original: when the batch holds fewer than K vectors it is tiled and jittered
+        with noise of std 0.01 / sqrt(D) so that repeated rows still differ.
+        """
+        n, d = flat.shape
+        if n < self.n_codes:
+            flat = flat.repeat((self.n_codes + n - 1) // n, 1)             # (ceil(K/N)*N, D)
+            flat = flat + torch.randn_like(flat) * (0.01 / math.sqrt(d))
+        rows = flat[torch.randperm(flat.shape[0], device=flat.device)[: self.n_codes]]  # (K, D)
+        if _distributed():
+            dist.broadcast(rows, src=0)
+        return rows
+
+    def nearest(self, flat):
+        """Index of the nearest code for each row of flat (N, D) -> (N,)."""
+        # ||z||^2 - 2 z.e + ||e||^2, in the original's order so that ties break the same way.
+        distances = ((flat ** 2).sum(dim=1, keepdim=True)
+                     - 2 * flat @ self.embeddings.t()
+                     + (self.embeddings.t() ** 2).sum(dim=0, keepdim=True))  # (N, K)
+        return distances.argmin(dim=1)
+
+    @torch.no_grad()
+    def ema_update(self, flat, idx):
+        """One EMA step from the encoder outputs flat (N, D) and their codes idx (N,)."""
+        # Per-code counts and sums of this batch (all ranks' batches under DDP).
+        n_total = torch.bincount(idx, minlength=self.n_codes).to(flat.dtype)          # (K,)
+        encode_sum = torch.zeros_like(self.z_avg).index_add_(0, idx, flat)           # (K, D)
+        if _distributed():
+            dist.all_reduce(n_total)
+            dist.all_reduce(encode_sum)
+        # Moving averages of counts and sums.
+        self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
+        self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
+        # e_k = z_avg_k / N_k with Laplace-smoothed counts that keep the total n.
+        n = self.N.sum()
+        weights = (self.N + self.eps) / (n + self.n_codes * self.eps) * n               # (K,)
+        self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
+        # Restart dead codes at random encoder outputs. original: drew (and broadcast) the
+        # random rows every step; here only when some code is dead, which every rank
+        # agrees on because N is identical everywhere. N and z_avg of a restarted code are
+        # left as they are, as in the original, so it is restarted again each step until used.
+        dead = self.N < self.dead_code_threshold                                       # (K,)
+        if dead.any():
+            self.embeddings.copy_(torch.where(dead.unsqueeze(1), self.random_rows(flat), self.embeddings))
+
+    @torch.no_grad()
+    def init_from(self, flat):
+        """Seed every code with a random encoder output of the first training batch."""
+        rows = self.random_rows(flat)
+        self.embeddings.copy_(rows)
+        self.z_avg.copy_(rows)
+        self.N.fill_(1.0)
+        self.initialized.fill_(True)
+
+    def forward(self, z):
+        """Quantize z (B, D, t, h, w); in training mode also update the codebook."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            B, D, t, h, w = z.shape
+            flat = z.permute(0, 2, 3, 4, 1).reshape(-1, D)        # (B*t*h*w, D)
+            if self.training and not self.initialized:
+                self.init_from(flat.detach())
+            # Nearest code for every latent vector.
+            idx = self.nearest(flat.detach())                      # (B*t*h*w,)
+            codes = idx.view(B, t, h, w)                           # (B, t, h, w)
+            e = F.embedding(codes, self.embeddings).permute(0, 4, 1, 2, 3)  # (B, D, t, h, w)
+            # The encoder is pulled towards its codes; the codes themselves move by EMA.
+            commitment_loss = F.mse_loss(z, e.detach())
+            if self.training:
+                self.ema_update(flat.detach(), idx)
+            # Straight-through estimator: forward uses e, backward passes gradients to z unchanged.
+            e_st = z + (e - z).detach()                            # (B, D, t, h, w)
+            # Codebook health: perplexity of this batch's code histogram, and the share of codes it used.
+            counts = torch.bincount(idx, minlength=self.n_codes).float()  # (K,)
+            probs = counts / idx.numel()
+            perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+            usage = (counts > 0).float().mean()
+        return dict(embeddings=e_st, codes=codes, commitment_loss=commitment_loss,
+                    perplexity=perplexity, usage=usage)
+
+
+# -----------------------------------------------------------------------------
+# The VQ-VAE
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = Encoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head)
+        self.decoder = Decoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head)
+        # 1x1x1 convolutions in and out of the codebook's width.
+        self.pre_vq_conv = SamePadConv3d(c.n_hiddens, c.embedding_dim, 1)
+        self.post_vq_conv = SamePadConv3d(c.embedding_dim, c.n_hiddens, 1)
+        self.codebook = Codebook(c.n_codes, c.embedding_dim, decay=c.ema_decay,
+                                 dead_code_threshold=c.dead_code_threshold)
+
+    @property
+    def latent_shape(self):
+        return self.config.latent_shape
+
+    def check_video(self, x):
+        """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
+        assert x.dim() == 5 and x.shape[1] == 3, \
+            f"expected a video of shape (B, 3, T, H, W), got {tuple(x.shape)}"
+        for name, size, d in zip("THW", x.shape[2:], self.config.downsample):
+            assert size % d == 0, \
+                f"{name}={size} is not divisible by its downsample factor {d} (downsample={self.config.downsample})"
+
+    def forward(self, x):
+        """x (B, 3, T, H, W) in [-0.5, 0.5] -> dict of reconstruction, losses and codebook statistics."""
+        self.check_video(x)
+        # Encode, project to the codebook's width, quantize.
+        z = self.pre_vq_conv(self.encoder(x))                   # (B, D, t, h, w)
+        vq = self.codebook(z)
+        # Decode the (straight-through) quantized grid.
+        recon = self.decoder(self.post_vq_conv(vq["embeddings"]))  # (B, 3, T, H, W)
+        # Normalized MSE: the MSE divided by the data's variance, as in the paper.
+        recon_loss = F.mse_loss(recon.float(), x.float()) / self.config.data_variance
+        commitment_loss = self.config.commitment_cost * vq["commitment_loss"]
+        return dict(recon=recon, loss=recon_loss + commitment_loss, recon_loss=recon_loss,
+                    commitment_loss=commitment_loss, perplexity=vq["perplexity"],
+                    usage=vq["usage"], codes=vq["codes"])
+
+    @torch.no_grad()
+    def encode(self, x):
+        """(B, 3, T, H, W) in [-0.5, 0.5] -> codes (B, t, h, w) int64. Never updates the codebook."""
+        self.check_video(x)
+        z = self.pre_vq_conv(self.encoder(x))                   # (B, D, t, h, w)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            B, D, t, h, w = z.shape
+            flat = z.float().permute(0, 2, 3, 4, 1).reshape(-1, D)   # (B*t*h*w, D)
+            return self.codebook.nearest(flat).view(B, t, h, w)    # (B, t, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """codes (B, t, h, w) int64 -> video (B, 3, T, H, W), roughly in [-0.5, 0.5]."""
+        assert codes.dim() == 4 and codes.dtype == torch.long, \
+            f"expected int64 codes of shape (B, t, h, w), got {codes.dtype} {tuple(codes.shape)}"
+        e = F.embedding(codes, self.codebook.embeddings)        # (B, t, h, w, D)
+        h = self.post_vq_conv(e.permute(0, 4, 1, 2, 3))         # (B, C, t, h, w)
+        return self.decoder(h)                                  # (B, 3, T, H, W)
+
+
+# -----------------------------------------------------------------------------
+# Loading checkpoints: ours, and the original VideoGPT release
+
+
+class LightningModelCheckpoint:
+    """Stand-in for pytorch_lightning's ModelCheckpoint class.
+
+    Lightning 1.3 checkpoints key their `callbacks` dict by that class object, so
+    unpickling them names it. This empty class is what the name resolves to here;
+    it is never instantiated and Lightning is never imported.
+    """
+
+
+# The only non-tensor globals a checkpoint may name. weights_only=True refuses everything else.
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    (LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def load_checkpoint(path):
+    """torch.load(path) with weights_only=True and the allow-list above; one-line errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "refused by the safe unpickler"
+        raise ValueError(f"{path}: refused to load (it names code outside the allow-list): {reason}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def checkpoint_kind(ckpt):
+    """'vqvae' or 'gpt' for our checkpoints and the original's; None if unrecognised."""
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict) and "hyper_parameters" in ckpt:
+        if any(k.startswith("vqvae.") for k in sd):
+            return "gpt"
+        if "codebook.embeddings" in sd:
+            return "vqvae"
+    return None
+
+
+def original_vqvae_config(args, path):
+    """VQVAEConfig from the `args` Namespace of an original VideoGPT VQ-VAE checkpoint."""
+    names = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
+    missing = [n for n in names if not hasattr(args, n)]
+    if missing:
+        raise ValueError(f"{path}: hyper_parameters['args'] lacks {', '.join(missing)}")
+    return VQVAEConfig(**{n: getattr(args, n) for n in names})
+
+
+def vqvae_from_state(config, state_dict, path, original=False):
+    """Build a VQVAE and load state_dict strictly; mismatches become one-line errors."""
+    model = VQVAE(config)
+    state_dict = dict(state_dict)
+    if original:
+        # The original codebook has no `initialized` flag; a saved codebook is initialised.
+        state_dict["codebook.initialized"] = torch.tensor(True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{path}: weights do not fit the VQ-VAE config: {first[:300]}") from None
+    return model
+
+
+def load_vqvae(path, device="cpu"):
+    """Load a VQ-VAE in eval mode from our checkpoint or an original VideoGPT .ckpt."""
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind is None:
+        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
+    if kind != "vqvae":
+        raise ValueError(f"{path}: is a '{kind}' checkpoint, not a VQ-VAE one "
+                         f"(for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)")
+    if "stage" in ckpt:
+        model = vqvae_from_state(VQVAEConfig(**ckpt["config"]), ckpt["model"], path)
+    else:
+        args = ckpt["hyper_parameters"].get("args")
+        model = vqvae_from_state(original_vqvae_config(args, path), ckpt["state_dict"], path, original=True)
+    return model.to(device).eval()
