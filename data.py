@@ -1,0 +1,578 @@
+"""Video data: preprocessing, the three datasets, and a small command line.
+
+Every dataset here yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}`
+(plus `"label"`, an int, when the data has classes), which is what both
+training stages consume (Section 4 of the paper trains on 16-frame 64x64 clips).
+
+* `HDF5Dataset`: the original VideoGPT HDF5 layout (BAIR, Moving MNIST files
+  made for it work unchanged): `train_data` uint8 (N_frames, H, W, 3) holding all
+  videos' frames back to back, `train_idx` int64 (N_videos,) their start frames,
+  the same for `test_`, and optionally `train_labels` / `test_labels`.
+* `VideoFolderDataset`: `ROOT/train/**/*.{mp4,avi,webm}` and `ROOT/test/...`,
+  the class of a video being its parent folder, decoded with PyAV. Frame counts
+  are indexed once and cached in a sidecar file.
+* `MovingDigitsDataset`: the built-in default, digits bouncing around a
+  64x64 RGB frame, rendered with matplotlib's bundled font: no download.
+
+Each item is one video, from which a random `sequence_length` window is taken.
+An item may also be requested as `(index, seed)`, which fixes the window; the
+training script's sampler does this so that data order is a pure function of
+the seed and the step, independent of worker processes.
+
+Command line:
+    python data.py moving-digits OUT.h5 [--n_videos N --frames T --resolution R --seed S]
+    python data.py folder-to-hdf5 DIR OUT.h5 [--resolution R]
+    python data.py inspect PATH [--out sheet.png]
+"""
+
+import argparse
+import concurrent.futures
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+VIDEO_EXTS = (".mp4", ".avi", ".webm")
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing
+
+
+def preprocess(video, resolution, sequence_length=None):
+    """uint8 video (T, H, W, C) -> float (3, T, resolution, resolution) in [-0.5, 0.5].
+
+    Scales the shorter side to `resolution` (bilinear, align_corners=False, the
+    longer side rounded up), center-crops to a square, and keeps the first
+    `sequence_length` frames if given. Grayscale (C=1) is repeated to RGB.
+    """
+    video = torch.as_tensor(np.asarray(video))
+    assert video.dim() == 4 and video.shape[-1] in (1, 3), \
+        f"expected a video of shape (T, H, W, 1 or 3), got {tuple(video.shape)}"
+    if sequence_length is not None:
+        assert sequence_length <= video.shape[0], \
+            f"sequence_length={sequence_length} is longer than the video ({video.shape[0]} frames)"
+        video = video[:sequence_length]
+    video = video.permute(0, 3, 1, 2).float() / 255.0                     # (T, C, H, W)
+    if video.shape[1] == 1:
+        video = video.expand(-1, 3, -1, -1)                               # (T, 3, H, W)
+    T, C, H, W = video.shape
+    # Scale the shorter side to `resolution`; the longer side is rounded up (as the original).
+    scale = resolution / min(H, W)
+    size = (resolution, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), resolution)
+    if size != (H, W):
+        video = F.interpolate(video, size=size, mode="bilinear", align_corners=False)  # (T, 3, H', W')
+    # Center crop to a square.
+    H, W = video.shape[-2:]
+    top, left = (H - resolution) // 2, (W - resolution) // 2
+    video = video[:, :, top:top + resolution, left:left + resolution]   # (T, 3, R, R)
+    return video.permute(1, 0, 2, 3).contiguous() - 0.5                 # (3, T, R, R)
+
+
+def to_uint8(video):
+    """float (..., 3, T, H, W) in [-0.5, 0.5] -> uint8 (..., T, H, W, 3), the I/O layout."""
+    video = ((video.detach().float().cpu() + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return video.movedim(-4, -1)  # (..., T, H, W, 3)
+
+
+def window_start(n_frames, sequence_length, seed=None):
+    """Random start of a `sequence_length` window in a video of `n_frames` frames.
+
+    original: drew from range(n_frames - sequence_length), which is empty, and so
+    crashed, for a video exactly `sequence_length` long; here that video is valid.
+    """
+    high = n_frames - sequence_length + 1
+    if seed is None:
+        return int(torch.randint(high, ()).item())
+    return int(np.random.default_rng(seed).integers(high))
+
+
+def split_item(item):
+    """A dataset index is an int, or (int, seed) to fix the random window."""
+    if isinstance(item, (tuple, list)):
+        return int(item[0]), int(item[1])
+    return int(item), None
+
+
+# -----------------------------------------------------------------------------
+# HDF5 datasets (the original VideoGPT layout)
+
+
+class HDF5Dataset(Dataset):
+    """Videos stored as in the original VideoGPT HDF5 files; see the module docstring."""
+
+    def __init__(self, path, sequence_length, train=True, resolution=64):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.sequence_length = sequence_length
+        self.resolution = resolution
+        self.split = "train" if train else "test"
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.path}: no such file")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError:
+            raise ValueError(f"{self.path}: not a readable HDF5 file") from None
+        with f:
+            data_key, idx_key, labels_key = f"{self.split}_data", f"{self.split}_idx", f"{self.split}_labels"
+            missing = [k for k in (data_key, idx_key) if k not in f]
+            if missing:
+                raise ValueError(f"{self.path}: missing HDF5 key(s) {', '.join(missing)} "
+                                 f"(expected train_data, train_idx, test_data, test_idx; found {', '.join(f.keys()) or 'none'})")
+            data = f[data_key]
+            if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] not in (1, 3):
+                raise ValueError(f"{self.path}: {data_key} must be uint8 (N_frames, H, W, 3), "
+                                 f"got {data.dtype} {data.shape}")
+            n_frames_total = data.shape[0]
+            idx = np.asarray(f[idx_key][()]).astype(np.int64).reshape(-1)
+            if len(idx) == 0:
+                raise ValueError(f"{self.path}: {idx_key} is empty")
+            if idx.min() < 0 or idx.max() >= n_frames_total or np.any(np.diff(idx) < 0):
+                raise ValueError(f"{self.path}: {idx_key} must be increasing start frames within "
+                                 f"[0, {n_frames_total}), got values in [{idx.min()}, {idx.max()}]")
+            labels = None
+            if labels_key in f:
+                labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)
+                if len(labels) != len(idx):
+                    raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for {len(idx)} videos")
+        # Each video runs from its start to the next one's (the last one to the end of the data).
+        # original: ended the last video at n_videos instead of n_frames.
+        ends = np.append(idx[1:], n_frames_total)
+        lengths = ends - idx
+        keep = lengths >= sequence_length
+        if not keep.any():
+            raise ValueError(f"{self.path}: all {len(idx)} {self.split} videos are shorter than "
+                             f"sequence_length={sequence_length} (the longest has {lengths.max()} frames)")
+        self.n_skipped = int((~keep).sum())
+        if self.n_skipped:
+            warnings.warn(f"{self.path}: skipping {self.n_skipped} {self.split} videos shorter than "
+                          f"sequence_length={sequence_length}")
+        self.starts, self.lengths = idx[keep], lengths[keep]
+        self.labels = labels[keep] if labels is not None else None
+        self.n_classes = int(labels.max()) + 1 if labels is not None else 0
+        self._file = None   # opened lazily, once per process (h5py handles do not survive fork)
+        self._pid = None
+
+    def __len__(self):
+        return len(self.starts)
+
+    def frames(self):
+        """The `{split}_data` dataset of this process's own file handle."""
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file[f"{self.split}_data"]
+
+    def __getstate__(self):
+        # DataLoader workers receive a copy without the handle and open their own.
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+    def __getitem__(self, item):
+        i, seed = split_item(item)
+        start = self.starts[i] + window_start(self.lengths[i], self.sequence_length, seed)
+        video = self.frames()[start:start + self.sequence_length]           # (T, H, W, 3) uint8
+        out = dict(video=preprocess(video, self.resolution))
+        if self.labels is not None:
+            out["label"] = int(self.labels[i])
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Folders of video files, decoded with PyAV
+
+
+def find_videos(folder):
+    """Sorted paths of every .mp4/.avi/.webm below `folder` (any case)."""
+    paths = glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+    return sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(VIDEO_EXTS))
+
+
+def open_video(path):
+    """Open a file with PyAV and return (container, its first video stream)."""
+    import av  # lazy: only the folder reader and MP4 writers need PyAV
+    container = av.open(path)
+    if not container.streams.video:
+        container.close()
+        raise ValueError("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # decode with several threads
+    return container, stream
+
+
+def count_frames(path):
+    """Number of decodable frames of a video file; decoding all of it also proves it is readable."""
+    container, stream = open_video(path)
+    with container:
+        return sum(1 for _ in container.decode(stream))
+
+
+def read_frames(path, start=0, length=None):
+    """uint8 (length, H, W, 3) frames [start, start + length) of a video file (all if length is None)."""
+    container, stream = open_video(path)
+    frames = []
+    with container:
+        for i, frame in enumerate(container.decode(stream)):
+            if i >= start:
+                frames.append(frame.to_ndarray(format="rgb24"))   # (H, W, 3)
+            if length is not None and len(frames) == length:
+                break
+    if not frames or (length is not None and len(frames) < length):
+        raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its index sidecar")
+    return np.stack(frames)                                       # (T, H, W, 3)
+
+
+def cache_dir():
+    """Where generated data and indexes go when they cannot go beside the data."""
+    return os.environ.get("VIDEOGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videogpt"))
+
+
+def write_json_atomic(obj, path):
+    """Write JSON to a temp file, flush it to disk, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def index_videos(folder, paths, workers=None):
+    """{path: frame count, or None if undecodable}, cached in a sidecar file.
+
+    The sidecar `folder/.videogpt_index.json` (or a file in the cache folder if
+    `folder` is read-only) maps each relative path, with its size and mtime, to
+    its frame count, so a second start reads it instead of decoding every video.
+    """
+    sidecar = os.path.join(folder, ".videogpt_index.json")
+    fallback = os.path.join(cache_dir(), "index-" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16] + ".json")
+    cached = {}
+    for p in (sidecar, fallback):
+        try:
+            with open(p) as f:
+                cached = json.load(f)["files"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    entries, todo = {}, []
+    for path in paths:
+        rel, st = os.path.relpath(path, folder), os.stat(path)
+        e = cached.get(rel)
+        if isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns:
+            entries[rel] = e
+        else:
+            todo.append((rel, path, st))
+    if todo:
+        def probe(job):
+            rel, path, st = job
+            try:
+                n, err = count_frames(path), None
+            except Exception as e:  # any decoder failure means: skip this file
+                n, err = None, f"{type(e).__name__}: {e}"
+            return rel, dict(size=st.st_size, mtime_ns=st.st_mtime_ns, frames=n, error=err)
+        # Decoding releases the GIL inside FFmpeg, so threads index several files at once.
+        workers = workers or min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            jobs = pool.map(probe, todo)
+            try:
+                from tqdm import tqdm
+                jobs = tqdm(jobs, total=len(todo), desc=f"indexing {folder}", disable=len(todo) < 20)
+            except ImportError:
+                pass
+            for rel, e in jobs:
+                entries[rel] = e
+        index = dict(version=1, files=entries)
+        try:
+            write_json_atomic(index, sidecar)
+        except OSError:
+            os.makedirs(cache_dir(), exist_ok=True)
+            write_json_atomic(index, fallback)
+    return {p: entries[os.path.relpath(p, folder)]["frames"] for p in paths}
+
+
+class VideoFolderDataset(Dataset):
+    """`ROOT/train/**/*.{mp4,avi,webm}` (or test/); the class of a video is its parent folder."""
+
+    def __init__(self, root, sequence_length, train=True, resolution=64, index_workers=None):
+        super().__init__()
+        self.root = os.fspath(root)
+        self.sequence_length = sequence_length
+        self.resolution = resolution
+        self.split = "train" if train else "test"
+        folder = os.path.join(self.root, self.split)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{self.root}: has no '{self.split}' folder "
+                                    f"(expected {self.root}/train/**/*.mp4 and {self.root}/test/**/*.mp4)")
+        paths = find_videos(folder)
+        if not paths:
+            raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTS)}) found")
+        # Classes are the parent folders of both splits, so train and test agree on labels.
+        everything = find_videos(os.path.join(self.root, "train")) + find_videos(os.path.join(self.root, "test"))
+        self.classes = sorted({os.path.basename(os.path.dirname(p)) for p in everything})
+        self.n_classes = len(self.classes)
+        counts = index_videos(folder, paths, workers=index_workers)
+        self.paths, self.lengths, self.n_skipped = [], [], 0
+        for p in paths:
+            n = counts[p]
+            if n is None:
+                warnings.warn(f"{p}: cannot be decoded, skipped")
+                self.n_skipped += 1
+            elif n < sequence_length:
+                self.n_skipped += 1
+            else:
+                self.paths.append(p)
+                self.lengths.append(n)
+        if not self.paths:
+            decodable = [n for n in counts.values() if n is not None]
+            reason = (f"all are shorter than sequence_length={sequence_length} (the longest has {max(decodable)} frames)"
+                      if decodable else "none of them can be decoded")
+            raise ValueError(f"{folder}: no usable video among {len(paths)} files: {reason}")
+        label = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [label[os.path.basename(os.path.dirname(p))] for p in self.paths]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        i, seed = split_item(item)
+        start = window_start(self.lengths[i], self.sequence_length, seed)
+        video = read_frames(self.paths[i], start, self.sequence_length)   # (T, H, W, 3) uint8
+        return dict(video=preprocess(video, self.resolution), label=self.labels[i])
+
+
+# -----------------------------------------------------------------------------
+# The built-in default: moving digits
+
+
+_GLYPHS = {}
+
+
+def digit_glyphs(size):
+    """(10, size, size) float32 masks of the digits 0-9 in matplotlib's bundled DejaVu Sans Bold."""
+    if size not in _GLYPHS:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        # Render large, crop each digit to its ink, and center it in a size x size square.
+        big = 4 * size
+        fig = Figure(figsize=(1, 1), dpi=big)
+        canvas = FigureCanvasAgg(fig)
+        glyphs = np.zeros((10, size, size), np.float32)
+        for d in range(10):
+            fig.clear()
+            fig.patch.set_facecolor("black")
+            fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white",
+                     fontsize=72 * 0.9, fontweight="bold", family="DejaVu Sans")
+            canvas.draw()
+            ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float32) / 255   # (big, big)
+            ys, xs = np.nonzero(ink > 0.05)
+            ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            # Height fills 85% of the square; keep the aspect ratio.
+            h = int(round(0.85 * size))
+            w = max(1, int(round(ink.shape[1] * h / ink.shape[0])))
+            small = F.interpolate(torch.from_numpy(ink)[None, None], size=(h, w),
+                                  mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+            top, left = (size - h) // 2, (size - w) // 2
+            glyphs[d, top:top + h, left:left + w] = small.clip(0, 1)
+        _GLYPHS[size] = glyphs
+    return _GLYPHS[size]
+
+
+def moving_digits_video(rng, frames=16, resolution=64, n_digits=2):
+    """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls."""
+    glyph = digit_glyphs(max(8, round(resolution * 28 / 64)))
+    g = glyph.shape[-1]
+    video = np.zeros((frames, resolution, resolution, 3), np.float32)
+    for _ in range(n_digits):
+        digit = rng.integers(10)
+        # A bright, saturated colour: one channel full, one random, one dark.
+        color = np.array([1.0, rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.3)])[rng.permutation(3)]
+        pos = rng.uniform(0, resolution - g, size=2)                      # (y, x) of the top-left corner
+        angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 3.5)   # pixels per frame
+        vel = speed * np.array([np.sin(angle), np.cos(angle)])
+        for t in range(frames):
+            y, x = np.round(pos).astype(int)
+            patch = glyph[digit][..., None] * color                       # (g, g, 3)
+            video[t, y:y + g, x:x + g] = np.maximum(video[t, y:y + g, x:x + g], patch)
+            # Move, and bounce off the borders by reflecting position and velocity.
+            pos = pos + vel
+            for a in range(2):
+                if pos[a] < 0:
+                    pos[a], vel[a] = -pos[a], -vel[a]
+                elif pos[a] > resolution - g:
+                    pos[a], vel[a] = 2 * (resolution - g) - pos[a], -vel[a]
+    return (video * 255).round().astype(np.uint8)
+
+
+def moving_digits(n_videos, frames=16, resolution=64, seed=0, train=True):
+    """uint8 (n_videos, frames, R, R, 3); video i depends only on (seed, split, i)."""
+    split = 0 if train else 1
+    return np.stack([moving_digits_video(np.random.default_rng([seed, split, i]), frames, resolution)
+                     for i in range(n_videos)])
+
+
+class MovingDigitsDataset(Dataset):
+    """Moving digits generated on the fly; deterministic per (seed, split, index)."""
+
+    def __init__(self, n_videos, sequence_length=16, train=True, resolution=64, seed=0):
+        super().__init__()
+        self.n_videos, self.sequence_length, self.resolution = n_videos, sequence_length, resolution
+        self.seed, self.split = seed, 0 if train else 1
+        self.n_classes, self.n_skipped = 0, 0
+
+    def __len__(self):
+        return self.n_videos
+
+    def __getitem__(self, item):
+        i, _ = split_item(item)  # the video is a pure function of its index; no window to choose
+        rng = np.random.default_rng([self.seed, self.split, i])
+        video = moving_digits_video(rng, self.sequence_length, self.resolution)  # (T, R, R, 3)
+        return dict(video=preprocess(video, self.resolution))
+
+
+# -----------------------------------------------------------------------------
+# Choosing a dataset from a path
+
+
+def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10000, 256), seed=0):
+    """`data` None -> moving digits; a folder -> VideoFolderDataset; a file -> HDF5Dataset."""
+    if data is None:
+        return MovingDigitsDataset(n_default[0] if train else n_default[1], sequence_length,
+                                   train=train, resolution=resolution, seed=seed)
+    data = os.fspath(data)
+    if os.path.isdir(data):
+        return VideoFolderDataset(data, sequence_length, train=train, resolution=resolution)
+    if os.path.isfile(data):
+        return HDF5Dataset(data, sequence_length, train=train, resolution=resolution)
+    raise FileNotFoundError(f"{data}: no such file or folder")
+
+
+# -----------------------------------------------------------------------------
+# Pictures of videos
+
+
+def video_grid(videos, pad=1):
+    """uint8 (N, T, H, W, 3) -> one uint8 image (N*(H+pad), T*(W+pad), 3): a clip per row."""
+    videos = np.asarray(videos)
+    N, T, H, W, C = videos.shape
+    canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
+    canvas[:, :H, :, :W] = videos.transpose(0, 2, 1, 3, 4)       # (N, H, T, W, 3)
+    return canvas.reshape(N * (H + pad), T * (W + pad), C)[:-pad, :-pad] if pad else canvas.reshape(N * H, T * W, C)
+
+
+def save_png(image, path):
+    """Write a uint8 (H, W, 3) image as PNG, atomically."""
+    from PIL import Image  # Pillow comes with matplotlib
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(np.ascontiguousarray(image)).save(tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Converters and the command line
+
+
+def write_hdf5(path, splits):
+    """Write {split: (list of uint8 (T, H, W, 3) videos, labels or None)} in the original layout, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        for split, (videos, labels) in splits.items():
+            lengths = [len(v) for v in videos]
+            f.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
+            f.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
+            if labels is not None:
+                f.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
+    os.replace(tmp, path)
+
+
+def cmd_moving_digits(args):
+    n_test = args.n_test if args.n_test is not None else max(1, args.n_videos // 10)
+    splits = {split: (list(moving_digits(n, args.frames, args.resolution, args.seed, train=split == "train")), None)
+              for split, n in (("train", args.n_videos), ("test", n_test))}
+    write_hdf5(args.out, splits)
+    print(f"wrote {args.out}: {args.n_videos} train and {n_test} test videos of "
+          f"{args.frames}x{args.resolution}x{args.resolution}")
+
+
+def cmd_folder_to_hdf5(args):
+    splits = {}
+    for split in ("train", "test"):
+        ds = VideoFolderDataset(args.dir, sequence_length=1, train=split == "train", resolution=args.resolution)
+        videos = [to_uint8(preprocess(read_frames(p), args.resolution)).numpy() for p in ds.paths]
+        splits[split] = (videos, ds.labels)
+        print(f"{split}: {len(videos)} videos ({ds.n_skipped} skipped), classes: {ds.n_classes}")
+    write_hdf5(args.out, splits)
+    print(f"wrote {args.out}")
+
+
+def cmd_inspect(args):
+    sheets = []
+    for train in (True, False):
+        try:
+            ds = make_dataset(args.path, sequence_length=args.frames, train=train, resolution=args.resolution)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{'train' if train else 'test'}: {e}")
+            continue
+        frames = int(np.sum(ds.lengths)) if hasattr(ds, "lengths") else len(ds) * args.frames
+        item = ds[(0, 0)]
+        print(f"{ds.split}: {len(ds)} videos, {frames} frames, {ds.n_skipped} skipped, "
+              f"{ds.n_classes} classes, clip {tuple(item['video'].shape)} (C, T, H, W)")
+        if getattr(ds, "classes", None):
+            print(f"  classes: {', '.join(ds.classes[:20])}{' ...' if len(ds.classes) > 20 else ''}")
+        n = min(4, len(ds))
+        clips = torch.stack([ds[(i * len(ds) // n, 0)]["video"] for i in range(n)])   # (n, 3, T, R, R)
+        sheets.append(video_grid(to_uint8(clips).numpy()))
+    if sheets:
+        out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
+        save_png(np.concatenate(sheets), out)
+        print(f"contact sheet (train rows first, then test): {out}")
+
+
+def one_line_warnings():
+    """Print warnings as `warning: MESSAGE` lines (the messages already name their file)."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Make, convert and inspect video datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("moving-digits", help="write the synthetic moving-digits set as HDF5")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--n_videos", type=int, default=1000, help="training videos")
+    p.add_argument("--n_test", type=int, default=None, help="test videos (default: n_videos / 10)")
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument("--resolution", type=int, default=64, help="frame height = width, pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same videos")
+    p.set_defaults(fn=cmd_moving_digits)
+    p = sub.add_parser("folder-to-hdf5", help="convert ROOT/{train,test}/**/*.mp4 to one HDF5 file")
+    p.add_argument("dir", help="root folder holding train/ and test/")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--resolution", type=int, default=64, help="shorter side scaled to this, then center-cropped")
+    p.set_defaults(fn=cmd_folder_to_hdf5)
+    p = sub.add_parser("inspect", help="print counts, shapes and classes; save a PNG contact sheet")
+    p.add_argument("path", help="an HDF5 file or a video folder")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip in the contact sheet")
+    p.add_argument("--resolution", type=int, default=64, help="frame size in the contact sheet")
+    p.add_argument("--out", default=None, help="PNG path (default: NAME_sheet.png here)")
+    p.set_defaults(fn=cmd_inspect)
+    args = parser.parse_args(argv)
+    one_line_warnings()
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        if os.environ.get("VIDEOGPT_DEBUG"):
+            raise
+        sys.exit(f"data.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
