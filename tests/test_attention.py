@@ -1,0 +1,60 @@
+"""Attention blocks: python -m pytest tests/test_attention.py"""
+
+import math
+
+import torch
+
+from attention import AxialAttention, MultiHeadAttention
+
+
+def naive_attention(mha, x):
+    """Multi-head self-attention written out with matmul and softmax, over x (N, L, C)."""
+    N, L, C = x.shape
+    nh, d = mha.n_head, mha.d_k
+    q = (x @ mha.w_qs.weight.t()).view(N, L, nh, d).transpose(1, 2)
+    k = (x @ mha.w_ks.weight.t()).view(N, L, nh, d).transpose(1, 2)
+    v = (x @ mha.w_vs.weight.t()).view(N, L, nh, d).transpose(1, 2)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    a = (w @ v).transpose(1, 2).reshape(N, L, nh * d)
+    return a @ mha.fc.weight.t() + mha.fc.bias
+
+
+def test_multihead_matches_naive_and_mask():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(12, 12, n_head=3)
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(mha(x), naive_attention(mha, x), atol=1e-5, rtol=1e-5)
+    # A causal mask: the first output only sees the first input, so changing later inputs leaves it.
+    y = x.clone()
+    y[:, 1:] += 1.0
+    assert torch.allclose(mha(x, is_causal=True)[:, 0], mha(y, is_causal=True)[:, 0], atol=1e-6)
+    assert not torch.allclose(mha(x)[:, 0], mha(y)[:, 0], atol=1e-3)
+
+
+def test_axial_attention_is_sum_of_three_axis_attentions():
+    torch.manual_seed(0)
+    B, T, H, W, C = 2, 3, 4, 5, 8
+    axial = AxialAttention(C, n_head=2)
+    x = torch.randn(B, T, H, W, C)
+    out = axial(x)
+    assert out.shape == (B, T, H, W, C)
+    # Along W: every (b, t, h) row is its own sequence.
+    ref_w = naive_attention(axial.attn_w, x.reshape(B * T * H, W, C)).view(B, T, H, W, C)
+    ref_h = naive_attention(axial.attn_h, x.permute(0, 1, 3, 2, 4).reshape(B * T * W, H, C))
+    ref_h = ref_h.view(B, T, W, H, C).permute(0, 1, 3, 2, 4)
+    ref_t = naive_attention(axial.attn_t, x.permute(0, 2, 3, 1, 4).reshape(B * H * W, T, C))
+    ref_t = ref_t.view(B, H, W, T, C).permute(0, 3, 1, 2, 4)
+    torch.testing.assert_close(out, ref_w + ref_h + ref_t, atol=1e-5, rtol=1e-5)
+
+
+def test_axial_attention_does_not_mix_across_other_axes():
+    """Changing one position only changes outputs sharing a row, column or time line with it."""
+    torch.manual_seed(0)
+    axial = AxialAttention(8, n_head=2)
+    x = torch.randn(1, 3, 4, 5, 8)
+    y = x.clone()
+    y[0, 1, 2, 3] += 1.0
+    changed = (axial(x) - axial(y)).abs().amax(-1)[0] > 1e-6     # (T, H, W)
+    t, h, w = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(5), indexing="ij")
+    shares_a_line = ((h == 2) & (w == 3)) | ((t == 1) & (w == 3)) | ((t == 1) & (h == 2))
+    assert torch.equal(changed, shares_a_line)

@@ -1,0 +1,159 @@
+"""Checkpoints: ours, the original VideoGPT release's, and refusing unsafe ones.
+
+python -m pytest tests/test_checkpoints.py
+"""
+
+import argparse
+import os
+import sys
+import types
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from reference_videogpt import reference_decode, reference_encode, reference_latents
+from vqvae import VQVAE, VQVAEConfig, load_vqvae
+
+KEYS = os.path.join(os.path.dirname(__file__), "data", "videogpt_vqvae_keys.txt")
+# The configuration that the key listing was taken from.
+ORIGINAL_ARGS = dict(embedding_dim=32, n_codes=64, n_hiddens=32, n_res_layers=2, downsample=[2, 4, 4],
+                     sequence_length=8, resolution=32)
+
+
+def original_state_dict(seed=0):
+    """Random weights of plausible scale under every key and shape of the original listing."""
+    g = torch.Generator().manual_seed(seed)
+    sd = OrderedDict()
+    for line in open(KEYS):
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape, dtype = line.split()
+        shape = [int(s) for s in shape.strip("[]").split(",") if s]
+        if dtype == "int64":
+            sd[name] = torch.tensor(1000)
+        elif name.endswith("running_var") or name.endswith("codebook.N"):
+            sd[name] = torch.rand(shape, generator=g) + 0.5
+        elif name.endswith("running_mean") or name.endswith(".bias"):
+            sd[name] = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:   # BatchNorm gains
+            sd[name] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif name.startswith("codebook"):
+            sd[name] = torch.randn(shape, generator=g)
+        else:                   # conv / linear weights, fan-in scaled
+            fan_in = shape[1] * (shape[2] * shape[3] * shape[4] if len(shape) == 5 else 1)
+            sd[name] = torch.randn(shape, generator=g) / fan_in ** 0.5
+    return sd
+
+
+def save_like_lightning(path, state_dict, args, device_tag="cuda:0"):
+    """Write a file shaped like a PyTorch Lightning 1.3.3 checkpoint of the original code.
+
+    Its `callbacks` dict is keyed by the class pytorch_lightning...ModelCheckpoint
+    (faked here for the duration of the save), its hyper-parameters are an
+    argparse.Namespace, and its tensors are tagged as saved on `device_tag`.
+    """
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    fake = {n: types.ModuleType(n) for n in names}
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    fake[names[-1]].ModelCheckpoint = ModelCheckpoint
+    ckpt = {
+        "epoch": 12, "global_step": 20000, "pytorch-lightning_version": "1.3.3",
+        "state_dict": state_dict,
+        "callbacks": {ModelCheckpoint: {"monitor": "val/recon_loss", "best_model_score": torch.tensor(0.12),
+                                        "best_model_path": "/home/someone/ckpt.ckpt", "current_score": torch.tensor(0.13),
+                                        "dirpath": "/home/someone"}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 7e-4, "betas": (0.9, 0.999), "params": []}]}],
+        "lr_schedulers": [],
+        "hparams_name": "args",
+        "hyper_parameters": {"args": argparse.Namespace(**args, data_path="/data/bair.hdf5", batch_size=32, gpus=2)},
+    }
+    saved_tag = torch.serialization.location_tag
+    sys.modules.update(fake)
+    torch.serialization.location_tag = lambda storage: device_tag
+    try:
+        torch.save(ckpt, path)
+    finally:
+        torch.serialization.location_tag = saved_tag
+        for n in names:
+            del sys.modules[n]
+
+
+def test_original_checkpoint_matches_reference_arithmetic(tmp_path):
+    path = tmp_path / "bair_stride4x2x2.ckpt"
+    sd = original_state_dict()
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 8, 32, 32) - 0.5
+    # Codes drawn from this input's own latents, as a trained codebook would be, so many get used.
+    z = reference_latents(sd, x, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
+    flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+    sd["codebook.embeddings"] = flat[torch.randperm(len(flat))[:64]] + 0.01 * torch.randn(64, z.shape[1])
+    save_like_lightning(path, sd, ORIGINAL_ARGS)
+    assert b"cuda:0" in open(path, "rb").read()          # tensors really are tagged as GPU tensors
+    assert "pytorch_lightning" not in sys.modules
+    vq = load_vqvae(path)
+    assert not vq.training and vq.latent_shape == (4, 8, 8)
+    codes = vq.encode(x)
+    ref_codes = reference_encode(sd, x, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
+    assert torch.equal(codes, ref_codes)
+    assert len(codes.unique()) > 20                      # a meaningful comparison, not one code everywhere
+    recon = vq.decode(codes)
+    ref_recon = reference_decode(sd, codes, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
+    torch.testing.assert_close(recon, ref_recon, atol=1e-5, rtol=1e-5)
+    # Training from a loaded checkpoint continues its codebook instead of re-initialising it.
+    assert bool(vq.codebook.initialized)
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
+                         sequence_length=8, resolution=16)
+    model = VQVAE(config)
+    model(torch.rand(2, 3, 8, 16, 16) - 0.5)             # one training forward: codebook initialised, EMA moved
+    model.eval()
+    torch.save(dict(stage="vqvae", config=config.to_dict(), model=model.state_dict(), step=1), tmp_path / "ckpt.pt")
+    loaded = load_vqvae(tmp_path / "ckpt.pt")
+    assert loaded.config == config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x = torch.rand(1, 3, 8, 16, 16) - 0.5
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.equal(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"echo owned > {self.target}",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    target = tmp_path / "owned.txt"
+    torch.save({"stage": "vqvae", "model": Exploit(target)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt: refused to load"):
+        load_vqvae(tmp_path / "evil.pt")
+    assert not target.exists()
+
+
+def test_wrong_stage_unknown_format_truncated_and_missing(tmp_path):
+    # An original prior checkpoint holds vqvae.* keys: not a VQ-VAE checkpoint.
+    prior = OrderedDict(("vqvae." + k, v) for k, v in original_state_dict().items())
+    save_like_lightning(tmp_path / "bair_gpt.ckpt", prior, dict(ORIGINAL_ARGS, hidden_dim=60))
+    with pytest.raises(ValueError, match="bair_gpt.ckpt: is a 'gpt' checkpoint, not a VQ-VAE one"):
+        load_vqvae(tmp_path / "bair_gpt.ckpt")
+    torch.save(dict(stage="gpt", config={}, model={}), tmp_path / "ours_gpt.pt")
+    with pytest.raises(ValueError, match="is a 'gpt' checkpoint"):
+        load_vqvae(tmp_path / "ours_gpt.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: unknown checkpoint format"):
+        load_vqvae(tmp_path / "other.pt")
+    good = tmp_path / "good.pt"
+    torch.save(dict(stage="vqvae", config={}, model=original_state_dict()), good)
+    data = open(good, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pt: not a readable PyTorch checkpoint"):
+        load_vqvae(tmp_path / "cut.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such checkpoint file"):
+        load_vqvae(tmp_path / "nope.pt")

@@ -1,0 +1,141 @@
+"""VQ-VAE shapes, gradients and the EMA codebook: python -m pytest tests/test_vqvae.py"""
+
+import pytest
+import torch
+
+from vqvae import VQVAE, Codebook, VQVAEConfig
+
+
+def tiny(**kw):
+    cfg = dict(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, sequence_length=8, resolution=16)
+    cfg.update(kw)
+    return VQVAEConfig(**cfg)
+
+
+@pytest.mark.parametrize("downsample", [(1, 4, 4), (4, 2, 2), (2, 4, 4), (4, 4, 4), (1, 2, 2), (2, 1, 1)])
+def test_shapes(downsample):
+    torch.manual_seed(0)
+    config = tiny(downsample=downsample)
+    model = VQVAE(config)
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    out = model(x)
+    latent = tuple(s // d for s, d in zip((8, 16, 16), downsample))
+    assert config.latent_shape == latent
+    assert out["recon"].shape == x.shape
+    assert out["codes"].shape == (2, *latent) and out["codes"].dtype == torch.int64
+    for k in ("loss", "recon_loss", "commitment_loss", "perplexity", "usage"):
+        assert out[k].dim() == 0 and torch.isfinite(out[k])
+    model.eval()
+    codes = model.encode(x)
+    assert codes.shape == (2, *latent) and codes.max() < config.n_codes
+    assert model.decode(codes).shape == x.shape
+
+
+def test_any_input_size_divisible_by_downsample_works():
+    model = VQVAE(tiny(downsample=(2, 4, 4))).eval()
+    x = torch.rand(1, 3, 4, 24, 32) - 0.5          # not the training size, but divisible
+    assert model.decode(model.encode(x)).shape == x.shape
+    with pytest.raises(AssertionError, match="H=18 is not divisible"):
+        model.encode(torch.zeros(1, 3, 4, 18, 32))
+
+
+def test_gradients_reach_every_parameter_through_straight_through():
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=(2, 2, 2)))
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    # The reconstruction loss alone: the encoder can only get gradients through the estimator.
+    model(x)["recon_loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    # The codebook is a set of buffers updated by EMA, never by gradients.
+    assert not any(name.startswith("codebook") for name, _ in model.named_parameters())
+
+
+def hand_made_codebook():
+    cb = Codebook(n_codes=3, embedding_dim=2, decay=0.5, dead_code_threshold=1.0)
+    cb.embeddings.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    cb.N.copy_(torch.tensor([2.0, 2.0, 0.5]))
+    cb.z_avg.copy_(torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 5.0]]))
+    cb.initialized.fill_(True)
+    # Four latent vectors (B=1, D=2, t=1, h=1, w=4): two near code 0, two near code 1.
+    flat = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [9.0, 1.0], [11.0, -1.0]])
+    z = flat.t().reshape(1, 2, 1, 1, 4)
+    return cb, flat, z
+
+
+def test_ema_update_and_dead_code_restart_on_hand_made_numbers():
+    cb, flat, z = hand_made_codebook()
+    out = cb(z)
+    assert out["codes"].flatten().tolist() == [0, 0, 1, 1]
+    # Commitment: mean over all 8 numbers of (z - e)^2, every difference being +-1.
+    assert out["commitment_loss"].item() == pytest.approx(1.0)
+    # Histogram [2, 2, 0]: perplexity 2, two of three codes used.
+    assert out["perplexity"].item() == pytest.approx(2.0, rel=1e-6)
+    assert out["usage"].item() == pytest.approx(2 / 3)
+    # N = 0.5 * [2, 2, 0.5] + 0.5 * [2, 2, 0];  z_avg = 0.5 * old + 0.5 * per-code sums.
+    torch.testing.assert_close(cb.N, torch.tensor([2.0, 2.0, 0.25]))
+    torch.testing.assert_close(cb.z_avg, torch.tensor([[0.0, 1.0], [20.0, 0.0], [0.0, 2.5]]))
+    # e = z_avg / N for live codes (smoothing with eps 1e-7 changes nothing at this precision).
+    torch.testing.assert_close(cb.embeddings[:2], torch.tensor([[0.0, 0.5], [10.0, 0.0]]))
+    # Code 2 is dead (N = 0.25 < 1): restarted at one of this batch's encoder outputs.
+    assert any(torch.equal(cb.embeddings[2], row) for row in flat)
+
+
+def test_restart_draws_from_tiled_inputs_when_batch_is_smaller_than_codebook():
+    torch.manual_seed(0)
+    cb = Codebook(n_codes=8, embedding_dim=2)
+    flat = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    rows = cb.random_rows(flat)
+    assert rows.shape == (8, 2)
+    # Each row is an input plus noise of std 0.01 / sqrt(2).
+    nearest = torch.cdist(rows, flat).min(dim=1).values
+    assert (nearest < 0.05).all() and (nearest > 0).all()
+
+
+def test_first_training_batch_initialises_codebook_and_eval_never_updates():
+    torch.manual_seed(0)
+    cb = Codebook(n_codes=3, embedding_dim=2)
+    z = torch.randn(1, 2, 1, 2, 2)
+    cb.eval()
+    before = {k: v.clone() for k, v in cb.state_dict().items()}
+    cb(z)
+    assert all(torch.equal(before[k], v) for k, v in cb.state_dict().items())
+    assert not cb.initialized
+    flat = z.permute(0, 2, 3, 4, 1).reshape(-1, 2)
+    cb.init_from(flat)
+    assert cb.initialized and torch.equal(cb.N, torch.ones(3))
+    assert all(any(torch.equal(e, row) for row in flat) for e in cb.embeddings)
+    assert torch.equal(cb.z_avg, cb.embeddings)
+
+
+def test_encode_never_updates_codebook_even_in_training_mode():
+    model = VQVAE(tiny(downsample=(2, 4, 4)))
+    model.train()
+    before = {k: v.clone() for k, v in model.codebook.state_dict().items()}
+    model.encode(torch.rand(1, 3, 8, 16, 16) - 0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.codebook.state_dict().items())
+
+
+def test_codebook_stays_float32_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=(2, 4, 4)))
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out["commitment_loss"].dtype == torch.float32
+    for name, buf in model.codebook.named_buffers():
+        if name != "initialized":
+            assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+    out["loss"].backward()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(downsample=(3, 4, 4)), "powers of two"),
+    (dict(downsample=(4, 4, 4), sequence_length=6), "sequence_length=6 is not a multiple of 4"),
+    (dict(downsample=(1, 4, 4), resolution=18), "resolution=18 is not a multiple of 4"),
+    (dict(downsample=(1, 1, 1)), "compresses nothing"),
+    (dict(n_hiddens=15), "must be even"),
+])
+def test_config_errors_name_the_bad_value(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
