@@ -515,12 +515,13 @@ def cmd_folder_to_hdf5(args):
 
 
 def cmd_inspect(args):
-    sheets = []
+    sheets, errors = [], []
     for train in (True, False):
         try:
             ds = make_dataset(args.path, sequence_length=args.frames, train=train, resolution=args.resolution)
         except (FileNotFoundError, ValueError) as e:
             print(f"{'train' if train else 'test'}: {e}")
+            errors.append(e)
             continue
         frames = int(np.sum(ds.lengths)) if hasattr(ds, "lengths") else len(ds) * args.frames
         item = ds[(0, 0)]
@@ -531,6 +532,8 @@ def cmd_inspect(args):
         n = min(4, len(ds))
         clips = torch.stack([ds[(i * len(ds) // n, 0)]["video"] for i in range(n)])   # (n, 3, T, R, R)
         sheets.append(video_grid(to_uint8(clips).numpy()))
+    if not sheets:
+        raise errors[0]
     if sheets:
         out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
         save_png(np.concatenate(sheets), out)

@@ -6,9 +6,9 @@ Several GPUs on one machine, plain DDP:
     torchrun --standalone --nproc_per_node=8 train.py --stage vqvae --data bair.hdf5 --out_dir runs/bair
 Several machines: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint).
 
-With no --data the run trains on the built-in moving-digits set, and every
-model flag left out takes a small value that trains in minutes on a CPU; with
---data, flags left out take the paper's values. The run writes to --out_dir:
+With no --data the run trains on the built-in moving-digits set (scaled to
+32x32), and every flag left out takes a small value that trains in about five
+minutes on a 2-core CPU; with --data, flags left out take the paper's values. The run writes to --out_dir:
     ckpt.pt        latest checkpoint (written atomically; a restart resumes from it)
     log.jsonl      one JSON object per logged step and per evaluation
     recon_*.png    test clips (odd rows) above their reconstructions (even rows)
@@ -45,8 +45,8 @@ PRESETS = {
                   sequence_length=16, resolution=64, batch_size=32, lr=7e-4, max_steps=200_000,
                   eval_interval=2000, log_interval=50),
     "digits": dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
-                   sequence_length=8, resolution=64, batch_size=8, lr=1e-3, max_steps=1200,
-                   eval_interval=300, log_interval=25),
+                   sequence_length=8, resolution=32, batch_size=8, lr=2e-3, max_steps=2000,
+                   eval_interval=500, log_interval=25),
 }
 
 
@@ -245,7 +245,10 @@ def train(args):
     sampler = InfiniteSampler(len(train_set), args.seed, rank, world, start=step * args.batch_size)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              persistent_workers=args.num_workers > 0)
+                              persistent_workers=args.num_workers > 0,
+                              # Its own generator: starting an iterator must not draw from the global RNG,
+                              # or a resumed run's codebook restarts would differ from an uninterrupted one's.
+                              generator=torch.Generator().manual_seed(args.seed))
     n_eval = min(len(test_set), args.eval_batches * args.batch_size * world)
     eval_items = [(i, i) for i in range(rank, n_eval, world)]   # fixed clips and windows every time
     test_loader = DataLoader(test_set, batch_size=args.batch_size, sampler=eval_items, num_workers=0)
@@ -269,7 +272,10 @@ def train(args):
         torch.manual_seed(args.seed + rank)
     raw_model = model
     if ddp and args.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif master:
+            warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -355,8 +361,7 @@ def train(args):
         bar.close()
     if master:
         print(f"done: {ckpt_path}", flush=True)
-    if ddp:
-        dist.destroy_process_group()
+    return raw_model
 
 
 def main(argv=None):
@@ -368,6 +373,9 @@ def main(argv=None):
         if os.environ.get("VIDEOGPT_DEBUG"):
             raise
         sys.exit(f"train.py: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

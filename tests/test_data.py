@@ -1,0 +1,187 @@
+"""Datasets, preprocessing and the data.py command line: python -m pytest tests/test_data.py"""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, gradient_video, write_video
+from data import (HDF5Dataset, MovingDigitsDataset, VideoFolderDataset, make_dataset, moving_digits, preprocess,
+                  to_uint8, window_start)
+
+
+def test_preprocess_non_square_scales_shorter_side_and_center_crops():
+    # 6 frames of 20x40: a left half of 0s and a right half of 255s, with a 10-pixel band of 128 in the middle.
+    video = np.zeros((6, 20, 40, 3), np.uint8)
+    video[:, :, 20:] = 255
+    video[:, :, 15:25] = 128
+    out = preprocess(video, resolution=10, sequence_length=4)
+    assert out.shape == (3, 4, 10, 10) and out.dtype == torch.float32
+    assert out.min() >= -0.5 and out.max() <= 0.5
+    # Scaled to 10x20, the crop keeps columns 5..14 of it: the middle band maps to columns 7.5..12.5.
+    row = out[0, 0, 5]
+    assert row[0] == pytest.approx(-0.5) and row[-1] == pytest.approx(0.5)
+    assert row[4] == pytest.approx(128 / 255 - 0.5, abs=1e-6)
+    # Tall input: the crop is vertical.
+    assert preprocess(np.zeros((2, 50, 30, 3), np.uint8), 16).shape == (3, 2, 16, 16)
+    # Grayscale is repeated to three channels.
+    gray = preprocess(np.full((2, 8, 8, 1), 255, np.uint8), 8)
+    assert gray.shape == (3, 2, 8, 8) and torch.all(gray == 0.5)
+
+
+def test_preprocess_is_exact_at_native_resolution_and_inverts_to_uint8():
+    video = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert np.array_equal(to_uint8(preprocess(video, 16)).numpy(), video)
+
+
+def test_window_start_allows_exact_length_and_is_seeded():
+    assert window_start(8, 8) == 0 and window_start(8, 8, seed=123) == 0
+    starts = {window_start(20, 8, seed=s) for s in range(200)}
+    assert starts == set(range(13))
+    assert window_start(20, 8, seed=5) == window_start(20, 8, seed=5)
+
+
+def write_h5(path, lengths, size=8, labels=None, split="train"):
+    """Videos whose frames are filled with (video index * 10 + frame number)."""
+    videos = [np.stack([np.full((size, size, 3), 10 * v + f, np.uint8) for f in range(n)]) for v, n in enumerate(lengths)]
+    with h5py.File(path, "w") as f:
+        for s in ("train", "test"):
+            f.create_dataset(f"{s}_data", data=np.concatenate(videos))
+            f.create_dataset(f"{s}_idx", data=np.cumsum([0] + list(lengths[:-1])))
+            if labels is not None:
+                f.create_dataset(f"{s}_labels", data=np.asarray(labels))
+    return videos
+
+
+def test_hdf5_reads_windows_including_exact_length_videos(tmp_path):
+    path = tmp_path / "set.h5"
+    write_h5(path, lengths=[4, 6, 3], labels=[2, 0, 1])      # the last video (3 frames) is too short
+    with pytest.warns(UserWarning, match="skipping 1 train videos shorter than sequence_length=4"):
+        ds = HDF5Dataset(path, sequence_length=4, resolution=8)
+    assert len(ds) == 2 and ds.n_skipped == 1 and ds.n_classes == 3
+    # Video 0 is exactly 4 frames long: its only window is all of it.
+    item = ds[0]
+    frames = to_uint8(item["video"]).numpy()[:, 0, 0, 0]
+    assert frames.tolist() == [0, 1, 2, 3] and item["label"] == 2
+    # Video 1 has 3 windows; the seeded form picks the same one every time.
+    seen = {tuple(to_uint8(ds[(1, s)]["video"]).numpy()[:, 0, 0, 0]) for s in range(50)}
+    assert seen == {(10, 11, 12, 13), (11, 12, 13, 14), (12, 13, 14, 15)}
+    assert torch.equal(ds[(1, 7)]["video"], ds[(1, 7)]["video"])
+
+
+def test_hdf5_works_in_dataloader_workers(tmp_path):
+    path = tmp_path / "set.h5"
+    write_h5(path, lengths=[5, 5, 5, 5])
+    ds = HDF5Dataset(path, sequence_length=4, resolution=8)
+    ds[0]                                                   # the parent opens its handle first
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batches = [b["video"] for b in loader]
+    assert len(batches) == 2 and batches[0].shape == (2, 3, 4, 8, 8)
+
+
+def test_hdf5_errors_name_the_file_and_problem(tmp_path):
+    with h5py.File(tmp_path / "nokeys.h5", "w") as f:
+        f.create_dataset("frames", data=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"nokeys.h5: missing HDF5 key\(s\) train_data, train_idx"):
+        HDF5Dataset(tmp_path / "nokeys.h5", 4)
+    write_h5(tmp_path / "short.h5", lengths=[3, 2])
+    with pytest.raises(ValueError, match="short.h5: all 2 train videos are shorter than sequence_length=8"):
+        HDF5Dataset(tmp_path / "short.h5", 8)
+    with h5py.File(tmp_path / "float.h5", "w") as f:
+        f.create_dataset("train_data", data=np.zeros((4, 8, 8, 3), np.float32))
+        f.create_dataset("train_idx", data=np.array([0]))
+    with pytest.raises(ValueError, match="float.h5: train_data must be uint8"):
+        HDF5Dataset(tmp_path / "float.h5", 4)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match="text.h5: not a readable HDF5 file"):
+        HDF5Dataset(tmp_path / "text.h5", 4)
+    with pytest.raises(FileNotFoundError, match="missing.h5: no such file or folder"):
+        make_dataset(str(tmp_path / "missing.h5"), 4)
+
+
+def make_folder(root):
+    """train/cats: an mp4 and an avi; train/dogs: an mp4 and a corrupt file; test/dogs: a webm-free mp4."""
+    for rel, T, seed in [("train/cats/a.mp4", 12, 0), ("train/cats/b.avi", 10, 1),
+                         ("train/dogs/c.mp4", 9, 2), ("test/dogs/d.mp4", 8, 3)]:
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        write_video(root / rel, gradient_video(T, 24, 32, seed))
+    (root / "train/dogs/broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+
+
+def test_video_folder_reads_mp4_and_avi_skips_corrupt_and_caches_index(tmp_path):
+    make_folder(tmp_path)
+    with pytest.warns(UserWarning, match="broken.mp4: cannot be decoded, skipped"):
+        ds = VideoFolderDataset(tmp_path, sequence_length=8, resolution=16)
+    assert [os.path.basename(p) for p in ds.paths] == ["a.mp4", "b.avi", "c.mp4"]
+    assert ds.lengths == [12, 10, 9] and ds.n_skipped == 1
+    assert ds.classes == ["cats", "dogs"] and ds.labels == [0, 0, 1]
+    item = ds[(1, 0)]
+    assert item["video"].shape == (3, 8, 16, 16) and item["label"] == 0
+    # The decoded clip looks like what was written (lossy codecs: a loose bound).
+    expected = preprocess(gradient_video(10, 24, 32, 1), 16)
+    start = window_start(10, 8, seed=0)
+    assert (item["video"] - expected[:, start:start + 8]).abs().mean() < 0.05
+    # The sidecar holds the frame counts; a second start reads it and decodes nothing.
+    index = json.load(open(tmp_path / "train" / ".videogpt_index.json"))["files"]
+    assert index[os.path.join("cats", "a.mp4")]["frames"] == 12
+    assert index[os.path.join("dogs", "broken.mp4")]["frames"] is None
+    import data
+    calls = []
+    original = data.count_frames
+    data.count_frames = lambda p: calls.append(p) or original(p)
+    try:
+        with pytest.warns(UserWarning):
+            again = VideoFolderDataset(tmp_path, sequence_length=8, resolution=16)
+    finally:
+        data.count_frames = original
+    assert calls == [] and again.lengths == ds.lengths
+    test = VideoFolderDataset(tmp_path, sequence_length=8, train=False, resolution=16)
+    assert test.labels == [1]                                # classes shared with the train split
+
+
+def test_video_folder_with_no_usable_video_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "train" / "x")
+    (tmp_path / "train" / "x" / "a.mp4").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no usable video among 1 files: none of them can be decoded"):
+        VideoFolderDataset(tmp_path, sequence_length=4)
+    with pytest.raises(FileNotFoundError, match="has no 'test' folder"):
+        VideoFolderDataset(tmp_path, sequence_length=4, train=False)
+
+
+def test_moving_digits_are_deterministic_and_splits_differ():
+    a = moving_digits(3, frames=6, resolution=32, seed=1)
+    b = moving_digits(3, frames=6, resolution=32, seed=1)
+    assert a.shape == (3, 6, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, moving_digits(3, frames=6, resolution=32, seed=2))
+    assert not np.array_equal(a, moving_digits(3, frames=6, resolution=32, seed=1, train=False))
+    # Something moves, and there is ink in every frame.
+    assert (a[:, 0] != a[:, -1]).any() and (a.reshape(3, 6, -1).max(-1) > 200).all()
+    ds = MovingDigitsDataset(5, sequence_length=6, resolution=32, seed=1)
+    assert torch.equal(to_uint8(ds[2]["video"]), torch.from_numpy(a[2]))
+
+
+def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *a], cwd=tmp_path,
+                                    capture_output=True, text=True)
+    r = run("moving-digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "md.h5") as f:
+        assert f["train_data"].shape == (24, 32, 32, 3) and list(f["train_idx"]) == [0, 6, 12, 18]
+        assert f["test_idx"].shape == (1,)
+    r = run("inspect", "md.h5", "--frames", "4", "--resolution", "32")
+    assert r.returncode == 0, r.stderr
+    assert "train: 4 videos, 24 frames" in r.stdout and (tmp_path / "md_sheet.png").exists()
+    make_folder(tmp_path / "vids")
+    r = run("folder-to-hdf5", "vids", "vids.h5", "--resolution", "16")
+    assert r.returncode == 0, r.stderr
+    assert "warning: " in r.stderr and "broken.mp4: cannot be decoded" in r.stderr
+    ds = HDF5Dataset(tmp_path / "vids.h5", sequence_length=8, resolution=16)
+    assert len(ds) == 3 and ds.n_classes == 2
+    r = run("inspect", "nothing_here")
+    assert r.returncode != 0 and r.stderr.strip() == "data.py: error: nothing_here: no such file or folder"

@@ -1,0 +1,113 @@
+"""train.py end to end: steps, exact resume, clear errors, two processes under torchrun.
+
+python -m pytest tests/test_train.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from data import moving_digits
+
+TINY = ["--stage", "vqvae", "--sequence_length", "4", "--resolution", "16", "--n_hiddens", "16",
+        "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "32", "--downsample", "2", "4", "4",
+        "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2",
+        "--eval_batches", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def digits_h5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "digits.h5"
+    with h5py.File(path, "w") as f:
+        for split, n in (("train", 6), ("test", 2)):
+            videos = moving_digits(n, frames=6, resolution=32, seed=0, train=split == "train")
+            f.create_dataset(f"{split}_data", data=videos.reshape(-1, 32, 32, 3))
+            f.create_dataset(f"{split}_idx", data=np.arange(n) * 6)
+    return str(path)
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def train_records(out_dir):
+    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
+
+
+def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h5):
+    import train
+    from vqvae import load_vqvae
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    model = train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", straight, "--max_steps", "6"]))
+    for name in ("ckpt.pt", "log.jsonl", "loss.png", "recon_0000002.png", "recon_0000006.png"):
+        assert os.path.exists(os.path.join(straight, name)), name
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    assert ckpt["stage"] == "vqvae" and ckpt["step"] == 6 and ckpt["train_args"]["max_steps"] == 6
+    assert set(ckpt) >= {"config", "model", "optimizer", "scaler", "train_args"}
+    assert bool(ckpt["model"]["codebook.initialized"])
+    # The saved model is the trained one, and load_vqvae reads it.
+    vq = load_vqvae(os.path.join(straight, "ckpt.pt"))
+    assert all(torch.equal(v, vq.state_dict()[k]) for k, v in model.state_dict().items())
+    # Stop after 4 steps, start again with a higher --max_steps: the same run as going straight to 6.
+    train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", resumed, "--max_steps", "4"]))
+    train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", resumed, "--max_steps", "6"]))
+    a, b = train_records(straight), train_records(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6), ra["step"]
+    final = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)["model"]
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(final[k], v, atol=1e-6, rtol=0, msg=k)
+    # Training moved the loss.
+    assert a[-1]["recon_loss"] < a[0]["recon_loss"]
+
+
+def test_bad_input_gives_one_line_errors_and_loses_nothing(tmp_path, digits_h5):
+    out = str(tmp_path / "run")
+    cases = []
+    r = run_train(*TINY, "--data", str(tmp_path / "missing.h5"), "--out_dir", out, "--max_steps", "1")
+    cases.append((r, "missing.h5: no such file or folder"))
+    with h5py.File(tmp_path / "nokeys.h5", "w") as f:
+        f.create_dataset("videos", data=np.zeros((2, 4, 4, 3), np.uint8))
+    r = run_train(*TINY, "--data", str(tmp_path / "nokeys.h5"), "--out_dir", out, "--max_steps", "1")
+    cases.append((r, "nokeys.h5: missing HDF5 key(s) train_data, train_idx"))
+    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--sequence_length", "8")
+    cases.append((r, "all 6 train videos are shorter than sequence_length=8 (the longest has 6 frames)"))
+    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--downsample", "8", "4", "4")
+    cases.append((r, "downsample (8, 4, 4) does not divide the input: sequence_length=4 is not a multiple of 8"))
+    for r, message in cases:
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+    # A checkpoint of another stage in --out_dir is refused and left as it was.
+    os.makedirs(out, exist_ok=True)
+    torch.save(dict(stage="gpt", config={}, model={}), os.path.join(out, "ckpt.pt"))
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1")
+    assert r.returncode == 1 and "is a 'gpt' checkpoint but --stage is 'vqvae'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_two_gloo_processes_end_with_identical_codebooks_and_weights(tmp_path, digits_h5):
+    gathered = tmp_path / "ranks.pt"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "ddp_worker.py"), str(gathered), *TINY, "--data", digits_h5,
+                        "--out_dir", str(tmp_path / "ddp"), "--max_steps", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = torch.load(gathered, weights_only=True)
+    assert torch.equal(ranks["codebooks"][0], ranks["codebooks"][1])
+    assert torch.equal(ranks["states"][0], ranks["states"][1])
+    assert (tmp_path / "ddp" / "ckpt.pt").exists()
+    # The codebook really trained: it is no longer its random initialisation.
+    assert bool(torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]["codebook.initialized"])
