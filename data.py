@@ -237,14 +237,22 @@ def cache_dir():
     return os.environ.get("VIDEOGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videogpt"))
 
 
-def write_json_atomic(obj, path):
-    """Write JSON to a temp file, flush it to disk, then rename: a reader never sees half a file."""
+def atomic_write(path, write, binary=True):
+    """Call write(f) on a temp file beside `path`, flush it to disk, then rename it over `path`.
+
+    A reader, or a run killed mid-write, never sees half a file: `path` is either
+    the old file or the complete new one.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def index_videos(folder, paths, workers=None):
@@ -293,10 +301,10 @@ def index_videos(folder, paths, workers=None):
                 entries[rel] = e
         index = dict(version=1, files=entries)
         try:
-            write_json_atomic(index, sidecar)
+            atomic_write(sidecar, lambda f: json.dump(index, f), binary=False)
         except OSError:
             os.makedirs(cache_dir(), exist_ok=True)
-            write_json_atomic(index, fallback)
+            atomic_write(fallback, lambda f: json.dump(index, f), binary=False)
     return {p: entries[os.path.relpath(p, folder)]["frames"] for p in paths}
 
 
@@ -472,9 +480,7 @@ def video_grid(videos, pad=1):
 def save_png(image, path):
     """Write a uint8 (H, W, 3) image as PNG, atomically."""
     from PIL import Image  # Pillow comes with matplotlib
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"))
 
 
 # -----------------------------------------------------------------------------
@@ -483,15 +489,15 @@ def save_png(image, path):
 
 def write_hdf5(path, splits):
     """Write {split: (list of uint8 (T, H, W, 3) videos, labels or None)} in the original layout, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        for split, (videos, labels) in splits.items():
-            lengths = [len(v) for v in videos]
-            f.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
-            f.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
-            if labels is not None:
-                f.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
-    os.replace(tmp, path)
+    def write(f):
+        with h5py.File(f, "w") as h5:
+            for split, (videos, labels) in splits.items():
+                lengths = [len(v) for v in videos]
+                h5.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
+                h5.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
+                if labels is not None:
+                    h5.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
+    atomic_write(path, write)
 
 
 def cmd_moving_digits(args):

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
-from data import make_dataset, one_line_warnings, save_png, to_uint8, video_grid
+from data import atomic_write, make_dataset, one_line_warnings, save_png, to_uint8, video_grid
 from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -158,13 +158,8 @@ def get_lr(step, args):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temp file, flush it to disk, then rename over `path`: never a torn file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save, atomically: a kill during the save leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plot_losses(history, path):
@@ -183,10 +178,8 @@ def plot_losses(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -369,6 +362,8 @@ def main(argv=None):
     one_line_warnings()
     try:
         train(args)
+        if dist.is_initialized():
+            dist.barrier()   # nobody tears the group down while a peer still uses it
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("VIDEOGPT_DEBUG"):
             raise

@@ -102,13 +102,17 @@ def same_padding(kernel_size, stride):
     return tuple(pad)
 
 
+def triple(x):
+    """3 -> (3, 3, 3); a sequence is kept as a tuple."""
+    return (x,) * 3 if isinstance(x, int) else tuple(x)
+
+
 class SamePadConv3d(nn.Module):
     """Conv3d whose output size is input size / stride."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
-        kernel_size = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        kernel_size, stride = triple(kernel_size), triple(stride)
         self.pad = same_padding(kernel_size, stride)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
 
@@ -121,8 +125,7 @@ class SamePadConvTranspose3d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
-        kernel_size = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        kernel_size, stride = triple(kernel_size), triple(stride)
         self.pad = same_padding(kernel_size, stride)
         # original: the input is padded by k - s and the transposed convolution then crops
         # k - 1 from each side (padding=k-1); together these give exactly n * s outputs.

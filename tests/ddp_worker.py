@@ -23,4 +23,5 @@ codebooks = [torch.zeros_like(model.codebook.embeddings) for _ in range(dist.get
 dist.all_gather(codebooks, model.codebook.embeddings.contiguous())
 if dist.get_rank() == 0:
     torch.save(dict(states=states, codebooks=codebooks), out_path)
+dist.barrier()   # nobody tears the group down while a peer still uses it
 dist.destroy_process_group()
