@@ -133,7 +133,7 @@ class HDF5Dataset(Dataset):
                 raise ValueError(f"{self.path}: {data_key} must be uint8 (N_frames, H, W, 3), "
                                  f"got {data.dtype} {data.shape}")
             n_frames_total = data.shape[0]
-            idx = np.asarray(f[idx_key][()]).astype(np.int64).reshape(-1)
+            idx = np.asarray(f[idx_key][()]).astype(np.int64).reshape(-1)      # (N_videos,)
             if len(idx) == 0:
                 raise ValueError(f"{self.path}: {idx_key} is empty")
             if idx.min() < 0 or idx.max() >= n_frames_total or np.any(np.diff(idx) < 0):
@@ -141,7 +141,7 @@ class HDF5Dataset(Dataset):
                                  f"[0, {n_frames_total}), got values in [{idx.min()}, {idx.max()}]")
             labels = None
             if labels_key in f:
-                labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)
+                labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)   # (N_videos,)
                 if len(labels) != len(idx):
                     raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for {len(idx)} videos")
         # Each video runs from its start to the next one's (the last one to the end of the data).
@@ -469,12 +469,13 @@ def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10
 
 
 def video_grid(videos, pad=1):
-    """uint8 (N, T, H, W, 3) -> one uint8 image (N*(H+pad), T*(W+pad), 3): a clip per row."""
+    """uint8 (N, T, H, W, 3) -> one uint8 (H', W', 3) image: a clip per row, frames left to right, white gaps."""
     videos = np.asarray(videos)
     N, T, H, W, C = videos.shape
     canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
     canvas[:, :H, :, :W] = videos.transpose(0, 2, 1, 3, 4)       # (N, H, T, W, 3)
-    return canvas.reshape(N * (H + pad), T * (W + pad), C)[:-pad, :-pad] if pad else canvas.reshape(N * H, T * W, C)
+    image = canvas.reshape(N * (H + pad), T * (W + pad), C)     # (N*(H+pad), T*(W+pad), 3)
+    return image[:-pad, :-pad] if pad else image
 
 
 def save_png(image, path):
