@@ -11,6 +11,11 @@ VideoGPT (Yan et al., 2021) uses attention in two places:
 
 Everything here runs on `F.scaled_dot_product_attention`, which dispatches to
 flash / memory-efficient kernels on CUDA and to a fused math kernel on CPU.
+For sampling, `KVCache` holds every layer's keys and values in buffers
+allocated once at full length and written at explicit positions, so one
+decoding step has fixed shapes (and can be captured by torch.compile / CUDA
+graphs). `BroadcastPosEmbed` and `strided_sparse_layout` are the prior's
+position embeddings and the block-sparse pattern of its published checkpoints.
 
 Parameter names (`w_qs`, `w_ks`, `w_vs`, `fc`, `attn_t`, `attn_h`, `attn_w`)
 are the original implementation's, so its published state dicts load into
@@ -80,24 +85,136 @@ class MultiHeadAttention(nn.Module):
         B, _, L, _ = x.shape
         return x.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh*d)
 
-    def forward(self, x, context=None, mask=None, is_causal=False):
+    def keys_values(self, context):
+        """Keys and values of `context` (B, Lk, dim_kv), split into heads."""
+        k = self.split_heads(self.w_ks(context), self.d_k)  # (B, nh, Lk, hs)
+        v = self.split_heads(self.w_vs(context), self.d_v)  # (B, nh, Lk, hv)
+        return k, v
+
+    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
         `mask` is a boolean (Lq, Lk) or broadcastable tensor, True where a query
         may look; `is_causal` is the lower-triangular special case that SDPA
-        can run without materialising a mask.
+        can run without materialising a mask. `kv` passes keys and values
+        computed earlier (cross-attention to fixed frames while sampling).
+        With `cache` (a KVCache layer) the new keys and values are written at
+        positions `pos` (Lq,) and the queries attend over the whole buffer,
+        `mask` saying which of its positions are visible.
         """
-        context = x if context is None else context
-        # Project and split into heads.
         q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
-        k = self.split_heads(self.w_ks(context), self.d_k)  # (B, nh, Lk, hs)
-        v = self.split_heads(self.w_vs(context), self.d_v)  # (B, nh, Lk, hv)
+        # Keys and values: given, computed from the context, or appended to the cache.
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
         dropout_p = self.attn_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                            is_causal=is_causal)  # (B, nh, Lq, hv)
         # Concatenate heads and mix them back to dim_q.
         return self.fc(self.merge_heads(a))  # (B, Lq, dim_q)
+
+
+# -----------------------------------------------------------------------------
+# The key/value cache for sampling
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for every position of the sequence, allocated once.
+
+    Decoding writes the newest token's key and value at its position and
+    attends over the full-length buffers with a mask, so every step has the
+    same shapes; nothing is concatenated or reallocated while sampling.
+    """
+
+    def __init__(self, batch_size, n_head, length, d_k, d_v, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch_size, n_head, length, d_k, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(batch_size, n_head, length, d_v, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        """Write k (B, nh, n, hs) and v at positions pos (n,); return the whole buffers."""
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+# -----------------------------------------------------------------------------
+# Position embeddings and the strided sparse layout (GPT prior)
+
+
+class BroadcastPosEmbed(nn.Module):
+    """Learned position embeddings for a (d_0, ..., d_{n-1}) grid, one small table per axis.
+
+    Table i is (d_i, dim / n); the embedding of position (i_0, ..., i_{n-1}) is
+    the concatenation of row i_0 of table 0, row i_1 of table 1, ... So a
+    4x32x32 grid needs 4 + 32 + 32 rows instead of 4096.
+    """
+
+    def __init__(self, shape, dim):
+        super().__init__()
+        self.shape, self.dim = tuple(shape), dim
+        n = len(self.shape)
+        assert dim % n == 0, f"dim={dim} is not divisible by the {n} axes of {self.shape}"
+        # ParameterDict keys d_0, d_1, ... are the original's.
+        self.emb = nn.ParameterDict({f"d_{i}": nn.Parameter(torch.randn(s, dim // n) * 0.01)
+                                     for i, s in enumerate(self.shape)})
+
+    def table(self):
+        """All positions' embeddings in raster order, (prod(shape), dim)."""
+        n = len(self.shape)
+        parts = []
+        for i, s in enumerate(self.shape):
+            view = [1] * n + [-1]
+            view[i] = s
+            e = self.emb[f"d_{i}"].view(view)                       # (1, .., d_i, .., 1, dim/n)
+            parts.append(e.expand(*self.shape, -1))                  # (*shape, dim/n)
+        return torch.cat(parts, dim=-1).view(-1, self.dim)          # (L, dim)
+
+    def forward(self, x, pos=None):
+        """Add the embeddings to x (B, L, dim), or to x (B, n, dim) at positions pos (n,)."""
+        table = self.table()
+        return x + (table if pos is None else table[pos]).to(x.dtype)
+
+
+def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
+    """Boolean (L, L) mask of the original's strided block-sparse attention (Child et al., 2019).
+
+    The flattened sequence is cut into blocks of `block` tokens, arranged as a
+    grid: the trailing axes are merged until they hold more than one block. A
+    block row attends to (a) its `num_local_blocks` predecessors and itself,
+    and (b) for every block-grid axis but the last, the blocks that differ from
+    it only along that axis (earlier ones only, if causal). Inside the diagonal
+    block the usual causal triangle applies. The original ran this with
+    DeepSpeed's block-sparse kernels; as a dense mask it gives the same
+    attention weights on any device.
+    """
+    L = math.prod(shape)
+    assert L % block == 0, f"sparse attention needs the sequence length {L} to be a multiple of block={block}"
+    # Block grid: merge trailing axes until they hold more than one block.
+    cum, i = 1, len(shape) - 1
+    for i in range(len(shape) - 1, -1, -1):
+        cum *= shape[i]
+        if cum > block:
+            break
+    assert cum % block == 0, f"latent shape {tuple(shape)} cannot be cut into blocks of {block}"
+    grid = (*shape[:i], cum // block)
+    n_blocks = L // block
+    coords = torch.stack(torch.unravel_index(torch.arange(n_blocks), grid), dim=1)   # (n_blocks, n_axes)
+    row, col = torch.arange(n_blocks).view(-1, 1), torch.arange(n_blocks).view(1, -1)
+    # (a) local: the previous num_local_blocks blocks (and, if not causal, the next ones).
+    local = (col >= row - num_local_blocks) & (col <= row if causal else col < row + num_local_blocks)
+    # (b) strided: same block coordinates except along one axis (the last axis excluded).
+    strided = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for d in range(len(grid) - 1):
+        others = [a for a in range(len(grid)) if a != d]
+        same = (coords[:, None, others] == coords[None, :, others]).all(-1)          # (n_blocks, n_blocks)
+        strided |= same & (coords[None, :, d] <= coords[:, None, d] if causal else same)
+    layout = local | strided                                                        # (n_blocks, n_blocks)
+    mask = layout.repeat_interleave(block, 0).repeat_interleave(block, 1)           # (L, L)
+    if causal:
+        mask &= torch.ones(L, L, dtype=torch.bool).tril()
+    return mask
 
 
 # -----------------------------------------------------------------------------

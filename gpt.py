@@ -1,0 +1,536 @@
+"""The GPT prior of VideoGPT: an autoregressive transformer over the VQ-VAE's codes.
+
+Section 3.2 of Yan et al. (2021). A clip's codes (t, h, w) are read in raster
+order as one sequence of L = t*h*w tokens. Each token enters as its code's
+vector from the (frozen) VQ-VAE codebook, linearly mapped to `hidden_dim`; the
+sequence is shifted right by one behind a learned start vector, spatio-temporal
+position embeddings are added, and a stack of pre-norm transformer blocks with
+causal self-attention predicts every code from the ones before it. Optional
+conditioning: a class label through conditional LayerNorms, and the first
+`n_cond_frames` frames through a 3D ResNet whose features every block
+cross-attends to.
+
+    from gpt import VideoGPT, GPTConfig, load_gpt
+    gpt, vq = load_gpt("runs/gpt/ckpt.pt")              # ours, or an original VideoGPT prior .ckpt
+    logits = gpt(codes, label=None, frames=None)        # (B, t, h, w) -> (B, t, h, w, n_codes)
+    codes = gpt.sample(16, temperature=1.0, top_k=None, top_p=None, generator=g)
+    video = vq.decode(codes)                            # (16, 3, T, H, W)
+
+Sampling uses a hand-written KV cache: per-layer key/value buffers allocated
+once at full length, a `prefill` for the start token and a fixed-shape
+`decode_one_token` for every later one; the frames' cross-attention keys and
+values are computed once per call. `sample_naive` recomputes the whole
+sequence at every step and is kept as the reference the cache is tested against.
+
+The arithmetic is the original implementation's, so its published priors give
+the same logits; each place where the original has a quirk is marked `# original:`.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, strided_sparse_layout
+from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, vqvae_from_state  # load_gpt rebuilds the pair
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class GPTConfig:
+    latent_shape: tuple = (4, 32, 32)  # (t, h, w) of the VQ-VAE's code grid for one clip
+    n_codes: int = 2048                # VQ-VAE codebook size = number of logits
+    embedding_dim: int = 256           # width of the VQ-VAE's code vectors, the prior's input
+    hidden_dim: int = 576              # transformer width; divisible by 3 and by heads
+    heads: int = 4                     # attention heads
+    layers: int = 8                    # transformer blocks
+    dropout: float = 0.2               # dropout on each residual branch
+    attn_dropout: float = 0.3          # dropout on attention weights (full attention only)
+    attn_type: str = "full"            # "full" causal attention, or the original's strided "sparse"
+    n_cond_frames: int = 0             # first frames given as conditioning (0: none)
+    resolution: int = 64               # frame size of conditioning frames, pixels
+    n_classes: int = 0                 # classes for class conditioning (0: none)
+    sparse_block: int = 32             # sparse attention: tokens per block
+    sparse_local_blocks: int = 4       # sparse attention: preceding blocks every block sees
+    seq_len: int = field(init=False)   # t*h*w, derived
+
+    def __post_init__(self):
+        self.latent_shape = tuple(int(s) for s in self.latent_shape)
+        n_axes = len(self.latent_shape)
+        if self.hidden_dim % n_axes:
+            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by {n_axes}: the position "
+                             f"embedding has one table of hidden_dim/{n_axes} per latent axis")
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by heads={self.heads}")
+        if self.attn_type not in ("full", "sparse"):
+            raise ValueError(f"attn_type must be 'full' or 'sparse', got {self.attn_type!r}")
+        self.seq_len = math.prod(self.latent_shape)
+        if self.attn_type == "sparse" and self.seq_len % self.sparse_block:
+            raise ValueError(f"sparse attention needs t*h*w={self.seq_len} to be a multiple of "
+                             f"sparse_block={self.sparse_block}")
+        if self.n_cond_frames and self.resolution % 4:
+            raise ValueError(f"frame conditioning needs resolution divisible by 4, got {self.resolution}")
+        if self.n_cond_frames and RESNET_DIM % self.heads:
+            raise ValueError(f"frame conditioning needs heads to divide the feature width {RESNET_DIM}, got {self.heads}")
+
+    @property
+    def cond_shape(self):
+        """(k, H/4, W/4) grid of the conditioning frames' features."""
+        return (self.n_cond_frames, self.resolution // 4, self.resolution // 4)
+
+    def to_dict(self):
+        d = asdict(self)
+        d.pop("seq_len")
+        d["latent_shape"] = list(d["latent_shape"])
+        return d
+
+
+RESNET_DIM = 240  # width of the frame features (the original's resnet_dim)
+
+
+# -----------------------------------------------------------------------------
+# Normalisation and the MLP nonlinearity
+
+
+class CondLayerNorm(nn.Module):
+    """The original's LayerNorm, optionally class-conditional.
+
+    It normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)): the epsilon is
+    added *outside* the square root, unlike nn.LayerNorm. Published weights were
+    trained with it, so nn.LayerNorm would shift their logits by ~1e-4.
+    With classes, gain and bias are 1 + W_g c and W_b c for the one-hot class c.
+    """
+
+    def __init__(self, dim, n_classes=0):
+        super().__init__()
+        self.conditional = n_classes > 0
+        if self.conditional:
+            self.w = nn.Linear(n_classes, dim, bias=False)    # gain offset per class
+            self.wb = nn.Linear(n_classes, dim, bias=False)   # bias per class
+        else:
+            self.g = nn.Parameter(torch.ones(dim))
+            self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, onehot=None):
+        # Gain and bias: learned vectors, or computed from the class.
+        if self.conditional:
+            g = 1 + self.w(onehot).unsqueeze(1)               # (B, 1, D)
+            b = self.wb(onehot).unsqueeze(1)                  # (B, 1, D)
+        else:
+            g, b = self.g, self.b                             # (D,)
+        # Normalise in float32 whatever the autocast dtype. original: eps outside the root.
+        xf = x.float()
+        mu = xf.mean(dim=-1, keepdim=True)
+        var = (xf - mu).square().mean(dim=-1, keepdim=True)
+        xf = (xf - mu) * (1e-5 + var.rsqrt())
+        return (xf * g.float() + b.float()).type_as(x)
+
+
+class GeLU2(nn.Module):
+    """x * sigmoid(1.702 x), the sigmoid approximation of GELU used by the original."""
+
+    def forward(self, x):
+        return (1.702 * x).sigmoid() * x
+
+
+# -----------------------------------------------------------------------------
+# Frame conditioning: a 3D ResNet-34
+
+
+class ChannelLayerNorm(nn.Module):
+    """nn.LayerNorm over the channels of a (B, C, T, H, W) tensor."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)  # (B, C, T, H, W)
+
+
+class NormReLU(nn.Module):
+    """Channel LayerNorm in float32, then (optionally) ReLU."""
+
+    def __init__(self, channels, relu=True):
+        super().__init__()
+        self.relu = relu
+        self.norm = ChannelLayerNorm(channels)
+
+    def forward(self, x):
+        x = self.norm(x.float()).type_as(x)
+        return F.relu(x) if self.relu else x
+
+
+class ResidualBlock3d(nn.Module):
+    """Two 3x3x3 convolutions with a (projected) shortcut."""
+
+    def __init__(self, in_channels, filters, stride, projection=False):
+        super().__init__()
+        self.projection = projection
+        if projection:
+            self.proj_conv = nn.Conv3d(in_channels, filters, kernel_size=1, stride=stride, bias=False)
+            self.proj_bnr = NormReLU(filters, relu=False)
+        self.conv1 = nn.Conv3d(in_channels, filters, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bnr1 = NormReLU(filters)
+        self.conv2 = nn.Conv3d(filters, filters, kernel_size=3, padding=1, bias=False)
+        # original: the second norm also applies a ReLU before the residual sum.
+        self.bnr2 = NormReLU(filters)
+
+    def forward(self, x):
+        shortcut = self.proj_bnr(self.proj_conv(x)) if self.projection else x
+        h = self.bnr2(self.conv2(self.bnr1(self.conv1(x))))
+        return F.relu(h + shortcut)
+
+
+class BlockGroup(nn.Module):
+    def __init__(self, in_channels, filters, blocks, stride):
+        super().__init__()
+        self.start_block = ResidualBlock3d(in_channels, filters, stride, projection=True)
+        self.blocks = nn.Sequential(*[ResidualBlock3d(filters, filters, 1) for _ in range(blocks - 1)])
+
+    def forward(self, x):
+        return self.blocks(self.start_block(x))
+
+
+class ResNet3d(nn.Module):
+    """(B, 3, k, H, W) frames -> (B, k, H/4, W/4, 240) features.
+
+    ResNet-34 (3, 4, 6, 3 blocks of widths 64, 128, 256, 240) with a 3x3x3 stem
+    and no downsampling in time; groups 2 and 3 halve H and W.
+    """
+
+    def __init__(self, out_dim=RESNET_DIM):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 64, kernel_size=3, padding=1, bias=False), NormReLU(64))
+        self.group1 = BlockGroup(64, 64, blocks=3, stride=1)
+        self.group2 = BlockGroup(64, 128, blocks=4, stride=(1, 2, 2))
+        self.group3 = BlockGroup(128, 256, blocks=6, stride=(1, 2, 2))
+        self.group4 = BlockGroup(256, out_dim, blocks=3, stride=1)
+
+    def forward(self, x):
+        x = self.group4(self.group3(self.group2(self.group1(self.stem(x)))))  # (B, 240, k, H/4, W/4)
+        return x.movedim(1, -1)                                              # (B, k, H/4, W/4, 240)
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, [cross-attention to frames], MLP, each a residual branch."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        h = c.hidden_dim
+        self.pre_attn_norm = CondLayerNorm(h, c.n_classes)
+        # original: sparse attention ignored attn_dropout; kept so published priors behave the same.
+        self.attn = MultiHeadAttention(h, h, c.heads, n_layer=c.layers,
+                                       attn_dropout=c.attn_dropout if c.attn_type == "full" else 0.0)
+        self.post_attn_dp = nn.Dropout(c.dropout)
+        if c.n_cond_frames:
+            self.pre_enc_norm = CondLayerNorm(h, c.n_classes)
+            self.enc_attn = MultiHeadAttention(h, RESNET_DIM, c.heads, n_layer=c.layers)
+            self.post_enc_dp = nn.Dropout(c.dropout)
+        self.pre_fc_norm = CondLayerNorm(h, c.n_classes)
+        self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
+        self.post_fc_dp = nn.Dropout(c.dropout)
+        self.grad_checkpointing = False
+
+    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None):
+        """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
+        block's cross-attention keys and values, precomputed for sampling."""
+        ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
+            else (lambda f, *a: f(*a))
+        # Causal self-attention.
+        h = self.pre_attn_norm(x, cond["onehot"])
+        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos), h)
+        x = x + self.post_attn_dp(h)
+        # Cross-attention to the conditioning frames' features (no mask: all frames are known).
+        if hasattr(self, "enc_attn"):
+            h = self.pre_enc_norm(x, cond["onehot"])
+            h = ckpt(lambda h: self.enc_attn(h, context=cond["context"], kv=frame_kv), h)
+            x = x + self.post_enc_dp(h)
+        # MLP.
+        h = self.pre_fc_norm(x, cond["onehot"])
+        x = x + self.post_fc_dp(ckpt(self.fc_block, h))
+        return x
+
+
+class RightShift(nn.Module):
+    """Prepends a learned start vector and drops the last token: position i sees tokens < i."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.sos = nn.Parameter(torch.empty(dim).normal_(std=0.02))
+
+    def forward(self, x):
+        sos = self.sos.to(x.dtype).expand(x.shape[0], 1, -1)   # (B, 1, hidden)
+        return torch.cat([sos, x[:, :-1]], dim=1)              # (B, L, hidden)
+
+
+class AttentionStack(nn.Module):
+    """Right shift, position embeddings and the blocks; the original's module names."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.right_shift = RightShift(config.hidden_dim)
+        self.pos_embd = BroadcastPosEmbed(config.latent_shape, config.hidden_dim)
+        self.attn_nets = nn.ModuleList([Block(config) for _ in range(config.layers)])
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one index per row of logits (B, V) after temperature, top-k and nucleus filtering."""
+    assert temperature > 0, f"temperature must be positive, got {temperature}"
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]                   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Keep the smallest set of most likely codes whose probabilities sum to top_p.
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)         # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p                                 # always keeps the first
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)            # (B,)
+
+
+class VideoGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        # A frozen copy of the VQ-VAE codebook: the prior's input is each code's vector.
+        self.register_buffer("codebook", torch.zeros(c.n_codes, c.embedding_dim))
+        if c.n_cond_frames:
+            self.resnet = ResNet3d(RESNET_DIM)
+            self.cond_pos_embd = BroadcastPosEmbed(c.cond_shape, RESNET_DIM)
+        self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
+        self.attn_stack = AttentionStack(c)
+        self.norm = CondLayerNorm(c.hidden_dim, c.n_classes)
+        self.fc_out = nn.Linear(c.hidden_dim, c.n_codes, bias=False)
+        # Which positions each position may attend to (True = visible), for sparse training and for sampling.
+        mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
+                if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
+        self.register_buffer("mask", mask, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The original's initialisation; what is not listed keeps PyTorch's default.
+
+        | parameter                          | init                                   |
+        | ---------------------------------- | -------------------------------------- |
+        | fc_in.weight                       | normal, std 0.02                       |
+        | attn_stack.right_shift.sos         | normal, std 0.02 (in RightShift)       |
+        | position tables                    | normal, std 0.01 (in BroadcastPosEmbed)|
+        | attention q/k/v/out projections    | see MultiHeadAttention.init_weights    |
+        | CondLayerNorm g, b / w, wb         | 1, 0 / constant 1/sqrt(n_classes), default |
+        | fc_out.weight                      | zeros: uniform logits at the start     |
+        """
+        self.fc_in.weight.normal_(std=0.02)
+        self.fc_out.weight.zero_()
+        for m in self.modules():
+            if isinstance(m, CondLayerNorm) and m.conditional:
+                m.w.weight.fill_(1.0 / math.sqrt(self.config.n_classes))
+
+    def set_codebook(self, embeddings):
+        """Copy the VQ-VAE's codebook (n_codes, embedding_dim) into the prior."""
+        assert embeddings.shape == self.codebook.shape, \
+            f"codebook shape {tuple(embeddings.shape)} does not match the prior's {tuple(self.codebook.shape)}"
+        self.codebook.copy_(embeddings)
+
+    def set_grad_checkpointing(self, enabled=True):
+        for block in self.attn_stack.attn_nets:
+            block.grad_checkpointing = enabled
+
+    # --- conditioning ---
+
+    def condition(self, label, frames, batch_size):
+        """dict(onehot, context) from the raw conditioning inputs, checked against the config."""
+        c = self.config
+        onehot = context = None
+        if c.n_classes:
+            assert label is not None, "this prior is class-conditional: pass label=(B,) int64"
+            assert label.shape == (batch_size,) and int(label.max()) < c.n_classes and int(label.min()) >= 0, \
+                f"label must be (B={batch_size},) in [0, {c.n_classes}), got {tuple(label.shape)}"
+            onehot = F.one_hot(label, c.n_classes).to(self.fc_in.weight.dtype)      # (B, n_classes)
+        if c.n_cond_frames:
+            expected = (batch_size, 3, c.n_cond_frames, c.resolution, c.resolution)
+            assert frames is not None and tuple(frames.shape) == expected, \
+                f"this prior is frame-conditional: frames must be {expected}, got {None if frames is None else tuple(frames.shape)}"
+            feats = self.resnet(frames)                                             # (B, k, H/4, W/4, 240)
+            context = self.cond_pos_embd(feats.flatten(1, 3))                      # (B, k*H/4*W/4, 240)
+        return dict(onehot=onehot, context=context)
+
+    # --- teacher forcing ---
+
+    def embed(self, codes):
+        """Codes (B, n) -> input vectors (B, n, hidden): codebook lookup, then fc_in."""
+        return self.fc_in(F.embedding(codes, self.codebook).to(self.fc_in.weight.dtype))  # (B, n, hidden)
+
+    def forward(self, codes, label=None, frames=None):
+        """Teacher-forced logits (B, t, h, w, n_codes): position i sees codes < i in raster order."""
+        c = self.config
+        assert codes.dtype == torch.long and tuple(codes.shape[1:]) == c.latent_shape, \
+            f"codes must be int64 (B, {', '.join(map(str, c.latent_shape))}), got {codes.dtype} {tuple(codes.shape)}"
+        B = codes.shape[0]
+        cond = self.condition(label, frames, B)
+        # Inputs: code vectors in raster order, shifted right behind the start vector, plus positions.
+        x = self.embed(codes.flatten(1))                                            # (B, L, hidden)
+        x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
+        # Full attention uses SDPA's causal kernel; sparse attention its explicit mask.
+        sparse = c.attn_type == "sparse"
+        for block in self.attn_stack.attn_nets:
+            x = block(x, cond, mask=self.mask if sparse else None, is_causal=not sparse)
+        logits = self.fc_out(self.norm(x, cond["onehot"]))                          # (B, L, n_codes)
+        return logits.view(B, *c.latent_shape, c.n_codes)                         # (B, t, h, w, n_codes)
+
+    # --- sampling with the KV cache ---
+
+    def setup_caches(self, batch_size, dtype, device):
+        """Fresh full-length key/value buffers for every layer."""
+        c = self.config
+        d = c.hidden_dim // c.heads
+        return [KVCache(batch_size, c.heads, c.seq_len, d, d, dtype, device) for _ in range(c.layers)]
+
+    def step(self, x, pos, cond, caches):
+        """Run inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing the cache.
+
+        Each query attends over the whole cache with its row of the mask, so
+        positions not yet written (zeros) are never seen.
+        """
+        x = self.attn_stack.pos_embd(x, pos)                                        # (B, n, hidden)
+        mask = self.mask[pos]                                                       # (n, L)
+        frame_kv = cond.get("frame_kv") or [None] * len(caches)
+        for block, cache, kv in zip(self.attn_stack.attn_nets, caches, frame_kv):
+            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv)
+        return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
+
+    def prefill(self, cond, caches, batch_size):
+        """Position 0: the start vector alone. Returns the logits of the first code (B, n_codes)."""
+        x = self.attn_stack.right_shift.sos.to(self.fc_in.weight.dtype).expand(batch_size, 1, -1)  # (B, 1, hidden)
+        pos = torch.zeros(1, dtype=torch.long, device=x.device)
+        return self.step(x, pos, cond, caches)[:, -1]
+
+    def decode_one_token(self, code, pos, cond, caches):
+        """Feed the code sampled at position pos-1 (B,) in at position pos (1,); logits (B, n_codes)."""
+        return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
+
+    def cached_condition(self, label, frames, batch_size):
+        """Conditioning for sampling: the frames' cross-attention keys/values computed once per call."""
+        cond = self.condition(label, frames, batch_size)
+        if cond["context"] is not None:
+            cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
+        return cond
+
+    @torch.no_grad()
+    def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+               progress=False, decode_fn=None):
+        """Draw n code grids (n, t, h, w) with the KV cache.
+
+        `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one).
+        """
+        c = self.config
+        device, dtype = self.fc_in.weight.device, self.fc_in.weight.dtype
+        cond = self.cached_condition(label, frames, n)
+        caches = self.setup_caches(n, dtype, device)
+        decode = decode_fn or self.decode_one_token
+        codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
+        positions = range(c.seq_len)
+        if progress:
+            from tqdm import tqdm  # lazy: only for the progress bar
+            positions = tqdm(positions, desc="sampling", unit="code", leave=False)
+        for i in positions:
+            if i == 0:
+                logits = self.prefill(cond, caches, n)
+            else:
+                logits = decode(codes[:, i - 1], torch.tensor([i], device=device), cond, caches)
+            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+        return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
+
+    @torch.no_grad()
+    def sample_naive(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Reference sampler: the full teacher-forced forward at every position. O(L) times slower."""
+        c = self.config
+        codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=self.fc_in.weight.device)
+        for i in range(c.seq_len):
+            logits = self(codes.view(n, *c.latent_shape), label, frames).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
+            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+        return codes.view(n, *c.latent_shape)
+
+
+# -----------------------------------------------------------------------------
+# Loading checkpoints: ours (with the VQ-VAE inside), and the original release's priors
+
+
+def count_indexed(keys, prefix):
+    """How many `prefix.{i}.` sub-modules a state dict has."""
+    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+
+
+def original_configs(ckpt, path):
+    """(VQVAEConfig, GPTConfig) of an original VideoGPT prior checkpoint, from tensor shapes and its args.
+
+    The prior's args hold no VQ-VAE hyper-parameters, so they are read off the
+    weights: codebook shape, encoder width and depth, and the downsampling from
+    the clip size and the lengths of the position tables (the latent shape).
+    """
+    sd, args = ckpt["state_dict"], ckpt["hyper_parameters"].get("args")
+    for name in ("sequence_length", "resolution"):
+        if not hasattr(args, name):
+            raise ValueError(f"{path}: hyper_parameters['args'] lacks {name}")
+    latent = tuple(sd[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3))
+    clip = (args.sequence_length, args.resolution, args.resolution)
+    if any(s % l for s, l in zip(clip, latent)):
+        raise ValueError(f"{path}: clip {clip} is not a multiple of the latent shape {latent}")
+    n_codes, embedding_dim = sd["vqvae.codebook.embeddings"].shape
+    vq_config = VQVAEConfig(embedding_dim=embedding_dim, n_codes=n_codes,
+                            n_hiddens=sd["vqvae.encoder.conv_last.conv.weight"].shape[0],
+                            n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,  # minus the final BN
+                            downsample=tuple(s // l for s, l in zip(clip, latent)),
+                            sequence_length=args.sequence_length, resolution=args.resolution)
+    hidden = sd["fc_in.weight"].shape[0]
+    cond_w = sd.get("attn_stack.attn_nets.0.pre_attn_norm.w.weight")
+    gpt_config = GPTConfig(latent_shape=latent, n_codes=n_codes, embedding_dim=embedding_dim, hidden_dim=hidden,
+                           heads=getattr(args, "heads", 4), layers=count_indexed(sd, "attn_stack.attn_nets."),
+                           dropout=getattr(args, "dropout", 0.2), attn_dropout=getattr(args, "attn_dropout", 0.3),
+                           attn_type=getattr(args, "attn_type", "full"),
+                           n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0] if "cond_pos_embd.emb.d_0" in sd else 0,
+                           resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0)
+    return vq_config, gpt_config
+
+
+def load_gpt(path, device="cpu"):
+    """(prior, VQ-VAE), both in eval mode, from our checkpoint or an original VideoGPT prior .ckpt."""
+    path = os.fspath(path)
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind is None:
+        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
+    if kind != "gpt":
+        raise ValueError(f"{path}: is a '{kind}' checkpoint, not a prior ('gpt') one")
+    if "stage" in ckpt:
+        vq = vqvae_from_state(VQVAEConfig(**ckpt["vqvae"]["config"]), ckpt["vqvae"]["model"], path)
+        config, state = GPTConfig(**ckpt["config"]), ckpt["model"]
+    else:
+        vq_config, config = original_configs(ckpt, path)
+        sd = ckpt["state_dict"]
+        vq = vqvae_from_state(vq_config, {k[6:]: v for k, v in sd.items() if k.startswith("vqvae.")}, path,
+                              original=True)
+        # The per-layer causal masks the original stored are rebuilt here, not loaded.
+        state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
+        state["codebook"] = vq.codebook.embeddings.clone()
+    gpt = VideoGPT(config)
+    try:
+        gpt.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ValueError(f"{path}: weights do not fit the prior's config: {(lines[1] if len(lines) > 1 else lines[0]).strip()[:300]}") from None
+    return gpt.to(device).eval(), vq.to(device).eval()
