@@ -93,3 +93,93 @@ def reference_decode(sd, codes, downsample, n_res_layers):
         if i < len(steps) - 1:
             h = F.relu(h)
     return h
+
+
+# -----------------------------------------------------------------------------
+# The prior, teacher-forced (same rules: only the state dict and torch.nn.functional)
+
+
+def original_layer_norm(sd, name, x, onehot):
+    """The original's LayerNorm: float32, (x - mean) * (1e-5 + rsqrt(var)), optional class gain/bias."""
+    if f"{name}.w.weight" in sd:
+        g = 1 + onehot @ sd[f"{name}.w.weight"].t()
+        b = onehot @ sd[f"{name}.wb.weight"].t()
+        g, b = g[:, None, :], b[:, None, :]
+    else:
+        g, b = sd[f"{name}.g"], sd[f"{name}.b"]
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) * (1e-5 + torch.rsqrt(var)) * g + b
+
+
+def dense_attention(sd, name, x, ctx, n_head, causal):
+    q = x @ sd[f"{name}.w_qs.weight"].t()
+    k = ctx @ sd[f"{name}.w_ks.weight"].t()
+    v = ctx @ sd[f"{name}.w_vs.weight"].t()
+    B, Lq, Lk = x.shape[0], x.shape[1], ctx.shape[1]
+    q = q.view(B, Lq, n_head, -1).permute(0, 2, 1, 3)
+    k = k.view(B, Lk, n_head, -1).permute(0, 2, 1, 3)
+    v = v.view(B, Lk, n_head, -1).permute(0, 2, 1, 3)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal is not None:
+        scores = scores.masked_fill(~causal, float("-inf"))
+    a = (torch.softmax(scores, -1) @ v).permute(0, 2, 1, 3).reshape(B, Lq, -1)
+    return a @ sd[f"{name}.fc.weight"].t() + sd[f"{name}.fc.bias"]
+
+
+def position_table(sd, prefix, shape):
+    parts = []
+    for i, s in enumerate(shape):
+        e = sd[f"{prefix}.emb.d_{i}"]
+        idx = torch.arange(math.prod(shape)).view(shape)
+        coord = (idx // math.prod(shape[i + 1:])) % s              # coordinate along axis i
+        parts.append(e[coord.flatten()])
+    return torch.cat(parts, -1)                                    # (L, dim)
+
+
+def channel_ln(sd, name, x):
+    w = sd[f"{name}.norm.norm.weight"]
+    return F.layer_norm(x.movedim(1, -1), w.shape, w, sd[f"{name}.norm.norm.bias"], 1e-5).movedim(-1, 1)
+
+
+def res_block(sd, name, x, stride, projection):
+    short = channel_ln(sd, f"{name}.proj_bnr", F.conv3d(x, sd[f"{name}.proj_conv.weight"], stride=stride)) \
+        if projection else x
+    h = F.relu(channel_ln(sd, f"{name}.bnr1", F.conv3d(x, sd[f"{name}.conv1.weight"], stride=stride, padding=1)))
+    h = F.relu(channel_ln(sd, f"{name}.bnr2", F.conv3d(h, sd[f"{name}.conv2.weight"], padding=1)))
+    return F.relu(h + short)
+
+
+def reference_resnet(sd, frames):
+    x = F.relu(channel_ln(sd, "resnet.stem.1", F.conv3d(frames, sd["resnet.stem.0.weight"], padding=1)))
+    for g, (n, stride) in enumerate([(3, 1), (4, (1, 2, 2)), (6, (1, 2, 2)), (3, 1)], start=1):
+        x = res_block(sd, f"resnet.group{g}.start_block", x, stride, True)
+        for i in range(n - 1):
+            x = res_block(sd, f"resnet.group{g}.blocks.{i}", x, 1, False)
+    return x.movedim(1, -1)                                         # (B, k, H/4, W/4, 240)
+
+
+def reference_prior_logits(sd, codes, n_head, mask, onehot=None, frames=None):
+    """Teacher-forced logits (B, L, n_codes) of an original-layout prior state dict."""
+    B = codes.shape[0]
+    shape = tuple(codes.shape[1:])
+    x = sd["vqvae.codebook.embeddings"][codes.flatten(1)] @ sd["fc_in.weight"].t()    # (B, L, hidden)
+    sos = sd["attn_stack.right_shift.sos"].expand(B, 1, -1)
+    x = torch.cat([sos, x[:, :-1]], 1) + position_table(sd, "attn_stack.pos_embd", shape)
+    ctx = None
+    if frames is not None:
+        feats = reference_resnet(sd, frames)
+        ctx = feats.flatten(1, 3) + position_table(sd, "cond_pos_embd", feats.shape[1:4])
+    n_layers = len({k.split(".")[2] for k in sd if k.startswith("attn_stack.attn_nets.")})
+    for i in range(n_layers):
+        p = f"attn_stack.attn_nets.{i}"
+        h = original_layer_norm(sd, f"{p}.pre_attn_norm", x, onehot)
+        x = x + dense_attention(sd, f"{p}.attn", h, h, n_head, mask)
+        if ctx is not None:
+            h = original_layer_norm(sd, f"{p}.pre_enc_norm", x, onehot)
+            x = x + dense_attention(sd, f"{p}.enc_attn", h, ctx, n_head, None)
+        h = original_layer_norm(sd, f"{p}.pre_fc_norm", x, onehot)
+        h = h @ sd[f"{p}.fc_block.0.weight"].t() + sd[f"{p}.fc_block.0.bias"]
+        h = torch.sigmoid(1.702 * h) * h
+        x = x + h @ sd[f"{p}.fc_block.2.weight"].t() + sd[f"{p}.fc_block.2.bias"]
+    return original_layer_norm(sd, "norm", x, onehot) @ sd["fc_out.weight"].t()

@@ -1,0 +1,206 @@
+"""The GPT prior: causality, the KV cache, conditioning, original checkpoints, overfitting.
+
+python -m pytest tests/test_gpt.py
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from attention import strided_sparse_layout
+from gpt import GPTConfig, VideoGPT, load_gpt, sample_logits
+from originals import ORIGINAL_ARGS, PRIOR_KEYS, original_state_dict, save_like_lightning
+from reference_videogpt import reference_prior_logits
+
+VARIANTS = {
+    "full": dict(),
+    "sparse": dict(attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
+    "class": dict(n_classes=3),
+    "frames": dict(n_cond_frames=1, resolution=8),
+}
+
+
+def tiny_prior(seed=0, **kw):
+    """A small prior with every weight random (fc_out too, which is zero at init)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(**{**dict(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2,
+                                 layers=2, dropout=0.0, attn_dropout=0.0), **kw})
+    gpt = VideoGPT(config)
+    gpt.codebook.normal_()
+    gpt.fc_out.weight.data.normal_(std=0.3)
+    return gpt
+
+
+def inputs(gpt, B=3, seed=1):
+    c = gpt.config
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(c.n_codes, (B, *c.latent_shape), generator=g)
+    label = torch.randint(c.n_classes, (B,), generator=g) if c.n_classes else None
+    frames = torch.rand(B, 3, c.n_cond_frames, c.resolution, c.resolution, generator=g) - 0.5 if c.n_cond_frames else None
+    return codes, label, frames
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant):
+    gpt = tiny_prior(**VARIANTS[variant]).eval()
+    codes, label, frames = inputs(gpt)
+    L = gpt.config.seq_len
+    base = gpt(codes, label, frames).view(3, L, -1)
+    for j in (0, 5, L - 1):
+        changed = codes.clone().view(3, L)
+        changed[:, j] = (changed[:, j] + 1) % gpt.config.n_codes
+        out = gpt(changed.view_as(codes), label, frames).view(3, L, -1)
+        # Nothing at or before j may change; in full attention, j + 1 must.
+        assert torch.equal(out[:, : j + 1], base[:, : j + 1]), f"position <= {j} saw code {j}"
+        if j < L - 1 and variant != "sparse":
+            assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+
+
+def layout_by_loops(shape, block, num_local_blocks):
+    """The strided pattern spelled out block by block, as the original describes it (causal)."""
+    L = math.prod(shape)
+    # Block grid: trailing axes merged until they hold more than one block.
+    cum = 1
+    for i in range(len(shape) - 1, -1, -1):
+        cum *= shape[i]
+        if cum > block:
+            break
+    grid = (*shape[:i], cum // block)
+    n = L // block
+    coords = list(itertools.product(*[range(g) for g in grid]))
+    layout = torch.zeros(n, n, dtype=torch.bool)
+    for row in range(n):
+        for col in range(max(0, row - num_local_blocks), row + 1):
+            layout[row, col] = True
+        for d in range(len(grid) - 1):
+            for i in range(coords[row][d] + 1):
+                other = list(coords[row])
+                other[d] = i
+                layout[row, coords.index(tuple(other))] = True
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for r in range(n):
+        for c in range(n):
+            if layout[r, c]:
+                mask[r * block:(r + 1) * block, c * block:(c + 1) * block] = True
+    return mask & torch.ones(L, L, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize("shape, block, local", [((4, 8, 8), 32, 4), ((4, 32, 32), 32, 4), ((2, 4, 4), 8, 1),
+                                                 ((8, 8, 8), 16, 2)])
+def test_strided_sparse_layout_matches_the_block_rules(shape, block, local):
+    mask = strided_sparse_layout(shape, block, local)
+    assert torch.equal(mask, layout_by_loops(shape, block, local))
+    assert mask.diagonal().all() and not mask.triu(1).any()
+    if math.prod(shape) // block > local + 1:
+        assert not mask.tril().all()          # really sparse
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
+    gpt = tiny_prior(**VARIANTS[variant]).eval()
+    codes, label, frames = inputs(gpt)
+    B, L = 3, gpt.config.seq_len
+    full = gpt(codes, label, frames).view(B, L, -1)
+    # Feed the same codes through prefill + decode_one_token: every step's logits match.
+    cond = gpt.cached_condition(label, frames, B)
+    caches = gpt.setup_caches(B, torch.float32, "cpu")
+    flat = codes.view(B, L)
+    steps = [gpt.prefill(cond, caches, B)]
+    for i in range(1, L):
+        steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches))
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # Same generator, same codes, for the cached and the naive sampler, with filtering on.
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
+        a = gpt.sample(B, label, frames, generator=torch.Generator().manual_seed(3), **kw)
+        b = gpt.sample_naive(B, label, frames, generator=torch.Generator().manual_seed(3), **kw)
+        assert a.shape == (B, *gpt.config.latent_shape) and torch.equal(a, b), kw
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_parameter(variant):
+    gpt = tiny_prior(**VARIANTS[variant]).train()
+    codes, label, frames = inputs(gpt)
+    logits = gpt(codes, label, frames)
+    assert logits.shape == (3, 2, 4, 4, 16)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 3), codes.flatten()).backward()
+    for name, p in gpt.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    assert "codebook" not in dict(gpt.named_parameters())    # the VQ-VAE's codes are a frozen buffer
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    gpt = tiny_prior(n_cond_frames=1, resolution=16).train()
+    codes, _, frames = inputs(gpt)
+    grads = []
+    for flag in (False, True):
+        gpt.zero_grad()
+        gpt.set_grad_checkpointing(flag)
+        torch.nn.functional.cross_entropy(gpt(codes, frames=frames).flatten(0, 3), codes.flatten()).backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_tiny_prior_overfits_one_batch():
+    gpt = tiny_prior(seed=0)
+    codes, _, _ = inputs(gpt, B=2)
+    opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(gpt(codes).flatten(0, 3), codes.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()       # from ln(16) = 2.77
+
+
+def test_sample_logits_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (sample_logits(logits, top_k=1, generator=g) == 1).all()
+    assert (sample_logits(logits, top_p=0.01, generator=g) == 1).all()
+    assert set(sample_logits(logits, top_k=2, generator=g).tolist()) == {1, 3}
+    assert (sample_logits(logits, temperature=1e-4, generator=g) == 1).all()
+    assert set(sample_logits(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="hidden_dim=100 is not divisible by 3"):
+        GPTConfig(hidden_dim=100)
+    with pytest.raises(ValueError, match="hidden_dim=576 is not divisible by heads=5"):
+        GPTConfig(hidden_dim=576, heads=5)
+    with pytest.raises(ValueError, match="sparse attention needs t\\*h\\*w=48"):
+        GPTConfig(latent_shape=(3, 4, 4), attn_type="sparse")
+
+
+@pytest.mark.parametrize("kind", ["uncond", "cond"])
+def test_original_prior_checkpoint_gives_the_original_logits(tmp_path, kind):
+    sd = original_state_dict(seed=0, keys=PRIOR_KEYS[kind])
+    args = dict(ORIGINAL_ARGS, hidden_dim=60, heads=2, layers=2, dropout=0.2, attn_dropout=0.3, attn_type="full",
+                n_cond_frames=1 if kind == "cond" else 0, class_cond=kind == "cond", vqvae="vqvae.ckpt")
+    save_like_lightning(tmp_path / f"{kind}.ckpt", sd, args)
+    gpt, vq = load_gpt(tmp_path / f"{kind}.ckpt")
+    c = gpt.config
+    assert (c.latent_shape, c.n_codes, c.hidden_dim, c.layers) == ((4, 8, 8), 64, 60, 2)
+    assert vq.config.downsample == (2, 4, 4) and vq.config.n_hiddens == 32 and vq.config.n_res_layers == 2
+    assert (c.n_classes, c.n_cond_frames) == ((5, 1) if kind == "cond" else (0, 0))
+    torch.manual_seed(0)
+    codes = torch.randint(64, (2, 4, 8, 8))
+    label = torch.tensor([1, 4]) if kind == "cond" else None
+    frames = torch.rand(2, 3, 1, 32, 32) - 0.5 if kind == "cond" else None
+    ours = gpt(codes, label, frames).view(2, 256, 64)
+    onehot = torch.nn.functional.one_hot(label, 5).float() if label is not None else None
+    causal = torch.ones(256, 256, dtype=torch.bool).tril()
+    ref = reference_prior_logits(sd, codes, n_head=2, mask=causal, onehot=onehot, frames=frames)
+    assert ref.abs().mean() > 0.1                                    # logits worth comparing
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # The VQ-VAE inside decodes the prior's samples.
+    samples = gpt.sample(2, label, frames, generator=torch.Generator().manual_seed(0))
+    assert vq.decode(samples).shape == (2, 3, 8, 32, 32)
+
+
+def test_load_gpt_refuses_a_vqvae_checkpoint(tmp_path):
+    save_like_lightning(tmp_path / "vq.ckpt", original_state_dict(), ORIGINAL_ARGS)
+    with pytest.raises(ValueError, match="vq.ckpt: is a 'vqvae' checkpoint, not a prior"):
+        load_gpt(tmp_path / "vq.ckpt")
