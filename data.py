@@ -478,6 +478,57 @@ def video_grid(videos, pad=1):
     return image[:-pad, :-pad] if pad else image
 
 
+def grid_video(videos, ncol=None, pad=1):
+    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips tiled in a grid, playing together."""
+    videos = np.asarray(videos)
+    N, T, H, W, C = videos.shape
+    ncol = ncol or math.ceil(math.sqrt(N))
+    nrow = math.ceil(N / ncol)
+    canvas = np.full((T, nrow * (H + pad) - pad, ncol * (W + pad) - pad, C), 255, np.uint8)
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        canvas[:, r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = videos[i]
+    return canvas
+
+
+def frame_conditioning(videos, k, width=2):
+    """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the given frames, as in the paper."""
+    videos = np.array(videos)
+    if k:
+        red = np.array([255, 0, 0], np.uint8)
+        videos[:, :k, :width], videos[:, :k, -width:] = red, red
+        videos[:, :k, :, :width], videos[:, :k, :, -width:] = red, red
+    return videos
+
+
+def save_gif(frames, path, fps=8):
+    """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
+    from PIL import Image  # Pillow comes with matplotlib
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                                duration=round(1000 / fps), loop=0))
+
+
+def save_mp4(frames, path, fps=8):
+    """Write uint8 frames (T, H, W, 3) as an H.264 MP4 with PyAV, atomically (sides padded to even)."""
+    import av  # lazy: only the folder reader and MP4 writers need PyAV
+    frames = np.asarray(frames)
+    T, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))   # yuv420p needs even sides
+
+    def write(f):
+        with av.open(f, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    atomic_write(path, write)
+
+
 def save_png(image, path):
     """Write a uint8 (H, W, 3) image as PNG, atomically."""
     from PIL import Image  # Pillow comes with matplotlib

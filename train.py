@@ -1,22 +1,30 @@
-"""Training entry point: `--stage vqvae` trains the VQ-VAE of Section 3.1.
+"""Training entry point for both stages of VideoGPT.
+
+`--stage vqvae` trains the VQ-VAE of Section 3.1; `--stage gpt` trains the
+prior of Section 3.2 on the codes of a frozen VQ-VAE (`--vqvae PATH`: our
+checkpoint or an original VideoGPT one).
 
 Single process (GPU if present, else CPU):
     python train.py --stage vqvae --out_dir runs/vqvae
+    python train.py --stage gpt --vqvae runs/vqvae/ckpt.pt --out_dir runs/gpt
 Several GPUs on one machine, plain DDP:
     torchrun --standalone --nproc_per_node=8 train.py --stage vqvae --data bair.hdf5 --out_dir runs/bair
+    torchrun --standalone --nproc_per_node=8 train.py --stage gpt --vqvae runs/bair/ckpt.pt --data bair.hdf5 \
+        --n_cond_frames 1 --attn_type sparse --out_dir runs/bair_gpt
 Several machines: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint).
 
-With no --data the run trains on the built-in moving-digits set (scaled to
-32x32), and every flag left out takes a small value that trains in about five
-minutes on a 2-core CPU; with --data, flags left out take the paper's values. The run writes to --out_dir:
-    ckpt.pt        latest checkpoint (written atomically; a restart resumes from it)
+With no --data a run trains on the built-in moving-digits set, and every flag
+left out takes a small value that trains in minutes on a CPU; with --data,
+flags left out take the paper's values. A run writes to --out_dir:
+    ckpt.pt        latest checkpoint (written atomically; a restart resumes from it);
+                   a prior's checkpoint embeds its VQ-VAE, so sample.py needs nothing else
     log.jsonl      one JSON object per logged step and per evaluation
-    recon_*.png    test clips (odd rows) above their reconstructions (even rows)
+    recon_*.png    (vqvae) test clips (odd rows) above their reconstructions (even rows)
+    samples_*.gif  (gpt) real test clips (top row) above samples (bottom row)
     loss.png       training and test loss curves
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -29,47 +37,70 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data import atomic_write, make_dataset, one_line_warnings, save_png, to_uint8, video_grid
-from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint
+from data import (atomic_write, frame_conditioning, grid_video, make_dataset, one_line_warnings, save_gif, save_png,
+                  to_uint8, video_grid)
+from gpt import GPTConfig, VideoGPT
+from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, vqvae_from_state
 
 # -----------------------------------------------------------------------------
 # Arguments
 
-# Flags left unset take these values: the paper's for real data, small ones for
-# the moving-digits default so that a CPU gets recognisable reconstructions in minutes.
+# Flags left unset take these values: the paper's for real data, small ones for the
+# moving-digits default so that a 2-core CPU runs the whole pipeline in minutes.
 PRESETS = {
-    "paper": dict(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4, downsample=[4, 4, 4],
-                  sequence_length=16, resolution=64, batch_size=32, lr=7e-4, max_steps=200_000,
-                  eval_interval=2000, log_interval=50),
-    "digits": dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
-                   sequence_length=8, resolution=32, batch_size=8, lr=2e-3, max_steps=2000,
-                   eval_interval=500, log_interval=25),
+    ("vqvae", "paper"): dict(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4, downsample=[4, 4, 4],
+                             sequence_length=16, resolution=64, batch_size=32, lr=7e-4, warmup_steps=0,
+                             lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50),
+    ("vqvae", "digits"): dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
+                              sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
+                              lr_schedule="constant", max_steps=2000, eval_interval=500, log_interval=25),
+    ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
+                           lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
+                           eval_interval=2000, log_interval=50),
+    ("gpt", "digits"): dict(hidden_dim=192, heads=4, layers=4, dropout=0.1, attn_dropout=0.1, batch_size=16,
+                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1500,
+                            eval_interval=500, log_interval=25),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train VideoGPT's VQ-VAE.")
-    p.add_argument("--stage", required=True, choices=["vqvae"], help="what to train")
+    p = argparse.ArgumentParser(description="Train VideoGPT's VQ-VAE or its GPT prior.")
+    p.add_argument("--stage", required=True, choices=["vqvae", "gpt"], help="what to train")
     # data
     p.add_argument("--data", "--data_path", dest="data", default=None,
                    help="HDF5 file or video folder (default: the built-in moving digits)")
-    p.add_argument("--sequence_length", type=int, default=None, help="frames per training clip")
-    p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels")
+    p.add_argument("--sequence_length", type=int, default=None, help="frames per clip (gpt: the VQ-VAE's)")
+    p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels (gpt: the VQ-VAE's)")
     p.add_argument("--batch_size", type=int, default=None, help="clips per step per process")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per process")
-    # model
-    p.add_argument("--embedding_dim", type=int, default=None, help="width of each code vector")
-    p.add_argument("--n_codes", type=int, default=None, help="codebook size")
-    p.add_argument("--n_hiddens", type=int, default=None, help="channels of the encoder and decoder")
-    p.add_argument("--n_res_layers", type=int, default=None, help="attention residual blocks per side")
+    # VQ-VAE
+    p.add_argument("--embedding_dim", type=int, default=None, help="vqvae: width of each code vector")
+    p.add_argument("--n_codes", type=int, default=None, help="vqvae: codebook size")
+    p.add_argument("--n_hiddens", type=int, default=None, help="vqvae: channels of the encoder and decoder")
+    p.add_argument("--n_res_layers", type=int, default=None, help="vqvae: attention residual blocks per side")
     p.add_argument("--downsample", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
-                   help="compression factor per axis, powers of two")
+                   help="vqvae: compression factor per axis, powers of two")
+    # prior
+    p.add_argument("--vqvae", default=None, help="gpt: the frozen VQ-VAE checkpoint (ours or an original .ckpt)")
+    p.add_argument("--hidden_dim", type=int, default=None, help="gpt: transformer width, divisible by 3 and heads")
+    p.add_argument("--heads", type=int, default=None, help="gpt: attention heads")
+    p.add_argument("--layers", type=int, default=None, help="gpt: transformer blocks")
+    p.add_argument("--dropout", type=float, default=None, help="gpt: residual dropout")
+    p.add_argument("--attn_dropout", type=float, default=None, help="gpt: attention-weight dropout")
+    p.add_argument("--attn_type", default="full", choices=["full", "sparse"], help="gpt: causal attention pattern")
+    p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
+    p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
+    p.add_argument("--cache_codes", action="store_true",
+                   help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step")
+    p.add_argument("--grad_checkpointing", action="store_true", help="gpt: recompute activations in backward")
     # optimisation
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    p.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (peak)")
+    p.add_argument("--lr_schedule", default=None, choices=["constant", "cosine"], help="after warm-up")
+    p.add_argument("--warmup_steps", type=int, default=None, help="linear learning-rate warm-up steps")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps in total")
     p.add_argument("--gradient_clip_val", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     # run
@@ -82,18 +113,17 @@ def parse_args(argv=None):
                    help="autocast precision; float16 uses a GradScaler; the codebook always runs in float32")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and clip windows")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync_batchnorm", action="store_true", help="BatchNorm statistics over all processes")
+    p.add_argument("--sync_batchnorm", action="store_true", help="vqvae: BatchNorm statistics over all processes")
     args = p.parse_args(argv)
-    # Fill unset flags from the preset.
-    preset = PRESETS["digits" if args.data is None else "paper"]
-    for k, v in preset.items():
+    # Fill unset flags from the stage's preset.
+    for k, v in PRESETS[(args.stage, "digits" if args.data is None else "paper")].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
 
 
 # -----------------------------------------------------------------------------
-# Distributed set-up and helpers
+# Distributed set-up and small helpers
 
 
 def setup(args):
@@ -151,10 +181,13 @@ class InfiniteSampler(Sampler):
 
 
 def get_lr(step, args):
-    """Learning rate as a pure function of the step: linear warm-up, then constant."""
+    """Learning rate as a pure function of the step: linear warm-up, then constant or cosine to zero."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    return args.lr
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def save_checkpoint(obj, path):
@@ -162,7 +195,7 @@ def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def plot_losses(history, path):
+def plot_losses(history, path, ylabel):
     """Training and test loss curves, log scale."""
     import matplotlib
     matplotlib.use("Agg")
@@ -173,7 +206,7 @@ def plot_losses(history, path):
             steps, values = zip(*points)
             ax.plot(steps, values, label=name, marker="o" if name.startswith("test") else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("normalized MSE")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -183,30 +216,182 @@ def plot_losses(history, path):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
+# The two stages: what differs between them is here, the loop below is shared
+
+
+class VQVAEStage:
+    """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA."""
+
+    name, curve, curve_label = "vqvae", "recon_loss", "normalized MSE"
+    logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")
+
+    def __init__(self, args, ckpt, device):
+        self.config = VQVAEConfig(embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
+                                  n_res_layers=args.n_res_layers, downsample=args.downsample,
+                                  sequence_length=args.sequence_length, resolution=args.resolution)
+        if ckpt and VQVAEConfig(**ckpt["config"]) != self.config:
+            warnings.warn(f"{args.out_dir}: resuming with the checkpoint's model config, not the flags'")
+        if ckpt:
+            self.config = VQVAEConfig(**ckpt["config"])
+        self.clip = (self.config.sequence_length, self.config.resolution)
+
+    def build(self, args, train_set):
+        return VQVAE(self.config)
+
+    def loss(self, model, batch, device):
+        out = model(batch["video"].to(device, non_blocking=True))   # (B, 3, T, H, W) in
+        return out["loss"], {k: out[k] for k in self.logged}
+
+    def describe(self):
+        return f"latent {self.config.latent_shape}"
+
+    def checkpoint(self):
+        return dict(config=self.config.to_dict())
+
+    @torch.no_grad()
+    def picture(self, model, batch, device, path):
+        """Four test clips, each above its reconstruction (model in eval mode)."""
+        x = batch["video"][:4].to(device)
+        recon = model(x)["recon"].float()
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)       # (2*n, 3, T, H, W), clip then recon
+        save_png(video_grid(to_uint8(pairs).numpy()), f"{path}.png")
+
+
+class CodesDataset(Dataset):
+    """Pre-encoded codes (and labels) saved by --cache_codes."""
+
+    def __init__(self, codes, labels=None):
+        self.codes, self.labels = codes, labels
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, item):
+        i = item[0] if isinstance(item, (tuple, list)) else item
+        out = dict(codes=self.codes[i].long())
+        if self.labels is not None:
+            out["label"] = int(self.labels[i])
+        return out
+
+
+class GPTStage:
+    """Prior: cross-entropy of every code given the codes before it (and the conditioning)."""
+
+    name, curve, curve_label = "gpt", "loss", "cross-entropy (nats per code)"
+    logged = ("loss", "bits_per_code")
+
+    def __init__(self, args, ckpt, device):
+        # The VQ-VAE: the checkpoint's own copy when resuming, else --vqvae; frozen, in eval mode, for good.
+        if ckpt:
+            self.vq = vqvae_from_state(VQVAEConfig(**ckpt["vqvae"]["config"]), ckpt["vqvae"]["model"], args.out_dir)
+        elif args.vqvae is None:
+            raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an original VideoGPT .ckpt)")
+        else:
+            self.vq = load_vqvae(args.vqvae)
+        self.vq = self.vq.to(device).eval().requires_grad_(False)
+        vc = self.vq.config
+        self.clip = (vc.sequence_length, vc.resolution)
+        for flag, value in (("sequence_length", vc.sequence_length), ("resolution", vc.resolution)):
+            if getattr(args, flag) not in (None, value):
+                warnings.warn(f"--{flag} {getattr(args, flag)} ignored: the prior models clips of the VQ-VAE's {value}")
+        if args.n_cond_frames >= vc.sequence_length:
+            raise ValueError(f"--n_cond_frames {args.n_cond_frames} must be smaller than the clip's "
+                             f"{vc.sequence_length} frames")
+        if args.cache_codes and args.n_cond_frames:
+            raise ValueError("--cache_codes keeps only codes, but --n_cond_frames needs the frames; use one of them")
+        self.ckpt, self.args = ckpt, args
+
+    def build(self, args, train_set):
+        if self.ckpt:
+            self.config = GPTConfig(**self.ckpt["config"])
+        else:
+            if args.class_cond and not train_set.n_classes:
+                raise ValueError(f"--class_cond: the data {args.data or '(moving digits)'} has no class labels")
+            vc = self.vq.config
+            self.config = GPTConfig(latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
+                                    hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers,
+                                    dropout=args.dropout, attn_dropout=args.attn_dropout, attn_type=args.attn_type,
+                                    n_cond_frames=args.n_cond_frames, resolution=vc.resolution,
+                                    n_classes=train_set.n_classes if args.class_cond else 0)
+        model = VideoGPT(self.config)
+        model.set_codebook(self.vq.codebook.embeddings)
+        model.set_grad_checkpointing(args.grad_checkpointing)
+        return model
+
+    def conditioning(self, batch, x, device):
+        c = self.config
+        label = batch["label"].to(device) if c.n_classes else None
+        frames = x[:, :, :c.n_cond_frames] if c.n_cond_frames else None      # (B, 3, k, H, W)
+        return label, frames
+
+    def loss(self, model, batch, device):
+        if "codes" in batch:
+            codes, x = batch["codes"].to(device), None
+        else:
+            x = batch["video"].to(device, non_blocking=True)                  # (B, 3, T, H, W)
+            codes = self.vq.encode(x)                                           # (B, t, h, w), no gradient
+        label, frames = self.conditioning(batch, x, device)
+        logits = model(codes, label, frames)                                    # (B, t, h, w, n_codes)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
+        return loss, dict(loss=loss, bits_per_code=loss / math.log(2))
+
+    def describe(self):
+        c = self.config
+        text = f"{c.seq_len} codes {c.latent_shape}, {c.attn_type} attention"
+        if c.n_cond_frames:
+            text += f", conditioned on {c.n_cond_frames} frame(s)"
+        if c.n_classes:
+            text += f", conditioned on {c.n_classes} classes"
+        return text
+
+    def checkpoint(self):
+        return dict(config=self.config.to_dict(), vqvae=dict(config=self.vq.config.to_dict(), model=self.vq.state_dict()))
+
+    @torch.no_grad()
+    def picture(self, model, batch, device, path):
+        """Four real test clips (top row) and four samples (bottom row, conditioned on the clips; eval mode)."""
+        x = batch.get("video")
+        n = min(4, len(next(iter(batch.values()))))
+        real = x[:n].to(device) if x is not None else self.vq.decode(batch["codes"][:n].to(device))
+        label, frames = self.conditioning({k: v[:n] for k, v in batch.items()}, real, device)
+        codes = model.sample(n, label, frames, generator=torch.Generator(device).manual_seed(0))
+        fake = self.vq.decode(codes)
+        if frames is not None:
+            fake[:, :, :self.config.n_cond_frames] = frames                    # the given frames, shown as given
+        clips = to_uint8(torch.cat([real, fake.float()])).numpy()               # (2n, T, H, W, 3)
+        clips[n:] = frame_conditioning(clips[n:], self.config.n_cond_frames)
+        save_gif(grid_video(clips, ncol=n), f"{path}.gif", fps=4)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, ddp):
-    """Mean test losses over the loader; returns (metrics, first clips, their reconstructions)."""
-    model.eval()
-    sums, n, first = {}, 0, None
+def encode_all(vq, dataset, device, batch_size):
+    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its index."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, i) for i in range(len(dataset))])
+    codes, labels = [], []
     for batch in loader:
-        x = batch["video"].to(device)
-        with autocast:
-            out = model(x)
-        for k in ("loss", "recon_loss", "commitment_loss", "perplexity", "usage"):
-            sums[k] = sums.get(k, 0.0) + out[k].item()
-        n += 1
-        if first is None:
-            first = (x[:4], out["recon"][:4])
-    model.train()
-    metrics = all_mean({k: v / max(n, 1) for k, v in sums.items()}, ddp)
-    return metrics, first
+        codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
+        labels.append(batch["label"]) if "label" in batch else None
+    return torch.cat(codes), (torch.cat(labels) if labels else None)
 
 
 # -----------------------------------------------------------------------------
 # Training
+
+
+@torch.no_grad()
+def evaluate(stage, model, loader, device, autocast, ddp):
+    """Mean test metrics over the loader, averaged over processes; and the first batch."""
+    model.eval()
+    sums, n, first = {}, 0, None
+    for batch in loader:
+        with autocast:
+            _, metrics = stage.loss(model, batch, device)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        n += 1
+        first = batch if first is None else first
+    model.train()
+    return all_mean({k: v / max(n, 1) for k, v in sums.items()}, ddp), first
 
 
 def train(args):
@@ -215,44 +400,52 @@ def train(args):
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-    # Resume from out_dir/ckpt.pt when it exists; its config wins over the flags.
+    # Resume from out_dir/ckpt.pt when it exists; its configs win over the flags.
     ckpt = None
-    config = VQVAEConfig(embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
-                         n_res_layers=args.n_res_layers, downsample=args.downsample,
-                         sequence_length=args.sequence_length, resolution=args.resolution)
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         kind = checkpoint_kind(ckpt)
         if kind != args.stage:
             raise ValueError(f"{ckpt_path}: is a '{kind}' checkpoint but --stage is '{args.stage}'; "
                              f"use another --out_dir")
-        saved = VQVAEConfig(**ckpt["config"])
-        if saved != config and master:
-            warnings.warn(f"{ckpt_path}: resuming with the checkpoint's model config, not the flags'")
-        config = saved
+    stage = (VQVAEStage if args.stage == "vqvae" else GPTStage)(args, ckpt, device)
 
     # Data: the sampler fixes the order; windows and shuffling come from --seed.
-    train_set = make_dataset(args.data, config.sequence_length, train=True, resolution=config.resolution, seed=args.seed)
-    test_set = make_dataset(args.data, config.sequence_length, train=False, resolution=config.resolution, seed=args.seed)
+    seq_len, resolution = stage.clip
+    train_set = make_dataset(args.data, seq_len, train=True, resolution=resolution, seed=args.seed)
+    test_set = make_dataset(args.data, seq_len, train=False, resolution=resolution, seed=args.seed)
+
+    # Model, optimizer, scaler. The same seed on every rank gives the same initial weights.
+    torch.manual_seed(args.seed)
+    model = stage.build(args, train_set).to(device)
+    if args.stage == "gpt" and args.cache_codes:
+        # Encode once on rank 0 (fixed windows), then every rank reads the file.
+        codes_path = os.path.join(args.out_dir, "codes.pt")
+        if master and not os.path.exists(codes_path):
+            print(f"encoding {len(train_set)} + {len(test_set)} clips once to {codes_path}", flush=True)
+            tr, te = encode_all(stage.vq, train_set, device, args.batch_size), encode_all(stage.vq, test_set, device, args.batch_size)
+            save_checkpoint(dict(train=tr, test=te), codes_path)
+        if ddp:
+            dist.barrier()
+        cached = torch.load(codes_path, weights_only=True)
+        train_set, test_set = CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
     step = ckpt["step"] if ckpt else 0
     sampler = InfiniteSampler(len(train_set), args.seed, rank, world, start=step * args.batch_size)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
                               persistent_workers=args.num_workers > 0,
                               # Its own generator: starting an iterator must not draw from the global RNG,
-                              # or a resumed run's codebook restarts would differ from an uninterrupted one's.
+                              # or a resumed run's random draws would differ from an uninterrupted one's.
                               generator=torch.Generator().manual_seed(args.seed))
-    n_eval = min(len(test_set), args.eval_batches * args.batch_size * world)
-    eval_items = [(i, i) for i in range(rank, n_eval, world)]   # fixed clips and windows every time
+    # Fixed clips and windows at every evaluation; every rank gets at least one (a tiny test set repeats).
+    n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
+    eval_items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
     test_loader = DataLoader(test_set, batch_size=args.batch_size, sampler=eval_items, num_workers=0)
 
-    # Model, optimizer, scaler. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
-    model = VQVAE(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    history = {"train recon": [], "test recon": []}
+    history = {"train": [], "test": []}
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -280,9 +473,9 @@ def train(args):
         if not master:
             return
         rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        save_checkpoint(dict(stage="vqvae", config=config.to_dict(), model=raw_model.state_dict(), step=step,
+        save_checkpoint(dict(stage=args.stage, model=raw_model.state_dict(), step=step,
                              optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_args=vars(args),
-                             history=history, rng=rng), ckpt_path)
+                             history=history, rng=rng, **stage.checkpoint()), ckpt_path)
 
     def log(record):
         if master:
@@ -290,24 +483,26 @@ def train(args):
                 f.write(json.dumps(record) + "\n")
 
     def run_eval():
-        metrics, (x, recon) = evaluate(model, test_loader, device, autocast, ddp)
+        metrics, batch = evaluate(stage, model, test_loader, device, autocast, ddp)
         if master:
-            history["test recon"].append((step, metrics["recon_loss"]))
+            history["test"].append((step, metrics[stage.curve]))
             log(dict(step=step, split="test", **metrics))
-            pairs = torch.stack([x, recon.float()], dim=1).flatten(0, 1)        # (2*n, 3, T, H, W), clip then recon
-            save_png(video_grid(to_uint8(pairs).numpy()), os.path.join(args.out_dir, f"recon_{step:07d}.png"))
-            plot_losses(history, os.path.join(args.out_dir, "loss.png"))
-            print(f"step {step}: test recon {metrics['recon_loss']:.4f}  perplexity {metrics['perplexity']:.1f}  "
-                  f"codes used {metrics['usage']:.1%}", flush=True)
+            # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
+            raw_model.eval()
+            with autocast:
+                stage.picture(raw_model, batch, device, os.path.join(args.out_dir, f"{'recon' if args.stage == 'vqvae' else 'samples'}_{step:07d}"))
+            raw_model.train()
+            plot_losses(history, os.path.join(args.out_dir, "loss.png"), stage.curve_label)
+            print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         checkpoint()
 
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"vqvae: {n_params / 1e6:.2f}M parameters, latent {config.latent_shape}, {len(train_set)} train / "
-              f"{len(test_set)} test videos, {world} process(es) on {device}, {args.dtype}"
+        print(f"{args.stage}: {n_params / 1e6:.2f}M parameters, {stage.describe()}, {len(train_set)} train / "
+              f"{len(test_set)} test clips, {world} process(es) on {device}, {args.dtype}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    # The loop: evaluate/checkpoint, forward, backward, clip, step, log.
+    # The loop: forward, backward, clip, step, log, evaluate/checkpoint.
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     batches = iter(train_loader)
@@ -317,10 +512,10 @@ def train(args):
             lr = get_lr(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = next(batches)["video"].to(device, non_blocking=True)   # (B, 3, T, H, W)
+            batch = next(batches)
             with autocast:
-                out = model(x)
-            scaler.scale(out["loss"]).backward()
+                loss, metrics = stage.loss(model, batch, device)
+            scaler.scale(loss).backward()
             # Unscale before clipping so the norm is the true one; log what clipping returns.
             scaler.unscale_(optimizer)
             clip = args.gradient_clip_val if args.gradient_clip_val > 0 else float("inf")
@@ -330,19 +525,15 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            window.append({k: out[k].item() for k in ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")}
-                          | {"grad_norm": grad_norm.item()})
+            window.append({k: v.item() for k, v in metrics.items()} | {"grad_norm": grad_norm.item()})
             if step % args.log_interval == 0 or step == args.max_steps:
                 metrics = all_mean({k: float(np.mean([w[k] for w in window])) for k in window[0]}, ddp)
-                dt = time.time() - t0
-                clips_per_s = len(window) * args.batch_size * world / dt
+                clips_per_s = len(window) * args.batch_size * world / (time.time() - t0)
                 window, t0 = [], time.time()
                 if master:
-                    history["train recon"].append((step, metrics["recon_loss"]))
+                    history["train"].append((step, metrics[stage.curve]))
                     log(dict(step=step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics))
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", ppl=f"{metrics['perplexity']:.0f}",
-                                    used=f"{metrics['usage']:.0%}", gnorm=f"{metrics['grad_norm']:.2f}",
-                                    clips_s=f"{clips_per_s:.1f}")
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
             if step % args.eval_interval == 0 or step == args.max_steps:
                 run_eval()
     except KeyboardInterrupt:

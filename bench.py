@@ -1,0 +1,180 @@
+"""Throughput and memory benchmarks, printed as one JSON object per line.
+
+    python bench.py                               # tiny sizes, CPU
+    python bench.py --device cuda                 # the paper's BAIR sizes, bf16
+    python bench.py --only sample --codes 1024    # one benchmark, another latent size
+
+Benchmarks:
+  vqvae_train   VQ-VAE training steps: clips/s
+  gpt_train     prior training steps: tokens/s, and MFU on CUDA
+  sample        prior sampling: tokens/s of the KV-cached sampler and of the naive
+                full-recompute sampler, and the ratio; seconds for one whole batch
+
+Times are medians over timed steps after warm-up (CUDA synchronised), so one
+slow step does not move them. Peak memory is CUDA's max allocated, or the
+process's peak resident set on CPU. The naive sampler costs the same at every
+position (a full forward of the grid), so it is timed over `--naive_steps`
+positions and reported per token.
+"""
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gpt import GPTConfig, VideoGPT
+from vqvae import VQVAE, VQVAEConfig
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+SIZES = {
+    # CPU: small enough for a laptop; latent 4x16x16 = 1024 codes for the sampler.
+    "cpu": dict(vqvae=dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=(2, 4, 4),
+                           sequence_length=8, resolution=32), vq_batch=8,
+                gpt=dict(latent_shape=(4, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=192, heads=4, layers=4,
+                         dropout=0.0, attn_dropout=0.0), gpt_batch=8, sample_batch=4),
+    # CUDA: BAIR as in the paper: 16x64x64 clips, VQ-VAE stride 4x2x2, latent 4x32x32 = 4096 codes.
+    "cuda": dict(vqvae=dict(embedding_dim=256, n_codes=1024, n_hiddens=240, n_res_layers=4, downsample=(4, 2, 2),
+                            sequence_length=16, resolution=64), vq_batch=32,
+                 gpt=dict(latent_shape=(4, 32, 32), n_codes=1024, embedding_dim=256, hidden_dim=576, heads=4, layers=8,
+                          dropout=0.2, attn_dropout=0.3), gpt_batch=32, sample_batch=32),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kilobytes on Linux
+
+
+def timed(fn, device, warmup, steps):
+    """Median seconds of fn() over `steps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def emit(**record):
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+
+
+def bench_vqvae(size, args, device, autocast):
+    model = VQVAE(VQVAEConfig(**size["vqvae"])).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    c, B = model.config, size["vq_batch"]
+    x = torch.rand(B, 3, c.sequence_length, c.resolution, c.resolution, device=device) - 0.5
+
+    def step():
+        with autocast:
+            loss = model(x)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = timed(step, device, args.warmup, args.steps)
+    emit(bench="vqvae_train", device=str(device), dtype=args.dtype, batch=B, clip=[c.sequence_length, c.resolution],
+         step_ms=1000 * t, clips_per_s=B / t, peak_mem_mb=peak_memory_mb(device))
+
+
+def bench_gpt_train(size, args, device, autocast):
+    config = GPTConfig(**size["gpt"])
+    model = VideoGPT(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    B, L = size["gpt_batch"], config.seq_len
+    codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
+    fwd = torch.compile(model) if args.compile else model
+
+    def step():
+        with autocast:
+            logits = fwd(codes)
+        F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = timed(step, device, args.warmup, args.steps)
+    tokens_per_s = B * L / t
+    # Training FLOPs per token: 6 per weight, plus the attention scores and sums (PaLM's estimate).
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * config.layers * config.hidden_dim * L
+    record = dict(bench="gpt_train", device=str(device), dtype=args.dtype, batch=B, codes=L, params_m=n_params / 1e6,
+                  step_ms=1000 * t, tokens_per_s=tokens_per_s, peak_mem_mb=peak_memory_mb(device))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        record.update(gpu=name, mfu=flops_per_token * tokens_per_s / peak if peak else None)
+    emit(**record)
+
+
+@torch.no_grad()
+def bench_sample(size, args, device, autocast):
+    config = GPTConfig(**{**size["gpt"], **({"latent_shape": latent_for(args.codes)} if args.codes else {})})
+    model = VideoGPT(config).to(device).eval()
+    model.fc_out.weight.normal_(std=0.02)   # zero at init would make every code equally likely
+    B, L = size["sample_batch"], config.seq_len
+    decode = torch.compile(model.decode_one_token, mode="reduce-overhead") if args.compile else None
+    g = torch.Generator(device).manual_seed(0)
+    # Cached: whole batches, so the time includes prefill, every step and the cache set-up.
+    with autocast:
+        t_cached = timed(lambda: model.sample(B, generator=g, decode_fn=decode), device, 1, args.sample_repeats)
+    # Naive: a full forward per position, the same cost at every position; time a few.
+    codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
+
+    def naive_step():
+        with autocast:
+            model(codes)
+    t_naive = timed(naive_step, device, 1, args.naive_steps)
+    cached_tps, naive_tps = B * L / t_cached, B / t_naive
+    emit(bench="sample", device=str(device), dtype=args.dtype, batch=B, codes=L, latent=list(config.latent_shape),
+         cached_s_per_batch=t_cached, cached_tokens_per_s=cached_tps, naive_tokens_per_s=naive_tps,
+         naive_s_per_batch_est=L * t_naive, speedup=cached_tps / naive_tps, peak_mem_mb=peak_memory_mb(device))
+
+
+def latent_for(codes):
+    """A (4, s, s) latent shape with `codes` positions."""
+    side = int(math.isqrt(codes // 4))
+    assert 4 * side * side == codes, f"--codes must be 4 * s^2, got {codes}"
+    return (4, side, side)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training and sampling throughput.")
+    p.add_argument("--device", default="cpu", help="cpu (tiny sizes) or cuda (the paper's BAIR sizes)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample"], help="run one benchmark")
+    p.add_argument("--codes", type=int, default=None, help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--sample_repeats", type=int, default=1, help="timed whole-batch cached samplings")
+    p.add_argument("--naive_steps", type=int, default=8, help="timed naive-sampler positions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model / the decode step")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    size = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    torch.manual_seed(0)
+    for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample)):
+        if args.only in (None, name):
+            fn(size, args, device, autocast)
+
+
+if __name__ == "__main__":
+    main()

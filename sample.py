@@ -1,0 +1,131 @@
+"""Sample videos from a trained prior and write them as one grid video.
+
+    python sample.py --ckpt runs/gpt/ckpt.pt --n 16 --out samples.mp4
+    python sample.py --ckpt runs/gpt/ckpt.pt --out samples.gif --temperature 0.9 --top_k 100 --seed 1
+    python sample.py --ckpt bair_gpt.ckpt --cond_from bair.hdf5 --out bair.mp4     # frame-conditional prior
+    python sample.py --ckpt ucf_gpt.ckpt --label 3 --out class3.png                 # class-conditional prior
+
+The checkpoint is ours (it embeds its VQ-VAE) or an original VideoGPT prior.
+Codes are drawn with the KV-cached sampler (gpt.VideoGPT.sample) in batches,
+decoded by the VQ-VAE, and tiled into a grid: an MP4 (PyAV), a GIF (Pillow),
+or a PNG contact sheet with one sample per row. Conditioning frames are framed
+in red, as in the paper's figures. The written path is printed.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from data import (frame_conditioning, grid_video, make_dataset, one_line_warnings, save_gif, save_mp4, save_png,
+                  to_uint8, video_grid)
+from gpt import load_gpt
+
+WRITERS = {".mp4", ".gif", ".png"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample videos from a VideoGPT prior.")
+    p.add_argument("--ckpt", required=True, help="prior checkpoint: ours (ckpt.pt) or an original VideoGPT .ckpt")
+    p.add_argument("--n", type=int, default=16, help="number of videos")
+    p.add_argument("--out", default="samples.mp4", help="output path: .mp4, .gif or .png")
+    # sampling
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    # conditioning
+    p.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional priors)")
+    p.add_argument("--cond_from", default=None,
+                   help="HDF5 file or video folder whose test clips give the conditioning frames (and labels)")
+    # run
+    p.add_argument("--batch_size", type=int, default=16, help="videos sampled at once")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast precision")
+    p.add_argument("--fps", type=int, default=4, help="frames per second of the MP4/GIF")
+    return p.parse_args(argv)
+
+
+def conditioning(gpt, args, vq_config, device):
+    """Labels (n,) and conditioning frames (n, 3, k, H, W) for all n samples, or None."""
+    c = gpt.config
+    labels = frames = None
+    if args.cond_from is not None:
+        data = make_dataset(args.cond_from, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
+        # The first n test clips (cycled when there are fewer), each with a fixed window.
+        items = [data[(i % len(data), i % len(data))] for i in range(args.n)]
+        video = torch.stack([it["video"] for it in items]).to(device)               # (n, 3, T, H, W)
+        frames = video[:, :, :c.n_cond_frames] if c.n_cond_frames else None
+        if c.n_classes and "label" in items[0]:
+            labels = torch.tensor([it["label"] for it in items], device=device)
+    elif c.n_cond_frames:
+        raise ValueError(f"{args.ckpt}: the prior is conditioned on {c.n_cond_frames} frame(s); "
+                         f"pass --cond_from DATA to take them from a dataset's test clips")
+    if c.n_classes:
+        if args.label is not None:
+            if not 0 <= args.label < c.n_classes:
+                raise ValueError(f"--label {args.label} is outside the prior's {c.n_classes} classes")
+            labels = torch.full((args.n,), args.label, device=device)
+        elif labels is None:
+            labels = torch.arange(args.n, device=device) % c.n_classes    # every class in turn
+    elif args.label is not None:
+        raise ValueError(f"{args.ckpt}: --label given, but the prior is not class-conditional")
+    return labels, frames
+
+
+def run(args):
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in WRITERS:
+        raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise ValueError(f"{args.out}: cannot write there (folder missing or read-only)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpt, vq = load_gpt(args.ckpt, device=device)
+    labels, frames = conditioning(gpt, args, vq.config, device)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    k = gpt.config.n_cond_frames
+
+    # Sample codes batch by batch with the KV cache, decode them, put the given frames back.
+    videos = []
+    with torch.no_grad(), autocast:
+        for start in range(0, args.n, args.batch_size):
+            sl = slice(start, min(args.n, start + args.batch_size))
+            n = sl.stop - sl.start
+            codes = gpt.sample(n, None if labels is None else labels[sl], None if frames is None else frames[sl],
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               generator=generator, progress=True)                      # (n, t, h, w)
+            video = vq.decode(codes).float().clamp(-0.5, 0.5)                          # (n, 3, T, H, W)
+            if k:
+                video[:, :, :k] = frames[sl].float()
+            videos.append(to_uint8(video).numpy())                                      # (n, T, H, W, 3)
+            print(f"sampled {sl.stop}/{args.n}", flush=True)
+    clips = frame_conditioning(np.concatenate(videos), k)                              # (N, T, H, W, 3)
+
+    # Write: a grid video (MP4, GIF) or a contact sheet (PNG, one sample per row).
+    if ext == ".png":
+        save_png(video_grid(clips), args.out)
+    else:
+        grid = grid_video(clips, ncol=math.ceil(math.sqrt(len(clips))))
+        (save_mp4 if ext == ".mp4" else save_gif)(grid, args.out, fps=args.fps)
+    print(args.out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    one_line_warnings()
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("VIDEOGPT_DEBUG"):
+            raise
+        sys.exit(f"sample.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
