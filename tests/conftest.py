@@ -6,6 +6,7 @@ Run the whole suite with `python -m pytest` from the repository root.
 import os
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -43,3 +44,17 @@ def gradient_video(T, H, W, seed=0):
                       127 + 100 * np.sin(0.15 * y - 0.2 * t + phase[1]),
                       127 + 100 * np.sin(0.1 * (x + y) + phase[2]) * np.ones_like(t)], axis=-1)
     return video.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def digits_h5(tmp_path_factory):
+    """A tiny moving-digits HDF5 file: 6 train and 2 test videos of 6 frames at 32x32, labels 0/1."""
+    from data import moving_digits
+    path = tmp_path_factory.mktemp("data") / "digits.h5"
+    with h5py.File(path, "w") as f:
+        for split, n in (("train", 6), ("test", 2)):
+            videos = moving_digits(n, frames=6, resolution=32, seed=0, train=split == "train")
+            f.create_dataset(f"{split}_data", data=videos.reshape(-1, 32, 32, 3))
+            f.create_dataset(f"{split}_idx", data=np.arange(n) * 6)
+            f.create_dataset(f"{split}_labels", data=np.arange(n) % 2)
+    return str(path)

@@ -14,23 +14,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import moving_digits
 
 TINY = ["--stage", "vqvae", "--sequence_length", "4", "--resolution", "16", "--n_hiddens", "16",
         "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "32", "--downsample", "2", "4", "4",
         "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2",
         "--eval_batches", "1", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def digits_h5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "digits.h5"
-    with h5py.File(path, "w") as f:
-        for split, n in (("train", 6), ("test", 2)):
-            videos = moving_digits(n, frames=6, resolution=32, seed=0, train=split == "train")
-            f.create_dataset(f"{split}_data", data=videos.reshape(-1, 32, 32, 3))
-            f.create_dataset(f"{split}_idx", data=np.arange(n) * 6)
-    return str(path)
 
 
 def run_train(*args):

@@ -1,0 +1,118 @@
+"""train.py --stage gpt and sample.py end to end: python -m pytest tests/test_gpt_stage.py"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from test_train import TINY, run_train, train_records
+
+TINY_GPT = ["--stage", "gpt", "--hidden_dim", "24", "--heads", "2", "--layers", "1", "--batch_size", "2",
+            "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "1",
+            "--device", "cpu", "--dropout", "0", "--attn_dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def vqvae_ckpt(tmp_path_factory, digits_h5):
+    import train
+    out = str(tmp_path_factory.mktemp("vq"))
+    train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", out, "--max_steps", "3"]))
+    return os.path.join(out, "ckpt.pt")
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_gpt_stage_keeps_vqvae_frozen_resumes_exactly_and_samples(tmp_path, digits_h5, vqvae_ckpt):
+    import train
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt]
+    train.train(train.parse_args(common + ["--out_dir", straight, "--max_steps", "4"]))
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    assert ckpt["stage"] == "gpt" and ckpt["step"] == 4
+    # The VQ-VAE inside is exactly the one given: no gradient step, no codebook EMA update.
+    given = torch.load(vqvae_ckpt, weights_only=True)["model"]
+    assert all(torch.equal(v, ckpt["vqvae"]["model"][k]) for k, v in given.items())
+    assert torch.equal(ckpt["model"]["codebook"], given["codebook.embeddings"])
+    assert os.path.exists(os.path.join(straight, "samples_0000004.gif"))
+    records = [json.loads(line) for line in open(os.path.join(straight, "log.jsonl"))]
+    assert all(abs(r["bits_per_code"] - r["loss"] / 0.6931471805599453) < 1e-6 for r in records)
+    # Interrupted after 2 steps and restarted: the same losses and weights as going straight to 4.
+    train.train(train.parse_args(common + ["--out_dir", resumed, "--max_steps", "2"]))
+    train.train(train.parse_args(common + ["--out_dir", resumed, "--max_steps", "4"]))
+    for a, b in zip(train_records(straight), train_records(resumed)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    final = torch.load(os.path.join(resumed, "ckpt.pt"), weights_only=True)["model"]
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(final[k], v, atol=1e-6, rtol=0, msg=k)
+    # sample.py needs nothing but the prior's checkpoint; a GIF has one frame per clip frame.
+    gif = tmp_path / "s.gif"
+    r = run_sample("--ckpt", os.path.join(straight, "ckpt.pt"), "--n", "3", "--out", str(gif), "--batch_size", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(gif)
+    assert Image.open(gif).n_frames == 4        # the VQ-VAE's sequence_length
+    for ext in ("png", "mp4"):
+        r = run_sample("--ckpt", os.path.join(straight, "ckpt.pt"), "--n", "2", "--out", str(tmp_path / f"s.{ext}"))
+        assert r.returncode == 0 and os.path.getsize(tmp_path / f"s.{ext}") > 0, r.stderr
+
+
+def test_vqvae_gets_no_gradient_in_the_gpt_loss(digits_h5, vqvae_ckpt, tmp_path):
+    import train
+    from data import make_dataset
+    args = train.parse_args(TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(tmp_path)])
+    stage = train.GPTStage(args, None, torch.device("cpu"))
+    model = stage.build(args, make_dataset(digits_h5, 4, resolution=16))
+    before = {k: v.clone() for k, v in stage.vq.state_dict().items()}
+    batch = {"video": torch.rand(2, 3, 4, 16, 16) - 0.5}
+    loss, _ = stage.loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    assert not stage.vq.training
+    assert all(p.grad is None and not p.requires_grad for p in stage.vq.parameters())
+    assert all(torch.equal(before[k], v) for k, v in stage.vq.state_dict().items())
+
+
+def test_conditional_prior_trains_and_samples_with_red_frames(tmp_path, digits_h5, vqvae_ckpt):
+    out = str(tmp_path / "cond")
+    r = run_train(*TINY_GPT, "--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", out, "--max_steps", "2",
+                  "--n_cond_frames", "1", "--class_cond")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = os.path.join(out, "ckpt.pt")
+    r = run_sample("--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "c.gif"))
+    assert r.returncode == 1 and "pass --cond_from DATA" in r.stderr
+    r = run_sample("--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "c.gif"), "--cond_from", digits_h5, "--label", "1")
+    assert r.returncode == 0, r.stderr
+    gif = Image.open(tmp_path / "c.gif")
+    assert gif.n_frames == 4
+    first = np.asarray(gif.convert("RGB"))                     # (H, W, 3) of the first frame
+    assert first[0, 0].tolist() == [255, 0, 0]                   # the conditioning frame is framed in red
+    gif.seek(3)
+    last = np.asarray(gif.convert("RGB"))
+    assert last[0, 0].tolist() != [255, 0, 0]
+
+
+def test_gpt_stage_errors_are_one_line(tmp_path, digits_h5, vqvae_ckpt):
+    out = str(tmp_path / "g")
+    cases = [
+        ([], "--stage gpt needs --vqvae PATH"),
+        (["--vqvae", vqvae_ckpt, "--hidden_dim", "20"], "hidden_dim=20 is not divisible by 3"),
+        (["--vqvae", vqvae_ckpt, "--n_cond_frames", "4"], "--n_cond_frames 4 must be smaller than the clip's 4 frames"),
+        (["--vqvae", str(tmp_path / "none.pt")], "none.pt: no such checkpoint file"),
+    ]
+    for extra, message in cases:
+        r = run_train(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+    # A prior checkpoint given as --vqvae: the wrong stage.
+    torch.save(dict(stage="gpt", config={}, model={}), tmp_path / "prior.pt")
+    r = run_train(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--vqvae", str(tmp_path / "prior.pt"))
+    assert r.returncode == 1 and "prior.pt: is a 'gpt' checkpoint, not a VQ-VAE one" in r.stderr
+    r = run_sample("--ckpt", vqvae_ckpt, "--out", str(tmp_path / "x.gif"))
+    assert r.returncode == 1 and "is a 'vqvae' checkpoint, not a prior ('gpt') one" in r.stderr
