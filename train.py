@@ -61,9 +61,9 @@ PRESETS = {
     ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50),
-    ("gpt", "digits"): dict(hidden_dim=192, heads=4, layers=4, dropout=0.1, attn_dropout=0.1, batch_size=16,
-                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1500,
-                            eval_interval=500, log_interval=25),
+    ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
+                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1200,
+                            eval_interval=400, log_interval=25),
 }
 
 
