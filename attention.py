@@ -201,7 +201,7 @@ def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
     grid = (*shape[:i], cum // block)
     n_blocks = L // block
     coords = torch.stack(torch.unravel_index(torch.arange(n_blocks), grid), dim=1)   # (n_blocks, n_axes)
-    row, col = torch.arange(n_blocks).view(-1, 1), torch.arange(n_blocks).view(1, -1)
+    row, col = torch.arange(n_blocks).view(-1, 1), torch.arange(n_blocks).view(1, -1)   # (n_blocks, 1), (1, n_blocks)
     # (a) local: the previous num_local_blocks blocks (and, if not causal, the next ones).
     local = (col >= row - num_local_blocks) & (col <= row if causal else col < row + num_local_blocks)
     # (b) strided: same block coordinates except along one axis (the last axis excluded).

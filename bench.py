@@ -104,7 +104,7 @@ def bench_gpt_train(size, args, device, autocast):
     def step():
         with autocast:
             logits = fwd(codes)
-        F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten()).backward()
+        F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten()).backward()   # (B*L, n_codes) vs (B*L,)
         opt.step()
         opt.zero_grad(set_to_none=True)
     t = timed(step, device, args.warmup, args.steps)

@@ -438,7 +438,10 @@ class VideoGPT(nn.Module):
         `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one).
         """
         c = self.config
-        device, dtype = self.fc_in.weight.device, self.fc_in.weight.dtype
+        device = self.fc_in.weight.device
+        # Under autocast the keys and values come out in the autocast dtype; the cache holds that.
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.fc_in.weight.dtype)
         cond = self.cached_condition(label, frames, n)
         caches = self.setup_caches(n, dtype, device)
         decode = decode_fn or self.decode_one_token
@@ -463,7 +466,7 @@ class VideoGPT(nn.Module):
         for i in range(c.seq_len):
             logits = self(codes.view(n, *c.latent_shape), label, frames).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
             codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
-        return codes.view(n, *c.latent_shape)
+        return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 
 
 # -----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ PRESETS = {
                            eval_interval=2000, log_interval=50),
     ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
                             lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1200,
-                            eval_interval=400, log_interval=25),
+                            eval_interval=600, log_interval=25),
 }
 
 
@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--sequence_length", type=int, default=None, help="frames per clip (gpt: the VQ-VAE's)")
     p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels (gpt: the VQ-VAE's)")
     p.add_argument("--batch_size", type=int, default=None, help="clips per step per process")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per process")
+    p.add_argument("--num_workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                   help="DataLoader worker processes per process (default: half the cores, at most 4)")
     # VQ-VAE
     p.add_argument("--embedding_dim", type=int, default=None, help="vqvae: width of each code vector")
     p.add_argument("--n_codes", type=int, default=None, help="vqvae: codebook size")
@@ -332,7 +333,7 @@ class GPTStage:
             codes = self.vq.encode(x)                                           # (B, t, h, w), no gradient
         label, frames = self.conditioning(batch, x, device)
         logits = model(codes, label, frames)                                    # (B, t, h, w, n_codes)
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())     # (B*t*h*w, n_codes) vs (B*t*h*w,)
         return loss, dict(loss=loss, bits_per_code=loss / math.log(2))
 
     def describe(self):

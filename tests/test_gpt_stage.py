@@ -116,3 +116,22 @@ def test_gpt_stage_errors_are_one_line(tmp_path, digits_h5, vqvae_ckpt):
     assert r.returncode == 1 and "prior.pt: is a 'gpt' checkpoint, not a VQ-VAE one" in r.stderr
     r = run_sample("--ckpt", vqvae_ckpt, "--out", str(tmp_path / "x.gif"))
     assert r.returncode == 1 and "is a 'vqvae' checkpoint, not a prior ('gpt') one" in r.stderr
+
+
+def test_cache_codes_encodes_once_and_trains_on_the_file(tmp_path, digits_h5, vqvae_ckpt):
+    import train
+    from vqvae import load_vqvae
+    out = str(tmp_path / "cached")
+    args = TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", out, "--cache_codes", "--class_cond"]
+    train.train(train.parse_args(args + ["--max_steps", "2"]))
+    cached = torch.load(os.path.join(out, "codes.pt"), weights_only=True)
+    codes, labels = cached["train"]
+    assert codes.shape == (6, 2, 4, 4) and labels.tolist() == [0, 1, 0, 1, 0, 1]
+    # Clip i is encoded with its window fixed by seed i.
+    from data import HDF5Dataset
+    clip = HDF5Dataset(digits_h5, 4, resolution=16)[(3, 3)]["video"]
+    assert torch.equal(codes[3].long(), load_vqvae(vqvae_ckpt).encode(clip[None])[0])
+    # A second start reuses the file instead of encoding again.
+    os.utime(os.path.join(out, "codes.pt"), (0, 0))
+    train.train(train.parse_args(args + ["--max_steps", "3"]))
+    assert os.stat(os.path.join(out, "codes.pt")).st_mtime == 0

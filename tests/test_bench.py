@@ -1,0 +1,24 @@
+"""bench.py runs and prints one JSON object per benchmark: python -m pytest tests/test_bench.py
+
+Speeds are measured there, never asserted here: this only checks the report's shape.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_prints_json_lines():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--steps", "1", "--warmup", "0",
+                        "--naive_steps", "1", "--codes", "64"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample"]
+    assert records[0]["clips_per_s"] > 0 and records[1]["tokens_per_s"] > 0
+    sample = records[2]
+    assert sample["codes"] == 64 and sample["latent"] == [4, 4, 4]
+    assert abs(sample["speedup"] - sample["cached_tokens_per_s"] / sample["naive_tokens_per_s"]) < 1e-2 * sample["speedup"]
+    assert all(rec["peak_mem_mb"] > 0 for rec in records)
