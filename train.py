@@ -57,7 +57,7 @@ PRESETS = {
                              lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50),
     ("vqvae", "digits"): dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
                               sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
-                              lr_schedule="constant", max_steps=2000, eval_interval=500, log_interval=25),
+                              lr_schedule="constant", max_steps=1600, eval_interval=400, log_interval=25),
     ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50),
