@@ -603,6 +603,20 @@ def one_line_warnings():
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+def run_cli(prog, fn, *args):
+    """Run an entry point: warnings as one line each; bad input as one line on stderr, exit status 1.
+
+    Set VIDEOGPT_DEBUG=1 to get the traceback instead.
+    """
+    one_line_warnings()
+    try:
+        return fn(*args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("VIDEOGPT_DEBUG"):
+            raise
+        sys.exit(f"{prog}: error: {e}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Make, convert and inspect video datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -626,13 +640,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: NAME_sheet.png here)")
     p.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
-    one_line_warnings()
-    try:
-        args.fn(args)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        sys.exit(f"data.py: error: {e}")
+    run_cli("data.py", args.fn, args)
 
 
 if __name__ == "__main__":

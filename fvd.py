@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import make_dataset, to_uint8
+from data import make_dataset, run_cli, to_uint8
 from gpt import load_gpt
 
 # -----------------------------------------------------------------------------
@@ -376,12 +376,7 @@ def main(argv=None):
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")
         args = p.parse_args(argv)
         run = lambda: evaluate_checkpoint(args)
-    try:
-        run()
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        sys.exit(f"fvd.py: error: {e}")
+    run_cli("fvd.py", run)
 
 
 if __name__ == "__main__":

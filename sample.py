@@ -15,13 +15,12 @@ in red, as in the paper's figures. The written path is printed.
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
-from data import (frame_conditioning, grid_video, make_dataset, one_line_warnings, save_gif, save_mp4, save_png,
-                  to_uint8, video_grid)
+from data import (frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_mp4, save_png, to_uint8,
+                  video_grid)
 from gpt import load_gpt
 
 WRITERS = {".mp4", ".gif", ".png"}
@@ -122,14 +121,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    one_line_warnings()
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        sys.exit(f"sample.py: error: {e}")
+    run_cli("sample.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
@@ -41,8 +40,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data import (atomic_write, frame_conditioning, grid_video, make_dataset, one_line_warnings, save_gif, save_png,
-                  to_uint8, video_grid)
+from data import (atomic_write, frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_png, to_uint8,
+                  video_grid)
 from gpt import GPTConfig, VideoGPT
 from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, vqvae_from_state
 
@@ -549,17 +548,16 @@ def train(args):
     return raw_model
 
 
+def train_and_sync(args):
+    train(args)
+    if dist.is_initialized():
+        dist.barrier()   # nobody tears the group down while a peer still uses it
+
+
 def main(argv=None):
     args = parse_args(argv)
-    one_line_warnings()
     try:
-        train(args)
-        if dist.is_initialized():
-            dist.barrier()   # nobody tears the group down while a peer still uses it
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        sys.exit(f"train.py: error: {e}")
+        run_cli("train.py", train_and_sync, args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
