@@ -58,3 +58,13 @@ def digits_h5(tmp_path_factory):
             f.create_dataset(f"{split}_idx", data=np.arange(n) * 6)
             f.create_dataset(f"{split}_labels", data=np.arange(n) % 2)
     return str(path)
+
+
+class Exploit:
+    """A pickle payload that would run a shell command when unpickled (it must never be)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"echo owned > {self.target}",))

