@@ -171,10 +171,14 @@ class BroadcastPosEmbed(nn.Module):
             parts.append(e.expand(*self.shape, -1))                  # (*shape, dim/n)
         return torch.cat(parts, dim=-1).view(-1, self.dim)          # (L, dim)
 
+    def rows(self, pos):
+        """Embeddings of the flat positions pos (n,) alone, (n, dim): one row of each table."""
+        coords = torch.unravel_index(pos, self.shape)                                     # n_axes x (n,)
+        return torch.cat([self.emb[f"d_{i}"][c] for i, c in enumerate(coords)], dim=-1)  # (n, dim)
+
     def forward(self, x, pos=None):
         """Add the embeddings to x (B, L, dim), or to x (B, n, dim) at positions pos (n,)."""
-        table = self.table()
-        return x + (table if pos is None else table[pos]).to(x.dtype)
+        return x + (self.table() if pos is None else self.rows(pos)).to(x.dtype)
 
 
 def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):

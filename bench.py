@@ -167,7 +167,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
     autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     size = SIZES["cuda" if device.type == "cuda" else "cpu"]
     torch.manual_seed(0)

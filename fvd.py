@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from data import make_dataset, run_cli, to_uint8
 from gpt import load_gpt
+from vqvae import triple
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance
@@ -92,8 +93,7 @@ class Unit3D(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel=1, stride=1, bn=True, relu=True):
         super().__init__()
-        self.kernel, self.stride = (kernel,) * 3 if isinstance(kernel, int) else kernel, \
-            (stride,) * 3 if isinstance(stride, int) else stride
+        self.kernel, self.stride = triple(kernel), triple(stride)
         self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, stride=self.stride, bias=not bn)
         self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01) if bn else None
         self.relu = relu

@@ -446,6 +446,7 @@ class VideoGPT(nn.Module):
         caches = self.setup_caches(n, dtype, device)
         decode = decode_fn or self.decode_one_token
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
+        pos = torch.arange(c.seq_len, device=device)
         positions = range(c.seq_len)
         if progress:
             from tqdm import tqdm  # lazy: only for the progress bar
@@ -454,7 +455,7 @@ class VideoGPT(nn.Module):
             if i == 0:
                 logits = self.prefill(cond, caches, n)
             else:
-                logits = decode(codes[:, i - 1], torch.tensor([i], device=device), cond, caches)
+                logits = decode(codes[:, i - 1], pos[i:i + 1], cond, caches)
             codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 

@@ -87,7 +87,7 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpt, vq = load_gpt(args.ckpt, device=device)
     labels, frames = conditioning(gpt, args, vq.config, device)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
     autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     generator = torch.Generator(device).manual_seed(args.seed)
     k = gpt.config.n_cond_frames

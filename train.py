@@ -229,10 +229,11 @@ class VQVAEStage:
         self.config = VQVAEConfig(embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
                                   n_res_layers=args.n_res_layers, downsample=args.downsample,
                                   sequence_length=args.sequence_length, resolution=args.resolution)
-        if ckpt and VQVAEConfig(**ckpt["config"]) != self.config:
-            warnings.warn(f"{args.out_dir}: resuming with the checkpoint's model config, not the flags'")
         if ckpt:
-            self.config = VQVAEConfig(**ckpt["config"])
+            saved = VQVAEConfig(**ckpt["config"])
+            if saved != self.config:
+                warnings.warn(f"{args.out_dir}: resuming with the checkpoint's model config, not the flags'")
+            self.config = saved
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
@@ -443,7 +444,7 @@ def train(args):
     test_loader = DataLoader(test_set, batch_size=args.batch_size, sampler=eval_items, num_workers=0)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     history = {"train": [], "test": []}
     if ckpt:

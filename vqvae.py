@@ -293,10 +293,10 @@ class Codebook(nn.Module):
         return distances.argmin(dim=1)
 
     @torch.no_grad()
-    def ema_update(self, flat, idx):
-        """One EMA step from the encoder outputs flat (N, D) and their codes idx (N,)."""
+    def ema_update(self, flat, idx, counts):
+        """One EMA step from the encoder outputs flat (N, D), their codes idx (N,) and its histogram (K,)."""
         # Per-code counts and sums of this batch (all ranks' batches under DDP).
-        n_total = torch.bincount(idx, minlength=self.n_codes).to(flat.dtype)          # (K,)
+        n_total = counts.clone()                                                      # (K,)
         encode_sum = torch.zeros_like(self.z_avg).index_add_(0, idx, flat)           # (K, D)
         if _distributed():
             dist.all_reduce(n_total)
@@ -336,15 +336,15 @@ class Codebook(nn.Module):
             # Nearest code for every latent vector.
             idx = self.nearest(flat.detach())                      # (B*t*h*w,)
             codes = idx.view(B, t, h, w)                           # (B, t, h, w)
+            counts = torch.bincount(idx, minlength=self.n_codes).float()  # (K,) this batch's histogram
             e = F.embedding(codes, self.embeddings).permute(0, 4, 1, 2, 3)  # (B, D, t, h, w)
             # The encoder is pulled towards its codes; the codes themselves move by EMA.
             commitment_loss = F.mse_loss(z, e.detach())
             if self.training:
-                self.ema_update(flat.detach(), idx)
+                self.ema_update(flat.detach(), idx, counts)
             # Straight-through estimator: forward uses e, backward passes gradients to z unchanged.
             e_st = z + (e - z).detach()                            # (B, D, t, h, w)
             # Codebook health: perplexity of this batch's code histogram, and the share of codes it used.
-            counts = torch.bincount(idx, minlength=self.n_codes).float()  # (K,)
             probs = counts / idx.numel()
             perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
             usage = (counts > 0).float().mean()
