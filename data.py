@@ -104,10 +104,38 @@ def split_item(item):
 
 
 # -----------------------------------------------------------------------------
+# What both file-backed datasets share: a clip that cannot be read is replaced, not fatal
+
+
+class VideoFileDataset(Dataset):
+    """Base of the HDF5 and video-folder datasets; subclasses define `load(i, seed)` and `where(i)`.
+
+    Every file is checked when the dataset is built, so a read that fails later
+    means the data changed or a disk went bad during the run. Stopping a run hours
+    in for one bad clip would be worse than skipping it: the next video is read
+    instead, with a one-line warning, and only a long run of failures is an error.
+    """
+
+    max_read_failures = 8
+
+    def __getitem__(self, item):
+        i, seed = split_item(item)
+        for attempt in range(min(len(self), self.max_read_failures)):
+            j = (i + attempt) % len(self)
+            try:
+                return self.load(j, seed)
+            except Exception as e:  # any decoder or I/O failure: try the next video
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                warnings.warn(f"{self.where(j)}: could not be read ({reason}); using the next video instead")
+        raise ValueError(f"{self.where(i)}: {self.max_read_failures} videos in a row could not be read; "
+                         f"the data changed or is damaged since the run started")
+
+
+# -----------------------------------------------------------------------------
 # HDF5 datasets (the original VideoGPT layout)
 
 
-class HDF5Dataset(Dataset):
+class HDF5Dataset(VideoFileDataset):
     """Videos stored as in the original VideoGPT HDF5 files; see the module docstring."""
 
     def __init__(self, path, sequence_length, train=True, resolution=64):
@@ -122,28 +150,13 @@ class HDF5Dataset(Dataset):
             f = h5py.File(self.path, "r")
         except OSError:
             raise ValueError(f"{self.path}: not a readable HDF5 file") from None
-        with f:
-            data_key, idx_key, labels_key = f"{self.split}_data", f"{self.split}_idx", f"{self.split}_labels"
-            missing = [k for k in (data_key, idx_key) if k not in f]
-            if missing:
-                raise ValueError(f"{self.path}: missing HDF5 key(s) {', '.join(missing)} "
-                                 f"(expected train_data, train_idx, test_data, test_idx; found {', '.join(f.keys()) or 'none'})")
-            data = f[data_key]
-            if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] not in (1, 3):
-                raise ValueError(f"{self.path}: {data_key} must be uint8 (N_frames, H, W, 3), "
-                                 f"got {data.dtype} {data.shape}")
-            n_frames_total = data.shape[0]
-            idx = np.asarray(f[idx_key][()]).astype(np.int64).reshape(-1)      # (N_videos,)
-            if len(idx) == 0:
-                raise ValueError(f"{self.path}: {idx_key} is empty")
-            if idx.min() < 0 or idx.max() >= n_frames_total or np.any(np.diff(idx) < 0):
-                raise ValueError(f"{self.path}: {idx_key} must be increasing start frames within "
-                                 f"[0, {n_frames_total}), got values in [{idx.min()}, {idx.max()}]")
-            labels = None
-            if labels_key in f:
-                labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)   # (N_videos,)
-                if len(labels) != len(idx):
-                    raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for {len(idx)} videos")
+        try:
+            with f:
+                n_frames_total, idx, labels = self.read_index(f)
+        except (OSError, KeyError, RuntimeError, TypeError) as e:
+            # HDF5 metadata damaged past the header: h5py fails in many ways, all meaning this.
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{self.path}: damaged HDF5 file ({reason})") from None
         # Each video runs from its start to the next one's (the last one to the end of the data).
         # original: ended the last video at n_videos instead of n_frames.
         ends = np.append(idx[1:], n_frames_total)
@@ -162,6 +175,33 @@ class HDF5Dataset(Dataset):
         self._file = None   # opened lazily, once per process (h5py handles do not survive fork)
         self._pid = None
 
+    def read_index(self, f):
+        """Check the split's keys, dtype and start indices; returns (n_frames, idx, labels or None)."""
+        data_key, idx_key, labels_key = f"{self.split}_data", f"{self.split}_idx", f"{self.split}_labels"
+        missing = [k for k in (data_key, idx_key) if k not in f]
+        if missing:
+            raise ValueError(f"{self.path}: missing HDF5 key(s) {', '.join(missing)} "
+                             f"(expected train_data, train_idx, test_data, test_idx; found {', '.join(f.keys()) or 'none'})")
+        data = f[data_key]
+        if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] not in (1, 3):
+            raise ValueError(f"{self.path}: {data_key} must be uint8 (N_frames, H, W, 3), "
+                             f"got {data.dtype} {data.shape}")
+        n_frames_total = data.shape[0]
+        idx = np.asarray(f[idx_key][()]).astype(np.int64).reshape(-1)      # (N_videos,)
+        if len(idx) == 0:
+            raise ValueError(f"{self.path}: {idx_key} is empty")
+        if idx.min() < 0 or idx.max() >= n_frames_total or np.any(np.diff(idx) < 0):
+            raise ValueError(f"{self.path}: {idx_key} must be increasing start frames within "
+                             f"[0, {n_frames_total}), got values in [{idx.min()}, {idx.max()}]")
+        labels = None
+        if labels_key in f:
+            labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)   # (N_videos,)
+            if len(labels) != len(idx):
+                raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for {len(idx)} videos")
+            if labels.min() < 0:
+                raise ValueError(f"{self.path}: {labels_key} holds a negative class index ({labels.min()})")
+        return n_frames_total, idx, labels
+
     def __len__(self):
         return len(self.starts)
 
@@ -178,8 +218,10 @@ class HDF5Dataset(Dataset):
         state["_file"] = None
         return state
 
-    def __getitem__(self, item):
-        i, seed = split_item(item)
+    def where(self, i):
+        return f"{self.path}: {self.split} video {i}"
+
+    def load(self, i, seed):
         start = self.starts[i] + window_start(self.lengths[i], self.sequence_length, seed)
         video = self.frames()[start:start + self.sequence_length]           # (T, H, W, 3) uint8
         out = dict(video=preprocess(video, self.resolution))
@@ -241,7 +283,8 @@ def atomic_write(path, write, binary=True):
     """Call write(f) on a temp file beside `path`, flush it to disk, then rename it over `path`.
 
     A reader, or a run killed mid-write, never sees half a file: `path` is either
-    the old file or the complete new one.
+    the old file or the complete new one. A kill can leave the temp file
+    (`path.tmpPID`) behind; `remove_stale_temps` clears those.
     """
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -250,9 +293,42 @@ def atomic_write(path, write, binary=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # The rename itself lives in the folder: sync it too, so a power cut cannot undo it.
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass   # some filesystems cannot sync a folder; the rename is still atomic
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(path):
+    """Delete temp files a killed atomic_write(path, ...) left behind; returns how many."""
+    stale = glob.glob(glob.escape(path) + ".tmp*")
+    for p in stale:
+        os.remove(p)
+    return len(stale)
+
+
+def check_writable(folder):
+    """Fail now, with one line, if files cannot be created in `folder` (made if missing).
+
+    Better than finding out at the first checkpoint, hours into a run. A probe file
+    is created and deleted, which also works for root, for whom permissions lie.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def index_videos(folder, paths, workers=None):
@@ -308,7 +384,7 @@ def index_videos(folder, paths, workers=None):
     return {p: entries[os.path.relpath(p, folder)]["frames"] for p in paths}
 
 
-class VideoFolderDataset(Dataset):
+class VideoFolderDataset(VideoFileDataset):
     """`ROOT/train/**/*.{mp4,avi,webm}` (or test/); the class of a video is its parent folder."""
 
     def __init__(self, root, sequence_length, train=True, resolution=64, index_workers=None):
@@ -351,8 +427,10 @@ class VideoFolderDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, item):
-        i, seed = split_item(item)
+    def where(self, i):
+        return self.paths[i]
+
+    def load(self, i, seed):
         start = window_start(self.lengths[i], self.sequence_length, seed)
         video = read_frames(self.paths[i], start, self.sequence_length)   # (T, H, W, 3) uint8
         return dict(video=preprocess(video, self.resolution), label=self.labels[i])
@@ -603,18 +681,31 @@ def one_line_warnings():
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
+class RunError(Exception):
+    """A run that cannot go on (diverged, lost a peer process); the message says why and what is kept."""
+
+
 def run_cli(prog, fn, *args):
     """Run an entry point: warnings as one line each; bad input as one line on stderr, exit status 1.
 
-    Set VIDEOGPT_DEBUG=1 to get the traceback instead.
+    Ctrl-C ends with one line and exit status 130. Set VIDEOGPT_DEBUG=1 to get
+    the traceback instead.
     """
     one_line_warnings()
     try:
         return fn(*args)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, RunError, OSError) as e:
         if os.environ.get("VIDEOGPT_DEBUG"):
             raise
+        # An OSError from the system (disk full, no permission) names its file itself.
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            e = f"{e.filename}: {e.strerror}"
         sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt:
+        if os.environ.get("VIDEOGPT_DEBUG"):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv=None):

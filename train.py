@@ -29,6 +29,8 @@ import datetime
 import json
 import math
 import os
+import random
+import signal
 import time
 import warnings
 
@@ -40,8 +42,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data import (atomic_write, frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_png, to_uint8,
-                  video_grid)
+from data import (RunError, atomic_write, check_writable, frame_conditioning, grid_video, make_dataset,
+                  remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
 from gpt import GPTConfig, VideoGPT
 from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, vqvae_from_state
 
@@ -105,6 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--gradient_clip_val", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     # run
     p.add_argument("--out_dir", required=True, help="checkpoint, logs and pictures go here")
+    p.add_argument("--keep_last", type=int, default=0,
+                   help="also keep the newest K checkpoints as ckpt_STEP.pt (0: only the latest, ckpt.pt)")
+    p.add_argument("--max_bad_steps", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+    p.add_argument("--ddp_timeout", type=float, default=600,
+                   help="seconds a process waits for its peers in a collective before the job stops")
     p.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_batches", type=int, default=4, help="test batches per evaluation")
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines")
@@ -139,9 +147,9 @@ def setup(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:
-        # NCCL between GPUs, gloo between CPU processes; a dead peer fails collectives after the timeout.
+        # NCCL between GPUs, gloo between CPU processes; a dead peer fails collectives after --ddp_timeout.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=10))
+                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
     return ddp, rank, world, device
 
 
@@ -193,6 +201,111 @@ def get_lr(step, args):
 def save_checkpoint(obj, path):
     """torch.save, atomically: a kill during the save leaves the previous checkpoint intact."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def keep_copy(ckpt_path, step, keep_last):
+    """Keep the checkpoint just written as ckpt_STEP.pt too, and delete all but the newest `keep_last`.
+
+    The copy is a hard link (no extra disk): ckpt.pt is later replaced by a new
+    file, not rewritten, so the link keeps this step's bytes.
+    """
+    folder = os.path.dirname(ckpt_path)
+    kept = os.path.join(folder, f"ckpt_{step:07d}.pt")
+    tmp = kept + f".tmp{os.getpid()}"
+    try:
+        os.link(ckpt_path, tmp)
+        os.replace(tmp, kept)
+    except OSError:   # a filesystem without hard links: copy instead
+        with open(ckpt_path, "rb") as src:
+            atomic_write(kept, lambda f: f.write(src.read()))
+    old = sorted(n for n in os.listdir(folder) if n.startswith("ckpt_") and n.endswith(".pt"))
+    for name in old[:-keep_last]:
+        os.remove(os.path.join(folder, name))
+
+
+def rng_state(device):
+    """Every random stream a process draws from, in types that weights_only loading accepts."""
+    np_state = np.random.get_state(legacy=False)   # dict; its key array becomes a tensor
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                           pos=np_state["state"]["pos"], has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
+                python=random.getstate())
+
+
+def set_rng_state(state, device):
+    """Inverse of rng_state."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
+                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
+    random.setstate(state["python"])
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def trim_log(path, step):
+    """Drop log records after `step`: a killed run logged steps that the resumed one repeats.
+
+    A torn last line (killed mid-append) is dropped too. Returns how many records went.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    for line in open(path):
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        kept.append(line) if keep else None
+        dropped += not keep
+    if dropped:
+        atomic_write(path, lambda f: f.writelines(kept), binary=False)
+    return dropped
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM, which cluster schedulers send before a kill, asks for a clean stop.
+
+    The loop finishes its step, saves a checkpoint and exits; a second Ctrl-C
+    quits at once without saving. Stopping between steps rather than wherever
+    the signal lands keeps the checkpoint consistent (weights, optimizer and step
+    from the same moment), and under DDP lets every process stop at the same step.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+              + (" (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""), flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker init: the main process decides when to stop, so workers ignore Ctrl-C and SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def collective_failure(error):
+    """True if `error` is a failed collective (a peer died, or stalled past the timeout)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
 
 
 def plot_losses(history, path, ylabel):
@@ -398,8 +511,12 @@ def evaluate(stage, model, loader, device, autocast, ddp):
 def train(args):
     ddp, rank, world, device = setup(args)
     master = rank == 0
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if master:
+        # Fail now, not at the first checkpoint, if out_dir cannot be written; clear what a kill mid-save left.
+        check_writable(args.out_dir)
+        remove_stale_temps(ckpt_path)
 
     # Resume from out_dir/ckpt.pt when it exists; its configs win over the flags.
     ckpt = None
@@ -409,6 +526,10 @@ def train(args):
         if kind != args.stage:
             raise ValueError(f"{ckpt_path}: is a '{kind}' checkpoint but --stage is '{args.stage}'; "
                              f"use another --out_dir")
+        missing = {"model", "optimizer", "scaler", "step", "rng"} - set(ckpt)
+        if missing:
+            raise ValueError(f"{ckpt_path}: cannot resume from it: no {', '.join(sorted(missing))} "
+                             f"(a weights-only checkpoint?); use another --out_dir")
     stage = (VQVAEStage if args.stage == "vqvae" else GPTStage)(args, ckpt, device)
 
     # Data: the sampler fixes the order; windows and shuffling come from --seed.
@@ -423,18 +544,22 @@ def train(args):
         # Encode once on rank 0 (fixed windows), then every rank reads the file.
         codes_path = os.path.join(args.out_dir, "codes.pt")
         if master and not os.path.exists(codes_path):
+            remove_stale_temps(codes_path)
             print(f"encoding {len(train_set)} + {len(test_set)} clips once to {codes_path}", flush=True)
             tr, te = encode_all(stage.vq, train_set, device, args.batch_size), encode_all(stage.vq, test_set, device, args.batch_size)
             save_checkpoint(dict(train=tr, test=te), codes_path)
         if ddp:
             dist.barrier()
-        cached = torch.load(codes_path, weights_only=True)
-        train_set, test_set = CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
+        try:
+            cached = torch.load(codes_path, weights_only=True)
+            train_set, test_set = CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
+        except Exception as e:  # unreadable or not ours: say so; deleting it makes the next run re-encode
+            raise ValueError(f"{codes_path}: not a readable codes cache ({type(e).__name__}); delete it to re-encode") from None
     step = ckpt["step"] if ckpt else 0
     sampler = InfiniteSampler(len(train_set), args.seed, rank, world, start=step * args.batch_size)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              persistent_workers=args.num_workers > 0,
+                              persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
                               # Its own generator: starting an iterator must not draw from the global RNG,
                               # or a resumed run's random draws would differ from an uninterrupted one's.
                               generator=torch.Generator().manual_seed(args.seed))
@@ -447,16 +572,24 @@ def train(args):
     ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
     history = {"train": [], "test": []}
+    seed_everything(args.seed + rank)    # torch, numpy and Python streams, different on every rank
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         history = ckpt.get("history", history)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    else:
-        torch.manual_seed(args.seed + rank)
+        # Each rank continues its own random streams; on a different number of processes they start afresh.
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:
+            seed_everything(args.seed + rank + 1_000_003 * step)
+            if master:
+                warnings.warn(f"{ckpt_path}: saved by {len(ckpt['rng'])} process(es), resumed by {world}: "
+                              f"random streams and data order are not those of an uninterrupted run")
+        if master:
+            dropped = trim_log(log_path, step)
+            if dropped:
+                print(f"{log_path}: dropped {dropped} record(s) after step {step}, the checkpoint's", flush=True)
     raw_model = model
     if ddp and args.sync_batchnorm:
         if device.type == "cuda":
@@ -468,19 +601,28 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
     autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
+    flag_device = device if device.type == "cuda" else torch.device("cpu")
+    saved_step = step if ckpt else None
 
     def checkpoint():
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, RNG, curves."""
-        if not master:
-            return
-        rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        save_checkpoint(dict(stage=args.stage, model=raw_model.state_dict(), step=step,
-                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_args=vars(args),
-                             history=history, rng=rng, **stage.checkpoint()), ckpt_path)
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's RNG, curves."""
+        nonlocal saved_step
+        rng = [rng_state(device)]
+        if ddp:
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_state(device))
+        if master:
+            save_checkpoint(dict(stage=args.stage, model=raw_model.state_dict(), step=step,
+                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_args=vars(args),
+                                 history=history, rng=rng, **stage.checkpoint()), ckpt_path)
+            if args.keep_last > 0:
+                keep_copy(ckpt_path, step, args.keep_last)
+        saved_step = step
 
     def log(record):
         if master:
-            with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def run_eval():
@@ -497,17 +639,22 @@ def train(args):
             print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         checkpoint()
 
+    def last_good():
+        return f"{ckpt_path} (step {saved_step}) is the last good checkpoint" if saved_step is not None \
+            else "no checkpoint was written"
+
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.stage}: {n_params / 1e6:.2f}M parameters, {stage.describe()}, {len(train_set)} train / "
               f"{len(test_set)} test clips, {world} process(es) on {device}, {args.dtype}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    # The loop: forward, backward, clip, step, log, evaluate/checkpoint.
+    # The loop: forward, backward, clip, check, step, log, evaluate/checkpoint, stop if asked.
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     batches = iter(train_loader)
-    t0, window = time.time(), []
+    t0, window, skipped, bad_run, stopping = time.time(), [], 0, 0, False
+    stop = StopRequest()
     try:
         while step < args.max_steps:
             lr = get_lr(step, args)
@@ -521,28 +668,70 @@ def train(args):
             scaler.unscale_(optimizer)
             clip = args.gradient_clip_val if args.gradient_clip_val > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            scaler.step(optimizer)
+            values = {k: v.item() for k, v in metrics.items()} | {"grad_norm": grad_norm.item()}
+            # A non-finite loss or gradient skips the step. With float16 an overflowing gradient is
+            # the GradScaler's business (it skips and lowers the scale), so only the loss counts there.
+            # The flag travels with any stop request in one all-reduce, so every process agrees on both.
+            bad = not math.isfinite(values["loss"]) or (not scaler.is_enabled() and not math.isfinite(values["grad_norm"]))
+            flags = torch.tensor([bad, stop.signum is not None], dtype=torch.float32, device=flag_device)
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stopping = bool(flags[0]), bool(flags[1])
+            if scaler.is_enabled():
+                scaler.step(optimizer)
+            elif not bad:
+                optimizer.step()
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            window.append({k: v.item() for k, v in metrics.items()} | {"grad_norm": grad_norm.item()})
-            if step % args.log_interval == 0 or step == args.max_steps:
-                metrics = all_mean({k: float(np.mean([w[k] for w in window])) for k in window[0]}, ddp)
-                clips_per_s = len(window) * args.batch_size * world / (time.time() - t0)
-                window, t0 = [], time.time()
+            if bad:
+                skipped, bad_run = skipped + 1, bad_run + 1
                 if master:
-                    history["train"].append((step, metrics[stage.curve]))
-                    log(dict(step=step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics))
+                    tqdm.write(f"warning: step {step}: non-finite loss {values['loss']:.4g} or gradient norm "
+                               f"{values['grad_norm']:.4g}; step skipped ({bad_run} in a row, "
+                               f"the run stops at --max_bad_steps={args.max_bad_steps})")
+                if bad_run >= args.max_bad_steps:
+                    raise RunError(f"{args.out_dir}: stopped at step {step} after {bad_run} consecutive steps with a "
+                                   f"non-finite loss or gradient; {last_good()}. Try a lower --lr, "
+                                   f"--gradient_clip_val 1, or --dtype bfloat16 / float32")
+            else:
+                bad_run = 0
+                window.append(values)
+            if step % args.log_interval == 0 or step == args.max_steps:
+                metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]} if window else {}
+                metrics = all_mean(metrics, ddp)
+                clips_per_s = (len(window) + skipped) * args.batch_size * world / (time.time() - t0)
+                extra = dict(skipped=skipped) | (dict(loss_scale=scaler.get_scale()) if scaler.is_enabled() else {})
+                window, t0, skipped = [], time.time(), 0
+                if master:
+                    if stage.curve in metrics:
+                        history["train"].append((step, metrics[stage.curve]))
+                    log(dict(step=step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
                     bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
-            if step % args.eval_interval == 0 or step == args.max_steps:
+            # Evaluate and checkpoint, but never in the middle of a bad stretch: the last good checkpoint stays.
+            if (step % args.eval_interval == 0 or step == args.max_steps) and bad_run == 0:
                 run_eval()
+            if stopping:
+                break
+        if stopping:
+            if saved_step != step and bad_run == 0:
+                checkpoint()
+            if master:
+                tqdm.write(f"stopped at step {step}; {last_good()}; run the same command to resume")
+            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
     except KeyboardInterrupt:
         if master:
-            print(f"\ninterrupted at step {step}; saving {ckpt_path}", flush=True)
-        checkpoint()
-        raise SystemExit(130)
+            tqdm.write(f"interrupted at step {step} without saving; {last_good()}")
+        raise
+    except RuntimeError as e:
+        if not (ddp and collective_failure(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(f"rank {rank}: lost contact with the other processes at step {step} (one died, or stalled "
+                       f"longer than --ddp_timeout={args.ddp_timeout:g}s): {first}; {last_good()}") from None
     finally:
+        stop.restore()
         bar.close()
     if master:
         print(f"done: {ckpt_path}", flush=True)
