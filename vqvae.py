@@ -301,6 +301,10 @@ class Codebook(nn.Module):
         if _distributed():
             dist.all_reduce(n_total)
             dist.all_reduce(encode_sum)
+        # A diverging encoder (NaN or inf anywhere, on any rank: the sums are all-reduced, so every
+        # rank sees it) must not poison the averages for good. Skip the update; the step is skipped too.
+        if not torch.isfinite(encode_sum).all():
+            return
         # Moving averages of counts and sums.
         self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
         self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
@@ -320,6 +324,8 @@ class Codebook(nn.Module):
     def init_from(self, flat):
         """Seed every code with a random encoder output of the first training batch."""
         rows = self.random_rows(flat)
+        if not torch.isfinite(rows).all():
+            return   # a non-finite first batch: stay uninitialised and seed from the next one
         self.embeddings.copy_(rows)
         self.z_avg.copy_(rows)
         self.N.fill_(1.0)

@@ -81,6 +81,22 @@ def test_ema_update_and_dead_code_restart_on_hand_made_numbers():
     assert any(torch.equal(cb.embeddings[2], row) for row in flat)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_codebook_never_takes_a_non_finite_value(bad):
+    cb, flat, z = hand_made_codebook()
+    cb.initialized.fill_(True)
+    before = {k: v.clone() for k, v in cb.state_dict().items()}
+    z[0, 1, 0, 0, 2] = bad                     # one number of one latent vector
+    cb(z)
+    assert all(torch.equal(before[k], v) for k, v in cb.state_dict().items())
+    # An uninitialised codebook is not seeded from a non-finite first batch, but from the next good one.
+    fresh = Codebook(n_codes=3, embedding_dim=2)
+    fresh(torch.full((1, 2, 1, 2, 2), bad))
+    assert not fresh.initialized and torch.isfinite(fresh.embeddings).all()
+    fresh(torch.randn(1, 2, 1, 2, 2))
+    assert fresh.initialized and torch.isfinite(fresh.embeddings).all()
+
+
 def test_restart_draws_from_tiled_inputs_when_batch_is_smaller_than_codebook():
     torch.manual_seed(0)
     cb = Codebook(n_codes=8, embedding_dim=2)
