@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from data import (RunError, atomic_write, check_writable, frame_conditioning, grid_video, make_dataset,
                   remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
@@ -637,6 +638,11 @@ def train(args):
             raw_model.train()
             plot_losses(history, os.path.join(args.out_dir, "loss.png"), stage.curve_label)
             print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint stays.
+        if not math.isfinite(metrics[stage.curve]):
+            if master:
+                tqdm.write(f"warning: step {step}: test {stage.curve} is {metrics[stage.curve]}; checkpoint not written")
+            return
         checkpoint()
 
     def last_good():
@@ -650,10 +656,10 @@ def train(args):
               + (f", resuming at step {step}" if step else ""), flush=True)
 
     # The loop: forward, backward, clip, check, step, log, evaluate/checkpoint, stop if asked.
-    from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     batches = iter(train_loader)
-    t0, window, skipped, bad_run, stopping = time.time(), [], 0, 0, False
+    t0, window, stopping = time.time(), [], False
+    skipped, scaler_skipped, bad_run = 0, 0, 0   # non-finite steps, float16 overflows, bad steps in a row
     stop = StopRequest()
     try:
         while step < args.max_steps:
@@ -672,7 +678,8 @@ def train(args):
             # A non-finite loss or gradient skips the step. With float16 an overflowing gradient is
             # the GradScaler's business (it skips and lowers the scale), so only the loss counts there.
             # The flag travels with any stop request in one all-reduce, so every process agrees on both.
-            bad = not math.isfinite(values["loss"]) or (not scaler.is_enabled() and not math.isfinite(values["grad_norm"]))
+            finite_grad = math.isfinite(values["grad_norm"])
+            bad = not math.isfinite(values["loss"]) or (not scaler.is_enabled() and not finite_grad)
             flags = torch.tensor([bad, stop.signum is not None], dtype=torch.float32, device=flag_device)
             if ddp:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -695,15 +702,19 @@ def train(args):
                     raise RunError(f"{args.out_dir}: stopped at step {step} after {bad_run} consecutive steps with a "
                                    f"non-finite loss or gradient; {last_good()}. Try a lower --lr, "
                                    f"--gradient_clip_val 1, or --dtype bfloat16 / float32")
+            elif not finite_grad:
+                scaler_skipped += 1      # float16 overflow: the scaler skipped the step, routine early in a run
             else:
                 bad_run = 0
                 window.append(values)
             if step % args.log_interval == 0 or step == args.max_steps:
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]} if window else {}
                 metrics = all_mean(metrics, ddp)
-                clips_per_s = (len(window) + skipped) * args.batch_size * world / (time.time() - t0)
-                extra = dict(skipped=skipped) | (dict(loss_scale=scaler.get_scale()) if scaler.is_enabled() else {})
-                window, t0, skipped = [], time.time(), 0
+                clips_per_s = (len(window) + skipped + scaler_skipped) * args.batch_size * world / (time.time() - t0)
+                extra = dict(skipped=skipped)
+                if scaler.is_enabled():
+                    extra |= dict(scaler_skipped=scaler_skipped, loss_scale=scaler.get_scale())
+                window, t0, skipped, scaler_skipped = [], time.time(), 0, 0
                 if master:
                     if stage.curve in metrics:
                         history["train"].append((step, metrics[stage.curve]))
