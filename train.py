@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import time
 import warnings
@@ -587,10 +588,11 @@ def train(args):
             if master:
                 warnings.warn(f"{ckpt_path}: saved by {len(ckpt['rng'])} process(es), resumed by {world}: "
                               f"random streams and data order are not those of an uninterrupted run")
-        if master:
-            dropped = trim_log(log_path, step)
-            if dropped:
-                print(f"{log_path}: dropped {dropped} record(s) after step {step}, the checkpoint's", flush=True)
+    if master:
+        # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
+        dropped = trim_log(log_path, step)
+        if dropped:
+            print(f"{log_path}: dropped {dropped} record(s) after step {step}, where the checkpoint is", flush=True)
     raw_model = model
     if ddp and args.sync_batchnorm:
         if device.type == "cuda":
@@ -738,7 +740,8 @@ def train(args):
     except RuntimeError as e:
         if not (ddp and collective_failure(e)):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        # gloo's text starts with a source location; the first sentence after it says what happened.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0]).split(". ")[0]
         raise RunError(f"rank {rank}: lost contact with the other processes at step {step} (one died, or stalled "
                        f"longer than --ddp_timeout={args.ddp_timeout:g}s): {first}; {last_good()}") from None
     finally:

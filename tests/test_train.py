@@ -86,7 +86,7 @@ def test_bad_input_gives_one_line_errors_and_loses_nothing(tmp_path, digits_h5):
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
-def test_two_gloo_processes_end_with_identical_codebooks_and_weights(tmp_path, digits_h5):
+def test_two_gloo_processes_agree_see_different_data_and_only_rank0_writes(tmp_path, digits_h5):
     gathered = tmp_path / "ranks.pt"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tests", "ddp_worker.py"), str(gathered), *TINY, "--data", digits_h5,
@@ -99,3 +99,14 @@ def test_two_gloo_processes_end_with_identical_codebooks_and_weights(tmp_path, d
     assert (tmp_path / "ddp" / "ckpt.pt").exists()
     # The codebook really trained: it is no longer its random initialisation.
     assert bool(torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]["codebook.initialized"])
+    # Each rank saw its own clips: at every step the two batches differ, and over an epoch (3 steps
+    # of 2 clips on each of 2 ranks covers 6 train videos twice) they share the dataset between them.
+    items = ranks["items"]
+    assert len(items[0]) == len(items[1]) == 3 * 2
+    first_epoch = [i for i, _ in items[0][:3]] + [i for i, _ in items[1][:3]]
+    assert sorted(first_epoch) == list(range(6))
+    assert not {s for _, s in items[0]} & {s for _, s in items[1]}          # no window seed repeats across ranks
+    # Rank 0 wrote the checkpoint, log and pictures; rank 1 wrote nothing at all under out_dir.
+    assert ranks["writes"][1] == []
+    written = {os.path.basename(p) for _, p in ranks["writes"][0]}
+    assert {"ckpt.pt", "log.jsonl", "loss.png"} <= written
