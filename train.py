@@ -47,7 +47,8 @@ from tqdm import tqdm
 from data import (RunError, atomic_write, check_writable, frame_conditioning, grid_video, make_dataset,
                   remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
 from gpt import GPTConfig, VideoGPT
-from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, vqvae_from_state
+from vqvae import (VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, stored_config,
+                   vqvae_from_state)
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -345,7 +346,7 @@ class VQVAEStage:
                                   n_res_layers=args.n_res_layers, downsample=args.downsample,
                                   sequence_length=args.sequence_length, resolution=args.resolution)
         if ckpt:
-            saved = VQVAEConfig(**ckpt["config"])
+            saved = stored_config(VQVAEConfig, ckpt, os.path.join(args.out_dir, "ckpt.pt"))
             if saved != self.config:
                 warnings.warn(f"{args.out_dir}: resuming with the checkpoint's model config, not the flags'")
             self.config = saved
@@ -399,7 +400,9 @@ class GPTStage:
     def __init__(self, args, ckpt, device):
         # The VQ-VAE: the checkpoint's own copy when resuming, else --vqvae; frozen, in eval mode, for good.
         if ckpt:
-            self.vq = vqvae_from_state(VQVAEConfig(**ckpt["vqvae"]["config"]), ckpt["vqvae"]["model"], args.out_dir)
+            saved_vq = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
+            path = os.path.join(args.out_dir, "ckpt.pt")
+            self.vq = vqvae_from_state(stored_config(VQVAEConfig, saved_vq, path), saved_vq.get("model"), path)
         elif args.vqvae is None:
             raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an original VideoGPT .ckpt)")
         else:
@@ -419,7 +422,7 @@ class GPTStage:
 
     def build(self, args, train_set):
         if self.ckpt:
-            self.config = GPTConfig(**self.ckpt["config"])
+            self.config = stored_config(GPTConfig, self.ckpt, os.path.join(args.out_dir, "ckpt.pt"))
         else:
             if args.class_cond and not train_set.n_classes:
                 raise ValueError(f"--class_cond: the data {args.data or '(moving digits)'} has no class labels")
@@ -576,9 +579,13 @@ def train(args):
     history = {"train": [], "test": []}
     seed_everything(args.seed + rank)    # torch, numpy and Python streams, different on every rank
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{ckpt_path}: cannot resume from it ({reason}); use another --out_dir") from None
         history = ckpt.get("history", history)
         # Each rank continues its own random streams; on a different number of processes they start afresh.
         if len(ckpt["rng"]) == world:

@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 
@@ -451,14 +452,30 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "refused by the safe unpickler"
-        raise ValueError(f"{path}: refused to load (it names code outside the allow-list): {reason}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+        # The safe unpickler refuses both a file that names a function or class outside the
+        # allow-list (it could run code) and bytes that are no pickle at all; say which.
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        if named:
+            raise ValueError(f"{path}: refused to load: it names {named.group(1)}, which is outside the "
+                             f"allow-list of a checkpoint (it could run code)") from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt?): the data is not a valid pickle") from None
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ...: all mean a damaged file
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                          f"{type(e).__name__}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
     return ckpt
+
+
+def stored_config(cls, ckpt, path, key="config"):
+    """cls(**ckpt[key]), a config saved in one of our checkpoints; missing, foreign or invalid: one line."""
+    d = ckpt.get(key) if isinstance(ckpt, dict) else None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: has no '{key}' dict (damaged, or not written by this project's train.py)")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its stored {cls.__name__} does not fit this code: {e}") from None
 
 
 def checkpoint_kind(ckpt):
@@ -486,13 +503,15 @@ def original_vqvae_config(args, path):
 def vqvae_from_state(config, state_dict, path, original=False):
     """Build a VQVAE and load state_dict strictly; mismatches become one-line errors."""
     model = VQVAE(config)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: has no VQ-VAE state dict (found a {type(state_dict).__name__})")
     state_dict = dict(state_dict)
     if original:
         # The original codebook has no `initialized` flag; a saved codebook is initialised.
         state_dict["codebook.initialized"] = torch.tensor(True)
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ValueError(f"{path}: weights do not fit the VQ-VAE config: {first[:300]}") from None
     return model
@@ -508,7 +527,7 @@ def load_vqvae(path, device="cpu"):
         raise ValueError(f"{path}: is a '{kind}' checkpoint, not a VQ-VAE one "
                          f"(for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)")
     if "stage" in ckpt:
-        model = vqvae_from_state(VQVAEConfig(**ckpt["config"]), ckpt["model"], path)
+        model = vqvae_from_state(stored_config(VQVAEConfig, ckpt, path), ckpt.get("model"), path)
     else:
         args = ckpt["hyper_parameters"].get("args")
         model = vqvae_from_state(original_vqvae_config(args, path), ckpt["state_dict"], path, original=True)
