@@ -321,6 +321,8 @@ def check_writable(folder):
     Better than finding out at the first checkpoint, hours into a run. A probe file
     is created and deleted, which also works for root, for whom permissions lie.
     """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder}: cannot write there (a file, not a folder)")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write_test{os.getpid()}")

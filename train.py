@@ -564,7 +564,7 @@ def train(args):
     sampler = InfiniteSampler(len(train_set), args.seed, rank, world, start=step * args.batch_size)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                              worker_init_fn=ignore_stop_signals,
                               # Its own generator: starting an iterator must not draw from the global RNG,
                               # or a resumed run's random draws would differ from an uninterrupted one's.
                               generator=torch.Generator().manual_seed(args.seed))
@@ -707,10 +707,6 @@ def train(args):
                     tqdm.write(f"warning: step {step}: non-finite loss {values['loss']:.4g} or gradient norm "
                                f"{values['grad_norm']:.4g}; step skipped ({bad_run} in a row, "
                                f"the run stops at --max_bad_steps={args.max_bad_steps})")
-                if bad_run >= args.max_bad_steps:
-                    raise RunError(f"{args.out_dir}: stopped at step {step} after {bad_run} consecutive steps with a "
-                                   f"non-finite loss or gradient; {last_good()}. Try a lower --lr, "
-                                   f"--gradient_clip_val 1, or --dtype bfloat16 / float32")
             elif not finite_grad:
                 scaler_skipped += 1      # float16 overflow: the scaler skipped the step, routine early in a run
             else:
@@ -729,6 +725,10 @@ def train(args):
                         history["train"].append((step, metrics[stage.curve]))
                     log(dict(step=step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
                     bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
+            if bad_run >= args.max_bad_steps:
+                raise RunError(f"{args.out_dir}: stopped at step {step} after {bad_run} consecutive steps with a "
+                               f"non-finite loss or gradient; {last_good()}. Try a lower --lr, "
+                               f"--gradient_clip_val 1, or --dtype bfloat16 / float32")
             # Evaluate and checkpoint, but never in the middle of a bad stretch: the last good checkpoint stays.
             if (step % args.eval_interval == 0 or step == args.max_steps) and bad_run == 0:
                 run_eval()
@@ -754,6 +754,8 @@ def train(args):
     finally:
         stop.restore()
         bar.close()
+        # The workers ignore SIGTERM, so they must be shut down here, not terminated at exit.
+        del batches
     if master:
         print(f"done: {ckpt_path}", flush=True)
     return raw_model
