@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from test_train import TINY, run_train, train_records
+from test_train import TINY, run_train, train_error, train_records
 
 TINY_GPT = ["--stage", "gpt", "--hidden_dim", "24", "--heads", "2", "--layers", "1", "--batch_size", "2",
             "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "1",
@@ -107,13 +107,12 @@ def test_gpt_stage_errors_are_one_line(tmp_path, digits_h5, vqvae_ckpt):
         (["--vqvae", str(tmp_path / "none.pt")], "none.pt: no such checkpoint file"),
     ]
     for extra, message in cases:
-        r = run_train(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", *extra)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+        assert message in train_error(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", *extra)
     # A prior checkpoint given as --vqvae: the wrong stage.
     torch.save(dict(stage="gpt", config={}, model={}), tmp_path / "prior.pt")
-    r = run_train(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--vqvae", str(tmp_path / "prior.pt"))
-    assert r.returncode == 1 and "prior.pt: is a 'gpt' checkpoint, not a VQ-VAE one" in r.stderr
+    message = train_error(*TINY_GPT, "--data", digits_h5, "--out_dir", out, "--max_steps", "1",
+                          "--vqvae", str(tmp_path / "prior.pt"))
+    assert "prior.pt: is a 'gpt' checkpoint, not a VQ-VAE one" in message
     r = run_sample("--ckpt", vqvae_ckpt, "--out", str(tmp_path / "x.gif"))
     assert r.returncode == 1 and "is a 'vqvae' checkpoint, not a prior ('gpt') one" in r.stderr
 

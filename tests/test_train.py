@@ -26,6 +26,19 @@ def run_train(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+def train_error(*argv):
+    """train.py's error for these arguments, run in this process: what the command prints, exiting with status 1.
+
+    (`sys.exit(message)` prints the message alone on stderr and exits with 1.)
+    """
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(list(argv))
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message and message.startswith("train.py: error: "), message
+    return message
+
+
 def train_records(out_dir):
     return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
 
@@ -60,29 +73,28 @@ def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h
 
 def test_bad_input_gives_one_line_errors_and_loses_nothing(tmp_path, digits_h5):
     out = str(tmp_path / "run")
-    cases = []
+    # The real command: one line on stderr, exit status 1, no traceback.
     r = run_train(*TINY, "--data", str(tmp_path / "missing.h5"), "--out_dir", out, "--max_steps", "1")
-    cases.append((r, "missing.h5: no such file or folder"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"train.py: error: {tmp_path / 'missing.h5'}: no such file or folder"
+    # The same path in this process, for the other cases.
     with h5py.File(tmp_path / "nokeys.h5", "w") as f:
         f.create_dataset("videos", data=np.zeros((2, 4, 4, 3), np.uint8))
-    r = run_train(*TINY, "--data", str(tmp_path / "nokeys.h5"), "--out_dir", out, "--max_steps", "1")
-    cases.append((r, "nokeys.h5: missing HDF5 key(s) train_data, train_idx"))
-    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--sequence_length", "8")
-    cases.append((r, "all 6 train videos are shorter than sequence_length=8 (the longest has 6 frames)"))
-    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1", "--downsample", "8", "4", "4")
-    cases.append((r, "downsample (8, 4, 4) does not divide the input: sequence_length=4 is not a multiple of 8"))
-    for r, message in cases:
-        assert r.returncode == 1, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], r.stderr
-        assert "Traceback" not in r.stderr
+    cases = [
+        (["--data", str(tmp_path / "nokeys.h5")], "nokeys.h5: missing HDF5 key(s) train_data, train_idx"),
+        (["--data", digits_h5, "--sequence_length", "8"],
+         "all 6 train videos are shorter than sequence_length=8 (the longest has 6 frames)"),
+        (["--data", digits_h5, "--downsample", "8", "4", "4"],
+         "downsample (8, 4, 4) does not divide the input: sequence_length=4 is not a multiple of 8"),
+    ]
+    for extra, message in cases:
+        assert message in train_error(*TINY, "--out_dir", out, "--max_steps", "1", *extra)
     # A checkpoint of another stage in --out_dir is refused and left as it was.
     os.makedirs(out, exist_ok=True)
     torch.save(dict(stage="gpt", config={}, model={}), os.path.join(out, "ckpt.pt"))
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    r = run_train(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1")
-    assert r.returncode == 1 and "is a 'gpt' checkpoint but --stage is 'vqvae'" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    message = train_error(*TINY, "--data", digits_h5, "--out_dir", out, "--max_steps", "1")
+    assert "is a 'gpt' checkpoint but --stage is 'vqvae'" in message
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
 
 
