@@ -32,6 +32,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import warnings
 
@@ -260,17 +261,18 @@ def trim_log(path, step):
     """
     if not os.path.exists(path):
         return 0
-    kept, dropped = [], 0
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
         try:
-            keep = json.loads(line)["step"] <= step
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
         except (ValueError, KeyError, TypeError):
-            keep = False
-        kept.append(line) if keep else None
-        dropped += not keep
-    if dropped:
+            pass   # a torn or foreign line
+    if len(kept) < len(lines):
         atomic_write(path, lambda f: f.writelines(kept), binary=False)
-    return dropped
+    return len(lines) - len(kept)
 
 
 class StopRequest:
@@ -284,7 +286,10 @@ class StopRequest:
 
     def __init__(self):
         self.signum = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Python delivers signals to the main thread only; train() called from another thread keeps the defaults.
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
