@@ -232,6 +232,25 @@ def test_bfloat16_trains_both_stages_without_nan_and_float16_lets_the_scaler_ski
     assert scaler["scale"] == records[-1]["loss_scale"]                   # resumes with the scale it reached
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_mixed_precision_trains_both_stages_without_nan(tmp_path, digits_h5, dtype):
+    import train
+    common = ["--data", digits_h5, "--max_steps", "300", "--eval_interval", "300", "--log_interval", "20",
+              "--dtype", dtype, "--device", "cuda"]
+    vq_out, gpt_out = str(tmp_path / "vq"), str(tmp_path / "gpt")
+    cuda_tiny = [a if a != "cpu" else "cuda" for a in TINY]
+    train.train(train.parse_args(cuda_tiny + common + ["--out_dir", vq_out]))
+    train.train(train.parse_args(
+        ["--stage", "gpt", "--vqvae", os.path.join(vq_out, "ckpt.pt"), "--hidden_dim", "24", "--heads", "2",
+         "--layers", "1", "--batch_size", "2", "--num_workers", "0", "--eval_batches", "1", "--out_dir", gpt_out]
+        + common))
+    for out in (vq_out, gpt_out):
+        records = train_records(out)
+        assert all(r["skipped"] == 0 and np.isfinite(r["loss"]) for r in records), out
+        assert records[-1]["loss"] < records[0]["loss"], out
+
+
 # -----------------------------------------------------------------------------
 # 5. Several processes: a dead or stalled peer
 
