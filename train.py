@@ -242,10 +242,11 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
-                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
-    random.setstate(state["python"])
+    if "numpy" in state:   # absent from checkpoints of older versions, which kept the torch streams only
+        n = state["numpy"]
+        np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
+                                 has_gauss=n["has_gauss"], gauss=n["gauss"]))
+        random.setstate(state["python"])
 
 
 def seed_everything(seed):
@@ -593,12 +594,13 @@ def train(args):
             raise ValueError(f"{ckpt_path}: cannot resume from it ({reason}); use another --out_dir") from None
         history = ckpt.get("history", history)
         # Each rank continues its own random streams; on a different number of processes they start afresh.
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # a dict: one process, older format
+        if len(rngs) == world:
+            set_rng_state(rngs[rank], device)
         else:
             seed_everything(args.seed + rank + 1_000_003 * step)
             if master:
-                warnings.warn(f"{ckpt_path}: saved by {len(ckpt['rng'])} process(es), resumed by {world}: "
+                warnings.warn(f"{ckpt_path}: saved by {len(rngs)} process(es), resumed by {world}: "
                               f"random streams and data order are not those of an uninterrupted run")
     if master:
         # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
