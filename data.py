@@ -96,6 +96,11 @@ def window_start(n_frames, sequence_length, seed=None):
     return int(np.random.default_rng(seed).integers(high))
 
 
+def first_line(error, limit=200):
+    """The first line of an exception's message (its type name if it has none), for one-line reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def split_item(item):
     """A dataset index is an int, or (int, seed) to fix the random window."""
     if isinstance(item, (tuple, list)):
@@ -125,8 +130,7 @@ class VideoFileDataset(Dataset):
             try:
                 return self.load(j, seed)
             except Exception as e:  # any decoder or I/O failure: try the next video
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                warnings.warn(f"{self.where(j)}: could not be read ({reason}); using the next video instead")
+                warnings.warn(f"{self.where(j)}: could not be read ({first_line(e)}); using the next video instead")
         raise ValueError(f"{self.where(i)}: {self.max_read_failures} videos in a row could not be read; "
                          f"the data changed or is damaged since the run started")
 
@@ -155,8 +159,7 @@ class HDF5Dataset(VideoFileDataset):
                 n_frames_total, idx, labels = self.read_index(f)
         except (OSError, KeyError, RuntimeError, TypeError) as e:
             # HDF5 metadata damaged past the header: h5py fails in many ways, all meaning this.
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"{self.path}: damaged HDF5 file ({reason})") from None
+            raise ValueError(f"{self.path}: damaged HDF5 file ({first_line(e)})") from None
         # Each video runs from its start to the next one's (the last one to the end of the data).
         # original: ended the last video at n_videos instead of n_frames.
         ends = np.append(idx[1:], n_frames_total)

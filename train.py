@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from data import (RunError, atomic_write, check_writable, frame_conditioning, grid_video, make_dataset,
+from data import (RunError, atomic_write, check_writable, first_line, frame_conditioning, grid_video, make_dataset,
                   remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
 from gpt import GPTConfig, VideoGPT
 from vqvae import (VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, stored_config,
@@ -590,8 +590,7 @@ def train(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"{ckpt_path}: cannot resume from it ({reason}); use another --out_dir") from None
+            raise ValueError(f"{ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
         history = ckpt.get("history", history)
         # Each rank continues its own random streams; on a different number of processes they start afresh.
         rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # a dict: one process, older format
@@ -755,7 +754,7 @@ def train(args):
         if not (ddp and collective_failure(e)):
             raise
         # gloo's text starts with a source location; the first sentence after it says what happened.
-        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0]).split(". ")[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e, limit=None)).split(". ")[0]
         raise RunError(f"rank {rank}: lost contact with the other processes at step {step} (one died, or stalled "
                        f"longer than --ddp_timeout={args.ddp_timeout:g}s): {first}; {last_good()}") from None
     finally:

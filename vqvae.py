@@ -26,7 +26,6 @@ import math
 import os
 import pickle
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
