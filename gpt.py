@@ -511,6 +511,12 @@ def original_configs(ckpt, path):
     return vq_config, gpt_config
 
 
+def embedded_vqvae(ckpt, path):
+    """The VQ-VAE a prior checkpoint of ours carries in `ckpt["vqvae"]` ({config, model}); one-line errors."""
+    saved = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
+    return vqvae_from_state(stored_config(VQVAEConfig, saved, path), saved.get("model"), path)
+
+
 def load_gpt(path, device="cpu"):
     """(prior, VQ-VAE), both in eval mode, from our checkpoint or an original VideoGPT prior .ckpt."""
     path = os.fspath(path)
@@ -521,8 +527,7 @@ def load_gpt(path, device="cpu"):
     if kind != "gpt":
         raise ValueError(f"{path}: is a '{kind}' checkpoint, not a prior ('gpt') one")
     if "stage" in ckpt:
-        saved_vq = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
-        vq = vqvae_from_state(stored_config(VQVAEConfig, saved_vq, path), saved_vq.get("model"), path)
+        vq = embedded_vqvae(ckpt, path)
         config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
         if not isinstance(state, dict):
             raise ValueError(f"{path}: has no prior state dict (found a {type(state).__name__})")

@@ -47,9 +47,8 @@ from tqdm import tqdm
 
 from data import (RunError, atomic_write, check_writable, first_line, frame_conditioning, grid_video, make_dataset,
                   remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
-from gpt import GPTConfig, VideoGPT
-from vqvae import (VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, stored_config,
-                   vqvae_from_state)
+from gpt import GPTConfig, VideoGPT, embedded_vqvae
+from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, stored_config
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -406,9 +405,7 @@ class GPTStage:
     def __init__(self, args, ckpt, device):
         # The VQ-VAE: the checkpoint's own copy when resuming, else --vqvae; frozen, in eval mode, for good.
         if ckpt:
-            saved_vq = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
-            path = os.path.join(args.out_dir, "ckpt.pt")
-            self.vq = vqvae_from_state(stored_config(VQVAEConfig, saved_vq, path), saved_vq.get("model"), path)
+            self.vq = embedded_vqvae(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
         elif args.vqvae is None:
             raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an original VideoGPT .ckpt)")
         else:
@@ -626,8 +623,8 @@ def train(args):
         nonlocal saved_step
         rng = [rng_state(device)]
         if ddp:
-            rng = [None] * world
-            dist.all_gather_object(rng, rng_state(device))
+            mine, rng = rng[0], [None] * world
+            dist.all_gather_object(rng, mine)
         if master:
             save_checkpoint(dict(stage=args.stage, model=raw_model.state_dict(), step=step,
                                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_args=vars(args),
