@@ -310,10 +310,16 @@ def ignore_stop_signals(worker_id):
 
 
 def collective_failure(error):
-    """True if `error` is a failed collective (a peer died, or stalled past the timeout)."""
+    """True if `error` is a failed collective (a peer died, or stalled past the timeout).
+
+    Backends raise most of these as plain RuntimeErrors, so the text decides. gloo puts its
+    source location in front of the operation that failed first, but every later operation on
+    the same connection (DDP's buffer broadcast in the next forward, say) gets a bare
+    "Application timeout caused pair closure".
+    """
     text = str(error)
-    return isinstance(error, dist.DistError) or any(
-        k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
+    return isinstance(error, dist.DistError) or any(k in text for k in (
+        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "pair closure", "Timed out", "timed out"))
 
 
 def plot_losses(history, path, ylabel):

@@ -305,6 +305,33 @@ def test_a_dead_or_stalled_rank_stops_the_job_with_a_clear_message(tmp_path, dig
     assert saved_step(out) % 3 == 0 and f"(step {saved_step(out)})" in last
 
 
+def test_every_error_of_a_timed_out_gloo_group_is_recognised_as_a_lost_peer():
+    """The real errors of a gloo group whose peer never answers: the operation that times out, then the next one.
+
+    Which of the two a stalled run meets depends on timing (DDP's buffer broadcast in the forward
+    meets the second), so both must turn into the one-line "lost contact" message.
+    """
+    import datetime
+    import threading
+    import torch.distributed as dist
+    from train import collective_failure
+    store, groups = dist.HashStore(), [None, None]
+
+    def join(rank):   # both ranks of a two-process group, here as two threads of this process
+        groups[rank] = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=1))
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    errors = []
+    for _ in range(2):   # rank 1 never takes part
+        with pytest.raises(RuntimeError) as info:
+            groups[0].allreduce([torch.ones(2)]).wait()
+        errors.append(info.value)
+    assert "Timed out" in str(errors[0]) and "pair closure" in str(errors[1])
+    assert all(collective_failure(e) for e in errors)
+    assert not collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+
+
 # -----------------------------------------------------------------------------
 # 6. Bad input
 
