@@ -677,10 +677,9 @@ def cmd_inspect(args):
         sheets.append(video_grid(to_uint8(clips).numpy()))
     if not sheets:
         raise errors[0]
-    if sheets:
-        out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
-        save_png(np.concatenate(sheets), out)
-        print(f"contact sheet (train rows first, then test): {out}")
+    out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
+    save_png(np.concatenate(sheets), out)
+    print(f"contact sheet (train rows first, then test): {out}")
 
 
 def one_line_warnings():

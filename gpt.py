@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, strided_sparse_layout
-from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, stored_config, vqvae_from_state  # load_gpt rebuilds the pair
+from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, load_weights, stored_config, vqvae_from_state
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -532,17 +532,17 @@ def load_gpt(path, device="cpu"):
         if not isinstance(state, dict):
             raise ValueError(f"{path}: has no prior state dict (found a {type(state).__name__})")
     else:
-        vq_config, config = original_configs(ckpt, path)
+        try:
+            vq_config, config = original_configs(ckpt, path)
+        except KeyError as e:   # a weight the shapes are read from is missing
+            raise ValueError(f"{path}: incomplete VideoGPT prior checkpoint: no {e.args[0]} in its state_dict") from None
+        except (AttributeError, TypeError) as e:   # hyper_parameters or a weight of the wrong type
+            raise ValueError(f"{path}: damaged VideoGPT prior checkpoint ({type(e).__name__})") from None
         sd = ckpt["state_dict"]
         vq = vqvae_from_state(vq_config, {k[6:]: v for k, v in sd.items() if k.startswith("vqvae.")}, path,
                               original=True)
         # The per-layer causal masks the original stored are rebuilt here, not loaded.
         state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
         state["codebook"] = vq.codebook.embeddings.clone()
-    gpt = VideoGPT(config)
-    try:
-        gpt.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        lines = str(e).splitlines()
-        raise ValueError(f"{path}: weights do not fit the prior's config: {(lines[1] if len(lines) > 1 else lines[0]).strip()[:300]}") from None
+    gpt = load_weights(VideoGPT(config), state, path, "the prior's")
     return gpt.to(device).eval(), vq.to(device).eval()

@@ -498,7 +498,8 @@ def encode_all(vq, dataset, device, batch_size):
     codes, labels = [], []
     for batch in loader:
         codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
-        labels.append(batch["label"]) if "label" in batch else None
+        if "label" in batch:
+            labels.append(batch["label"])
     return torch.cat(codes), (torch.cat(labels) if labels else None)
 
 

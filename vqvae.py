@@ -508,11 +508,17 @@ def vqvae_from_state(config, state_dict, path, original=False):
     if original:
         # The original codebook has no `initialized` flag; a saved codebook is initialised.
         state_dict["codebook.initialized"] = torch.tensor(True)
+    return load_weights(model, state_dict, path, "the VQ-VAE's")
+
+
+def load_weights(model, state_dict, path, whose):
+    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ValueError(f"{path}: weights do not fit the VQ-VAE config: {first[:300]}") from None
+        # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ValueError(f"{path}: weights do not fit {whose} config: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
     return model
 
 
@@ -528,6 +534,7 @@ def load_vqvae(path, device="cpu"):
     if "stage" in ckpt:
         model = vqvae_from_state(stored_config(VQVAEConfig, ckpt, path), ckpt.get("model"), path)
     else:
-        args = ckpt["hyper_parameters"].get("args")
+        hparams = ckpt["hyper_parameters"]
+        args = hparams.get("args") if isinstance(hparams, dict) else None
         model = vqvae_from_state(original_vqvae_config(args, path), ckpt["state_dict"], path, original=True)
     return model.to(device).eval()

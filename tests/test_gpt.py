@@ -13,6 +13,7 @@ from attention import strided_sparse_layout
 from gpt import GPTConfig, VideoGPT, load_gpt, sample_logits
 from originals import ORIGINAL_ARGS, PRIOR_KEYS, original_state_dict, save_like_lightning
 from reference_videogpt import reference_prior_logits
+from vqvae import VQVAE, VQVAEConfig
 
 VARIANTS = {
     "full": dict(),
@@ -204,3 +205,31 @@ def test_load_gpt_refuses_a_vqvae_checkpoint(tmp_path):
     save_like_lightning(tmp_path / "vq.ckpt", original_state_dict(), ORIGINAL_ARGS)
     with pytest.raises(ValueError, match="vq.ckpt: is a 'vqvae' checkpoint, not a prior"):
         load_gpt(tmp_path / "vq.ckpt")
+
+
+def test_weights_that_do_not_fit_give_one_line_naming_the_file(tmp_path):
+    args = dict(ORIGINAL_ARGS, hidden_dim=60, heads=2, layers=2, attn_type="full", vqvae="vqvae.ckpt")
+    # An original prior with a weight missing that the config is read from, and one with a weight cut short.
+    sd = original_state_dict(seed=0, keys=PRIOR_KEYS["uncond"])
+    save_like_lightning(tmp_path / "nocodebook.ckpt", {k: v for k, v in sd.items() if k != "vqvae.codebook.embeddings"}, args)
+    with pytest.raises(ValueError, match="nocodebook.ckpt: incomplete VideoGPT prior checkpoint: "
+                                         "no vqvae.codebook.embeddings in its state_dict"):
+        load_gpt(tmp_path / "nocodebook.ckpt")
+    save_like_lightning(tmp_path / "cut.ckpt", dict(sd, **{"fc_in.weight": sd["fc_in.weight"][:, :5]}), args)
+    with pytest.raises(ValueError, match=r"cut.ckpt: weights do not fit the prior's config: size mismatch for "
+                                         r"fc_in.weight: .*torch.Size\(\[60, 5\]\)"):
+        load_gpt(tmp_path / "cut.ckpt")
+    # Ours: the prior's own state dict lacks a key; then the VQ-VAE inside it does.
+    config = GPTConfig(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=1)
+    vq_config = dict(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=[2, 4, 4],
+                     sequence_length=4, resolution=16)
+    vq_state = VQVAE(VQVAEConfig(**vq_config)).state_dict()
+    state = VideoGPT(config).state_dict()
+    ours = dict(stage="gpt", config=config.to_dict(), vqvae=dict(config=vq_config, model=vq_state))
+    torch.save(dict(ours, model={k: v for k, v in state.items() if k != "fc_out.weight"}), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="a.pt: weights do not fit the prior's config: Missing key.*fc_out.weight"):
+        load_gpt(tmp_path / "a.pt")
+    del vq_state["decoder.convts.0.convt.bias"]
+    torch.save(dict(ours, model=state), tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="b.pt: weights do not fit the VQ-VAE's config: Missing key.*convts.0.convt.bias"):
+        load_gpt(tmp_path / "b.pt")
