@@ -301,7 +301,8 @@ def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
     i3d.set_bn_eps(1e-3 if protocol == "tf" else 1e-5)
     device = next(i3d.parameters()).device
     out = []
-    for start in range(0, len(videos), batch_size):
+    starts = range(0, len(videos), batch_size)
+    for start in tqdm(starts, desc="I3D", unit="batch", leave=False, disable=len(starts) < 2):
         x = preprocess_i3d(videos[start:start + batch_size], protocol).to(device)
         out.append(i3d(x).double().cpu())
     return torch.cat(out)
