@@ -499,6 +499,17 @@ def original_vqvae_config(args, path):
     return VQVAEConfig(**{n: getattr(args, n) for n in names})
 
 
+def load_weights(model, state_dict, path, what):
+    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
+    return model
+
+
 def vqvae_from_state(config, state_dict, path, original=False):
     """Build a VQVAE and load state_dict strictly; mismatches become one-line errors."""
     model = VQVAE(config)
@@ -509,17 +520,6 @@ def vqvae_from_state(config, state_dict, path, original=False):
         # The original codebook has no `initialized` flag; a saved codebook is initialised.
         state_dict["codebook.initialized"] = torch.tensor(True)
     return load_weights(model, state_dict, path, "the VQ-VAE's config")
-
-
-def load_weights(model, state_dict, path, what):
-    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
-    return model
 
 
 def load_vqvae(path, device="cpu"):

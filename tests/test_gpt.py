@@ -220,12 +220,12 @@ def test_weights_that_do_not_fit_give_one_line_naming_the_file(tmp_path):
                                          r"fc_in.weight: .*torch.Size\(\[60, 5\]\)"):
         load_gpt(tmp_path / "cut.ckpt")
     # Ours: the prior's own state dict lacks a key; then the VQ-VAE inside it does.
-    config = GPTConfig(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=1)
+    gpt = tiny_prior()                                                 # latent (2, 4, 4), 16 codes of width 8
     vq_config = dict(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=[2, 4, 4],
                      sequence_length=4, resolution=16)
     vq_state = VQVAE(VQVAEConfig(**vq_config)).state_dict()
-    state = VideoGPT(config).state_dict()
-    ours = dict(stage="gpt", config=config.to_dict(), vqvae=dict(config=vq_config, model=vq_state))
+    state = gpt.state_dict()
+    ours = dict(stage="gpt", config=gpt.config.to_dict(), vqvae=dict(config=vq_config, model=vq_state))
     torch.save(dict(ours, model={k: v for k, v in state.items() if k != "fc_out.weight"}), tmp_path / "a.pt")
     with pytest.raises(ValueError, match="a.pt: weights do not fit the prior's config: Missing key.*fc_out.weight"):
         load_gpt(tmp_path / "a.pt")
