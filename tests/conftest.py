@@ -1,9 +1,15 @@
-"""Shared fixtures: the project root on sys.path, a private cache folder, small video files.
+"""Shared fixtures and helpers: the project on sys.path, a clean environment, tiny runs, small files.
 
-Run the whole suite with `python -m pytest` from the repository root.
+Run the whole suite with `python -m pytest` from the repository root (or
+`python -m pytest /path/to/repo/tests` from anywhere: nothing depends on the
+working directory, the terminal, the signal dispositions the suite was started
+with, or variables such as CI, RANK or VIDEOGPT_DEBUG in the environment).
 """
 
+import json
 import os
+import signal
+import subprocess
 import sys
 
 import h5py
@@ -13,11 +19,84 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Variables that change what the project does: torchrun's (a suite started inside a job would try to
+# join it), the traceback switch (errors would no longer be one line), warning filters.
+FOREIGN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "VIDEOGPT_DEBUG", "PYTHONWARNINGS")
+
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Generated data and indexes go to a temp folder, never to ~/.cache."""
+def clean_environment(tmp_path, monkeypatch):
+    """Each test sees the same environment: generated data and indexes in a temp folder, never ~/.cache;
+    none of the variables above (subprocesses inherit this environment)."""
     monkeypatch.setenv("VIDEOGPT_CACHE", str(tmp_path / "cache"))
+    for name in FOREIGN_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def default_signals():
+    """In the child, before Python starts: SIGINT and SIGTERM back to their defaults.
+
+    A process started with SIGINT ignored (a script run in the background, nohup,
+    some CI runners) passes that on, and Python then never installs its Ctrl-C
+    handler; a test that sends a signal must not depend on how the suite was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def script_command(script, *args):
+    """[python, ROOT/script, args...]; `-m module` runs a module (torch.distributed.run)."""
+    head = [sys.executable, "-m", script[3:]] if script.startswith("-m ") else [sys.executable, os.path.join(ROOT, script)]
+    return head + [str(a) for a in args]
+
+
+def start_script(script, *args, env=None, cwd=ROOT, **kw):
+    """Popen of one of the project's scripts: text pipes, no stdin, default signal dispositions."""
+    return subprocess.Popen(script_command(script, *args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals, **kw)
+
+
+def run_script(script, *args, cwd=ROOT, timeout=600, **kw):
+    """subprocess.run of one of the project's scripts, output captured; returns the CompletedProcess."""
+    return subprocess.run(script_command(script, *args), cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, preexec_fn=default_signals, timeout=timeout, **kw)
+
+
+# -----------------------------------------------------------------------------
+# Tiny training runs
+
+TINY = ["--stage", "vqvae", "--sequence_length", "4", "--resolution", "16", "--n_hiddens", "16",
+        "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "32", "--downsample", "2", "4", "4",
+        "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2",
+        "--eval_batches", "1", "--device", "cpu"]
+
+TINY_GPT = ["--stage", "gpt", "--hidden_dim", "24", "--heads", "2", "--layers", "1", "--batch_size", "2",
+            "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "1",
+            "--device", "cpu", "--dropout", "0", "--attn_dropout", "0"]
+
+
+def run_train(*args):
+    """train.py as a command; returns the CompletedProcess."""
+    return run_script("train.py", *args)
+
+
+def train_error(*argv):
+    """train.py's error for these arguments, run in this process: what the command prints, exiting with status 1.
+
+    (`sys.exit(message)` prints the message alone on stderr and exits with 1.)
+    """
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(list(argv))
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message and message.startswith("train.py: error: "), message
+    return message
+
+
+def train_records(out_dir):
+    """The training records of out_dir/log.jsonl."""
+    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
 
 
 def write_video(path, frames, codec=None, fps=10):

@@ -4,16 +4,12 @@ Speeds are measured there, never asserted here: this only checks the report's sh
 """
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_script
 
 
 def test_bench_prints_json_lines():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--steps", "1", "--warmup", "0",
-                        "--naive_steps", "1", "--codes", "64"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = run_script("bench.py", "--steps", "1", "--warmup", "0", "--naive_steps", "1", "--codes", "64")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample"]

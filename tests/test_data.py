@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, gradient_video, write_video
+from conftest import gradient_video, run_script, write_video
 from data import (HDF5Dataset, MovingDigitsDataset, VideoFolderDataset, make_dataset, moving_digits, preprocess,
                   to_uint8, window_start)
 
@@ -167,8 +165,7 @@ def test_moving_digits_are_deterministic_and_splits_differ():
 
 
 def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *a], cwd=tmp_path,
-                                    capture_output=True, text=True)
+    run = lambda *a: run_script("data.py", *a, cwd=tmp_path)
     r = run("moving-digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "md.h5") as f:

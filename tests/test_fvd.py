@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Exploit
+from conftest import Exploit, run_script
 from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
 
 
@@ -90,14 +90,9 @@ def test_fvd_of_black_against_white_videos_matches_the_official_number():
 
 def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions, samples."""
-    import os
-    import subprocess
-    import sys
-
     import h5py
 
     import train
-    from conftest import ROOT
     from data import moving_digits
     data = tmp_path / "d12.h5"
     with h5py.File(data, "w") as f:
@@ -115,9 +110,8 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     torch.save({k: v for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")},
                tmp_path / "i3d.pt")
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "fvd.py"), "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"),
-                                     "--data", str(data), "--i3d", str(tmp_path / "i3d.pt"), "--n", "3",
-                                     "--batch_size", "2", *a], capture_output=True, text=True, cwd=ROOT)
+    run = lambda *a: run_script("fvd.py", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d",
+                                tmp_path / "i3d.pt", "--n", "3", "--batch_size", "2", *a)
     r = run("--protocol", "videogpt", "--trials", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.strip().splitlines()[-1]
@@ -125,10 +119,9 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     r = run("--recon-only")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("recon FVD ")
     # Two processes share the videos (gloo on CPU); rank 0 alone prints the scores.
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "fvd.py"), "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data),
-                        "--i3d", str(tmp_path / "i3d.pt"), "--num_videos", "3", "--batch_size", "2", "--recon-only"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py", "--ckpt",
+                   tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d", tmp_path / "i3d.pt", "--num_videos", "3",
+                   "--batch_size", "2", "--recon-only", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if "FVD" in l]
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]

@@ -2,20 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
-from test_train import TINY, run_train, train_error, train_records
-
-TINY_GPT = ["--stage", "gpt", "--hidden_dim", "24", "--heads", "2", "--layers", "1", "--batch_size", "2",
-            "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "1",
-            "--device", "cpu", "--dropout", "0", "--attn_dropout", "0"]
+from conftest import TINY, TINY_GPT, run_script, run_train, train_error, train_records
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +20,7 @@ def vqvae_ckpt(tmp_path_factory, digits_h5):
 
 
 def run_sample(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    return run_script("sample.py", *args)
 
 
 def test_gpt_stage_keeps_vqvae_frozen_resumes_exactly_and_samples(tmp_path, digits_h5, vqvae_ckpt):

@@ -22,15 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Exploit, gradient_video, write_video
-from test_train import TINY, run_train, train_error, train_records
+from conftest import (ROOT, TINY, Exploit, gradient_video, run_script, run_train, start_script, train_error,
+                      train_records, write_video)
 
 PYTHON_FILES = ["attention.py", "vqvae.py", "gpt.py", "data.py", "train.py", "sample.py", "fvd.py", "bench.py"]
 
 
 def start_train(*args, env=None):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script("train.py", *args, env=env)
 
 
 def wait_for_step(out_dir, step, proc, timeout=120):
@@ -157,7 +156,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
               "def write(f):\n"
               "    f.write(b'PK' + bytes(100_000)); f.flush(); print('writing', flush=True); time.sleep(60)\n"
               f"atomic_write({str(target)!r}, write)\n")
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
     p.kill()
     p.wait()
@@ -358,12 +357,10 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, digits_h5):
         assert message in train_error(*TINY, "--max_steps", "1", *extra)
     # sample.py: a truncated checkpoint, and an output folder that cannot exist.
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + bytes(50))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "cut.pt"),
-                        "--out", str(tmp_path / "s.gif")], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("sample.py", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "s.gif")
     assert r.returncode == 1 and r.stderr.strip() == (f"sample.py: error: {tmp_path / 'cut.pt'}: not a readable "
                                                       f"PyTorch checkpoint (truncated or corrupt?): RuntimeError")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "cut.pt"),
-                        "--out", str(tmp_path / "not_a_dir" / "s.gif")], capture_output=True, text=True, cwd=ROOT)
+    r = run_script("sample.py", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "not_a_dir" / "s.gif")
     assert r.returncode == 1 and r.stderr.strip() == f"sample.py: error: {tmp_path / 'not_a_dir'}: cannot write there (a file, not a folder)"
 
 
@@ -496,7 +493,7 @@ def test_planted_pickles_are_refused_everywhere_a_file_is_loaded(tmp_path, digit
     for script, args in (("sample.py", ["--ckpt", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "s.gif")]),
                          ("fvd.py", ["--ckpt", str(tmp_path / "evil.pt"), "--data", digits_h5, "--i3d",
                                      str(tmp_path / "evil.pt")])):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=ROOT)
+        r = run_script(script, *args)
         assert r.returncode == 1 and "evil.pt: " in r.stderr and "Traceback" not in r.stderr, (script, r.stderr)
     # The prior stage's code cache in --out_dir.
     import train
@@ -527,9 +524,8 @@ def test_ctrl_c_while_sampling_exits_cleanly_and_writes_nothing(tmp_path):
     torch.save(dict(stage="gpt", config=gc.to_dict(), model=gpt.state_dict(),
                     vqvae=dict(config=vc.to_dict(), model=vq.state_dict())), tmp_path / "prior.pt")
     out = tmp_path / "samples" / "grid.mp4"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "prior.pt"),
-                          "--n", "64", "--batch_size", "8", "--out", str(out), "--device", "cpu"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_script("sample.py", "--ckpt", tmp_path / "prior.pt", "--n", "64", "--batch_size", "8", "--out", out,
+                     "--device", "cpu")
     assert p.stdout.readline().startswith("sampled 8/64")                # a progress line: it is under way
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)

@@ -3,45 +3,14 @@
 python -m pytest tests/test_train.py
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-
-TINY = ["--stage", "vqvae", "--sequence_length", "4", "--resolution", "16", "--n_hiddens", "16",
-        "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "32", "--downsample", "2", "4", "4",
-        "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", "--eval_interval", "2",
-        "--eval_batches", "1", "--device", "cpu"]
-
-
-def run_train(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def train_error(*argv):
-    """train.py's error for these arguments, run in this process: what the command prints, exiting with status 1.
-
-    (`sys.exit(message)` prints the message alone on stderr and exits with 1.)
-    """
-    import train
-    with pytest.raises(SystemExit) as e:
-        train.main(list(argv))
-    message = e.value.code
-    assert isinstance(message, str) and "\n" not in message and message.startswith("train.py: error: "), message
-    return message
-
-
-def train_records(out_dir):
-    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]
-
+from conftest import TINY, run_script, train_error, train_records
 
 def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h5):
     import train
@@ -74,7 +43,7 @@ def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h
 def test_bad_input_gives_one_line_errors_and_loses_nothing(tmp_path, digits_h5):
     out = str(tmp_path / "run")
     # The real command: one line on stderr, exit status 1, no traceback.
-    r = run_train(*TINY, "--data", str(tmp_path / "missing.h5"), "--out_dir", out, "--max_steps", "1")
+    r = run_script("train.py", *TINY, "--data", str(tmp_path / "missing.h5"), "--out_dir", out, "--max_steps", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"train.py: error: {tmp_path / 'missing.h5'}: no such file or folder"
     # The same path in this process, for the other cases.
@@ -100,10 +69,9 @@ def test_bad_input_gives_one_line_errors_and_loses_nothing(tmp_path, digits_h5):
 
 def test_two_gloo_processes_agree_see_different_data_and_only_rank0_writes(tmp_path, digits_h5):
     gathered = tmp_path / "ranks.pt"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "tests", "ddp_worker.py"), str(gathered), *TINY, "--data", digits_h5,
-                        "--out_dir", str(tmp_path / "ddp"), "--max_steps", "3"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   os.path.join("tests", "ddp_worker.py"), gathered, *TINY, "--data", digits_h5,
+                   "--out_dir", tmp_path / "ddp", "--max_steps", "3", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = torch.load(gathered, weights_only=True)
     assert torch.equal(ranks["codebooks"][0], ranks["codebooks"][1])
@@ -122,3 +90,30 @@ def test_two_gloo_processes_agree_see_different_data_and_only_rank0_writes(tmp_p
     assert ranks["writes"][1] == []
     written = {os.path.basename(p) for _, p in ranks["writes"][0]}
     assert {"ckpt.pt", "log.jsonl", "loss.png"} <= written
+
+
+def test_learning_rate_schedule_by_hand(tmp_path, digits_h5):
+    import math
+
+    import train
+    lr = lambda step, **kw: train.get_lr(step, train.parse_args(TINY + ["--out_dir", "x", "--lr", "1e-3"] + [
+        a for k, v in kw.items() for a in (f"--{k}", str(v))]))
+    # Warm-up of 10 steps, then cosine to zero at step 110: step 0 already trains, at lr / 10.
+    cos = dict(warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    assert lr(0, **cos) == pytest.approx(1e-4, rel=1e-12)
+    assert lr(4, **cos) == pytest.approx(5e-4, rel=1e-12)
+    assert lr(9, **cos) == pytest.approx(1e-3, rel=1e-12)           # the last warm-up step reaches the peak
+    assert lr(10, **cos) == pytest.approx(1e-3, rel=1e-12)          # the cosine starts at the peak
+    assert lr(35, **cos) == pytest.approx(1e-3 * 0.5 * (1 + math.sqrt(0.5)), rel=1e-12)   # a quarter of the way
+    assert lr(60, **cos) == pytest.approx(5e-4, rel=1e-12)          # half way
+    assert lr(109, **cos) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.99)), rel=1e-9)  # the last step
+    assert lr(110, **cos) == 0.0 and lr(500, **cos) == 0.0
+    # Constant: the peak from step 0 without warm-up, after it with one.
+    assert lr(0, warmup_steps=0, lr_schedule="constant") == lr(10**6, warmup_steps=0, lr_schedule="constant") == 1e-3
+    assert lr(3, warmup_steps=10, lr_schedule="constant") == pytest.approx(4e-4, rel=1e-12)
+    assert lr(10, warmup_steps=10, lr_schedule="constant") == 1e-3
+    # The optimizer really steps with it: the logged lr of step s is the one of step index s - 1.
+    out = str(tmp_path / "warm")
+    train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", out, "--max_steps", "3", "--lr", "1e-3",
+                                         "--warmup_steps", "4", "--eval_interval", "10"]))
+    assert [r["lr"] for r in train_records(out)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4], rel=1e-12)

@@ -155,3 +155,24 @@ def test_codebook_stays_float32_under_bfloat16_autocast():
 def test_bad_configs_are_refused_naming_the_value(kw, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kw)
+
+
+def test_paper_constants_and_the_normalized_mse_by_hand():
+    """The paper's (and the original's) defaults, and loss = MSE / 0.06 + 0.25 * commitment, computed by hand."""
+    c = VQVAEConfig()
+    assert (c.embedding_dim, c.n_codes, c.n_hiddens, c.n_res_layers, c.downsample) == (256, 2048, 240, 4, (4, 4, 4))
+    assert (c.sequence_length, c.resolution, c.n_head) == (16, 64, 2)
+    assert (c.commitment_cost, c.ema_decay, c.dead_code_threshold, c.data_variance) == (0.25, 0.99, 1.0, 0.06)
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=(2, 4, 4))).eval()
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    with torch.no_grad():
+        out = model(x)
+        z = model.pre_vq_conv(model.encoder(x))                              # (B, D, t, h, w)
+    # Written out: the mean of the squared pixel errors over all 2*3*8*16*16 numbers, divided by 0.06.
+    mse = sum(float(d) ** 2 for d in (out["recon"] - x).flatten()) / x.numel()
+    assert out["recon_loss"].item() == pytest.approx(mse / 0.06, rel=1e-5)
+    # Commitment: the mean squared distance of each latent vector to its code, times beta = 0.25.
+    e = model.codebook.embeddings[out["codes"]].permute(0, 4, 1, 2, 3)      # (B, D, t, h, w)
+    assert out["commitment_loss"].item() == pytest.approx(0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(mse / 0.06 + 0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
