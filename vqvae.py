@@ -19,13 +19,12 @@ The arithmetic (padding, layer order, initialisation of the codebook, the EMA
 update) is the original implementation's, so its published checkpoints load
 with `load_vqvae` and give the same codes and reconstructions. Every place where
 the original has a quirk is marked `# original:`.
+
+Not here: training (train.py) and reading files: `load_vqvae` asks
+checkpoints.py to read a checkpoint safely, then builds the model itself.
 """
 
-import argparse
 import math
-import os
-import pickle
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -34,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import AxialAttention
+from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
 
 
 # -----------------------------------------------------------------------------
@@ -423,103 +423,18 @@ class VQVAE(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loading checkpoints: ours, and the original VideoGPT release
+# Loading: our checkpoints and the original VideoGPT release's (read safely by checkpoints.py)
 
-
-class LightningModelCheckpoint:
-    """Stand-in for pytorch_lightning's ModelCheckpoint class.
-
-    Lightning 1.3 checkpoints key their `callbacks` dict by that class object, so
-    unpickling them names it. This empty class is what the name resolves to here;
-    it is never instantiated and Lightning is never imported.
-    """
-
-
-# The only non-tensor globals a checkpoint may name. weights_only=True refuses everything else.
-SAFE_GLOBALS = [
-    argparse.Namespace,
-    (LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-]
-
-
-def load_checkpoint(path):
-    """torch.load(path) with weights_only=True and the allow-list above; one-line errors."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The safe unpickler refuses both a file that names a function or class outside the
-        # allow-list (it could run code) and bytes that are no pickle at all; say which.
-        named = re.search(r"GLOBAL (\S+)", str(e))
-        if named:
-            raise ValueError(f"{path}: refused to load: it names {named.group(1)}, which is outside the "
-                             f"allow-list of a checkpoint (it could run code)") from None
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt?): the data is not a valid pickle") from None
-    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ...: all mean a damaged file
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                         f"{type(e).__name__}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
-    return ckpt
-
-
-def stored_config(cls, ckpt, path, key="config"):
-    """cls(**ckpt[key]), a config saved in one of our checkpoints; missing, foreign or invalid: one line."""
-    d = ckpt.get(key) if isinstance(ckpt, dict) else None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: has no '{key}' dict (damaged, or not written by this project's train.py)")
-    try:
-        return cls(**d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its stored {cls.__name__} does not fit this code: {e}") from None
-
-
-def checkpoint_kind(ckpt):
-    """'vqvae' or 'gpt' for our checkpoints and the original's; None if unrecognised."""
-    if "stage" in ckpt:
-        return ckpt["stage"]
-    sd = ckpt.get("state_dict")
-    if isinstance(sd, dict) and "hyper_parameters" in ckpt:
-        if any(k.startswith("vqvae.") for k in sd):
-            return "gpt"
-        if "codebook.embeddings" in sd:
-            return "vqvae"
-    return None
-
-
-def original_vqvae_config(args, path):
-    """VQVAEConfig from the `args` Namespace of an original VideoGPT VQ-VAE checkpoint."""
-    names = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
-    missing = [n for n in names if not hasattr(args, n)]
-    if missing:
-        raise ValueError(f"{path}: hyper_parameters['args'] lacks {', '.join(missing)}")
-    return VQVAEConfig(**{n: getattr(args, n) for n in names})
-
-
-def load_weights(model, state_dict, path, what):
-    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
-    return model
+# The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these names.
+CONFIG_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
 
 
 def vqvae_from_state(config, state_dict, path, original=False):
     """Build a VQVAE and load state_dict strictly; mismatches become one-line errors."""
-    model = VQVAE(config)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: has no VQ-VAE state dict (found a {type(state_dict).__name__})")
-    state_dict = dict(state_dict)
-    if original:
+    if original and isinstance(state_dict, dict):
         # The original codebook has no `initialized` flag; a saved codebook is initialised.
-        state_dict["codebook.initialized"] = torch.tensor(True)
-    return load_weights(model, state_dict, path, "the VQ-VAE's config")
+        state_dict = dict(state_dict, **{"codebook.initialized": torch.tensor(True)})
+    return load_weights(VQVAE(config), state_dict, path, "the VQ-VAE's config")
 
 
 def load_vqvae(path, device="cpu"):
@@ -534,7 +449,7 @@ def load_vqvae(path, device="cpu"):
     if "stage" in ckpt:
         model = vqvae_from_state(stored_config(VQVAEConfig, ckpt, path), ckpt.get("model"), path)
     else:
-        hparams = ckpt["hyper_parameters"]
-        args = hparams.get("args") if isinstance(hparams, dict) else None
-        model = vqvae_from_state(original_vqvae_config(args, path), ckpt["state_dict"], path, original=True)
+        args = original_args(ckpt, path, CONFIG_ARGS)
+        config = VQVAEConfig(**{n: getattr(args, n) for n in CONFIG_ARGS})
+        model = vqvae_from_state(config, ckpt["state_dict"], path, original=True)
     return model.to(device).eval()

@@ -233,3 +233,25 @@ def test_weights_that_do_not_fit_give_one_line_naming_the_file(tmp_path):
     torch.save(dict(ours, model=state), tmp_path / "b.pt")
     with pytest.raises(ValueError, match="b.pt: weights do not fit the VQ-VAE's config: Missing key.*convts.0.convt.bias"):
         load_gpt(tmp_path / "b.pt")
+
+
+def test_initialisation_follows_the_original_table():
+    """Each parameter group's init, from VideoGPT.init_weights and MultiHeadAttention.init_weights, measured."""
+    torch.manual_seed(0)
+    c = GPTConfig(latent_shape=(4, 32, 32), n_codes=1024, embedding_dim=256, hidden_dim=576, heads=4, layers=8,
+                  n_classes=9)
+    gpt = VideoGPT(c)
+    std = lambda t: t.float().std().item()
+    assert not gpt.fc_out.weight.any()                                   # uniform logits at the start
+    assert std(gpt.fc_in.weight) == pytest.approx(0.02, rel=0.02)
+    # sos has only 576 numbers: a looser bound, still far from any other scale.
+    assert std(gpt.attn_stack.right_shift.sos) == pytest.approx(0.02, rel=0.15)
+    for table in gpt.attn_stack.pos_embd.emb.values():
+        assert table.shape[1] == 192
+    assert std(torch.cat([t.flatten() for t in gpt.attn_stack.pos_embd.emb.values()])) == pytest.approx(0.01, rel=0.05)
+    attn = gpt.attn_stack.attn_nets[0].attn
+    for w in (attn.w_qs.weight, attn.w_ks.weight, attn.w_vs.weight):
+        assert std(w) == pytest.approx(1 / math.sqrt(576), rel=0.02)
+    assert std(attn.fc.weight) == pytest.approx(1 / math.sqrt(576 * 8), rel=0.02)   # shrinks with depth
+    norm = gpt.attn_stack.attn_nets[0].pre_attn_norm
+    assert torch.equal(norm.w.weight, torch.full((576, 9), 1 / 3))           # 1 / sqrt(n_classes)

@@ -60,7 +60,7 @@ def test_vqvae_gets_no_gradient_in_the_gpt_loss(digits_h5, vqvae_ckpt, tmp_path)
     import train
     from data import make_dataset
     args = train.parse_args(TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(tmp_path)])
-    stage = train.GPTStage(args, None, torch.device("cpu"))
+    stage = train.GPTStage(args, None, str(tmp_path / "ckpt.pt"))
     model = stage.build(args, make_dataset(digits_h5, 4, resolution=16))
     before = {k: v.clone() for k, v in stage.vq.state_dict().items()}
     batch = {"video": torch.rand(2, 3, 4, 16, 16) - 0.5}

@@ -25,7 +25,8 @@ import torch
 from conftest import (ROOT, TINY, Exploit, gradient_video, run_script, run_train, start_script, train_error,
                       train_records, write_video)
 
-PYTHON_FILES = ["attention.py", "vqvae.py", "gpt.py", "data.py", "train.py", "sample.py", "fvd.py", "bench.py"]
+PYTHON_FILES = ["attention.py", "vqvae.py", "gpt.py", "data.py", "train.py", "sample.py", "fvd.py", "bench.py",
+                "checkpoints.py", "runtime.py"]
 
 
 def start_train(*args, env=None):
@@ -143,7 +144,7 @@ def test_resume_continues_every_random_stream(tmp_path, digits_h5, monkeypatch):
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
-    from data import remove_stale_temps
+    from checkpoints import remove_stale_temps
     from vqvae import VQVAE, VQVAEConfig, load_vqvae
     config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
                          sequence_length=4, resolution=16)
@@ -152,7 +153,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     before = target.read_bytes()
     # A process half-way through writing a new checkpoint over it, killed there.
     script = (f"import sys, time; sys.path.insert(0, {ROOT!r})\n"
-              "from data import atomic_write\n"
+              "from checkpoints import atomic_write\n"
               "def write(f):\n"
               "    f.write(b'PK' + bytes(100_000)); f.flush(); print('writing', flush=True); time.sleep(60)\n"
               f"atomic_write({str(target)!r}, write)\n")
@@ -191,7 +192,7 @@ def test_keep_last_stale_temps_and_torn_log_lines(tmp_path, digits_h5):
 
 def test_divergence_skips_steps_then_stops_keeping_the_last_good_checkpoint(tmp_path, digits_h5):
     import train
-    from data import RunError
+    from runtime import RunError
     out = str(tmp_path / "run")
     train.train(train.parse_args(TINY + ["--data", digits_h5, "--out_dir", out, "--max_steps", "2"]))
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
@@ -313,7 +314,7 @@ def test_every_error_of_a_timed_out_gloo_group_is_recognised_as_a_lost_peer():
     import datetime
     import threading
     import torch.distributed as dist
-    from train import collective_failure
+    from runtime import collective_failure
     store, groups = dist.HashStore(), [None, None]
 
     def join(rank):   # both ranks of a two-process group, here as two threads of this process

@@ -176,3 +176,24 @@ def test_paper_constants_and_the_normalized_mse_by_hand():
     e = model.codebook.embeddings[out["codes"]].permute(0, 4, 1, 2, 3)      # (B, D, t, h, w)
     assert out["commitment_loss"].item() == pytest.approx(0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(mse / 0.06 + 0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
+
+
+def test_a_code_whose_count_is_exactly_the_threshold_lives():
+    """Dead means N < dead_code_threshold: a code at exactly the threshold keeps its average."""
+    cb, flat, z = hand_made_codebook()
+    cb.N[2] = 2.0                                # after this batch (no vector chooses it): 0.5 * 2 = 1.0, the threshold
+    cb(z)
+    assert cb.N[2].item() == 1.0
+    # Not restarted: e_2 = z_avg_2 / N_2 = (0.5 * [0, 5]) / 1.0 (Laplace smoothing moves it by ~1e-7).
+    torch.testing.assert_close(cb.embeddings[2], torch.tensor([0.0, 2.5]))
+
+
+def test_training_forward_reconstructs_from_the_codes_it_returns():
+    """The straight-through estimator passes the codes' vectors forward: recon = decode(codes), exactly."""
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=(2, 4, 4)))
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    model(x)                                     # a training step initialises the codebook
+    model.eval()
+    out = model(x)
+    torch.testing.assert_close(out["recon"], model.decode(out["codes"]), atol=1e-6, rtol=0)

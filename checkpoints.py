@@ -1,0 +1,227 @@
+"""Files that must survive a crash, and checkpoints that must not run code: the plumbing of saving and loading.
+
+Nothing here is part of VideoGPT's algorithm; every chapter that writes or reads
+a file that matters uses it:
+
+* `atomic_write` and friends: a file is replaced whole or not at all, a kill
+  leaves at worst a `NAME.tmpPID` that the next start clears, and an output
+  folder is proved writable before hours of work go into it.
+* Checkpoints: `save_checkpoint` / `keep_copy` write ours; `load_checkpoint`
+  reads ours and the original VideoGPT release's PyTorch Lightning files with
+  `weights_only=True` and an explicit allow-list, so a file that would run code
+  is refused; `checkpoint_kind`, `stored_config` and `load_weights` turn what a
+  file holds into one-line errors naming the file. Building a model from what is
+  read is the models' business (`vqvae.load_vqvae`, `gpt.load_gpt`); this file
+  imports nothing from the project.
+* `trim_log`: the training log is cut back to the checkpoint a run resumes from.
+
+What this file does not hold: the checkpoint's contents (train.py decides them),
+and the run's process concerns (runtime.py).
+"""
+
+import argparse
+import glob
+import json
+import os
+import pickle
+import re
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write(path, write, binary=True):
+    """Call write(f) on a temp file beside `path`, flush it to disk, then rename it over `path`.
+
+    A reader, or a run killed mid-write, never sees half a file: `path` is either
+    the old file or the complete new one. A kill can leave the temp file
+    (`path.tmpPID`) behind; `remove_stale_temps` clears those.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        # The rename itself lives in the folder: sync it too, so a power cut cannot undo it.
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass   # some filesystems cannot sync a folder; the rename is still atomic
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(path):
+    """Delete temp files a killed atomic_write(path, ...) left behind; returns how many."""
+    stale = glob.glob(glob.escape(path) + ".tmp*")
+    for p in stale:
+        os.remove(p)
+    return len(stale)
+
+
+def check_writable(folder):
+    """Fail now, with one line, if files cannot be created in `folder` (made if missing).
+
+    Better than finding out at the first checkpoint, hours into a run. A probe file
+    is created and deleted, which also works for root, for whom permissions lie.
+    """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder}: cannot write there (a file, not a folder)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write there ({e.strerror or type(e).__name__})") from None
+
+
+# -----------------------------------------------------------------------------
+# Writing our checkpoints
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically: a kill during the save leaves the previous checkpoint intact."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def keep_copy(ckpt_path, step, keep_last):
+    """Keep the checkpoint just written as ckpt_STEP.pt too, and delete all but the newest `keep_last`.
+
+    The copy is a hard link (no extra disk): ckpt.pt is later replaced by a new
+    file, not rewritten, so the link keeps this step's bytes.
+    """
+    folder = os.path.dirname(ckpt_path)
+    kept = os.path.join(folder, f"ckpt_{step:07d}.pt")
+    tmp = kept + f".tmp{os.getpid()}"
+    try:
+        os.link(ckpt_path, tmp)
+        os.replace(tmp, kept)
+    except OSError:   # a filesystem without hard links: copy instead
+        with open(ckpt_path, "rb") as src:
+            atomic_write(kept, lambda f: f.write(src.read()))
+    old = sorted(n for n in os.listdir(folder) if n.startswith("ckpt_") and n.endswith(".pt"))
+    for name in old[:-keep_last]:
+        os.remove(os.path.join(folder, name))
+
+
+def trim_log(path, step):
+    """Drop log records after `step`: a killed run logged steps that the resumed one repeats.
+
+    A torn last line (killed mid-append) is dropped too. Returns how many records went.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass   # a torn or foreign line
+    if len(kept) < len(lines):
+        atomic_write(path, lambda f: f.writelines(kept), binary=False)
+    return len(lines) - len(kept)
+
+
+# -----------------------------------------------------------------------------
+# Reading checkpoints safely: ours, and the original VideoGPT release's
+
+
+class LightningModelCheckpoint:
+    """Stand-in for pytorch_lightning's ModelCheckpoint class.
+
+    Lightning 1.3 checkpoints key their `callbacks` dict by that class object, so
+    unpickling them names it. This empty class is what the name resolves to here;
+    it is never instantiated and Lightning is never imported.
+    """
+
+
+# The only non-tensor globals a checkpoint may name. weights_only=True refuses everything else.
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    (LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+
+def load_checkpoint(path):
+    """torch.load(path) with weights_only=True and the allow-list above; one-line errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The safe unpickler refuses both a file that names a function or class outside the
+        # allow-list (it could run code) and bytes that are no pickle at all; say which.
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        if named:
+            raise ValueError(f"{path}: refused to load: it names {named.group(1)}, which is outside the "
+                             f"allow-list of a checkpoint (it could run code)") from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt?): the data is not a valid pickle") from None
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ...: all mean a damaged file
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def checkpoint_kind(ckpt):
+    """'vqvae' or 'gpt' for our checkpoints and the original's; None if unrecognised."""
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict) and "hyper_parameters" in ckpt:
+        if any(k.startswith("vqvae.") for k in sd):
+            return "gpt"
+        if "codebook.embeddings" in sd:
+            return "vqvae"
+    return None
+
+
+def original_args(ckpt, path, names):
+    """The `argparse.Namespace` of an original VideoGPT checkpoint, checked to hold `names`."""
+    hparams = ckpt.get("hyper_parameters")
+    args = hparams.get("args") if isinstance(hparams, dict) else None
+    missing = [n for n in names if not hasattr(args, n)]
+    if missing:
+        raise ValueError(f"{path}: hyper_parameters['args'] lacks {', '.join(missing)}")
+    return args
+
+
+def stored_config(cls, ckpt, path, key="config"):
+    """cls(**ckpt[key]), a config saved in one of our checkpoints; missing, foreign or invalid: one line."""
+    d = ckpt.get(key) if isinstance(ckpt, dict) else None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: has no '{key}' dict (damaged, or not written by this project's train.py)")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its stored {cls.__name__} does not fit this code: {e}") from None
+
+
+def load_weights(model, state_dict, path, what):
+    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: has no state dict for {what} (found a {type(state_dict).__name__})")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
+    return model
