@@ -412,8 +412,8 @@ class MetricWindow:
 
     def read(self, ddp):
         """Mean of each metric over the window and the processes; the time since the window began."""
-        means = {k: float(v) / self.steps for k, v in self.sums.items()}
-        return all_mean(means, ddp), time.time() - self.t0
+        sums = torch.stack(list(self.sums.values())).tolist() if self.sums else []   # one read of the device
+        return all_mean({k: v / self.steps for k, v in zip(self.sums, sums)}, ddp), time.time() - self.t0
 
 
 def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
@@ -453,6 +453,10 @@ def plot_losses(history, path, ylabel):
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The run: its set-up, and the chores of the loop
 
 
 class Run:

@@ -147,3 +147,32 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"echo owned > {self.target}",))
+
+
+# -----------------------------------------------------------------------------
+# Runs in other processes, watched through their log
+
+
+def start_train(*args, env=None):
+    """train.py as a running command (see start_script)."""
+    return start_script("train.py", *args, env=env)
+
+
+def wait_for_step(out_dir, step, proc, timeout=120):
+    """Block until out_dir/log.jsonl records a training step >= `step` (the process must still be running)."""
+    import time
+    path, deadline = os.path.join(out_dir, "log.jsonl"), time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        if os.path.exists(path):
+            steps = [json.loads(l)["step"] for l in open(path) if l.endswith("\n") and '"train"' in l]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.02)   # polling the log: the event waited for is the step, whatever the machine's speed
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def saved_step(out_dir):
+    """The step of out_dir/ckpt.pt."""
+    import torch
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"]

@@ -197,3 +197,13 @@ def test_training_forward_reconstructs_from_the_codes_it_returns():
     model.eval()
     out = model(x)
     torch.testing.assert_close(out["recon"], model.decode(out["codes"]), atol=1e-6, rtol=0)
+
+
+def test_ema_weights_new_statistics_by_one_minus_decay():
+    """decay 0.75 (not 0.5, where decay = 1 - decay): N = 0.75 N + 0.25 n, z_avg = 0.75 z_avg + 0.25 sums."""
+    cb, flat, z = hand_made_codebook()
+    cb.decay = 0.75
+    cb(z)
+    torch.testing.assert_close(cb.N, torch.tensor([2.0, 2.0, 0.375]))
+    torch.testing.assert_close(cb.z_avg, torch.tensor([[0.0, 0.5], [20.0, 0.0], [0.0, 3.75]]))
+    torch.testing.assert_close(cb.embeddings[:2], torch.tensor([[0.0, 0.25], [10.0, 0.0]]))
