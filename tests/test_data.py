@@ -182,3 +182,16 @@ def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
     assert len(ds) == 3 and ds.n_classes == 2
     r = run("inspect", "nothing_here")
     assert r.returncode != 0 and r.stderr.strip() == "data.py: error: nothing_here: no such file or folder"
+
+
+def test_pictures_enlarge_small_frames_by_a_whole_factor():
+    from data import grid_video, upscale, video_grid
+    clips = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
+    big = upscale(clips)                                        # 32 -> 128: each pixel a 4x4 block
+    assert big.shape == (2, 3, 128, 128, 3) and np.array_equal(big[:, :, ::4, ::4], clips)
+    assert np.array_equal(big[0, 0, 4:8, 8:12], np.broadcast_to(clips[0, 0, 1, 2], (4, 4, 3)))
+    sheet = video_grid(clips)                                   # a clip per row, 2-pixel white gaps
+    assert sheet.shape == (2 * 130 - 2, 3 * 130 - 2, 3) and (sheet[128:130] == 255).all()
+    assert grid_video(clips, ncol=2).shape == (3, 128, 258, 3)
+    large = np.zeros((1, 2, 200, 100, 3), np.uint8)
+    assert upscale(large) is large                              # already large enough: untouched

