@@ -94,6 +94,20 @@ def train_error(*argv):
     return message
 
 
+def tiny_vqvae_and_prior(out, sequence_length, resolution, downsample, data=None):
+    """One-step tiny VQ-VAE and prior trained in this process: out/vq/ckpt.pt and out/gpt/ckpt.pt."""
+    import train
+    common = ["--batch_size", "2", "--num_workers", "0", "--eval_interval", "1", "--eval_batches", "1",
+              "--max_steps", "1", "--device", "cpu", "--dtype", "float32"] + (["--data", str(data)] if data else [])
+    train.train(train.parse_args(["--stage", "vqvae", "--out_dir", os.path.join(out, "vq"), "--sequence_length",
+                                  str(sequence_length), "--resolution", str(resolution), "--n_hiddens", "16",
+                                  "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "16",
+                                  "--downsample", *map(str, downsample)] + common))
+    train.train(train.parse_args(["--stage", "gpt", "--out_dir", os.path.join(out, "gpt"), "--vqvae",
+                                  os.path.join(out, "vq", "ckpt.pt"), "--hidden_dim", "12", "--heads", "2",
+                                  "--layers", "1"] + common))
+
+
 def train_records(out_dir):
     """The training records of out_dir/log.jsonl."""
     return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["split"] == "train"]

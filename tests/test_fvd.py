@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Exploit, run_script
+from conftest import Exploit, run_script, tiny_vqvae_and_prior
 from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
 
 
@@ -92,21 +92,13 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions, samples."""
     import h5py
 
-    import train
     from data import moving_digits
     data = tmp_path / "d12.h5"
     with h5py.File(data, "w") as f:
         for split, n in (("train", 4), ("test", 3)):
             f.create_dataset(f"{split}_data", data=moving_digits(n, 12, 32, train=split == "train").reshape(-1, 32, 32, 3))
             f.create_dataset(f"{split}_idx", data=np.arange(n) * 12)
-    common = ["--data", str(data), "--batch_size", "2", "--num_workers", "0", "--eval_interval", "1",
-              "--eval_batches", "1", "--max_steps", "1", "--device", "cpu"]
-    train.train(train.parse_args(["--stage", "vqvae", "--out_dir", str(tmp_path / "vq"), "--sequence_length", "12",
-                                  "--resolution", "16", "--n_hiddens", "16", "--n_res_layers", "1", "--embedding_dim",
-                                  "8", "--n_codes", "16", "--downsample", "4", "4", "4"] + common))
-    train.train(train.parse_args(["--stage", "gpt", "--out_dir", str(tmp_path / "gpt"), "--vqvae",
-                                  str(tmp_path / "vq" / "ckpt.pt"), "--hidden_dim", "12", "--heads", "2",
-                                  "--layers", "1"] + common))
+    tiny_vqvae_and_prior(str(tmp_path), sequence_length=12, resolution=16, downsample=(4, 4, 4), data=data)
     torch.manual_seed(0)
     torch.save({k: v for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")},
                tmp_path / "i3d.pt")
@@ -178,18 +170,8 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
 
 
 def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
-    import torch as _torch
-
-    import train
-    common = ["--batch_size", "2", "--num_workers", "0", "--eval_interval", "1", "--eval_batches", "1",
-              "--max_steps", "1", "--device", "cpu", "--dtype", "float32"]
-    train.train(train.parse_args(["--stage", "vqvae", "--out_dir", str(tmp_path / "vq"), "--sequence_length", "8",
-                                  "--resolution", "32", "--n_hiddens", "16", "--n_res_layers", "1", "--embedding_dim",
-                                  "8", "--n_codes", "16", "--downsample", "2", "4", "4"] + common))
-    train.train(train.parse_args(["--stage", "gpt", "--out_dir", str(tmp_path / "gpt"), "--vqvae",
-                                  str(tmp_path / "vq" / "ckpt.pt"), "--hidden_dim", "12", "--heads", "2",
-                                  "--layers", "1"] + common))
-    _torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
+    tiny_vqvae_and_prior(str(tmp_path), sequence_length=8, resolution=32, downsample=(2, 4, 4))
+    torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4", "--reader",
                    tmp_path / "reader.pt", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
