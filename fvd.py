@@ -545,15 +545,15 @@ def digits_of_checkpoint(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
         for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
-            idx = range(start, min(args.n, start + args.batch_size))
-            x = torch.stack([data[(i % len(data), i)]["video"] for i in idx]).to(device)   # (b, 3, T, H, W)
+            items = [data[(i % len(data), i)] for i in range(start, min(args.n, start + args.batch_size))]
+            x = torch.stack([it["video"] for it in items]).to(device)                     # (b, 3, T, H, W)
             real.append(to_uint8(x).numpy())
             recon.append(samples_to_uint8(vq.decode(vq.encode(x))))
             if gpt is not None:
                 k = gpt.config.n_cond_frames
-                label = torch.tensor([data[(i % len(data), i)].get("label", 0) for i in idx], device=device) \
+                label = torch.tensor([it.get("label", 0) for it in items], device=device) \
                     if gpt.config.n_classes else None
-                codes = gpt.sample(len(idx), label, x[:, :, :k] if k else None, temperature=args.temperature,
+                codes = gpt.sample(len(items), label, x[:, :, :k] if k else None, temperature=args.temperature,
                                    top_k=args.top_k, generator=generator)
                 fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None, mark=False))
     real = np.concatenate(real)
