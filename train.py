@@ -278,7 +278,7 @@ class GPTStage:
     name, curve, curve_label, picture_name = "gpt", "loss", "cross-entropy (nats per code)", "samples"
     logged = ("loss", "bits_per_code")
 
-    def __init__(self, args, ckpt, ckpt_path):
+    def __init__(self, args, ckpt, ckpt_path, device="cpu"):
         # The VQ-VAE: the checkpoint's own copy when resuming, else --vqvae; frozen, in eval mode, for good.
         if ckpt:
             self.vq = embedded_vqvae(ckpt, ckpt_path)
@@ -286,7 +286,7 @@ class GPTStage:
             raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an original VideoGPT .ckpt)")
         else:
             self.vq = load_vqvae(args.vqvae)
-        self.vq = self.vq.eval().requires_grad_(False)
+        self.vq = self.vq.to(device).eval().requires_grad_(False)
         vc = self.vq.config
         self.clip = (vc.sequence_length, vc.resolution)
         for flag, value in (("sequence_length", vc.sequence_length), ("resolution", vc.resolution)):
@@ -312,10 +312,6 @@ class GPTStage:
         model.set_codebook(self.vq.codebook.embeddings)
         model.set_grad_checkpointing(args.grad_checkpointing)
         return model
-
-    def to(self, device):
-        self.vq = self.vq.to(device)
-        return self
 
     def conditioning(self, batch, x, device):
         c = self.config
@@ -484,18 +480,17 @@ class Run:
             check_writable(args.out_dir)
             remove_stale_temps(self.ckpt_path)
         ckpt = self.resumable_checkpoint()
-        self.stage = (VQVAEStage if args.stage == "vqvae" else GPTStage)(args, ckpt, self.ckpt_path)
+        self.stage = (VQVAEStage(args, ckpt, self.ckpt_path) if args.stage == "vqvae"
+                      else GPTStage(args, ckpt, self.ckpt_path, self.device))
         seq_len, resolution = self.stage.clip
         train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution, seed=args.seed)
                                for split in (True, False))
         # The same seed on every rank gives the same initial weights.
         torch.manual_seed(args.seed)
         self.raw_model = self.stage.build(args, train_set).to(self.device)
-        if args.stage == "gpt":
-            self.stage.to(self.device)
-            if args.cache_codes:
-                train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
-                                                              self.dist.ddp)
+        if args.stage == "gpt" and args.cache_codes:
+            train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
+                                                          self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")

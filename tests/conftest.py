@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -174,7 +176,6 @@ def start_train(*args, env=None):
 
 def wait_for_step(out_dir, step, proc, timeout=120):
     """Block until out_dir/log.jsonl records a training step >= `step` (the process must still be running)."""
-    import time
     path, deadline = os.path.join(out_dir, "log.jsonl"), time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
@@ -188,5 +189,4 @@ def wait_for_step(out_dir, step, proc, timeout=120):
 
 def saved_step(out_dir):
     """The step of out_dir/ckpt.pt."""
-    import torch
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"]
