@@ -41,7 +41,8 @@ def atomic_write(path, write, binary=True):
     """
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb" if binary else "w") as f:
+        # Readable too: h5py reads back what it wrote (metadata, variable-length strings).
+        with open(tmp, "w+b" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
