@@ -337,8 +337,9 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
         if not recon_only:
             label = torch.tensor([it["label"] for it in items], device=device) if gpt.config.n_classes else None
             frames = x[:, :, :k] if k else None
+            actions = torch.stack([it["actions"] for it in items]).to(device) if gpt.config.action_dim else None
             gen = torch.Generator(device).manual_seed(trial * TRIAL_SEED_STRIDE + batch[0])
-            video = vq.decode(gpt.sample(len(items), label, frames, generator=gen))       # (b, 3, T, H, W)
+            video = vq.decode(gpt.sample(len(items), label, frames, actions=actions, generator=gen))  # (b, 3, T, H, W)
             fake.append(samples_to_uint8(video, frames, mark=False))                      # given frames as given
     join = lambda parts: np.concatenate(parts) if parts else None
     return join(real), join(recon), join(fake)

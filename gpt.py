@@ -8,11 +8,12 @@ position embeddings are added, and a stack of pre-norm transformer blocks with
 causal self-attention predicts every code from the ones before it. Optional
 conditioning: a class label through conditional LayerNorms, and the first
 `n_cond_frames` frames through a 3D ResNet whose features every block
-cross-attends to.
+cross-attends to; per-frame actions (BAIR's robot arm) join that
+cross-attention memory as one token per frame.
 
     from gpt import VideoGPT, GPTConfig, load_gpt
     gpt, vq = load_gpt("runs/gpt/ckpt.pt")              # ours, or an original VideoGPT prior .ckpt
-    logits = gpt(codes, label=None, frames=None)        # (B, t, h, w) -> (B, t, h, w, n_codes)
+    logits = gpt(codes, label=None, frames=None, actions=None)   # (B, t, h, w) -> (B, t, h, w, n_codes)
     codes = gpt.sample(16, temperature=1.0, top_k=None, top_p=None, generator=g)
     video = vq.decode(codes)                            # (16, 3, T, H, W)
 
@@ -61,6 +62,8 @@ class GPTConfig:
     n_cond_frames: int = 0             # first frames given as conditioning (0: none)
     resolution: int = 64               # frame size of conditioning frames, pixels
     n_classes: int = 0                 # classes for class conditioning (0: none)
+    action_dim: int = 0                # size of each frame's action vector for action conditioning (0: none)
+    sequence_length: int = 16          # frames per clip (the VQ-VAE's); one action per frame
     sparse_block: int = 32             # sparse attention: tokens per block
     sparse_local_blocks: int = 4       # sparse attention: preceding blocks every block sees
     seq_len: int = field(init=False)   # t*h*w, derived
@@ -81,8 +84,9 @@ class GPTConfig:
                              f"sparse_block={self.sparse_block}")
         if self.n_cond_frames and self.resolution % 4:
             raise ValueError(f"frame conditioning needs resolution divisible by 4, got {self.resolution}")
-        if self.n_cond_frames and RESNET_DIM % self.heads:
-            raise ValueError(f"frame conditioning needs heads to divide the feature width {RESNET_DIM}, got {self.heads}")
+        if (self.n_cond_frames or self.action_dim) and RESNET_DIM % self.heads:
+            raise ValueError(f"frame and action conditioning need heads to divide the context width {RESNET_DIM}, "
+                             f"got {self.heads}")
 
     @property
     def cond_shape(self):
@@ -239,7 +243,7 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(h, h, c.heads, n_layer=c.layers,
                                        attn_dropout=c.attn_dropout if c.attn_type == "full" else 0.0)
         self.post_attn_dp = nn.Dropout(c.dropout)
-        if c.n_cond_frames:
+        if c.n_cond_frames or c.action_dim:
             self.pre_enc_norm = CondLayerNorm(h, c.n_classes)
             self.enc_attn = MultiHeadAttention(h, RESNET_DIM, c.heads, n_layer=c.layers)
             self.post_enc_dp = nn.Dropout(c.dropout)
@@ -257,7 +261,7 @@ class Block(nn.Module):
         h = self.pre_attn_norm(x, cond["onehot"])
         h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos), h)
         x = x + self.post_attn_dp(h)
-        # Cross-attention to the conditioning frames' features (no mask: all frames are known).
+        # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
             h = self.pre_enc_norm(x, cond["onehot"])
             h = ckpt(lambda h: self.enc_attn(h, context=cond["context"], kv=frame_kv), h)
@@ -316,6 +320,17 @@ class VideoGPT(nn.Module):
         if c.n_cond_frames:
             self.resnet = ResNet3d(RESNET_DIM)
             self.cond_pos_embd = BroadcastPosEmbed(c.cond_shape, RESNET_DIM)
+        if c.action_dim:
+            # Actions condition through the cross-attention memory, not through conditional norms.
+            # A conditional norm applies one gain and bias to every position: right for a class, but
+            # actions change from frame to frame, and the code of latent step t should look at the
+            # actions of the frames it covers (and, for where the arm is, those before). As one token
+            # per frame (a linear map of the action plus a learned embedding of its frame index),
+            # every code attends to the actions it needs and learns the frame-to-latent alignment
+            # itself; and with frame conditioning the tokens simply follow the frames' features
+            # (BAIR: first frame + actions).
+            self.action_in = nn.Linear(c.action_dim, RESNET_DIM)
+            self.action_pos = nn.Parameter(torch.empty(c.sequence_length, RESNET_DIM).normal_(std=0.01))
         self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
         self.attn_stack = AttentionStack(c)
         self.norm = CondLayerNorm(c.hidden_dim, c.n_classes)
@@ -357,7 +372,7 @@ class VideoGPT(nn.Module):
 
     # --- conditioning ---
 
-    def condition(self, label, frames, batch_size):
+    def condition(self, label, frames, batch_size, actions=None):
         """dict(onehot, context) from the raw conditioning inputs, checked against the config."""
         c = self.config
         onehot = context = None
@@ -372,6 +387,12 @@ class VideoGPT(nn.Module):
                 f"this prior is frame-conditional: frames must be {expected}, got {None if frames is None else tuple(frames.shape)}"
             feats = self.resnet(frames)                                             # (B, k, H/4, W/4, 240)
             context = self.cond_pos_embd(feats.flatten(1, 3))                      # (B, k*H/4*W/4, 240)
+        if c.action_dim:
+            expected = (batch_size, c.sequence_length, c.action_dim)
+            assert actions is not None and tuple(actions.shape) == expected, \
+                f"this prior is action-conditional: actions must be {expected}, got {None if actions is None else tuple(actions.shape)}"
+            tokens = self.action_in(actions.to(self.action_in.weight.dtype)) + self.action_pos   # (B, T, 240)
+            context = tokens if context is None else torch.cat([context, tokens], dim=1)         # (B, n_ctx, 240)
         return dict(onehot=onehot, context=context)
 
     # --- teacher forcing ---
@@ -380,13 +401,13 @@ class VideoGPT(nn.Module):
         """Codes (B, n) -> input vectors (B, n, hidden): codebook lookup, then fc_in."""
         return self.fc_in(F.embedding(codes, self.codebook).to(self.fc_in.weight.dtype))  # (B, n, hidden)
 
-    def forward(self, codes, label=None, frames=None):
+    def forward(self, codes, label=None, frames=None, actions=None):
         """Teacher-forced logits (B, t, h, w, n_codes): position i sees codes < i in raster order."""
         c = self.config
         assert codes.dtype == torch.long and tuple(codes.shape[1:]) == c.latent_shape, \
             f"codes must be int64 (B, {', '.join(map(str, c.latent_shape))}), got {codes.dtype} {tuple(codes.shape)}"
         B = codes.shape[0]
-        cond = self.condition(label, frames, B)
+        cond = self.condition(label, frames, B, actions)
         # Inputs: code vectors in raster order, shifted right behind the start vector, plus positions.
         x = self.embed(codes.flatten(1))                                            # (B, L, hidden)
         x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
@@ -428,16 +449,16 @@ class VideoGPT(nn.Module):
         """Feed the code sampled at position pos-1 (B,) in at position pos (1,); logits (B, n_codes)."""
         return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
 
-    def cached_condition(self, label, frames, batch_size):
-        """Conditioning for sampling: the frames' cross-attention keys/values computed once per call."""
-        cond = self.condition(label, frames, batch_size)
+    def cached_condition(self, label, frames, batch_size, actions=None):
+        """Conditioning for sampling: the cross-attention keys/values (frames, actions) computed once per call."""
+        cond = self.condition(label, frames, batch_size, actions)
         if cond["context"] is not None:
             cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
         return cond
 
     @torch.no_grad()
     def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-               progress=False, decode_fn=None):
+               progress=False, decode_fn=None, actions=None):
         """Draw n code grids (n, t, h, w) with the KV cache.
 
         `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one).
@@ -447,7 +468,7 @@ class VideoGPT(nn.Module):
         # Under autocast the keys and values come out in the autocast dtype; the cache holds that.
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else self.fc_in.weight.dtype)
-        cond = self.cached_condition(label, frames, n)
+        cond = self.cached_condition(label, frames, n, actions)
         caches = self.setup_caches(n, dtype, device)
         decode = decode_fn or self.decode_one_token
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
@@ -465,12 +486,13 @@ class VideoGPT(nn.Module):
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 
     @torch.no_grad()
-    def sample_naive(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def sample_naive(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+                     actions=None):
         """Reference sampler: the full teacher-forced forward at every position. O(L) times slower."""
         c = self.config
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=self.fc_in.weight.device)
         for i in range(c.seq_len):
-            logits = self(codes.view(n, *c.latent_shape), label, frames).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
+            logits = self(codes.view(n, *c.latent_shape), label, frames, actions).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
             codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 
@@ -509,7 +531,8 @@ def original_configs(ckpt, path):
                            dropout=getattr(args, "dropout", 0.2), attn_dropout=getattr(args, "attn_dropout", 0.3),
                            attn_type=getattr(args, "attn_type", "full"),
                            n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0] if "cond_pos_embd.emb.d_0" in sd else 0,
-                           resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0)
+                           resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0,
+                           sequence_length=args.sequence_length)
     return vq_config, gpt_config
 
 

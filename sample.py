@@ -4,6 +4,7 @@
     python sample.py --ckpt runs/gpt/ckpt.pt --out samples.gif --temperature 0.9 --top_k 100 --seed 1
     python sample.py --ckpt bair_gpt.ckpt --cond_from bair.hdf5 --out bair.mp4     # frame-conditional prior
     python sample.py --ckpt ucf_gpt.ckpt --label 3 --out class3.png                 # class-conditional prior
+    python sample.py --ckpt bair_act.ckpt --cond_from bair.h5 --actions push.npy    # action-conditional prior
 
 The checkpoint is ours (it embeds its VQ-VAE) or an original VideoGPT prior.
 Codes are drawn with the KV-cached sampler (gpt.VideoGPT.sample) in batches,
@@ -42,7 +43,10 @@ def parse_args(argv=None):
     # conditioning
     p.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional priors)")
     p.add_argument("--cond_from", default=None,
-                   help="HDF5 file or video folder whose test clips give the conditioning frames (and labels)")
+                   help="HDF5 file or video folder whose test clips give the conditioning frames (and labels, actions)")
+    p.add_argument("--actions", default=None,
+                   help="action-conditional priors: a .npy of float actions, (T, action_dim) for every sample "
+                        "or (n, T, action_dim), T the clip's frames; replaces those of --cond_from")
     # run
     p.add_argument("--batch_size", type=int, default=16, help="videos sampled at once")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -53,10 +57,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_actions(path, n, sequence_length, action_dim):
+    """--actions: a .npy of (T, A) (the same for every sample) or (n, T, A) -> float32 (n, T, A)."""
+    try:
+        actions = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy file ({type(e).__name__})") from None
+    expected = f"({sequence_length}, {action_dim}) or ({n}, {sequence_length}, {action_dim})"
+    if actions.ndim == 2:
+        actions = np.broadcast_to(actions, (n, *actions.shape))                      # (n, T, A)
+    if actions.shape != (n, sequence_length, action_dim) or not np.issubdtype(actions.dtype, np.number):
+        raise ValueError(f"{path}: actions must be numbers of shape {expected}, got {actions.dtype} {actions.shape}")
+    if not np.isfinite(actions).all():
+        raise ValueError(f"{path}: actions hold NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(actions, np.float32))
+
+
 def conditioning(gpt, args, vq_config, device):
-    """Labels (n,) and conditioning frames (n, 3, k, H, W) for all n samples, or None."""
+    """The prior's inputs for all n samples: dict(label (n,), frames (n, 3, k, H, W), actions (n, T, A)), None where unused."""
     c = gpt.config
-    labels = frames = None
+    labels = frames = actions = None
     if args.cond_from is not None:
         data = make_dataset(args.cond_from, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
         # The first n test clips (cycled when there are fewer), each with a fixed window.
@@ -65,9 +85,19 @@ def conditioning(gpt, args, vq_config, device):
         frames = video[:, :, :c.n_cond_frames] if c.n_cond_frames else None
         if c.n_classes and "label" in items[0]:
             labels = torch.tensor([it["label"] for it in items], device=device)
+        if c.action_dim and "actions" in items[0]:
+            actions = torch.stack([it["actions"] for it in items]).to(device)       # (n, T, A)
     elif c.n_cond_frames:
         raise ValueError(f"{args.ckpt}: the prior is conditioned on {c.n_cond_frames} frame(s); "
                          f"pass --cond_from DATA to take them from a dataset's test clips")
+    if c.action_dim:
+        if args.actions is not None:
+            actions = load_actions(args.actions, args.n, c.sequence_length, c.action_dim).to(device)
+        elif actions is None:
+            raise ValueError(f"{args.ckpt}: the prior is conditioned on actions; pass --actions FILE.npy "
+                             f"({c.sequence_length}, {c.action_dim}) or --cond_from DATA with actions")
+    elif args.actions is not None:
+        raise ValueError(f"{args.ckpt}: --actions given, but the prior is not action-conditional")
     if c.n_classes:
         if args.label is not None:
             if not 0 <= args.label < c.n_classes:
@@ -77,7 +107,7 @@ def conditioning(gpt, args, vq_config, device):
             labels = torch.arange(args.n, device=device) % c.n_classes    # every class in turn
     elif args.label is not None:
         raise ValueError(f"{args.ckpt}: --label given, but the prior is not class-conditional")
-    return labels, frames
+    return dict(label=labels, frames=frames, actions=actions)
 
 
 def run(args):
@@ -88,7 +118,7 @@ def run(args):
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     device = default_device(args.device)
     gpt, vq = load_gpt(args.ckpt, device=device)
-    labels, frames = conditioning(gpt, args, vq.config, device)
+    cond = conditioning(gpt, args, vq.config, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     # The decode step has fixed shapes, so it compiles once; on CUDA "reduce-overhead" replays it as a CUDA graph.
     decode = (torch.compile(gpt.decode_one_token, mode="reduce-overhead" if device.type == "cuda" else "default")
@@ -99,12 +129,11 @@ def run(args):
     with torch.no_grad(), autocast(device, args.dtype):
         for start in range(0, args.n, args.batch_size):
             sl = slice(start, min(args.n, start + args.batch_size))
-            n = sl.stop - sl.start
-            codes = gpt.sample(n, None if labels is None else labels[sl], None if frames is None else frames[sl],
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               generator=generator, progress=True, decode_fn=decode)    # (n, t, h, w)
+            part = {k: None if v is None else v[sl] for k, v in cond.items()}        # this batch's conditioning
+            codes = gpt.sample(sl.stop - sl.start, **part, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, generator=generator, progress=True, decode_fn=decode)  # (n, t, h, w)
             video = vq.decode(codes)                                                    # (n, 3, T, H, W)
-            videos.append(samples_to_uint8(video, None if frames is None else frames[sl]))  # (n, T, H, W, 3)
+            videos.append(samples_to_uint8(video, part["frames"]))                     # (n, T, H, W, 3)
             print(f"sampled {sl.stop}/{args.n}", flush=True)
     clips = np.concatenate(videos)                                                      # (N, T, H, W, 3)
 

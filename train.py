@@ -108,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--attn_type", default="full", choices=["full", "sparse"], help="gpt: causal attention pattern")
     p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
+    p.add_argument("--action_cond", action="store_true",
+                   help="gpt: condition on the data's per-frame actions (an HDF5 file with {split}_actions, e.g. BAIR)")
     p.add_argument("--cache_codes", action=argparse.BooleanOptionalAction, default=None,
                    help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step "
                         "(default: on for the moving digits, whose clips are exactly one window long, unless "
@@ -295,29 +297,37 @@ class GPTStage:
         if args.n_cond_frames >= vc.sequence_length:
             raise ValueError(f"--n_cond_frames {args.n_cond_frames} must be smaller than the clip's "
                              f"{vc.sequence_length} frames")
-        if args.cache_codes and args.n_cond_frames:
-            raise ValueError("--cache_codes keeps only codes, but --n_cond_frames needs the frames; use one of them")
+        if args.cache_codes and (args.n_cond_frames or args.action_cond):
+            raise ValueError("--cache_codes keeps only codes, but --n_cond_frames and --action_cond need the clips' "
+                             "frames and actions; use one or the other")
         self.ckpt, self.ckpt_path = ckpt, ckpt_path
 
     def build(self, args, train_set):
         if args.class_cond and not train_set.n_classes and not self.ckpt:
             raise ValueError(f"--class_cond: the data {args.data or '(moving digits)'} has no class labels")
+        has_actions = "actions" in getattr(train_set, "extras", ())
+        if args.action_cond and not has_actions and not self.ckpt:
+            raise ValueError(f"--action_cond: the data {args.data or '(moving digits)'} has no per-frame actions "
+                             f"(an HDF5 file with train_actions, e.g. from data.py bair)")
+        action_dim = train_set[(0, 0)]["actions"].shape[-1] if args.action_cond and has_actions else 0
         vc = self.vq.config
         self.config = resolved_config(GPTConfig(
             latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
             hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
             attn_dropout=args.attn_dropout, attn_type=args.attn_type, n_cond_frames=args.n_cond_frames,
-            resolution=vc.resolution, n_classes=train_set.n_classes if args.class_cond else 0), self.ckpt, self.ckpt_path)
+            resolution=vc.resolution, n_classes=train_set.n_classes if args.class_cond else 0,
+            action_dim=action_dim, sequence_length=vc.sequence_length), self.ckpt, self.ckpt_path)
         model = VideoGPT(self.config)
         model.set_codebook(self.vq.codebook.embeddings)
         model.set_grad_checkpointing(args.grad_checkpointing)
         return model
 
     def conditioning(self, batch, x, device):
+        """The prior's conditioning inputs of a batch: label, first frames, actions (None where unused)."""
         c = self.config
-        label = batch["label"].to(device) if c.n_classes else None
-        frames = x[:, :, :c.n_cond_frames] if c.n_cond_frames else None      # (B, 3, k, H, W)
-        return label, frames
+        return dict(label=batch["label"].to(device) if c.n_classes else None,
+                    frames=x[:, :, :c.n_cond_frames] if c.n_cond_frames else None,   # (B, 3, k, H, W)
+                    actions=batch["actions"].to(device) if c.action_dim else None)  # (B, T, action_dim)
 
     def loss(self, model, batch, device):
         if "codes" in batch:
@@ -325,8 +335,7 @@ class GPTStage:
         else:
             x = batch["video"].to(device, non_blocking=True)                  # (B, 3, T, H, W)
             codes = self.vq.encode(x)                                           # (B, t, h, w), no gradient
-        label, frames = self.conditioning(batch, x, device)
-        logits = model(codes, label, frames)                                    # (B, t, h, w, n_codes)
+        logits = model(codes, **self.conditioning(batch, x, device))          # (B, t, h, w, n_codes)
         loss = F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten())     # (B*t*h*w, n_codes) vs (B*t*h*w,)
         return loss, dict(loss=loss, bits_per_code=loss / math.log(2))
 
@@ -337,6 +346,8 @@ class GPTStage:
             text += f", conditioned on {c.n_cond_frames} frame(s)"
         if c.n_classes:
             text += f", conditioned on {c.n_classes} classes"
+        if c.action_dim:
+            text += f", conditioned on {c.action_dim}-d actions per frame"
         return text
 
     def checkpoint(self):
@@ -348,9 +359,9 @@ class GPTStage:
         x = batch.get("video")
         n = min(4, len(next(iter(batch.values()))))
         real = x[:n].to(device) if x is not None else self.vq.decode(batch["codes"][:n].to(device))
-        label, frames = self.conditioning({k: v[:n] for k, v in batch.items()}, real, device)
-        codes = model.sample(n, label, frames, generator=torch.Generator(device).manual_seed(0))
-        clips = np.concatenate([to_uint8(real).numpy(), samples_to_uint8(self.vq.decode(codes), frames)])  # (2n, T, H, W, 3)
+        cond = self.conditioning({k: v[:n] for k, v in batch.items()}, real, device)
+        codes = model.sample(n, **cond, generator=torch.Generator(device).manual_seed(0))
+        clips = np.concatenate([to_uint8(real).numpy(), samples_to_uint8(self.vq.decode(codes), cond["frames"])])  # (2n, T, H, W, 3)
         save_gif(grid_video(clips, ncol=n), f"{path}.gif", fps=4)
 
     def cached_codes(self, args, train_set, test_set, device, master, ddp):

@@ -6,6 +6,7 @@ python -m pytest tests/test_gpt.py
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,8 @@ VARIANTS = {
     "sparse": dict(attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
     "class": dict(n_classes=3),
     "frames": dict(n_cond_frames=1, resolution=8),
+    "actions": dict(action_dim=3, sequence_length=4),
+    "frames+actions": dict(n_cond_frames=1, resolution=8, action_dim=2, sequence_length=4),
 }
 
 
@@ -40,19 +43,20 @@ def inputs(gpt, B=3, seed=1):
     codes = torch.randint(c.n_codes, (B, *c.latent_shape), generator=g)
     label = torch.randint(c.n_classes, (B,), generator=g) if c.n_classes else None
     frames = torch.rand(B, 3, c.n_cond_frames, c.resolution, c.resolution, generator=g) - 0.5 if c.n_cond_frames else None
-    return codes, label, frames
+    actions = torch.randn(B, c.sequence_length, c.action_dim, generator=g) if c.action_dim else None
+    return codes, dict(label=label, frames=frames, actions=actions)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_causality(variant):
     gpt = tiny_prior(**VARIANTS[variant]).eval()
-    codes, label, frames = inputs(gpt)
+    codes, cond = inputs(gpt)
     L = gpt.config.seq_len
-    base = gpt(codes, label, frames).view(3, L, -1)
+    base = gpt(codes, **cond).view(3, L, -1)
     for j in (0, 5, L - 1):
         changed = codes.clone().view(3, L)
         changed[:, j] = (changed[:, j] + 1) % gpt.config.n_codes
-        out = gpt(changed.view_as(codes), label, frames).view(3, L, -1)
+        out = gpt(changed.view_as(codes), **cond).view(3, L, -1)
         # Nothing at or before j may change; in full attention, j + 1 must.
         assert torch.equal(out[:, : j + 1], base[:, : j + 1]), f"position <= {j} saw code {j}"
         if j < L - 1 and variant != "sparse":
@@ -101,11 +105,11 @@ def test_strided_sparse_layout_matches_the_block_rules(shape, block, local):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
     gpt = tiny_prior(**VARIANTS[variant]).eval()
-    codes, label, frames = inputs(gpt)
+    codes, given = inputs(gpt)
     B, L = 3, gpt.config.seq_len
-    full = gpt(codes, label, frames).view(B, L, -1)
+    full = gpt(codes, **given).view(B, L, -1)
     # Feed the same codes through prefill + decode_one_token: every step's logits match.
-    cond = gpt.cached_condition(label, frames, B)
+    cond = gpt.cached_condition(given["label"], given["frames"], B, given["actions"])
     caches = gpt.setup_caches(B, torch.float32, "cpu")
     flat = codes.view(B, L)
     steps = [gpt.prefill(cond, caches, B)]
@@ -114,16 +118,16 @@ def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
     # Same generator, same codes, for the cached and the naive sampler, with filtering on.
     for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
-        a = gpt.sample(B, label, frames, generator=torch.Generator().manual_seed(3), **kw)
-        b = gpt.sample_naive(B, label, frames, generator=torch.Generator().manual_seed(3), **kw)
+        a = gpt.sample(B, **given, generator=torch.Generator().manual_seed(3), **kw)
+        b = gpt.sample_naive(B, **given, generator=torch.Generator().manual_seed(3), **kw)
         assert a.shape == (B, *gpt.config.latent_shape) and torch.equal(a, b), kw
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradients_reach_every_parameter(variant):
     gpt = tiny_prior(**VARIANTS[variant]).train()
-    codes, label, frames = inputs(gpt)
-    logits = gpt(codes, label, frames)
+    codes, cond = inputs(gpt)
+    logits = gpt(codes, **cond)
     assert logits.shape == (3, 2, 4, 4, 16)
     torch.nn.functional.cross_entropy(logits.flatten(0, 3), codes.flatten()).backward()
     for name, p in gpt.named_parameters():
@@ -133,7 +137,8 @@ def test_gradients_reach_every_parameter(variant):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     gpt = tiny_prior(n_cond_frames=1, resolution=16).train()
-    codes, _, frames = inputs(gpt)
+    codes, cond = inputs(gpt)
+    frames = cond["frames"]
     grads = []
     for flag in (False, True):
         gpt.zero_grad()
@@ -146,7 +151,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_a_tiny_prior_overfits_one_batch():
     gpt = tiny_prior(seed=0)
-    codes, _, _ = inputs(gpt, B=2)
+    codes, _ = inputs(gpt, B=2)
     opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
     for _ in range(150):
         loss = torch.nn.functional.cross_entropy(gpt(codes).flatten(0, 3), codes.flatten())
@@ -255,3 +260,34 @@ def test_initialisation_follows_the_original_table():
     assert std(attn.fc.weight) == pytest.approx(1 / math.sqrt(576 * 2), rel=0.02)   # shrinks with depth
     norm = gpt.attn_stack.attn_nets[0].pre_attn_norm
     assert torch.equal(norm.w.weight, torch.full((576, 9), 1 / 3))           # 1 / sqrt(n_classes)
+
+
+def commanded_squares(n, rng, T=4, cells=4):
+    """Codes (n, T, cells, cells) of one square per frame, at the cell its action commands; actions are
+    one-hot (n, T, cells*cells): the action decides where the square goes."""
+    target = rng.integers(cells * cells, size=(n, T))
+    codes = np.zeros((n, T, cells * cells), np.int64)
+    np.put_along_axis(codes, target[..., None], 1, axis=-1)
+    actions = np.eye(cells * cells, dtype=np.float32)[target]
+    return torch.from_numpy(codes).view(n, T, cells, cells), torch.from_numpy(actions), target
+
+
+def test_an_action_conditional_prior_learns_to_follow_its_actions():
+    torch.manual_seed(0)
+    gpt = VideoGPT(GPTConfig(latent_shape=(4, 4, 4), n_codes=2, embedding_dim=4, hidden_dim=48, heads=4, layers=2,
+                             dropout=0.0, attn_dropout=0.0, action_dim=16, sequence_length=4))
+    gpt.codebook.copy_(torch.eye(2, 4))                       # code 1: the square, code 0: background
+    opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        codes, actions, _ = commanded_squares(32, rng)
+        loss = torch.nn.functional.cross_entropy(gpt(codes, actions=actions).flatten(0, 3), codes.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Sampled with the KV cache for new action sequences: the square goes where it is told.
+    codes, actions, target = commanded_squares(64, np.random.default_rng(1))
+    with torch.no_grad():
+        sampled = gpt.eval().sample(64, actions=actions, generator=torch.Generator().manual_seed(0))
+    followed = (sampled.flatten(2).argmax(-1).numpy() == target).mean()
+    assert followed > 0.5, followed                          # chance: 1/16
