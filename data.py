@@ -1076,6 +1076,8 @@ def cmd_inspect(args):
         item = ds[(0, 0)]
         print(f"{ds.split}: {len(ds)} videos, {frames} frames, {ds.n_skipped} skipped, "
               f"{ds.n_classes} classes, clip {tuple(item['video'].shape)} (C, T, H, W)")
+        for name in getattr(ds, "extras", ()):
+            print(f"  per-frame {name}: {item[name].shape[-1]} values")
         if getattr(ds, "classes", None):
             print(f"  classes: {', '.join(ds.classes[:20])}{' ...' if len(ds.classes) > 20 else ''}")
         n = min(4, len(ds))

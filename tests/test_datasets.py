@@ -167,6 +167,8 @@ def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
     check_bair_h5(out_dir, expected)
     data.main(["bair", str(src), str(out_main), "--view", "main"])
     check_bair_h5(out_main, expected, view="main")
+    r = run_script("data.py", "inspect", str(out_dir), "--frames", "2", "--out", str(tmp_path / "sheet.png"))
+    assert r.returncode == 0 and "per-frame actions: 4 values" in r.stdout and "per-frame states: 3 values" in r.stdout
     # The dataset hands out each window's actions and states with its frames.
     ds = data.HDF5Dataset(out_dir, sequence_length=2, train=True, resolution=64)
     item = ds[(1, 0)]
@@ -324,3 +326,14 @@ def test_ucf101_bad_split_lists_give_one_line(tmp_path):
         data.main(["ucf101", str(ucf), str(splits), str(tmp_path / "out"), "--fold", "2"])
     assert str(e.value.code) == f"data.py: error: {splits / 'trainlist02.txt'}: No such file or directory"
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_ucf101_output_that_cannot_be_written_gives_one_line(tmp_path):
+    ucf, splits, _, _ = make_ucf(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.warns(UserWarning):
+        with pytest.raises(SystemExit) as e:
+            data.main(["ucf101", str(ucf), str(splits), str(tmp_path / "a_file" / "out")])
+    message = str(e.value.code)
+    assert message.startswith("data.py: error: ") and "a_file" in message and "Not a directory" in message
+    assert "\n" not in message
