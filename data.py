@@ -836,7 +836,7 @@ def bair_files(src):
     return files
 
 
-def write_bair(src, out, view="aux1", batch=256, progress=True):
+def write_bair(src, out, view="aux1", batch=64, progress=True):
     """Convert the BAIR release at `src` into the HDF5 layout at `out`, atomically, in bounded memory.
 
     `{split}_data` uint8 (N*30, 64, 64, 3) from camera `view`, `{split}_idx` the
