@@ -60,7 +60,7 @@ def parse_args(argv=None):
 def load_actions(path, n, sequence_length, action_dim):
     """--actions: a .npy of (T, A) (the same for every sample) or (n, T, A) -> float32 (n, T, A)."""
     try:
-        actions = np.load(path, allow_pickle=False)
+        actions = np.load(path)                  # never pickles: allow_pickle is off by default
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable .npy file ({type(e).__name__})") from None
     expected = f"({sequence_length}, {action_dim}) or ({n}, {sequence_length}, {action_dim})"

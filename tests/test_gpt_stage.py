@@ -134,6 +134,7 @@ def test_cache_codes_encodes_once_and_trains_on_the_file(tmp_path, digits_h5, vq
 
 def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(tmp_path, digits_h5, vqvae_ckpt):
     import h5py
+    import sample
     import train
     from gpt import load_gpt
     # The digits file with a 3-d action per frame added, as data.py bair writes it.
@@ -145,24 +146,24 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
             f[f"{split}_actions"] = np.random.default_rng(0).normal(size=(len(f[f"{split}_data"]), 3)).astype(np.float32)
     out = tmp_path / "gpt"
     train.train(train.parse_args(TINY_GPT + ["--data", str(data), "--vqvae", vqvae_ckpt, "--out_dir", str(out),
-                                             "--max_steps", "2", "--action_cond", "--n_cond_frames", "1"]))
+                                             "--max_steps", "2", "--action_cond"]))
     gpt, _ = load_gpt(out / "ckpt.pt")
-    assert gpt.config.action_dim == 3 and gpt.config.n_cond_frames == 1 and gpt.config.sequence_length == 4
+    assert gpt.config.action_dim == 3 and gpt.config.sequence_length == 4
     # Actions from the test clips, or the user's own: one sequence for all samples, or one per sample.
-    r = run_sample("--ckpt", str(out / "ckpt.pt"), "--n", "2", "--cond_from", str(data), "--out", str(tmp_path / "a.gif"))
-    assert r.returncode == 0, r.stderr
+    ckpt = ["--ckpt", str(out / "ckpt.pt"), "--n", "2"]
+    sample.main(ckpt + ["--cond_from", str(data), "--out", str(tmp_path / "a.gif")])
     np.save(tmp_path / "push.npy", np.ones((4, 3)))
-    r = run_sample("--ckpt", str(out / "ckpt.pt"), "--n", "2", "--cond_from", str(data), "--actions",
-                   str(tmp_path / "push.npy"), "--out", str(tmp_path / "b.gif"))
-    assert r.returncode == 0, r.stderr
+    sample.main(ckpt + ["--actions", str(tmp_path / "push.npy"), "--out", str(tmp_path / "b.gif")])
+    assert os.path.getsize(tmp_path / "a.gif") > 0 and os.path.getsize(tmp_path / "b.gif") > 0
     # Wrong or missing actions: one line naming the problem.
     np.save(tmp_path / "short.npy", np.ones((3, 3)))
-    r = run_sample("--ckpt", str(out / "ckpt.pt"), "--n", "2", "--cond_from", str(data), "--actions",
-                   str(tmp_path / "short.npy"), "--out", str(tmp_path / "c.gif"))
-    assert r.returncode == 1 and r.stderr.strip() == (f"sample.py: error: {tmp_path / 'short.npy'}: actions must be "
-                                                       f"numbers of shape (4, 3) or (2, 4, 3), got float64 (2, 3, 3)")
-    r = run_sample("--ckpt", str(out / "ckpt.pt"), "--n", "2", "--cond_from", digits_h5, "--out", str(tmp_path / "d.gif"))
-    assert r.returncode == 1 and "the prior is conditioned on actions; pass --actions FILE.npy (4, 3)" in r.stderr
+    for argv, message in (
+            (["--actions", str(tmp_path / "short.npy")],
+             f"{tmp_path / 'short.npy'}: actions must be numbers of shape (4, 3) or (2, 4, 3), got float64 (2, 3, 3)"),
+            (["--cond_from", digits_h5], "the prior is conditioned on actions; pass --actions FILE.npy (4, 3)")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(ckpt + argv + ["--out", str(tmp_path / "c.gif")])
+        assert str(e.value.code).startswith("sample.py: error: ") and message in str(e.value.code)
     assert train_error(*TINY_GPT, "--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(tmp_path / "x"),
                        "--action_cond").endswith("has no per-frame actions (an HDF5 file with train_actions, "
                                                  "e.g. from data.py bair)")
