@@ -94,7 +94,13 @@ class MultiHeadAttention(nn.Module):
         v = self.split_heads(self.w_vs(context), self.d_v)  # (B, nh, Lk, hv)
         return k, v
 
-    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None):
+    def fused_qkv_weight(self):
+        """The q, k, v projections stacked, (3 * n_head * d_k, dim): one matmul instead of three for
+        self-attention while sampling, where the weights do not change between steps."""
+        assert self.d_k == self.d_v, "fusing q, k and v needs equal widths (self-attention)"
+        return torch.cat([self.w_qs.weight, self.w_ks.weight, self.w_vs.weight])
+
+    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, qkv=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
         `mask` is a boolean (Lq, Lk) or broadcastable tensor, True where a query
@@ -103,13 +109,20 @@ class MultiHeadAttention(nn.Module):
         computed earlier (cross-attention to fixed frames while sampling).
         With `cache` (a KVCache layer) the new keys and values are written at
         positions `pos` (Lq,) and the queries attend over the whole buffer,
-        `mask` saying which of its positions are visible.
+        `mask` saying which of its positions are visible; or, with `pos` a
+        Python int (one query, eager decoding), over the written prefix alone,
+        `mask` then covering that prefix (None: all of it). `qkv` is
+        `fused_qkv_weight()`, computed once per sampling call.
         """
-        q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
-        # Keys and values: given, computed from the context, or appended to the cache.
-        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
+        if qkv is not None:
+            B, L, _ = x.shape
+            q, k, v = F.linear(x, qkv).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+        else:
+            q = self.split_heads(self.w_qs(x), self.d_k)    # (B, nh, Lq, hs)
+            # Keys and values: given, computed from the context, or appended to the cache.
+            k, v = kv if kv is not None else self.keys_values(x if context is None else context)
         if cache is not None:
-            k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
+            k, v = cache.update(pos, k, v)                  # (B, nh, L or pos+1, hs), (B, nh, L or pos+1, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
         dropout_p = self.attn_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
@@ -136,7 +149,13 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch_size, n_head, length, d_v, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
-        """Write k (B, nh, n, hs) and v at positions pos (n,); return the whole buffers."""
+        """Write k (B, nh, n, hs) and v at positions pos (n,) and return the whole buffers; or, for pos a
+        Python int (n = 1), write there and return the prefix up to it: fewer operations, and attention
+        over pos + 1 keys instead of all of them (the shapes then change every step: eager decoding only)."""
+        if isinstance(pos, int):
+            self.k[:, :, pos] = k[:, :, 0]
+            self.v[:, :, pos] = v[:, :, 0]
+            return self.k[:, :, :pos + 1], self.v[:, :, :pos + 1]   # (B, nh, pos+1, hs) each
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v

@@ -37,16 +37,20 @@ from vqvae import VQVAE, VQVAEConfig
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 SIZES = {
-    # CPU: small enough for a laptop; latent 4x16x16 = 1024 codes for the sampler.
-    "cpu": dict(vqvae=dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=(2, 4, 4),
-                           sequence_length=8, resolution=32), vq_batch=8,
-                gpt=dict(latent_shape=(4, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=192, heads=4, layers=4,
-                         dropout=0.0, attn_dropout=0.0), gpt_batch=8, sample_batch=4),
+    # CPU: the sizes the original VideoGPT was timed at on a 2-core CPU (README, "Measured"): VQ-VAE batch 4
+    # of 16x64x64; prior training batch 2 of 8x16x16 = 2048 codes with dropout; sampling 4 clips of
+    # 4x16x16 = 1024 codes, decoded by a VQ-VAE of the same widths into 8x64x64 clips.
+    "cpu": dict(vqvae=dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=2, downsample=(2, 4, 4),
+                           sequence_length=16, resolution=64), vq_batch=4,
+                gpt=dict(latent_shape=(8, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=120, heads=4, layers=4,
+                         dropout=0.1, attn_dropout=0.1), gpt_batch=2,
+                sample_latent=(4, 16, 16), sample_batch=4),
     # CUDA: BAIR as in the paper: 16x64x64 clips, VQ-VAE stride 4x2x2, latent 4x32x32 = 4096 codes.
     "cuda": dict(vqvae=dict(embedding_dim=256, n_codes=1024, n_hiddens=240, n_res_layers=4, downsample=(4, 2, 2),
                             sequence_length=16, resolution=64), vq_batch=32,
                  gpt=dict(latent_shape=(4, 32, 32), n_codes=1024, embedding_dim=256, hidden_dim=576, heads=4, layers=8,
-                          dropout=0.2, attn_dropout=0.3), gpt_batch=32, sample_batch=32),
+                          dropout=0.2, attn_dropout=0.3), gpt_batch=32,
+                 sample_latent=(4, 32, 32), sample_batch=32),
 }
 
 
@@ -126,15 +130,22 @@ def bench_gpt_train(size, args, device, autocast):
 
 @torch.no_grad()
 def bench_sample(size, args, device, autocast):
-    config = GPTConfig(**{**size["gpt"], **({"latent_shape": latent_for(args.codes)} if args.codes else {})})
+    latent = latent_for(args.codes) if args.codes else size["sample_latent"]
+    config = GPTConfig(**{**size["gpt"], "latent_shape": latent, "dropout": 0.0, "attn_dropout": 0.0})
     model = VideoGPT(config).to(device).eval()
     model.fc_out.weight.normal_(std=0.02)   # zero at init would make every code equally likely
+    # The VQ-VAE that decodes the samples: the benchmark's widths, a clip that gives this latent.
+    d = size["vqvae"]["downsample"]
+    vq = VQVAE(VQVAEConfig(**{**size["vqvae"], "sequence_length": latent[0] * d[0], "resolution": latent[1] * d[1],
+                              "n_codes": config.n_codes, "embedding_dim": config.embedding_dim})).to(device).eval()
     B, L = size["sample_batch"], config.seq_len
     decode = torch.compile(model.decode_one_token, mode="reduce-overhead") if args.compile else None
     g = torch.Generator(device).manual_seed(0)
     # Cached: whole batches, so the time includes prefill, every step and the cache set-up.
     with autocast:
         t_cached = timed(lambda: model.sample(B, generator=g, decode_fn=decode), device, 1, args.sample_repeats)
+        samples = model.sample(B, generator=g, decode_fn=decode)
+        t_decode = timed(lambda: vq.decode(samples), device, 1, args.sample_repeats)
     # Naive: a full forward per position, the same cost at every position; time a few.
     codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
 
@@ -144,7 +155,8 @@ def bench_sample(size, args, device, autocast):
     t_naive = timed(naive_step, device, 1, args.naive_steps)
     cached_tps, naive_tps = B * L / t_cached, B / t_naive
     emit(bench="sample", device=str(device), dtype=args.dtype, batch=B, codes=L, latent=list(config.latent_shape),
-         cached_s_per_batch=t_cached, cached_tokens_per_s=cached_tps, naive_tokens_per_s=naive_tps,
+         cached_s_per_batch=t_cached, decode_s=t_decode, with_decode_s=t_cached + t_decode,
+         cached_tokens_per_s=cached_tps, naive_tokens_per_s=naive_tps,
          naive_s_per_batch_est=L * t_naive, speedup=cached_tps / naive_tps, peak_mem_mb=peak_memory_mb(device))
 
 
@@ -164,7 +176,7 @@ def main(argv=None):
     p.add_argument("--codes", type=int, default=None, help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
-    p.add_argument("--sample_repeats", type=int, default=1, help="timed whole-batch cached samplings")
+    p.add_argument("--sample_repeats", type=int, default=3, help="timed whole-batch cached samplings")
     p.add_argument("--naive_steps", type=int, default=8, help="timed naive-sampler positions")
     p.add_argument("--compile", action="store_true", help="torch.compile the model / the decode step")
     args = p.parse_args(argv)

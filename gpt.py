@@ -252,14 +252,14 @@ class Block(nn.Module):
         self.post_fc_dp = nn.Dropout(c.dropout)
         self.grad_checkpointing = False
 
-    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None):
+    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, qkv=None):
         """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
-        block's cross-attention keys and values, precomputed for sampling."""
+        block's cross-attention keys and values, qkv its fused q/k/v weight, both precomputed for sampling."""
         ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
             else (lambda f, *a: f(*a))
         # Causal self-attention.
         h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos), h)
+        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, qkv=qkv), h)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
@@ -430,13 +430,22 @@ class VideoGPT(nn.Module):
         """Run inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing the cache.
 
         Each query attends over the whole cache with its row of the mask, so
-        positions not yet written (zeros) are never seen.
+        positions not yet written (zeros) are never seen. With `pos` a Python
+        int (eager decoding, n = 1) it attends over the written prefix instead:
+        the causal mask is then all True (dropped) for full attention, and
+        its row restricted to the prefix for sparse attention.
         """
-        x = self.attn_stack.pos_embd(x, pos)                                        # (B, n, hidden)
-        mask = self.mask[pos]                                                       # (n, L)
+        table = cond.get("pos_table")
+        if isinstance(pos, int):
+            x = x + table[pos]                                                      # (B, 1, hidden)
+            mask = self.mask[pos:pos + 1, :pos + 1] if self.config.attn_type == "sparse" else None   # (1, pos+1)
+        else:
+            x = self.attn_stack.pos_embd(x, pos) if table is None else x + table[pos]   # (B, n, hidden)
+            mask = self.mask[pos]                                                   # (n, L)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
-        for block, cache, kv in zip(self.attn_stack.attn_nets, caches, frame_kv):
-            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv)
+        qkv = cond.get("qkv") or [None] * len(caches)
+        for block, cache, kv, w in zip(self.attn_stack.attn_nets, caches, frame_kv, qkv):
+            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv, qkv=w)
         return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
 
     def prefill(self, cond, caches, batch_size):
@@ -446,30 +455,39 @@ class VideoGPT(nn.Module):
         return self.step(x, pos, cond, caches)[:, -1]
 
     def decode_one_token(self, code, pos, cond, caches):
-        """Feed the code sampled at position pos-1 (B,) in at position pos (1,); logits (B, n_codes)."""
+        """Feed the code sampled at position pos-1 (B,) in at position pos ((1,) tensor or int); logits (B, n_codes)."""
         return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
 
     def cached_condition(self, label, frames, batch_size, actions=None):
-        """Conditioning for sampling: the cross-attention keys/values (frames, actions) computed once per call."""
+        """What stays fixed while sampling, computed once per call: the conditioning, the cross-attention
+        keys/values (frames, actions), every position's embedding (L, hidden), each block's fused q/k/v weight."""
         cond = self.condition(label, frames, batch_size, actions)
         if cond["context"] is not None:
             cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
+        cond["pos_table"] = self.attn_stack.pos_embd.table().to(self.sampling_dtype())   # (L, hidden)
+        cond["qkv"] = [b.attn.fused_qkv_weight() for b in self.attn_stack.attn_nets]     # (3 * hidden, hidden) each
         return cond
+
+    def sampling_dtype(self):
+        """The dtype of activations while sampling: autocast's when it is on (keys and values come out in
+        it, so the cache holds that), else the weights'."""
+        device = self.fc_in.weight.device
+        return (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                else self.fc_in.weight.dtype)
 
     @torch.no_grad()
     def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
                progress=False, decode_fn=None, actions=None):
         """Draw n code grids (n, t, h, w) with the KV cache.
 
-        `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one).
+        `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one); it
+        gets positions as tensors (1,), so its shapes never change. The eager
+        default gets them as ints and attends over the written prefix only.
         """
         c = self.config
         device = self.fc_in.weight.device
-        # Under autocast the keys and values come out in the autocast dtype; the cache holds that.
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                 else self.fc_in.weight.dtype)
         cond = self.cached_condition(label, frames, n, actions)
-        caches = self.setup_caches(n, dtype, device)
+        caches = self.setup_caches(n, self.sampling_dtype(), device)
         decode = decode_fn or self.decode_one_token
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
         pos = torch.arange(c.seq_len, device=device)
@@ -481,7 +499,7 @@ class VideoGPT(nn.Module):
             if i == 0:
                 logits = self.prefill(cond, caches, n)
             else:
-                logits = decode(codes[:, i - 1], pos[i:i + 1], cond, caches)
+                logits = decode(codes[:, i - 1], i if decode_fn is None else pos[i:i + 1], cond, caches)
             codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 

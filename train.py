@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--n_codes", type=int, default=None, help="vqvae: codebook size")
     p.add_argument("--n_hiddens", type=int, default=None, help="vqvae: channels of the encoder and decoder")
     p.add_argument("--n_res_layers", type=int, default=None, help="vqvae: attention residual blocks per side")
+    p.add_argument("--decoder_res_layers", type=int, default=None,
+                   help="vqvae: the decoder's attention residual blocks, when not --n_res_layers")
     p.add_argument("--downsample", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                    help="vqvae: compression factor per axis, powers of two")
     # prior
@@ -219,7 +221,7 @@ class VQVAEStage:
     def __init__(self, args, ckpt, ckpt_path):
         self.config = resolved_config(VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
-            n_res_layers=args.n_res_layers, downsample=args.downsample, sequence_length=args.sequence_length,
+            n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers, downsample=args.downsample, sequence_length=args.sequence_length,
             resolution=args.resolution), ckpt, ckpt_path)
         self.clip = (self.config.sequence_length, self.config.resolution)
 

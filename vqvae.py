@@ -46,6 +46,7 @@ class VQVAEConfig:
     n_codes: int = 2048               # number of codebook entries K
     n_hiddens: int = 240              # channels inside the encoder and decoder
     n_res_layers: int = 4             # attention residual blocks in the encoder, and again in the decoder
+    decoder_res_layers: int = None    # the decoder's own count, when it differs (None: n_res_layers)
     downsample: tuple = (4, 4, 4)     # (T, H, W) compression factors, each a power of two
     sequence_length: int = 16         # frames per training clip; with resolution it fixes the latent shape
     resolution: int = 64              # height = width of training clips, pixels
@@ -66,6 +67,10 @@ class VQVAEConfig:
                 raise ValueError(f"downsample factors must be powers of two, got {self.downsample}")
         if max(self.downsample) == 1:
             raise ValueError("downsample (1, 1, 1) compresses nothing; use at least one factor of 2 or more")
+        # An encoder without attention sees only a neighbourhood, so equal content gets equal codes (cheap
+        # for the prior to model); the decoder may still attend over the whole clip to reconstruct it.
+        if self.decoder_res_layers is None:
+            self.decoder_res_layers = self.n_res_layers
         if self.n_hiddens % 2:
             raise ValueError(f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}")
         if self.n_hiddens % self.n_head:
@@ -368,7 +373,7 @@ class VQVAE(nn.Module):
         self.config = config
         c = config
         self.encoder = Encoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head)
-        self.decoder = Decoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head)
+        self.decoder = Decoder(c.n_hiddens, c.decoder_res_layers, c.downsample, c.n_head)
         # 1x1x1 convolutions in and out of the codebook's width.
         self.pre_vq_conv = SamePadConv3d(c.n_hiddens, c.embedding_dim, 1)
         self.post_vq_conv = SamePadConv3d(c.embedding_dim, c.n_hiddens, 1)

@@ -109,13 +109,15 @@ def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
     B, L = 3, gpt.config.seq_len
     full = gpt(codes, **given).view(B, L, -1)
     # Feed the same codes through prefill + decode_one_token: every step's logits match.
+    # Positions as tensors (fixed shapes, what torch.compile sees) or as ints (the eager prefix path).
     cond = gpt.cached_condition(given["label"], given["frames"], B, given["actions"])
-    caches = gpt.setup_caches(B, torch.float32, "cpu")
     flat = codes.view(B, L)
-    steps = [gpt.prefill(cond, caches, B)]
-    for i in range(1, L):
-        steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches))
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+    for as_position in (lambda i: torch.tensor([i]), int):
+        caches = gpt.setup_caches(B, torch.float32, "cpu")
+        steps = [gpt.prefill(cond, caches, B)]
+        for i in range(1, L):
+            steps.append(gpt.decode_one_token(flat[:, i - 1], as_position(i), cond, caches))
+        torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
     # Same generator, same codes, for the cached and the naive sampler, with filtering on.
     for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
         a = gpt.sample(B, **given, generator=torch.Generator().manual_seed(3), **kw)
