@@ -207,3 +207,25 @@ def test_ema_weights_new_statistics_by_one_minus_decay():
     torch.testing.assert_close(cb.N, torch.tensor([2.0, 2.0, 0.375]))
     torch.testing.assert_close(cb.z_avg, torch.tensor([[0.0, 0.5], [20.0, 0.0], [0.0, 3.75]]))
     torch.testing.assert_close(cb.embeddings[:2], torch.tensor([[0.0, 0.25], [10.0, 0.0]]))
+
+
+def test_an_encoder_without_attention_sees_only_its_neighbourhood_and_the_decoder_keeps_its_own_depth():
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
+                         downsample=(2, 4, 4), sequence_length=4, resolution=32)
+    model = VQVAE(config).eval()
+    assert len(model.encoder.res_stack) == 2 and len(model.decoder.res_stack) == 3   # (BN, ReLU) vs block + (BN, ReLU)
+    assert VQVAEConfig(**config.to_dict()) == config                                 # saved and restored as is
+    assert VQVAEConfig(n_res_layers=2).decoder_res_layers == 2                      # default: the encoder's count
+    # Changing the bottom-right corner of the clip leaves the latents of the top rows unchanged (local codes).
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 4, 32, 32) - 0.5
+    y = x.clone()
+    y[..., 24:, 24:] = 0.5
+    with torch.no_grad():
+        a, b = (model.pre_vq_conv(model.encoder(v)) for v in (x, y))                  # (1, 8, 2, 8, 8)
+    assert torch.equal(a[..., :3, :], b[..., :3, :]) and not torch.equal(a, b)
+    # With (axial) attention in the encoder, the top rows see it through the changed columns.
+    with torch.no_grad():
+        model = VQVAE(VQVAEConfig(**{**config.to_dict(), "n_res_layers": 1})).eval()
+        a, b = (model.pre_vq_conv(model.encoder(v)) for v in (x, y))
+    assert not torch.equal(a[..., :3, 6:], b[..., :3, 6:])
