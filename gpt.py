@@ -448,10 +448,13 @@ class VideoGPT(nn.Module):
             x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv, qkv=w)
         return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
 
-    def prefill(self, cond, caches, batch_size):
-        """Position 0: the start vector alone. Returns the logits of the first code (B, n_codes)."""
+    def prefill(self, cond, caches, batch_size, prefix=None):
+        """The start vector, then the given codes `prefix` (B, P) if any, in one pass at positions 0..P,
+        writing the cache. Returns the logits of the first code to draw, position P (B, n_codes)."""
         x = self.attn_stack.right_shift.sos.to(self.fc_in.weight.dtype).expand(batch_size, 1, -1)  # (B, 1, hidden)
-        pos = torch.zeros(1, dtype=torch.long, device=x.device)
+        if prefix is not None and prefix.shape[1]:
+            x = torch.cat([x, self.embed(prefix)], dim=1)                          # (B, 1 + P, hidden)
+        pos = torch.arange(x.shape[1], device=x.device)
         return self.step(x, pos, cond, caches)[:, -1]
 
     def decode_one_token(self, code, pos, cond, caches):
@@ -477,31 +480,104 @@ class VideoGPT(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-               progress=False, decode_fn=None, actions=None):
+               progress=False, decode_fn=None, actions=None, prefix=None, frames_out=None, stride=None,
+               frames_fn=None):
         """Draw n code grids (n, t, h, w) with the KV cache.
 
+        `prefix` (n, k, h, w) gives the first k latent time steps (video
+        prediction): they are prefilled in one pass and only the rest is drawn.
+        `frames_out` asks for a longer video: see `sample_long`.
         `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one); it
         gets positions as tensors (1,), so its shapes never change. The eager
         default gets them as ints and attends over the written prefix only.
         """
+        if frames_out is not None and frames_out != self.config.sequence_length:
+            return self.sample_long(n, frames_out, stride, label=label, frames=frames, actions=actions, prefix=prefix,
+                                    frames_fn=frames_fn, progress=progress, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, generator=generator, decode_fn=decode_fn)
         c = self.config
         device = self.fc_in.weight.device
         cond = self.cached_condition(label, frames, n, actions)
         caches = self.setup_caches(n, self.sampling_dtype(), device)
         decode = decode_fn or self.decode_one_token
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
+        given = 0
+        if prefix is not None:
+            t, h, w = c.latent_shape
+            assert prefix.shape[0] == n and prefix.shape[1] <= t and tuple(prefix.shape[2:]) == (h, w), \
+                f"prefix must be (n={n}, k <= {t}, {h}, {w}), got {tuple(prefix.shape)}"
+            given = prefix.shape[1] * h * w
+            codes[:, :given] = prefix.flatten(1)                                  # (n, k*h*w)
         pos = torch.arange(c.seq_len, device=device)
-        positions = range(c.seq_len)
+        positions = range(given, c.seq_len)
         if progress:
             from tqdm import tqdm  # lazy: only for the progress bar
             positions = tqdm(positions, desc="sampling", unit="code", leave=False)
         for i in positions:
-            if i == 0:
-                logits = self.prefill(cond, caches, n)
+            if i == given:
+                logits = self.prefill(cond, caches, n, codes[:, :given])
             else:
                 logits = decode(codes[:, i - 1], i if decode_fn is None else pos[i:i + 1], cond, caches)
             codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
+
+    @torch.no_grad()
+    def sample_long(self, n, frames_out, stride=None, label=None, frames=None, actions=None, prefix=None,
+                    frames_fn=None, progress=False, **sampling):
+        """Codes of `frames_out` frames, more than the prior was trained on, by sliding its window over latent time.
+
+        The prior models windows of t latent steps (sequence_length frames). The
+        first window is an ordinary sample (with `prefix`, `frames`, `actions` as
+        given); each next one keeps the last t - s generated steps as its
+        context, prefills them in one pass (positions restart at 0, as in
+        training) and draws s new steps. Default s = t // 2: half the window
+        is context. Class labels condition every window; conditioning frames
+        only the first: later windows need `frames_fn(context codes)` -> their
+        first frames (sample.py decodes the context with the VQ-VAE); actions
+        (n, frames_out, A) are cut into each window's frames.
+        Returns (n, frames_out / stride_t, h, w).
+        """
+        c = self.config
+        t = c.latent_shape[0]
+        per_step = c.sequence_length // t                         # frames per latent time step
+        if frames_out % per_step or frames_out < c.sequence_length:
+            raise ValueError(f"frames_out={frames_out} must be a multiple of the VQ-VAE's temporal stride {per_step} "
+                             f"and at least the trained {c.sequence_length} frames")
+        s = stride or max(1, t // 2)
+        if not 1 <= s <= t:
+            raise ValueError(f"stride={s} must be between 1 and the window's {t} latent steps")
+        steps_out = frames_out // per_step
+        if c.action_dim:
+            assert actions is not None and actions.shape[1] == frames_out, \
+                f"an action-conditional prior needs actions for all {frames_out} frames, got {None if actions is None else tuple(actions.shape)}"
+        if c.n_cond_frames and frames_fn is None and steps_out > t:
+            raise ValueError("a frame-conditional prior needs frames_fn(context codes) -> frames for its later windows")
+
+        def window_actions(start):
+            """The actions of the window's frames; past the last given frame, the last action is repeated."""
+            if not c.action_dim:
+                return None
+            idx = torch.arange(start * per_step, (start + t) * per_step, device=actions.device).clamp(max=frames_out - 1)
+            return actions[:, idx]                                                        # (n, T, A)
+
+        # The first window, then one more per s steps until the video is long enough.
+        windows = [0] + list(range(s, max(steps_out - t, 0) + s, s))
+        if progress:
+            from tqdm import tqdm  # lazy: only for the progress bar
+            windows = tqdm(windows, desc="windows", unit="window", leave=False)
+        video = None
+        for start in windows:
+            if video is None:
+                window = self.sample(n, label, frames, prefix=prefix, actions=window_actions(0), progress=progress,
+                                     **sampling)                                          # (n, t, h, w)
+                video = window
+                continue
+            keep = video[:, start:]                                                       # (n, t - s or fewer, h, w)
+            cond_frames = frames_fn(keep)[:, :, :c.n_cond_frames] if c.n_cond_frames else None
+            window = self.sample(n, label, cond_frames, prefix=keep, actions=window_actions(start), progress=progress,
+                                 **sampling)                                              # (n, t, h, w)
+            video = torch.cat([video, window[:, keep.shape[1]:]], dim=1)                  # (n, start + t, h, w)
+        return video[:, :steps_out]                                                       # (n, steps_out, h, w)
 
     @torch.no_grad()
     def sample_naive(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
@@ -572,6 +648,7 @@ def load_gpt(path, device="cpu"):
     if "stage" in ckpt:
         vq = embedded_vqvae(ckpt, path)
         config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
+        config.sequence_length = vq.config.sequence_length   # older checkpoints did not store it; the VQ-VAE knows
     else:
         try:
             vq_config, config = original_configs(ckpt, path)

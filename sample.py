@@ -5,6 +5,8 @@
     python sample.py --ckpt bair_gpt.ckpt --cond_from bair.hdf5 --out bair.mp4     # frame-conditional prior
     python sample.py --ckpt ucf_gpt.ckpt --label 3 --out class3.png                 # class-conditional prior
     python sample.py --ckpt bair_act.ckpt --cond_from bair.h5 --actions push.npy    # action-conditional prior
+    python sample.py --ckpt runs/gpt/ckpt.pt --frames 64 --out long.mp4            # longer than trained
+    python sample.py --ckpt runs/gpt/ckpt.pt --cond_from DATA --context_frames 4 --frames 32 --out predicted.mp4
 
 The checkpoint is ours (it embeds its VQ-VAE) or an original VideoGPT prior.
 Codes are drawn with the KV-cached sampler (gpt.VideoGPT.sample) in batches,
@@ -47,6 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--actions", default=None,
                    help="action-conditional priors: a .npy of float actions, (T, action_dim) for every sample "
                         "or (n, T, action_dim), T the clip's frames; replaces those of --cond_from")
+    # length
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per video: more than the prior was trained on slides its window over latent time "
+                        "(a multiple of the VQ-VAE's temporal stride; default: the trained length)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="with --frames: latent time steps drawn per window (default: half the window)")
+    p.add_argument("--context_frames", type=int, default=0,
+                   help="with --cond_from: video prediction, the first K real frames are encoded and continued")
     # run
     p.add_argument("--batch_size", type=int, default=16, help="videos sampled at once")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -76,13 +86,16 @@ def load_actions(path, n, sequence_length, action_dim):
 def conditioning(gpt, args, vq_config, device):
     """The prior's inputs for all n samples: dict(label (n,), frames (n, 3, k, H, W), actions (n, T, A)), None where unused."""
     c = gpt.config
-    labels = frames = actions = None
+    labels = frames = actions = context = None
+    if args.context_frames and args.cond_from is None:
+        raise ValueError("--context_frames continues real clips: pass --cond_from DATA too")
     if args.cond_from is not None:
         data = make_dataset(args.cond_from, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
         # The first n test clips (cycled when there are fewer), each with a fixed window.
         items = [data[(i % len(data), i % len(data))] for i in range(args.n)]
         video = torch.stack([it["video"] for it in items]).to(device)               # (n, 3, T, H, W)
         frames = video[:, :, :c.n_cond_frames] if c.n_cond_frames else None
+        context = video[:, :, :args.context_frames] if args.context_frames else None   # (n, 3, K, H, W)
         if c.n_classes and "label" in items[0]:
             labels = torch.tensor([it["label"] for it in items], device=device)
         if c.action_dim and "actions" in items[0]:
@@ -107,7 +120,20 @@ def conditioning(gpt, args, vq_config, device):
             labels = torch.arange(args.n, device=device) % c.n_classes    # every class in turn
     elif args.label is not None:
         raise ValueError(f"{args.ckpt}: --label given, but the prior is not class-conditional")
-    return dict(label=labels, frames=frames, actions=actions)
+    return dict(label=labels, frames=frames, actions=actions), context
+
+
+def check_length(args, vq_config):
+    """--frames, --context_frames against the VQ-VAE's clip: one-line errors before any sampling."""
+    T, stride = vq_config.sequence_length, vq_config.downsample[0]
+    frames = args.frames or T
+    if frames % stride or frames < T:
+        raise ValueError(f"--frames {frames} must be a multiple of the VQ-VAE's temporal stride {stride} "
+                         f"and at least the trained {T} frames")
+    if args.context_frames and (args.context_frames % stride or args.context_frames >= T):
+        raise ValueError(f"--context_frames {args.context_frames} must be a multiple of {stride} "
+                         f"and fewer than the window's {T} frames")
+    return frames
 
 
 def run(args):
@@ -118,7 +144,14 @@ def run(args):
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     device = default_device(args.device)
     gpt, vq = load_gpt(args.ckpt, device=device)
-    cond = conditioning(gpt, args, vq.config, device)
+    frames_out = check_length(args, vq.config)
+    cond, context = conditioning(gpt, args, vq.config, device)
+    if gpt.config.action_dim and frames_out > vq.config.sequence_length and cond["actions"].shape[1] < frames_out:
+        # Actions for the frames beyond the data's window (or the file's): the last one, held.
+        extra = cond["actions"][:, -1:].expand(-1, frames_out - cond["actions"].shape[1], -1)
+        cond["actions"] = torch.cat([cond["actions"], extra], dim=1)                # (n, frames_out, A)
+    # Later windows of a frame-conditional prior take their first frames from the decoded context.
+    frames_fn = (lambda codes: vq.decode(codes)) if gpt.config.n_cond_frames else None
     generator = torch.Generator(device).manual_seed(args.seed)
     # The decode step has fixed shapes, so it compiles once; on CUDA "reduce-overhead" replays it as a CUDA graph.
     decode = (torch.compile(gpt.decode_one_token, mode="reduce-overhead" if device.type == "cuda" else "default")
@@ -130,10 +163,19 @@ def run(args):
         for start in range(0, args.n, args.batch_size):
             sl = slice(start, min(args.n, start + args.batch_size))
             part = {k: None if v is None else v[sl] for k, v in cond.items()}        # this batch's conditioning
+            # Video prediction: the real frames' codes are the first latent steps, prefilled, not drawn.
+            prefix = vq.encode(context[sl]) if context is not None else None         # (n, K/stride, h, w)
             codes = gpt.sample(sl.stop - sl.start, **part, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, generator=generator, progress=True, decode_fn=decode)  # (n, t, h, w)
-            video = vq.decode(codes)                                                    # (n, 3, T, H, W)
-            videos.append(samples_to_uint8(video, part["frames"]))                     # (n, T, H, W, 3)
+                               top_p=args.top_p, generator=generator, progress=True, decode_fn=decode,
+                               prefix=prefix, frames_out=frames_out, stride=args.stride,
+                               frames_fn=frames_fn)                                     # (n, t', h, w)
+            # The whole latent video is decoded at once: the decoder's convolutions and attention see
+            # neighbouring latent steps, so decoding window by window would leave seams where they meet.
+            video = vq.decode(codes)                                                    # (n, 3, T', H, W)
+            given = part["frames"] if context is None else context[sl]                 # real frames, framed in red
+            if given is not None and part["frames"] is not None and given.shape[2] < part["frames"].shape[2]:
+                given = part["frames"]
+            videos.append(samples_to_uint8(video, given))                               # (n, T', H, W, 3)
             print(f"sampled {sl.stop}/{args.n}", flush=True)
     clips = np.concatenate(videos)                                                      # (N, T, H, W, 3)
 

@@ -293,3 +293,83 @@ def test_an_action_conditional_prior_learns_to_follow_its_actions():
         sampled = gpt.eval().sample(64, actions=actions, generator=torch.Generator().manual_seed(0))
     followed = (sampled.flatten(2).argmax(-1).numpy() == target).mean()
     assert followed > 0.5, followed                          # chance: 1/9
+
+
+# -----------------------------------------------------------------------------
+# Longer videos: the prior's window slid over latent time
+
+
+def test_prefilled_prefix_gives_the_teacher_forced_logits_and_keeps_the_given_codes():
+    gpt = tiny_prior(**VARIANTS["class"]).eval()
+    codes, given = inputs(gpt)
+    B, L = 3, gpt.config.seq_len
+    full = gpt(codes, **given).view(B, L, -1)
+    P = 16                                                    # the first latent time step, 4x4 codes
+    cond = gpt.cached_condition(given["label"], None, B)
+    caches = gpt.setup_caches(B, torch.float32, "cpu")
+    flat = codes.view(B, L)
+    steps = [gpt.prefill(cond, caches, B, flat[:, :P])]       # one pass over the start vector and P codes
+    for i in range(P + 1, L):
+        steps.append(gpt.decode_one_token(flat[:, i - 1], i, cond, caches))
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, P:], atol=1e-5, rtol=1e-5)
+    drawn = gpt.sample(B, given["label"], prefix=codes[:, :1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn[:, :1], codes[:, :1])
+
+
+@pytest.mark.parametrize("variant", ["full", "sparse", "class"])
+def test_a_long_sample_starts_with_the_ordinary_sample_and_slides_its_window(variant):
+    gpt = tiny_prior(**VARIANTS[variant], sequence_length=4).eval()   # latent t = 2: 2 frames per latent step
+    _, given = inputs(gpt)
+    ordinary = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5))
+    same = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5), frames_out=4)
+    assert torch.equal(ordinary, same)                       # a window equal to the trained length: the same sample
+    long = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5), frames_out=10, stride=1)
+    assert long.shape == (3, 5, 4, 4) and torch.equal(long[:, :2], ordinary)
+    # Each later window is the prior's sample given the previous step as its prefix (positions restarted).
+    g = torch.Generator().manual_seed(5)
+    gpt.sample(3, given["label"], generator=g)
+    nxt = gpt.sample(3, given["label"], prefix=long[:, 1:2], generator=g)
+    assert torch.equal(nxt[:, 1], long[:, 2])
+
+
+def test_long_sampling_refuses_lengths_it_cannot_make():
+    gpt = tiny_prior(sequence_length=4).eval()
+    for frames_out, what in ((7, "multiple of the VQ-VAE's temporal stride 2"), (2, "at least the trained 4 frames")):
+        with pytest.raises(ValueError, match=what):
+            gpt.sample(1, frames_out=frames_out)
+    with pytest.raises(ValueError, match="stride=3 must be between 1 and the window's 2 latent steps"):
+        gpt.sample(1, frames_out=8, stride=3)
+    with pytest.raises(ValueError, match="needs frames_fn"):
+        tiny_prior(**VARIANTS["frames"], sequence_length=4).eval().sample(
+            1, frames=torch.zeros(1, 3, 1, 8, 8), frames_out=8)
+
+
+def moving_dots(n, rng, steps=4, cells=8):
+    """Codes (n, steps, 1, cells) of a dot moving one cell right per step around a ring; its start cells (n,)."""
+    start = rng.integers(cells, size=n)
+    where = (start[:, None] + np.arange(steps)) % cells                       # (n, steps)
+    codes = np.zeros((n, steps, cells), np.int64)
+    np.put_along_axis(codes, where[..., None], 1, axis=-1)
+    return torch.from_numpy(codes).view(n, steps, 1, cells), start
+
+
+def test_a_sliding_window_continues_periodic_motion_past_the_trained_length():
+    torch.manual_seed(0)
+    gpt = VideoGPT(GPTConfig(latent_shape=(4, 1, 8), n_codes=2, embedding_dim=4, hidden_dim=48, heads=4, layers=2,
+                             dropout=0.0, attn_dropout=0.0, sequence_length=4))
+    gpt.codebook.copy_(torch.eye(2, 4))
+    opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        codes, _ = moving_dots(32, rng)
+        loss = torch.nn.functional.cross_entropy(gpt(codes).flatten(0, 3), codes.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        video = gpt.eval().sample(32, generator=torch.Generator().manual_seed(0), frames_out=16)   # 4x the window
+    where = video[:, :, 0].argmax(-1).numpy()                                   # (32, 16) dot cell per step
+    expected = (where[:, :1] + np.arange(16)) % 8
+    error = np.minimum(abs(where - expected), 8 - abs(where - expected))        # distance on the ring, per step
+    # A dot placed at random is 2 cells off on average; past the trained 4 steps it stays on track.
+    assert error[:, 4:].mean() < 0.5 and error.mean(0).max() < 1.0, error.mean(0)

@@ -167,3 +167,30 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
     assert train_error(*TINY_GPT, "--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(tmp_path / "x"),
                        "--action_cond").endswith("has no per-frame actions (an HDF5 file with train_actions, "
                                                  "e.g. from data.py bair)")
+
+
+# -----------------------------------------------------------------------------
+# Longer videos and video prediction from the command line
+
+
+def test_sample_py_makes_longer_videos_and_continues_real_clips(tmp_path, digits_h5, vqvae_ckpt):
+    import sample
+    import train
+    from PIL import Image
+    out = tmp_path / "gpt"
+    train.train(train.parse_args(TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(out),
+                                             "--max_steps", "1"]))
+    ckpt = ["--ckpt", str(out / "ckpt.pt"), "--n", "2"]
+    sample.main(ckpt + ["--frames", "10", "--out", str(tmp_path / "long.gif")])           # trained on 4 frames
+    assert Image.open(tmp_path / "long.gif").n_frames == 10
+    sample.main(ckpt + ["--frames", "8", "--stride", "1", "--cond_from", digits_h5, "--context_frames", "2",
+                        "--out", str(tmp_path / "predicted.png")])
+    sheet = np.asarray(Image.open(tmp_path / "predicted.png"))
+    assert sheet.shape[1] > sheet.shape[0]                                                # 8 frames per row
+    for argv, message in ((["--frames", "7"], "--frames 7 must be a multiple of the VQ-VAE's temporal stride 2"),
+                          (["--frames", "2"], "and at least the trained 4 frames"),
+                          (["--context_frames", "2"], "--context_frames continues real clips: pass --cond_from"),
+                          (["--cond_from", digits_h5, "--context_frames", "4"], "fewer than the window's 4 frames")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(ckpt + argv + ["--out", str(tmp_path / "x.gif")])
+        assert str(e.value.code).startswith("sample.py: error: ") and message in str(e.value.code)
