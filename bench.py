@@ -10,7 +10,8 @@ Benchmarks:
   vqvae_train   VQ-VAE training steps: clips/s
   gpt_train     prior training steps: tokens/s, and MFU on CUDA
   sample        prior sampling: tokens/s of the KV-cached sampler and of the naive
-                full-recompute sampler, and the ratio; seconds for one whole batch
+                full-recompute sampler, and the ratio; seconds for one whole batch, its
+                VQ-VAE decode, and a video twice the trained length (sliding window)
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
 slow step does not move them. Peak memory is CUDA's max allocated, or the
@@ -131,11 +132,12 @@ def bench_gpt_train(size, args, device, autocast):
 @torch.no_grad()
 def bench_sample(size, args, device, autocast):
     latent = latent_for(args.codes) if args.codes else size["sample_latent"]
-    config = GPTConfig(**{**size["gpt"], "latent_shape": latent, "dropout": 0.0, "attn_dropout": 0.0})
+    d = size["vqvae"]["downsample"]
+    config = GPTConfig(**{**size["gpt"], "latent_shape": latent, "dropout": 0.0, "attn_dropout": 0.0,
+                          "sequence_length": latent[0] * d[0]})
     model = VideoGPT(config).to(device).eval()
     model.fc_out.weight.normal_(std=0.02)   # zero at init would make every code equally likely
     # The VQ-VAE that decodes the samples: the benchmark's widths, a clip that gives this latent.
-    d = size["vqvae"]["downsample"]
     vq = VQVAE(VQVAEConfig(**{**size["vqvae"], "sequence_length": latent[0] * d[0], "resolution": latent[1] * d[1],
                               "n_codes": config.n_codes, "embedding_dim": config.embedding_dim})).to(device).eval()
     B, L = size["sample_batch"], config.seq_len
@@ -146,6 +148,9 @@ def bench_sample(size, args, device, autocast):
         t_cached = timed(lambda: model.sample(B, generator=g, decode_fn=decode), device, 1, args.sample_repeats)
         samples = model.sample(B, generator=g, decode_fn=decode)
         t_decode = timed(lambda: vq.decode(samples), device, 1, args.sample_repeats)
+        # Twice the trained length with the sliding window (half a window of context, half new per window).
+        frames_long = 2 * config.sequence_length
+        t_long = timed(lambda: model.sample(B, generator=g, frames_out=frames_long), device, 0, 1)
     # Naive: a full forward per position, the same cost at every position; time a few.
     codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
 
@@ -156,7 +161,8 @@ def bench_sample(size, args, device, autocast):
     cached_tps, naive_tps = B * L / t_cached, B / t_naive
     emit(bench="sample", device=str(device), dtype=args.dtype, batch=B, codes=L, latent=list(config.latent_shape),
          cached_s_per_batch=t_cached, decode_s=t_decode, with_decode_s=t_cached + t_decode,
-         cached_tokens_per_s=cached_tps, naive_tokens_per_s=naive_tps,
+         cached_tokens_per_s=cached_tps, naive_tokens_per_s=naive_tps, codes_per_frame=L // config.sequence_length,
+         long_frames=frames_long, long_s=t_long, long_s_per_frame=t_long / frames_long,
          naive_s_per_batch_est=L * t_naive, speedup=cached_tps / naive_tps, peak_mem_mb=peak_memory_mb(device))
 
 
