@@ -373,3 +373,17 @@ def test_a_sliding_window_continues_periodic_motion_past_the_trained_length():
     error = np.minimum(abs(where - expected), 8 - abs(where - expected))        # distance on the ring, per step
     # A dot placed at random is 2 cells off on average; past the trained 4 steps it stays on track.
     assert error[:, 4:].mean() < 0.5 and error.mean(0).max() < 1.0, error.mean(0)
+
+
+def test_later_windows_of_a_frame_conditional_prior_take_their_frames_from_the_context():
+    gpt = tiny_prior(**VARIANTS["frames"], sequence_length=4).eval()
+    _, given = inputs(gpt)
+    seen = []
+
+    def frames_fn(context):                                   # what sample.py does: decode the context codes
+        seen.append(context.clone())
+        return torch.zeros(3, 3, 2, 8, 8)                     # (n, 3, frames of the context, H, W)
+    video = gpt.sample(3, frames=given["frames"], frames_out=8, stride=1, frames_fn=frames_fn,
+                       generator=torch.Generator().manual_seed(0))
+    assert video.shape == (3, 4, 4, 4) and len(seen) == 2
+    assert torch.equal(seen[0], video[:, 1:2]) and torch.equal(seen[1], video[:, 2:3])
