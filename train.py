@@ -67,7 +67,8 @@ PRESETS = {
                              sequence_length=16, resolution=64, batch_size=32, lr=7e-4, warmup_steps=0,
                              lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50,
                              dtype="float32"),
-    ("vqvae", "digits"): dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=1, downsample=[2, 4, 4],
+    ("vqvae", "digits"): dict(embedding_dim=64, n_codes=256, n_hiddens=64, n_res_layers=0, decoder_res_layers=1,
+                              downsample=[2, 4, 4],
                               sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
                               lr_schedule="constant", max_steps=2800, eval_interval=700, log_interval=25,
                               dtype="bfloat16"),
@@ -75,8 +76,8 @@ PRESETS = {
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50, dtype="float32"),
     ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
-                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1200,
-                            eval_interval=600, log_interval=25, dtype="bfloat16"),
+                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1500,
+                            eval_interval=750, log_interval=25, dtype="bfloat16"),
 }
 
 
