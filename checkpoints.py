@@ -5,7 +5,8 @@ a file that matters uses it:
 
 * `atomic_write` and friends: a file is replaced whole or not at all, a kill
   leaves at worst a `NAME.tmpPID` that the next start clears, and an output
-  folder is proved writable before hours of work go into it.
+  folder is proved writable before hours of work go into it. `OutputLock`:
+  one run per output folder (or file), released by the kernel if the run dies.
 * Checkpoints: `save_checkpoint` / `keep_copy` write ours; `load_checkpoint`
   reads ours and the original VideoGPT release's PyTorch Lightning files with
   `weights_only=True` and an explicit allow-list, so a file that would run code
@@ -20,11 +21,14 @@ and the run's process concerns (runtime.py).
 """
 
 import argparse
+import errno
+import fcntl
 import glob
 import json
 import os
 import pickle
 import re
+import socket
 
 import torch
 
@@ -89,6 +93,66 @@ def check_writable(folder):
 
 # -----------------------------------------------------------------------------
 # Writing our checkpoints
+
+
+class OutputLock:
+    """One writer per output: an exclusive lock on `path` (a lock file), held while its owner runs.
+
+    flock(2) locks belong to the open file and the kernel drops them when the
+    process ends, however it ends, so a killed run never leaves a stale lock
+    that blocks its restart. On NFS, Linux clients turn flock into the
+    server's byte-range locks (NFSv4, or lockd for v3), so runs on two hosts see
+    each other. The file says which process holds it ("pid P on HOST"), for the
+    message of whoever finds it taken, and is removed on release.
+    """
+
+    def __init__(self, path, what):
+        self.path, self.what, self.file = path, what, None
+
+    def acquire(self):
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise OutputInUse(errno.EBUSY, f"in use by {holder}; {self.what}", self.path) from None
+            # The previous holder may have removed the file between our open and our lock: then lock anew.
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self):
+        """Remove the file, then unlock (in that order, so a waiting process re-checks, see acquire)."""
+        if self.file is not None:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+class OutputInUse(OSError):
+    """Another process holds the lock of an output; the message names it."""
 
 
 def save_checkpoint(obj, path):

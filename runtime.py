@@ -9,7 +9,7 @@ own copy:
 * `init_distributed`, `all_mean`, `collective_failure`, `lost_peer_error`,
   `exit_now`: plain DDP under torchrun (NCCL between GPUs, gloo between CPU
   processes), and what happens when a peer dies or stalls.
-* `StopRequest`, `ignore_stop_signals`: Ctrl-C and SIGTERM ask for a clean stop.
+* `StopRequest`, `ignore_stop_signals`: Ctrl-C, SIGTERM and SIGUSR1 ask for a clean stop.
 * `rng_state`, `set_rng_state`, `seed_everything`: every random stream a
   process draws from, in a form a `weights_only` checkpoint can hold.
 * `RunError`, `first_line`, `run_cli`: one line on stderr for anything a user
@@ -189,8 +189,13 @@ def exit_now(status):
 # Stop signals
 
 
+# What asks a run to stop cleanly: Ctrl-C; SIGTERM, which schedulers send before a kill; SIGUSR1, which
+# Slurm sends a grace period ahead when a job is submitted with --signal=USR1@SECONDS.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM, which cluster schedulers send before a kill, asks for a clean stop.
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (cluster schedulers, before a kill) asks for a clean stop.
 
     The loop finishes its step, saves a checkpoint and exits; a second Ctrl-C
     quits at once without saving. Stopping between steps rather than wherever
@@ -206,7 +211,7 @@ class StopRequest:
     def __enter__(self):
         # Python delivers signals to the main thread only; a run in another thread keeps the defaults.
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -228,9 +233,9 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id=None):
-    """DataLoader worker init: the main process decides when to stop, so workers ignore Ctrl-C and SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader worker init: the main process decides when to stop, so workers ignore the stop signals."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import check_writable
+from checkpoints import OutputLock, check_writable
 from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
@@ -140,8 +140,15 @@ def run(args):
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in WRITERS:
         raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
-    # Before minutes of sampling: the output's folder must be writable (it is made if missing).
+    # Before minutes of sampling: the output's folder must be writable (it is made if missing), and no
+    # other process may be writing the same output (the lock goes when this process does).
     check_writable(os.path.dirname(os.path.abspath(args.out)))
+    with OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out"):
+        sample_and_write(args, ext)
+
+
+def sample_and_write(args, ext):
+    """Load the prior, draw args.n videos, write them to args.out."""
     device = default_device(args.device)
     gpt, vq = load_gpt(args.ckpt, device=device)
     frames_out = check_length(args, vq.config)

@@ -38,7 +38,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -49,8 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from checkpoints import (atomic_write, check_writable, checkpoint_kind, keep_copy, load_checkpoint, remove_stale_temps,
-                         save_checkpoint, stored_config, trim_log)
+from checkpoints import (OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy, load_checkpoint,
+                         remove_stale_temps, save_checkpoint, stored_config, trim_log)
 from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from runtime import (RunError, StopRequest, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
@@ -204,13 +204,32 @@ def get_lr(step, args):
 
 
 def resolved_config(config, ckpt, path):
-    """The config a run uses: `config` from the flags, or on resume the checkpoint's, which wins."""
-    if ckpt is None:
-        return config
-    saved = stored_config(type(config), ckpt, path)
-    if saved != config:
-        warnings.warn(f"{os.path.dirname(path)}: resuming with the checkpoint's model config, not the flags'")
-    return saved
+    """The config a run uses: `config` from the flags, or on resume the checkpoint's, which wins
+    (`changed_flags` tells the user which flags it overrode)."""
+    return config if ckpt is None else stored_config(type(config), ckpt, path)
+
+
+# Flags that decide which clips a step sees: changed on resume, the data order is no longer an uninterrupted run's.
+DATA_ORDER_FLAGS = ("batch_size", "seed", "data")
+# Flags that only say where and how to report, never what is trained.
+HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device", "ddp_timeout")
+
+
+def changed_flags(saved, args, model_flags, saved_world, world):
+    """One line naming every flag that differs from the checkpoint's run and what happens to it; None if none."""
+    parts = []
+    for k, v in sorted(vars(args).items()):
+        old = saved.get(k, v)
+        if k in HARMLESS_FLAGS or old == v or (isinstance(v, (list, tuple)) and list(old or ()) == list(v)):
+            continue
+        fate = ("the checkpoint's value is kept" if k in model_flags else
+                "the new value is used; the data order is no longer that of an uninterrupted run"
+                if k in DATA_ORDER_FLAGS else "the new value is used")
+        parts.append(f"--{k} {v} (was {old}: {fate})")
+    if saved_world != world:
+        parts.append(f"{world} process(es) (was {saved_world}: random streams and data order are no longer those "
+                     f"of an uninterrupted run)")
+    return "resuming with changed flags: " + "; ".join(parts) if parts else None
 
 
 class VQVAEStage:
@@ -489,9 +508,20 @@ class Run:
         self.master, self.device = self.dist.master, self.dist.device
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        self.lock = OutputLock(os.path.join(args.out_dir, ".lock"), "wait for that run to end or choose another --out_dir")
         if self.master:
-            # Fail now, not at the first checkpoint, if out_dir cannot be written; clear what a kill mid-save left.
+            # Fail now, not at the first checkpoint, if out_dir cannot be written or another run uses it
+            # (rank 0 holds the lock for the whole run); clear what a kill mid-save left.
             check_writable(args.out_dir)
+            self.lock.acquire()
+        try:
+            self.set_up(args)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def set_up(self, args):
+        if self.master:
             remove_stale_temps(self.ckpt_path)
         ckpt = self.resumable_checkpoint()
         self.stage = (VQVAEStage(args, ckpt, self.ckpt_path) if args.stage == "vqvae"
@@ -556,9 +586,11 @@ class Run:
             raise ValueError(f"{self.ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
         if not continued:
             seed_everything(self.args.seed + self.dist.rank + STEP_SEED_STRIDE * self.state.step)
-            if self.master:
-                warnings.warn(f"{self.ckpt_path}: saved by {len(ckpt['rng'])} process(es), resumed by "
-                              f"{self.dist.world}: random streams and data order are not those of an uninterrupted run")
+        # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's.
+        model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond", "vqvae"}
+        line = changed_flags(ckpt.get("train_args", {}), self.args, model_flags, len(ckpt["rng"]), self.dist.world)
+        if line and self.master:
+            warnings.warn(f"{self.ckpt_path}: {line}")
 
     def train_loader(self, train_set):
         """Endless batches in an order fixed by (seed, step); workers ignore stop signals (the loop decides)."""
@@ -739,6 +771,7 @@ class Run:
         finally:
             self.bar.close()
             self.batches = None
+            self.lock.release()
 
 
 # -----------------------------------------------------------------------------

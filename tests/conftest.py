@@ -37,7 +37,7 @@ def clean_environment(tmp_path, monkeypatch):
 
 
 def default_signals():
-    """In the child, before Python starts: SIGINT and SIGTERM back to their defaults.
+    """In the child, before Python starts: SIGINT, SIGTERM and SIGUSR1 back to their defaults.
 
     A process started with SIGINT ignored (a script run in the background, nohup,
     some CI runners) passes that on, and Python then never installs its Ctrl-C
@@ -45,6 +45,7 @@ def default_signals():
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 def script_command(script, *args):

@@ -25,7 +25,8 @@ from conftest import (ROOT, TINY, run_train, saved_step, start_script, start_tra
 
 
 def test_killed_and_interrupted_runs_resume_exactly(tmp_path, digits_h5):
-    """SIGKILL, then Ctrl-C, each followed by the same command: the run of an uninterrupted one."""
+    """SIGKILL, then Ctrl-C, then a preemption warning, each followed by the same command: the run of an
+    uninterrupted one."""
     # One DataLoader worker, so that worker processes and their RNG are part of what is resumed.
     cmd = [*TINY, "--data", digits_h5, "--max_steps", "100", "--eval_interval", "25", "--num_workers", "1"]
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
@@ -48,6 +49,16 @@ def test_killed_and_interrupted_runs_resume_exactly(tmp_path, digits_h5):
     stopped = saved_step(broken)
     assert f"stopped at step {stopped}; {os.path.join(broken, 'ckpt.pt')} (step {stopped})" in out
     assert max(r["step"] for r in train_records(broken)) == stopped < 100 and "Traceback" not in err
+
+    # Preempted: Slurm's --signal=USR1@SECONDS warning (SIGUSR1) saves the step and exits 138; the job,
+    # requeued with the same command, continues.
+    p = start_train(*cmd, "--out_dir", broken)
+    wait_for_step(broken, stopped + 15, p)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGUSR1, err[-2000:]
+    assert saved_step(broken) > stopped and "SIGUSR1: stopping after this step" in out + err
+    assert max(r["step"] for r in train_records(broken)) == saved_step(broken) < 100
 
     # The same command once more finishes the run.
     r = run_train(*cmd, "--out_dir", broken)
@@ -182,3 +193,46 @@ def test_ctrl_c_while_sampling_exits_cleanly_and_writes_nothing(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().splitlines()[-1] == "sample.py: interrupted"
     assert "Traceback" not in err and os.listdir(tmp_path / "samples") == []
+
+
+# -----------------------------------------------------------------------------
+# Shared clusters: one run per output folder, changed flags on resume
+
+
+def test_a_second_run_on_the_same_out_dir_refuses_and_a_killed_run_leaves_no_stale_lock(tmp_path, digits_h5):
+    import socket
+    cmd = [*TINY, "--data", digits_h5, "--max_steps", "60", "--eval_interval", "20", "--log_interval", "1"]
+    out = str(tmp_path / "run")
+    first = start_train(*cmd, "--out_dir", out)
+    wait_for_step(out, 3, first)
+    # The same command again (a requeued job while the old one runs): one line naming the holder, nothing touched.
+    second = run_train(*cmd, "--out_dir", out)
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"train.py: error: {os.path.join(out, '.lock')}: in use by pid {first.pid} on "
+                                     f"{socket.gethostname()}; wait for that run to end or choose another --out_dir")
+    assert first.poll() is None                                              # the first run goes on
+    # Killed outright: the kernel drops the lock with the process, so the restart is not blocked.
+    wait_for_step(out, 25, first)
+    first.kill()
+    first.wait()
+    r = run_train(*cmd, "--out_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [rec["step"] for rec in train_records(out)]
+    assert steps == list(range(1, 61))                                       # one run's log, never interleaved
+    assert not os.path.exists(os.path.join(out, ".lock"))                    # released at the end
+
+
+def test_resuming_with_changed_flags_says_which_and_what_happens(tmp_path, digits_h5):
+    import train
+    out = str(tmp_path / "run")
+    cmd = [*TINY, "--data", digits_h5, "--out_dir", out, "--eval_interval", "2"]
+    train.train(train.parse_args(cmd + ["--max_steps", "2"]))
+    with pytest.warns(UserWarning) as caught:
+        train.train(train.parse_args(cmd + ["--max_steps", "4", "--batch_size", "3", "--lr", "0.01",
+                                            "--n_codes", "64", "--num_workers", "1"]))
+    lines = [str(w.message) for w in caught if "changed flags" in str(w.message)]
+    assert lines == [f"{os.path.join(out, 'ckpt.pt')}: resuming with changed flags: "
+                     "--batch_size 3 (was 2: the new value is used; the data order is no longer that of an "
+                     "uninterrupted run); --lr 0.01 (was 0.002: the new value is used); --max_steps 4 (was 2: "
+                     "the new value is used); --n_codes 64 (was 32: the checkpoint's value is kept)"]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["n_codes"] == 32
