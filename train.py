@@ -49,8 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from checkpoints import (OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy, load_checkpoint,
-                         remove_stale_temps, save_checkpoint, stored_config, trim_log)
+from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy,
+                         load_checkpoint, remove_stale_temps, save_checkpoint, stored_config, trim_log)
 from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from runtime import (RunError, StopRequest, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
@@ -704,6 +704,21 @@ class Run:
         self.model.train()
         return all_mean({k: v / max(n, 1) for k, v in sums.items()}, self.dist.ddp), first
 
+    def pictures(self, batch):
+        """The stage's picture of this step and the loss plot. They are for looking at: one that cannot be
+        written (a full disk) is a warning, not the end of the run."""
+        # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
+        self.raw_model.eval()
+        try:
+            with self.autocast:
+                path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{self.state.step:07d}")
+                self.stage.picture(self.raw_model, batch, self.device, path)
+            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
+        except OSError as e:
+            warnings.warn(f"{e.filename}: {e.strerror or e}; picture skipped, training goes on")
+        finally:
+            self.raw_model.train()
+
     def evaluate_and_checkpoint(self):
         """Test metrics, a picture and the loss plot (rank 0), then a checkpoint if the weights are worth one."""
         metrics, batch = self.evaluate()
@@ -711,13 +726,7 @@ class Run:
         if self.master:
             self.state.history["test"].append((step, metrics[curve]))
             self.log(dict(step=step, split="test", **metrics))
-            # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
-            self.raw_model.eval()
-            with self.autocast:
-                path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{step:07d}")
-                self.stage.picture(self.raw_model, batch, self.device, path)
-            self.raw_model.train()
-            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
+            self.pictures(batch)
             print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint stays.
         if not math.isfinite(metrics[curve]):
@@ -733,13 +742,20 @@ class Run:
             mine, rng = rng[0], [None] * self.dist.world
             dist.all_gather_object(rng, mine)
         if self.master:
-            save_checkpoint(dict(stage=self.args.stage, model=self.raw_model.state_dict(),
-                                 optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                                 train_args=vars(self.args), **self.state.state_dict(rng), **self.stage.checkpoint()),
-                            self.ckpt_path)
+            self.save(dict(stage=self.args.stage, model=self.raw_model.state_dict(),
+                           optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                           train_args=vars(self.args), **self.state.state_dict(rng), **self.stage.checkpoint()))
+        self.state.saved_step = self.state.step
+
+    def save(self, ckpt):
+        """Write ckpt.pt (and the --keep_last copy); a full disk ends the run with one line, the previous
+        checkpoint intact (the write went to a temp file, now removed)."""
+        try:
+            save_checkpoint(ckpt, self.ckpt_path)
             if self.args.keep_last > 0:
                 keep_copy(self.ckpt_path, self.state.step, self.args.keep_last)
-        self.state.saved_step = self.state.step
+        except DiskFull as e:
+            raise RunError(f"{e.filename}: {e.strerror} (step {self.state.step}); {self.last_good()}") from None
 
     def last_good(self):
         saved = self.state.saved_step

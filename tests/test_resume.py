@@ -236,3 +236,49 @@ def test_resuming_with_changed_flags_says_which_and_what_happens(tmp_path, digit
                      "uninterrupted run); --lr 0.01 (was 0.002: the new value is used); --max_steps 4 (was 2: "
                      "the new value is used); --n_codes 64 (was 32: the checkpoint's value is kept)"]
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["n_codes"] == 32
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.2 MB tmpfs (room for one tiny checkpoint, not for the next one beside it), or None where this
+    process may not mount one (not root, or no mount permission in a container)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    yield str(folder) if mounted else None
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path, digits_h5, small_disk,
+                                                                              monkeypatch):
+    cmd = [*TINY, "--data", digits_h5, "--max_steps", "6", "--eval_interval", "2"]
+    if small_disk is not None:
+        # A real full file system and a real process: the first checkpoint fits, the second does not.
+        out = os.path.join(small_disk, "run")
+        r = run_train(*cmd, "--out_dir", out)
+    else:
+        # No way to make a small file system here: the second checkpoint's write fails as a full disk does.
+        import errno
+        import checkpoints
+        import train
+        out, calls, save = str(tmp_path / "run"), [], checkpoints.torch.save
+
+        def save_then_fill(obj, f, *a, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                try:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                except OSError:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            return save(obj, f, *a, **kw)
+        monkeypatch.setattr(checkpoints.torch, "save", save_then_fill)
+        with pytest.raises(SystemExit) as e:
+            train.main(cmd + ["--out_dir", out])
+        r = subprocess.CompletedProcess([], 1, "", f"{e.value.code}\n")
+    ckpt = os.path.join(out, "ckpt.pt")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"train.py: error: {ckpt}: could not be written: the disk is full "
+                                                 f"(step 4); {ckpt} (step 2) is the last good checkpoint")
+    assert saved_step(out) == 2 and not glob.glob(ckpt + ".tmp*")            # the old one intact, no temp file
