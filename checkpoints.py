@@ -117,12 +117,15 @@ def check_writable(folder):
 class OutputLock:
     """One writer per output: an exclusive lock on `path` (a lock file), held while its owner runs.
 
-    flock(2) locks belong to the open file and the kernel drops them when the
-    process ends, however it ends, so a killed run never leaves a stale lock
-    that blocks its restart. On NFS, Linux clients turn flock into the
-    server's byte-range locks (NFSv4, or lockd for v3), so runs on two hosts see
-    each other. The file says which process holds it ("pid P on HOST"), for the
-    message of whoever finds it taken, and is removed on release.
+    A POSIX record lock (lockf): the kernel drops it when the process ends,
+    however it ends, so a killed run never leaves a stale lock that blocks its
+    restart; it is not inherited by forked children (flock's would be, and a
+    DataLoader worker outliving a killed run would keep the folder locked); and
+    NFS carries it to the server (NFSv4, or lockd for v3), so runs on two hosts
+    see each other. It belongs to the process: a second lock of the same file
+    from the same process succeeds, so only one object per process should hold
+    it. The file says which process holds it ("pid P on HOST"), for the message
+    of whoever finds it taken, and is removed on release.
     """
 
     def __init__(self, path, what):
@@ -132,8 +135,11 @@ class OutputLock:
         while True:
             f = open(self.path, "a+")
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    f.close()
+                    raise
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()

@@ -88,36 +88,42 @@ def test_wrong_stage_unknown_format_truncated_and_missing(tmp_path):
         load_vqvae(tmp_path / "nope.pt")
 
 
-def test_output_lock_admits_one_holder_names_it_and_dies_with_its_process(tmp_path):
-    import socket
+def hold_lock(path):
+    """Another process holding OutputLock(path) (locks belong to processes); returns it once the lock is taken."""
     import subprocess
-    import sys
-    from checkpoints import OutputInUse, OutputLock
-    path = str(tmp_path / "out.lock")
-    with OutputLock(path, "try later"):
-        with pytest.raises(OutputInUse) as e:
-            OutputLock(path, "try later").acquire()
-        assert e.value.filename == path
-        assert e.value.strerror == f"in use by pid {os.getpid()} on {socket.gethostname()}; try later"
-    assert not os.path.exists(path)                                       # released: the file is gone
-    # Held by another process that is then killed: the kernel drops the lock, nothing stale remains.
     child = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
-                              f"from checkpoints import OutputLock; OutputLock({path!r}, '').acquire(); "
+                              f"from checkpoints import OutputLock; lock = OutputLock({path!r}, '').acquire(); "
                               f"print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
-    with pytest.raises(OutputInUse, match=f"in use by pid {child.pid} on "):
-        OutputLock(path, "").acquire()
+    return child
+
+
+def test_output_lock_admits_one_holder_names_it_and_dies_with_its_process(tmp_path):
+    import socket
+    from checkpoints import OutputInUse, OutputLock
+    path = str(tmp_path / "out.lock")
+    child = hold_lock(path)
+    with pytest.raises(OutputInUse) as e:
+        OutputLock(path, "try later").acquire()
+    assert e.value.filename == path
+    assert e.value.strerror == f"in use by pid {child.pid} on {socket.gethostname()}; try later"
+    # Killed: the kernel drops the lock with the process; nothing stale blocks the next holder.
     child.kill()
     child.wait()
-    OutputLock(path, "").acquire().release()
+    with OutputLock(path, ""):
+        assert open(path).read() == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert not os.path.exists(path)                                       # released: the file is gone
 
 
 def test_sample_py_refuses_an_output_another_process_is_writing(tmp_path):
     import sample
-    from checkpoints import OutputLock
     out = str(tmp_path / "s.gif")
-    with OutputLock(out + ".lock", ""):
+    child = hold_lock(out + ".lock")
+    try:
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", str(tmp_path / "any.pt"), "--out", out])
-    assert str(e.value.code).startswith(f"sample.py: error: {out}.lock: in use by pid {os.getpid()} on ")
+    finally:
+        child.kill()
+        child.wait()
+    assert str(e.value.code).startswith(f"sample.py: error: {out}.lock: in use by pid {child.pid} on ")
     assert str(e.value.code).endswith("; wait for it to finish or choose another --out")

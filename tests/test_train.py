@@ -149,4 +149,4 @@ def test_presets_fill_only_what_the_flags_leave_out():
     paper = train.parse_args(["--stage", "gpt", "--out_dir", "x", "--data", "bair.h5"])
     assert (paper.cache_codes, paper.dtype, paper.hidden_dim, paper.lr) == (False, "float32", 576, 3e-4)
     vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dtype", "float16", "--lr", "1e-3"])
-    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes) == ("float16", 1e-3, 2800, 512)
+    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes) == ("float16", 1e-3, 2800, 256)
