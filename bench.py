@@ -46,6 +46,12 @@ SIZES = {
                 gpt=dict(latent_shape=(8, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=120, heads=4, layers=4,
                          dropout=0.1, attn_dropout=0.1), gpt_batch=2,
                 sample_latent=(4, 16, 16), sample_batch=4),
+    # A smoke test of the benchmarks themselves (tests/test_bench.py): seconds, not a measurement.
+    "tiny": dict(vqvae=dict(embedding_dim=16, n_codes=64, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
+                            sequence_length=4, resolution=16), vq_batch=2,
+                 gpt=dict(latent_shape=(2, 4, 4), n_codes=64, embedding_dim=16, hidden_dim=24, heads=2, layers=1,
+                          dropout=0.1, attn_dropout=0.1), gpt_batch=2,
+                 sample_latent=(4, 4, 4), sample_batch=2),
     # CUDA: BAIR as in the paper: 16x64x64 clips, VQ-VAE stride 4x2x2, latent 4x32x32 = 4096 codes.
     "cuda": dict(vqvae=dict(embedding_dim=256, n_codes=1024, n_hiddens=240, n_res_layers=4, downsample=(4, 2, 2),
                             sequence_length=16, resolution=64), vq_batch=32,
@@ -179,6 +185,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample"], help="run one benchmark")
+    p.add_argument("--size", default=None, choices=list(SIZES),
+                   help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke test)")
     p.add_argument("--codes", type=int, default=None, help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
@@ -189,7 +197,7 @@ def main(argv=None):
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     autocast = autocast_for(device, args.dtype)
-    size = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    size = SIZES[args.size or ("cuda" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)
     for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample)):
         if args.only in (None, name):
