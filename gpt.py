@@ -18,10 +18,15 @@ cross-attention memory as one token per frame.
     video = vq.decode(codes)                            # (16, 3, T, H, W)
 
 Sampling uses a hand-written KV cache: per-layer key/value buffers allocated
-once at full length, a `prefill` for the start token and a fixed-shape
-`decode_one_token` for every later one; the frames' cross-attention keys and
-values are computed once per call. `sample_naive` recomputes the whole
+once at full length, a `prefill` for the start token (and any given codes) and
+`decode_one_token` for every later one, which attends over the written prefix
+(or, given tensor positions, keeps fixed shapes for torch.compile); the
+cross-attention keys and values, the position table and fused q/k/v weights
+are computed once per call. `sample_naive` recomputes the whole
 sequence at every step and is kept as the reference the cache is tested against.
+`sample(prefix=...)` keeps given first latent steps (video prediction), and
+`sample(frames_out=N)` slides the window over latent time for videos longer
+than the prior was trained on (`sample_long`).
 
 The arithmetic is the original implementation's, so its published priors give
 the same logits; each place where the original has a quirk is marked `# original:`.
