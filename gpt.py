@@ -131,19 +131,23 @@ class CondLayerNorm(nn.Module):
             self.g = nn.Parameter(torch.ones(dim))
             self.b = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, onehot=None):
-        # Gain and bias: learned vectors, or computed from the class.
+    def gain_bias(self, onehot=None):
+        """Gain and bias: the learned vectors (D,), or computed from the class (B, 1, D)."""
         if self.conditional:
-            g = 1 + self.w(onehot).unsqueeze(1)               # (B, 1, D)
-            b = self.wb(onehot).unsqueeze(1)                  # (B, 1, D)
-        else:
-            g, b = self.g, self.b                             # (D,)
-        # Normalise in float32 whatever the autocast dtype. original: eps outside the root.
-        xf = x.float()
-        mu = xf.mean(dim=-1, keepdim=True)
-        var = (xf - mu).square().mean(dim=-1, keepdim=True)
-        xf = (xf - mu) * (1e-5 + var.rsqrt())
-        return (xf * g.float() + b.float()).type_as(x)
+            return 1 + self.w(onehot).unsqueeze(1), self.wb(onehot).unsqueeze(1)   # (B, 1, D) each
+        return self.g, self.b
+
+    def forward(self, x, onehot=None):
+        return normalize(x, *self.gain_bias(onehot))
+
+
+def normalize(x, g, b):
+    """The original's LayerNorm arithmetic, in float32 whatever the autocast dtype. original: eps outside the root."""
+    xf = x.float()
+    mu = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mu).square().mean(dim=-1, keepdim=True)
+    xf = (xf - mu) * (1e-5 + var.rsqrt())
+    return (xf * g.float() + b.float()).type_as(x)
 
 
 class GeLU2(nn.Module):
@@ -275,6 +279,22 @@ class Block(nn.Module):
         h = self.pre_fc_norm(x, cond["onehot"])
         x = x + self.post_fc_dp(ckpt(self.fc_block, h))
         return x
+
+
+    def decode(self, x, pos, cache, mask, plan, frame_kv=None):
+        """`forward` for one token at the Python-int position `pos` while sampling, the same arithmetic
+        with the weights gathered once per call in `plan` (see VideoGPT.decode_plan) instead of module
+        calls: at one token per step, calling ten small modules per block costs more than their math."""
+        B = x.shape[0]
+        nh, hs = self.attn.n_head, self.attn.d_k
+        q, k, v = F.linear(normalize(x, *plan["attn_norm"]), plan["qkv"]).view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4)
+        k, v = cache.update(pos, k, v)                                                # (B, nh, pos+1, hs) each
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, 1, hs)
+        x = x + F.linear(a.transpose(1, 2).reshape(B, 1, -1), self.attn.fc.weight, self.attn.fc.bias)  # (B, 1, D)
+        if hasattr(self, "enc_attn"):
+            x = x + self.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
+        h = F.linear(normalize(x, *plan["fc_norm"]), self.fc_block[0].weight, self.fc_block[0].bias)
+        return x + F.linear((1.702 * h).sigmoid() * h, self.fc_block[2].weight, self.fc_block[2].bias)
 
 
 class RightShift(nn.Module):
@@ -435,18 +455,12 @@ class VideoGPT(nn.Module):
         """Run inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing the cache.
 
         Each query attends over the whole cache with its row of the mask, so
-        positions not yet written (zeros) are never seen. With `pos` a Python
-        int (eager decoding, n = 1) it attends over the written prefix instead:
-        the causal mask is then all True (dropped) for full attention, and
-        its row restricted to the prefix for sparse attention.
+        positions not yet written (zeros) are never seen: fixed shapes, for the
+        prefill and for a torch.compile'd decode step.
         """
         table = cond.get("pos_table")
-        if isinstance(pos, int):
-            x = x + table[pos]                                                      # (B, 1, hidden)
-            mask = self.mask[pos:pos + 1, :pos + 1] if self.config.attn_type == "sparse" else None   # (1, pos+1)
-        else:
-            x = self.attn_stack.pos_embd(x, pos) if table is None else x + table[pos]   # (B, n, hidden)
-            mask = self.mask[pos]                                                   # (n, L)
+        x = self.attn_stack.pos_embd(x, pos) if table is None else x + table[pos]     # (B, n, hidden)
+        mask = self.mask[pos]                                                         # (n, L)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
         qkv = cond.get("qkv") or [None] * len(caches)
         for block, cache, kv, w in zip(self.attn_stack.attn_nets, caches, frame_kv, qkv):
@@ -463,8 +477,19 @@ class VideoGPT(nn.Module):
         return self.step(x, pos, cond, caches)[:, -1]
 
     def decode_one_token(self, code, pos, cond, caches):
-        """Feed the code sampled at position pos-1 (B,) in at position pos ((1,) tensor or int); logits (B, n_codes)."""
-        return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
+        """Feed the code sampled at position pos-1 (B,) in at position pos ((1,) tensor or int); logits (B, n_codes).
+
+        An int position takes the eager path: each block's `decode` over the written prefix, with the
+        weights of `decode_plan`. A tensor position keeps fixed shapes (what torch.compile wants)."""
+        if not isinstance(pos, int):
+            return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
+        plan = cond["plan"]
+        x = (plan["inputs"][code] + cond["pos_table"][pos]).unsqueeze(1)           # (B, 1, hidden)
+        mask = self.mask[pos:pos + 1, :pos + 1] if self.config.attn_type == "sparse" else None   # (1, pos+1)
+        frame_kv = cond.get("frame_kv") or [None] * len(caches)
+        for block, cache, p, kv in zip(self.attn_stack.attn_nets, caches, plan["blocks"], frame_kv):
+            x = block.decode(x, pos, cache, mask, p, kv)
+        return F.linear(normalize(x, *plan["norm"]), self.fc_out.weight)[:, -1]    # (B, n_codes)
 
     def cached_condition(self, label, frames, batch_size, actions=None):
         """What stays fixed while sampling, computed once per call: the conditioning, the cross-attention
@@ -474,7 +499,19 @@ class VideoGPT(nn.Module):
             cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
         cond["pos_table"] = self.attn_stack.pos_embd.table().to(self.sampling_dtype())   # (L, hidden)
         cond["qkv"] = [b.attn.fused_qkv_weight() for b in self.attn_stack.attn_nets]     # (3 * hidden, hidden) each
+        cond["plan"] = self.decode_plan(cond)
         return cond
+
+    def decode_plan(self, cond):
+        """What every eager decode step reads, gathered once per sampling call: each block's norms' gains
+        and biases (per sample for a class-conditional prior) and fused q/k/v weight, the final norm's,
+        and the input of every code, codebook @ fc_in, as one table (n_codes, hidden)."""
+        onehot = cond["onehot"]
+        blocks = [dict(attn_norm=b.pre_attn_norm.gain_bias(onehot), fc_norm=b.pre_fc_norm.gain_bias(onehot),
+                       enc_norm=b.pre_enc_norm.gain_bias(onehot) if hasattr(b, "enc_attn") else None, qkv=qkv)
+                  for b, qkv in zip(self.attn_stack.attn_nets, cond["qkv"])]
+        inputs = self.fc_in(self.codebook.to(self.fc_in.weight.dtype)).to(self.sampling_dtype())   # (n_codes, hidden)
+        return dict(blocks=blocks, norm=self.norm.gain_bias(onehot), inputs=inputs)
 
     def sampling_dtype(self):
         """The dtype of activations while sampling: autocast's when it is on (keys and values come out in
