@@ -287,7 +287,8 @@ class Block(nn.Module):
         calls: at one token per step, calling ten small modules per block costs more than their math."""
         B = x.shape[0]
         nh, hs = self.attn.n_head, self.attn.d_k
-        q, k, v = F.linear(normalize(x, *plan["attn_norm"]), plan["qkv"]).view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(normalize(x, *plan["attn_norm"]), plan["qkv"])                # (B, 1, 3 * nh * hs)
+        q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4)                    # 3 x (B, nh, 1, hs)
         k, v = cache.update(pos, k, v)                                                # (B, nh, pos+1, hs) each
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, 1, hs)
         x = x + F.linear(a.transpose(1, 2).reshape(B, 1, -1), self.attn.fc.weight, self.attn.fc.bias)  # (B, 1, D)
