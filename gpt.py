@@ -603,19 +603,15 @@ class VideoGPT(nn.Module):
             idx = torch.arange(start * per_step, (start + t) * per_step, device=actions.device).clamp(max=frames_out - 1)
             return actions[:, idx]                                                        # (n, T, A)
 
-        # The first window, then one more per s steps until the video is long enough.
-        windows = [0] + list(range(s, max(steps_out - t, 0) + s, s))
+        # The first window, then one more every s latent steps until the video is long enough.
+        video = self.sample(n, label, frames, prefix=prefix, actions=window_actions(0), progress=progress,
+                            **sampling)                                                   # (n, t, h, w)
+        starts = range(s, max(steps_out - t, 0) + s, s)
         if progress:
             from tqdm import tqdm  # lazy: only for the progress bar
-            windows = tqdm(windows, desc="windows", unit="window", leave=False)
-        video = None
-        for start in windows:
-            if video is None:
-                window = self.sample(n, label, frames, prefix=prefix, actions=window_actions(0), progress=progress,
-                                     **sampling)                                          # (n, t, h, w)
-                video = window
-                continue
-            keep = video[:, start:]                                                       # (n, t - s or fewer, h, w)
+            starts = tqdm(starts, desc="windows", unit="window", leave=False)
+        for start in starts:
+            keep = video[:, start:]                                                       # (n, t - s, h, w)
             cond_frames = frames_fn(keep)[:, :, :c.n_cond_frames] if c.n_cond_frames else None
             window = self.sample(n, label, cond_frames, prefix=keep, actions=window_actions(start), progress=progress,
                                  **sampling)                                              # (n, t, h, w)
