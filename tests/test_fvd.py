@@ -1,11 +1,13 @@
 """FVD: the Fréchet distance, the I3D network and its weights: python -m pytest tests/test_fvd.py"""
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 import torch
 
+import fvd
 from conftest import Exploit, run_script, tiny_vqvae_and_prior
 from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
 
@@ -181,3 +183,76 @@ def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2", "--reader",
                    tmp_path / "reader.pt", "--device", "cpu")
     assert r.returncode == 0 and "samples" not in r.stdout, r.stderr[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# The UCF-101 Inception Score (TGANv2's C3D)
+
+
+def write_c3d(folder, widths=(4, 4, 6, 6, 8, 8, 8, 8), fc=(16, 12), classes=101, seed=0, broken=None):
+    """A narrow random C3D in the release's npz layout, and a mean clip; returns the two paths."""
+    rng = np.random.default_rng(seed)
+    arrays, c_in = {}, 3
+    for name, c_out in zip(fvd.C3D_CONVS, widths):
+        arrays[f"{name}/W"] = rng.normal(0, (27 * c_in) ** -0.5, (c_out, c_in, 3, 3, 3)).astype(np.float32)
+        arrays[f"{name}/b"] = rng.normal(0, 0.1, c_out).astype(np.float32)
+        c_in = c_out
+    f_in = c_in * 16
+    for name, f_out in zip(fvd.C3D_FCS, (*fc, classes)):
+        arrays[f"{name}/W"] = rng.normal(0, f_in ** -0.5, (f_out, f_in)).astype(np.float32)
+        arrays[f"{name}/b"] = np.zeros(f_out, np.float32)
+        f_in = f_out
+    if broken:
+        arrays[broken] = arrays[broken][..., :-1]
+    weights, mean = os.path.join(folder, "c3d.npz"), os.path.join(folder, "mean2.npz")
+    np.savez(weights, **arrays)
+    np.savez(mean, mean=rng.uniform(80, 120, (3, 16, 128, 171)).astype(np.float32))
+    return weights, mean
+
+
+def test_inception_score_of_hand_made_predictions():
+    one = np.eye(5)[[2] * 8]                                           # every clip the same class, surely
+    assert fvd.inception_score(one) == pytest.approx((1.0, 0.0))
+    distinct = np.eye(7)                                               # 7 clips, 7 classes, each sure
+    assert fvd.inception_score(distinct)[0] == pytest.approx(7.0)
+    # Two splits of [class 0, class 1] twice: each split scores 2; the std over splits is 0.
+    assert fvd.inception_score(np.eye(2)[[0, 1, 0, 1]], splits=2) == pytest.approx((2.0, 0.0))
+    # Uniform predictions carry no information: IS 1.
+    assert fvd.inception_score(np.full((4, 3), 1 / 3))[0] == pytest.approx(1.0)
+
+
+def test_c3d_input_follows_tgan_v2_preprocessing_by_hand():
+    mean = torch.full((3, 16, 112, 112), 100.0)
+    mean[0] = 50.0                                                     # the B channel of the BGR mean
+    video = np.zeros((1, 18, 40, 30, 3), np.uint8)
+    video[..., 0] = 255                                                # red: R = 255, G = B = 0
+    x = fvd.c3d_input(video, mean)
+    assert x.shape == (1, 3, 16, 112, 112)
+    # BGR: B = (0/127.5 - 1) * 128 + 128 - 50 = -50; G = -128 + 128 - 100 = -100; R = 128 + 128 - 100 = 156.
+    assert torch.allclose(x[0, :, 0, 5, 7], torch.tensor([-50.0, -100.0, 156.0]))
+
+
+def test_a_narrow_c3d_in_the_release_layout_loads_and_scores_clips(tmp_path):
+    weights, mean = write_c3d(str(tmp_path))
+    c3d = fvd.load_c3d(weights, mean, device="cpu")
+    assert c3d.fcs["fc6"].in_features == 8 * 1 * 4 * 4                 # ceil-mode pools: 16x112x112 -> 1x4x4
+    videos = np.random.default_rng(0).integers(0, 256, (3, 16, 64, 64, 3), dtype=np.uint8)
+    logits = fvd.c3d_logits(c3d, videos)
+    assert logits.shape == (3, 101) and torch.isfinite(logits).all()
+    score, std = fvd.inception_score(logits.softmax(-1).numpy())
+    assert 1.0 <= score <= 3.0 and std == 0.0
+    with pytest.raises(ValueError, match="at least 16 frames, got 8"):
+        fvd.c3d_logits(c3d, videos[:, :8])
+
+
+def test_c3d_files_that_do_not_fit_give_one_line(tmp_path):
+    weights, mean = write_c3d(str(tmp_path), broken="conv3a/W")
+    with pytest.raises(ValueError) as e:
+        fvd.load_c3d(weights, mean)
+    assert str(e.value) == (f"{weights}: 'conv3a/W' is (6, 4, 3, 3, 2) with bias (6,), expected (out, 4, 3, 3, 3) "
+                            f"with bias (out,)")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        fvd.load_c3d(str(tmp_path / "missing.npz"), mean)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a readable npz archive"):
+        fvd.load_c3d(str(tmp_path / "junk.npz"), mean)
