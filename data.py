@@ -849,7 +849,7 @@ def write_bair(src, out, view="aux1", batch=64, progress=True):
 
     def append(h5, split, chunk):
         """Append a list of trajectories to the split's growing datasets."""
-        frames, actions, states = (np.concatenate(parts) for parts in zip(*chunk))   # (n, ...) each
+        frames, actions, states = (np.concatenate(parts) for parts in zip(*chunk))   # (frames of the chunk, ...) each
         data = h5[f"{split}_data"]
         start = data.shape[0]
         starts = start + np.cumsum([0] + [len(c[0]) for c in chunk[:-1]])
