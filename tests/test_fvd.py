@@ -256,3 +256,40 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz: not a readable npz archive"):
         fvd.load_c3d(str(tmp_path / "junk.npz"), mean)
+
+
+def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, capsys):
+    import json
+
+    from data import moving_digits, write_hdf5
+    weights, mean = write_c3d(str(tmp_path))
+    common = ["--c3d", weights, "--mean", mean, "--device", "cpu"]
+    # Clips made elsewhere, as a .npy; longer than 16 frames: the first 16 are scored, and it says so.
+    clips = np.random.default_rng(0).integers(0, 256, (6, 18, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "clips.npy", clips)
+    out = str(tmp_path / "is.json")
+    first = fvd.main(["is", "--videos", str(tmp_path / "clips.npy"), "--out", out, *common])
+    printed = capsys.readouterr().out
+    assert "scoring their first 16" in printed and f"IS {first[0]:.4f} ± {first[1]:.4f}  (N=6, 16 frames" in printed
+    record = json.load(open(out))
+    assert record["mean"] == first[0] and record["n"] == 6 and record["splits"] == 1 and record["frames"] == 16
+    assert len(record["c3d_sha256"]) == 64 and record["source_sha256"] == fvd.sha256(str(tmp_path / "clips.npy"))
+    assert {"torch", "date", "seed", "protocol", "trials", "resolution"} <= set(record)
+    probs = fvd.c3d_logits(fvd.load_c3d(weights, mean), clips).softmax(-1).numpy()
+    assert first == pytest.approx(fvd.inception_score(probs))                      # the API's number
+    # Real test clips: seeded, so the same command gives the same numbers.
+    write_hdf5(str(tmp_path / "d.h5"), {s: (list(moving_digits(6, 16, 32, train=s == "train")), None)
+                                         for s in ("train", "test")})
+    real = ["is", "--data", str(tmp_path / "d.h5"), "--n", "4", "--trials", "2", "--resolution", "32", *common]
+    assert fvd.main(real) == fvd.main(real)
+    # Samples of a prior (one trained for a step on those clips), with fresh samples per trial.
+    capsys.readouterr()
+    tiny_vqvae_and_prior(str(tmp_path), 16, 16, (4, 4, 4), data=tmp_path / "d.h5")
+    sampled = fvd.main(["is", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--n", "2", "--trials", "2", *common])
+    assert sampled[0] >= 1.0 and "(N=2, 16 frames, 2 trial(s), 1 split(s), seed 0, ckpt.pt)" in capsys.readouterr().out
+    # Clips too short for C3D: one line.
+    np.save(tmp_path / "short.npy", clips[:, :8])
+    with pytest.raises(SystemExit) as e:
+        fvd.main(["is", "--videos", str(tmp_path / "short.npy"), *common])
+    assert str(e.value.code) == (f"fvd.py: error: {tmp_path / 'short.npy'}: clips of 8 frames; "
+                                 f"the C3D Inception Score needs 16")
