@@ -100,6 +100,11 @@ class MultiHeadAttention(nn.Module):
         assert self.d_k == self.d_v, "fusing q, k and v needs equal widths (self-attention)"
         return torch.cat([self.w_qs.weight, self.w_ks.weight, self.w_vs.weight])
 
+    def fused_qkv(self, x, weight):
+        """Queries, keys and values of x (B, L, dim) with the stacked weight of fused_qkv_weight()."""
+        B, L, _ = x.shape
+        return F.linear(x, weight).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+
     def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, qkv=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
@@ -109,20 +114,17 @@ class MultiHeadAttention(nn.Module):
         computed earlier (cross-attention to fixed frames while sampling).
         With `cache` (a KVCache layer) the new keys and values are written at
         positions `pos` (Lq,) and the queries attend over the whole buffer,
-        `mask` saying which of its positions are visible; or, with `pos` a
-        Python int (one query, eager decoding), over the written prefix alone,
-        `mask` then covering that prefix (None: all of it). `qkv` is
+        `mask` saying which of its positions are visible. `qkv` is
         `fused_qkv_weight()`, computed once per sampling call.
         """
         if qkv is not None:
-            B, L, _ = x.shape
-            q, k, v = F.linear(x, qkv).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
+            q, k, v = self.fused_qkv(x, qkv)                # 3 x (B, nh, Lq, hs)
         else:
             q = self.split_heads(self.w_qs(x), self.d_k)    # (B, nh, Lq, hs)
             # Keys and values: given, computed from the context, or appended to the cache.
             k, v = kv if kv is not None else self.keys_values(x if context is None else context)
         if cache is not None:
-            k, v = cache.update(pos, k, v)                  # (B, nh, L or pos+1, hs), (B, nh, L or pos+1, hv)
+            k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
         dropout_p = self.attn_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,

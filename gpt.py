@@ -154,7 +154,11 @@ class GeLU2(nn.Module):
     """x * sigmoid(1.702 x), the sigmoid approximation of GELU used by the original."""
 
     def forward(self, x):
-        return (1.702 * x).sigmoid() * x
+        return gelu2(x)
+
+
+def gelu2(x):
+    return (1.702 * x).sigmoid() * x
 
 
 # -----------------------------------------------------------------------------
@@ -285,17 +289,14 @@ class Block(nn.Module):
         """`forward` for one token at the Python-int position `pos` while sampling, the same arithmetic
         with the weights gathered once per call in `plan` (see VideoGPT.decode_plan) instead of module
         calls: at one token per step, calling ten small modules per block costs more than their math."""
-        B = x.shape[0]
-        nh, hs = self.attn.n_head, self.attn.d_k
-        qkv = F.linear(normalize(x, *plan["attn_norm"]), plan["qkv"])                # (B, 1, 3 * nh * hs)
-        q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4)                    # 3 x (B, nh, 1, hs)
+        q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), plan["qkv"])  # 3 x (B, nh, 1, hs)
         k, v = cache.update(pos, k, v)                                                # (B, nh, pos+1, hs) each
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, 1, hs)
-        x = x + F.linear(a.transpose(1, 2).reshape(B, 1, -1), self.attn.fc.weight, self.attn.fc.bias)  # (B, 1, D)
+        x = x + F.linear(self.attn.merge_heads(a), self.attn.fc.weight, self.attn.fc.bias)   # (B, 1, D)
         if hasattr(self, "enc_attn"):
             x = x + self.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
         h = F.linear(normalize(x, *plan["fc_norm"]), self.fc_block[0].weight, self.fc_block[0].bias)
-        return x + F.linear((1.702 * h).sigmoid() * h, self.fc_block[2].weight, self.fc_block[2].bias)
+        return x + F.linear(gelu2(h), self.fc_block[2].weight, self.fc_block[2].bias)
 
 
 class RightShift(nn.Module):

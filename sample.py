@@ -179,9 +179,10 @@ def sample_and_write(args, ext):
             # The whole latent video is decoded at once: the decoder's convolutions and attention see
             # neighbouring latent steps, so decoding window by window would leave seams where they meet.
             video = vq.decode(codes)                                                    # (n, 3, T', H, W)
-            given = part["frames"] if context is None else context[sl]                 # real frames, framed in red
-            if given is not None and part["frames"] is not None and given.shape[2] < part["frames"].shape[2]:
-                given = part["frames"]
+            # The real frames put back and framed in red: the longer of the prediction context and the
+            # conditioning frames (both are the clip's first frames).
+            real = [f for f in (part["frames"], None if context is None else context[sl]) if f is not None]
+            given = max(real, key=lambda f: f.shape[2]) if real else None
             videos.append(samples_to_uint8(video, given))                               # (n, T', H, W, 3)
             print(f"sampled {sl.stop}/{args.n}", flush=True)
     clips = np.concatenate(videos)                                                      # (N, T, H, W, 3)
