@@ -443,6 +443,11 @@ class VideoFolderDataset(VideoFileDataset):
 
 _GLYPHS = {}
 
+# Six bright, saturated colours. A palette rather than any hue: the VQ-VAE spends its
+# codes on shapes instead of shades, and the prior has one colour of six to keep per digit.
+PALETTE = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.35, 0.55, 1.0],
+                    [1.0, 1.0, 0.25], [0.25, 1.0, 1.0], [1.0, 0.35, 1.0]], np.float32)
+
 
 def digit_glyphs(size, font=None):
     """(10, size, size) float32 masks of the digits 0-9, centered, 85% of the square high.
@@ -495,8 +500,7 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
         digit = rng.integers(10)
         if digits is not None:
             digits.append(int(digit))
-        # A bright, saturated colour: one channel full, one random, one dark.
-        color = np.array([1.0, rng.uniform(0.3, 1.0), rng.uniform(0.0, 0.3)])[rng.permutation(3)]
+        color = PALETTE[rng.integers(len(PALETTE))]
         pos = rng.uniform(0, resolution - g, size=2)                      # (y, x) of the top-left corner
         angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 3.5)   # pixels per frame
         vel = speed * np.array([np.sin(angle), np.cos(angle)])

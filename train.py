@@ -63,21 +63,22 @@ from vqvae import VQVAE, VQVAEConfig, load_vqvae
 # Flags left unset take these values: the paper's for real data, small ones for the
 # moving-digits default so that a 2-core CPU runs the whole pipeline in minutes.
 PRESETS = {
-    ("vqvae", "paper"): dict(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4, downsample=[4, 4, 4],
+    ("vqvae", "paper"): dict(embedding_dim=256, n_codes=2048, n_hiddens=240, n_res_layers=4, local_encoder=False,
+                             downsample=[4, 4, 4],
                              sequence_length=16, resolution=64, batch_size=32, lr=7e-4, warmup_steps=0,
                              lr_schedule="constant", max_steps=200_000, eval_interval=2000, log_interval=50,
                              dtype="float32"),
     ("vqvae", "digits"): dict(embedding_dim=64, n_codes=256, n_hiddens=64, n_res_layers=0, decoder_res_layers=1,
-                              downsample=[2, 4, 4],
+                              local_encoder=True, downsample=[2, 4, 4],
                               sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
-                              lr_schedule="constant", max_steps=2800, eval_interval=700, log_interval=25,
+                              lr_schedule="constant", max_steps=3500, eval_interval=700, log_interval=25,
                               dtype="bfloat16"),
     ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50, dtype="float32"),
     ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
-                            lr=1e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1500,
-                            eval_interval=750, log_interval=25, dtype="bfloat16"),
+                            lr=3e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1800,
+                            eval_interval=900, log_interval=25, dtype="bfloat16"),
 }
 
 
@@ -99,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--n_res_layers", type=int, default=None, help="vqvae: attention residual blocks per side")
     p.add_argument("--decoder_res_layers", type=int, default=None,
                    help="vqvae: the decoder's attention residual blocks, when not --n_res_layers")
+    p.add_argument("--local_encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="vqvae: each code sees only its own patch (kernels = strides); equal patches, equal codes")
     p.add_argument("--downsample", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                    help="vqvae: compression factor per axis, powers of two")
     # prior
@@ -241,7 +244,7 @@ class VQVAEStage:
     def __init__(self, args, ckpt, ckpt_path):
         self.config = resolved_config(VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
-            n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers, downsample=args.downsample, sequence_length=args.sequence_length,
+            n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers, local_encoder=args.local_encoder, downsample=args.downsample, sequence_length=args.sequence_length,
             resolution=args.resolution), ckpt, ckpt_path)
         self.clip = (self.config.sequence_length, self.config.resolution)
 

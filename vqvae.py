@@ -47,6 +47,7 @@ class VQVAEConfig:
     n_hiddens: int = 240              # channels inside the encoder and decoder
     n_res_layers: int = 4             # attention residual blocks in the encoder, and again in the decoder
     decoder_res_layers: int = None    # the decoder's own count, when it differs (None: n_res_layers)
+    local_encoder: bool = False       # each code sees only its own (dt, dh, dw) patch (see Encoder)
     downsample: tuple = (4, 4, 4)     # (T, H, W) compression factors, each a power of two
     sequence_length: int = 16         # frames per training clip; with resolution it fixes the latent shape
     resolution: int = 64              # height = width of training clips, pixels
@@ -177,20 +178,29 @@ def halvings(downsample):
 
 
 class Encoder(nn.Module):
-    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw)."""
+    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw).
 
-    def __init__(self, n_hiddens, n_res_layers, downsample, n_head=2):
+    `local` (not in the original) shrinks every kernel to its stride and the last one to 1, so that
+    each latent vector is a function of its own (dt, dh, dw) patch only, as in a patch embedding.
+    The original's 4-wide kernels let a code see about 4 latent cells around its patch: an empty
+    patch next to a digit then gets another code than one in open space, and on the moving digits
+    two thirds of the codes are such empty patches spread over ~150 codes, on which the prior spends
+    most of its loss and its capacity. With local codes equal patches get equal codes; the decoder
+    still sees the neighbours through its own convolutions and attention.
+    """
+
+    def __init__(self, n_hiddens, n_res_layers, downsample, n_head=2, local=False):
         super().__init__()
         # One stride-2 conv per halving; an axis that is already small enough gets stride 1.
         todo = halvings(downsample)
         self.convs = nn.ModuleList()
         for i in range(max(todo)):
             stride = tuple(2 if n > i else 1 for n in todo)
-            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4, stride=stride))
+            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, stride if local else 4, stride=stride))
         # original: conv_last takes the *input* width of the last strided conv, which is 3
         # when a single halving is enough (e.g. downsample (1, 2, 2)) and then crashes;
         # here it takes n_hiddens, identical whenever the original runs.
-        self.conv_last = SamePadConv3d(n_hiddens, n_hiddens, kernel_size=3)
+        self.conv_last = SamePadConv3d(n_hiddens, n_hiddens, kernel_size=1 if local else 3)
         self.res_stack = nn.Sequential(
             *[AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)],
             nn.BatchNorm3d(n_hiddens),
@@ -372,7 +382,7 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.encoder = Encoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head)
+        self.encoder = Encoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head, c.local_encoder)
         self.decoder = Decoder(c.n_hiddens, c.decoder_res_layers, c.downsample, c.n_head)
         # 1x1x1 convolutions in and out of the codebook's width.
         self.pre_vq_conv = SamePadConv3d(c.n_hiddens, c.embedding_dim, 1)

@@ -162,6 +162,13 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     assert (a[:, 0] != a[:, -1]).any() and (a.reshape(3, 6, -1).max(-1) > 200).all()
     ds = MovingDigitsDataset(5, sequence_length=6, resolution=32, seed=1)
     assert torch.equal(to_uint8(ds[2]["video"]), torch.from_numpy(a[2]))
+    # Every fully inked pixel of a digit drawn alone has one of the palette's six colours.
+    from data import PALETTE, moving_digits_video
+    one = moving_digits_video(np.random.default_rng(0), frames=4, resolution=32, n_digits=1)   # (4, 32, 32, 3)
+    full = one[one.max(-1) == 255]                                                              # (n, 3)
+    palette = (PALETTE * 255).round().astype(np.uint8)
+    assert len(full) > 20 and (full[:, None] == palette[None]).all(-1).any(-1).all()
+    assert len(np.unique(full, axis=0)) == 1
 
 
 def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 import fvd
 from conftest import Exploit, run_script, tiny_vqvae_and_prior
-from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
+from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf, sha256
 
 
 def test_frechet_distance_closed_forms_symmetry_and_inputs_untouched():
@@ -110,8 +110,21 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("FVD ") and " FVD* " in line and "(N=3, 12 frames, protocol videogpt, 2 trial(s)" in line
-    r = run("--recon-only")
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("recon FVD ")
+    r = run("--recon-only", "--out", tmp_path / "recon.json")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-2].startswith("recon FVD ")
+    # --out: the numbers printed, with what makes them reproducible; the same seeded command, the same numbers.
+    import json
+    record = json.load(open(tmp_path / "recon.json"))
+    assert record["metric"] == "recon_fvd" and record["protocol"] == "tf" and record["n"] == 3 and record["seed"] == 0
+    assert record["frames"] == 12 and record["resolution"] == 16 and record["trials"] == 1
+    assert record["ckpt_sha256"] == sha256(tmp_path / "gpt" / "ckpt.pt") and record["i3d_sha256"] == sha256(tmp_path / "i3d.pt")
+    assert {"torch", "date", "data_sha256"} <= set(record)
+    score = record["scores"]["recon FVD"]
+    assert f"recon FVD {score['mean']:.2f} ± {score['std']:.2f}" in r.stdout and score["per_trial"] == [score["mean"]]
+    r = run("--recon-only", "--out", tmp_path / "again.json")
+    assert json.load(open(tmp_path / "again.json"))["scores"] == record["scores"]
+    r = run("--recon-only", "--seed", "1", "--out", tmp_path / "seed1.json")
+    assert json.load(open(tmp_path / "seed1.json"))["scores"] != record["scores"]   # other clips
     # Two processes share the videos (gloo on CPU); rank 0 alone prints the scores.
     r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py", "--ckpt",
                    tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d", tmp_path / "i3d.pt", "--num_videos", "3",
@@ -154,7 +167,7 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     blobs = np.repeat(np.repeat(np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8), 8, 2), 8, 3)
     scores = {name: legibility(small_reader, v) for name, v in (("real", real), ("noise", noise), ("blobs", blobs),
                                                                ("black", np.zeros_like(real)))}
-    assert scores["real"]["frames_read"] > 0.3, scores          # the fully trained reader: about 0.84
+    assert scores["real"]["frames_read"] > 0.2, scores          # briefly trained; the cached reader: about 0.8
     assert all(scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0 for k in ("noise", "blobs", "black")), scores
     # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
     from data import moving_digits_video
@@ -171,13 +184,49 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     assert same["same_as_real"] == pytest.approx(same["frames_read"])
 
 
+class ScriptedReader(torch.nn.Module):
+    """A stand-in for the digit reader: a frame whose top-left pixel is v reads as the digits 0 and v
+    with certainty (v = 0: nothing confidently)."""
+
+    def forward(self, x):                                      # x (B, 1, 32, 32) in [0, 1]
+        v = (x[:, 0, 0, 0] * 255).round().long()               # (B,)
+        counts = torch.zeros(len(v), 10, dtype=torch.long)
+        counts[:, 0] = 1
+        counts[torch.arange(len(v)), v.clamp(1, 9)] += 1
+        logits = torch.nn.functional.one_hot(counts, 4).float() * 50     # (B, 10, 4)
+        logits[v == 0] = 0                                      # uniform: not read
+        return logits
+
+
+def test_legibility_scores_by_hand():
+    from fvd import legibility
+    # Four clips of four frames; each frame's top-left pixel names its second digit (0: unreadable).
+    marks = np.array([[3, 3, 3, 3],     # read throughout, same digits: kept
+                      [3, 0, 3, 0],     # half read, the same: kept (overlapping digits are not held against it)
+                      [3, 5, 3, 3],     # all read, a digit changes: not kept
+                      [3, 0, 0, 0]])    # read in one frame of four: not kept
+    videos = np.zeros((4, 4, 32, 32, 3), np.uint8)
+    videos[:, :, 0, 0, :] = marks[..., None]
+    with torch.no_grad():
+        scores = legibility(ScriptedReader(), videos, reference=np.broadcast_to(videos[:1], videos.shape))
+    assert scores["frames_read"] == pytest.approx(11 / 16)
+    assert scores["clips_kept"] == pytest.approx(2 / 4)
+    # Against a reference that reads 0 and 3 in every frame, the frames reading 0 and 3 agree: 10 of 16.
+    assert scores["same_as_real"] == pytest.approx(10 / 16)
+
+
 def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
     tiny_vqvae_and_prior(str(tmp_path), sequence_length=8, resolution=32, downsample=(2, 4, 4))
     torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4", "--reader",
-                   tmp_path / "reader.pt", "--device", "cpu")
+                   tmp_path / "reader.pt", "--device", "cpu", "--out", tmp_path / "digits.json")
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.strip().splitlines()
+    lines = r.stdout.strip().splitlines()[:-1]
+    import json
+    record = json.load(open(tmp_path / "digits.json"))
+    assert record["metric"] == "digit_legibility" and record["n"] == 4 and record["reader_sha256"] == sha256(tmp_path / "reader.pt")
+    assert set(record["scores"]) == {"real", "reconstructions", "samples"} and record["temperature"] == 1.0
+    assert f"frames read {100 * record['scores']['samples']['frames_read']:5.1f}%" in lines[2]
     assert [l.split(":")[0].strip() for l in lines[:3]] == ["real", "reconstructions", "samples"]
     assert "frames read as the real one" in lines[1] and lines[-1].startswith("(N=4 clips of 8 frames")
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2", "--reader",

@@ -149,4 +149,7 @@ def test_presets_fill_only_what_the_flags_leave_out():
     paper = train.parse_args(["--stage", "gpt", "--out_dir", "x", "--data", "bair.h5"])
     assert (paper.cache_codes, paper.dtype, paper.hidden_dim, paper.lr) == (False, "float32", 576, 3e-4)
     vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dtype", "float16", "--lr", "1e-3"])
-    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes) == ("float16", 1e-3, 2800, 256)
+    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes, vq.local_encoder) == ("float16", 1e-3, 3500, 256, True)
+    paper_vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--data", "d.h5"])
+    assert paper_vq.local_encoder is False   # the paper's encoder unless asked
+    assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--no-local_encoder"]).local_encoder is False

@@ -229,3 +229,24 @@ def test_an_encoder_without_attention_sees_only_its_neighbourhood_and_the_decode
         model = VQVAE(VQVAEConfig(**{**config.to_dict(), "n_res_layers": 1})).eval()
         a, b = (model.pre_vq_conv(model.encoder(v)) for v in (x, y))
     assert not torch.equal(a[..., :3, 6:], b[..., :3, 6:])
+
+
+def test_a_local_encoder_gives_each_code_its_own_patch_only():
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
+                         downsample=(2, 4, 4), sequence_length=4, resolution=16, local_encoder=True)
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 4, 16, 16) - 0.5
+    y = x.clone()
+    y[:, :, 2:4, 4:8, 8:12] = 0.5                      # exactly the patch of latent cell (1, 1, 2)
+    for local in (True, False):
+        model = VQVAE(VQVAEConfig(**{**config.to_dict(), "local_encoder": local})).eval()
+        with torch.no_grad():
+            changed = (model.pre_vq_conv(model.encoder(x)) != model.pre_vq_conv(model.encoder(y))).any(1)[0]  # (2, 4, 4)
+        if local:
+            assert changed.nonzero().tolist() == [[1, 1, 2]]
+        else:   # the original's 4-wide kernels: the neighbours see it too
+            assert changed.sum() > 4 and changed[1, 1, 2]
+    # Equal patches get equal codes wherever they are: an empty clip is one code throughout.
+    model = VQVAE(config).eval()
+    assert model.encode(torch.full((1, 3, 4, 16, 16), -0.5)).unique().numel() == 1
+    assert VQVAEConfig(**config.to_dict()) == config and VQVAEConfig().local_encoder is False
