@@ -554,76 +554,102 @@ def write_record(path, record):
     print(path, flush=True)
 
 
-def first_16_frames(videos, where):
+def first_16_frames(videos, where, say=True):
     """The clips' first 16 frames (saying so when they are longer); shorter clips are an error."""
     if videos.shape[1] < C3D_FRAMES:
         raise ValueError(f"{where}: clips of {videos.shape[1]} frames; the C3D Inception Score needs {C3D_FRAMES}")
-    if videos.shape[1] > C3D_FRAMES:
+    if videos.shape[1] > C3D_FRAMES and say:
         print(f"{where}: clips of {videos.shape[1]} frames; scoring their first {C3D_FRAMES}", flush=True)
     return videos[:, :C3D_FRAMES]
 
 
-def clips_to_score(args, trial, device):
-    """uint8 clips (n, T, H, W, 3) of one trial: sampled from --ckpt, read from --videos, or real --data clips."""
+def clips_to_score(args, trial, device, indices):
+    """uint8 clips (len(indices), T, H, W, 3) of one trial, clips `indices` of its N: sampled from --ckpt,
+    read from --videos, or real --data clips. Under torchrun each process passes its own share."""
     if args.videos is not None:
         if os.path.isdir(args.videos):
             paths = find_videos(args.videos)[:args.n]
             if not paths:
                 raise ValueError(f"{args.videos}: no video files")
-            return np.stack([read_frames(p, 0, C3D_FRAMES) for p in tqdm(paths, desc="reading", leave=False)])
+            return np.stack([read_frames(paths[i], 0, C3D_FRAMES)
+                             for i in tqdm(indices, desc="reading", leave=False) if i < len(paths)])
         try:
-            videos = np.load(args.videos)                   # allow_pickle is off by default: arrays only
+            videos = np.load(args.videos, mmap_mode="r")    # allow_pickle is off by default: arrays only
         except (OSError, ValueError) as e:
             raise ValueError(f"{args.videos}: not a readable .npy file ({type(e).__name__})") from None
         if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
             raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
-        return videos[:args.n]
-    generator = torch.Generator(device).manual_seed(args.seed * TRIAL_SEED_STRIDE + trial)
+        return np.stack([videos[i] for i in indices if i < len(videos)])
+    key = args.seed * TRIAL_SEED_STRIDE + trial
     if args.data is not None:
+        # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any number of processes.
         data = make_dataset(args.data, C3D_FRAMES, train=False, resolution=args.resolution)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * TRIAL_SEED_STRIDE + trial))
-        items = [data[(int(order[i % len(data)]), args.seed * TRIAL_SEED_STRIDE + trial * args.n + i)]
-                 for i in range(args.n)]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(key))
+        items = [data[(int(order[i % len(data)]), key * TRIAL_SEED_STRIDE + i)] for i in indices]
         return np.stack([to_uint8(it["video"]).numpy() for it in items])         # (n, 16, R, R, 3)
     gpt, vq = load_gpt(args.ckpt, device=device)
     labels = None
-    if gpt.config.n_classes:
-        labels = torch.randint(gpt.config.n_classes, (args.n,), generator=generator, device=device)
-        if trial == 0:
+    if gpt.config.n_classes:   # drawn for all N, so clip i has the same label on any number of processes
+        labels = torch.randint(gpt.config.n_classes, (args.n,), generator=torch.Generator().manual_seed(key))
+        labels = labels[torch.tensor(indices, dtype=torch.long)].to(device)
+        if trial == 0 and indices[:1] == [0]:
             print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its {gpt.config.n_classes} "
                   f"classes", flush=True)
     clips = []
     with torch.no_grad():
-        for start in tqdm(range(0, args.n, args.batch_size), desc=f"trial {trial}: sampling", leave=False):
-            sl = slice(start, min(args.n, start + args.batch_size))
+        for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
+            sl = slice(start, min(len(indices), start + args.batch_size))
+            generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
             codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator)
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
 
 
+def gather_in_order(x, ddp):
+    """Every process's rows of x, where process r holds clips r, r + world, ...; back in clip order."""
+    if not ddp:
+        return x
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.cpu())
+    out = torch.empty(sum(len(p) for p in parts), *x.shape[1:], dtype=x.dtype)
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
+
+
 def inception_score_command(args):
-    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to --out."""
-    device = default_device(args.device)
-    c3d = load_c3d(args.c3d, args.mean, device=device)
-    source = args.ckpt or args.videos or args.data
-    trials = 1 if args.videos is not None else args.trials    # given clips are the same in every trial
-    per_trial = []
-    for trial in range(trials):
-        videos = first_16_frames(clips_to_score(args, trial, device), source)
-        probs = c3d_logits(c3d, videos, args.batch_size).softmax(-1).numpy()        # (n, 101)
-        per_trial.append(inception_score(probs, args.splits))
-    # Over trials (the published setting: 10 trials of one split) or, for one trial, over its splits.
-    mean, std = ((float(np.mean([m for m, _ in per_trial])), float(np.std([m for m, _ in per_trial])))
-                 if trials > 1 else per_trial[0])
-    print(f"IS {mean:.4f} ± {std:.4f}  (N={len(videos)}, {C3D_FRAMES} frames, {trials} trial(s), {args.splits} split(s), "
-          f"seed {args.seed}, {os.path.basename(source.rstrip('/'))})", flush=True)
-    if args.out:
-        write_record(args.out, dict(
-            metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)", n=len(videos), trials=trials,
-            splits=args.splits, frames=C3D_FRAMES, resolution=args.resolution, seed=args.seed,
-            **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
-            mean=mean, std=std, per_trial=[m for m, _ in per_trial]))
-    return mean, std
+    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to --out.
+    Under torchrun each process scores its share of the clips and rank 0 reports."""
+    d = init_distributed(args.device)
+    ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
+    try:
+        if args.n < world:
+            raise ValueError(f"--n {args.n}: fewer clips than the {world} processes sharing them")
+        c3d = load_c3d(args.c3d, args.mean, device=device)
+        source = args.ckpt or args.videos or args.data
+        trials = 1 if args.videos is not None else args.trials    # given clips are the same in every trial
+        per_trial = []
+        for trial in range(trials):
+            videos = clips_to_score(args, trial, device, list(range(rank, args.n, world)))
+            videos = first_16_frames(videos, source, say=rank == 0)
+            probs = gather_in_order(c3d_logits(c3d, videos, args.batch_size).softmax(-1), ddp).numpy()   # (N, 101)
+            per_trial.append(inception_score(probs, args.splits))
+        # Over trials (the published setting: 10 trials of one split) or, for one trial, over its splits.
+        mean, std = ((float(np.mean([m for m, _ in per_trial])), float(np.std([m for m, _ in per_trial])))
+                     if trials > 1 else per_trial[0])
+        if rank == 0:
+            print(f"IS {mean:.4f} ± {std:.4f}  (N={len(probs)}, {C3D_FRAMES} frames, {trials} trial(s), "
+                  f"{args.splits} split(s), seed {args.seed}, {os.path.basename(source.rstrip('/'))})", flush=True)
+            if args.out:
+                write_record(args.out, dict(
+                    metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)", n=len(probs),
+                    trials=trials, splits=args.splits, frames=C3D_FRAMES, resolution=args.resolution, seed=args.seed,
+                    processes=world, **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
+                    mean=mean, std=std, per_trial=[m for m, _ in per_trial]))
+        return mean, std
+    finally:
+        if ddp:
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -860,7 +886,8 @@ def main(argv=None):
         source.add_argument("--data", help="a dataset whose real test clips are scored (the reference point)")
         p.add_argument("--c3d", required=True, help="conv3d_deepnetA_ucf.npz from TGANv2's release")
         p.add_argument("--mean", required=True, help="mean2.npz from TGANv2's release")
-        p.add_argument("--n", type=int, default=2048, help="clips per trial (the published setting: 2048)")
+        p.add_argument("--n", "--num_videos", dest="n", type=int, default=2048,
+                       help="clips per trial (the published setting: 2048; under torchrun write --num_videos)")
         p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
         p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
         p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")

@@ -326,6 +326,17 @@ def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, c
     assert {"torch", "date", "seed", "protocol", "trials", "resolution"} <= set(record)
     probs = fvd.c3d_logits(fvd.load_c3d(weights, mean), clips).softmax(-1).numpy()
     assert first == pytest.approx(fvd.inception_score(probs))                      # the API's number
+    # Two processes under torchrun share the clips and put them back in order: the same score, with
+    # two splits (whose boundaries depend on the order), as one process gives; rank 0 alone prints it.
+    two = fvd.main(["is", "--videos", str(tmp_path / "clips.npy"), "--splits", "2", *common])
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py", "is", "--videos",
+                   tmp_path / "clips.npy", "--splits", "2", "--num_videos", "6", "--out", tmp_path / "is2.json", *common,
+                   timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [l for l in r.stdout.splitlines() if l.startswith("IS ")] == [f"IS {two[0]:.4f} ± {two[1]:.4f}  (N=6, "
+                                                                          f"16 frames, 1 trial(s), 2 split(s), seed 0, clips.npy)"]
+    record = json.load(open(tmp_path / "is2.json"))
+    assert record["processes"] == 2 and (record["mean"], record["std"]) == pytest.approx(two)
     # Real test clips: seeded, so the same command gives the same numbers.
     write_hdf5(str(tmp_path / "d.h5"), {s: (list(moving_digits(6, 16, 32, train=s == "train")), None)
                                          for s in ("train", "test")})
