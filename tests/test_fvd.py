@@ -307,6 +307,23 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path):
         fvd.load_c3d(str(tmp_path / "junk.npz"), mean)
 
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@pytest.mark.parametrize("side", [64, 128])
+def test_c3d_and_inception_score_match_tgan2s_own_code(side):
+    """Against numbers made once by TGANv2's C3DVersion1UCF101 and inception_score under Chainer 7.8.1
+    (tests/data/make_c3d_fixture.py): narrow random weights in the release's npz layout, loaded as is."""
+    c3d = fvd.load_c3d(os.path.join(DATA, "c3d_narrow.npz"), os.path.join(DATA, "c3d_narrow_mean.npz"))
+    expected = np.load(os.path.join(DATA, "c3d_tgan2_expected.npz"))
+    logits = fvd.c3d_logits(c3d, expected[f"clips{side}"], batch_size=3)                  # (N, 101)
+    np.testing.assert_allclose(logits.numpy(), expected[f"logits{side}"], atol=1e-3, rtol=0)
+    assert len(set(expected[f"logits{side}"].argmax(1))) > 1        # the clips are told apart: a real test of IS
+    for splits in (1, 2):
+        ours = fvd.inception_score(logits.softmax(-1).numpy(), splits)
+        np.testing.assert_allclose(ours, expected[f"is{side}_splits{splits}"], atol=1e-4, rtol=0)
+
+
 def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, capsys):
     import json
 
