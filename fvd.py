@@ -455,8 +455,30 @@ class C3D(nn.Module):
         return self.fcs["fc8"](x)                                 # (B, 101)
 
 
+C3D_RELEASE = ("the C3D Inception Score reads conv3d_deepnetA_ucf.npz (--c3d) and mean2.npz (--mean), "
+               "published with TGANv2's GitHub release v1.0: https://github.com/pfnet-research/tgan2/releases/tag/v1.0")
+
+
 def load_c3d(weights, mean, device=None):
-    """TGANv2's C3D from its release files (or narrower ones in the same layout), in eval mode."""
+    """TGANv2's C3D from its release files (or narrower ones in the same layout), in eval mode.
+    Any problem with either file is one line: the file, what is wrong, and where the files come from."""
+    try:
+        return read_c3d_files(weights, mean).to(default_device(device)).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e}; {C3D_RELEASE}") from None
+
+
+def c3d_paths(weights=None, mean=None):
+    """The two release files: as given, else conv3d_deepnetA_ucf.npz and mean2.npz in the folder that
+    the environment variable VIDEOGPT_C3D names."""
+    folder = os.environ.get("VIDEOGPT_C3D")
+    if (weights is None or mean is None) and not folder:
+        raise ValueError(f"no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D to their folder; {C3D_RELEASE}")
+    return (weights or os.path.join(folder, "conv3d_deepnetA_ucf.npz"), mean or os.path.join(folder, "mean2.npz"))
+
+
+def read_c3d_files(weights, mean):
+    """The C3D of `load_c3d`, on the CPU; every layer's shape checked against the one before."""
     arrays = {}
     for path, keys in ((weights, [f"{n}/{p}" for n in C3D_CONVS + C3D_FCS for p in ("W", "b")]), (mean, ["mean"])):
         if not os.path.isfile(path):
@@ -489,7 +511,7 @@ def load_c3d(weights, mean, device=None):
              np.ascontiguousarray(arrays[f"{n}/{p}"], np.float32)) for n in C3D_CONVS + C3D_FCS for p in ("W", "b")}
     state["mean"] = c3d.mean
     load_weights(c3d, state, weights, "TGANv2's C3D layout")
-    return c3d.to(default_device(device)).eval()
+    return c3d
 
 
 def c3d_input(videos, mean):
@@ -623,6 +645,7 @@ def inception_score_command(args):
     d = init_distributed(args.device)
     ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
     try:
+        args.c3d, args.mean = c3d_paths(args.c3d, args.mean)
         if args.n < world:
             raise ValueError(f"--n {args.n}: fewer clips than the {world} processes sharing them")
         c3d = load_c3d(args.c3d, args.mean, device=device)
@@ -884,8 +907,9 @@ def main(argv=None):
         source.add_argument("--ckpt", help="a prior checkpoint: score N samples of it")
         source.add_argument("--videos", help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of videos")
         source.add_argument("--data", help="a dataset whose real test clips are scored (the reference point)")
-        p.add_argument("--c3d", required=True, help="conv3d_deepnetA_ucf.npz from TGANv2's release")
-        p.add_argument("--mean", required=True, help="mean2.npz from TGANv2's release")
+        p.add_argument("--c3d", default=None,
+                       help="conv3d_deepnetA_ucf.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
+        p.add_argument("--mean", default=None, help="mean2.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
         p.add_argument("--n", "--num_videos", dest="n", type=int, default=2048,
                        help="clips per trial (the published setting: 2048; under torchrun write --num_videos)")
         p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")

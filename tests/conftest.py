@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 # Variables that change what the project does: torchrun's (a suite started inside a job would try to
 # join it), the traceback switch (errors would no longer be one line), warning filters.
 FOREIGN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID", "VIDEOGPT_DEBUG", "PYTHONWARNINGS")
+               "TORCHELASTIC_RUN_ID", "VIDEOGPT_DEBUG", "VIDEOGPT_C3D", "PYTHONWARNINGS")
 
 
 @pytest.fixture(autouse=True)

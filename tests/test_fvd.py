@@ -294,14 +294,30 @@ def test_a_narrow_c3d_in_the_release_layout_loads_and_scores_clips(tmp_path):
         fvd.c3d_logits(c3d, videos[:, :8])
 
 
-def test_c3d_files_that_do_not_fit_give_one_line(tmp_path):
+def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
     weights, mean = write_c3d(str(tmp_path), broken="conv3a/W")
     with pytest.raises(ValueError) as e:
         fvd.load_c3d(weights, mean)
     assert str(e.value) == (f"{weights}: 'conv3a/W' is (6, 4, 3, 3, 2) with bias (6,), expected (out, 4, 3, 3, 3) "
-                            f"with bias (out,)")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+                            f"with bias (out,); {fvd.C3D_RELEASE}")
+    assert "conv3d_deepnetA_ucf.npz" in fvd.C3D_RELEASE and "mean2.npz" in fvd.C3D_RELEASE and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such file; the C3D Inception Score reads .*tgan2/releases"):
         fvd.load_c3d(str(tmp_path / "missing.npz"), mean)
+    # Or from the folder VIDEOGPT_C3D names, under the release's file names; neither is one line.
+    import shutil
+    (tmp_path / "good").mkdir()
+    (tmp_path / "release").mkdir()
+    good_weights, good_mean = write_c3d(str(tmp_path / "good"))
+    shutil.copy(good_weights, tmp_path / "release" / "conv3d_deepnetA_ucf.npz")
+    shutil.copy(good_mean, tmp_path / "release" / "mean2.npz")
+    monkeypatch.setenv("VIDEOGPT_C3D", str(tmp_path / "release"))
+    paths = fvd.c3d_paths(None, None)
+    assert paths == (str(tmp_path / "release" / "conv3d_deepnetA_ucf.npz"), str(tmp_path / "release" / "mean2.npz"))
+    assert isinstance(fvd.load_c3d(*paths), fvd.C3D)
+    assert fvd.c3d_paths("a.npz", None) == ("a.npz", str(tmp_path / "release" / "mean2.npz"))
+    monkeypatch.delenv("VIDEOGPT_C3D")
+    with pytest.raises(ValueError, match="no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D"):
+        fvd.c3d_paths(None, None)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz: not a readable npz archive"):
         fvd.load_c3d(str(tmp_path / "junk.npz"), mean)
