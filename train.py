@@ -147,9 +147,13 @@ def parse_args(argv=None):
     p.add_argument("--sync_batchnorm", action="store_true", help="vqvae: BatchNorm statistics over all processes")
     args = p.parse_args(argv)
     # Fill unset flags from the stage's preset.
-    for k, v in PRESETS[(args.stage, "digits" if args.data is None else "paper")].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    preset = PRESETS[(args.stage, "digits" if args.data is None else "paper")]
+    filled = [k for k in preset if getattr(args, k) is None]
+    for k in filled:
+        setattr(args, k, preset[k])
+    # The digits' local encoder goes with their attention-free encoder: asking for attention turns it off.
+    if "local_encoder" in filled and args.n_res_layers:
+        args.local_encoder = False
     if args.cache_codes is None:
         args.cache_codes = args.stage == "gpt" and args.data is None and args.n_cond_frames == 0
     return args
@@ -244,7 +248,8 @@ class VQVAEStage:
     def __init__(self, args, ckpt, ckpt_path):
         self.config = resolved_config(VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes, n_hiddens=args.n_hiddens,
-            n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers, local_encoder=args.local_encoder, downsample=args.downsample, sequence_length=args.sequence_length,
+            n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers,
+            local_encoder=args.local_encoder, downsample=args.downsample, sequence_length=args.sequence_length,
             resolution=args.resolution), ckpt, ckpt_path)
         self.clip = (self.config.sequence_length, self.config.resolution)
 

@@ -47,7 +47,7 @@ class VQVAEConfig:
     n_hiddens: int = 240              # channels inside the encoder and decoder
     n_res_layers: int = 4             # attention residual blocks in the encoder, and again in the decoder
     decoder_res_layers: int = None    # the decoder's own count, when it differs (None: n_res_layers)
-    local_encoder: bool = False       # each code sees only its own (dt, dh, dw) patch (see Encoder)
+    local_encoder: bool = False       # each code sees only its own (dt, dh, dw) patch (see Encoder); needs n_res_layers=0
     downsample: tuple = (4, 4, 4)     # (T, H, W) compression factors, each a power of two
     sequence_length: int = 16         # frames per training clip; with resolution it fixes the latent shape
     resolution: int = 64              # height = width of training clips, pixels
@@ -72,6 +72,9 @@ class VQVAEConfig:
         # for the prior to model); the decoder may still attend over the whole clip to reconstruct it.
         if self.decoder_res_layers is None:
             self.decoder_res_layers = self.n_res_layers
+        if self.local_encoder and self.n_res_layers:
+            raise ValueError(f"local_encoder needs n_res_layers=0: the encoder's attention (n_res_layers="
+                             f"{self.n_res_layers}) would let every code see the whole clip")
         if self.n_hiddens % 2:
             raise ValueError(f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}")
         if self.n_hiddens % self.n_head:

@@ -153,3 +153,4 @@ def test_presets_fill_only_what_the_flags_leave_out():
     paper_vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--data", "d.h5"])
     assert paper_vq.local_encoder is False   # the paper's encoder unless asked
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--no-local_encoder"]).local_encoder is False
+    assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--n_res_layers", "1"]).local_encoder is False

@@ -250,3 +250,5 @@ def test_a_local_encoder_gives_each_code_its_own_patch_only():
     model = VQVAE(config).eval()
     assert model.encode(torch.full((1, 3, 4, 16, 16), -0.5)).unique().numel() == 1
     assert VQVAEConfig(**config.to_dict()) == config and VQVAEConfig().local_encoder is False
+    with pytest.raises(ValueError, match="local_encoder needs n_res_layers=0: the encoder's attention"):
+        VQVAEConfig(**{**config.to_dict(), "n_res_layers": 1})
