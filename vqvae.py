@@ -185,7 +185,7 @@ class Encoder(nn.Module):
 
     `local` (not in the original) shrinks every kernel to its stride and the last one to 1, so that
     each latent vector is a function of its own (dt, dh, dw) patch only, as in a patch embedding.
-    The original's 4-wide kernels let a code see about 4 latent cells around its patch: an empty
+    The original's 4-wide kernels let a code see an 18-pixel window around its 4-pixel patch: an empty
     patch next to a digit then gets another code than one in open space, and on the moving digits
     two thirds of the codes are such empty patches spread over ~150 codes, on which the prior spends
     most of its loss and its capacity. With local codes equal patches get equal codes; the decoder
