@@ -105,7 +105,7 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return F.linear(x, weight).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
 
-    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, qkv=None):
+    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
         `mask` is a boolean (Lq, Lk) or broadcastable tensor, True where a query
@@ -114,15 +114,11 @@ class MultiHeadAttention(nn.Module):
         computed earlier (cross-attention to fixed frames while sampling).
         With `cache` (a KVCache layer) the new keys and values are written at
         positions `pos` (Lq,) and the queries attend over the whole buffer,
-        `mask` saying which of its positions are visible. `qkv` is
-        `fused_qkv_weight()`, computed once per sampling call.
+        `mask` saying which of its positions are visible.
         """
-        if qkv is not None:
-            q, k, v = self.fused_qkv(x, qkv)                # 3 x (B, nh, Lq, hs)
-        else:
-            q = self.split_heads(self.w_qs(x), self.d_k)    # (B, nh, Lq, hs)
-            # Keys and values: given, computed from the context, or appended to the cache.
-            k, v = kv if kv is not None else self.keys_values(x if context is None else context)
+        q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
+        # Keys and values: given, computed from the context, or appended to the cache.
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
         if cache is not None:
             k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
@@ -137,30 +133,30 @@ class MultiHeadAttention(nn.Module):
 # The key/value cache for sampling
 
 
-class KVCache(nn.Module):
+class KVCache:
     """One layer's keys and values for every position of the sequence, allocated once.
 
     Decoding writes the newest token's key and value at its position and
-    attends over the full-length buffers with a mask, so every step has the
-    same shapes; nothing is concatenated or reallocated while sampling.
+    attends over the buffers (or their written prefix); nothing is concatenated
+    or reallocated while sampling. A plain object, not a module: a compiled
+    decoding step reads and writes these tensors as inputs, where a module's
+    buffers could be taken for constants.
     """
 
     def __init__(self, batch_size, n_head, length, d_k, d_v, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(batch_size, n_head, length, d_k, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(batch_size, n_head, length, d_v, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(batch_size, n_head, length, d_k, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_head, length, d_v, dtype=dtype, device=device)
 
-    def update(self, pos, k, v):
-        """Write k (B, nh, n, hs) and v at positions pos (n,) and return the whole buffers; or, for pos a
-        Python int (n = 1), write there and return the prefix up to it: fewer operations, and attention
-        over pos + 1 keys instead of all of them (the shapes then change every step: eager decoding only)."""
-        if isinstance(pos, int):
-            self.k[:, :, pos] = k[:, :, 0]
-            self.v[:, :, pos] = v[:, :, 0]
-            return self.k[:, :, :pos + 1], self.v[:, :, :pos + 1]   # (B, nh, pos+1, hs) each
+    def update(self, pos, k, v, length=None):
+        """Write k (B, nh, n, hs) and v at positions pos (n,) and return the whole buffers; or, given
+        `length` (the newest position + 1), only the written prefix: attention over pos + 1 keys instead
+        of all of them, half on average. `length` is a Python int, so torch.compile sees it as a size
+        (compiled once for every length), and `pos` a tensor, so writing never specialises on it."""
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        return self.k, self.v
+        if length is None:
+            return self.k, self.v
+        return self.k[:, :, :length], self.v[:, :, :length]   # (B, nh, length, hs) each
 
 
 # -----------------------------------------------------------------------------

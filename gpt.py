@@ -265,14 +265,14 @@ class Block(nn.Module):
         self.post_fc_dp = nn.Dropout(c.dropout)
         self.grad_checkpointing = False
 
-    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, qkv=None):
+    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None):
         """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
-        block's cross-attention keys and values, qkv its fused q/k/v weight, both precomputed for sampling."""
+        block's cross-attention keys and values, precomputed for sampling."""
         ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
             else (lambda f, *a: f(*a))
         # Causal self-attention.
         h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, qkv=qkv), h)
+        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos), h)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
@@ -285,12 +285,14 @@ class Block(nn.Module):
         return x
 
 
-    def decode(self, x, pos, cache, mask, plan, frame_kv=None):
-        """`forward` for one token at the Python-int position `pos` while sampling, the same arithmetic
-        with the weights gathered once per call in `plan` (see VideoGPT.decode_plan) instead of module
-        calls: at one token per step, calling ten small modules per block costs more than their math."""
-        q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), plan["qkv"])  # 3 x (B, nh, 1, hs)
-        k, v = cache.update(pos, k, v)                                                # (B, nh, pos+1, hs) each
+    def decode(self, x, pos, cache, mask, plan, qkv, frame_kv=None, length=None):
+        """`forward` for the newest token x (B, 1, D) at position pos (1,) while sampling, the same
+        arithmetic as plain tensor operations: the norms' gains from `plan` (VideoGPT.decode_plan), the
+        stacked q/k/v weight `qkv`, the other weights read straight from the modules. At one token per
+        step, calling ten small modules per block costs more than their math. With `length` the
+        attention reads only the cache's first `length` keys."""
+        q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), qkv)         # 3 x (B, nh, 1, hs)
+        k, v = cache.update(pos, k, v, length)                                        # (B, nh, length or L, hs) each
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, 1, hs)
         x = x + F.linear(self.attn.merge_heads(a), self.attn.fc.weight, self.attn.fc.bias)   # (B, 1, D)
         if hasattr(self, "enc_attn"):
@@ -321,8 +323,15 @@ class AttentionStack(nn.Module):
         self.attn_nets = nn.ModuleList([Block(config) for _ in range(config.layers)])
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draw one index per row of logits (B, V) after temperature, top-k and nucleus filtering."""
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, noise=None):
+    """Draw one index per row of logits (B, V) after temperature, top-k and nucleus filtering.
+
+    The draw is the Gumbel-max trick: argmax(logits / T + g) with g = -log(-log u) for uniform
+    noise u (B, V), given or drawn from `generator`. It picks index i with probability
+    softmax(logits / T)_i, exactly as a softmax followed by torch.multinomial, but as plain tensor
+    arithmetic on an input: a compiled decoding step (DecodeStep) draws inside its graph, and given
+    the same u every sampler draws the same codes.
+    """
     assert temperature > 0, f"temperature must be positive, got {temperature}"
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -334,8 +343,66 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p                                 # always keeps the first
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)            # (B,)
+    if noise is None:
+        noise = torch.rand(logits.shape, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(noise))      # u = 0 gives -inf: never drawn, as probability 0 would be
+    return (logits + gumbel).argmax(dim=-1)                                         # (B,)
+
+
+def uniform_noise(n, n_codes, steps, generator, device, chunk=64):
+    """The uniform noise of `steps` draws, (n, n_codes) each, drawn `chunk` draws at a time: one
+    call to the generator instead of 64 (on a CPU the numbers are the same as drawn one by one).
+    Every sampler reads its noise from here, so the same generator gives them the same codes."""
+    for start in range(0, steps, chunk):
+        yield from torch.rand(min(chunk, steps - start), n, n_codes, generator=generator, device=device)
+
+
+class DecodeStep(nn.Module):
+    """One whole sampling step of a prior as a module: the previous code in, the next code out.
+
+    It wraps `decode_one_token` and the draw of `sample_logits` so that torch.compile turns
+    a step into one graph: every block, the output layer, temperature, top-k / top-p and the
+    Gumbel-max draw on the uniform noise it is given. The prior is a sub-module, so with
+    inductor's "freezing" its weights become constants of the compiled code (on CPU its
+    matmuls are then generated and fused, not called one by one). Built by
+    `VideoGPT.compiled_step`, which also says how it is compiled on each device.
+    """
+
+    def __init__(self, gpt, temperature, top_k, top_p):
+        super().__init__()
+        self.gpt = gpt
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        # The prior's decode_weights as buffers of this module: constants of the compiled code, too.
+        w = gpt.decode_weights()
+        self.register_buffer("inputs", w["inputs"], persistent=False)
+        self.register_buffer("pos_table", w["pos_table"], persistent=False)
+        self.n_qkv = len(w["qkv"])
+        for i, qkv in enumerate(w["qkv"]):
+            self.register_buffer(f"qkv_{i}", qkv, persistent=False)
+
+    def forward(self, code, pos, cond, caches, noise, length=None):
+        weights = dict(inputs=self.inputs, pos_table=self.pos_table,
+                       qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
+        logits = self.gpt.decode_one_token(code, pos, cond, caches, length, weights)   # (B, n_codes)
+        return sample_logits(logits, self.temperature, self.top_k, self.top_p, noise=noise)
+
+
+def frozen_cpu_compile(module):
+    """torch.compile for a CPU inference module whose weights stay fixed: inductor's "freezing" makes
+    them constants (the matmuls become generated code next to their neighbours instead of library
+    calls) and max-autotune picks those kernels. Both settings must hold whenever the module may be
+    traced or compiled, which can be at any call, so every call sets them and puts them back (~7 us)."""
+    import torch._inductor.config as inductor_config   # lazy: only when compiling
+    compiled = torch.compile(module)
+
+    def call(*args):
+        saved = inductor_config.freezing, inductor_config.max_autotune
+        inductor_config.freezing = inductor_config.max_autotune = True
+        try:
+            return compiled(*args)
+        finally:
+            inductor_config.freezing, inductor_config.max_autotune = saved
+    return call
 
 
 class VideoGPT(nn.Module):
@@ -366,7 +433,12 @@ class VideoGPT(nn.Module):
         mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
                 if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
         self.register_buffer("mask", mask, persistent=False)
+        self._compiled = {}   # compiled decoding steps (compiled_step), not part of the model's state
         self.init_weights()
+
+    def __getstate__(self):
+        """Copies and pickles leave the compiled steps behind (they hold this prior and compiled code)."""
+        return {**self.__dict__, "_compiled": {}}
 
     @torch.no_grad()
     def init_weights(self):
@@ -457,16 +529,13 @@ class VideoGPT(nn.Module):
         """Run inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing the cache.
 
         Each query attends over the whole cache with its row of the mask, so
-        positions not yet written (zeros) are never seen: fixed shapes, for the
-        prefill and for a torch.compile'd decode step.
+        positions not yet written (zeros) are never seen (the prefill).
         """
-        table = cond.get("pos_table")
-        x = self.attn_stack.pos_embd(x, pos) if table is None else x + table[pos]     # (B, n, hidden)
+        x = self.attn_stack.pos_embd(x, pos)                                          # (B, n, hidden)
         mask = self.mask[pos]                                                         # (n, L)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
-        qkv = cond.get("qkv") or [None] * len(caches)
-        for block, cache, kv, w in zip(self.attn_stack.attn_nets, caches, frame_kv, qkv):
-            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv, qkv=w)
+        for block, cache, kv in zip(self.attn_stack.attn_nets, caches, frame_kv):
+            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv)
         return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
 
     def prefill(self, cond, caches, batch_size, prefix=None):
@@ -478,42 +547,72 @@ class VideoGPT(nn.Module):
         pos = torch.arange(x.shape[1], device=x.device)
         return self.step(x, pos, cond, caches)[:, -1]
 
-    def decode_one_token(self, code, pos, cond, caches):
-        """Feed the code sampled at position pos-1 (B,) in at position pos ((1,) tensor or int); logits (B, n_codes).
+    def decode_one_token(self, code, pos, cond, caches, length=None, weights=None):
+        """Feed the code sampled at position pos-1 (B,) in at position pos, a (1,) tensor; logits (B, n_codes).
 
-        An int position takes the eager path: each block's `decode` over the written prefix, with the
-        weights of `decode_plan`. A tensor position keeps fixed shapes (what torch.compile wants)."""
-        if not isinstance(pos, int):
-            return self.step(self.embed(code.unsqueeze(1)), pos, cond, caches)[:, -1]
-        plan = cond["plan"]
-        x = (plan["inputs"][code] + cond["pos_table"][pos]).unsqueeze(1)           # (B, 1, hidden)
-        mask = self.mask[pos:pos + 1, :pos + 1] if self.config.attn_type == "sparse" else None   # (1, pos+1)
+        Each block runs `Block.decode` with the norms of cond["plan"] and the `weights` of
+        `decode_weights` (computed here when not given). With `length` = pos + 1 (a Python int) the
+        attention reads only the written prefix of the cache, which needs no mask for full attention;
+        without it every step reads the whole buffer with pos's row of the mask: fixed shapes, what
+        CUDA graphs replay."""
+        plan, w = cond["plan"], weights or self.decode_weights()
+        x = (w["inputs"][code] + w["pos_table"][pos]).unsqueeze(1)                # (B, 1, hidden)
+        mask = None
+        if length is None:
+            mask = self.mask[pos]                                                   # (1, L)
+        elif self.config.attn_type == "sparse":
+            mask = self.mask[pos][:, :length]                                       # (1, length)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
-        for block, cache, p, kv in zip(self.attn_stack.attn_nets, caches, plan["blocks"], frame_kv):
-            x = block.decode(x, pos, cache, mask, p, kv)
+        for block, cache, p, qkv, kv in zip(self.attn_stack.attn_nets, caches, plan["blocks"], w["qkv"], frame_kv):
+            x = block.decode(x, pos, cache, mask, p, qkv, kv, length)
         return F.linear(normalize(x, *plan["norm"]), self.fc_out.weight)[:, -1]    # (B, n_codes)
 
+    def compiled_step(self, batch_size, temperature=1.0, top_k=None, top_p=None):
+        """A torch.compile'd DecodeStep for these sampling settings, made once and kept.
+
+        CPU: inductor with freezing and max-autotune (the weights become constants, the matmuls
+        generated code), each step over the written prefix, compiled once for every length. CUDA:
+        fixed shapes replayed as CUDA graphs ("reduce-overhead"). Compiling takes seconds to
+        minutes, so it pays off only over many steps (sample.py decides). The compiled code is kept
+        per batch size and settings, and made again when any weight has changed since (frozen
+        weights would otherwise be stale): training may call it between optimizer steps.
+        """
+        device = self.fc_in.weight.device
+        versions = tuple(t._version for t in (*self.parameters(), *self.buffers()))
+        key = (batch_size, temperature, top_k, top_p, device.type, torch.is_autocast_enabled(device.type))
+        if key not in self._compiled or self._compiled[key][0] != versions:
+            step = DecodeStep(self, temperature, top_k, top_p)
+            self._compiled[key] = (versions, torch.compile(step, mode="reduce-overhead") if device.type == "cuda"
+                                   else frozen_cpu_compile(step))
+        return self._compiled[key][1]
+
     def cached_condition(self, label, frames, batch_size, actions=None):
-        """What stays fixed while sampling, computed once per call: the conditioning, the cross-attention
-        keys/values (frames, actions), every position's embedding (L, hidden), each block's fused q/k/v weight."""
+        """What the conditioning fixes for a whole sampling call, computed once: the conditioning itself,
+        the cross-attention keys/values of frames and actions, and the norms' gains (`decode_plan`)."""
         cond = self.condition(label, frames, batch_size, actions)
         if cond["context"] is not None:
             cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
-        cond["pos_table"] = self.attn_stack.pos_embd.table().to(self.sampling_dtype())   # (L, hidden)
-        cond["qkv"] = [b.attn.fused_qkv_weight() for b in self.attn_stack.attn_nets]     # (3 * hidden, hidden) each
         cond["plan"] = self.decode_plan(cond)
         return cond
 
     def decode_plan(self, cond):
-        """What every eager decode step reads, gathered once per sampling call: each block's norms' gains
-        and biases (per sample for a class-conditional prior) and fused q/k/v weight, the final norm's,
-        and the input of every code, codebook @ fc_in, as one table (n_codes, hidden)."""
+        """Each block's norms' gains and biases (per sample for a class-conditional prior) and the final
+        norm's: what every decoding step reads and the conditioning decides."""
         onehot = cond["onehot"]
         blocks = [dict(attn_norm=b.pre_attn_norm.gain_bias(onehot), fc_norm=b.pre_fc_norm.gain_bias(onehot),
-                       enc_norm=b.pre_enc_norm.gain_bias(onehot) if hasattr(b, "enc_attn") else None, qkv=qkv)
-                  for b, qkv in zip(self.attn_stack.attn_nets, cond["qkv"])]
-        inputs = self.fc_in(self.codebook.to(self.fc_in.weight.dtype)).to(self.sampling_dtype())   # (n_codes, hidden)
-        return dict(blocks=blocks, norm=self.norm.gain_bias(onehot), inputs=inputs)
+                       enc_norm=b.pre_enc_norm.gain_bias(onehot) if hasattr(b, "enc_attn") else None)
+                  for b in self.attn_stack.attn_nets]
+        return dict(blocks=blocks, norm=self.norm.gain_bias(onehot))
+
+    def decode_weights(self):
+        """What every decoding step reads and only the weights decide, in the sampling dtype: the input
+        of every code, codebook @ fc_in, as one table (n_codes, hidden); every position's embedding
+        (L, hidden); each block's q, k, v weights stacked into one (3 * hidden, hidden)."""
+        dtype = self.sampling_dtype()
+        inputs = self.fc_in(self.codebook.to(self.fc_in.weight.dtype)).to(dtype)              # (n_codes, hidden)
+        pos_table = self.attn_stack.pos_embd.table().to(dtype)                                # (L, hidden)
+        return dict(inputs=inputs, pos_table=pos_table,
+                    qkv=[b.attn.fused_qkv_weight() for b in self.attn_stack.attn_nets])
 
     def sampling_dtype(self):
         """The dtype of activations while sampling: autocast's when it is on (keys and values come out in
@@ -524,26 +623,30 @@ class VideoGPT(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-               progress=False, decode_fn=None, actions=None, prefix=None, frames_out=None, stride=None,
+               progress=False, compile=False, actions=None, prefix=None, frames_out=None, stride=None,
                frames_fn=None):
         """Draw n code grids (n, t, h, w) with the KV cache.
 
         `prefix` (n, k, h, w) gives the first k latent time steps (video
         prediction): they are prefilled in one pass and only the rest is drawn.
         `frames_out` asks for a longer video: see `sample_long`.
-        `decode_fn` may replace `decode_one_token` (e.g. a torch.compile'd one); it
-        gets positions as tensors (1,), so its shapes never change. The eager
-        default gets them as ints and attends over the written prefix only.
+        `compile=True` runs every step through `compiled_step` (same codes for the
+        same generator, up to the last bits of the logits; compiling costs seconds,
+        so it pays off over many steps). Each position's draw reads uniform noise
+        (n, n_codes) from `generator`, one position after the other, whichever path.
         """
         if frames_out is not None and frames_out != self.config.sequence_length:
             return self.sample_long(n, frames_out, stride, label=label, frames=frames, actions=actions, prefix=prefix,
                                     frames_fn=frames_fn, progress=progress, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, generator=generator, decode_fn=decode_fn)
+                                    top_p=top_p, generator=generator, compile=compile)
         c = self.config
         device = self.fc_in.weight.device
         cond = self.cached_condition(label, frames, n, actions)
         caches = self.setup_caches(n, self.sampling_dtype(), device)
-        decode = decode_fn or self.decode_one_token
+        step = (self.compiled_step(n, temperature, top_k, top_p) if compile else
+                DecodeStep(self, temperature, top_k, top_p))
+        # CUDA graphs replay fixed shapes: the whole cache every step. Elsewhere the written prefix.
+        fixed = compile and device.type == "cuda"
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
         given = 0
         if prefix is not None:
@@ -557,12 +660,14 @@ class VideoGPT(nn.Module):
         if progress:
             from tqdm import tqdm  # lazy: only for the progress bar
             positions = tqdm(positions, desc="sampling", unit="code", leave=False)
+        noise = uniform_noise(n, c.n_codes, c.seq_len - given, generator, device)
         for i in positions:
+            u = next(noise)                                                       # (n, n_codes)
             if i == given:
                 logits = self.prefill(cond, caches, n, codes[:, :given])
+                codes[:, i] = sample_logits(logits, temperature, top_k, top_p, noise=u)
             else:
-                logits = decode(codes[:, i - 1], i if decode_fn is None else pos[i:i + 1], cond, caches)
-            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+                codes[:, i] = step(codes[:, i - 1], pos[i:i + 1], cond, caches, u, None if fixed else i + 1)
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 
     @torch.no_grad()
@@ -625,9 +730,10 @@ class VideoGPT(nn.Module):
         """Reference sampler: the full teacher-forced forward at every position. O(L) times slower."""
         c = self.config
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=self.fc_in.weight.device)
+        noise = uniform_noise(n, c.n_codes, c.seq_len, generator, codes.device)
         for i in range(c.seq_len):
             logits = self(codes.view(n, *c.latent_shape), label, frames, actions).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
-            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, noise=next(noise))
         return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
 
 

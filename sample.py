@@ -62,8 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast precision")
     p.add_argument("--fps", type=int, default=4, help="frames per second of the MP4/GIF")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step (CUDA graphs on GPU); pays off for many samples")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoding step (CUDA graphs on GPU); default: only when the run draws "
+                        f"at least {AUTO_COMPILE_STEPS} codes one after the other, where it pays for itself")
     return p.parse_args(argv)
 
 
@@ -123,6 +124,23 @@ def conditioning(gpt, args, vq_config, device):
     return dict(label=labels, frames=frames, actions=actions), context
 
 
+# Compiling the decoding step costs 10-30 s on a CPU (about a minute on a GPU) and saves about half a
+# millisecond per step on a CPU (more on a GPU, where an eager step is launch-bound): it pays for itself
+# over some tens of thousands of steps (e.g. 8 BAIR batches of 4096 codes), not for a handful of clips.
+AUTO_COMPILE_STEPS = 30_000
+
+
+def decoding_steps(args, gpt, frames_out):
+    """How many codes the run draws one after the other: per batch, a window's codes plus s latent
+    steps' for each further window of a long video, times the number of batches."""
+    c = gpt.config
+    per_step = math.prod(c.latent_shape[1:])                          # codes per latent time step
+    t, steps_out = c.latent_shape[0], frames_out // (c.sequence_length // c.latent_shape[0])
+    s = args.stride or max(1, t // 2)
+    windows = max(0, math.ceil((steps_out - t) / s))
+    return math.ceil(args.n / args.batch_size) * (c.seq_len + windows * s * per_step)
+
+
 def check_length(args, vq_config):
     """--frames, --context_frames against the VQ-VAE's clip: one-line errors before any sampling."""
     T, stride = vq_config.sequence_length, vq_config.downsample[0]
@@ -160,9 +178,7 @@ def sample_and_write(args, ext):
     # Later windows of a frame-conditional prior take their first frames from the decoded context.
     frames_fn = (lambda codes: vq.decode(codes)) if gpt.config.n_cond_frames else None
     generator = torch.Generator(device).manual_seed(args.seed)
-    # The decode step has fixed shapes, so it compiles once; on CUDA "reduce-overhead" replays it as a CUDA graph.
-    decode = (torch.compile(gpt.decode_one_token, mode="reduce-overhead" if device.type == "cuda" else "default")
-              if args.compile else None)
+    compile = args.compile if args.compile is not None else decoding_steps(args, gpt, frames_out) >= AUTO_COMPILE_STEPS
 
     # Sample codes batch by batch with the KV cache, decode them, put the given frames back.
     videos = []
@@ -173,7 +189,7 @@ def sample_and_write(args, ext):
             # Video prediction: the real frames' codes are the first latent steps, prefilled, not drawn.
             prefix = vq.encode(context[sl]) if context is not None else None         # (n, K/stride, h, w)
             codes = gpt.sample(sl.stop - sl.start, **part, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, generator=generator, progress=True, decode_fn=decode,
+                               top_p=args.top_p, generator=generator, progress=True, compile=compile,
                                prefix=prefix, frames_out=frames_out, stride=args.stride,
                                frames_fn=frames_fn)                                     # (n, t', h, w)
             # The whole latent video is decoded at once: the decoder's convolutions and attention see

@@ -9,7 +9,8 @@ from conftest import run_script
 
 
 def test_bench_prints_json_lines():
-    r = run_script("bench.py", "--size", "tiny", "--steps", "1", "--warmup", "0", "--naive_steps", "1", "--codes", "64")
+    r = run_script("bench.py", "--size", "tiny", "--steps", "1", "--warmup", "0", "--naive_steps", "1", "--codes", "64",
+                   "--no-compile_sample")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample"]

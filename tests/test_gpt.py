@@ -3,6 +3,7 @@
 python -m pytest tests/test_gpt.py
 """
 
+import copy
 import itertools
 import math
 
@@ -108,15 +109,16 @@ def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
     codes, given = inputs(gpt)
     B, L = 3, gpt.config.seq_len
     full = gpt(codes, **given).view(B, L, -1)
-    # Feed the same codes through prefill + decode_one_token: every step's logits match.
-    # Positions as tensors (fixed shapes, what torch.compile sees) or as ints (the eager prefix path).
+    # Feed the same codes through prefill + decode_one_token: every step's logits match, attending
+    # over the whole cache with a mask (fixed shapes, for CUDA graphs) or over the written prefix.
     cond = gpt.cached_condition(given["label"], given["frames"], B, given["actions"])
     flat = codes.view(B, L)
-    for as_position in (lambda i: torch.tensor([i]), int):
+    for prefix_only in (False, True):
         caches = gpt.setup_caches(B, torch.float32, "cpu")
         steps = [gpt.prefill(cond, caches, B)]
         for i in range(1, L):
-            steps.append(gpt.decode_one_token(flat[:, i - 1], as_position(i), cond, caches))
+            steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches,
+                                              length=i + 1 if prefix_only else None))
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
     # Same generator, same codes, for the cached and the naive sampler, with filtering on.
     for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
@@ -171,6 +173,34 @@ def test_sample_logits_filters():
     assert set(sample_logits(logits, top_k=2, generator=g).tolist()) == {1, 3}
     assert (sample_logits(logits, temperature=1e-4, generator=g) == 1).all()
     assert set(sample_logits(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+def test_the_gumbel_max_draw_follows_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_logits(logits, temperature=0.8, generator=g), minlength=4).float()
+    torch.testing.assert_close(counts / counts.sum(), (logits[0] / 0.8).softmax(-1), atol=0.01, rtol=0)
+    # The draw is a function of the noise: u decides, the generator only supplies it.
+    u = torch.rand(5, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_logits(logits[:5], noise=u), sample_logits(logits[:5], generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(sample_logits(logits[:5], noise=u), (logits[:5] - torch.log(-torch.log(u))).argmax(-1))
+
+
+def test_compiled_sampling_draws_the_eager_codes_and_is_made_once():
+    gpt = tiny_prior().eval()
+    eager = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5))
+    compiled = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5), compile=True)
+    assert torch.equal(compiled, eager)
+    assert gpt.compiled_step(2, 0.9, 8, None) is gpt.compiled_step(2, 0.9, 8, None)
+    # A weight changed since (a training step): the frozen code would be stale, so it is made again.
+    first = gpt._compiled[(2, 0.9, 8, None, "cpu", False)][1]
+    with torch.no_grad():
+        gpt.fc_out.weight.mul_(-1.0)
+    again = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5), compile=True)
+    assert gpt._compiled[(2, 0.9, 8, None, "cpu", False)][1] is not first
+    assert torch.equal(again, gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(again, eager)
+    assert copy.deepcopy(gpt)._compiled == {}
 
 
 def test_config_errors():
@@ -310,7 +340,7 @@ def test_prefilled_prefix_gives_the_teacher_forced_logits_and_keeps_the_given_co
     flat = codes.view(B, L)
     steps = [gpt.prefill(cond, caches, B, flat[:, :P])]       # one pass over the start vector and P codes
     for i in range(P + 1, L):
-        steps.append(gpt.decode_one_token(flat[:, i - 1], i, cond, caches))
+        steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches, length=i + 1))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, P:], atol=1e-5, rtol=1e-5)
     drawn = gpt.sample(B, given["label"], prefix=codes[:, :1], generator=torch.Generator().manual_seed(0))
     assert torch.equal(drawn[:, :1], codes[:, :1])
