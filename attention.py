@@ -129,6 +129,16 @@ class MultiHeadAttention(nn.Module):
         return self.fc(self.merge_heads(a))  # (B, Lq, dim_q)
 
 
+def explicit_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(hs)) v written out, for (B, nh, Lq, hs) queries, keys (B, nh, Lk, hs) and
+    values, `mask` (Lq, Lk) True where visible: what F.scaled_dot_product_attention computes, as
+    plain operations a compiler can fuse."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5      # (B, nh, Lq, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)                            # (B, nh, Lq, hv)
+
+
 # -----------------------------------------------------------------------------
 # The key/value cache for sampling
 

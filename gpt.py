@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, strided_sparse_layout
+from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, strided_sparse_layout
 from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
 from vqvae import VQVAEConfig, vqvae_from_state
 
@@ -293,7 +293,10 @@ class Block(nn.Module):
         attention reads only the cache's first `length` keys."""
         q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), qkv)         # 3 x (B, nh, 1, hs)
         k, v = cache.update(pos, k, v, length)                                        # (B, nh, length or L, hs) each
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, 1, hs)
+        # Compiled, the attention is written out (inductor fuses it into one kernel, faster than calling
+        # the CPU flash kernel for a single query); eager, the library kernel is the faster of the two.
+        a = (explicit_attention(q, k, v, mask) if torch.compiler.is_compiling() else
+             F.scaled_dot_product_attention(q, k, v, attn_mask=mask))                # (B, nh, 1, hs)
         x = x + F.linear(self.attn.merge_heads(a), self.attn.fc.weight, self.attn.fc.bias)   # (B, 1, D)
         if hasattr(self, "enc_attn"):
             x = x + self.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
