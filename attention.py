@@ -105,7 +105,7 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return F.linear(x, weight).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
 
-    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None):
+    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, block_mask=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
         `mask` is a boolean (Lq, Lk) or broadcastable tensor, True where a query
@@ -114,7 +114,9 @@ class MultiHeadAttention(nn.Module):
         computed earlier (cross-attention to fixed frames while sampling).
         With `cache` (a KVCache layer) the new keys and values are written at
         positions `pos` (Lq,) and the queries attend over the whole buffer,
-        `mask` saying which of its positions are visible.
+        `mask` saying which of its positions are visible. `block_mask` (a
+        FlexAttention BlockMask, see `sparse_block_mask`) replaces `mask` for
+        block-sparse self-attention: the tiles nobody looks at are skipped.
         """
         q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
         # Keys and values: given, computed from the context, or appended to the cache.
@@ -123,8 +125,12 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
         dropout_p = self.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=is_causal)  # (B, nh, Lq, hv)
+        if block_mask is not None:
+            assert dropout_p == 0.0, "FlexAttention has no attention dropout"
+            a = flex_attention(q, k, v, block_mask)                       # (B, nh, Lq, hv)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=is_causal)  # (B, nh, Lq, hv)
         # Concatenate heads and mix them back to dim_q.
         return self.fc(self.merge_heads(a))  # (B, Lq, dim_q)
 
@@ -249,6 +255,43 @@ def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
     if causal:
         mask &= torch.ones(L, L, dtype=torch.bool).tril()
     return mask
+
+
+def sparse_block_mask(mask, block):
+    """FlexAttention's BlockMask of a causal block-sparse mask (L, L) built from `block` x `block`
+    tiles (strided_sparse_layout's). Where the dense mask makes attention compute every score and
+    then throw most away (95% at 4096 codes), FlexAttention visits only the tiles in the layout.
+    The tiles' pattern is read off the mask (its top-left corners) and the causal triangle added."""
+    from torch.nn.attention.flex_attention import create_block_mask   # lazy: PyTorch >= 2.5
+    L = mask.shape[-1]
+    layout = mask[::block, ::block].clone()                           # (L / block, L / block)
+
+    def visible(b, h, q, kv):
+        return layout[q // block, kv // block] & (kv <= q)
+    return create_block_mask(visible, None, None, L, L, device=mask.device, BLOCK_SIZE=block)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """softmax(q k^T / sqrt(hs)) v over the tiles of `block_mask`, with FlexAttention compiled once per
+    process (uncompiled, it runs a slow reference). Its CPU kernels have no backward: on a CPU it
+    serves evaluation and sampling, training keeps the dense mask (VideoGPT.attention_kwargs)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex   # lazy: PyTorch >= 2.5
+        _compiled_flex = torch.compile(flex)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
+
+
+def flex_available():
+    """Whether this PyTorch has FlexAttention (2.5 and later)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # -----------------------------------------------------------------------------

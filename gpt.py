@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, strided_sparse_layout
+from attention import (BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, flex_available,
+                       sparse_block_mask, strided_sparse_layout)
 from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
 from vqvae import VQVAEConfig, vqvae_from_state
 
@@ -265,14 +266,15 @@ class Block(nn.Module):
         self.post_fc_dp = nn.Dropout(c.dropout)
         self.grad_checkpointing = False
 
-    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None):
+    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, block_mask=None):
         """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
-        block's cross-attention keys and values, precomputed for sampling."""
+        block's cross-attention keys and values, precomputed for sampling; block_mask: FlexAttention's
+        tiles of sparse attention, instead of `mask`."""
         ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
             else (lambda f, *a: f(*a))
         # Causal self-attention.
         h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos), h)
+        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, block_mask=block_mask), h)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
@@ -437,11 +439,13 @@ class VideoGPT(nn.Module):
                 if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
         self.register_buffer("mask", mask, persistent=False)
         self._compiled = {}   # compiled decoding steps (compiled_step), not part of the model's state
+        # Sparse attention through FlexAttention where it can run (attention_kwargs); its block masks per device.
+        self.use_flex, self._block_masks = True, {}
         self.init_weights()
 
     def __getstate__(self):
-        """Copies and pickles leave the compiled steps behind (they hold this prior and compiled code)."""
-        return {**self.__dict__, "_compiled": {}}
+        """Copies and pickles leave the compiled steps and block masks behind (made again when needed)."""
+        return {**self.__dict__, "_compiled": {}, "_block_masks": {}}
 
     @torch.no_grad()
     def init_weights(self):
@@ -513,12 +517,24 @@ class VideoGPT(nn.Module):
         # Inputs: code vectors in raster order, shifted right behind the start vector, plus positions.
         x = self.embed(codes.flatten(1))                                            # (B, L, hidden)
         x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
-        # Full attention uses SDPA's causal kernel; sparse attention its explicit mask.
-        sparse = c.attn_type == "sparse"
+        attention = self.attention_kwargs(x.device)
         for block in self.attn_stack.attn_nets:
-            x = block(x, cond, mask=self.mask if sparse else None, is_causal=not sparse)
+            x = block(x, cond, **attention)
         logits = self.fc_out(self.norm(x, cond["onehot"]))                          # (B, L, n_codes)
         return logits.view(B, *c.latent_shape, c.n_codes)                         # (B, t, h, w, n_codes)
+
+    def attention_kwargs(self, device):
+        """How the teacher-forced pass attends. Full attention: SDPA's causal kernel. Sparse attention:
+        FlexAttention over the layout's tiles where it can run (PyTorch >= 2.5; on a CPU only without
+        gradients, its CPU kernels have none) and `self.use_flex` is on (the default); else the dense
+        mask, the reference the tiles are tested against."""
+        if self.config.attn_type != "sparse":
+            return dict(is_causal=True)
+        if self.use_flex and flex_available() and (device.type == "cuda" or not torch.is_grad_enabled()):
+            if device not in self._block_masks:
+                self._block_masks[device] = sparse_block_mask(self.mask.to(device), self.config.sparse_block)
+            return dict(block_mask=self._block_masks[device])
+        return dict(mask=self.mask)
 
     # --- sampling with the KV cache ---
 

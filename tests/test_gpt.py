@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention import strided_sparse_layout
+from attention import flex_available, sparse_block_mask, strided_sparse_layout
 from gpt import GPTConfig, VideoGPT, load_gpt, sample_logits
 from originals import ORIGINAL_ARGS, PRIOR_KEYS, original_state_dict, save_like_lightning
 from reference_videogpt import reference_prior_logits
@@ -101,6 +101,28 @@ def test_strided_sparse_layout_matches_the_block_rules(shape, block, local):
     assert mask.diagonal().all() and not mask.triu(1).any()
     if math.prod(shape) // block > local + 1:
         assert not mask.tril().all()          # really sparse
+
+
+@pytest.mark.skipif(not flex_available(), reason="FlexAttention needs PyTorch >= 2.5")
+def test_flex_attention_visits_the_sparse_tiles_and_gives_the_dense_masks_logits():
+    gpt = tiny_prior(latent_shape=(2, 8, 8), attn_type="sparse", sparse_block=16, sparse_local_blocks=1).eval()
+    assert gpt.mask.float().mean() < 0.3                                   # really sparse
+    # The block mask's own rule, evaluated everywhere, is the dense mask.
+    block_mask = sparse_block_mask(gpt.mask, 16)
+    L = gpt.config.seq_len
+    q, kv = torch.arange(L).view(L, 1), torch.arange(L).view(1, L)
+    assert torch.equal(block_mask.mask_mod(0, 0, q, kv), gpt.mask)
+    codes = torch.randint(16, (2, 2, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert "block_mask" in gpt.attention_kwargs(codes.device)
+        flex = gpt(codes)
+        gpt.use_flex = False
+        assert "mask" in gpt.attention_kwargs(codes.device)
+        dense = gpt(codes)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    # Training on a CPU keeps the dense mask: FlexAttention's CPU kernels have no backward.
+    gpt.use_flex = True
+    assert "mask" in gpt.attention_kwargs(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
