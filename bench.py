@@ -14,6 +14,8 @@ Benchmarks:
                 compiled (and the compiling first call), its VQ-VAE decode, tokens/s of
                 the cached and of the naive full-recompute sampler and their ratio, and a
                 video twice the trained length (sliding window)
+  sparse        the strided sparse prior at 4096 codes: forward (and, on CUDA, training step)
+                with the dense mask and with FlexAttention's block mask, and the ratio
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
 slow step does not move them. Peak memory is CUDA's max allocated, or the
@@ -32,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from attention import flex_available
 from gpt import GPTConfig, VideoGPT
 from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
@@ -47,19 +50,19 @@ SIZES = {
                            sequence_length=16, resolution=64), vq_batch=4,
                 gpt=dict(latent_shape=(8, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=120, heads=4, layers=4,
                          dropout=0.1, attn_dropout=0.1), gpt_batch=2,
-                sample_latent=(4, 16, 16), sample_batch=4),
+                sample_latent=(4, 16, 16), sample_batch=4, sparse_latent=(4, 32, 32)),
     # A smoke test of the benchmarks themselves (tests/test_bench.py): seconds, not a measurement.
     "tiny": dict(vqvae=dict(embedding_dim=16, n_codes=64, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
                             sequence_length=4, resolution=16), vq_batch=2,
                  gpt=dict(latent_shape=(2, 4, 4), n_codes=64, embedding_dim=16, hidden_dim=24, heads=2, layers=1,
                           dropout=0.1, attn_dropout=0.1), gpt_batch=2,
-                 sample_latent=(4, 4, 4), sample_batch=2),
+                 sample_latent=(4, 4, 4), sample_batch=2, sparse_latent=(2, 8, 8)),
     # CUDA: BAIR as in the paper: 16x64x64 clips, VQ-VAE stride 4x2x2, latent 4x32x32 = 4096 codes.
     "cuda": dict(vqvae=dict(embedding_dim=256, n_codes=1024, n_hiddens=240, n_res_layers=4, downsample=(4, 2, 2),
                             sequence_length=16, resolution=64), vq_batch=32,
                  gpt=dict(latent_shape=(4, 32, 32), n_codes=1024, embedding_dim=256, hidden_dim=576, heads=4, layers=8,
                           dropout=0.2, attn_dropout=0.3), gpt_batch=32,
-                 sample_latent=(4, 32, 32), sample_batch=32),
+                 sample_latent=(4, 32, 32), sample_batch=32, sparse_latent=(4, 32, 32)),
 }
 
 
@@ -192,6 +195,46 @@ def bench_sample(size, args, device, autocast):
     emit(**record)
 
 
+def bench_sparse(size, args, device, autocast):
+    """The strided sparse prior at 4096 codes (latent 4x32x32): the dense mask against FlexAttention's tiles."""
+    config = GPTConfig(**{**size["gpt"], "latent_shape": size["sparse_latent"], "attn_type": "sparse", "dropout": 0.0,
+                          "attn_dropout": 0.0})
+    model = VideoGPT(config).to(device)
+    B = size["gpt_batch"]
+    codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
+    record = dict(bench="sparse", device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), batch=B,
+                  codes=config.seq_len, hidden=config.hidden_dim, layers=config.layers, heads=config.heads,
+                  density=model.mask.float().mean().item())
+    if not flex_available():
+        emit(**record, flex=None)
+        return
+    times = {}
+    for flex in (False, True):
+        model.use_flex = flex
+        model.eval()
+
+        def forward():
+            with torch.no_grad(), autocast:
+                model(codes)
+        t = time.perf_counter()
+        forward()                                   # FlexAttention compiles on its first call
+        sync(device)
+        times[flex] = timed(forward, device, 1, args.steps)
+        record[f"{'flex' if flex else 'dense'}_forward_ms"] = 1000 * times[flex]
+        if flex:
+            record["flex_first_call_s"] = time.perf_counter() - t
+        if device.type == "cuda":   # FlexAttention's CPU kernels have no backward: training only on GPUs
+            model.train()
+
+            def train_step():
+                with autocast:
+                    logits = model(codes)
+                F.cross_entropy(logits.flatten(0, -2).float(), codes.flatten()).backward()   # (B*L, n_codes) vs (B*L,)
+            record[f"{'flex' if flex else 'dense'}_train_step_ms"] = 1000 * timed(train_step, device, 1, args.steps)
+    record.update(forward_speedup=times[False] / times[True], peak_mem_mb=peak_memory_mb(device))
+    emit(**record)
+
+
 def latent_for(codes):
     """A (4, s, s) latent shape with `codes` positions."""
     side = int(math.isqrt(codes // 4))
@@ -204,7 +247,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (tiny sizes) or cuda (the paper's BAIR sizes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample"], help="run one benchmark")
+    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse"], help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke test)")
     p.add_argument("--codes", type=int, default=None, help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
@@ -221,7 +264,8 @@ def main(argv=None):
     autocast = autocast_for(device, args.dtype)
     size = SIZES[args.size or ("cuda" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)
-    for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample)):
+    for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample),
+                     ("sparse", bench_sparse)):
         if args.only in (None, name):
             fn(size, args, device, autocast)
 

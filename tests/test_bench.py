@@ -13,9 +13,13 @@ def test_bench_prints_json_lines():
                    "--no-compile_sample")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
-    assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample"]
+    assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample", "sparse"]
     assert records[0]["clips_per_s"] > 0 and records[1]["tokens_per_s"] > 0
     sample = records[2]
     assert sample["codes"] == 64 and sample["latent"] == [4, 4, 4]
     assert abs(sample["speedup"] - sample["cached_tokens_per_s"] / sample["naive_tokens_per_s"]) < 1e-2 * sample["speedup"]
+    sparse = records[3]
+    assert sparse["codes"] == 128 and 0 < sparse["density"] <= 1
+    if sparse.get("flex_forward_ms") is not None:
+        assert sparse["dense_forward_ms"] > 0 and sparse["flex_forward_ms"] > 0
     assert all(rec["peak_mem_mb"] > 0 for rec in records)
