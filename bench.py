@@ -34,8 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attention import flex_available
-from gpt import GPTConfig, VideoGPT
+from gpt import GPTConfig, VideoGPT, flex_available
 from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
 
