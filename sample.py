@@ -26,7 +26,7 @@ import torch
 
 from checkpoints import OutputLock, check_writable
 from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
-from gpt import load_gpt
+from gpt import AUTO_COMPILE_STEPS, compile_pays_off, load_gpt
 from runtime import autocast, default_device, run_cli
 
 WRITERS = {".mp4", ".gif", ".png"}
@@ -124,12 +124,6 @@ def conditioning(gpt, args, vq_config, device):
     return dict(label=labels, frames=frames, actions=actions), context
 
 
-# Compiling the decoding step costs 10-30 s on a CPU (about a minute on a GPU) and saves about half a
-# millisecond per step on a CPU (more on a GPU, where an eager step is launch-bound): it pays for itself
-# over some tens of thousands of steps (e.g. 8 BAIR batches of 4096 codes), not for a handful of clips.
-AUTO_COMPILE_STEPS = 30_000
-
-
 def decoding_steps(args, gpt, frames_out):
     """How many codes the run draws one after the other: per batch, a window's codes plus s latent
     steps' for each further window of a long video, times the number of batches."""
@@ -178,7 +172,7 @@ def sample_and_write(args, ext):
     # Later windows of a frame-conditional prior take their first frames from the decoded context.
     frames_fn = (lambda codes: vq.decode(codes)) if gpt.config.n_cond_frames else None
     generator = torch.Generator(device).manual_seed(args.seed)
-    compile = args.compile if args.compile is not None else decoding_steps(args, gpt, frames_out) >= AUTO_COMPILE_STEPS
+    compile = args.compile if args.compile is not None else compile_pays_off(decoding_steps(args, gpt, frames_out))
 
     # Sample codes batch by batch with the KV cache, decode them, put the given frames back.
     videos = []

@@ -194,3 +194,18 @@ def test_sample_py_makes_longer_videos_and_continues_real_clips(tmp_path, digits
         with pytest.raises(SystemExit) as e:
             sample.main(ckpt + argv + ["--out", str(tmp_path / "x.gif")])
         assert str(e.value.code).startswith("sample.py: error: ") and message in str(e.value.code)
+
+
+def test_sample_py_compiles_only_runs_that_draw_enough_codes():
+    import sample
+    from gpt import GPTConfig, VideoGPT
+    gpt = VideoGPT(GPTConfig(latent_shape=(4, 32, 32), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=1,
+                             sequence_length=16))
+    args = sample.parse_args(["--ckpt", "x.pt", "--n", "64", "--batch_size", "32"])
+    assert args.compile is None                                          # auto
+    assert sample.decoding_steps(args, gpt, 16) == 2 * 4096              # two batches of one window
+    # 48 frames = 12 latent steps: the first window, then 4 more of s = 2 new latent steps (1024 codes each).
+    assert sample.decoding_steps(args, gpt, 48) == 2 * (4096 + 4 * 2 * 1024)
+    args = sample.parse_args(["--ckpt", "x.pt", "--n", "256", "--batch_size", "32"])
+    assert sample.decoding_steps(args, gpt, 16) == 8 * 4096 >= sample.AUTO_COMPILE_STEPS   # BAIR-size FVD run: compiles
+    assert sample.parse_args(["--ckpt", "x.pt", "--no-compile"]).compile is False
