@@ -105,7 +105,8 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         return F.linear(x, weight).view(B, L, 3, self.n_head, self.d_k).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hs)
 
-    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, block_mask=None):
+    def forward(self, x, context=None, mask=None, is_causal=False, kv=None, cache=None, pos=None, block_mask=None,
+                rotary=None):
         """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
 
         `mask` is a boolean (Lq, Lk) or broadcastable tensor, True where a query
@@ -117,10 +118,14 @@ class MultiHeadAttention(nn.Module):
         `mask` saying which of its positions are visible. `block_mask` (a
         FlexAttention BlockMask, see `sparse_block_mask`) replaces `mask` for
         block-sparse self-attention: the tiles nobody looks at are skipped.
+        `rotary` (cos, sin) of the queries' positions rotates queries and keys
+        of self-attention (`rotary_tables`).
         """
         q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
         # Keys and values: given, computed from the context, or appended to the cache.
         k, v = kv if kv is not None else self.keys_values(x if context is None else context)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)   # self-attention: keys at the queries' positions
         if cache is not None:
             k, v = cache.update(pos, k, v)                  # (B, nh, L, hs), (B, nh, L, hv)
         # Softmax(q k^T / sqrt(hs)) v, dropout on the attention weights while training.
@@ -215,6 +220,32 @@ class BroadcastPosEmbed(nn.Module):
     def forward(self, x, pos=None):
         """Add the embeddings to x (B, L, dim), or to x (B, n, dim) at positions pos (n,)."""
         return x + (self.table() if pos is None else self.rows(pos)).to(x.dtype)
+
+
+def rotary_tables(shape, head_dim, base=10.0):
+    """cos and sin (prod(shape), P) of rotary position embeddings (Su et al., 2021) over a grid.
+
+    A query and a key rotated by their positions have a dot product that depends on their
+    offset only: the prior sees "the same place one latent step back" or "the code to the
+    left" directly, not through learned absolute tables. The channel pairs are split evenly
+    over the axes (P = head_dim // 2 // n_axes pairs each, any rest left unrotated); along an
+    axis, pair j turns by position * base^(-j / P), slow to fast.
+    """
+    pairs = head_dim // 2 // len(shape)
+    freqs = base ** (-torch.arange(pairs, dtype=torch.float32) / pairs)                # (pairs,)
+    coords = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    angles = torch.cat([c.reshape(-1, 1) * freqs for c in coords], dim=-1)            # (L, n_axes * pairs)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotate the channel pairs (2i, 2i + 1) of x (..., n, hs) by the angles of cos, sin (n, P);
+    channels past 2P are left as they are."""
+    n = 2 * cos.shape[-1]
+    even, odd = x[..., 0:n:2], x[..., 1:n:2]                                           # (..., n, P) each
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    turned = torch.stack([even * c - odd * s, even * s + odd * c], dim=-1)            # (..., n, P, 2)
+    return torch.cat([turned.flatten(-2), x[..., n:]], dim=-1)                        # (..., n, hs)
 
 
 def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):

@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import (BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, flex_available,
-                       sparse_block_mask, strided_sparse_layout)
+from attention import (BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, flex_available, rotary_tables,
+                       rotate, sparse_block_mask, strided_sparse_layout)
 from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
 from vqvae import VQVAEConfig, vqvae_from_state
 
@@ -72,6 +72,7 @@ class GPTConfig:
     sequence_length: int = 16          # frames per clip (the VQ-VAE's); one action per frame
     sparse_block: int = 32             # sparse attention: tokens per block
     sparse_local_blocks: int = 4       # sparse attention: preceding blocks every block sees
+    rope: bool = False                 # rotary position embeddings over (t, h, w) in self-attention, besides the tables
     seq_len: int = field(init=False)   # t*h*w, derived
 
     def __post_init__(self):
@@ -266,15 +267,17 @@ class Block(nn.Module):
         self.post_fc_dp = nn.Dropout(c.dropout)
         self.grad_checkpointing = False
 
-    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, block_mask=None):
+    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, block_mask=None,
+                rotary=None):
         """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
         block's cross-attention keys and values, precomputed for sampling; block_mask: FlexAttention's
-        tiles of sparse attention, instead of `mask`."""
+        tiles of sparse attention, instead of `mask`; rotary: (cos, sin) of the n positions."""
         ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
             else (lambda f, *a: f(*a))
         # Causal self-attention.
         h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, block_mask=block_mask), h)
+        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, block_mask=block_mask,
+                                     rotary=rotary), h)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
@@ -287,13 +290,15 @@ class Block(nn.Module):
         return x
 
 
-    def decode(self, x, pos, cache, mask, plan, qkv, frame_kv=None, length=None):
+    def decode(self, x, pos, cache, mask, plan, qkv, frame_kv=None, length=None, rotary=None):
         """`forward` for the newest token x (B, 1, D) at position pos (1,) while sampling, the same
         arithmetic as plain tensor operations: the norms' gains from `plan` (VideoGPT.decode_plan), the
         stacked q/k/v weight `qkv`, the other weights read straight from the modules. At one token per
         step, calling ten small modules per block costs more than their math. With `length` the
         attention reads only the cache's first `length` keys."""
         q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), qkv)         # 3 x (B, nh, 1, hs)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         k, v = cache.update(pos, k, v, length)                                        # (B, nh, length or L, hs) each
         # Compiled, the attention is written out (inductor fuses it into one kernel, faster than calling
         # the CPU flash kernel for a single query); eager, the library kernel is the faster of the two.
@@ -449,6 +454,10 @@ class VideoGPT(nn.Module):
         mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
                 if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
         self.register_buffer("mask", mask, persistent=False)
+        if c.rope:
+            cos, sin = rotary_tables(c.latent_shape, c.hidden_dim // c.heads)                   # (L, P) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self._compiled = {}   # compiled decoding steps (compiled_step), not part of the model's state
         # Sparse attention through FlexAttention where it can run (attention_kwargs); its block masks per device.
         self.use_flex, self._block_masks = True, {}
@@ -529,6 +538,8 @@ class VideoGPT(nn.Module):
         x = self.embed(codes.flatten(1))                                            # (B, L, hidden)
         x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
         attention = self.attention_kwargs(x.device)
+        if c.rope:
+            attention["rotary"] = (self.rope_cos, self.rope_sin)
         for block in self.attn_stack.attn_nets:
             x = block(x, cond, **attention)
         logits = self.fc_out(self.norm(x, cond["onehot"]))                          # (B, L, n_codes)
@@ -547,6 +558,10 @@ class VideoGPT(nn.Module):
             return dict(block_mask=self._block_masks[device])
         return dict(mask=self.mask)
 
+    def rotary_at(self, pos):
+        """(cos, sin) of the rotary embedding at positions pos (n,), or None without rope."""
+        return (self.rope_cos[pos], self.rope_sin[pos]) if self.config.rope else None
+
     # --- sampling with the KV cache ---
 
     def setup_caches(self, batch_size, dtype, device):
@@ -564,8 +579,9 @@ class VideoGPT(nn.Module):
         x = self.attn_stack.pos_embd(x, pos)                                          # (B, n, hidden)
         mask = self.mask[pos]                                                         # (n, L)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
+        rotary = self.rotary_at(pos)
         for block, cache, kv in zip(self.attn_stack.attn_nets, caches, frame_kv):
-            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv)
+            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv, rotary=rotary)
         return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
 
     def prefill(self, cond, caches, batch_size, prefix=None):
@@ -593,8 +609,9 @@ class VideoGPT(nn.Module):
         elif self.config.attn_type == "sparse":
             mask = self.mask[pos][:, :length]                                       # (1, length)
         frame_kv = cond.get("frame_kv") or [None] * len(caches)
+        rotary = self.rotary_at(pos)
         for block, cache, p, qkv, kv in zip(self.attn_stack.attn_nets, caches, plan["blocks"], w["qkv"], frame_kv):
-            x = block.decode(x, pos, cache, mask, p, qkv, kv, length)
+            x = block.decode(x, pos, cache, mask, p, qkv, kv, length, rotary)
         return F.linear(normalize(x, *plan["norm"]), self.fc_out.weight)[:, -1]    # (B, n_codes)
 
     def compiled_step(self, batch_size, temperature=1.0, top_k=None, top_p=None):

@@ -73,10 +73,10 @@ PRESETS = {
                               sequence_length=8, resolution=32, batch_size=8, lr=2e-3, warmup_steps=0,
                               lr_schedule="constant", max_steps=3500, eval_interval=700, log_interval=25,
                               dtype="bfloat16"),
-    ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, batch_size=32,
+    ("gpt", "paper"): dict(hidden_dim=576, heads=4, layers=8, dropout=0.2, attn_dropout=0.3, rope=False, batch_size=32,
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50, dtype="float32"),
-    ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, batch_size=16,
+    ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, rope=True, batch_size=16,
                             lr=3e-3, warmup_steps=100, lr_schedule="cosine", max_steps=1800,
                             eval_interval=900, log_interval=25, dtype="bfloat16"),
 }
@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=None, help="gpt: residual dropout")
     p.add_argument("--attn_dropout", type=float, default=None, help="gpt: attention-weight dropout")
     p.add_argument("--attn_type", default="full", choices=["full", "sparse"], help="gpt: causal attention pattern")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="gpt: rotary position embeddings over (t, h, w) in self-attention, besides the learned "
+                        "tables (default: on for the moving digits, off for real data as in the paper)")
     p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
     p.add_argument("--action_cond", action="store_true",
@@ -344,7 +347,7 @@ class GPTStage:
         self.config = resolved_config(GPTConfig(
             latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
             hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
-            attn_dropout=args.attn_dropout, attn_type=args.attn_type, n_cond_frames=args.n_cond_frames,
+            attn_dropout=args.attn_dropout, attn_type=args.attn_type, rope=args.rope, n_cond_frames=args.n_cond_frames,
             resolution=vc.resolution, n_classes=train_set.n_classes if args.class_cond else 0,
             action_dim=action_dim, sequence_length=vc.sequence_length), self.ckpt, self.ckpt_path)
         model = VideoGPT(self.config)

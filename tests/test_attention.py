@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from attention import AxialAttention, MultiHeadAttention
+from attention import AxialAttention, MultiHeadAttention, rotary_tables, rotate
 
 
 def naive_attention(mha, x):
@@ -58,3 +58,23 @@ def test_axial_attention_does_not_mix_across_other_axes():
     t, h, w = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(5), indexing="ij")
     shares_a_line = ((h == 2) & (w == 3)) | ((t == 1) & (w == 3)) | ((t == 1) & (h == 2))
     assert torch.equal(changed, shares_a_line)
+
+
+def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
+    shape, hs = (3, 4, 5), 14                                  # 14 // 2 // 3 = 2 pairs per axis, 2 channels unrotated
+    cos, sin = rotary_tables(shape, hs)
+    assert cos.shape == (60, 6)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(hs, generator=g), torch.randn(hs, generator=g)
+    flat = lambda t, h, w: (t * 4 + h) * 5 + w
+    at = lambda x, p: rotate(x.view(1, hs), cos[p:p + 1], sin[p:p + 1])[0]
+    score = lambda a, b: float(at(q, flat(*a)) @ at(k, flat(*b)))
+    # The same offset (1, 2, -1) at two places of the grid: the same score; another offset: another.
+    assert abs(score((1, 3, 2), (0, 1, 3)) - score((2, 2, 1), (1, 0, 2))) < 1e-5
+    assert abs(score((1, 3, 2), (0, 1, 3)) - score((1, 3, 2), (0, 1, 2))) > 1e-3
+    # A rotation: lengths are kept, and the channels past the rotated pairs are untouched.
+    r = at(q, 37)
+    torch.testing.assert_close(r.norm(), q.norm())
+    assert torch.equal(r[12:], q[12:])
+    # Position 0 is not rotated at all.
+    assert torch.equal(at(q, 0), q)
