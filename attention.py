@@ -10,12 +10,16 @@ VideoGPT (Yan et al., 2021) uses attention in two places:
   flattened (t, h, w) grid of codes, and cross-attention to conditioning frames.
 
 Everything here runs on `F.scaled_dot_product_attention`, which dispatches to
-flash / memory-efficient kernels on CUDA and to a fused math kernel on CPU.
+flash / memory-efficient kernels on CUDA and to a fused math kernel on CPU;
+`explicit_attention` writes the same formula out for a compiler to fuse.
 For sampling, `KVCache` holds every layer's keys and values in buffers
-allocated once at full length and written at explicit positions, so one
-decoding step has fixed shapes (and can be captured by torch.compile / CUDA
-graphs). `BroadcastPosEmbed` and `strided_sparse_layout` are the prior's
-position embeddings and the block-sparse pattern of its published checkpoints.
+allocated once at full length and written at explicit positions, so a
+decoding step reads the written prefix (or, with a mask, the whole buffer:
+fixed shapes for CUDA graphs). `BroadcastPosEmbed` and `strided_sparse_layout`
+are the prior's position embeddings and the block-sparse pattern of its
+published checkpoints; `sparse_block_mask` and `flex_attention` run that
+pattern tile by tile with FlexAttention; `rotary_tables` and `rotate` are
+rotary position embeddings over the latent grid (an option of the prior).
 
 Parameter names (`w_qs`, `w_ks`, `w_vs`, `fc`, `attn_t`, `attn_h`, `attn_w`)
 are the original implementation's, so its published state dicts load into

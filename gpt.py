@@ -20,10 +20,13 @@ cross-attention memory as one token per frame.
 Sampling uses a hand-written KV cache: per-layer key/value buffers allocated
 once at full length, a `prefill` for the start token (and any given codes) and
 `decode_one_token` for every later one, which attends over the written prefix
-(or, given tensor positions, keeps fixed shapes for torch.compile); the
+(or over the whole buffer with a mask: fixed shapes, for CUDA graphs); the
 cross-attention keys and values, the position table and fused q/k/v weights
-are computed once per call. `sample_naive` recomputes the whole
-sequence at every step and is kept as the reference the cache is tested against.
+are computed once per call. `DecodeStep` is one whole step including the draw
+of the next code (Gumbel-max on given uniform noise), which
+`sample(compile=True)` compiles once and keeps. `sample_naive` recomputes the
+whole sequence at every step and is kept as the reference the cache is tested
+against. `rope=True` adds rotary position embeddings over (t, h, w).
 `sample(prefix=...)` keeps given first latent steps (video prediction), and
 `sample(frames_out=N)` slides the window over latent time for videos longer
 than the prior was trained on (`sample_long`).
