@@ -245,11 +245,11 @@ def rotary_tables(shape, head_dim, base=10.0):
 def rotate(x, cos, sin):
     """Rotate the channel pairs (2i, 2i + 1) of x (..., n, hs) by the angles of cos, sin (n, P);
     channels past 2P are left as they are."""
-    n = 2 * cos.shape[-1]
-    even, odd = x[..., 0:n:2], x[..., 1:n:2]                                           # (..., n, P) each
+    r = 2 * cos.shape[-1]                                                              # channels rotated
+    even, odd = x[..., 0:r:2], x[..., 1:r:2]                                           # (..., n, P) each
     c, s = cos.to(x.dtype), sin.to(x.dtype)
     turned = torch.stack([even * c - odd * s, even * s + odd * c], dim=-1)            # (..., n, P, 2)
-    return torch.cat([turned.flatten(-2), x[..., n:]], dim=-1)                        # (..., n, hs)
+    return torch.cat([turned.flatten(-2), x[..., r:]], dim=-1)                        # (..., n, hs)
 
 
 def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
