@@ -29,6 +29,7 @@ Not here: the blocks that use these pieces (vqvae.py, gpt.py). This file
 imports nothing from the project.
 """
 
+import functools
 import math
 
 import torch
@@ -320,8 +321,9 @@ def flex_attention(q, k, v, block_mask):
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=q.shape[-1] ** -0.5)
 
 
+@functools.cache
 def flex_available():
-    """Whether this PyTorch has FlexAttention (2.5 and later)."""
+    """Whether this PyTorch has FlexAttention (2.5 and later); asked at every sparse forward, found out once."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:

@@ -629,12 +629,13 @@ def clips_to_score(args, trial, device, indices):
             print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its {gpt.config.n_classes} "
                   f"classes", flush=True)
     clips = []
+    compile = compile_sampling(args, gpt, len(indices))
     with torch.no_grad():
         for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
             sl = slice(start, min(len(indices), start + args.batch_size))
             generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
             codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
-                               compile=compile_sampling(args, gpt, len(indices)))
+                               compile=compile)
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
 

@@ -389,6 +389,8 @@ class DecodeStep(nn.Module):
         w = gpt.decode_weights()
         self.register_buffer("inputs", w["inputs"], persistent=False)
         self.register_buffer("pos_table", w["pos_table"], persistent=False)
+        # One buffer per block, not one stacked tensor: frozen views of a stacked constant came out
+        # wrong in compiled code (the compiled samples no longer matched the eager ones).
         self.n_qkv = len(w["qkv"])
         for i, qkv in enumerate(w["qkv"]):
             self.register_buffer(f"qkv_{i}", qkv, persistent=False)
