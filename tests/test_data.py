@@ -171,6 +171,26 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     assert len(np.unique(full, axis=0)) == 1
 
 
+def test_moving_digits_speed_scales_with_the_frame():
+    # The same draws at 64x64 and at 32x32: the digit moves half as many pixels per frame at 32,
+    # so that a clip looks the same at both sizes. Speed is measured as the ink centroid's step.
+    from data import moving_digits_video
+
+    def mean_step(resolution):
+        steps = []
+        for seed in range(20):
+            v = moving_digits_video(np.random.default_rng(seed), frames=6, resolution=resolution, n_digits=1)
+            ink = v.max(-1).astype(np.float64)                                  # (6, R, R)
+            ys, xs = np.mgrid[:resolution, :resolution]
+            c = np.stack([(ink * ys).sum((1, 2)), (ink * xs).sum((1, 2))], -1) / ink.sum((1, 2))[:, None]  # (6, 2)
+            steps.append(np.linalg.norm(np.diff(c, axis=0), axis=-1).mean())
+        return np.mean(steps)
+
+    big, small = mean_step(64), mean_step(32)
+    assert 1.5 < big < 3.5 and 0.75 < small < 1.75          # pixels per frame, the drawn 1.5-3.5 scaled by R/64
+    assert abs(big / small - 2) < 0.3
+
+
 def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
     run = lambda *a: run_script("data.py", *a, cwd=tmp_path)
     r = run("moving-digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
