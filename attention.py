@@ -9,9 +9,10 @@ VideoGPT (Yan et al., 2021) uses attention in two places:
 * Section 3.2: the prior is a GPT whose blocks use causal self-attention over the
   flattened (t, h, w) grid of codes, and cross-attention to conditioning frames.
 
-Everything here runs on `F.scaled_dot_product_attention`, which dispatches to
-flash / memory-efficient kernels on CUDA and to a fused math kernel on CPU;
-`explicit_attention` writes the same formula out for a compiler to fuse.
+Attention runs on `F.scaled_dot_product_attention`, which dispatches to
+flash / memory-efficient kernels on CUDA and to a fused kernel on CPU;
+`explicit_attention` writes the same formula out, for a compiler to fuse and
+for short bfloat16 sequences on a CPU, where it is faster (`attend` chooses).
 For sampling, `KVCache` holds every layer's keys and values in buffers
 allocated once at full length and written at explicit positions, so a
 decoding step reads the written prefix (or, with a mask, the whole buffer:
@@ -139,10 +140,29 @@ class MultiHeadAttention(nn.Module):
             assert dropout_p == 0.0, "FlexAttention has no attention dropout"
             a = flex_attention(q, k, v, block_mask)                       # (B, nh, Lq, hv)
         else:
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=is_causal)  # (B, nh, Lq, hv)
+            a = attend(q, k, v, mask, is_causal, dropout_p)              # (B, nh, Lq, hv)
         # Concatenate heads and mix them back to dim_q.
         return self.fc(self.merge_heads(a))  # (B, Lq, dim_q)
+
+
+# On a CPU in bfloat16, PyTorch's fused SDPA kernel costs more than the formula written out
+# until about 512 keys (fixed cost per call, bf16 arithmetic): forward + backward of one layer,
+# 4 heads, 256 keys, head width 30, batch 8: 16 ms fused vs 11 ms written out; 1024 keys: 47 vs
+# 82 ms. In float32 the fused kernel wins at every length. `python bench.py --only attention`.
+EXPLICIT_MAX_KEYS = 512
+
+
+def attend(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v with an optional boolean `mask` (True where visible) or the causal
+    triangle, by the faster of two exact routes: `explicit_attention` for short bfloat16 sequences on a
+    CPU without dropout, F.scaled_dot_product_attention everywhere else."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
+            and k.shape[-2] <= EXPLICIT_MAX_KEYS):
+        if is_causal:   # SDPA's causal triangle: query i sees keys 0..i
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return explicit_attention(q, k, v, mask)                                  # (B, nh, Lq, hv)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)                    # (B, nh, Lq, hv)
 
 
 def explicit_attention(q, k, v, mask=None):

@@ -16,6 +16,10 @@ Benchmarks:
                 video twice the trained length (sliding window)
   sparse        the strided sparse prior at 4096 codes: forward (and, on CUDA, training step)
                 with the dense mask and with FlexAttention's block mask, and the ratio
+  attention     one causal self-attention, forward + backward, at the prior's head width:
+                SDPA's fused kernel against the formula written out, per sequence length
+                (tokens per batch fixed) in bfloat16 and float32; attention.attend takes the
+                written-out formula on a CPU in bfloat16 up to EXPLICIT_MAX_KEYS keys
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
 slow step does not move them. Peak memory is CUDA's max allocated, or the
@@ -34,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt import GPTConfig, VideoGPT, flex_available
+from gpt import GPTConfig, VideoGPT, explicit_attention, flex_available
 from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
 
@@ -49,19 +53,22 @@ SIZES = {
                            sequence_length=16, resolution=64), vq_batch=4,
                 gpt=dict(latent_shape=(8, 16, 16), n_codes=512, embedding_dim=64, hidden_dim=120, heads=4, layers=4,
                          dropout=0.1, attn_dropout=0.1), gpt_batch=2,
-                sample_latent=(4, 16, 16), sample_batch=4, sparse_latent=(4, 32, 32)),
+                sample_latent=(4, 16, 16), sample_batch=4, sparse_latent=(4, 32, 32),
+                attention_lengths=(256, 512, 1024, 2048), attention_tokens=4096),
     # A smoke test of the benchmarks themselves (tests/test_bench.py): seconds, not a measurement.
     "tiny": dict(vqvae=dict(embedding_dim=16, n_codes=64, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
                             sequence_length=4, resolution=16), vq_batch=2,
                  gpt=dict(latent_shape=(2, 4, 4), n_codes=64, embedding_dim=16, hidden_dim=24, heads=2, layers=1,
                           dropout=0.1, attn_dropout=0.1), gpt_batch=2,
-                 sample_latent=(4, 4, 4), sample_batch=2, sparse_latent=(2, 8, 8)),
+                 sample_latent=(4, 4, 4), sample_batch=2, sparse_latent=(2, 8, 8),
+                 attention_lengths=(16,), attention_tokens=32),
     # CUDA: BAIR as in the paper: 16x64x64 clips, VQ-VAE stride 4x2x2, latent 4x32x32 = 4096 codes.
     "cuda": dict(vqvae=dict(embedding_dim=256, n_codes=1024, n_hiddens=240, n_res_layers=4, downsample=(4, 2, 2),
                             sequence_length=16, resolution=64), vq_batch=32,
                  gpt=dict(latent_shape=(4, 32, 32), n_codes=1024, embedding_dim=256, hidden_dim=576, heads=4, layers=8,
                           dropout=0.2, attn_dropout=0.3), gpt_batch=32,
-                 sample_latent=(4, 32, 32), sample_batch=32, sparse_latent=(4, 32, 32)),
+                 sample_latent=(4, 32, 32), sample_batch=32, sparse_latent=(4, 32, 32),
+                 attention_lengths=(1024, 4096), attention_tokens=32768),
 }
 
 
@@ -234,6 +241,26 @@ def bench_sparse(size, args, device, autocast):
     emit(**record)
 
 
+def bench_attention(size, args, device, autocast):
+    """SDPA's fused kernel against the formula written out, forward + backward of one causal self-attention."""
+    heads = size["gpt"]["heads"]
+    head_dim = size["gpt"]["hidden_dim"] // heads
+    for dtype in (torch.bfloat16, torch.float32):
+        for L in size["attention_lengths"]:
+            B = max(1, size["attention_tokens"] // L)
+            q, k, v = (torch.randn(B, heads, L, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            fused = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+            written_out = lambda: explicit_attention(q, k, v, causal).float().sum().backward()
+            t_fused = timed(fused, device, args.warmup, args.steps)
+            t_written = timed(written_out, device, args.warmup, args.steps)
+            emit(bench="attention", device=str(device), dtype=str(dtype).removeprefix("torch."),
+                 threads=torch.get_num_threads(), batch=B, heads=heads, head_dim=head_dim, keys=L,
+                 fused_ms=1000 * t_fused, written_out_ms=1000 * t_written, written_out_speedup=t_fused / t_written,
+                 peak_mem_mb=peak_memory_mb(device))
+
+
 def latent_for(codes):
     """A (4, s, s) latent shape with `codes` positions."""
     side = int(math.isqrt(codes // 4))
@@ -246,7 +273,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (tiny sizes) or cuda (the paper's BAIR sizes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse"], help="run one benchmark")
+    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse", "attention"],
+                   help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke test)")
     p.add_argument("--codes", type=int, default=None, help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
@@ -264,7 +292,7 @@ def main(argv=None):
     size = SIZES[args.size or ("cuda" if device.type == "cuda" else "cpu")]
     torch.manual_seed(0)
     for name, fn in (("vqvae", bench_vqvae), ("gpt", bench_gpt_train), ("sample", bench_sample),
-                     ("sparse", bench_sparse)):
+                     ("sparse", bench_sparse), ("attention", bench_attention)):
         if args.only in (None, name):
             fn(size, args, device, autocast)
 

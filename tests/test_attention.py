@@ -3,8 +3,10 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from attention import AxialAttention, MultiHeadAttention, rotary_tables, rotate
+from attention import (EXPLICIT_MAX_KEYS, AxialAttention, MultiHeadAttention, attend, explicit_attention, rotary_tables,
+                       rotate)
 
 
 def naive_attention(mha, x):
@@ -29,6 +31,36 @@ def test_multihead_matches_naive_and_mask():
     y[:, 1:] += 1.0
     assert torch.allclose(mha(x, is_causal=True)[:, 0], mha(y, is_causal=True)[:, 0], atol=1e-6)
     assert not torch.allclose(mha(x)[:, 0], mha(y)[:, 0], atol=1e-3)
+
+
+def test_attend_writes_short_bfloat16_cpu_attention_out_and_leaves_the_rest_to_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # float32: the fused kernel itself.
+    assert torch.equal(attend(q, k, v, is_causal=True), fused)
+    # bfloat16, 16 keys: the formula written out with SDPA's causal triangle (query i sees keys 0..i),
+    # which agrees with the fused kernel to bfloat16 precision, gradients included.
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = attend(qb, kb, vb, is_causal=True)
+    assert torch.equal(out, explicit_attention(qb, kb, vb, torch.ones(16, 16, dtype=torch.bool).tril()))
+    torch.testing.assert_close(out.float(), fused, atol=3e-2, rtol=0)
+    out.float().pow(2).sum().backward()
+    fused.pow(2).sum().backward()
+    torch.testing.assert_close(qb.grad.float(), q.grad, atol=0.1, rtol=0.05)
+    # A boolean mask is honoured the same way.
+    mask = torch.rand(16, 16, generator=g) < 0.5
+    mask[:, 0] = True                                            # every query sees at least one key
+    torch.testing.assert_close(attend(qb, kb, vb, mask).float(),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=3e-2, rtol=0)
+    # Dropout, or more keys than EXPLICIT_MAX_KEYS: SDPA (same seed, same draws).
+    torch.manual_seed(1)
+    a = attend(qb, kb, vb, is_causal=True, dropout_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(a, F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=0.5))
+    L = EXPLICIT_MAX_KEYS + 1
+    ql, kl, vl = (torch.randn(1, 1, L, 8, generator=g).bfloat16() for _ in range(3))
+    assert torch.equal(attend(ql, kl, vl, is_causal=True), F.scaled_dot_product_attention(ql, kl, vl, is_causal=True))
 
 
 def test_axial_attention_is_sum_of_three_axis_attentions():

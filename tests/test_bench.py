@@ -13,7 +13,7 @@ def test_bench_prints_json_lines():
                    "--no-compile_sample")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
-    assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample", "sparse"]
+    assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample", "sparse", "attention", "attention"]
     assert records[0]["clips_per_s"] > 0 and records[1]["tokens_per_s"] > 0
     sample = records[2]
     assert sample["codes"] == 64 and sample["latent"] == [4, 4, 4]
@@ -22,4 +22,7 @@ def test_bench_prints_json_lines():
     assert sparse["codes"] == 128 and 0 < sparse["density"] <= 1
     if sparse.get("flex_forward_ms") is not None:
         assert sparse["dense_forward_ms"] > 0 and sparse["flex_forward_ms"] > 0
+    attention = records[4:]
+    assert [(rec["dtype"], rec["keys"], rec["batch"]) for rec in attention] == [("bfloat16", 16, 2), ("float32", 16, 2)]
+    assert all(rec["fused_ms"] > 0 and rec["written_out_ms"] > 0 for rec in attention)
     assert all(rec["peak_mem_mb"] > 0 for rec in records)
