@@ -154,3 +154,19 @@ def test_presets_fill_only_what_the_flags_leave_out():
     assert paper_vq.local_encoder is False   # the paper's encoder unless asked
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--no-local_encoder"]).local_encoder is False
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--n_res_layers", "1"]).local_encoder is False
+
+
+def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
+    from types import SimpleNamespace
+
+    import train
+    from data import MovingDigitsDataset
+    run = SimpleNamespace(args=train.parse_args(["--stage", "gpt", "--out_dir", "x"]), state=SimpleNamespace(step=0),
+                          dist=SimpleNamespace(rank=0, world=1), device=torch.device("cpu"))
+    assert run.args.num_workers is None
+    codes = train.CodesDataset(torch.zeros(4, 2, 2, 2, dtype=torch.int16))
+    clips = MovingDigitsDataset(4, sequence_length=4, resolution=16)
+    assert train.Run.train_loader(run, codes).num_workers == 0
+    assert train.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
+    run.args.num_workers = 3                                     # a given count is kept for both
+    assert train.Run.train_loader(run, codes).num_workers == 3
