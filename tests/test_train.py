@@ -168,5 +168,5 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
     clips = MovingDigitsDataset(4, sequence_length=4, resolution=16)
     assert train.Run.train_loader(run, codes).num_workers == 0
     assert train.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
-    run.args.num_workers = 3                                     # a given count is kept for both
-    assert train.Run.train_loader(run, codes).num_workers == 3
+    run.args.num_workers = 2                                     # a given count is kept for both
+    assert train.Run.train_loader(run, codes).num_workers == 2
