@@ -106,9 +106,10 @@ def tiny_vqvae_and_prior(out, sequence_length, resolution, downsample, data=None
                                   str(sequence_length), "--resolution", str(resolution), "--n_hiddens", "16",
                                   "--n_res_layers", "1", "--embedding_dim", "8", "--n_codes", "16",
                                   "--downsample", *map(str, downsample)] + common))
+    # One step needs no cache of the moving digits' 10,256 clips (encoding them is most of this helper's time).
     train.train(train.parse_args(["--stage", "gpt", "--out_dir", os.path.join(out, "gpt"), "--vqvae",
                                   os.path.join(out, "vq", "ckpt.pt"), "--hidden_dim", "12", "--heads", "2",
-                                  "--layers", "1"] + common))
+                                  "--layers", "1"] + common + ([] if data else ["--no-cache_codes"])))
 
 
 def train_records(out_dir):
