@@ -487,37 +487,49 @@ def digit_glyphs(size, font=None):
     return _GLYPHS[size, font]
 
 
-def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None):
+# The eight directions a digit can move in: (dy, dx) per frame, in units of its speed.
+DIRECTIONS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
+
+
+def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None, speed=None, grid=None):
     """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls.
 
+    Each digit starts on a grid of `grid` pixels and moves `speed` pixels a frame
+    in one of eight directions (default: speed R/16, 2 pixels at 32x32, and a grid
+    of twice that). Why the grid: the digits VQ-VAE gives one code to each 2 frames
+    x 4x4 pixels, so a digit that starts on the 4-pixel grid and moves 2 pixels a
+    frame sits the same way in its code cells at every latent step (one cell
+    further on): it keeps the same codes, shifted, and the prior learns to carry
+    them along. A digit at any sub-cell offset gets new codes at every step, which
+    a prior trained for minutes cannot follow (see the README).
     `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
     the list `digits` when one is given (the digit reader's labels).
     """
     glyph = digit_glyphs(max(8, round(resolution * 28 / 64))) if glyphs is None else glyphs
     g = glyph.shape[-1]
+    speed = max(1, round(resolution / 16)) if speed is None else speed
+    grid = 2 * speed if grid is None else grid
+    top = (resolution - g) // grid * grid                                 # the farthest a corner goes, on the grid
     video = np.zeros((frames, resolution, resolution, 3), np.float32)
     for _ in range(n_digits):
         digit = rng.integers(10)
         if digits is not None:
             digits.append(int(digit))
         color = PALETTE[rng.integers(len(PALETTE))]
-        pos = rng.uniform(0, resolution - g, size=2)                      # (y, x) of the top-left corner
-        # 1.5-3.5 pixels per frame at 64x64, scaled with the frame so that a clip looks the same at
-        # any resolution (at 32x32 a digit moves 0.75-1.75 pixels per frame, a fifth of its height
-        # every latent step of two frames).
-        angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 3.5) * resolution / 64
-        vel = speed * np.array([np.sin(angle), np.cos(angle)])
+        pos = grid * rng.integers(0, top // grid + 1, size=2)             # (y, x) of the top-left corner
+        vel = speed * DIRECTIONS[rng.integers(len(DIRECTIONS))]            # (dy, dx) per frame
         for t in range(frames):
-            y, x = np.round(pos).astype(int)
+            y, x = pos
             patch = glyph[digit][..., None] * color                       # (g, g, 3)
             video[t, y:y + g, x:x + g] = np.maximum(video[t, y:y + g, x:x + g], patch)
-            # Move, and bounce off the borders by reflecting position and velocity.
+            # Move, and bounce off the borders by reflecting position and velocity
+            # (which keeps the corner on the grid when it started there).
             pos = pos + vel
             for a in range(2):
                 if pos[a] < 0:
                     pos[a], vel[a] = -pos[a], -vel[a]
-                elif pos[a] > resolution - g:
-                    pos[a], vel[a] = 2 * (resolution - g) - pos[a], -vel[a]
+                elif pos[a] > top:
+                    pos[a], vel[a] = 2 * top - pos[a], -vel[a]
     return (video * 255).round().astype(np.uint8)
 
 

@@ -744,7 +744,7 @@ def reader_batch(rng, n):
         glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
         digits = []
         frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,
-                                          digits=digits)[0])
+                                          digits=digits, grid=1)[0])              # anywhere, to the pixel
         np.add.at(counts[i], digits, 1)
     x = reader_input(np.stack(frames))                                    # (n, 1, 32, 32)
     blur = torch.from_numpy(rng.uniform(0, 1, (n, 1, 1, 1)) < 0.5).float()
@@ -773,7 +773,7 @@ def train_digit_reader(steps=READER_STEPS, batch_size=64, seed=0, progress=True)
 
 def reader_cache_path():
     """Where the reader trained on first use is kept (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
-    return os.path.join(cache_dir(), f"digit_reader_v2_{READER_STEPS}.pt")
+    return os.path.join(cache_dir(), f"digit_reader_v3_{READER_STEPS}.pt")
 
 
 def load_digit_reader(path=None):

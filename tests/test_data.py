@@ -171,24 +171,41 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     assert len(np.unique(full, axis=0)) == 1
 
 
-def test_moving_digits_speed_scales_with_the_frame():
-    # The same draws at 64x64 and at 32x32: the digit moves half as many pixels per frame at 32,
-    # so that a clip looks the same at both sizes. Speed is measured as the ink centroid's step.
-    from data import moving_digits_video
-
-    def mean_step(resolution):
-        steps = []
-        for seed in range(20):
-            v = moving_digits_video(np.random.default_rng(seed), frames=6, resolution=resolution, n_digits=1)
-            ink = v.max(-1).astype(np.float64)                                  # (6, R, R)
-            ys, xs = np.mgrid[:resolution, :resolution]
-            c = np.stack([(ink * ys).sum((1, 2)), (ink * xs).sum((1, 2))], -1) / ink.sum((1, 2))[:, None]  # (6, 2)
-            steps.append(np.linalg.norm(np.diff(c, axis=0), axis=-1).mean())
-        return np.mean(steps)
-
-    big, small = mean_step(64), mean_step(32)
-    assert 1.5 < big < 3.5 and 0.75 < small < 1.75          # pixels per frame, the drawn 1.5-3.5 scaled by R/64
-    assert abs(big / small - 2) < 0.3
+def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_step():
+    # A lone digit: every frame is the first one shifted by whole pixels; the corner of its glyph's
+    # square starts on the 4-pixel grid at 32x32 (8 at 64x64) and moves 2 pixels (4) a frame along
+    # each axis it moves on, bouncing off the walls, so at every other frame (every latent step of
+    # the digits VQ-VAE) it is on the grid again.
+    from data import DIRECTIONS, digit_glyphs, moving_digits_video
+    for resolution, speed, grid in ((32, 2, 4), (64, 4, 8)):
+        g = round(resolution * 28 / 64)
+        moved = set()
+        for seed in range(12):
+            digits = []
+            ink = moving_digits_video(np.random.default_rng(seed), frames=8, resolution=resolution, n_digits=1,
+                                      digits=digits).max(-1)                        # (8, R, R)
+            ys, xs = np.nonzero(digit_glyphs(g)[digits[0]])
+            margin = np.array([ys.min(), xs.min()])                                 # glyph ink inside its square
+            corners = []
+            for t in range(8):
+                ys, xs = np.nonzero(ink[t])
+                corners.append(np.array([ys.min(), xs.min()]) - margin)
+            corners = np.stack(corners)                                             # (8, 2) the square's corner
+            for t in range(8):
+                assert np.array_equal(ink[t], np.roll(ink[0], tuple(corners[t] - corners[0]), axis=(0, 1)))
+            assert (corners[::2] % grid == 0).all() and corners.min() >= 0 and corners.max() <= resolution - g
+            step = np.abs(np.diff(corners, axis=0))                                 # (7, 2) pixels per frame
+            assert set(np.unique(step)) <= {0, speed} and step.any()
+            moved.add(tuple(np.sign(corners[1] - corners[0])))
+        assert len(moved) >= 4                                                      # several of the 8 directions
+    assert len(DIRECTIONS) == 8 and not (DIRECTIONS == 0).all(-1).any()
+    # The digit reader's frames are drawn to the pixel, anywhere in the frame.
+    offsets = set()
+    for seed in range(40):
+        v = moving_digits_video(np.random.default_rng(seed), frames=1, resolution=32, n_digits=1, grid=1)
+        ys, xs = np.nonzero(v[0].max(-1))
+        offsets.add((ys.min() % 4, xs.min() % 4))
+    assert len(offsets) > 8
 
 
 def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
