@@ -77,8 +77,8 @@ PRESETS = {
                            lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50, dtype="float32"),
     ("gpt", "digits"): dict(hidden_dim=120, heads=4, layers=4, dropout=0.0, attn_dropout=0.0, rope=True, batch_size=8,
-                            lr=3e-3, warmup_steps=100, lr_schedule="cosine", max_steps=3600,
-                            eval_interval=1800, log_interval=25, dtype="bfloat16"),
+                            lr=3e-3, warmup_steps=100, lr_schedule="cosine", max_steps=5000,
+                            eval_interval=2500, log_interval=25, dtype="bfloat16"),
 }
 
 
