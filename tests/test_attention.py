@@ -108,5 +108,9 @@ def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
     r = at(q, 37)
     torch.testing.assert_close(r.norm(), q.norm())
     assert torch.equal(r[12:], q[12:])
+    # Pair j, channels (2j, 2j + 1) = (a, b), turns by the table's angle j: (a cos - b sin, b cos + a sin).
+    c, s = cos[37], sin[37]                                    # (6,) each
+    torch.testing.assert_close(r[0:12:2], q[0:12:2] * c - q[1:12:2] * s)
+    torch.testing.assert_close(r[1:12:2], q[1:12:2] * c + q[0:12:2] * s)
     # Position 0 is not rotated at all.
     assert torch.equal(at(q, 0), q)
