@@ -684,7 +684,7 @@ def inception_score_command(args):
 READER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
                 "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
                 "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf")
-READER_SIZE = 32          # frames are read at 32x32 (the dataset's digits are 28/64 of the frame high)
+READER_SIZE = 32          # frames are read at 32x32 (the dataset's glyphs are 24/64 of the frame)
 MAX_COUNT = 3             # counts 0..3 of each digit (the dataset's frames hold two digits, maybe equal)
 CONFIDENT = 0.9           # a frame is read when every digit's count has at least this probability
 READER_LR = 2e-3          # peak learning rate of its training, cosine to zero
@@ -740,7 +740,7 @@ def reader_batch(rng, n):
             frames.append((255 * blob.repeat(READER_SIZE // side, 0).repeat(READER_SIZE // side, 1)).astype(np.uint8))
             continue
         n_digits = 2 if kind < 0.78 else int(rng.choice([0, 1, 1, 3]))
-        size = int(rng.integers(11, 17))                                 # the dataset's 14 px, +- 20%
+        size = int(rng.integers(11, 17))                                 # the dataset's 12 px, and larger
         glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
         digits = []
         frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,

@@ -178,7 +178,7 @@ def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_ste
     # the digits VQ-VAE) it is on the grid again.
     from data import DIRECTIONS, digit_glyphs, moving_digits_video
     for resolution, speed, grid in ((32, 2, 4), (64, 4, 8)):
-        g = round(resolution * 28 / 64)
+        g = round(resolution * 24 / 64)
         moved = set()
         for seed in range(12):
             digits = []
