@@ -460,7 +460,7 @@ class VideoGPT(nn.Module):
                 if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
         self.register_buffer("mask", mask, persistent=False)
         if c.rope:
-            cos, sin = rotary_tables(c.latent_shape, c.hidden_dim // c.heads)                   # (L, P) each
+            cos, sin = rotary_tables(c.latent_shape, c.hidden_dim // c.heads)                   # (L, 2P) each
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self._compiled = {}   # compiled decoding steps (compiled_step), not part of the model's state

@@ -95,7 +95,7 @@ def test_axial_attention_does_not_mix_across_other_axes():
 def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
     shape, hs = (3, 4, 5), 14                                  # 14 // 2 // 3 = 2 pairs per axis, 2 channels unrotated
     cos, sin = rotary_tables(shape, hs)
-    assert cos.shape == (60, 6)
+    assert cos.shape == sin.shape == (60, 12)                  # one column per rotated channel
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(hs, generator=g), torch.randn(hs, generator=g)
     flat = lambda t, h, w: (t * 4 + h) * 5 + w
@@ -108,8 +108,11 @@ def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
     r = at(q, 37)
     torch.testing.assert_close(r.norm(), q.norm())
     assert torch.equal(r[12:], q[12:])
-    # Pair j, channels (2j, 2j + 1) = (a, b), turns by the table's angle j: (a cos - b sin, b cos + a sin).
-    c, s = cos[37], sin[37]                                    # (6,) each
+    # Pair j, channels (2j, 2j + 1) = (a, b), turns by angle j: (a cos - b sin, b cos + a sin), the
+    # angle of 37's coordinates (1, 3, 2): pairs 0-1 along t, 2-3 along h, 4-5 along w, freqs 10^(-j/2).
+    angles = torch.tensor([1.0, 10 ** -0.5, 3.0, 3 * 10 ** -0.5, 2.0, 2 * 10 ** -0.5])
+    c, s = angles.cos(), angles.sin()                          # (6,) each
+    assert torch.equal(cos[37, 0::2], cos[37, 1::2]) and torch.equal(sin[37, 0::2], -sin[37, 1::2])
     torch.testing.assert_close(r[0:12:2], q[0:12:2] * c - q[1:12:2] * s)
     torch.testing.assert_close(r[1:12:2], q[1:12:2] * c + q[0:12:2] * s)
     # Position 0 is not rotated at all.
