@@ -147,8 +147,8 @@ class MultiHeadAttention(nn.Module):
 
 # On a CPU in bfloat16, PyTorch's fused SDPA kernel costs more than the formula written out
 # until about 512 keys (fixed cost per call, bf16 arithmetic): forward + backward of one layer,
-# 4 heads of width 30, 4096 tokens a batch, 2 cores: 256 keys 29 ms fused vs 14 ms written out,
-# 512 keys 40 vs 37 ms, 1024 keys 40 vs 89 ms. In float32 the fused kernel wins at every length.
+# 4 heads of width 30, 4096 tokens a batch, 2 cores: 256 keys 30 ms fused vs 21 ms written out,
+# 512 keys 40 vs 34 ms, 1024 keys 50 vs 99 ms. In float32 the fused kernel wins at every length.
 # `python bench.py --only attention`.
 EXPLICIT_MAX_KEYS = 512
 
