@@ -491,7 +491,8 @@ def digit_glyphs(size, font=None):
 DIRECTIONS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
 
 
-def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None, speed=None, grid=None):
+def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None, speed=None, grid=None,
+                        apart=True):
     """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls.
 
     Each digit starts on a grid of `grid` pixels and moves `speed` pixels a frame
@@ -502,25 +503,35 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
     further on): it keeps the same codes, shifted, and the prior learns to carry
     them along. A digit at any sub-cell offset gets new codes at every step, which
     a prior trained for minutes cannot follow (see the README).
+    With `apart` each digit starts where its square does not cover another's (where
+    the frame has room): they meet as they move and bounce, not from the first frame.
     `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
     the list `digits` when one is given (the digit reader's labels).
     """
     # A glyph's square is 24/64 of the frame (12 pixels at 32x32; the digit 85% of it high): two
-    # squares then share ink in 39% of the frames and more than 15 pixels in 15%, where 28/64 (Moving
-    # MNIST's 28 pixels at 64x64) overlapped in 65% and 36%: a third of the frames, of which even
-    # the real ones read only half (fvd.py digits).
+    # squares starting apart then share ink in 25% of the frames and more than 15 pixels in 8%, where
+    # 28/64 (Moving MNIST's 28 pixels at 64x64) starting anywhere overlapped in 65% and 36%: a third
+    # of the frames, of which even the real ones read only half (fvd.py digits).
     glyph = digit_glyphs(max(8, round(resolution * 24 / 64))) if glyphs is None else glyphs
     g = glyph.shape[-1]
     speed = max(1, round(resolution / 16)) if speed is None else speed
     grid = 2 * speed if grid is None else grid
     top = (resolution - g) // grid * grid                                 # the farthest a corner goes, on the grid
+    cells = grid * np.arange(top // grid + 1)
+    corners = np.stack(np.meshgrid(cells, cells, indexing="ij"), -1).reshape(-1, 2)   # (n, 2): where a square can start
     video = np.zeros((frames, resolution, resolution, 3), np.float32)
+    starts = []
     for _ in range(n_digits):
         digit = rng.integers(10)
         if digits is not None:
             digits.append(int(digit))
         color = PALETTE[rng.integers(len(PALETTE))]
-        pos = grid * rng.integers(0, top // grid + 1, size=2)             # (y, x) of the top-left corner
+        if apart:   # a corner whose square covers no earlier digit's square (any corner if none is left)
+            choices = [c for c in corners if all(np.abs(c - s).max() >= g for s in starts)] or list(corners)
+            pos = choices[rng.integers(len(choices))].copy()
+        else:
+            pos = grid * rng.integers(0, top // grid + 1, size=2)         # (y, x) of the top-left corner
+        starts.append(pos.copy())
         vel = speed * DIRECTIONS[rng.integers(len(DIRECTIONS))]            # (dy, dx) per frame
         for t in range(frames):
             y, x = pos

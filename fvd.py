@@ -744,7 +744,7 @@ def reader_batch(rng, n):
         glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
         digits = []
         frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,
-                                          digits=digits, grid=1)[0])              # anywhere, to the pixel
+                                          digits=digits, grid=1, apart=False)[0])  # anywhere, to the pixel
         np.add.at(counts[i], digits, 1)
     x = reader_input(np.stack(frames))                                    # (n, 1, 32, 32)
     blur = torch.from_numpy(rng.uniform(0, 1, (n, 1, 1, 1)) < 0.5).float()

@@ -208,6 +208,22 @@ def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_ste
     assert len(offsets) > 8
 
 
+def test_moving_digits_start_apart_and_still_overlap_as_they_move():
+    # Solid squares for glyphs: the inked area of a frame is 2 * 12 * 12 exactly when the two squares
+    # do not overlap. Every clip starts with them apart; they meet later in some clips; drawn anywhere
+    # (apart=False, as the digit reader's frames are) some start overlapped.
+    from data import moving_digits_video
+    squares = np.ones((10, 12, 12), np.float32)
+    area = lambda **kw: np.stack([(moving_digits_video(np.random.default_rng(seed), frames=8, resolution=32,
+                                                       glyphs=squares, **kw).max(-1) > 0).sum((1, 2))
+                                  for seed in range(60)])                         # (60, 8) inked pixels
+    apart, anywhere = area(), area(apart=False)
+    assert (apart[:, 0] == 2 * 144).all() and (apart < 2 * 144).any()
+    assert (anywhere[:, 0] < 2 * 144).any()
+    # Three digits still fit apart at 32x32.
+    assert (area(n_digits=3)[:, 0] == 3 * 144).all()
+
+
 def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
     run = lambda *a: run_script("data.py", *a, cwd=tmp_path)
     r = run("moving-digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
