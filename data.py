@@ -509,7 +509,7 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
     the list `digits` when one is given (the digit reader's labels).
     """
     # A glyph's square is 24/64 of the frame (12 pixels at 32x32; the digit 85% of it high): two
-    # squares starting apart then share ink in 25% of the frames and more than 15 pixels in 8%, where
+    # squares starting apart then share ink in 26% of the frames and more than 15 pixels in 10%, where
     # 28/64 (Moving MNIST's 28 pixels at 64x64) starting anywhere overlapped in 65% and 36%: a third
     # of the frames, of which even the real ones read only half (fvd.py digits).
     glyph = digit_glyphs(max(8, round(resolution * 24 / 64))) if glyphs is None else glyphs
