@@ -531,7 +531,7 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
             pos = choices[rng.integers(len(choices))].copy()
         else:
             pos = grid * rng.integers(0, top // grid + 1, size=2)         # (y, x) of the top-left corner
-        starts.append(pos.copy())
+        starts.append(pos)   # never changed in place: each move below makes a new array first
         vel = speed * DIRECTIONS[rng.integers(len(DIRECTIONS))]            # (dy, dx) per frame
         for t in range(frames):
             y, x = pos
