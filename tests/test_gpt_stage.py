@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, TINY_GPT, run_script, run_train, train_error, train_records
+from conftest import TINY, TINY_GPT, run_script, train_error, train_records
 
 
 @pytest.fixture(scope="module")
