@@ -9,7 +9,8 @@ Speed is measured here and only here: the tests check behaviour, never timings.
 
 Benchmarks:
   vqvae_train   VQ-VAE training steps: clips/s
-  gpt_train     prior training steps: tokens/s, and MFU on CUDA
+  gpt_train     prior training steps: tokens/s, and MFU on CUDA; Adam's own step over every
+                weight, and Muon's over the blocks' matrices (train.py --optimizer muon)
   sample        prior sampling: seconds for one whole batch through gpt.sample, eager and
                 compiled (and the compiling first call), its VQ-VAE decode, tokens/s of
                 the cached and of the naive full-recompute sampler and their ratio, and a
@@ -136,6 +137,13 @@ def bench_gpt_train(size, args, device, autocast):
         opt.zero_grad(set_to_none=True)
     t = timed(step, device, args.warmup, args.steps)
     tokens_per_s = B * L / t
+    # The optimizer's share of the step, on gradients of the model's shapes: Adam over every weight, and
+    # Muon over the blocks' matrices alone (it orthogonalises each one; --optimizer muon adds it to the step).
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    t_adam = timed(opt.step, device, args.warmup, args.steps)
+    muon = torch.optim.Muon(model.hidden_matrices(), lr=1e-4, adjust_lr_fn="match_rms_adamw")
+    t_muon = timed(muon.step, device, args.warmup, args.steps)
     # Training FLOPs per token: 6 per weight, plus the attention scores and sums (PaLM's estimate).
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * config.layers * config.hidden_dim * L
@@ -143,7 +151,8 @@ def bench_gpt_train(size, args, device, autocast):
                   codes=L, latent=list(config.latent_shape), hidden=config.hidden_dim, layers=config.layers,
                   heads=config.heads, dropout=config.dropout, attn_dropout=config.attn_dropout,
                   attn_type=config.attn_type, compiled=args.compile, params_m=n_params / 1e6,
-                  step_ms=1000 * t, tokens_per_s=tokens_per_s, peak_mem_mb=peak_memory_mb(device))
+                  step_ms=1000 * t, adam_step_ms=1000 * t_adam, muon_matrices_step_ms=1000 * t_muon,
+                  tokens_per_s=tokens_per_s, peak_mem_mb=peak_memory_mb(device))
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)

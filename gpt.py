@@ -497,6 +497,18 @@ class VideoGPT(nn.Module):
             f"codebook shape {tuple(embeddings.shape)} does not match the prior's {tuple(self.codebook.shape)}"
         self.codebook.copy_(embeddings)
 
+    def hidden_matrices(self):
+        """The weight matrices of the blocks' attention projections and MLPs: the ones Muon may train
+        (train.py --optimizer muon). Embeddings, position tables, norms (a class's gains included),
+        biases and the output layer stay with Adam: they are lookups and scales, not linear maps
+        between hidden widths, and Muon's orthogonalised updates are made for the latter."""
+        matrices = []
+        for block in self.attn_stack.attn_nets:
+            for part in (block.attn, getattr(block, "enc_attn", None), block.fc_block):
+                if part is not None:
+                    matrices += [m.weight for m in part.modules() if isinstance(m, nn.Linear)]
+        return matrices
+
     def set_grad_checkpointing(self, enabled=True):
         for block in self.attn_stack.attn_nets:
             block.grad_checkpointing = enabled

@@ -54,7 +54,8 @@ class VQVAEConfig:
     n_head: int = 2                   # heads of each axial attention
     commitment_cost: float = 0.25     # beta: weight of ||z - sg[e]||^2 in the loss
     ema_decay: float = 0.99           # decay of the codebook's moving averages
-    dead_code_threshold: float = 1.0  # a code whose EMA count falls below this is restarted
+    dead_code_threshold: float = 1.0  # a code whose EMA count (uses per step) falls below this is restarted;
+                                      # the original's 1 was per batch of 32 x 1024 latent vectors
     data_variance: float = 0.06       # divides the MSE, giving the paper's normalized MSE
     latent_shape: tuple = field(init=False)  # (t, h, w) of one training clip, derived
 

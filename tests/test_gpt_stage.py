@@ -26,10 +26,13 @@ def run_sample(*args):
 def test_gpt_stage_keeps_vqvae_frozen_resumes_exactly_and_samples(tmp_path, digits_h5, vqvae_ckpt):
     import train
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    common = TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt]
+    # With Muon (the digits prior's optimizer; Adam's resume is the VQ-VAE tests'): its momenta are saved too.
+    common = TINY_GPT + ["--data", digits_h5, "--vqvae", vqvae_ckpt, "--optimizer", "muon"]
     train.train(train.parse_args(common + ["--out_dir", straight, "--max_steps", "4"]))
     ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     assert ckpt["stage"] == "gpt" and ckpt["step"] == 4
+    muon = ckpt["optimizer"]["muon"]["state"]
+    assert len(muon) == 6 and all(s["momentum_buffer"].ndim == 2 for s in muon.values())   # 1 block: q k v out, MLP x2
     # The VQ-VAE inside is exactly the one given: no gradient step, no codebook EMA update.
     given = torch.load(vqvae_ckpt, weights_only=True)["model"]
     assert all(torch.equal(v, ckpt["vqvae"]["model"][k]) for k, v in given.items())

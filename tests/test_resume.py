@@ -229,13 +229,15 @@ def test_resuming_with_changed_flags_says_which_and_what_happens(tmp_path, digit
     train.train(train.parse_args(cmd + ["--max_steps", "2"]))
     with pytest.warns(UserWarning) as caught:
         train.train(train.parse_args(cmd + ["--max_steps", "4", "--batch_size", "3", "--lr", "0.01",
-                                            "--n_codes", "64", "--num_workers", "1"]))
+                                            "--n_codes", "64", "--num_workers", "1", "--optimizer", "muon"]))
     lines = [str(w.message) for w in caught if "changed flags" in str(w.message)]
     assert lines == [f"{os.path.join(out, 'ckpt.pt')}: resuming with changed flags: "
                      "--batch_size 3 (was 2: the new value is used; the data order is no longer that of an "
                      "uninterrupted run); --lr 0.01 (was 0.0007: the new value is used); --max_steps 4 (was 2: "
-                     "the new value is used); --n_codes 64 (was 32: the checkpoint's value is kept)"]
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["n_codes"] == 32
+                     "the new value is used); --n_codes 64 (was 32: the checkpoint's value is kept); "
+                     "--optimizer muon (was adam: the checkpoint's value is kept)"]
+    resumed = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert resumed["config"]["n_codes"] == 32 and "param_groups" in resumed["optimizer"]   # still Adam's state
 
 
 @pytest.fixture

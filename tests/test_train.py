@@ -3,12 +3,14 @@
 python -m pytest tests/test_train.py
 """
 
+import io
 import os
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import TINY, run_script, train_error, train_records
 
@@ -149,9 +151,16 @@ def test_presets_fill_only_what_the_flags_leave_out():
     paper = train.parse_args(["--stage", "gpt", "--out_dir", "x", "--data", "bair.h5"])
     assert (paper.cache_codes, paper.dtype, paper.hidden_dim, paper.lr) == (False, "float32", 576, 3e-4)
     vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dtype", "float16", "--lr", "1e-3"])
-    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes, vq.local_encoder) == ("float16", 1e-3, 3500, 256, True)
+    assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes, vq.local_encoder) == ("float16", 1e-3, 4500, 512, True)
     paper_vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--data", "d.h5"])
     assert paper_vq.local_encoder is False   # the paper's encoder unless asked
+    # Muon for the digits prior only; the paper's Adam everywhere else. Codes restart at the original's
+    # threshold on real data, at a lower one on the digits' smaller batches; the flag reaches the codebook.
+    assert (digits.optimizer, paper.optimizer, vq.optimizer, paper_vq.optimizer) == ("muon", "adam", "adam", "adam")
+    assert (vq.dead_code_threshold, paper_vq.dead_code_threshold) == (0.05, 1.0)
+    asked = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dead_code_threshold", "0.2"])
+    assert train.VQVAEStage(asked, None, "x/ckpt.pt").config.dead_code_threshold == 0.2
+    assert train.VQVAE(train.VQVAEStage(asked, None, "x/ckpt.pt").config).codebook.dead_code_threshold == 0.2
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--no-local_encoder"]).local_encoder is False
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--n_res_layers", "1"]).local_encoder is False
 
@@ -170,3 +179,82 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
     assert train.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
     run.args.num_workers = 2                                     # a given count is kept for both
     assert train.Run.train_loader(run, codes).num_workers == 2
+
+
+def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
+    """--optimizer muon: orthogonalised updates for the blocks' linear maps, Adam's for every other weight."""
+    import train
+    from gpt import GPTConfig, VideoGPT
+    from vqvae import VQVAE, VQVAEConfig
+    torch.manual_seed(0)
+    gpt = VideoGPT(GPTConfig(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=2,
+                             dropout=0.0, attn_dropout=0.0, n_classes=3, action_dim=2, sequence_length=4,
+                             resolution=16))
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    hidden = sorted(names[id(p)] for p in gpt.hidden_matrices())
+    # Per block: q, k, v, out of the self-attention and of the cross-attention to the actions, and the MLP's two.
+    assert len(hidden) == 2 * 10 and all(gpt.get_parameter(n).ndim == 2 for n in hidden)
+    assert all(".attn." in n or ".enc_attn." in n or ".fc_block." in n for n in hidden)
+    assert not any(n.endswith(".w.weight") for n in hidden)        # a class's gains (2D, but a lookup) stay Adam's
+    opt = train.make_optimizer(gpt, "muon", lr=1e-2)
+    assert isinstance(opt, train.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
+    # Each matrix's gradient U diag(s) V^T has singular values s from 10 down to 1: Muon steps along -U V^T,
+    # every direction alike (Adam would step along the signs of the gradient, which are no such matrix).
+    # Every other weight's gradient is at least 1 in size, so Adam's first step is lr for each element.
+    before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    directions = {}
+    for n, p in gpt.named_parameters():
+        if n in hidden:
+            k = min(p.shape)
+            u = torch.linalg.qr(torch.randn(p.shape[0], k, generator=g))[0]        # (rows, k), orthonormal columns
+            v = torch.linalg.qr(torch.randn(p.shape[1], k, generator=g))[0]        # (cols, k)
+            p.grad = u @ torch.diag(torch.linspace(10, 1, k)) @ v.T
+            directions[n] = (u @ v.T).double()
+        else:
+            p.grad = torch.randn(p.shape, generator=g).sign() * (1 + torch.rand(p.shape, generator=g))
+    opt.step()
+    for n, p in gpt.named_parameters():
+        step = (p.detach() - before[n]).double()
+        if n in hidden:
+            s = torch.linalg.svdvals(step)
+            assert s.max() / s.min() < 3, n
+            assert F.cosine_similarity(step.flatten(), -directions[n].flatten(), dim=0) > 0.95, n
+            rms = step.pow(2).mean().sqrt().item()
+            assert 0.1 * 1e-2 < rms < 0.3 * 1e-2, n    # about 0.2 lr: an Adam update's usual size
+        else:
+            torch.testing.assert_close(step.abs(), torch.full_like(step, 1e-2), rtol=1e-4, atol=0, msg=n)  # Adam's first
+    # Its state, saved and loaded, makes a new one step exactly as the original does.
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    again = train.make_optimizer(gpt, "muon", lr=1e-2)
+    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    weights = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    opt.step()
+    stepped = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    with torch.no_grad():
+        for n, p in gpt.named_parameters():
+            p.copy_(weights[n])
+    again.step()
+    for n, p in gpt.named_parameters():
+        assert torch.equal(p.detach(), stepped[n]), n
+    # Under float16's GradScaler (the loop's path): unscale_ reaches both parts' gradients, step steps both.
+    codes, label = torch.randint(16, (2, 2, 4, 4)), torch.tensor([0, 2])
+    actions = torch.randn(2, 4, 2)
+    loss = lambda: gpt(codes, label, actions=actions).float().logsumexp(-1).mean()
+    opt.zero_grad()
+    loss().backward()
+    plain = {n: p.grad.clone() for n, p in gpt.named_parameters() if p.grad is not None}
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(loss()).backward()
+    scaler.unscale_(opt)
+    for n, p in gpt.named_parameters():
+        if n in plain:
+            torch.testing.assert_close(p.grad, plain[n], rtol=1e-4, atol=1e-7, msg=n)
+    weights = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    scaler.step(opt)
+    moved = {n for n, p in gpt.named_parameters() if not torch.equal(p.detach(), weights[n])}
+    assert set(hidden) <= moved and "fc_out.weight" in moved
+    with pytest.raises(ValueError, match="--optimizer muon: the VQVAE has no hidden matrices for Muon"):
+        train.make_optimizer(VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=0, embedding_dim=8, n_codes=8)), "muon", 1e-3)
