@@ -24,11 +24,13 @@ flags left out take the paper's values. A run writes to --out_dir:
     loss.png       training and test loss curves
 
 Read it in this order: the flags and their presets (the one place a run's
-settings are decided), the two stages (what differs between training the
-VQ-VAE and the prior: config, loss, pictures), then `train`, the loop, with the
-`Run` that sets it up, logs, evaluates and checkpoints. What guards the loop
-against faults (signals, dead peers, non-finite steps, torn files) is called by
-name here and lives in runtime.py and checkpoints.py.
+settings are decided), the data order and the learning rate, the optimizer
+(the paper's Adam, or Muon for the prior's matrices), the two stages (what
+differs between training the VQ-VAE and the prior: config, loss, pictures),
+then `train`, the loop, with the `Run` that sets it up, logs, evaluates and
+checkpoints. What guards the loop against faults (signals, dead peers,
+non-finite steps, torn files) is called by name here and lives in runtime.py
+and checkpoints.py.
 """
 
 import argparse

@@ -224,11 +224,14 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
             assert 0.1 * 1e-2 < rms < 0.3 * 1e-2, n    # about 0.2 lr: an Adam update's usual size
         else:
             torch.testing.assert_close(step.abs(), torch.full_like(step, 1e-2), rtol=1e-4, atol=0, msg=n)  # Adam's first
-    # Its state, saved and loaded, makes a new one step exactly as the original does.
+    # Its state, saved and loaded, makes a new one step exactly as the original does, at the learning rate
+    # the schedule sets through param_groups after the load (as a resumed run's first step does).
     saved = io.BytesIO()
     torch.save(opt.state_dict(), saved)
     again = train.make_optimizer(gpt, "muon", lr=1e-2)
     again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for group in opt.param_groups + again.param_groups:
+        group["lr"] = 5e-3
     weights = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     opt.step()
     stepped = {n: p.detach().clone() for n, p in gpt.named_parameters()}
