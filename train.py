@@ -157,8 +157,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and clip windows")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync_batchnorm", action="store_true", help="vqvae: BatchNorm statistics over all processes")
-    args = p.parse_args(argv)
-    # Fill unset flags from the stage's preset.
+    return fill_from_preset(p.parse_args(argv))
+
+
+def fill_from_preset(args):
+    """The flags left unset take the stage's preset (the paper's with --data, the digits' without)."""
     preset = PRESETS[(args.stage, "digits" if args.data is None else "paper")]
     filled = [k for k in preset if getattr(args, k) is None]
     for k in filled:
@@ -169,7 +172,6 @@ def parse_args(argv=None):
     if args.cache_codes is None:
         args.cache_codes = args.stage == "gpt" and args.data is None and args.n_cond_frames == 0
     return args
-
 
 
 # -----------------------------------------------------------------------------
@@ -225,8 +227,8 @@ def get_lr(step, args):
 # steps along its nearest orthogonal matrix (a few Newton-Schulz iterations), so every
 # direction of the matrix moves at the same rate instead of the few that dominate the
 # gradient. On the moving digits a prior trained with it for 2500 steps reaches a lower
-# test loss than with Adam for 5000 (README, "Why the digits prior trains with Muon"). Muon is
-# only for linear maps between hidden widths; every other weight keeps Adam.
+# test loss than with Adam for 5000 (README, "Why the digits prior trains with Muon").
+# Muon is only for linear maps between hidden widths; every other weight keeps Adam.
 
 
 class MuonAdam:
@@ -613,9 +615,10 @@ class Run:
             train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
                                                           self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
-        # A resumed run keeps the optimizer whose state its checkpoint holds (resume says so if asked otherwise).
-        muon_state = bool(ckpt) and isinstance(ckpt["optimizer"], dict) and "muon" in ckpt["optimizer"]
-        self.optimizer_kind = ("muon" if muon_state else "adam") if ckpt else args.optimizer
+        self.optimizer_kind = args.optimizer
+        if ckpt:   # a resumed run keeps the optimizer whose state its checkpoint holds (resume says so if asked otherwise)
+            muon_state = isinstance(ckpt["optimizer"], dict) and "muon" in ckpt["optimizer"]
+            self.optimizer_kind = "muon" if muon_state else "adam"
         self.optimizer = make_optimizer(self.raw_model, self.optimizer_kind, args.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
         self.state = RunState()
