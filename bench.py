@@ -142,7 +142,7 @@ def bench_gpt_train(size, args, device, autocast):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     t_adam = timed(opt.step, device, args.warmup, args.steps)
-    muon = torch.optim.Muon(model.hidden_matrices(), lr=1e-4, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(model.hidden_matrices(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
     t_muon = timed(muon.step, device, args.warmup, args.steps)
     # Training FLOPs per token: 6 per weight, plus the attention scores and sums (PaLM's estimate).
     n_params = sum(p.numel() for p in model.parameters())

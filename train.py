@@ -615,11 +615,10 @@ class Run:
             train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
                                                           self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
-        self.optimizer_kind = args.optimizer
-        if ckpt:   # a resumed run keeps the optimizer whose state its checkpoint holds (resume says so if asked otherwise)
-            muon_state = isinstance(ckpt["optimizer"], dict) and "muon" in ckpt["optimizer"]
-            self.optimizer_kind = "muon" if muon_state else "adam"
-        self.optimizer = make_optimizer(self.raw_model, self.optimizer_kind, args.lr)
+        kind = args.optimizer
+        if ckpt:   # a resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise)
+            kind = "muon" if isinstance(ckpt["optimizer"], dict) and "muon" in ckpt["optimizer"] else "adam"
+        self.optimizer = make_optimizer(self.raw_model, kind, args.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
         self.state = RunState()
         seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
@@ -672,11 +671,12 @@ class Run:
         # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's, and so does
         # the optimizer whose state it holds (checkpoints from before --optimizer hold Adam's).
         model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond", "vqvae", "optimizer"}
-        saved = dict(ckpt.get("train_args", {}), optimizer=self.optimizer_kind)
+        kind = "muon" if isinstance(self.optimizer, MuonAdam) else "adam"
+        saved = dict(ckpt.get("train_args", {}), optimizer=kind)
         line = changed_flags(saved, self.args, model_flags, len(ckpt["rng"]), self.dist.world)
         if line and self.master:
             warnings.warn(f"{self.ckpt_path}: {line}")
-        self.args.optimizer = self.optimizer_kind   # what the next checkpoint records
+        self.args.optimizer = kind   # what the next checkpoint records
 
     def train_loader(self, train_set):
         """Endless batches in an order fixed by (seed, step); workers ignore stop signals (the loop decides)."""
