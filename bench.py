@@ -8,9 +8,9 @@ Speed is measured here and only here: the tests check behaviour, never timings.
     python bench.py --only sample --no-compile_sample   # the eager sampler only
 
 Benchmarks:
-  vqvae_train   VQ-VAE training steps: clips/s
-  gpt_train     prior training steps: tokens/s, and MFU on CUDA; Adam's own step over every
-                weight, and Muon's over the blocks' matrices (train.py --optimizer muon)
+  vqvae_train   VQ-VAE training steps: clips/s; the optimizer's own step, Adam's and
+                train.py's --optimizer muon (Muon over the hidden matrices, Adam the rest)
+  gpt_train     prior training steps: tokens/s, and MFU on CUDA; the optimizer's step, as above
   sample        prior sampling: seconds for one whole batch through gpt.sample, eager and
                 compiled (and the compiling first call), its VQ-VAE decode, tokens/s of
                 the cached and of the naive full-recompute sampler and their ratio, and a
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from gpt import GPTConfig, VideoGPT, explicit_attention, flex_available
 from runtime import autocast as autocast_for
+from train import make_optimizer   # the optimizers train.py steps, timed as it builds them
 from vqvae import VQVAE, VQVAEConfig
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -102,6 +103,15 @@ def emit(**record):
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
 
 
+def optimizer_steps_ms(model, device, args):
+    """The optimizer's share of a training step, on random gradients of the model's shapes: Adam over every
+    weight, and --optimizer muon (Muon over hidden_matrices(), Adam over the rest), as train.py builds them."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return {f"{kind}_step_ms": 1000 * timed(make_optimizer(model, kind, lr=1e-4).step, device, args.warmup, args.steps)
+            for kind in ("adam", "muon")}
+
+
 def bench_vqvae(size, args, device, autocast):
     model = VQVAE(VQVAEConfig(**size["vqvae"])).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -118,7 +128,8 @@ def bench_vqvae(size, args, device, autocast):
     emit(bench="vqvae_train", device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), batch=B,
          clip=[c.sequence_length, c.resolution], n_hiddens=c.n_hiddens, n_res_layers=c.n_res_layers,
          downsample=list(c.downsample), n_codes=c.n_codes, embedding_dim=c.embedding_dim,
-         step_ms=1000 * t, clips_per_s=B / t, peak_mem_mb=peak_memory_mb(device))
+         step_ms=1000 * t, clips_per_s=B / t, peak_mem_mb=peak_memory_mb(device),
+         **optimizer_steps_ms(model, device, args))
 
 
 def bench_gpt_train(size, args, device, autocast):
@@ -137,13 +148,7 @@ def bench_gpt_train(size, args, device, autocast):
         opt.zero_grad(set_to_none=True)
     t = timed(step, device, args.warmup, args.steps)
     tokens_per_s = B * L / t
-    # The optimizer's share of the step, on gradients of the model's shapes: Adam over every weight, and
-    # Muon over the blocks' matrices alone (it orthogonalises each one; --optimizer muon adds it to the step).
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    t_adam = timed(opt.step, device, args.warmup, args.steps)
-    muon = torch.optim.Muon(model.hidden_matrices(), lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-    t_muon = timed(muon.step, device, args.warmup, args.steps)
+    optimizer_ms = optimizer_steps_ms(model, device, args)
     # Training FLOPs per token: 6 per weight, plus the attention scores and sums (PaLM's estimate).
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params + 12 * config.layers * config.hidden_dim * L
@@ -151,8 +156,7 @@ def bench_gpt_train(size, args, device, autocast):
                   codes=L, latent=list(config.latent_shape), hidden=config.hidden_dim, layers=config.layers,
                   heads=config.heads, dropout=config.dropout, attn_dropout=config.attn_dropout,
                   attn_type=config.attn_type, compiled=args.compile, params_m=n_params / 1e6,
-                  step_ms=1000 * t, adam_step_ms=1000 * t_adam, muon_matrices_step_ms=1000 * t_muon,
-                  tokens_per_s=tokens_per_s, peak_mem_mb=peak_memory_mb(device))
+                  step_ms=1000 * t, **optimizer_ms, tokens_per_s=tokens_per_s, peak_mem_mb=peak_memory_mb(device))
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)

@@ -398,6 +398,15 @@ class VQVAE(nn.Module):
     def latent_shape(self):
         return self.config.latent_shape
 
+    def hidden_matrices(self):
+        """The weights Muon may train (train.py --optimizer muon): every convolution and attention
+        projection between hidden widths, a kernel (out, in, k, k, k) seen as one (out, in*k^3) matrix
+        (a transposed convolution's (in, out, k, k, k) as (in, out*k^3)).
+        The encoder's first convolution (from RGB) and the decoder's last (to RGB) stay with Adam, as
+        do biases and norms; the codebook has no gradient (its entries are moving averages)."""
+        rgb = {id(self.encoder.convs[0].conv.weight), id(self.decoder.convts[-1].convt.weight)}
+        return [p for p in self.parameters() if p.dim() >= 2 and id(p) not in rgb]
+
     def check_video(self, x):
         """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
         assert x.dim() == 5 and x.shape[1] == 3, \

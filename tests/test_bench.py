@@ -15,7 +15,7 @@ def test_bench_prints_json_lines():
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample", "sparse", "attention", "attention"]
     assert records[0]["clips_per_s"] > 0 and records[1]["tokens_per_s"] > 0
-    assert records[1]["adam_step_ms"] > 0 and records[1]["muon_matrices_step_ms"] > 0
+    assert all(rec["adam_step_ms"] > 0 and rec["muon_step_ms"] > 0 for rec in records[:2])   # the optimizers
     sample = records[2]
     assert sample["codes"] == 64 and sample["latent"] == [4, 4, 4]
     assert abs(sample["speedup"] - sample["cached_tokens_per_s"] / sample["naive_tokens_per_s"]) < 1e-2 * sample["speedup"]

@@ -154,9 +154,9 @@ def test_presets_fill_only_what_the_flags_leave_out():
     assert (vq.dtype, vq.lr, vq.max_steps, vq.n_codes, vq.local_encoder) == ("float16", 1e-3, 4500, 512, True)
     paper_vq = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--data", "d.h5"])
     assert paper_vq.local_encoder is False   # the paper's encoder unless asked
-    # Muon for the digits prior only; the paper's Adam everywhere else. Codes restart at the original's
+    # Muon for both digits stages; the paper's Adam on real data. Codes restart at the original's
     # threshold on real data, at a lower one on the digits' smaller batches; the flag reaches the codebook.
-    assert (digits.optimizer, paper.optimizer, vq.optimizer, paper_vq.optimizer) == ("muon", "adam", "adam", "adam")
+    assert (digits.optimizer, paper.optimizer, vq.optimizer, paper_vq.optimizer) == ("muon", "adam", "muon", "adam")
     assert (vq.dead_code_threshold, paper_vq.dead_code_threshold) == (0.05, 1.0)
     asked = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dead_code_threshold", "0.2"])
     assert train.VQVAEStage(asked, None, "x/ckpt.pt").config.dead_code_threshold == 0.2
@@ -181,11 +181,41 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
     assert train.Run.train_loader(run, codes).num_workers == 2
 
 
+def step_along_known_directions(model, hidden, opt, lr):
+    """Give each hidden matrix (a kernel as its (out, rest) matrix) the gradient U diag(10..1) V^T and every
+    other weight one of size >= 1; step once and check Muon moved each matrix along -U V^T, every direction
+    alike (Adam would step along the gradient's signs, which are no such matrix), and Adam the rest by lr."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    directions = {}
+    for n, p in model.named_parameters():
+        if n in hidden:
+            rows, cols = p.shape[0], p[0].numel()
+            k = min(rows, cols)
+            u = torch.linalg.qr(torch.randn(rows, k, generator=g))[0]              # (rows, k), orthonormal columns
+            v = torch.linalg.qr(torch.randn(cols, k, generator=g))[0]              # (cols, k)
+            p.grad = (u @ torch.diag(torch.linspace(10, 1, k)) @ v.T).reshape(p.shape)   # (rows, cols) -> p's shape
+            directions[n] = (u @ v.T).double()
+        else:
+            p.grad = torch.randn(p.shape, generator=g).sign() * (1 + torch.rand(p.shape, generator=g))
+    opt.step()
+    for n, p in model.named_parameters():
+        step = (p.detach() - before[n]).double()
+        if n in hidden:
+            step = step.flatten(1)                                 # (rows, cols): a kernel as its matrix
+            s = torch.linalg.svdvals(step)
+            assert s.max() / s.min() < 3, n
+            assert F.cosine_similarity(step.flatten(), -directions[n].flatten(), dim=0) > 0.95, n
+            rms = step.pow(2).mean().sqrt().item()
+            assert 0.1 * lr < rms < 0.3 * lr, n    # about 0.2 lr: an Adam update's usual size
+        else:
+            torch.testing.assert_close(step.abs(), torch.full_like(step, lr), rtol=1e-4, atol=0, msg=n)  # Adam's first
+
+
 def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     """--optimizer muon: orthogonalised updates for the blocks' linear maps, Adam's for every other weight."""
     import train
     from gpt import GPTConfig, VideoGPT
-    from vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     gpt = VideoGPT(GPTConfig(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=2,
                              dropout=0.0, attn_dropout=0.0, n_classes=3, action_dim=2, sequence_length=4,
@@ -198,32 +228,7 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     assert not any(n.endswith(".w.weight") for n in hidden)        # a class's gains (2D, but a lookup) stay Adam's
     opt = train.make_optimizer(gpt, "muon", lr=1e-2)
     assert isinstance(opt, train.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
-    # Each matrix's gradient U diag(s) V^T has singular values s from 10 down to 1: Muon steps along -U V^T,
-    # every direction alike (Adam would step along the signs of the gradient, which are no such matrix).
-    # Every other weight's gradient is at least 1 in size, so Adam's first step is lr for each element.
-    before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
-    g = torch.Generator().manual_seed(0)
-    directions = {}
-    for n, p in gpt.named_parameters():
-        if n in hidden:
-            k = min(p.shape)
-            u = torch.linalg.qr(torch.randn(p.shape[0], k, generator=g))[0]        # (rows, k), orthonormal columns
-            v = torch.linalg.qr(torch.randn(p.shape[1], k, generator=g))[0]        # (cols, k)
-            p.grad = u @ torch.diag(torch.linspace(10, 1, k)) @ v.T
-            directions[n] = (u @ v.T).double()
-        else:
-            p.grad = torch.randn(p.shape, generator=g).sign() * (1 + torch.rand(p.shape, generator=g))
-    opt.step()
-    for n, p in gpt.named_parameters():
-        step = (p.detach() - before[n]).double()
-        if n in hidden:
-            s = torch.linalg.svdvals(step)
-            assert s.max() / s.min() < 3, n
-            assert F.cosine_similarity(step.flatten(), -directions[n].flatten(), dim=0) > 0.95, n
-            rms = step.pow(2).mean().sqrt().item()
-            assert 0.1 * 1e-2 < rms < 0.3 * 1e-2, n    # about 0.2 lr: an Adam update's usual size
-        else:
-            torch.testing.assert_close(step.abs(), torch.full_like(step, 1e-2), rtol=1e-4, atol=0, msg=n)  # Adam's first
+    step_along_known_directions(gpt, hidden, opt, 1e-2)
     # Its state, saved and loaded, makes a new one step exactly as the original does, at the learning rate
     # the schedule sets through param_groups after the load (as a resumed run's first step does).
     saved = io.BytesIO()
@@ -259,5 +264,26 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     scaler.step(opt)
     moved = {n for n, p in gpt.named_parameters() if not torch.equal(p.detach(), weights[n])}
     assert set(hidden) <= moved and "fc_out.weight" in moved
-    with pytest.raises(ValueError, match="--optimizer muon: the VQVAE has no hidden matrices for Muon"):
-        train.make_optimizer(VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=0, embedding_dim=8, n_codes=8)), "muon", 1e-3)
+
+
+def test_muon_steps_the_vqvaes_hidden_convolutions_and_adam_the_rgb_ends():
+    """The VQ-VAE's Muon: every kernel between hidden widths (as its (out, in*k^3) matrix) and the attention
+    projections; the convolutions from and to RGB, biases and norms stay Adam's."""
+    import train
+    from vqvae import VQVAE, VQVAEConfig
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=8, downsample=(2, 4, 4),
+                           sequence_length=4, resolution=16))
+    names = {id(p): n for n, p in vq.named_parameters()}
+    hidden = sorted(names[id(p)] for p in vq.hidden_matrices())
+    # Encoder: the strided conv after the first, conv_last, an attention block (2 convs, q k v out on 3 axes);
+    # decoder: the same block and the transposed conv before the last; the 1x1x1 convs around the codebook.
+    assert len(hidden) == (1 + 1 + 2 + 12) + (2 + 12 + 1) + 2
+    rgb = {"encoder.convs.0.conv.weight", "decoder.convts.1.convt.weight"}
+    assert not rgb & set(hidden)
+    assert {"encoder.convs.1.conv.weight", "decoder.convts.0.convt.weight", "pre_vq_conv.conv.weight"} <= set(hidden)
+    assert all(p.dim() < 2 for n, p in vq.named_parameters() if n not in hidden and n not in rgb)
+    opt = train.make_optimizer(vq, "muon", lr=1e-2)
+    # Wide matrices (a 4x4x4 kernel: 16 x 16*64) and tall ones (a 1x1x1 conv from 8 to 16 channels) alike.
+    assert {tuple(vq.get_parameter(n).flatten(1).shape) for n in hidden} >= {(16, 16 * 64), (16, 8), (8, 16 * 27)}
+    step_along_known_directions(vq, hidden, opt, 1e-2)
