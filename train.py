@@ -251,8 +251,8 @@ def orthogonalize(G, steps=5):
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)      # spectral norm <= Frobenius norm = 1
     a, b, c = NEWTON_SCHULZ
     for _ in range(steps):
-        A = X @ X.mT                                                 # (n, r, r)
-        X = a * X + (b * A + c * A @ A) @ X                          # (n, r, c)
+        A = X @ X.mT                                                 # (n, r, r), r the smaller side
+        X = a * X + (b * A + c * A @ A) @ X                          # (n, r, the larger side)
     return X.mT if tall else X
 
 
