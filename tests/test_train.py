@@ -287,3 +287,17 @@ def test_muon_steps_the_vqvaes_hidden_convolutions_and_adam_the_rgb_ends():
     # Wide matrices (a 4x4x4 kernel: 16 x 16*64) and tall ones (a 1x1x1 conv from 8 to 16 channels) alike.
     assert {tuple(vq.get_parameter(n).flatten(1).shape) for n in hidden} >= {(16, 16 * 64), (16, 8), (8, 16 * 27)}
     step_along_known_directions(vq, hidden, opt, 1e-2)
+    # The kernels' momenta keep their shapes through a checkpoint: a loaded copy steps exactly as the original.
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    again = train.make_optimizer(vq, "muon", lr=1e-2)
+    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    assert opt.muon.state[vq.decoder.convts[0].convt.weight]["momentum_buffer"].shape == (16, 16, 4, 4, 4)
+    weights = {n: p.detach().clone() for n, p in vq.named_parameters()}
+    opt.step()
+    stepped = {n: p.detach().clone() for n, p in vq.named_parameters()}
+    with torch.no_grad():
+        for n, p in vq.named_parameters():
+            p.copy_(weights[n])
+    again.step()
+    assert all(torch.equal(p.detach(), stepped[n]) for n, p in vq.named_parameters())
