@@ -212,6 +212,28 @@ def step_along_known_directions(model, hidden, opt, lr):
             torch.testing.assert_close(step.abs(), torch.full_like(step, lr), rtol=1e-4, atol=0, msg=n)  # Adam's first
 
 
+def loaded_copy_steps_alike(model, opt, lr):
+    """Save the optimizer's state, load it into a new one, set the learning rate on both through
+    param_groups (as the schedule does on a resumed run's first step), and check that the copy steps the
+    model exactly as the original does from the same weights and gradients."""
+    import train
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    again = train.make_optimizer(model, "muon", lr=1.0)
+    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    for group in opt.param_groups + again.param_groups:
+        group["lr"] = lr
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
+    again.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), stepped[n]), n
+
+
 def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     """--optimizer muon: orthogonalised updates for the blocks' linear maps, Adam's for every other weight."""
     import train
@@ -229,23 +251,7 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     opt = train.make_optimizer(gpt, "muon", lr=1e-2)
     assert isinstance(opt, train.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
     step_along_known_directions(gpt, hidden, opt, 1e-2)
-    # Its state, saved and loaded, makes a new one step exactly as the original does, at the learning rate
-    # the schedule sets through param_groups after the load (as a resumed run's first step does).
-    saved = io.BytesIO()
-    torch.save(opt.state_dict(), saved)
-    again = train.make_optimizer(gpt, "muon", lr=1e-2)
-    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
-    for group in opt.param_groups + again.param_groups:
-        group["lr"] = 5e-3
-    weights = {n: p.detach().clone() for n, p in gpt.named_parameters()}
-    opt.step()
-    stepped = {n: p.detach().clone() for n, p in gpt.named_parameters()}
-    with torch.no_grad():
-        for n, p in gpt.named_parameters():
-            p.copy_(weights[n])
-    again.step()
-    for n, p in gpt.named_parameters():
-        assert torch.equal(p.detach(), stepped[n]), n
+    loaded_copy_steps_alike(gpt, opt, lr=5e-3)
     # Under float16's GradScaler (the loop's path): unscale_ reaches both parts' gradients, step steps both.
     codes, label = torch.randint(16, (2, 2, 4, 4)), torch.tensor([0, 2])
     actions = torch.randn(2, 4, 2)
@@ -288,16 +294,5 @@ def test_muon_steps_the_vqvaes_hidden_convolutions_and_adam_the_rgb_ends():
     assert {tuple(vq.get_parameter(n).flatten(1).shape) for n in hidden} >= {(16, 16 * 64), (16, 8), (8, 16 * 27)}
     step_along_known_directions(vq, hidden, opt, 1e-2)
     # The kernels' momenta keep their shapes through a checkpoint: a loaded copy steps exactly as the original.
-    saved = io.BytesIO()
-    torch.save(opt.state_dict(), saved)
-    again = train.make_optimizer(vq, "muon", lr=1e-2)
-    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    loaded_copy_steps_alike(vq, opt, lr=1e-2)
     assert opt.muon.state[vq.decoder.convts[0].convt.weight]["momentum_buffer"].shape == (16, 16, 4, 4, 4)
-    weights = {n: p.detach().clone() for n, p in vq.named_parameters()}
-    opt.step()
-    stepped = {n: p.detach().clone() for n, p in vq.named_parameters()}
-    with torch.no_grad():
-        for n, p in vq.named_parameters():
-            p.copy_(weights[n])
-    again.step()
-    assert all(torch.equal(p.detach(), stepped[n]) for n, p in vq.named_parameters())
