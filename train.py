@@ -232,7 +232,7 @@ def get_lr(step, args):
 # third in the same steps (README, "Why the digits run trains with Muon").
 # Muon is only for linear maps between hidden widths (each model's hidden_matrices():
 # the prior's attention and MLP matrices, the VQ-VAE's convolutions, a kernel seen as
-# one (out, in*k^3) matrix); every other weight keeps Adam.
+# one (shape[0], everything else) matrix); every other weight keeps Adam.
 
 # The quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T, with Jordan's
 # coefficients: starting from a matrix of norm <= 1, five steps bring every singular value
@@ -315,6 +315,11 @@ class MuonAdam:
     def load_state_dict(self, state):
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
+
+
+def optimizer_kind(state):
+    """Which optimizer a checkpoint's state is from: "muon" (MuonAdam's two halves) or "adam"."""
+    return "muon" if isinstance(state, dict) and "muon" in state else "adam"
 
 
 def make_optimizer(model, kind, lr, betas=(0.9, 0.999)):
@@ -664,9 +669,8 @@ class Run:
             train_set, test_set = self.stage.cached_codes(args, train_set, test_set, self.device, self.master,
                                                           self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
-        kind = args.optimizer
-        if ckpt:   # a resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise)
-            kind = "muon" if isinstance(ckpt["optimizer"], dict) and "muon" in ckpt["optimizer"] else "adam"
+        # A resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise).
+        kind = optimizer_kind(ckpt["optimizer"]) if ckpt else args.optimizer
         self.optimizer = make_optimizer(self.raw_model, kind, args.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
         self.state = RunState()
@@ -720,7 +724,7 @@ class Run:
         # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's, and so does
         # the optimizer whose state it holds (checkpoints from before --optimizer hold Adam's).
         model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond", "vqvae", "optimizer"}
-        kind = "muon" if isinstance(self.optimizer, MuonAdam) else "adam"
+        kind = optimizer_kind(ckpt["optimizer"])
         saved = dict(ckpt.get("train_args", {}), optimizer=kind)
         line = changed_flags(saved, self.args, model_flags, len(ckpt["rng"]), self.dist.world)
         if line and self.master:

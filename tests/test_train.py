@@ -182,7 +182,7 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
 
 
 def step_along_known_directions(model, hidden, opt, lr):
-    """Give each hidden matrix (a kernel as its (out, rest) matrix) the gradient U diag(10..1) V^T and every
+    """Give each hidden matrix (a kernel as its (shape[0], rest) matrix) the gradient U diag(10..1) V^T and every
     other weight one of size >= 1; step once and check Muon moved each matrix along -U V^T, every direction
     alike (Adam would step along the gradient's signs, which are no such matrix), and Adam the rest by lr."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
