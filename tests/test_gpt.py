@@ -199,6 +199,17 @@ def test_sample_logits_filters():
     assert set(sample_logits(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3}
 
 
+def test_the_nucleus_keeps_the_code_at_its_boundary():
+    """top_p keeps every code whose more likely codes hold at most top_p of the mass: a code whose
+    predecessors hold exactly top_p is kept, the next one is not (pins `>`, not `>=`)."""
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log().repeat(4000, 1)   # already in descending order
+    probs = logits[:1].softmax(-1)
+    before = probs.cumsum(-1) - probs                          # the mass of the codes before each, as sampled
+    top_p = float(before[0, 2])                                # exactly the mass before the third code
+    drawn = set(sample_logits(logits, top_p=top_p, generator=torch.Generator().manual_seed(0)).tolist())
+    assert drawn == {0, 1, 2}
+
+
 def test_the_gumbel_max_draw_follows_the_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -384,6 +395,14 @@ def test_a_long_sample_starts_with_the_ordinary_sample_and_slides_its_window(var
     gpt.sample(3, given["label"], generator=g)
     nxt = gpt.sample(3, given["label"], prefix=long[:, 1:2], generator=g)
     assert torch.equal(nxt[:, 1], long[:, 2])
+
+
+def test_a_long_sample_slides_by_half_its_window_by_default():
+    gpt = tiny_prior(latent_shape=(4, 2, 2), sequence_length=8).eval()   # t = 4 latent steps, 2 frames each
+    draw = lambda **kw: gpt.sample(2, generator=torch.Generator().manual_seed(1), frames_out=16, **kw)
+    default = draw()
+    assert torch.equal(default, draw(stride=2))                # t // 2 new latent steps per window
+    assert not torch.equal(default, draw(stride=3))
 
 
 def test_long_sampling_refuses_lengths_it_cannot_make():
