@@ -11,15 +11,16 @@ Benchmarks:
   vqvae_train   VQ-VAE training steps: clips/s; the optimizer's own step, Adam's and
                 train.py's --optimizer muon (Muon over the hidden matrices, Adam the rest)
   gpt_train     prior training steps: tokens/s, and MFU on CUDA; the optimizer's step, as above
-  sample        prior sampling: seconds for one whole batch through gpt.sample, eager and
-                compiled (and the compiling first call), its VQ-VAE decode, tokens/s of
+  sample        prior sampling: seconds for one whole batch through fast.generate, eager and
+                compiled (and the compiling first call), the lesson's gpt.sample once,
+                its VQ-VAE decode, tokens/s of
                 the cached and of the naive full-recompute sampler and their ratio, and a
                 video twice the trained length (sliding window)
   sparse        the strided sparse prior at 4096 codes: forward (and, on CUDA, training step)
                 with the dense mask and with FlexAttention's block mask, and the ratio
   attention     one causal self-attention, forward + backward, at the prior's head width:
                 SDPA's fused kernel against the formula written out, per sequence length
-                (tokens per batch fixed) in bfloat16 and float32; attention.attend takes the
+                (tokens per batch fixed) in bfloat16 and float32; fast.fast_attention takes the
                 written-out formula on a CPU in bfloat16 up to EXPLICIT_MAX_KEYS keys
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
@@ -39,9 +40,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt import GPTConfig, VideoGPT, explicit_attention, flex_available
+from fast import explicit_attention, fast_attention, flex_available, generate, use_fast_attention
+from gpt import GPTConfig, VideoGPT
+from muon import make_optimizer
 from runtime import autocast as autocast_for
-from train import make_optimizer   # the optimizers train.py steps, timed as it builds them
+from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -113,7 +116,7 @@ def optimizer_steps_ms(model, device, args):
 
 
 def bench_vqvae(size, args, device, autocast):
-    model = VQVAE(VQVAEConfig(**size["vqvae"])).to(device)
+    model = use_fast_attention(VQVAE(VQVAEConfig(**size["vqvae"])).to(device))   # as train.py runs it
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     c, B = model.config, size["vq_batch"]
     x = torch.rand(B, 3, c.sequence_length, c.resolution, c.resolution, device=device) - 0.5
@@ -134,7 +137,7 @@ def bench_vqvae(size, args, device, autocast):
 
 def bench_gpt_train(size, args, device, autocast):
     config = GPTConfig(**size["gpt"])
-    model = VideoGPT(config).to(device)
+    model = use_fast_attention(VideoGPT(config).to(device))   # as train.py runs it
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     B, L = size["gpt_batch"], config.seq_len
     codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
@@ -170,7 +173,7 @@ def bench_sample(size, args, device, autocast):
     d = size["vqvae"]["downsample"]
     config = GPTConfig(**{**size["gpt"], "latent_shape": latent, "dropout": 0.0, "attn_dropout": 0.0,
                           "sequence_length": latent[0] * d[0]})
-    model = VideoGPT(config).to(device).eval()
+    model = use_fast_attention(VideoGPT(config).to(device).eval())
     model.fc_out.weight.normal_(std=0.02)   # zero at init would make every code equally likely
     # The VQ-VAE that decodes the samples: the benchmark's widths, a clip that gives this latent.
     vq = VQVAE(VQVAEConfig(**{**size["vqvae"], "sequence_length": latent[0] * d[0], "resolution": latent[1] * d[1],
@@ -182,23 +185,25 @@ def bench_sample(size, args, device, autocast):
                   heads=config.heads, n_codes=config.n_codes)
     with autocast:
         # Cached, as users call it: whole batches, so the time includes prefill, every step and the cache set-up.
-        t_eager = timed(lambda: model.sample(B, generator=g), device, 1, args.sample_repeats)
-        samples = model.sample(B, generator=g)
+        t_eager = timed(lambda: generate(model, B, generator=g), device, 1, args.sample_repeats)
+        samples = generate(model, B, generator=g)
+        # The lesson's sampler (gpt.VideoGPT.sample), which the fast one draws the same codes as.
+        t_lesson = timed(lambda: model.sample(B, generator=g), device, 0, 1)
         t_decode = timed(lambda: vq.decode(samples), device, 1, args.sample_repeats)
-        record.update(eager_s=t_eager, decode_s=t_decode, eager_with_decode_s=t_eager + t_decode)
+        record.update(eager_s=t_eager, lesson_s=t_lesson, decode_s=t_decode, eager_with_decode_s=t_eager + t_decode)
         if args.compile_sample:
             # The first call compiles (once per process; the rest reuse it).
             t = time.perf_counter()
-            model.sample(B, generator=g, compile=True)
+            generate(model, B, generator=g, compile=True)
             sync(device)
             compile_s = time.perf_counter() - t
-            t_compiled = timed(lambda: model.sample(B, generator=g, compile=True), device, 1, args.sample_repeats)
+            t_compiled = timed(lambda: generate(model, B, generator=g, compile=True), device, 1, args.sample_repeats)
             record.update(compiled_s=t_compiled, compiled_with_decode_s=t_compiled + t_decode,
                           first_compiled_call_s=compile_s)
         # Twice the trained length with the sliding window (half a window of context, half new per window).
         frames_long = 2 * config.sequence_length
-        t_long = timed(lambda: model.sample(B, generator=g, frames_out=frames_long,
-                                            compile=args.compile_sample), device, 0, 1)
+        t_long = timed(lambda: sample_long(model, B, frames_long, generator=g, compile=args.compile_sample),
+                       device, 0, 1)
     # Naive: a full forward per position, the same cost at every position; time a few.
     codes = torch.randint(config.n_codes, (B, *config.latent_shape), device=device)
 
@@ -229,7 +234,11 @@ def bench_sparse(size, args, device, autocast):
         return
     times = {}
     for flex in (False, True):
-        model.use_flex = flex
+        # Dense: SDPA with the (L, L) mask; flex: fast.py's kernel for the sparse pattern.
+        use_fast_attention(model)
+        if not flex:
+            for block in model.attn_stack.attn_nets:
+                block.attn.attend = fast_attention
         model.eval()
 
         def forward():
@@ -297,7 +306,7 @@ def main(argv=None):
     p.add_argument("--naive_steps", type=int, default=8, help="timed naive-sampler positions")
     p.add_argument("--compile", action="store_true", help="training benchmarks: torch.compile the models")
     p.add_argument("--compile_sample", action=argparse.BooleanOptionalAction, default=True,
-                   help="sampling benchmark: also time gpt.sample(compile=True) and report its first call")
+                   help="sampling benchmark: also time fast.generate(compile=True) and report its first call")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

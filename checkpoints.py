@@ -315,3 +315,64 @@ def load_weights(model, state_dict, path, what):
         lines = str(e).strip().splitlines() or [type(e).__name__]
         raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
     return model
+
+
+# -----------------------------------------------------------------------------
+# The original VideoGPT release's checkpoints, translated into plain config dicts and state dicts
+# (the models build themselves from these: vqvae.load_vqvae, gpt.load_gpt)
+
+# The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these names.
+VQVAE_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
+
+
+def original_vqvae(ckpt, path):
+    """(VQVAEConfig kwargs, state dict) of an original VideoGPT VQ-VAE checkpoint."""
+    args = original_args(ckpt, path, VQVAE_ARGS)
+    return {n: getattr(args, n) for n in VQVAE_ARGS}, initialized(ckpt["state_dict"])
+
+
+def initialized(vq_state):
+    """The original codebook has no `initialized` flag; a saved codebook is initialised."""
+    return dict(vq_state, **{"codebook.initialized": torch.tensor(True)}) if isinstance(vq_state, dict) else vq_state
+
+
+def count_indexed(keys, prefix):
+    """How many `prefix.{i}.` sub-modules a state dict has."""
+    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+
+
+def original_prior(ckpt, path):
+    """(VQVAEConfig kwargs, GPTConfig kwargs, VQ-VAE state, prior state) of an original VideoGPT prior.
+
+    The prior's args hold no VQ-VAE hyper-parameters, so they are read off the
+    weights: codebook shape, encoder width and depth, and the downsampling from
+    the clip size and the lengths of the position tables (the latent shape).
+    The per-layer causal masks the original stored are rebuilt by the model, not loaded.
+    """
+    try:
+        sd, args = ckpt["state_dict"], original_args(ckpt, path, ("sequence_length", "resolution"))
+        latent = tuple(sd[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3))
+        clip = (args.sequence_length, args.resolution, args.resolution)
+        if any(s % l for s, l in zip(clip, latent)):
+            raise ValueError(f"{path}: clip {clip} is not a multiple of the latent shape {latent}")
+        n_codes, embedding_dim = sd["vqvae.codebook.embeddings"].shape
+        vq_config = dict(embedding_dim=embedding_dim, n_codes=n_codes,
+                         n_hiddens=sd["vqvae.encoder.conv_last.conv.weight"].shape[0],
+                         n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,  # minus the final BN
+                         downsample=tuple(s // l for s, l in zip(clip, latent)),
+                         sequence_length=args.sequence_length, resolution=args.resolution)
+        cond_w = sd.get("attn_stack.attn_nets.0.pre_attn_norm.w.weight")
+        gpt_config = dict(latent_shape=latent, n_codes=n_codes, embedding_dim=embedding_dim,
+                          hidden_dim=sd["fc_in.weight"].shape[0], heads=getattr(args, "heads", 4),
+                          layers=count_indexed(sd, "attn_stack.attn_nets."), dropout=getattr(args, "dropout", 0.2),
+                          attn_dropout=getattr(args, "attn_dropout", 0.3), attn_type=getattr(args, "attn_type", "full"),
+                          n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0] if "cond_pos_embd.emb.d_0" in sd else 0,
+                          resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0,
+                          sequence_length=args.sequence_length)
+    except KeyError as e:   # a weight the shapes are read from is missing
+        raise ValueError(f"{path}: incomplete VideoGPT prior checkpoint: no {e.args[0]} in its state_dict") from None
+    except (AttributeError, TypeError) as e:   # hyper_parameters or a weight of the wrong type
+        raise ValueError(f"{path}: damaged VideoGPT prior checkpoint ({type(e).__name__})") from None
+    vq_state = initialized({k[6:]: v for k, v in sd.items() if k.startswith("vqvae.")})
+    state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
+    return vq_config, gpt_config, vq_state, state

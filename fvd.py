@@ -57,7 +57,8 @@ from tqdm import tqdm
 from checkpoints import OutputLock, atomic_write, checkpoint_kind, load_checkpoint, load_weights
 from data import (cache_dir, digit_glyphs, find_videos, make_dataset, moving_digits_video, read_frames,
                   resize_and_crop, samples_to_uint8, to_uint8)
-from gpt import AUTO_COMPILE_STEPS, compile_pays_off, load_gpt
+from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
+from gpt import load_gpt
 from runtime import default_device, init_distributed, run_cli
 from vqvae import load_vqvae, triple
 
@@ -356,8 +357,8 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
             frames = x[:, :, :k] if k else None
             actions = torch.stack([it["actions"] for it in items]).to(device) if gpt.config.action_dim else None
             gen = torch.Generator(device).manual_seed(trial * TRIAL_SEED_STRIDE + batch[0])
-            video = vq.decode(gpt.sample(len(items), label, frames, actions=actions, generator=gen,
-                                         compile=compile))                                 # (b, 3, T, H, W)
+            video = vq.decode(generate(gpt, len(items), label, frames, actions, generator=gen,
+                                       compile=compile))                                   # (b, 3, T, H, W)
             fake.append(samples_to_uint8(video, frames, mark=False))                      # given frames as given
     join = lambda parts: np.concatenate(parts) if parts else None
     return join(real), join(recon), join(fake)
@@ -381,7 +382,7 @@ def evaluate_checkpoint(args):
     d = init_distributed(args.device)
     ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
     try:
-        gpt, vq = load_gpt(args.ckpt, device=device)
+        gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
         c = vq.config
         if c.sequence_length < 10:
             raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at least 10")
@@ -620,7 +621,7 @@ def clips_to_score(args, trial, device, indices):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(key))
         items = [data[(int(order[i % len(data)]), key * TRIAL_SEED_STRIDE + i)] for i in indices]
         return np.stack([to_uint8(it["video"]).numpy() for it in items])         # (n, 16, R, R, 3)
-    gpt, vq = load_gpt(args.ckpt, device=device)
+    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
     labels = None
     if gpt.config.n_classes:   # drawn for all N, so clip i has the same label on any number of processes
         labels = torch.randint(gpt.config.n_classes, (args.n,), generator=torch.Generator().manual_seed(key))
@@ -634,7 +635,7 @@ def clips_to_score(args, trial, device, indices):
         for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
             sl = slice(start, min(len(indices), start + args.batch_size))
             generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
-            codes = gpt.sample(sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
+            codes = generate(gpt, sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
                                compile=compile)
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
@@ -831,7 +832,7 @@ def digits_of_checkpoint(args):
     device = default_device(args.device)
     kind = checkpoint_kind(load_checkpoint(args.ckpt))
     if kind == "gpt":
-        gpt, vq = load_gpt(args.ckpt, device=device)
+        gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
     else:
         gpt, vq = None, load_vqvae(args.ckpt, device=device)
     c = vq.config
@@ -849,8 +850,8 @@ def digits_of_checkpoint(args):
                 k = gpt.config.n_cond_frames
                 label = torch.tensor([it.get("label", 0) for it in items], device=device) \
                     if gpt.config.n_classes else None
-                codes = gpt.sample(len(items), label, x[:, :, :k] if k else None, temperature=args.temperature,
-                                   top_k=args.top_k, generator=generator)
+                codes = generate(gpt, len(items), label, x[:, :, :k] if k else None, temperature=args.temperature,
+                                 top_k=args.top_k, generator=generator)
                 fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None, mark=False))
     real = np.concatenate(real)
     rows = {"real": legibility(reader, real), "reconstructions": legibility(reader, np.concatenate(recon), real)}
@@ -887,7 +888,7 @@ def add_device_flags(p):
 
 def compile_sampling(args, gpt, n_per_process):
     """--compile / --no-compile, or by default whether this process draws enough codes over all trials
-    for compiling the decoding step to pay off (gpt.compile_pays_off)."""
+    for compiling the decoding step to pay off (fast.compile_pays_off)."""
     if args.compile is not None:
         return args.compile
     batches = math.ceil(n_per_process / args.batch_size) * args.trials

@@ -6,10 +6,10 @@ vector from the (frozen) VQ-VAE codebook, linearly mapped to `hidden_dim`; the
 sequence is shifted right by one behind a learned start vector, spatio-temporal
 position embeddings are added, and a stack of pre-norm transformer blocks with
 causal self-attention predicts every code from the ones before it. Optional
-conditioning: a class label through conditional LayerNorms, and the first
+conditioning: a class label through conditional LayerNorms, the first
 `n_cond_frames` frames through a 3D ResNet whose features every block
-cross-attends to; per-frame actions (BAIR's robot arm) join that
-cross-attention memory as one token per frame.
+cross-attends to, and per-frame actions (BAIR's robot arm) as more tokens of
+that cross-attention memory.
 
     from gpt import VideoGPT, GPTConfig, load_gpt
     gpt, vq = load_gpt("runs/gpt/ckpt.pt")              # ours, or an original VideoGPT prior .ckpt
@@ -17,26 +17,19 @@ cross-attention memory as one token per frame.
     codes = gpt.sample(16, temperature=1.0, top_k=None, top_p=None, generator=g)
     video = vq.decode(codes)                            # (16, 3, T, H, W)
 
-Sampling uses a hand-written KV cache: per-layer key/value buffers allocated
-once at full length, a `prefill` for the start token (and any given codes) and
-`decode_one_token` for every later one, which attends over the written prefix
-(or over the whole buffer with a mask: fixed shapes, for CUDA graphs); the
-cross-attention keys and values, the position table and fused q/k/v weights
-are computed once per call. `DecodeStep` is one whole step including the draw
-of the next code (Gumbel-max on given uniform noise), which
-`sample(compile=True)` compiles once and keeps. `sample_naive` recomputes the
-whole sequence at every step and is kept as the reference the cache is tested
-against. `rope=True` adds rotary position embeddings over (t, h, w).
-`sample(prefix=...)` keeps given first latent steps (video prediction), and
-`sample(frames_out=N)` slides the window over latent time for videos longer
-than the prior was trained on (`sample_long`).
+Read in this order: the config, the norms, the frame-conditioning ResNet, the
+transformer block, the prior's teacher-forced `forward` (training), then
+`sample`: the start vector goes in first (the prefill), then each drawn code
+goes in at the next position, one block pass per code, keys and values kept in
+a KV cache (attention.py). The arithmetic is the original implementation's, so
+its published priors give the same logits; each place where the original has a
+quirk is marked `# original:`.
 
-The arithmetic is the original implementation's, so its published priors give
-the same logits; each place where the original has a quirk is marked `# original:`.
-
-Not here: training (train.py), writing videos (sample.py), and reading files:
-`load_gpt` asks checkpoints.py to read a checkpoint safely, then builds the
-prior and its VQ-VAE itself.
+Not here: the fast sampler (fast.py: fused decode, compiled, CUDA graphs, a
+prefix of given codes; proven to draw the codes `sample` draws), longer videos
+(sample.py), training (train.py), and reading files: `load_gpt` asks
+checkpoints.py to read a checkpoint safely, then builds the prior and its
+VQ-VAE itself.
 """
 
 import math
@@ -48,10 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import (BroadcastPosEmbed, KVCache, MultiHeadAttention, explicit_attention, flex_available, rotary_tables,
-                       rotate, sparse_block_mask, strided_sparse_layout)
-from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
-from vqvae import VQVAEConfig, vqvae_from_state
+from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, causal_mask, rotary_tables, strided_sparse_layout
+from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_prior, stored_config
+from vqvae import VQVAE, VQVAEConfig
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -250,7 +242,7 @@ class ResNet3d(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: self-attention, [cross-attention to frames], MLP, each a residual branch."""
+    """Pre-norm block: self-attention, [cross-attention to frames and actions], MLP, each a residual branch."""
 
     def __init__(self, config):
         super().__init__()
@@ -268,19 +260,17 @@ class Block(nn.Module):
         self.pre_fc_norm = CondLayerNorm(h, c.n_classes)
         self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
         self.post_fc_dp = nn.Dropout(c.dropout)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False   # recompute activations in backward (train.py --grad_checkpointing)
 
-    def forward(self, x, cond, mask=None, is_causal=False, cache=None, pos=None, frame_kv=None, block_mask=None,
-                rotary=None):
-        """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); frame_kv: this
-        block's cross-attention keys and values, precomputed for sampling; block_mask: FlexAttention's
-        tiles of sparse attention, instead of `mask`; rotary: (cos, sin) of the n positions."""
+    def forward(self, x, cond, mask, cache=None, pos=None, frame_kv=None, rotary=None):
+        """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); mask (n, L): which positions
+        each of the n sees; with `cache`, x is at positions pos (n,) and its keys and values are written
+        there; frame_kv: the cross-attention's keys and values, precomputed; rotary: (cos, sin) of the n."""
         ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
             else (lambda f, *a: f(*a))
         # Causal self-attention.
         h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=cache, pos=pos, block_mask=block_mask,
-                                     rotary=rotary), h)
+        h = ckpt(lambda h: self.attn(h, mask=mask, cache=cache, pos=pos, rotary=rotary), h)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
@@ -289,29 +279,7 @@ class Block(nn.Module):
             x = x + self.post_enc_dp(h)
         # MLP.
         h = self.pre_fc_norm(x, cond["onehot"])
-        x = x + self.post_fc_dp(ckpt(self.fc_block, h))
-        return x
-
-
-    def decode(self, x, pos, cache, mask, plan, qkv, frame_kv=None, length=None, rotary=None):
-        """`forward` for the newest token x (B, 1, D) at position pos (1,) while sampling, the same
-        arithmetic as plain tensor operations: the norms' gains from `plan` (VideoGPT.decode_plan), the
-        stacked q/k/v weight `qkv`, the other weights read straight from the modules. At one token per
-        step, calling ten small modules per block costs more than their math. With `length` the
-        attention reads only the cache's first `length` keys."""
-        q, k, v = self.attn.fused_qkv(normalize(x, *plan["attn_norm"]), qkv)         # 3 x (B, nh, 1, hs)
-        if rotary is not None:
-            q, k = rotate(q, *rotary), rotate(k, *rotary)
-        k, v = cache.update(pos, k, v, length)                                        # (B, nh, length or L, hs) each
-        # Compiled, the attention is written out (inductor fuses it into one kernel, faster than calling
-        # the CPU flash kernel for a single query); eager, the library kernel is the faster of the two.
-        a = (explicit_attention(q, k, v, mask) if torch.compiler.is_compiling() else
-             F.scaled_dot_product_attention(q, k, v, attn_mask=mask))                # (B, nh, 1, hs)
-        x = x + F.linear(self.attn.merge_heads(a), self.attn.fc.weight, self.attn.fc.bias)   # (B, 1, D)
-        if hasattr(self, "enc_attn"):
-            x = x + self.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
-        h = F.linear(normalize(x, *plan["fc_norm"]), self.fc_block[0].weight, self.fc_block[0].bias)
-        return x + F.linear(gelu2(h), self.fc_block[2].weight, self.fc_block[2].bias)
+        return x + self.post_fc_dp(ckpt(self.fc_block, h))
 
 
 class RightShift(nn.Module):
@@ -336,14 +304,18 @@ class AttentionStack(nn.Module):
         self.attn_nets = nn.ModuleList([Block(config) for _ in range(config.layers)])
 
 
+# -----------------------------------------------------------------------------
+# Drawing a code from the logits
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, noise=None):
     """Draw one index per row of logits (B, V) after temperature, top-k and nucleus filtering.
 
     The draw is the Gumbel-max trick: argmax(logits / T + g) with g = -log(-log u) for uniform
     noise u (B, V), given or drawn from `generator`. It picks index i with probability
     softmax(logits / T)_i, exactly as a softmax followed by torch.multinomial, but as plain tensor
-    arithmetic on an input: a compiled decoding step (DecodeStep) draws inside its graph, and given
-    the same u every sampler draws the same codes.
+    arithmetic on an input: given the same u, every sampler (this file's, fast.py's compiled one)
+    draws the same codes.
     """
     assert temperature > 0, f"temperature must be positive, got {temperature}"
     logits = logits.float() / temperature
@@ -370,65 +342,8 @@ def uniform_noise(n, n_codes, steps, generator, device, chunk=64):
         yield from torch.rand(min(chunk, steps - start), n, n_codes, generator=generator, device=device)
 
 
-class DecodeStep(nn.Module):
-    """One whole sampling step of a prior as a module: the previous code in, the next code out.
-
-    It wraps `decode_one_token` and the draw of `sample_logits` so that torch.compile turns
-    a step into one graph: every block, the output layer, temperature, top-k / top-p and the
-    Gumbel-max draw on the uniform noise it is given. The prior is a sub-module, so with
-    inductor's "freezing" its weights become constants of the compiled code (on CPU its
-    matmuls are then generated and fused, not called one by one). Built by
-    `VideoGPT.compiled_step`, which also says how it is compiled on each device.
-    """
-
-    def __init__(self, gpt, temperature, top_k, top_p):
-        super().__init__()
-        self.gpt = gpt
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        # The prior's decode_weights as buffers of this module: constants of the compiled code, too.
-        w = gpt.decode_weights()
-        self.register_buffer("inputs", w["inputs"], persistent=False)
-        self.register_buffer("pos_table", w["pos_table"], persistent=False)
-        # One buffer per block, not one stacked tensor: frozen views of a stacked constant came out
-        # wrong in compiled code (the compiled samples no longer matched the eager ones).
-        self.n_qkv = len(w["qkv"])
-        for i, qkv in enumerate(w["qkv"]):
-            self.register_buffer(f"qkv_{i}", qkv, persistent=False)
-
-    def forward(self, code, pos, cond, caches, noise, length=None):
-        weights = dict(inputs=self.inputs, pos_table=self.pos_table,
-                       qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
-        logits = self.gpt.decode_one_token(code, pos, cond, caches, length, weights)   # (B, n_codes)
-        return sample_logits(logits, self.temperature, self.top_k, self.top_p, noise=noise)
-
-
-# Compiling the decoding step costs 10-30 s on a CPU (about a minute on a GPU) and saves about half a
-# millisecond per step on a CPU (more on a GPU, where an eager step is launch-bound): it pays for itself
-# over some tens of thousands of steps (e.g. 8 BAIR batches of 4096 codes), not for a handful of clips.
-AUTO_COMPILE_STEPS = 30_000
-
-
-def compile_pays_off(steps):
-    """Whether a run that draws `steps` codes one after the other should compile its decoding step."""
-    return steps >= AUTO_COMPILE_STEPS
-
-
-def frozen_cpu_compile(module):
-    """torch.compile for a CPU inference module whose weights stay fixed: inductor's "freezing" makes
-    them constants (the matmuls become generated code next to their neighbours instead of library
-    calls) and max-autotune picks those kernels. Both settings must hold whenever the module may be
-    traced or compiled, which can be at any call, so every call sets them and puts them back (~7 us)."""
-    import torch._inductor.config as inductor_config   # lazy: only when compiling
-    compiled = torch.compile(module)
-
-    def call(*args):
-        saved = inductor_config.freezing, inductor_config.max_autotune
-        inductor_config.freezing = inductor_config.max_autotune = True
-        try:
-            return compiled(*args)
-        finally:
-            inductor_config.freezing, inductor_config.max_autotune = saved
-    return call
+# -----------------------------------------------------------------------------
+# The prior
 
 
 class VideoGPT(nn.Module):
@@ -447,30 +362,22 @@ class VideoGPT(nn.Module):
             # actions of the frames it covers (and, for where the arm is, those before). As one token
             # per frame (a linear map of the action plus a learned embedding of its frame index),
             # every code attends to the actions it needs and learns the frame-to-latent alignment
-            # itself; and with frame conditioning the tokens simply follow the frames' features
-            # (BAIR: first frame + actions).
+            # itself; and with frame conditioning the tokens simply follow the frames' features.
             self.action_in = nn.Linear(c.action_dim, RESNET_DIM)
             self.action_pos = nn.Parameter(torch.empty(c.sequence_length, RESNET_DIM).normal_(std=0.01))
         self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
         self.attn_stack = AttentionStack(c)
         self.norm = CondLayerNorm(c.hidden_dim, c.n_classes)
         self.fc_out = nn.Linear(c.hidden_dim, c.n_codes, bias=False)
-        # Which positions each position may attend to (True = visible), for sparse training and for sampling.
+        # Which positions each position may attend to (True = visible): causal, or the original's sparse pattern.
         mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
-                if c.attn_type == "sparse" else torch.ones(c.seq_len, c.seq_len, dtype=torch.bool).tril())
+                if c.attn_type == "sparse" else causal_mask(c.seq_len))
         self.register_buffer("mask", mask, persistent=False)
         if c.rope:
             cos, sin = rotary_tables(c.latent_shape, c.hidden_dim // c.heads)                   # (L, 2P) each
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self._compiled = {}   # compiled decoding steps (compiled_step), not part of the model's state
-        # Sparse attention through FlexAttention where it can run (attention_kwargs); its block masks per device.
-        self.use_flex, self._block_masks = True, {}
         self.init_weights()
-
-    def __getstate__(self):
-        """Copies and pickles leave the compiled steps and block masks behind (made again when needed)."""
-        return {**self.__dict__, "_compiled": {}, "_block_masks": {}}
 
     @torch.no_grad()
     def init_weights(self):
@@ -497,23 +404,9 @@ class VideoGPT(nn.Module):
             f"codebook shape {tuple(embeddings.shape)} does not match the prior's {tuple(self.codebook.shape)}"
         self.codebook.copy_(embeddings)
 
-    def hidden_matrices(self):
-        """The weight matrices of the blocks' attention projections and MLPs: the ones Muon may train
-        (train.py --optimizer muon). Embeddings, position tables, norms (a class's gains included),
-        biases and the output layer stay with Adam: they are lookups and scales, not linear maps
-        between hidden widths, and Muon's orthogonalised updates are made for the latter."""
-        matrices = []
-        for block in self.attn_stack.attn_nets:
-            for part in (block.attn, getattr(block, "enc_attn", None), block.fc_block):
-                if part is not None:
-                    matrices += [m.weight for m in part.modules() if isinstance(m, nn.Linear)]
-        return matrices
-
     def set_grad_checkpointing(self, enabled=True):
         for block in self.attn_stack.attn_nets:
             block.grad_checkpointing = enabled
-
-    # --- conditioning ---
 
     def condition(self, label, frames, batch_size, actions=None):
         """dict(onehot, context) from the raw conditioning inputs, checked against the config."""
@@ -538,11 +431,17 @@ class VideoGPT(nn.Module):
             context = tokens if context is None else torch.cat([context, tokens], dim=1)         # (B, n_ctx, 240)
         return dict(onehot=onehot, context=context)
 
-    # --- teacher forcing ---
-
     def embed(self, codes):
         """Codes (B, n) -> input vectors (B, n, hidden): codebook lookup, then fc_in."""
         return self.fc_in(F.embedding(codes, self.codebook).to(self.fc_in.weight.dtype))  # (B, n, hidden)
+
+    def rotary_at(self, pos=None):
+        """(cos, sin) of the rotary embedding at positions pos (n,) (all without), or None without rope."""
+        if not self.config.rope:
+            return None
+        return (self.rope_cos, self.rope_sin) if pos is None else (self.rope_cos[pos], self.rope_sin[pos])
+
+    # --- training: every position at once ---
 
     def forward(self, codes, label=None, frames=None, actions=None):
         """Teacher-forced logits (B, t, h, w, n_codes): position i sees codes < i in raster order."""
@@ -554,296 +453,60 @@ class VideoGPT(nn.Module):
         # Inputs: code vectors in raster order, shifted right behind the start vector, plus positions.
         x = self.embed(codes.flatten(1))                                            # (B, L, hidden)
         x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
-        attention = self.attention_kwargs(x.device)
-        if c.rope:
-            attention["rotary"] = (self.rope_cos, self.rope_sin)
         for block in self.attn_stack.attn_nets:
-            x = block(x, cond, **attention)
+            x = block(x, cond, self.mask, rotary=self.rotary_at())
         logits = self.fc_out(self.norm(x, cond["onehot"]))                          # (B, L, n_codes)
         return logits.view(B, *c.latent_shape, c.n_codes)                         # (B, t, h, w, n_codes)
 
-    def attention_kwargs(self, device):
-        """How the teacher-forced pass attends. Full attention: SDPA's causal kernel. Sparse attention:
-        FlexAttention over the layout's tiles where it can run (PyTorch >= 2.5; on a CPU only without
-        gradients, its CPU kernels have none) and `self.use_flex` is on (the default); else the dense
-        mask, the reference the tiles are tested against."""
-        if self.config.attn_type != "sparse":
-            return dict(is_causal=True)
-        if self.use_flex and flex_available() and (device.type == "cuda" or not torch.is_grad_enabled()):
-            if device not in self._block_masks:
-                self._block_masks[device] = sparse_block_mask(self.mask.to(device), self.config.sparse_block)
-            return dict(block_mask=self._block_masks[device])
-        return dict(mask=self.mask)
+    # --- sampling: one position at a time, through the KV cache ---
 
-    def rotary_at(self, pos):
-        """(cos, sin) of the rotary embedding at positions pos (n,), or None without rope."""
-        return (self.rope_cos[pos], self.rope_sin[pos]) if self.config.rope else None
-
-    # --- sampling with the KV cache ---
-
-    def setup_caches(self, batch_size, dtype, device):
-        """Fresh full-length key/value buffers for every layer."""
+    def setup_caches(self, batch_size, device, dtype=None):
+        """Fresh full-length key/value buffers for every layer, in the activations' dtype (autocast's if on)."""
         c = self.config
         d = c.hidden_dim // c.heads
+        if dtype is None:
+            on = torch.is_autocast_enabled(torch.device(device).type)
+            dtype = torch.get_autocast_dtype(torch.device(device).type) if on else self.fc_in.weight.dtype
         return [KVCache(batch_size, c.heads, c.seq_len, d, d, dtype, device) for _ in range(c.layers)]
 
     def step(self, x, pos, cond, caches):
-        """Run inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing the cache.
-
-        Each query attends over the whole cache with its row of the mask, so
-        positions not yet written (zeros) are never seen (the prefill).
-        """
+        """Inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing their keys and values
+        into the caches; logits (B, n, n_codes). Each query sees the cache through its row of the mask,
+        so positions not yet written (zeros) are never looked at."""
         x = self.attn_stack.pos_embd(x, pos)                                          # (B, n, hidden)
-        mask = self.mask[pos]                                                         # (n, L)
-        frame_kv = cond.get("frame_kv") or [None] * len(caches)
-        rotary = self.rotary_at(pos)
-        for block, cache, kv in zip(self.attn_stack.attn_nets, caches, frame_kv):
-            x = block(x, cond, mask=mask, cache=cache, pos=pos, frame_kv=kv, rotary=rotary)
+        for block, cache in zip(self.attn_stack.attn_nets, caches):
+            x = block(x, cond, self.mask[pos], cache=cache, pos=pos, rotary=self.rotary_at(pos))
         return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
 
-    def prefill(self, cond, caches, batch_size, prefix=None):
-        """The start vector, then the given codes `prefix` (B, P) if any, in one pass at positions 0..P,
-        writing the cache. Returns the logits of the first code to draw, position P (B, n_codes)."""
-        x = self.attn_stack.right_shift.sos.to(self.fc_in.weight.dtype).expand(batch_size, 1, -1)  # (B, 1, hidden)
-        if prefix is not None and prefix.shape[1]:
-            x = torch.cat([x, self.embed(prefix)], dim=1)                          # (B, 1 + P, hidden)
-        pos = torch.arange(x.shape[1], device=x.device)
-        return self.step(x, pos, cond, caches)[:, -1]
-
-    def decode_one_token(self, code, pos, cond, caches, length=None, weights=None):
-        """Feed the code sampled at position pos-1 (B,) in at position pos, a (1,) tensor; logits (B, n_codes).
-
-        Each block runs `Block.decode` with the norms of cond["plan"] and the `weights` of
-        `decode_weights` (computed here when not given). With `length` = pos + 1 (a Python int) the
-        attention reads only the written prefix of the cache, which needs no mask for full attention;
-        without it every step reads the whole buffer with pos's row of the mask: fixed shapes, what
-        CUDA graphs replay."""
-        plan, w = cond["plan"], weights or self.decode_weights()
-        x = (w["inputs"][code] + w["pos_table"][pos]).unsqueeze(1)                # (B, 1, hidden)
-        mask = None
-        if length is None:
-            mask = self.mask[pos]                                                   # (1, L)
-        elif self.config.attn_type == "sparse":
-            mask = self.mask[pos][:, :length]                                       # (1, length)
-        frame_kv = cond.get("frame_kv") or [None] * len(caches)
-        rotary = self.rotary_at(pos)
-        for block, cache, p, qkv, kv in zip(self.attn_stack.attn_nets, caches, plan["blocks"], w["qkv"], frame_kv):
-            x = block.decode(x, pos, cache, mask, p, qkv, kv, length, rotary)
-        return F.linear(normalize(x, *plan["norm"]), self.fc_out.weight)[:, -1]    # (B, n_codes)
-
-    def compiled_step(self, batch_size, temperature=1.0, top_k=None, top_p=None):
-        """A torch.compile'd DecodeStep for these sampling settings, made once and kept.
-
-        CPU: inductor with freezing and max-autotune (the weights become constants, the matmuls
-        generated code), each step over the written prefix, compiled once for every length. CUDA:
-        fixed shapes replayed as CUDA graphs ("reduce-overhead"). Compiling takes seconds to
-        minutes, so it pays off only over many steps (sample.py decides). The compiled code is kept
-        per batch size and settings, and made again when any weight has changed since (frozen
-        weights would otherwise be stale): training may call it between optimizer steps.
-        """
-        device = self.fc_in.weight.device
-        versions = tuple(t._version for t in (*self.parameters(), *self.buffers()))
-        key = (batch_size, temperature, top_k, top_p, device.type, torch.is_autocast_enabled(device.type))
-        if key not in self._compiled or self._compiled[key][0] != versions:
-            step = DecodeStep(self, temperature, top_k, top_p)
-            self._compiled[key] = (versions, torch.compile(step, mode="reduce-overhead") if device.type == "cuda"
-                                   else frozen_cpu_compile(step))
-        return self._compiled[key][1]
-
-    def cached_condition(self, label, frames, batch_size, actions=None):
-        """What the conditioning fixes for a whole sampling call, computed once: the conditioning itself,
-        the cross-attention keys/values of frames and actions, and the norms' gains (`decode_plan`)."""
-        cond = self.condition(label, frames, batch_size, actions)
-        if cond["context"] is not None:
-            cond["frame_kv"] = [b.enc_attn.keys_values(cond["context"]) for b in self.attn_stack.attn_nets]
-        cond["plan"] = self.decode_plan(cond)
-        return cond
-
-    def decode_plan(self, cond):
-        """Each block's norms' gains and biases (per sample for a class-conditional prior) and the final
-        norm's: what every decoding step reads and the conditioning decides."""
-        onehot = cond["onehot"]
-        blocks = [dict(attn_norm=b.pre_attn_norm.gain_bias(onehot), fc_norm=b.pre_fc_norm.gain_bias(onehot),
-                       enc_norm=b.pre_enc_norm.gain_bias(onehot) if hasattr(b, "enc_attn") else None)
-                  for b in self.attn_stack.attn_nets]
-        return dict(blocks=blocks, norm=self.norm.gain_bias(onehot))
-
-    def decode_weights(self):
-        """What every decoding step reads and only the weights decide, in the sampling dtype: the input
-        of every code, codebook @ fc_in, as one table (n_codes, hidden); every position's embedding
-        (L, hidden); each block's q, k, v weights stacked into one (3 * hidden, hidden)."""
-        dtype = self.sampling_dtype()
-        inputs = self.fc_in(self.codebook.to(self.fc_in.weight.dtype)).to(dtype)              # (n_codes, hidden)
-        pos_table = self.attn_stack.pos_embd.table().to(dtype)                                # (L, hidden)
-        return dict(inputs=inputs, pos_table=pos_table,
-                    qkv=[b.attn.fused_qkv_weight() for b in self.attn_stack.attn_nets])
-
-    def sampling_dtype(self):
-        """The dtype of activations while sampling: autocast's when it is on (keys and values come out in
-        it, so the cache holds that), else the weights'."""
-        device = self.fc_in.weight.device
-        return (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                else self.fc_in.weight.dtype)
-
     @torch.no_grad()
-    def sample(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-               progress=False, compile=False, actions=None, prefix=None, frames_out=None, stride=None,
-               frames_fn=None):
-        """Draw n code grids (n, t, h, w) with the KV cache.
-
-        `prefix` (n, k, h, w) gives the first k latent time steps (video
-        prediction): they are prefilled in one pass and only the rest is drawn.
-        `frames_out` asks for a longer video: see `sample_long`.
-        `compile=True` runs every step through `compiled_step` (same codes for the
-        same generator, up to the last bits of the logits; compiling costs seconds,
-        so it pays off over many steps). Each position's draw reads uniform noise
-        (n, n_codes) from `generator`, one position after the other, whichever path.
-        """
-        if frames_out is not None and frames_out != self.config.sequence_length:
-            return self.sample_long(n, frames_out, stride, label=label, frames=frames, actions=actions, prefix=prefix,
-                                    frames_fn=frames_fn, progress=progress, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, generator=generator, compile=compile)
+    def sample(self, n, label=None, frames=None, actions=None, temperature=1.0, top_k=None, top_p=None,
+               generator=None):
+        """Draw n code grids (n, t, h, w), one code after the other, each given the ones before it."""
         c = self.config
         device = self.fc_in.weight.device
-        cond = self.cached_condition(label, frames, n, actions)
-        caches = self.setup_caches(n, self.sampling_dtype(), device)
-        step = (self.compiled_step(n, temperature, top_k, top_p) if compile else
-                DecodeStep(self, temperature, top_k, top_p))
-        # CUDA graphs replay fixed shapes: the whole cache every step. Elsewhere the written prefix.
-        fixed = compile and device.type == "cuda"
+        cond = self.condition(label, frames, n, actions)
+        caches = self.setup_caches(n, device)
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)
-        given = 0
-        if prefix is not None:
-            t, h, w = c.latent_shape
-            assert prefix.shape[0] == n and prefix.shape[1] <= t and tuple(prefix.shape[2:]) == (h, w), \
-                f"prefix must be (n={n}, k <= {t}, {h}, {w}), got {tuple(prefix.shape)}"
-            given = prefix.shape[1] * h * w
-            codes[:, :given] = prefix.flatten(1)                                  # (n, k*h*w)
-        pos = torch.arange(c.seq_len, device=device)
-        positions = range(given, c.seq_len)
-        if progress:
-            from tqdm import tqdm  # lazy: only for the progress bar
-            positions = tqdm(positions, desc="sampling", unit="code", leave=False)
-        noise = uniform_noise(n, c.n_codes, c.seq_len - given, generator, device)
-        for i in positions:
-            u = next(noise)                                                       # (n, n_codes)
-            if i == given:
-                logits = self.prefill(cond, caches, n, codes[:, :given])
-                codes[:, i] = sample_logits(logits, temperature, top_k, top_p, noise=u)
-            else:
-                codes[:, i] = step(codes[:, i - 1], pos[i:i + 1], cond, caches, u, None if fixed else i + 1)
-        return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
-
-    @torch.no_grad()
-    def sample_long(self, n, frames_out, stride=None, label=None, frames=None, actions=None, prefix=None,
-                    frames_fn=None, progress=False, **sampling):
-        """Codes of `frames_out` frames, more than the prior was trained on, by sliding its window over latent time.
-
-        The prior models windows of t latent steps (sequence_length frames). The
-        first window is an ordinary sample (with `prefix`, `frames`, `actions` as
-        given); each next one keeps the last t - s generated steps as its
-        context, prefills them in one pass (positions restart at 0, as in
-        training) and draws s new steps. Default s = t // 2: half the window
-        is context. Class labels condition every window; conditioning frames
-        only the first: later windows need `frames_fn(context codes)` -> their
-        first frames (sample.py decodes the context with the VQ-VAE); actions
-        (n, frames_out, A) are cut into each window's frames.
-        Returns (n, frames_out / stride_t, h, w).
-        """
-        c = self.config
-        t = c.latent_shape[0]
-        per_step = c.sequence_length // t                         # frames per latent time step
-        if frames_out % per_step or frames_out < c.sequence_length:
-            raise ValueError(f"frames_out={frames_out} must be a multiple of the VQ-VAE's temporal stride {per_step} "
-                             f"and at least the trained {c.sequence_length} frames")
-        s = stride or max(1, t // 2)
-        if not 1 <= s <= t:
-            raise ValueError(f"stride={s} must be between 1 and the window's {t} latent steps")
-        steps_out = frames_out // per_step
-        if c.action_dim:
-            assert actions is not None and actions.shape[1] == frames_out, \
-                f"an action-conditional prior needs actions for all {frames_out} frames, got {None if actions is None else tuple(actions.shape)}"
-        if c.n_cond_frames and frames_fn is None and steps_out > t:
-            raise ValueError("a frame-conditional prior needs frames_fn(context codes) -> frames for its later windows")
-
-        def window_actions(start):
-            """The actions of the window's frames; past the last given frame, the last action is repeated."""
-            if not c.action_dim:
-                return None
-            idx = torch.arange(start * per_step, (start + t) * per_step, device=actions.device).clamp(max=frames_out - 1)
-            return actions[:, idx]                                                        # (n, T, A)
-
-        # The first window, then one more every s latent steps until the video is long enough.
-        video = self.sample(n, label, frames, prefix=prefix, actions=window_actions(0), progress=progress,
-                            **sampling)                                                   # (n, t, h, w)
-        starts = range(s, max(steps_out - t, 0) + s, s)
-        if progress:
-            from tqdm import tqdm  # lazy: only for the progress bar
-            starts = tqdm(starts, desc="windows", unit="window", leave=False)
-        for start in starts:
-            keep = video[:, start:]                                                       # (n, t - s, h, w)
-            cond_frames = frames_fn(keep)[:, :, :c.n_cond_frames] if c.n_cond_frames else None
-            window = self.sample(n, label, cond_frames, prefix=keep, actions=window_actions(start), progress=progress,
-                                 **sampling)                                              # (n, t, h, w)
-            video = torch.cat([video, window[:, keep.shape[1]:]], dim=1)                  # (n, start + t, h, w)
-        return video[:, :steps_out]                                                       # (n, steps_out, h, w)
-
-    @torch.no_grad()
-    def sample_naive(self, n, label=None, frames=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                     actions=None):
-        """Reference sampler: the full teacher-forced forward at every position. O(L) times slower."""
-        c = self.config
-        codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=self.fc_in.weight.device)
-        noise = uniform_noise(n, c.n_codes, c.seq_len, generator, codes.device)
+        noise = uniform_noise(n, c.n_codes, c.seq_len, generator, device)
+        # The prefill: the start vector goes in at position 0, and its logits give the first code.
+        x = self.attn_stack.right_shift.sos.to(self.fc_in.weight.dtype).expand(n, 1, -1)   # (n, 1, hidden)
         for i in range(c.seq_len):
-            logits = self(codes.view(n, *c.latent_shape), label, frames, actions).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
-            codes[:, i] = sample_logits(logits, temperature, top_k, top_p, noise=next(noise))
-        return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)
+            logits = self.step(x, torch.tensor([i], device=device), cond, caches)          # (n, 1, n_codes)
+            codes[:, i] = sample_logits(logits[:, 0], temperature, top_k, top_p, noise=next(noise))
+            # Decoding: the code just drawn is the input at the next position.
+            x = self.embed(codes[:, i:i + 1])                                             # (n, 1, hidden)
+        return codes.view(n, *c.latent_shape)                                             # (n, t, h, w)
 
 
 # -----------------------------------------------------------------------------
 # Loading checkpoints: ours (with the VQ-VAE inside), and the original release's priors
 
 
-def count_indexed(keys, prefix):
-    """How many `prefix.{i}.` sub-modules a state dict has."""
-    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
-
-
-def original_configs(ckpt, path):
-    """(VQVAEConfig, GPTConfig) of an original VideoGPT prior checkpoint, from tensor shapes and its args.
-
-    The prior's args hold no VQ-VAE hyper-parameters, so they are read off the
-    weights: codebook shape, encoder width and depth, and the downsampling from
-    the clip size and the lengths of the position tables (the latent shape).
-    """
-    sd, args = ckpt["state_dict"], original_args(ckpt, path, ("sequence_length", "resolution"))
-    latent = tuple(sd[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3))
-    clip = (args.sequence_length, args.resolution, args.resolution)
-    if any(s % l for s, l in zip(clip, latent)):
-        raise ValueError(f"{path}: clip {clip} is not a multiple of the latent shape {latent}")
-    n_codes, embedding_dim = sd["vqvae.codebook.embeddings"].shape
-    vq_config = VQVAEConfig(embedding_dim=embedding_dim, n_codes=n_codes,
-                            n_hiddens=sd["vqvae.encoder.conv_last.conv.weight"].shape[0],
-                            n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,  # minus the final BN
-                            downsample=tuple(s // l for s, l in zip(clip, latent)),
-                            sequence_length=args.sequence_length, resolution=args.resolution)
-    hidden = sd["fc_in.weight"].shape[0]
-    cond_w = sd.get("attn_stack.attn_nets.0.pre_attn_norm.w.weight")
-    gpt_config = GPTConfig(latent_shape=latent, n_codes=n_codes, embedding_dim=embedding_dim, hidden_dim=hidden,
-                           heads=getattr(args, "heads", 4), layers=count_indexed(sd, "attn_stack.attn_nets."),
-                           dropout=getattr(args, "dropout", 0.2), attn_dropout=getattr(args, "attn_dropout", 0.3),
-                           attn_type=getattr(args, "attn_type", "full"),
-                           n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0] if "cond_pos_embd.emb.d_0" in sd else 0,
-                           resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0,
-                           sequence_length=args.sequence_length)
-    return vq_config, gpt_config
-
-
 def embedded_vqvae(ckpt, path):
     """The VQ-VAE a prior checkpoint of ours carries in `ckpt["vqvae"]` ({config, model}); one-line errors."""
     saved = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
-    return vqvae_from_state(stored_config(VQVAEConfig, saved, path), saved.get("model"), path)
+    vq = VQVAE(stored_config(VQVAEConfig, saved, path))
+    return load_weights(vq, saved.get("model"), path, "the VQ-VAE's config")
 
 
 def load_gpt(path, device="cpu"):
@@ -860,17 +523,11 @@ def load_gpt(path, device="cpu"):
         config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
         config.sequence_length = vq.config.sequence_length   # older checkpoints did not store it; the VQ-VAE knows
     else:
-        try:
-            vq_config, config = original_configs(ckpt, path)
-        except KeyError as e:   # a weight the shapes are read from is missing
-            raise ValueError(f"{path}: incomplete VideoGPT prior checkpoint: no {e.args[0]} in its state_dict") from None
-        except (AttributeError, TypeError) as e:   # hyper_parameters or a weight of the wrong type
-            raise ValueError(f"{path}: damaged VideoGPT prior checkpoint ({type(e).__name__})") from None
-        sd = ckpt["state_dict"]
-        vq = vqvae_from_state(vq_config, {k[6:]: v for k, v in sd.items() if k.startswith("vqvae.")}, path,
-                              original=True)
-        # The per-layer causal masks the original stored are rebuilt here, not loaded.
-        state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
+        # The original's files hold the VQ-VAE's weights under "vqvae." and no configs: checkpoints.py reads
+        # them off the weights' shapes and the run's args.
+        vq_config, gpt_config, vq_state, state = original_prior(ckpt, path)
+        vq = load_weights(VQVAE(VQVAEConfig(**vq_config)), vq_state, path, "the VQ-VAE's config")
+        config = GPTConfig(**gpt_config)
         state["codebook"] = vq.codebook.embeddings.clone()
     gpt = load_weights(VideoGPT(config), state, path, "the prior's config")
     return gpt.to(device).eval(), vq.to(device).eval()

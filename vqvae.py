@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import AxialAttention
-from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_args, stored_config
+from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_vqvae, stored_config
 
 
 # -----------------------------------------------------------------------------
@@ -398,15 +398,6 @@ class VQVAE(nn.Module):
     def latent_shape(self):
         return self.config.latent_shape
 
-    def hidden_matrices(self):
-        """The weights Muon may train (train.py --optimizer muon): every convolution and attention
-        projection between hidden widths, a kernel (out, in, k, k, k) seen as one (out, in*k^3) matrix
-        (a transposed convolution's (in, out, k, k, k) as (in, out*k^3)).
-        The encoder's first convolution (from RGB) and the decoder's last (to RGB) stay with Adam, as
-        do biases and norms; the codebook has no gradient (its entries are moving averages)."""
-        rgb = {id(self.encoder.convs[0].conv.weight), id(self.decoder.convts[-1].convt.weight)}
-        return [p for p in self.parameters() if p.dim() >= 2 and id(p) not in rgb]
-
     def check_video(self, x):
         """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
         assert x.dim() == 5 and x.shape[1] == 3, \
@@ -453,17 +444,6 @@ class VQVAE(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading: our checkpoints and the original VideoGPT release's (read safely by checkpoints.py)
 
-# The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these names.
-CONFIG_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
-
-
-def vqvae_from_state(config, state_dict, path, original=False):
-    """Build a VQVAE and load state_dict strictly; mismatches become one-line errors."""
-    if original and isinstance(state_dict, dict):
-        # The original codebook has no `initialized` flag; a saved codebook is initialised.
-        state_dict = dict(state_dict, **{"codebook.initialized": torch.tensor(True)})
-    return load_weights(VQVAE(config), state_dict, path, "the VQ-VAE's config")
-
 
 def load_vqvae(path, device="cpu"):
     """Load a VQ-VAE in eval mode from our checkpoint or an original VideoGPT .ckpt."""
@@ -475,9 +455,8 @@ def load_vqvae(path, device="cpu"):
         raise ValueError(f"{path}: is a '{kind}' checkpoint, not a VQ-VAE one "
                          f"(for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)")
     if "stage" in ckpt:
-        model = vqvae_from_state(stored_config(VQVAEConfig, ckpt, path), ckpt.get("model"), path)
+        config, state = stored_config(VQVAEConfig, ckpt, path), ckpt.get("model")
     else:
-        args = original_args(ckpt, path, CONFIG_ARGS)
-        config = VQVAEConfig(**{n: getattr(args, n) for n in CONFIG_ARGS})
-        model = vqvae_from_state(config, ckpt["state_dict"], path, original=True)
-    return model.to(device).eval()
+        kwargs, state = original_vqvae(ckpt, path)
+        config = VQVAEConfig(**kwargs)
+    return load_weights(VQVAE(config), state, path, "the VQ-VAE's config").to(device).eval()

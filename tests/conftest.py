@@ -192,3 +192,56 @@ def wait_for_step(out_dir, step, proc, timeout=120):
 def saved_step(out_dir):
     """The step of out_dir/ckpt.pt."""
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"]
+
+
+# -----------------------------------------------------------------------------
+# Tiny priors (tests/test_gpt.py, tests/test_fast.py)
+
+# One prior per kind of attention and conditioning.
+VARIANTS = {
+    "full": dict(),
+    "sparse": dict(attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
+    "class": dict(n_classes=3),
+    "frames": dict(n_cond_frames=1, resolution=8),
+    "actions": dict(action_dim=3, sequence_length=4),
+    "frames+actions": dict(n_cond_frames=1, resolution=8, action_dim=2, sequence_length=4),
+    "rope": dict(rope=True),
+    "rope+sparse": dict(rope=True, attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
+}
+
+
+def tiny_prior(seed=0, **kw):
+    """A small prior with every weight random (fc_out too, which is zero at init)."""
+    from gpt import GPTConfig, VideoGPT
+    torch.manual_seed(seed)
+    config = GPTConfig(**{**dict(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2,
+                                 layers=2, dropout=0.0, attn_dropout=0.0), **kw})
+    gpt = VideoGPT(config)
+    gpt.codebook.normal_()
+    gpt.fc_out.weight.data.normal_(std=0.3)
+    return gpt
+
+
+def inputs(gpt, B=3, seed=1):
+    c = gpt.config
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(c.n_codes, (B, *c.latent_shape), generator=g)
+    label = torch.randint(c.n_classes, (B,), generator=g) if c.n_classes else None
+    frames = torch.rand(B, 3, c.n_cond_frames, c.resolution, c.resolution, generator=g) - 0.5 if c.n_cond_frames else None
+    actions = torch.randn(B, c.sequence_length, c.action_dim, generator=g) if c.action_dim else None
+    return codes, dict(label=label, frames=frames, actions=actions)
+
+
+@torch.no_grad()
+def naive_sample(gpt, n, label=None, frames=None, actions=None, temperature=1.0, top_k=None, top_p=None,
+                 generator=None):
+    """The reference sampler: the whole teacher-forced forward at every position, O(L) times slower than
+    the cache. Reads its noise as every sampler does, so the same generator gives the same codes."""
+    from gpt import sample_logits, uniform_noise
+    c = gpt.config
+    codes = torch.zeros(n, c.seq_len, dtype=torch.long)
+    noise = uniform_noise(n, c.n_codes, c.seq_len, generator, codes.device)
+    for i in range(c.seq_len):
+        logits = gpt(codes.view(n, *c.latent_shape), label, frames, actions).view(n, c.seq_len, -1)[:, i]  # (n, n_codes)
+        codes[:, i] = sample_logits(logits, temperature, top_k, top_p, noise=next(noise))
+    return codes.view(n, *c.latent_shape)                                     # (n, t, h, w)

@@ -20,10 +20,12 @@ ALLOWED = {
     "vqvae": {"attention", "checkpoints"},
     "gpt": {"attention", "checkpoints", "vqvae"},
     "data": {"checkpoints", "runtime"},
-    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt"},
-    "sample": {"checkpoints", "runtime", "data", "gpt"},
-    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt"},
-    "bench": {"runtime", "vqvae", "gpt", "train"},   # train: to time its optimizers as it builds them
+    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "muon"},
+    "sample": {"checkpoints", "runtime", "data", "gpt", "fast"},
+    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast"},
+    "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample"},
+    "fast": {"attention", "gpt"},
+    "muon": {"vqvae", "gpt"},
     "checkpoints": set(),
     "runtime": set(),
 }

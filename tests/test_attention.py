@@ -3,10 +3,8 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
-from attention import (EXPLICIT_MAX_KEYS, AxialAttention, MultiHeadAttention, attend, explicit_attention, rotary_tables,
-                       rotate)
+from attention import AxialAttention, KVCache, MultiHeadAttention, attention, causal_mask, rotary_tables, rotate
 
 
 def naive_attention(mha, x):
@@ -29,38 +27,35 @@ def test_multihead_matches_naive_and_mask():
     # A causal mask: the first output only sees the first input, so changing later inputs leaves it.
     y = x.clone()
     y[:, 1:] += 1.0
-    assert torch.allclose(mha(x, is_causal=True)[:, 0], mha(y, is_causal=True)[:, 0], atol=1e-6)
+    assert torch.allclose(mha(x, mask=causal_mask(5))[:, 0], mha(y, mask=causal_mask(5))[:, 0], atol=1e-6)
     assert not torch.allclose(mha(x)[:, 0], mha(y)[:, 0], atol=1e-3)
 
 
-def test_attend_writes_short_bfloat16_cpu_attention_out_and_leaves_the_rest_to_sdpa():
+def test_the_formula_masks_and_drops_what_it_should():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3))
-    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # float32: the fused kernel itself.
-    assert torch.equal(attend(q, k, v, is_causal=True), fused)
-    # bfloat16, 16 keys: the formula written out with SDPA's causal triangle (query i sees keys 0..i),
-    # which agrees with the fused kernel to bfloat16 precision, gradients included.
-    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-    out = attend(qb, kb, vb, is_causal=True)
-    assert torch.equal(out, explicit_attention(qb, kb, vb, torch.ones(16, 16, dtype=torch.bool).tril()))
-    torch.testing.assert_close(out.float(), fused, atol=3e-2, rtol=0)
-    out.float().pow(2).sum().backward()
-    fused.pow(2).sum().backward()
-    torch.testing.assert_close(qb.grad.float(), q.grad, atol=0.1, rtol=0.05)
-    # A boolean mask is honoured the same way.
-    mask = torch.rand(16, 16, generator=g) < 0.5
-    mask[:, 0] = True                                            # every query sees at least one key
-    torch.testing.assert_close(attend(qb, kb, vb, mask).float(),
-                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=3e-2, rtol=0)
-    # Dropout, or more keys than EXPLICIT_MAX_KEYS: SDPA (same seed, same draws).
-    torch.manual_seed(1)
-    a = attend(qb, kb, vb, is_causal=True, dropout_p=0.5)
-    torch.manual_seed(1)
-    assert torch.equal(a, F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=0.5))
-    L = EXPLICIT_MAX_KEYS + 1
-    ql, kl, vl = (torch.randn(1, 1, L, 8, generator=g).bfloat16() for _ in range(3))
-    assert torch.equal(attend(ql, kl, vl, is_causal=True), F.scaled_dot_product_attention(ql, kl, vl, is_causal=True))
+    q, k, v = (torch.randn(2, 3, 6, 4, generator=g) for _ in range(3))
+    # Query i under the causal mask is the softmax over keys 0..i alone.
+    out = attention(q, k, v, causal_mask(6))
+    for i in (0, 3, 5):
+        w = (q[:, :, i:i + 1] @ k[:, :, :i + 1].transpose(-1, -2) / 2.0).softmax(-1)   # sqrt(4) = 2
+        torch.testing.assert_close(out[:, :, i:i + 1], w @ v[:, :, :i + 1])
+    # Dropout zeroes attention weights and rescales the rest: outputs change, the expectation stays.
+    torch.manual_seed(0)
+    dropped = torch.stack([attention(q, k, v, dropout_p=0.5) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(dropped, attention(q, k, v), atol=0.1, rtol=0)
+    assert not torch.equal(attention(q, k, v, dropout_p=0.5), attention(q, k, v))
+
+
+def test_the_kv_cache_writes_at_positions_and_attention_over_it_sees_the_written_prefix():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 8, n_head=2)
+    x = torch.randn(2, 5, 8)
+    full = mha(x, mask=causal_mask(5))
+    cache = KVCache(2, 2, 5, 4, 4, torch.float32, "cpu")
+    steps = [mha(x[:, i:i + 1], mask=causal_mask(5)[i:i + 1], cache=cache, pos=torch.tensor([i])) for i in range(5)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
+    k, _ = mha.keys_values(x)
+    torch.testing.assert_close(cache.k, k)                       # every position written where it belongs
 
 
 def test_axial_attention_is_sum_of_three_axis_attentions():

@@ -4,6 +4,7 @@ python -m pytest tests/test_bad_input.py
 """
 
 import ast
+import glob
 import os
 import warnings
 
@@ -13,8 +14,9 @@ import torch
 
 from conftest import ROOT, TINY, Exploit, gradient_video, run_script, train_error, write_video
 
-PYTHON_FILES = ["attention.py", "vqvae.py", "gpt.py", "data.py", "train.py", "sample.py", "fvd.py", "bench.py",
-                "checkpoints.py", "runtime.py"]
+# Every Python file of the project: the top level and the converters' folder.
+PYTHON_FILES = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "prepare/*.py")
+                      for p in glob.glob(os.path.join(ROOT, pattern)))
 
 # -----------------------------------------------------------------------------
 # Bad input

@@ -3,7 +3,6 @@
 python -m pytest tests/test_gpt.py
 """
 
-import copy
 import itertools
 import math
 
@@ -11,44 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from attention import flex_available, sparse_block_mask, strided_sparse_layout
+from attention import strided_sparse_layout
+from conftest import VARIANTS, inputs, naive_sample, tiny_prior
 from gpt import GPTConfig, VideoGPT, load_gpt, sample_logits
 from originals import ORIGINAL_ARGS, PRIOR_KEYS, original_state_dict, save_like_lightning
 from reference_videogpt import reference_prior_logits
 from vqvae import VQVAE, VQVAEConfig
-
-VARIANTS = {
-    "full": dict(),
-    "sparse": dict(attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
-    "class": dict(n_classes=3),
-    "frames": dict(n_cond_frames=1, resolution=8),
-    "actions": dict(action_dim=3, sequence_length=4),
-    "frames+actions": dict(n_cond_frames=1, resolution=8, action_dim=2, sequence_length=4),
-    "rope": dict(rope=True),
-    "rope+sparse": dict(rope=True, attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
-}
-
-
-def tiny_prior(seed=0, **kw):
-    """A small prior with every weight random (fc_out too, which is zero at init)."""
-    torch.manual_seed(seed)
-    config = GPTConfig(**{**dict(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2,
-                                 layers=2, dropout=0.0, attn_dropout=0.0), **kw})
-    gpt = VideoGPT(config)
-    gpt.codebook.normal_()
-    gpt.fc_out.weight.data.normal_(std=0.3)
-    return gpt
-
-
-def inputs(gpt, B=3, seed=1):
-    c = gpt.config
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(c.n_codes, (B, *c.latent_shape), generator=g)
-    label = torch.randint(c.n_classes, (B,), generator=g) if c.n_classes else None
-    frames = torch.rand(B, 3, c.n_cond_frames, c.resolution, c.resolution, generator=g) - 0.5 if c.n_cond_frames else None
-    actions = torch.randn(B, c.sequence_length, c.action_dim, generator=g) if c.action_dim else None
-    return codes, dict(label=label, frames=frames, actions=actions)
-
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_causality(variant):
@@ -105,50 +72,28 @@ def test_strided_sparse_layout_matches_the_block_rules(shape, block, local):
         assert not mask.tril().all()          # really sparse
 
 
-@pytest.mark.skipif(not flex_available(), reason="FlexAttention needs PyTorch >= 2.5")
-def test_flex_attention_visits_the_sparse_tiles_and_gives_the_dense_masks_logits():
-    gpt = tiny_prior(latent_shape=(2, 8, 8), attn_type="sparse", sparse_block=16, sparse_local_blocks=1).eval()
-    assert gpt.mask.float().mean() < 0.3                                   # really sparse
-    # The block mask's own rule, evaluated everywhere, is the dense mask.
-    block_mask = sparse_block_mask(gpt.mask, 16)
-    L = gpt.config.seq_len
-    q, kv = torch.arange(L).view(L, 1), torch.arange(L).view(1, L)
-    assert torch.equal(block_mask.mask_mod(0, 0, q, kv), gpt.mask)
-    codes = torch.randint(16, (2, 2, 8, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert "block_mask" in gpt.attention_kwargs(codes.device)
-        flex = gpt(codes)
-        gpt.use_flex = False
-        assert "mask" in gpt.attention_kwargs(codes.device)
-        dense = gpt(codes)
-    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
-    # Training on a CPU keeps the dense mask: FlexAttention's CPU kernels have no backward.
-    gpt.use_flex = True
-    assert "mask" in gpt.attention_kwargs(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_step_logits_equal_teacher_forced_and_samplers_agree(variant):
+def test_the_kv_cached_sampler_draws_the_naive_samplers_codes(variant):
+    """gpt.sample runs one position at a time through the KV cache; the naive sampler recomputes the whole
+    teacher-forced forward at every position. The same noise gives the same codes, filtering on or off."""
     gpt = tiny_prior(**VARIANTS[variant]).eval()
+    _, given = inputs(gpt)
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
+        a = gpt.sample(3, **given, generator=torch.Generator().manual_seed(3), **kw)
+        b = naive_sample(gpt, 3, **given, generator=torch.Generator().manual_seed(3), **kw)
+        assert a.shape == (3, *gpt.config.latent_shape) and torch.equal(a, b), kw
+
+
+def test_each_cached_step_gives_the_teacher_forced_logits():
+    gpt = tiny_prior(**VARIANTS["frames+actions"]).eval()
     codes, given = inputs(gpt)
     B, L = 3, gpt.config.seq_len
     full = gpt(codes, **given).view(B, L, -1)
-    # Feed the same codes through prefill + decode_one_token: every step's logits match, attending
-    # over the whole cache with a mask (fixed shapes, for CUDA graphs) or over the written prefix.
-    cond = gpt.cached_condition(given["label"], given["frames"], B, given["actions"])
-    flat = codes.view(B, L)
-    for prefix_only in (False, True):
-        caches = gpt.setup_caches(B, torch.float32, "cpu")
-        steps = [gpt.prefill(cond, caches, B)]
-        for i in range(1, L):
-            steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches,
-                                              length=i + 1 if prefix_only else None))
-        torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
-    # Same generator, same codes, for the cached and the naive sampler, with filtering on.
-    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
-        a = gpt.sample(B, **given, generator=torch.Generator().manual_seed(3), **kw)
-        b = gpt.sample_naive(B, **given, generator=torch.Generator().manual_seed(3), **kw)
-        assert a.shape == (B, *gpt.config.latent_shape) and torch.equal(a, b), kw
+    cond = gpt.condition(given["label"], given["frames"], B, given["actions"])
+    caches = gpt.setup_caches(B, "cpu")
+    x = gpt.attn_stack.right_shift(gpt.embed(codes.view(B, L)))               # (B, L, hidden), shifted
+    steps = [gpt.step(x[:, i:i + 1], torch.tensor([i]), cond, caches)[:, 0] for i in range(L)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -219,23 +164,6 @@ def test_the_gumbel_max_draw_follows_the_softmax():
     u = torch.rand(5, 4, generator=torch.Generator().manual_seed(1))
     assert torch.equal(sample_logits(logits[:5], noise=u), sample_logits(logits[:5], generator=torch.Generator().manual_seed(1)))
     assert torch.equal(sample_logits(logits[:5], noise=u), (logits[:5] - torch.log(-torch.log(u))).argmax(-1))
-
-
-def test_compiled_sampling_draws_the_eager_codes_and_is_made_once():
-    gpt = tiny_prior(layers=1).eval()   # one block: half the code to compile, twice
-    eager = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5))
-    compiled = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5), compile=True)
-    assert torch.equal(compiled, eager)
-    assert gpt.compiled_step(2, 0.9, 8, None) is gpt.compiled_step(2, 0.9, 8, None)
-    # A weight changed since (a training step): the frozen code would be stale, so it is made again.
-    first = gpt._compiled[(2, 0.9, 8, None, "cpu", False)][1]
-    with torch.no_grad():
-        gpt.fc_out.weight.mul_(-1.0)
-    again = gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5), compile=True)
-    assert gpt._compiled[(2, 0.9, 8, None, "cpu", False)][1] is not first
-    assert torch.equal(again, gpt.sample(2, temperature=0.9, top_k=8, generator=torch.Generator().manual_seed(5)))
-    assert not torch.equal(again, eager)
-    assert copy.deepcopy(gpt)._compiled == {}
 
 
 def test_config_errors():
@@ -360,103 +288,3 @@ def test_an_action_conditional_prior_learns_to_follow_its_actions():
     assert followed > 0.5, followed                          # chance: 1/9
 
 
-# -----------------------------------------------------------------------------
-# Longer videos: the prior's window slid over latent time
-
-
-def test_prefilled_prefix_gives_the_teacher_forced_logits_and_keeps_the_given_codes():
-    gpt = tiny_prior(**VARIANTS["class"]).eval()
-    codes, given = inputs(gpt)
-    B, L = 3, gpt.config.seq_len
-    full = gpt(codes, **given).view(B, L, -1)
-    P = 16                                                    # the first latent time step, 4x4 codes
-    cond = gpt.cached_condition(given["label"], None, B)
-    caches = gpt.setup_caches(B, torch.float32, "cpu")
-    flat = codes.view(B, L)
-    steps = [gpt.prefill(cond, caches, B, flat[:, :P])]       # one pass over the start vector and P codes
-    for i in range(P + 1, L):
-        steps.append(gpt.decode_one_token(flat[:, i - 1], torch.tensor([i]), cond, caches, length=i + 1))
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, P:], atol=1e-5, rtol=1e-5)
-    drawn = gpt.sample(B, given["label"], prefix=codes[:, :1], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(drawn[:, :1], codes[:, :1])
-
-
-@pytest.mark.parametrize("variant", ["full", "sparse", "class"])
-def test_a_long_sample_starts_with_the_ordinary_sample_and_slides_its_window(variant):
-    gpt = tiny_prior(**VARIANTS[variant], sequence_length=4).eval()   # latent t = 2: 2 frames per latent step
-    _, given = inputs(gpt)
-    ordinary = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5))
-    same = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5), frames_out=4)
-    assert torch.equal(ordinary, same)                       # a window equal to the trained length: the same sample
-    long = gpt.sample(3, given["label"], generator=torch.Generator().manual_seed(5), frames_out=10, stride=1)
-    assert long.shape == (3, 5, 4, 4) and torch.equal(long[:, :2], ordinary)
-    # Each later window is the prior's sample given the previous step as its prefix (positions restarted).
-    g = torch.Generator().manual_seed(5)
-    gpt.sample(3, given["label"], generator=g)
-    nxt = gpt.sample(3, given["label"], prefix=long[:, 1:2], generator=g)
-    assert torch.equal(nxt[:, 1], long[:, 2])
-
-
-def test_a_long_sample_slides_by_half_its_window_by_default():
-    gpt = tiny_prior(latent_shape=(4, 2, 2), sequence_length=8).eval()   # t = 4 latent steps, 2 frames each
-    draw = lambda **kw: gpt.sample(2, generator=torch.Generator().manual_seed(1), frames_out=16, **kw)
-    default = draw()
-    assert torch.equal(default, draw(stride=2))                # t // 2 new latent steps per window
-    assert not torch.equal(default, draw(stride=3))
-
-
-def test_long_sampling_refuses_lengths_it_cannot_make():
-    gpt = tiny_prior(sequence_length=4).eval()
-    for frames_out, what in ((7, "multiple of the VQ-VAE's temporal stride 2"), (2, "at least the trained 4 frames")):
-        with pytest.raises(ValueError, match=what):
-            gpt.sample(1, frames_out=frames_out)
-    with pytest.raises(ValueError, match="stride=3 must be between 1 and the window's 2 latent steps"):
-        gpt.sample(1, frames_out=8, stride=3)
-    with pytest.raises(ValueError, match="needs frames_fn"):
-        tiny_prior(**VARIANTS["frames"], sequence_length=4).eval().sample(
-            1, frames=torch.zeros(1, 3, 1, 8, 8), frames_out=8)
-
-
-def moving_dots(n, rng, steps=4, cells=8):
-    """Codes (n, steps, 1, cells) of a dot moving one cell right per step around a ring; its start cells (n,)."""
-    start = rng.integers(cells, size=n)
-    where = (start[:, None] + np.arange(steps)) % cells                       # (n, steps)
-    codes = np.zeros((n, steps, cells), np.int64)
-    np.put_along_axis(codes, where[..., None], 1, axis=-1)
-    return torch.from_numpy(codes).view(n, steps, 1, cells), start
-
-
-def test_a_sliding_window_continues_periodic_motion_past_the_trained_length():
-    torch.manual_seed(0)
-    gpt = VideoGPT(GPTConfig(latent_shape=(4, 1, 8), n_codes=2, embedding_dim=4, hidden_dim=48, heads=4, layers=2,
-                             dropout=0.0, attn_dropout=0.0, sequence_length=4))
-    gpt.codebook.copy_(torch.eye(2, 4))
-    opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        codes, _ = moving_dots(32, rng)
-        loss = torch.nn.functional.cross_entropy(gpt(codes).flatten(0, 3), codes.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        video = gpt.eval().sample(32, generator=torch.Generator().manual_seed(0), frames_out=16)   # 4x the window
-    where = video[:, :, 0].argmax(-1).numpy()                                   # (32, 16) dot cell per step
-    expected = (where[:, :1] + np.arange(16)) % 8
-    error = np.minimum(abs(where - expected), 8 - abs(where - expected))        # distance on the ring, per step
-    # A dot placed at random is 2 cells off on average; past the trained 4 steps it stays on track.
-    assert error[:, 4:].mean() < 0.5 and error.mean(0).max() < 1.0, error.mean(0)
-
-
-def test_later_windows_of_a_frame_conditional_prior_take_their_frames_from_the_context():
-    gpt = tiny_prior(**VARIANTS["frames"], sequence_length=4).eval()
-    _, given = inputs(gpt)
-    seen = []
-
-    def frames_fn(context):                                   # what sample.py does: decode the context codes
-        seen.append(context.clone())
-        return torch.zeros(3, 3, 2, 8, 8)                     # (n, 3, frames of the context, H, W)
-    video = gpt.sample(3, frames=given["frames"], frames_out=8, stride=1, frames_fn=frames_fn,
-                       generator=torch.Generator().manual_seed(0))
-    assert video.shape == (3, 4, 4, 4) and len(seen) == 2
-    assert torch.equal(seen[0], video[:, 1:2]) and torch.equal(seen[1], video[:, 2:3])

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import muon
 from conftest import TINY, run_script, train_error, train_records
 
 def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h5):
@@ -216,10 +217,9 @@ def loaded_copy_steps_alike(model, opt, lr):
     """Save the optimizer's state, load it into a new one, set the learning rate on both through
     param_groups (as the schedule does on a resumed run's first step), and check that the copy steps the
     model exactly as the original does from the same weights and gradients."""
-    import train
     saved = io.BytesIO()
     torch.save(opt.state_dict(), saved)
-    again = train.make_optimizer(model, "muon", lr=1.0)
+    again = muon.make_optimizer(model, "muon", lr=1.0)
     again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
     for group in opt.param_groups + again.param_groups:
         group["lr"] = lr
@@ -236,20 +236,19 @@ def loaded_copy_steps_alike(model, opt, lr):
 
 def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     """--optimizer muon: orthogonalised updates for the blocks' linear maps, Adam's for every other weight."""
-    import train
     from gpt import GPTConfig, VideoGPT
     torch.manual_seed(0)
     gpt = VideoGPT(GPTConfig(latent_shape=(2, 4, 4), n_codes=16, embedding_dim=8, hidden_dim=24, heads=2, layers=2,
                              dropout=0.0, attn_dropout=0.0, n_classes=3, action_dim=2, sequence_length=4,
                              resolution=16))
     names = {id(p): n for n, p in gpt.named_parameters()}
-    hidden = sorted(names[id(p)] for p in gpt.hidden_matrices())
+    hidden = sorted(names[id(p)] for p in muon.hidden_matrices(gpt))
     # Per block: q, k, v, out of the self-attention and of the cross-attention to the actions, and the MLP's two.
     assert len(hidden) == 2 * 10 and all(gpt.get_parameter(n).ndim == 2 for n in hidden)
     assert all(".attn." in n or ".enc_attn." in n or ".fc_block." in n for n in hidden)
     assert not any(n.endswith(".w.weight") for n in hidden)        # a class's gains (2D, but a lookup) stay Adam's
-    opt = train.make_optimizer(gpt, "muon", lr=1e-2)
-    assert isinstance(opt, train.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
+    opt = muon.make_optimizer(gpt, "muon", lr=1e-2)
+    assert isinstance(opt, muon.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
     step_along_known_directions(gpt, hidden, opt, 1e-2)
     loaded_copy_steps_alike(gpt, opt, lr=5e-3)
     # Under float16's GradScaler (the loop's path): unscale_ reaches both parts' gradients, step steps both.
@@ -275,13 +274,12 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
 def test_muon_steps_the_vqvaes_hidden_convolutions_and_adam_the_rgb_ends():
     """The VQ-VAE's Muon: every kernel between hidden widths (as its (out, in*k^3) matrix) and the attention
     projections; the convolutions from and to RGB, biases and norms stay Adam's."""
-    import train
     from vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     vq = VQVAE(VQVAEConfig(n_hiddens=16, n_res_layers=1, embedding_dim=8, n_codes=8, downsample=(2, 4, 4),
                            sequence_length=4, resolution=16))
     names = {id(p): n for n, p in vq.named_parameters()}
-    hidden = sorted(names[id(p)] for p in vq.hidden_matrices())
+    hidden = sorted(names[id(p)] for p in muon.hidden_matrices(vq))
     # Encoder: the strided conv after the first, conv_last, an attention block (2 convs, q k v out on 3 axes);
     # decoder: the same block and the transposed conv before the last; the 1x1x1 convs around the codebook.
     assert len(hidden) == (1 + 1 + 2 + 12) + (2 + 12 + 1) + 2
@@ -289,7 +287,7 @@ def test_muon_steps_the_vqvaes_hidden_convolutions_and_adam_the_rgb_ends():
     assert not rgb & set(hidden)
     assert {"encoder.convs.1.conv.weight", "decoder.convts.0.convt.weight", "pre_vq_conv.conv.weight"} <= set(hidden)
     assert all(p.dim() < 2 for n, p in vq.named_parameters() if n not in hidden and n not in rgb)
-    opt = train.make_optimizer(vq, "muon", lr=1e-2)
+    opt = muon.make_optimizer(vq, "muon", lr=1e-2)
     # Wide matrices (a 4x4x4 kernel: 16 x 16*64) and tall ones (a 1x1x1 conv from 8 to 16 channels) alike.
     assert {tuple(vq.get_parameter(n).flatten(1).shape) for n in hidden} >= {(16, 16 * 64), (16, 8), (8, 16 * 27)}
     step_along_known_directions(vq, hidden, opt, 1e-2)
