@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import run  # noqa: E402
 import train  # noqa: E402
 
 out_path, argv = sys.argv[1], sys.argv[2:]
@@ -40,7 +41,7 @@ def audit(event, event_args):
             writes.append((event, os.fsdecode(path)))
 
 
-class RecordingSampler(train.InfiniteSampler):
+class RecordingSampler(run.InfiniteSampler):
     """The run's own sampler, noting each (index, window seed) it yields."""
     seen = []
 
@@ -51,7 +52,7 @@ class RecordingSampler(train.InfiniteSampler):
 
 
 sys.addaudithook(audit)
-train.InfiniteSampler = RecordingSampler
+run.InfiniteSampler = RecordingSampler
 model = train.train(args)
 # Every parameter of this rank, flattened into one vector, gathered on every rank. (BatchNorm
 # running statistics are per rank between DDP's buffer broadcasts; the codebook is compared apart.)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import muon
+import run as run_module
 from conftest import TINY, run_script, train_error, train_records
 
 def test_train_writes_checkpoint_pictures_and_resumes_exactly(tmp_path, digits_h5):
@@ -174,12 +175,12 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
     run = SimpleNamespace(args=train.parse_args(["--stage", "gpt", "--out_dir", "x"]), state=SimpleNamespace(step=0),
                           dist=SimpleNamespace(rank=0, world=1), device=torch.device("cpu"))
     assert run.args.num_workers is None
-    codes = train.CodesDataset(torch.zeros(4, 2, 2, 2, dtype=torch.int16))
+    codes = run_module.CodesDataset(torch.zeros(4, 2, 2, 2, dtype=torch.int16))
     clips = MovingDigitsDataset(4, sequence_length=4, resolution=16)
-    assert train.Run.train_loader(run, codes).num_workers == 0
-    assert train.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
+    assert run_module.Run.train_loader(run, codes).num_workers == 0
+    assert run_module.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
     run.args.num_workers = 2                                     # a given count is kept for both
-    assert train.Run.train_loader(run, codes).num_workers == 2
+    assert run_module.Run.train_loader(run, codes).num_workers == 2
 
 
 def step_along_known_directions(model, hidden, opt, lr):

@@ -1,0 +1,553 @@
+"""A training run's set-up and chores: what train.py's loop calls by name.
+
+train.py holds the algorithm: the flags, the two stages (what is trained and
+its loss) and the loop. Everything else a serious run needs lives here, behind
+the `Run` object the loop holds:
+
+* set-up: out_dir checked and locked, resume from out_dir/ckpt.pt (weights,
+  optimizer, scaler, step, curves, every rank's random streams; a line naming
+  the flags that changed), data in an order fixed by (seed, step) on any number
+  of processes and workers (`InfiniteSampler`), the prior's codes encoded once
+  (`cached_codes`), DDP, SyncBatchNorm, torch.compile, the fast attention kernels;
+* chores of the loop: one device read per step (`step_flags`), metric windows,
+  log lines (log.jsonl, the progress bar), evaluation, pictures and loss.png,
+  atomic checkpoints (and --keep_last copies), non-finite steps skipped and a
+  diverged run stopped, stop signals, lost peers and full disks turned into one
+  line naming the last good checkpoint.
+
+What guards against faults underneath (signals, collectives, atomic files)
+is runtime.py and checkpoints.py.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy,
+                         load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
+from data import make_dataset
+from fast import use_fast_attention
+from muon import make_optimizer, optimizer_kind
+from runtime import (RunError, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
+                     init_distributed, lost_peer_error, rng_state, seed_everything, set_rng_state)
+
+# -----------------------------------------------------------------------------
+# Data order and the learning rate: pure functions of (seed, step)
+
+# Epoch e of a run seeded s shuffles with seed s * EPOCH_SEED_STRIDE + e: a prime larger than any
+# number of epochs, so no two (seed, epoch) pairs share a permutation.
+EPOCH_SEED_STRIDE = 100_003
+# A run resumed on a different number of processes cannot continue each rank's random streams;
+# they restart from seed + rank + STEP_SEED_STRIDE * step, away from the seeds of any fresh run.
+STEP_SEED_STRIDE = 1_000_003
+
+
+class InfiniteSampler(Sampler):
+    """Endless (index, window seed) pairs for one process, resumable at any position.
+
+    Epoch e visits a permutation of the dataset drawn from (seed, e), dealt out
+    round-robin to the processes; each item also carries a seed that fixes its
+    random window. So the data a run sees is a pure function of (seed, step),
+    whatever the number of DataLoader workers or restarts.
+    """
+
+    def __init__(self, n, seed, rank=0, world=1, start=0):
+        self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world, start
+
+    def __iter__(self):
+        per_rank = math.ceil(self.n / self.world)
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            epoch_seed = self.seed * EPOCH_SEED_STRIDE + epoch
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
+            perm = torch.cat([perm, perm[: per_rank * self.world - self.n]])   # pad so every rank gets per_rank
+            for j in range(offset, per_rank):
+                pos = j * self.world + self.rank
+                yield int(perm[pos]), epoch_seed * (per_rank * self.world) + pos
+            epoch, offset = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# Resuming: which flags changed since the checkpoint's run
+
+# Flags that decide which clips a step sees: changed on resume, the data order is no longer an uninterrupted run's.
+DATA_ORDER_FLAGS = ("batch_size", "seed", "data")
+# Flags that only say where and how to report, never what is trained.
+HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device", "ddp_timeout")
+
+
+def changed_flags(saved, args, model_flags, saved_world, world):
+    """One line naming every flag that differs from the checkpoint's run and what happens to it; None if none."""
+    parts = []
+    for k, v in sorted(vars(args).items()):
+        old = saved.get(k, v)
+        if k in HARMLESS_FLAGS or old == v or (isinstance(v, (list, tuple)) and list(old or ()) == list(v)):
+            continue
+        fate = ("the checkpoint's value is kept" if k in model_flags else
+                "the new value is used; the data order is no longer that of an uninterrupted run"
+                if k in DATA_ORDER_FLAGS else "the new value is used")
+        parts.append(f"--{k} {v} (was {old}: {fate})")
+    if saved_world != world:
+        parts.append(f"{world} process(es) (was {saved_world}: random streams and data order are no longer those "
+                     f"of an uninterrupted run)")
+    return "resuming with changed flags: " + "; ".join(parts) if parts else None
+
+
+# -----------------------------------------------------------------------------
+# The prior's codes, encoded once (--cache_codes)
+
+
+class CodesDataset(Dataset):
+    """Pre-encoded codes (and labels) saved by --cache_codes."""
+
+    def __init__(self, codes, labels=None):
+        self.codes, self.labels = codes, labels
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, item):
+        i = item[0] if isinstance(item, (tuple, list)) else item
+        out = dict(codes=self.codes[i].long())
+        if self.labels is not None:
+            out["label"] = int(self.labels[i])
+        return out
+
+
+@torch.no_grad()
+def encode_all(vq, dataset, device, batch_size):
+    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its index."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, i) for i in range(len(dataset))])
+    codes, labels = [], []
+    for batch in loader:
+        codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
+        if "label" in batch:
+            labels.append(batch["label"])
+    return torch.cat(codes), (torch.cat(labels) if labels else None)
+
+
+def cached_codes(vq, args, train_set, test_set, device, master, ddp):
+    """--cache_codes: every clip encoded once (window fixed per clip) to out_dir/codes.pt; datasets of codes."""
+    codes_path = os.path.join(args.out_dir, "codes.pt")
+    if master and not os.path.exists(codes_path):
+        remove_stale_temps(codes_path)
+        print(f"encoding {len(train_set)} + {len(test_set)} clips once to {codes_path}", flush=True)
+        tr, te = (encode_all(vq, s, device, args.batch_size) for s in (train_set, test_set))
+        save_checkpoint(dict(train=tr, test=te), codes_path)
+    if ddp:
+        dist.barrier()    # every rank reads the file rank 0 wrote
+    try:
+        cached = torch.load(codes_path, weights_only=True)
+        return CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
+    except Exception as e:  # unreadable or not ours: say so; deleting it makes the next run re-encode
+        raise ValueError(f"{codes_path}: not a readable codes cache ({type(e).__name__}); delete it to re-encode") from None
+
+
+# -----------------------------------------------------------------------------
+# The state of a run, and the metrics of a log window
+
+
+@dataclass
+class RunState:
+    """Where a run is: what a checkpoint saves with the weights, and what resume restores."""
+    step: int = 0                     # optimizer steps taken (skipped ones included)
+    history: dict = field(default_factory=lambda: {"train": [], "test": []})   # loss curves, (step, value)
+    saved_step: int = None            # step of the newest checkpoint on disk (None: none yet)
+    bad_run: int = 0                  # consecutive steps with a non-finite loss or gradient
+
+    def state_dict(self, rng):
+        """`rng`: every process's random streams (runtime.rng_state), gathered to rank 0."""
+        return dict(step=self.step, history=self.history, rng=rng)
+
+    def load_state_dict(self, ckpt, dist_info):
+        """Restore the step, curves and this process's random streams from a checkpoint."""
+        self.step, self.history, self.saved_step = ckpt["step"], ckpt.get("history", self.history), ckpt["step"]
+        # Each rank continues its own random streams; on a different number of processes they start afresh.
+        rngs = ckpt["rng"]
+        if len(rngs) == dist_info.world:
+            set_rng_state(rngs[dist_info.rank], dist_info.device)
+            return True
+        return False
+
+
+class MetricWindow:
+    """The logged metrics of the steps since the last log line, summed on the device.
+
+    Reading a GPU tensor's value (`.item()`) waits for the GPU to finish, so the
+    loop never does it per metric and per step; the window is read once per log
+    line, averaged over processes.
+    """
+
+    def __init__(self):
+        self.sums, self.steps, self.skipped, self.scaler_skipped, self.t0 = {}, 0, 0, 0, time.time()
+
+    def add(self, metrics):
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.steps += 1
+
+    def read(self, ddp):
+        """Mean of each metric over the window and the processes; the time since the window began."""
+        sums = torch.stack(list(self.sums.values())).tolist() if self.sums else []   # one read of the device
+        return all_mean({k: v / self.steps for k, v in zip(self.sums, sums)}, ddp), time.time() - self.t0
+
+
+def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
+    """(bad, overflow, stopping) of this step, agreed by every process: the loop's one read per step.
+
+    bad: a non-finite loss, or gradient (without a GradScaler), so the step is skipped.
+    overflow: a non-finite gradient; with float16 the GradScaler skips it and lowers its scale.
+    stopping: some process was asked to stop. One all-reduce carries all three.
+    """
+    overflow = ~torch.isfinite(grad_norm)
+    bad = ~torch.isfinite(loss.detach())
+    if not scaler.is_enabled():
+        bad = bad | overflow
+    stop_flag = torch.tensor(stop.signum is not None, device=bad.device)
+    flags = torch.stack([bad, overflow, stop_flag]).to(flag_device, torch.float32)   # (3,)
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, overflow, stopping = (v > 0 for v in flags.tolist())
+    return bad, overflow, stopping
+
+
+def plot_losses(history, path, ylabel):
+    """Training and test loss curves, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in history.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, marker="o" if name.startswith("test") else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The run: its set-up, and the chores of the loop
+
+
+class Run:
+    """Everything a training run holds, set up for train.train: model, optimizer, data, state; and its chores.
+
+    The chores (logging, evaluating, checkpointing, stopping) are methods, so the
+    loop in `train` is the algorithm and one named call per chore.
+    """
+
+    def __init__(self, args, make_stage):
+        self.args, self.make_stage = args, make_stage
+        self.dist = init_distributed(args.device, timeout=args.ddp_timeout)
+        self.master, self.device = self.dist.master, self.dist.device
+        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        self.lock = OutputLock(os.path.join(args.out_dir, ".lock"), "wait for that run to end or choose another --out_dir")
+        if self.master:
+            # Fail now, not at the first checkpoint, if out_dir cannot be written or another run uses it
+            # (rank 0 holds the lock for the whole run); clear what a kill mid-save left.
+            check_writable(args.out_dir)
+            self.lock.acquire()
+        try:
+            self.set_up(args)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def set_up(self, args):
+        if self.master:
+            remove_stale_temps(self.ckpt_path)
+        ckpt = self.resumable_checkpoint()
+        self.stage = self.make_stage(args, ckpt, self.ckpt_path, self.device)
+        seq_len, resolution = self.stage.clip
+        train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution, seed=args.seed)
+                               for split in (True, False))
+        # The same seed on every rank gives the same initial weights.
+        torch.manual_seed(args.seed)
+        self.raw_model = use_fast_attention(self.stage.build(args, train_set).to(self.device))
+        if args.stage == "gpt" and args.cache_codes:
+            train_set, test_set = cached_codes(self.stage.vq, args, train_set, test_set, self.device, self.master,
+                                               self.dist.ddp)
+        self.n_clips = (len(train_set), len(test_set))
+        # A resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise).
+        kind = optimizer_kind(ckpt["optimizer"]) if ckpt else args.optimizer
+        self.optimizer = make_optimizer(self.raw_model, kind, args.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
+        self.state = RunState()
+        seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
+        if ckpt:
+            self.resume(ckpt)
+        if self.master:
+            # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
+            dropped = trim_log(self.log_path, self.state.step)
+            if dropped:
+                print(f"{self.log_path}: dropped {dropped} record(s) after step {self.state.step}, "
+                      f"where the checkpoint is", flush=True)
+        self.batches = iter(self.train_loader(train_set))
+        self.test_loader = self.eval_loader(test_set)
+        self.model = self.wrap(self.raw_model)
+        self.autocast = autocast(self.device, args.dtype)
+        # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
+        self.flag_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.window = MetricWindow()
+        self.bar = tqdm(total=args.max_steps, initial=self.state.step, disable=not self.master, dynamic_ncols=True,
+                        unit="step")
+
+    # --- set-up ---
+
+    def resumable_checkpoint(self):
+        """out_dir/ckpt.pt when it exists (checked to be a checkpoint of this stage to resume from), else None."""
+        if not os.path.exists(self.ckpt_path):
+            return None
+        ckpt = load_checkpoint(self.ckpt_path)
+        kind = checkpoint_kind(ckpt)
+        if kind != self.args.stage:
+            raise ValueError(f"{self.ckpt_path}: is a '{kind}' checkpoint but --stage is '{self.args.stage}'; "
+                             f"use another --out_dir")
+        missing = {"model", "optimizer", "scaler", "step", "rng"} - set(ckpt)
+        if missing:
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it: no {', '.join(sorted(missing))} "
+                             f"(a weights-only checkpoint?); use another --out_dir")
+        return ckpt
+
+    def resume(self, ckpt):
+        """Weights, optimizer, scaler, step, curves and random streams from the checkpoint."""
+        try:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            continued = self.state.load_state_dict(ckpt, self.dist)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
+        if not continued:
+            seed_everything(self.args.seed + self.dist.rank + STEP_SEED_STRIDE * self.state.step)
+        # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's, and so does
+        # the optimizer whose state it holds (checkpoints from before --optimizer hold Adam's).
+        model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond", "vqvae", "optimizer"}
+        kind = optimizer_kind(ckpt["optimizer"])
+        saved = dict(ckpt.get("train_args", {}), optimizer=kind)
+        line = changed_flags(saved, self.args, model_flags, len(ckpt["rng"]), self.dist.world)
+        if line and self.master:
+            warnings.warn(f"{self.ckpt_path}: {line}")
+        self.args.optimizer = kind   # what the next checkpoint records
+
+    def train_loader(self, train_set):
+        """Endless batches in an order fixed by (seed, step); workers ignore stop signals (the loop decides)."""
+        args = self.args
+        sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
+                                  start=self.state.step * args.batch_size)
+        # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in memory, which
+        # a worker would only pickle across (and on a 2-core CPU take a core from the step: 15% slower).
+        workers = args.num_workers
+        if workers is None:
+            workers = 0 if isinstance(train_set, CodesDataset) else max(1, min(4, (os.cpu_count() or 2) // 2))
+        return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=ignore_stop_signals,
+                          # Its own generator: starting an iterator must not draw from the global RNG,
+                          # or a resumed run's random draws would differ from an uninterrupted one's.
+                          generator=torch.Generator().manual_seed(args.seed))
+
+    def eval_loader(self, test_set):
+        """The same clips and windows at every evaluation; every rank gets at least one (a tiny test set repeats)."""
+        args, rank, world = self.args, self.dist.rank, self.dist.world
+        n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
+        items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
+        return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
+
+    def wrap(self, model):
+        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what is saved."""
+        if self.dist.ddp and self.args.sync_batchnorm:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.master:
+                warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
+        if self.dist.ddp:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.args.compile else model
+
+    def describe(self):
+        if self.master:
+            n_params = sum(p.numel() for p in self.raw_model.parameters())
+            print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, {self.n_clips[0]} train / "
+                  f"{self.n_clips[1]} test clips, {self.dist.world} process(es) on {self.device}, {self.args.dtype}"
+                  + (f", resuming at step {self.state.step}" if self.state.step else ""), flush=True)
+
+    # --- chores of the loop ---
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def record(self, metrics, bad, overflow):
+        """Count the step just taken; only good steps enter the logged averages."""
+        self.state.step += 1
+        self.bar.update(1)
+        if bad:
+            self.state.bad_run += 1
+            self.window.skipped += 1
+            if self.master:
+                loss, grad_norm = float(metrics["loss"].detach()), float(metrics["grad_norm"])
+                tqdm.write(f"warning: step {self.state.step}: non-finite loss {loss:.4g} or gradient norm "
+                           f"{grad_norm:.4g}; step skipped "
+                           f"({self.state.bad_run} in a row, the run stops at --max_bad_steps={self.args.max_bad_steps})")
+        elif overflow:
+            self.window.scaler_skipped += 1   # float16 overflow: the scaler skipped the step, routine early in a run
+        else:
+            self.state.bad_run = 0
+            self.window.add(metrics)
+
+    def log_due(self):
+        return self.state.step % self.args.log_interval == 0 or self.state.step == self.args.max_steps
+
+    def eval_due(self):
+        # Never in the middle of a bad stretch: the last good checkpoint stays.
+        step = self.state.step
+        return (step % self.args.eval_interval == 0 or step == self.args.max_steps) and self.state.bad_run == 0
+
+    def log_train(self, lr):
+        """One log line: the window's mean metrics, throughput, skipped steps; the loss curve."""
+        w = self.window
+        metrics, seconds = w.read(self.dist.ddp)
+        taken = w.steps + w.skipped + w.scaler_skipped
+        extra = dict(skipped=w.skipped)
+        if self.scaler.is_enabled():
+            extra |= dict(scaler_skipped=w.scaler_skipped, loss_scale=self.scaler.get_scale())
+        clips_per_s = taken * self.args.batch_size * self.dist.world / seconds
+        self.window = MetricWindow()
+        if self.master:
+            if self.stage.curve in metrics:
+                self.state.history["train"].append((self.state.step, metrics[self.stage.curve]))
+            self.log(dict(step=self.state.step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
+
+    def log(self, record):
+        if self.master:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def check_divergence(self):
+        if self.state.bad_run >= self.args.max_bad_steps:
+            raise RunError(f"{self.args.out_dir}: stopped at step {self.state.step} after {self.state.bad_run} "
+                           f"consecutive steps with a non-finite loss or gradient; {self.last_good()}. Try a lower "
+                           f"--lr, --gradient_clip_val 1, or --dtype bfloat16 / float32")
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean test metrics over the fixed test clips, averaged over processes; and the first batch."""
+        self.model.eval()
+        sums, n, first = {}, 0, None
+        for batch in self.test_loader:
+            with self.autocast:
+                _, metrics = self.stage.loss(self.model, batch, self.device)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n += 1
+            first = batch if first is None else first
+        self.model.train()
+        return all_mean({k: v / max(n, 1) for k, v in sums.items()}, self.dist.ddp), first
+
+    def pictures(self, batch):
+        """The stage's picture of this step and the loss plot. They are for looking at: one that cannot be
+        written (a full disk) is a warning, not the end of the run."""
+        # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
+        self.raw_model.eval()
+        try:
+            with self.autocast:
+                path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{self.state.step:07d}")
+                self.stage.picture(self.raw_model, batch, self.device, path)
+            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
+        except OSError as e:
+            warnings.warn(f"{e.filename}: {e.strerror or e}; picture skipped, training goes on")
+        finally:
+            self.raw_model.train()
+
+    def evaluate_and_checkpoint(self):
+        """Test metrics, a picture and the loss plot (rank 0), then a checkpoint if the weights are worth one."""
+        metrics, batch = self.evaluate()
+        step, curve = self.state.step, self.stage.curve
+        if self.master:
+            self.state.history["test"].append((step, metrics[curve]))
+            self.log(dict(step=step, split="test", **metrics))
+            self.pictures(batch)
+            print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint stays.
+        if not math.isfinite(metrics[curve]):
+            if self.master:
+                tqdm.write(f"warning: step {step}: test {curve} is {metrics[curve]}; checkpoint not written")
+            return
+        self.checkpoint()
+
+    def checkpoint(self):
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's RNG, curves."""
+        rng = [rng_state(self.device)]
+        if self.dist.ddp:
+            mine, rng = rng[0], [None] * self.dist.world
+            dist.all_gather_object(rng, mine)
+        if self.master:
+            self.save(dict(stage=self.args.stage, model=self.raw_model.state_dict(),
+                           optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                           train_args=vars(self.args), **self.state.state_dict(rng), **self.stage.checkpoint()))
+        self.state.saved_step = self.state.step
+
+    def save(self, ckpt):
+        """Write ckpt.pt (and the --keep_last copy); a full disk ends the run with one line, the previous
+        checkpoint intact (the write went to a temp file, now removed)."""
+        try:
+            save_checkpoint(ckpt, self.ckpt_path)
+            if self.args.keep_last > 0:
+                keep_copy(self.ckpt_path, self.state.step, self.args.keep_last)
+        except DiskFull as e:
+            raise RunError(f"{e.filename}: {e.strerror} (step {self.state.step}); {self.last_good()}") from None
+
+    def last_good(self):
+        saved = self.state.saved_step
+        return f"{self.ckpt_path} (step {saved}) is the last good checkpoint" if saved is not None \
+            else "no checkpoint was written"
+
+    def stop(self, stop):
+        """A stop was asked for (Ctrl-C, SIGTERM): checkpoint this step unless it is saved or bad, then exit."""
+        if self.state.saved_step != self.state.step and self.state.bad_run == 0:
+            self.checkpoint()
+        if self.master:
+            tqdm.write(f"stopped at step {self.state.step}; {self.last_good()}; run the same command to resume")
+        raise SystemExit(stop.exit_status)
+
+    @contextlib.contextmanager
+    def failures_explained(self):
+        """Around the loop: a lost peer becomes one line naming the last good checkpoint; on the way out, the
+        progress bar closes and the DataLoader workers are shut down (they ignore SIGTERM, so exit cannot)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.master:
+                tqdm.write(f"interrupted at step {self.state.step} without saving; {self.last_good()}")
+            raise
+        except RuntimeError as e:
+            if not (self.dist.ddp and collective_failure(e)):
+                raise
+            raise lost_peer_error(e, self.dist.rank, self.state.step, self.args.ddp_timeout, self.last_good()) from None
+        finally:
+            self.bar.close()
+            self.batches = None
+            self.lock.release()
+
+
