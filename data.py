@@ -30,27 +30,19 @@ Not here: the models (data.py imports none), atomic writes and checkpoints
 Command line:
     python data.py moving-digits OUT.h5 [--n_videos N --frames T --resolution R --seed S]
     python data.py folder-to-hdf5 DIR OUT.h5 [--resolution R]
-    python data.py bair bair_robot_pushing_dataset_v0.tar|DIR OUT.h5 [--view aux1|main]
-    python data.py ucf101 UCF-101/ ucfTrainTestlist/ OUT [--fold 1|2|3] [--hdf5 --resolution R]
     python data.py inspect PATH [--out sheet.png]
 """
 
 import argparse
 import concurrent.futures
-import errno
 import glob
 import hashlib
-import itertools
 import json
 import math
 import os
-import re
-import shutil
-import struct
-import tarfile
+import sys
 import warnings
 
-import crc32c
 import h5py
 import numpy as np
 import torch
@@ -356,12 +348,7 @@ def index_videos(folder, paths, workers=None):
         # Decoding releases the GIL inside FFmpeg, so threads index several files at once.
         workers = workers or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            jobs = pool.map(probe, todo)
-            try:
-                from tqdm import tqdm
-                jobs = tqdm(jobs, total=len(todo), desc=f"indexing {folder}", disable=len(todo) < 20)
-            except ImportError:
-                pass
+            jobs = tqdm(pool.map(probe, todo), total=len(todo), desc=f"indexing {folder}", disable=len(todo) < 20)
             for rel, e in jobs:
                 entries[rel] = e
         index = dict(version=1, files=entries)
@@ -371,6 +358,12 @@ def index_videos(folder, paths, workers=None):
             os.makedirs(cache_dir(), exist_ok=True)
             atomic_write(fallback, lambda f: json.dump(index, f), binary=False)
     return {p: entries[os.path.relpath(p, folder)]["frames"] for p in paths}
+
+
+def text_lines(path):
+    """The non-blank lines of a text file, stripped (so Windows line endings do not matter)."""
+    with open(path, encoding="utf-8") as f:
+        return [(n, line.strip()) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
 
 
 CLASSES_FILE = "classes.txt"   # optional, in a video folder's root: one class name per line, label order
@@ -689,361 +682,6 @@ def save_png(image, path):
 
 
 # -----------------------------------------------------------------------------
-# BAIR robot pushing, read from the release's TFRecords without TensorFlow
-#
-# The release, bair_robot_pushing_dataset_v0.tar (30 GB), holds
-# softmotion30_44k/{train,test}/traj_A_to_B.tfrecords. A TFRecord file is a plain
-# sequence of records, each framed as
-#     length: uint64 LE | masked CRC32C of those 8 bytes: uint32 LE | data | masked CRC32C of data: uint32 LE
-# and the data of each record is one trajectory, a serialized tf.train.Example:
-# a protobuf message that maps feature names to lists of bytes, floats or ints.
-# Per step t of the 30: "{t}/image_aux1/encoded" and "{t}/image_main/encoded"
-# (raw 64x64x3 RGB bytes, one per camera), "{t}/action" (4 floats) and
-# "{t}/endeffector_pos" (3 floats).
-
-BAIR_FOLDER = "softmotion30_44k"
-BAIR_SIDE = 64                                # frames are 64x64 RGB
-BAIR_ACTION_DIM, BAIR_STATE_DIM = 4, 3
-
-
-def masked_crc32c(data):
-    """TFRecord's checksum: the CRC32C, rotated right by 15 bits, plus a constant.
-
-    The masking keeps a CRC computed over bytes that themselves hold CRCs from
-    being trivially zero.
-    """
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_tfrecords(f, name):
-    """Yield the data of every record of the binary file `f`, checking both CRCs; `name` is for errors."""
-    for i in itertools.count():
-        header = f.read(12)
-        if not header:
-            return                                             # a clean end between records
-        if len(header) < 12:
-            raise ValueError(f"{name}: record {i} is truncated (the file ends inside its header)")
-        length, length_crc = struct.unpack("<QI", header)
-        if masked_crc32c(header[:8]) != length_crc:
-            raise ValueError(f"{name}: record {i} is corrupt (CRC mismatch in its length)")
-        data, footer = f.read(length), f.read(4)
-        if len(data) < length or len(footer) < 4:
-            raise ValueError(f"{name}: record {i} is truncated ({len(data)} of its {length} bytes)")
-        if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-            raise ValueError(f"{name}: record {i} is corrupt (CRC mismatch in its data)")
-        yield data
-
-
-def read_varint(buf, pos):
-    """The base-128 varint at buf[pos:] -> (value, position after it): 7 bits per byte, low bits first."""
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated protobuf varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:                                        # the high bit says "more bytes follow"
-            return value, pos
-        shift += 7
-
-
-def protobuf_fields(buf):
-    """Yield (field number, wire type, value) for each field of a protobuf message.
-
-    Wire types: 0 varint (an int), 1 and 5 fixed 64/32 bits (their bytes), 2
-    length-delimited (a memoryview: a string, bytes, a sub-message or a packed list).
-    """
-    buf, pos = memoryview(buf), 0
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = read_varint(buf, pos)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 2:
-            size, pos = read_varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        yield number, wire, value
-
-
-def parse_example(buf):
-    """A serialized tf.train.Example -> {feature name: list of bytes | float32 array | int64 array}.
-
-    The schema (tensorflow/core/example/{example,feature}.proto), by field number:
-    Example {1: Features}; Features {1: map entry {1: name, 2: Feature}, repeated};
-    Feature {1: BytesList | 2: FloatList | 3: Int64List}; each list {1: values},
-    numbers usually packed into one length-delimited field, sometimes one per field.
-    """
-    out = {}
-    for n, _, features in protobuf_fields(buf):
-        for m, _, entry in (protobuf_fields(features) if n == 1 else ()):
-            if m != 1:
-                continue
-            fields = {k: v for k, _, v in protobuf_fields(entry)}
-            name = bytes(fields.get(1, b"")).decode("utf-8", "replace")
-            for kind, _, values in protobuf_fields(fields.get(2, b"")):
-                items = [(w, v) for k, w, v in protobuf_fields(values) if k == 1]
-                if kind == 1:
-                    out[name] = [bytes(v) for _, v in items]
-                elif kind == 2:   # packed (wire 2) or one float per field (wire 5): little-endian float32 either way
-                    out[name] = np.frombuffer(b"".join(bytes(v) for _, v in items), "<f4")
-                elif kind == 3:   # packed varints, or one varint per field; negative numbers wrap around 2**64
-                    ints = []
-                    for w, v in items:
-                        pos = 0
-                        while w == 2 and pos < len(v):
-                            x, pos = read_varint(v, pos)
-                            ints.append(x)
-                        if w == 0:
-                            ints.append(v)
-                    out[name] = np.array([x - (1 << 64) if x >= 1 << 63 else x for x in ints], np.int64)
-    return out
-
-
-def bair_trajectory(example, view, where):
-    """(frames uint8 (T, 64, 64, 3), actions float32 (T, 4), states float32 (T, 3)) of one parsed Example."""
-    T = 0
-    while f"{T}/image_{view}/encoded" in example:
-        T += 1
-    if T == 0:
-        raise ValueError(f"{where}: missing feature '0/image_{view}/encoded'")
-    frames, actions, states = [], [], []
-    for t in range(T):
-        for key, dim in ((f"{t}/action", BAIR_ACTION_DIM), (f"{t}/endeffector_pos", BAIR_STATE_DIM)):
-            if key not in example:
-                raise ValueError(f"{where}: missing feature '{key}'")
-            if len(example[key]) != dim:
-                raise ValueError(f"{where}: feature '{key}' has {len(example[key])} values, expected {dim}")
-        image = example[f"{t}/image_{view}/encoded"]
-        size = BAIR_SIDE * BAIR_SIDE * 3
-        if len(image) != 1 or len(image[0]) != size:
-            got = len(image[0]) if len(image) == 1 else f"{len(image)} values, not one of"
-            raise ValueError(f"{where}: feature '{t}/image_{view}/encoded' has {got} bytes, "
-                             f"expected {size} (raw {BAIR_SIDE}x{BAIR_SIDE}x3 RGB)")
-        frames.append(np.frombuffer(image[0], np.uint8).reshape(BAIR_SIDE, BAIR_SIDE, 3))   # (64, 64, 3)
-        actions.append(example[f"{t}/action"])
-        states.append(example[f"{t}/endeffector_pos"])
-    return np.stack(frames), np.stack(actions).astype(np.float32), np.stack(states).astype(np.float32)
-
-
-def first_number(name):
-    """The first number in a file name: traj_256_to_511.tfrecords -> 256 (the release's order)."""
-    match = re.search(r"\d+", os.path.basename(name))
-    return int(match.group()) if match else -1
-
-
-def bair_files(src):
-    """{split: [(name, size, open())]} of the release's TFRecord files, from the tar or a folder holding
-    softmotion30_44k/, each split in the order of the first number in the file names."""
-    pattern = re.compile(rf"(^|/){BAIR_FOLDER}/(train|test)/[^/]+\.tfrecords$")
-    files = {"train": [], "test": []}
-    if os.path.isdir(src):
-        for path in glob.glob(os.path.join(src, BAIR_FOLDER, "*", "*.tfrecords")):
-            match = pattern.search(os.path.relpath(path, src).replace(os.sep, "/"))
-            if match:
-                files[match.group(2)].append((path, os.path.getsize(path), lambda p=path: open(p, "rb")))
-    elif os.path.isfile(src):
-        try:
-            tar = tarfile.open(src)                            # members are read in place: no extraction
-        except tarfile.TarError:
-            raise ValueError(f"{src}: not a tar file (expected bair_robot_pushing_dataset_v0.tar or a folder)") from None
-        for member in tar.getmembers():
-            match = pattern.search(member.name)
-            if match and member.isfile():
-                files[match.group(2)].append((f"{src}:{member.name}", member.size,
-                                              lambda m=member: tar.extractfile(m)))
-    else:
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    for split in files:
-        files[split].sort(key=lambda f: (first_number(f[0]), f[0]))
-        if not files[split]:
-            raise ValueError(f"{src}: no {BAIR_FOLDER}/{split}/*.tfrecords found "
-                             f"(expected the BAIR release tar or a folder holding {BAIR_FOLDER}/)")
-    return files
-
-
-def write_bair(src, out, view="aux1", batch=64, progress=True):
-    """Convert the BAIR release at `src` into the HDF5 layout at `out`, atomically, in bounded memory.
-
-    `{split}_data` uint8 (N*30, 64, 64, 3) from camera `view`, `{split}_idx` the
-    start frames, `{split}_actions` float32 (N*30, 4), `{split}_states` float32
-    (N*30, 3); trajectories in file order (first number of the name), then record order.
-    """
-    files = bair_files(src)
-    total = sum(size for split in files.values() for _, size, _ in split)
-    counts = {}
-
-    def append(h5, split, chunk):
-        """Append a list of trajectories to the split's growing datasets."""
-        frames, actions, states = (np.concatenate(parts) for parts in zip(*chunk))   # (frames of the chunk, ...) each
-        data = h5[f"{split}_data"]
-        start = data.shape[0]
-        starts = start + np.cumsum([0] + [len(c[0]) for c in chunk[:-1]])
-        for key, values in ((f"{split}_data", frames), (f"{split}_actions", actions), (f"{split}_states", states),
-                            (f"{split}_idx", starts.astype(np.int64))):
-            d = h5[key]
-            d.resize(d.shape[0] + len(values), axis=0)
-            d[-len(values):] = values
-
-    def write(f):
-        with h5py.File(f, "w") as h5, tqdm(total=total, unit="B", unit_scale=True, desc="BAIR",
-                                           disable=not progress) as bar:
-            h5.attrs["source"] = f"BAIR robot pushing ({BAIR_FOLDER}), camera image_{view}"
-            for split, split_files in files.items():
-                shapes = {"data": ((BAIR_SIDE, BAIR_SIDE, 3), np.uint8), "idx": ((), np.int64),
-                          "actions": ((BAIR_ACTION_DIM,), np.float32), "states": ((BAIR_STATE_DIM,), np.float32)}
-                for key, (shape, dtype) in shapes.items():
-                    h5.create_dataset(f"{split}_{key}", (0, *shape), dtype, maxshape=(None, *shape),
-                                      chunks=(30 if key == "data" else 1024, *shape))
-                chunk, counts[split] = [], 0
-                for name, size, opener in split_files:
-                    with opener() as tf:
-                        for i, record in enumerate(read_tfrecords(tf, name)):
-                            try:
-                                example = parse_example(record)
-                            except ValueError as e:
-                                raise ValueError(f"{name}: record {i}: not a tf.train.Example ({e})") from None
-                            chunk.append(bair_trajectory(example, view, f"{name}: record {i}"))
-                            if len(chunk) == batch:
-                                append(h5, split, chunk)
-                                counts[split] += len(chunk)
-                                chunk = []
-                    bar.update(size)
-                if chunk:
-                    append(h5, split, chunk)
-                    counts[split] += len(chunk)
-
-    atomic_write(out, write)
-    return counts
-
-
-# -----------------------------------------------------------------------------
-# UCF-101 with its official splits, never moving or deleting the user's files
-#
-# UCF-101/ holds 101 class folders of v_Class_gXX_cYY.avi; ucfTrainTestlist/ holds
-# classInd.txt ("1 ApplyEyeMakeup" lines), trainlist0F.txt ("Class/file.avi 1"
-# lines) and testlist0F.txt ("Class/file.avi" lines) for the folds F = 1, 2, 3,
-# with Windows line endings. Labels are classInd's order, 0-based: it is not
-# Python's sorted order (HammerThrow sorts before Hammering), so the class names
-# travel with the data, in classes.txt or the HDF5 file's `classes`.
-
-
-def text_lines(path):
-    """The non-blank lines of a text file, stripped (so Windows line endings do not matter)."""
-    with open(path, encoding="utf-8") as f:
-        return [(n, line.strip()) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
-
-
-def ucf101_splits(splits_dir, fold=1):
-    """(classes in classInd order, {"train"/"test": [(relative path, label)]}) from the official lists."""
-    index_file = os.path.join(splits_dir, "classInd.txt")
-    classes = []
-    for n, line in text_lines(index_file):
-        parts = line.split()
-        if len(parts) != 2 or parts[0] != str(len(classes) + 1):
-            raise ValueError(f"{index_file}: line {n}: expected '{len(classes) + 1} CLASSNAME', got {line!r}")
-        classes.append(parts[1])
-    label = {name: i for i, name in enumerate(classes)}
-    lists = {}
-    for split in ("train", "test"):
-        list_file = os.path.join(splits_dir, f"{split}list0{fold}.txt")
-        entries = []
-        for n, line in text_lines(list_file):
-            parts = line.split()
-            rel = parts[0].replace("\\", "/")
-            name = rel.split("/")[0] if "/" in rel else None
-            if name not in label:
-                raise ValueError(f"{list_file}: line {n}: unknown class {name or rel!r} (not in classInd.txt)")
-            if len(parts) > 1 and parts[1] != str(label[name] + 1):   # the train lists repeat the index
-                raise ValueError(f"{list_file}: line {n}: class index {parts[1]} disagrees with classInd.txt "
-                                 f"({name} is {label[name] + 1})")
-            entries.append((rel, label[name]))
-        lists[split] = entries
-    return classes, lists
-
-
-def ucf101_present(ucf_dir, lists):
-    """The lists without the files that are missing; reports missing and unlisted files (never fatal)."""
-    if not os.path.isdir(ucf_dir):
-        raise FileNotFoundError(f"{ucf_dir}: no such folder (expected the unpacked UCF-101/)")
-    present = {os.path.relpath(p, ucf_dir).replace(os.sep, "/") for p in find_videos(ucf_dir)}
-    listed = {rel for entries in lists.values() for rel, _ in entries}
-    for what, names in (("listed but missing", sorted(listed - present)),
-                        ("present but in no list", sorted(present - listed))):
-        if names:
-            warnings.warn(f"{ucf_dir}: {len(names)} video(s) {what}, skipped: {', '.join(names[:3])}"
-                          + (" ..." if len(names) > 3 else ""))
-    kept = {split: [(rel, y) for rel, y in entries if rel in present] for split, entries in lists.items()}
-    if not all(kept.values()):
-        raise ValueError(f"{ucf_dir}: none of the listed videos of a split is there (is it the UCF-101/ folder?)")
-    return kept
-
-
-def link(src, dst):
-    """A hard link (no copy, no extra space); a symbolic one where hard links cannot go (another file system)."""
-    try:
-        os.link(src, dst)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-            raise
-        os.symlink(os.path.abspath(src), dst)
-
-
-def write_ucf101_links(ucf_dir, classes, lists, out):
-    """OUT/{train,test}/<class>/<file>.avi as links to the user's files, and OUT/classes.txt; built beside
-    OUT and renamed into place, so OUT is complete or absent."""
-    if os.path.exists(out):
-        raise ValueError(f"{out}: already exists; remove it or choose another output folder")
-    tmp = f"{out.rstrip(os.sep)}.partial{os.getpid()}"
-    try:
-        for split, entries in lists.items():
-            for rel, _ in tqdm(entries, desc=f"linking {split}", unit="video"):
-                dst = os.path.join(tmp, split, *rel.split("/"))
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                link(os.path.join(ucf_dir, *rel.split("/")), dst)
-        with open(os.path.join(tmp, CLASSES_FILE), "w") as f:
-            f.write("".join(name + "\n" for name in classes))
-        os.rename(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_ucf101_hdf5(ucf_dir, classes, lists, out, resolution):
-    """The HDF5 layout at `resolution`, with `{split}_labels` and the class names as `classes`; atomic,
-    one video in memory at a time. A video that cannot be decoded is skipped with a warning."""
-    def write(f):
-        with h5py.File(f, "w") as h5:
-            h5.create_dataset("classes", data=np.array(classes, dtype=h5py.string_dtype()))
-            for split, entries in lists.items():
-                data = h5.create_dataset(f"{split}_data", (0, resolution, resolution, 3), np.uint8,
-                                         maxshape=(None, resolution, resolution, 3), chunks=(16, resolution, resolution, 3))
-                starts, labels = [], []
-                for rel, y in tqdm(entries, desc=f"encoding {split}", unit="video"):
-                    path = os.path.join(ucf_dir, *rel.split("/"))
-                    try:
-                        video = to_uint8(preprocess(read_frames(path), resolution)).numpy()   # (T, R, R, 3)
-                    except Exception as e:  # any decoder failure: skip this video, say so
-                        warnings.warn(f"{path}: cannot be decoded ({first_line(e)}), skipped")
-                        continue
-                    starts.append(data.shape[0])
-                    labels.append(y)
-                    data.resize(data.shape[0] + len(video), axis=0)
-                    data[-len(video):] = video
-                h5.create_dataset(f"{split}_idx", data=np.array(starts, np.int64))
-                h5.create_dataset(f"{split}_labels", data=np.array(labels, np.int64))
-    atomic_write(out, write)
-
-
-# -----------------------------------------------------------------------------
 # Converters and the command line
 
 
@@ -1078,23 +716,6 @@ def cmd_folder_to_hdf5(args):
         print(f"{split}: {len(videos)} videos ({ds.n_skipped} skipped), classes: {ds.n_classes}")
     write_hdf5(args.out, splits)
     print(f"wrote {args.out}")
-
-
-def cmd_bair(args):
-    counts = write_bair(args.src, args.out, view=args.view)
-    print(f"wrote {args.out}: {counts['train']} train and {counts['test']} test trajectories "
-          f"(camera image_{args.view}, with actions and end-effector states)")
-
-
-def cmd_ucf101(args):
-    classes, lists = ucf101_splits(args.splits_dir, args.fold)
-    lists = ucf101_present(args.ucf_dir, lists)
-    if args.hdf5:
-        write_ucf101_hdf5(args.ucf_dir, classes, lists, args.out, args.resolution)
-    else:
-        write_ucf101_links(args.ucf_dir, classes, lists, args.out)
-    print(f"wrote {args.out}: {len(lists['train'])} train and {len(lists['test'])} test videos of "
-          f"{len(classes)} classes (fold {args.fold}{', HDF5 at %d pixels' % args.resolution if args.hdf5 else ', links'})")
 
 
 def cmd_inspect(args):
@@ -1140,26 +761,15 @@ def main(argv=None):
     p.add_argument("out", help="output .h5 path")
     p.add_argument("--resolution", type=int, default=64, help="shorter side scaled to this, then center-cropped")
     p.set_defaults(fn=cmd_folder_to_hdf5)
-    p = sub.add_parser("bair", help="convert BAIR robot pushing (the release tar or its folder) to HDF5, no TensorFlow")
-    p.add_argument("src", help="bair_robot_pushing_dataset_v0.tar, or a folder holding softmotion30_44k/")
-    p.add_argument("out", help="output .h5 path")
-    p.add_argument("--view", default="aux1", choices=["aux1", "main"],
-                   help="camera: image_aux1 (the original VideoGPT's) or image_main")
-    p.set_defaults(fn=cmd_bair)
-    p = sub.add_parser("ucf101", help="UCF-101 in its official train/test split, as links (or HDF5)")
-    p.add_argument("ucf_dir", help="the unpacked UCF-101/ folder (never modified)")
-    p.add_argument("splits_dir", help="the unpacked ucfTrainTestlist/ folder")
-    p.add_argument("out", help="output folder of links (or .h5 path with --hdf5)")
-    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="which official split")
-    p.add_argument("--hdf5", action="store_true", help="write an HDF5 file at --resolution instead of links")
-    p.add_argument("--resolution", type=int, default=64, help="with --hdf5: shorter side scaled, then center-cropped")
-    p.set_defaults(fn=cmd_ucf101)
     p = sub.add_parser("inspect", help="print counts, shapes and classes; save a PNG contact sheet")
     p.add_argument("path", help="an HDF5 file or a video folder")
     p.add_argument("--frames", type=int, default=8, help="frames per clip in the contact sheet")
     p.add_argument("--resolution", type=int, default=64, help="frame size in the contact sheet")
     p.add_argument("--out", default=None, help="PNG path (default: NAME_sheet.png here)")
     p.set_defaults(fn=cmd_inspect)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["bair"], ["ucf101"]):     # the converters have their own folder now
+        parser.error(f"the {argv[0]} converter moved: python -m prepare {argv[0]} ...")
     args = parser.parse_args(argv)
     run_cli("data.py", args.fn, args)
 

@@ -14,6 +14,8 @@ import pytest
 
 import data
 from conftest import gradient_video, run_script, write_video
+from prepare import bair
+from prepare.__main__ import main as prepare_main
 
 
 # -----------------------------------------------------------------------------
@@ -95,14 +97,14 @@ def make_bair(root, rng):
     files = {"train": ["traj_256_to_257.tfrecords", "traj_0_to_1.tfrecords"], "test": ["traj_0_to_1.tfrecords"]}
     expected = {}
     for split, names in files.items():
-        os.makedirs(root / data.BAIR_FOLDER / split)
+        os.makedirs(root / bair.BAIR_FOLDER / split)
         by_name = {}
         for name in names:
             trajs = [trajectory(rng), trajectory(rng)]
-            (root / data.BAIR_FOLDER / split / name).write_bytes(b"".join(record(bair_example(t)) for t in trajs))
+            (root / bair.BAIR_FOLDER / split / name).write_bytes(b"".join(record(bair_example(t)) for t in trajs))
             by_name[name] = trajs
         # Order: the first number in the file name (0 before 256), then the records in file order.
-        expected[split] = [t for name in sorted(names, key=data.first_number) for t in by_name[name]]
+        expected[split] = [t for name in sorted(names, key=bair.first_number) for t in by_name[name]]
     return expected
 
 
@@ -124,14 +126,14 @@ def test_crc32c_is_castagnoli_and_masked_as_tfrecord_does():
     # The CRC-32C check value of "123456789" is 0xE3069283 (RFC 3720); masked by hand:
     # rotate right 15 -> 0x2507C60D, + 0xA282EAD8 -> 0xC78AB0E5 (mod 2**32).
     assert crc32c.crc32c(b"123456789") == 0xE3069283
-    assert data.masked_crc32c(b"123456789") == 0xC78AB0E5
+    assert bair.masked_crc32c(b"123456789") == 0xC78AB0E5
 
 
 def test_parse_example_reads_bytes_floats_and_ints_packed_or_not():
     buf = example({"img": bytes_feature(b"\x00\x01\xff", b""), "f": float_feature([1.5, -2.25]),
                    "fu": float_feature([0.5, 3.0], packed=False), "i": int_feature([0, 300, -7]),
                    "iu": int_feature([5, -1], packed=False), "empty": float_feature([])})
-    ex = data.parse_example(buf)
+    ex = bair.parse_example(buf)
     assert ex["img"] == [b"\x00\x01\xff", b""]
     np.testing.assert_array_equal(ex["f"], [1.5, -2.25])
     np.testing.assert_array_equal(ex["fu"], [0.5, 3.0])
@@ -145,11 +147,11 @@ def test_read_tfrecords_yields_every_record(tmp_path):
     payloads = [b"", b"x" * 1000, bytes(range(256))]
     path.write_bytes(b"".join(record(p) for p in payloads))
     with open(path, "rb") as f:
-        assert list(data.read_tfrecords(f, str(path))) == payloads
+        assert list(bair.read_tfrecords(f, str(path))) == payloads
 
 
 # -----------------------------------------------------------------------------
-# python data.py bair
+# python -m prepare bair
 
 
 def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
@@ -157,15 +159,15 @@ def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
     expected = make_bair(src, np.random.default_rng(0))
     tar_path = tmp_path / "bair_robot_pushing_dataset_v0.tar"
     with tarfile.open(tar_path, "w") as tar:
-        tar.add(src / data.BAIR_FOLDER, arcname=data.BAIR_FOLDER)
+        tar.add(src / bair.BAIR_FOLDER, arcname=bair.BAIR_FOLDER)
     out_tar, out_dir, out_main = tmp_path / "from_tar.h5", tmp_path / "from_dir.h5", tmp_path / "main.h5"
-    r = run_script("data.py", "bair", str(tar_path), str(out_tar))
+    r = run_script("-m prepare", "bair", str(tar_path), str(out_tar))
     assert r.returncode == 0, r.stderr
     assert "4 train and 2 test trajectories" in r.stdout
     check_bair_h5(out_tar, expected)
-    data.main(["bair", str(src), str(out_dir)])
+    prepare_main(["bair", str(src), str(out_dir)])
     check_bair_h5(out_dir, expected)
-    data.main(["bair", str(src), str(out_main), "--view", "main"])
+    prepare_main(["bair", str(src), str(out_main), "--view", "main"])
     check_bair_h5(out_main, expected, view="main")
     r = run_script("data.py", "inspect", str(out_dir), "--frames", "2", "--out", str(tmp_path / "sheet.png"))
     assert r.returncode == 0 and "per-frame actions: 4 values" in r.stdout and "per-frame states: 3 values" in r.stdout
@@ -182,9 +184,9 @@ def bair_error(tmp_path, src, out=None):
     """The one-line error of converting `src`; checks that nothing was written."""
     out = out or tmp_path / "out.h5"
     with pytest.raises(SystemExit) as e:
-        data.main(["bair", str(src), str(out)])
+        prepare_main(["bair", str(src), str(out)])
     message = str(e.value.code)
-    assert message.startswith("data.py: error: ") and "\n" not in message
+    assert message.startswith("prepare: error: ") and "\n" not in message
     assert not os.path.exists(out)
     if os.path.isdir(os.path.dirname(out)):
         assert not [p for p in os.listdir(os.path.dirname(out)) if ".tmp" in p]
@@ -194,10 +196,10 @@ def bair_error(tmp_path, src, out=None):
 def one_file_release(tmp_path, payload):
     src = tmp_path / "src"
     for split in ("train", "test"):
-        os.makedirs(src / data.BAIR_FOLDER / split)
-        (src / data.BAIR_FOLDER / split / "traj_0_to_0.tfrecords").write_bytes(
+        os.makedirs(src / bair.BAIR_FOLDER / split)
+        (src / bair.BAIR_FOLDER / split / "traj_0_to_0.tfrecords").write_bytes(
             payload if split == "train" else record(bair_example(trajectory(np.random.default_rng(1)))))
-    return src, f"{data.BAIR_FOLDER}/train/traj_0_to_0.tfrecords"
+    return src, f"{bair.BAIR_FOLDER}/train/traj_0_to_0.tfrecords"
 
 
 def test_bair_bad_input_gives_one_line_and_writes_nothing(tmp_path):
@@ -208,7 +210,7 @@ def test_bair_bad_input_gives_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
     with tarfile.open(other, "w") as tar:
         tar.add(tmp_path / "readme.txt", arcname="readme.txt")
-    assert f"{other}: no {data.BAIR_FOLDER}/train/*.tfrecords found" in bair_error(tmp_path, other)
+    assert f"{other}: no {bair.BAIR_FOLDER}/train/*.tfrecords found" in bair_error(tmp_path, other)
     # Not a tar at all.
     assert "not a tar file" in bair_error(tmp_path, tmp_path / "readme.txt")
     # A flipped byte in the second record's data: its CRC no longer matches.
@@ -235,15 +237,15 @@ def test_bair_bad_input_gives_one_line_and_writes_nothing(tmp_path):
 
 def test_bair_error_from_the_command_line_has_no_traceback(tmp_path):
     src, name = one_file_release(tmp_path, b"\x01\x02")
-    r = run_script("data.py", "bair", str(src), str(tmp_path / "out.h5"))
+    r = run_script("-m prepare", "bair", str(src), str(tmp_path / "out.h5"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"data.py: error: {src / name}: record 0 is truncated "
+    assert r.stderr.strip().splitlines()[-1] == (f"prepare: error: {src / name}: record 0 is truncated "
                                                  f"(the file ends inside its header)")
 
 
 # -----------------------------------------------------------------------------
-# python data.py ucf101
+# python -m prepare ucf101
 
 # classInd's order is not Python's sorted order: "HammerThrow" < "Hammering" in ASCII.
 UCF_CLASSES = ["ApplyEyeMakeup", "Hammering", "HammerThrow"]
@@ -279,7 +281,7 @@ def test_ucf101_links_follow_the_official_split_and_class_order(tmp_path):
     ucf, splits, train, test = make_ucf(tmp_path)
     before = tree(ucf)
     out = tmp_path / "ucf_fold1"
-    r = run_script("data.py", "ucf101", str(ucf), str(splits), str(out))
+    r = run_script("-m prepare", "ucf101", str(ucf), str(splits), str(out))
     assert r.returncode == 0, r.stderr
     assert "3 train and 3 test videos of 3 classes" in r.stdout
     # Missing and unlisted files are reported on one line each, with counts and names.
@@ -295,7 +297,7 @@ def test_ucf101_links_follow_the_official_split_and_class_order(tmp_path):
     assert ds.classes == UCF_CLASSES
     assert sorted((os.path.relpath(p, out / "train"), y) for p, y in zip(ds.paths, ds.labels)) == sorted(train)
     # A second run refuses to overwrite.
-    r = run_script("data.py", "ucf101", str(ucf), str(splits), str(out))
+    r = run_script("-m prepare", "ucf101", str(ucf), str(splits), str(out))
     assert r.returncode == 1 and r.stderr.strip().endswith("already exists; remove it or choose another output folder")
 
 
@@ -303,7 +305,7 @@ def test_ucf101_hdf5_holds_labels_and_class_names(tmp_path):
     ucf, splits, train, test = make_ucf(tmp_path)
     out = tmp_path / "ucf.h5"
     with pytest.warns(UserWarning, match="listed but missing|present but in no list"):
-        data.main(["ucf101", str(ucf), str(splits), str(out), "--hdf5", "--resolution", "16"])
+        prepare_main(["ucf101", str(ucf), str(splits), str(out), "--hdf5", "--resolution", "16"])
     with h5py.File(out, "r") as f:
         assert [c.decode() for c in f["classes"][()]] == UCF_CLASSES
         assert f["train_labels"][()].tolist() == [c for _, c in train]
@@ -318,13 +320,13 @@ def test_ucf101_bad_split_lists_give_one_line(tmp_path):
     with open(splits / "testlist01.txt", "a", newline="") as f:
         f.write("Juggling/v_Juggling_g01_c01.avi\r\n")
     with pytest.raises(SystemExit) as e:
-        data.main(["ucf101", str(ucf), str(splits), str(tmp_path / "out")])
-    assert str(e.value.code) == (f"data.py: error: {splits / 'testlist01.txt'}: line 4: "
+        prepare_main(["ucf101", str(ucf), str(splits), str(tmp_path / "out")])
+    assert str(e.value.code) == (f"prepare: error: {splits / 'testlist01.txt'}: line 4: "
                                  f"unknown class 'Juggling' (not in classInd.txt)")
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(SystemExit) as e:
-        data.main(["ucf101", str(ucf), str(splits), str(tmp_path / "out"), "--fold", "2"])
-    assert str(e.value.code) == f"data.py: error: {splits / 'trainlist02.txt'}: No such file or directory"
+        prepare_main(["ucf101", str(ucf), str(splits), str(tmp_path / "out"), "--fold", "2"])
+    assert str(e.value.code) == f"prepare: error: {splits / 'trainlist02.txt'}: No such file or directory"
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
 
 
@@ -333,7 +335,14 @@ def test_ucf101_output_that_cannot_be_written_gives_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.warns(UserWarning):
         with pytest.raises(SystemExit) as e:
-            data.main(["ucf101", str(ucf), str(splits), str(tmp_path / "a_file" / "out")])
+            prepare_main(["ucf101", str(ucf), str(splits), str(tmp_path / "a_file" / "out")])
     message = str(e.value.code)
-    assert message.startswith("data.py: error: ") and "a_file" in message and "Not a directory" in message
+    assert message.startswith("prepare: error: ") and "a_file" in message and "Not a directory" in message
     assert "\n" not in message
+
+
+def test_the_old_converter_commands_say_where_the_converters_went(tmp_path):
+    r = run_script("data.py", "bair", str(tmp_path / "bair.tar"), str(tmp_path / "out.h5"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: the bair converter moved: python -m prepare bair ...")
+    assert not os.path.exists(tmp_path / "out.h5")
