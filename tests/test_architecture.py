@@ -1,4 +1,5 @@
-"""The shape of the house: who imports whom, a loop that reads at a glance, docstrings, shape comments.
+"""The shape of the house (docs/design.md): who imports whom, the lesson's budget, no speed machinery in the
+model chapters, a loop that reads at a glance, docstrings, shape comments.
 
 python -m pytest tests/test_architecture.py
 
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-# Each file and the project modules it may import (DESIGN.md's rooms). The plumbing imports no chapter.
+# Each file and the project modules it may import (docs/design.md's rooms). The plumbing imports no chapter.
 ALLOWED = {
     "attention": set(),
     "vqvae": {"attention", "checkpoints"},
@@ -33,8 +34,18 @@ ALLOWED = {
 }
 
 
+# The converters (prepare/): each dataset's file, importing the data chapter and the plumbing only.
+CONVERTERS = {"data", "checkpoints", "runtime", "prepare"}
+MODEL_CHAPTERS = ("attention", "vqvae", "gpt")
+
+
 def tree(name):
     return ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+
+
+def lines(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return sum(1 for _ in f)
 
 
 def project_imports(name):
@@ -50,6 +61,39 @@ def project_imports(name):
 def test_every_top_level_file_is_a_known_room():
     files = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
     assert files == set(ALLOWED), f"files without a room in the design: {files ^ set(ALLOWED)}"
+    assert len(files) <= 14, f"{len(files)} Python files at the top level; the rest belong in folders"
+    design = open(os.path.join(ROOT, "docs", "design.md")).read()
+    assert all(f"`{name}.py`" in design for name in ALLOWED), "docs/design.md names every room"
+
+
+def test_the_lesson_stays_within_its_budget():
+    """The chapters a learner reads stay lean: engineering goes beside them, history to docs/."""
+    assert sum(lines(f"{n}.py") for n in MODEL_CHAPTERS) <= 1100
+    for path, budget in (("train.py", 450), ("data.py", 550), ("fvd.py", 500), ("README.md", 300)):
+        assert lines(path) <= budget, f"{path}: {lines(path)} lines, budget {budget}"
+
+
+def test_the_model_chapters_hold_no_speed_machinery():
+    """No compiling, inductor settings, FlexAttention or per-device choices in attention/vqvae/gpt: a faster
+    kernel comes in as one argument (MultiHeadAttention.attend), from fast.py."""
+    for name in MODEL_CHAPTERS:
+        source = open(os.path.join(ROOT, f"{name}.py")).read()
+        for machinery in ("torch.compile", "_inductor", "flex_attention", "scaled_dot_product_attention",
+                          "device.type ==", "is_compiling"):
+            assert machinery not in source, f"{name}.py holds {machinery}"
+
+
+def test_the_converters_import_the_data_chapter_and_the_plumbing_only():
+    for path in sorted(os.listdir(os.path.join(ROOT, "prepare"))):
+        if path.endswith(".py"):
+            found = set()
+            for node in ast.walk(ast.parse(open(os.path.join(ROOT, "prepare", path)).read())):
+                if isinstance(node, ast.Import):
+                    found |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    found.add(node.module.split(".")[0])
+            extra = (found & (set(ALLOWED) | {"prepare"})) - CONVERTERS
+            assert not extra, f"prepare/{path} imports {sorted(extra)}"
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWED))
