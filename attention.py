@@ -1,27 +1,11 @@
-"""Attention, the one mechanism both halves of VideoGPT are built on.
+"""Attention, the mechanism both halves of VideoGPT (Yan et al., 2021) are built on: the VQ-VAE's axial
+attention (Section 3.1, Ho et al., 2019) and the prior's causal self-attention over the (t, h, w) grid of
+codes and cross-attention to conditioning frames (Section 3.2).
 
-VideoGPT (Yan et al., 2021) uses attention in two places:
-
-* Section 3.1: the VQ-VAE's residual blocks end in *axial* attention, three
-  independent self-attentions along the time, height and width axes of a
-  feature video, summed (Ho et al., 2019, "Axial Attention in Multidimensional
-  Transformers").
-* Section 3.2: the prior is a GPT whose blocks use causal self-attention over the
-  flattened (t, h, w) grid of codes, with position embeddings per axis, and
-  cross-attention to conditioning frames.
-
-Read in this order: the formula (`attention`), multi-head attention, axial
-attention, the prior's position embeddings (learned per-axis tables, and
-rotary embeddings as an option), its masks (causal, and the original's strided
-sparse pattern), and the key/value cache that makes sampling one code cheap.
-
-Every module here computes softmax(q k^T / sqrt(d)) v with `attention`, written
-out. A faster kernel with the same numbers (PyTorch's fused SDPA, FlexAttention
-for the sparse pattern) is handed in as one argument, `MultiHeadAttention.attend`;
-fast.py chooses and proves them. Parameter names (`w_qs`, `w_ks`, `w_vs`, `fc`,
-`attn_t`, `attn_h`, `attn_w`) are the original implementation's, so its
-published state dicts load without a translation table. This file imports
-nothing from the project.
+Read in this order: the formula, multi-head attention, axial attention, the prior's position embeddings,
+its masks (causal, and the original's strided sparse pattern), and the key/value cache that makes sampling
+one code cheap. A faster kernel with the same numbers comes in as one argument, `MultiHeadAttention.attend`
+(fast.py). Parameter names are the original implementation's, so its state dicts load as they are.
 """
 
 import math
@@ -32,14 +16,12 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
-# The formula
+# The formula, and multi-head attention
 
 
 def attention(q, k, v, mask=None, dropout_p=0.0):
-    """softmax(q k^T / sqrt(hs)) v for queries (B, nh, Lq, hs), keys (B, nh, Lk, hs), values (B, nh, Lk, hv).
-
-    `mask` (Lq, Lk) is True where a query may look; `dropout_p` drops attention weights (training).
-    """
+    """softmax(q k^T / sqrt(hs)) v for queries (B, nh, Lq, hs), keys (B, nh, Lk, hs), values (B, nh, Lk, hv);
+    `mask` (Lq, Lk) is True where a query may look; `dropout_p` drops attention weights (training)."""
     # The scale goes on the queries (Lq x hs numbers) rather than on the (Lq, Lk) scores: one pass less.
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))      # (B, nh, Lq, Lk)
     if mask is not None:
@@ -50,20 +32,9 @@ def attention(q, k, v, mask=None, dropout_p=0.0):
     return torch.matmul(weights, v)                                           # (B, nh, Lq, hv)
 
 
-# -----------------------------------------------------------------------------
-# Multi-head attention
-
-
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention from `dim_q` queries to `dim_kv` keys/values.
-
-    Queries and keys are projected to `n_head * (dim_q // n_head)` channels and
-    values to `n_head * (dim_kv // n_head)`, then concatenated heads go through
-    an output projection back to `dim_q`. Keys and values keep their own width
-    because the prior's cross-attention reads 240-wide frame features into a
-    576-wide stream. `attend` is the function that applies the formula:
-    `attention` here, or a faster kernel with the same numbers (fast.py).
-    """
+    """Multi-head attention from `dim_q` queries to `dim_kv` keys/values; values keep the key side's width
+    per head: the prior's cross-attention reads 240-wide frame features into a 576-wide stream."""
 
     def __init__(self, dim_q, dim_kv, n_head, n_layer=1, attn_dropout=0.0):
         super().__init__()
@@ -73,7 +44,7 @@ class MultiHeadAttention(nn.Module):
         self.d_k = dim_q // n_head    # per-head width of queries and keys
         self.d_v = dim_kv // n_head   # per-head width of values
         self.attn_dropout = attn_dropout
-        self.attend = attention
+        self.attend = attention       # the function that applies the formula (fast.py hands in faster ones)
         # q, k, v projections carry no bias; the output projection does (as the original).
         self.w_qs = nn.Linear(dim_q, n_head * self.d_k, bias=False)
         self.w_ks = nn.Linear(dim_kv, n_head * self.d_k, bias=False)
@@ -84,7 +55,6 @@ class MultiHeadAttention(nn.Module):
     @torch.no_grad()
     def init_weights(self, dim_q, dim_kv, n_layer):
         """The original's scheme, all normal with zero mean:
-
         | parameter  | std                      | why                                  |
         | ---------- | ------------------------ | ------------------------------------ |
         | w_qs       | 1 / sqrt(dim_q)          | unit-variance logits at init         |
@@ -114,15 +84,10 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     def forward(self, x, context=None, mask=None, kv=None, cache=None, pos=None, rotary=None):
-        """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself.
-
-        `mask` (Lq, Lk) is True where a query may look. `kv` passes keys and
-        values computed earlier (cross-attention to fixed frames while
-        sampling). With `cache` (a KVCache) the new keys and values are written
-        at positions `pos` (Lq,) and the queries attend over the whole buffer,
-        `mask` saying which of its positions are visible. `rotary` (cos, sin)
-        of the queries' positions rotates queries and keys (`rotary_tables`).
-        """
+        """Attend from `x` (B, Lq, dim_q) to `context` (B, Lk, dim_kv), or to `x` itself; `mask` (Lq, Lk) is
+        True where a query may look. `kv`: keys and values computed earlier. With `cache` the new keys and
+        values are written at positions `pos` (Lq,) and the queries attend over the whole buffer. `rotary`:
+        (cos, sin) of the queries' positions (`rotary_tables`)."""
         q = self.split_heads(self.w_qs(x), self.d_k)        # (B, nh, Lq, hs)
         # Keys and values: given, or computed from the context (or from x itself).
         k, v = kv if kv is not None else self.keys_values(x if context is None else context)
@@ -141,12 +106,8 @@ class MultiHeadAttention(nn.Module):
 
 
 class AxialAttention(nn.Module):
-    """Three independent self-attentions along T, H and W of a (B, T, H, W, C) tensor, summed.
-
-    Attending along one axis treats every position of the other two axes as a
-    separate sequence, so the cost is O(THW * (T + H + W)) instead of the
-    O((THW)^2) of full attention over the video.
-    """
+    """Three self-attentions along T, H and W of a (B, T, H, W, C) tensor, summed: each position of the other
+    two axes is a separate sequence, O(THW * (T + H + W)) instead of full attention's O((THW)^2)."""
 
     def __init__(self, n_hiddens, n_head):
         super().__init__()
@@ -179,12 +140,9 @@ class AxialAttention(nn.Module):
 
 
 class BroadcastPosEmbed(nn.Module):
-    """Learned position embeddings for a (d_0, ..., d_{n-1}) grid, one small table per axis.
-
-    Table i is (d_i, dim / n); the embedding of position (i_0, ..., i_{n-1}) is
-    the concatenation of row i_0 of table 0, row i_1 of table 1, ... So a
-    4x32x32 grid needs 4 + 32 + 32 rows instead of 4096.
-    """
+    """Learned position embeddings for a (d_0, ..., d_{n-1}) grid, one small table (d_i, dim / n) per axis:
+    position (i_0, i_1, ...) is row i_0 of table 0, row i_1 of table 1, ... concatenated. A 4x32x32 grid
+    needs 4 + 32 + 32 rows instead of 4096."""
 
     def __init__(self, shape, dim):
         super().__init__()
@@ -213,16 +171,10 @@ class BroadcastPosEmbed(nn.Module):
 
 
 def rotary_tables(shape, head_dim, base=10.0):
-    """cos and sin (prod(shape), 2P) of rotary position embeddings (Su et al., 2021) over a grid,
-    one column per rotated channel: pair j's angle in columns 2j and 2j + 1, sin signed (-, +).
-
-    A query and a key rotated by their positions have a dot product that depends on their
-    offset only: the prior sees "the same place one latent step back" or "the code to the
-    left" directly, not through learned absolute tables. The channel pairs are split evenly
-    over the axes (P = head_dim // 2 // n_axes pairs each, any rest left unrotated); along an
-    axis, pair j turns by position * base^(-j / P), slow to fast. Not in the paper: an
-    option of the prior (GPTConfig.rope), on in the moving-digits preset.
-    """
+    """cos and sin (prod(shape), 2P) of rotary embeddings (Su et al., 2021) over a grid; not in the paper, an
+    option of the prior (GPTConfig.rope). Rotated queries and keys have dot products that depend on their offset
+    only: "the same place one latent step back" is one thing everywhere. Each axis gets P = head_dim // 2 //
+    n_axes channel pairs (any rest unrotated); pair j turns by position * base^(-j / P), in columns 2j, 2j + 1."""
     pairs = head_dim // 2 // len(shape)
     freqs = base ** (-torch.arange(pairs, dtype=torch.float32) / pairs)                # (pairs,)
     coords = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
@@ -252,18 +204,11 @@ def causal_mask(L):
     return torch.ones(L, L, dtype=torch.bool).tril()
 
 
-def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
-    """Boolean (L, L) mask of the original's strided block-sparse attention (Child et al., 2019).
-
-    The flattened sequence is cut into blocks of `block` tokens, arranged as a
-    grid: the trailing axes are merged until they hold more than one block. A
-    block row attends to (a) its `num_local_blocks` predecessors and itself,
-    and (b) for every block-grid axis but the last, the blocks that differ from
-    it only along that axis (earlier ones only, if causal). Inside the diagonal
-    block the usual causal triangle applies. The original ran this with
-    DeepSpeed's block-sparse kernels; as a dense mask it gives the same
-    attention weights on any device (fast.py skips its empty tiles).
-    """
+def strided_sparse_layout(shape, block=32, num_local_blocks=4):
+    """Boolean (L, L) mask of the original's strided block-sparse attention (Child et al., 2019): blocks of
+    `block` tokens on a grid (trailing axes merged until they hold more than one block) attend to (a) their
+    `num_local_blocks` predecessors and themselves, (b) for every grid axis but the last, the earlier blocks
+    that differ only along that axis; causal inside. fast.py skips the empty tiles, as DeepSpeed's did."""
     L = math.prod(shape)
     assert L % block == 0, f"sparse attention needs the sequence length {L} to be a multiple of block={block}"
     # Block grid: merge trailing axes until they hold more than one block.
@@ -277,17 +222,17 @@ def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
     n_blocks = L // block
     coords = torch.stack(torch.unravel_index(torch.arange(n_blocks), grid), dim=1)   # (n_blocks, n_axes)
     row, col = torch.arange(n_blocks).view(-1, 1), torch.arange(n_blocks).view(1, -1)   # (n_blocks, 1), (1, n_blocks)
-    # (a) local: the previous num_local_blocks blocks (and, if not causal, the next ones).
-    local = (col >= row - num_local_blocks) & (col <= row if causal else col < row + num_local_blocks)
+    # (a) local: the previous num_local_blocks blocks and itself.
+    local = (col >= row - num_local_blocks) & (col <= row)
     # (b) strided: same block coordinates except along one axis (the last axis excluded).
     strided = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
     for d in range(len(grid) - 1):
         others = [a for a in range(len(grid)) if a != d]
         same = (coords[:, None, others] == coords[None, :, others]).all(-1)          # (n_blocks, n_blocks)
-        strided |= same & (coords[None, :, d] <= coords[:, None, d] if causal else same)
+        strided |= same & (coords[None, :, d] <= coords[:, None, d])
     layout = local | strided                                                        # (n_blocks, n_blocks)
     mask = layout.repeat_interleave(block, 0).repeat_interleave(block, 1)           # (L, L)
-    return mask & causal_mask(L) if causal else mask
+    return mask & causal_mask(L)
 
 
 # -----------------------------------------------------------------------------
@@ -295,14 +240,9 @@ def strided_sparse_layout(shape, block=32, num_local_blocks=4, causal=True):
 
 
 class KVCache:
-    """One layer's keys and values for every position of the sequence, allocated once.
-
-    Sampling draws one code at a time; without a cache, every new code would
-    recompute the keys and values of all the codes before it. With one, a step
-    computes the newest code's key and value, writes them at its position, and
-    attends over the buffer (the mask hides positions not yet written). Nothing
-    is concatenated or reallocated while sampling.
-    """
+    """One layer's keys and values for every position, allocated once. Without it each new code would recompute
+    the keys and values of all the codes before it; with it a step writes the newest code's at its position
+    and attends over the buffer (the mask hides positions not yet written), reallocating nothing."""
 
     def __init__(self, batch_size, n_head, length, d_k, d_v, dtype, device):
         self.k = torch.zeros(batch_size, n_head, length, d_k, dtype=dtype, device=device)

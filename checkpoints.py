@@ -283,6 +283,18 @@ def checkpoint_kind(ckpt):
     return None
 
 
+def expect_kind(ckpt, path, kind):
+    """Check that a checkpoint (ours or the original's) holds a `kind` ('vqvae' or 'gpt'); one-line errors."""
+    found = checkpoint_kind(ckpt)
+    if found is None:
+        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
+    if found != kind:
+        hint = (" (for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)" if kind == "vqvae"
+                else "")
+        what = "a VQ-VAE" if kind == "vqvae" else "a prior ('gpt')"
+        raise ValueError(f"{path}: is a '{found}' checkpoint, not {what} one{hint}")
+
+
 def original_args(ckpt, path, names):
     """The `argparse.Namespace` of an original VideoGPT checkpoint, checked to hold `names`."""
     hparams = ckpt.get("hyper_parameters")

@@ -30,9 +30,10 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from attention import MultiHeadAttention, rotate
-from gpt import VideoGPT, gelu2, normalize, sample_logits, uniform_noise
+from gpt import VideoGPT, normalize, sample_logits, uniform_noise
 
 # -----------------------------------------------------------------------------
 # Attention kernels
@@ -129,6 +130,27 @@ def flex_attention(q, k, v, block_mask):
 
 
 # -----------------------------------------------------------------------------
+# Memory: activation checkpointing
+
+
+def use_grad_checkpointing(gpt, enabled=True):
+    """Each block of the prior recomputes its activations in backward instead of keeping them (train.py
+    --grad_checkpointing): the same gradients, for a block's activations of memory instead of all of
+    them, at the price of a second forward. The original always did this while training."""
+    for block in gpt.attn_stack.attn_nets:
+        block.__dict__.pop("forward", None)         # back to the class's forward
+        if enabled:
+            block.forward = functools.partial(checkpointed, block, type(block).forward)
+    return gpt
+
+
+def checkpointed(block, forward, *args, **kwargs):
+    if not (block.training and torch.is_grad_enabled()):
+        return forward(block, *args, **kwargs)
+    return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+
+
+# -----------------------------------------------------------------------------
 # One sampling step as plain tensor operations
 
 
@@ -185,7 +207,7 @@ def block_decode(block, x, pos, cache, mask, plan, qkv, frame_kv=None, length=No
     if hasattr(block, "enc_attn"):
         x = x + block.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
     h = F.linear(normalize(x, *plan["fc_norm"]), block.fc_block[0].weight, block.fc_block[0].bias)
-    return x + F.linear(gelu2(h), block.fc_block[2].weight, block.fc_block[2].bias)
+    return x + F.linear(block.fc_block[1](h), block.fc_block[2].weight, block.fc_block[2].bias)   # GeLU2
 
 
 def decode_one_token(gpt, code, pos, cond, caches, length=None, weights=None):

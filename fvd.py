@@ -57,7 +57,11 @@ from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_
                      digits_main, gather_in_order, is_main, provenance, trial_seed, write_record)
 from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401  the UCF-101 score, public API here too
 from runtime import init_distributed, run_cli
-from vqvae import triple
+
+def triple(x):
+    """3 -> (3, 3, 3); a sequence is kept as a tuple."""
+    return (x,) * 3 if isinstance(x, int) else tuple(x)
+
 
 # -----------------------------------------------------------------------------
 # The Fréchet distance

@@ -1,15 +1,9 @@
 """The GPT prior of VideoGPT: an autoregressive transformer over the VQ-VAE's codes.
 
-Section 3.2 of Yan et al. (2021). A clip's codes (t, h, w) are read in raster
-order as one sequence of L = t*h*w tokens. Each token enters as its code's
-vector from the (frozen) VQ-VAE codebook, linearly mapped to `hidden_dim`; the
-sequence is shifted right by one behind a learned start vector, spatio-temporal
-position embeddings are added, and a stack of pre-norm transformer blocks with
-causal self-attention predicts every code from the ones before it. Optional
-conditioning: a class label through conditional LayerNorms, the first
-`n_cond_frames` frames through a 3D ResNet whose features every block
-cross-attends to, and per-frame actions (BAIR's robot arm) as more tokens of
-that cross-attention memory.
+Section 3.2 of Yan et al. (2021). A clip's codes (t, h, w), read in raster order as L = t*h*w tokens
+(each its codebook vector), shifted right behind a start vector, with position embeddings per axis: causal
+pre-norm blocks predict every code from the ones before it. Conditioning: a class through conditional
+LayerNorms, the first frames through a 3D ResNet the blocks cross-attend to, actions as per-frame tokens.
 
     from gpt import VideoGPT, GPTConfig, load_gpt
     gpt, vq = load_gpt("runs/gpt/ckpt.pt")              # ours, or an original VideoGPT prior .ckpt
@@ -17,37 +11,23 @@ that cross-attention memory.
     codes = gpt.sample(16, temperature=1.0, top_k=None, top_p=None, generator=g)
     video = vq.decode(codes)                            # (16, 3, T, H, W)
 
-Read in this order: the config, the norms, the frame-conditioning ResNet, the
-transformer block, the prior's teacher-forced `forward` (training), then
-`sample`: the start vector goes in first (the prefill), then each drawn code
-goes in at the next position, one block pass per code, keys and values kept in
-a KV cache (attention.py). The arithmetic is the original implementation's, so
-its published priors give the same logits; each place where the original has a
-quirk is marked `# original:`.
-
-Not here: the fast sampler (fast.py: fused decode, compiled, CUDA graphs, a
-prefix of given codes; proven to draw the codes `sample` draws), longer videos
-(sample.py), training (train.py), and reading files: `load_gpt` asks
-checkpoints.py to read a checkpoint safely, then builds the prior and its
-VQ-VAE itself.
+Read in order: the config, the norms, the ResNet, the block, `forward` (training), then `sample` (the start
+vector first, then each drawn code at the next position, through a KV cache). The arithmetic is the original's,
+so its priors give the same logits; its quirks are marked `# original:`. fast.py samples the same, sooner.
 """
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from attention import BroadcastPosEmbed, KVCache, MultiHeadAttention, causal_mask, rotary_tables, strided_sparse_layout
-from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_prior, stored_config
+from checkpoints import expect_kind, load_checkpoint, load_weights, original_prior, stored_config
 from vqvae import VQVAE, VQVAEConfig
-
-# -----------------------------------------------------------------------------
-# Configuration
-
 
 @dataclass
 class GPTConfig:
@@ -72,23 +52,20 @@ class GPTConfig:
 
     def __post_init__(self):
         self.latent_shape = tuple(int(s) for s in self.latent_shape)
-        n_axes = len(self.latent_shape)
-        if self.hidden_dim % n_axes:
-            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by {n_axes}: the position "
-                             f"embedding has one table of hidden_dim/{n_axes} per latent axis")
-        if self.hidden_dim % self.heads:
-            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by heads={self.heads}")
-        if self.attn_type not in ("full", "sparse"):
-            raise ValueError(f"attn_type must be 'full' or 'sparse', got {self.attn_type!r}")
-        self.seq_len = math.prod(self.latent_shape)
-        if self.attn_type == "sparse" and self.seq_len % self.sparse_block:
-            raise ValueError(f"sparse attention needs t*h*w={self.seq_len} to be a multiple of "
-                             f"sparse_block={self.sparse_block}")
-        if self.n_cond_frames and self.resolution % 4:
-            raise ValueError(f"frame conditioning needs resolution divisible by 4, got {self.resolution}")
-        if (self.n_cond_frames or self.action_dim) and RESNET_DIM % self.heads:
-            raise ValueError(f"frame and action conditioning need heads to divide the context width {RESNET_DIM}, "
-                             f"got {self.heads}")
+        self.seq_len, n = math.prod(self.latent_shape), len(self.latent_shape)
+        for ok, message in (
+                (self.hidden_dim % n == 0, f"hidden_dim={self.hidden_dim} is not divisible by {n}: the position "
+                                           f"embedding has one table of hidden_dim/{n} per latent axis"),
+                (self.hidden_dim % self.heads == 0, f"hidden_dim={self.hidden_dim} is not divisible by heads={self.heads}"),
+                (self.attn_type in ("full", "sparse"), f"attn_type must be 'full' or 'sparse', got {self.attn_type!r}"),
+                (self.attn_type != "sparse" or self.seq_len % self.sparse_block == 0, f"sparse attention needs "
+                 f"t*h*w={self.seq_len} to be a multiple of sparse_block={self.sparse_block}"),
+                (not self.n_cond_frames or self.resolution % 4 == 0,
+                 f"frame conditioning needs resolution divisible by 4, got {self.resolution}"),
+                (not (self.n_cond_frames or self.action_dim) or RESNET_DIM % self.heads == 0,
+                 f"frame and action conditioning need heads to divide the context width {RESNET_DIM}, got {self.heads}")):
+            if not ok:
+                raise ValueError(message)
 
     @property
     def cond_shape(self):
@@ -96,10 +73,8 @@ class GPTConfig:
         return (self.n_cond_frames, self.resolution // 4, self.resolution // 4)
 
     def to_dict(self):
-        d = asdict(self)
-        d.pop("seq_len")
-        d["latent_shape"] = list(d["latent_shape"])
-        return d
+        """The constructor's arguments as a plain dict, for checkpoints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 RESNET_DIM = 240  # width of the frame features (the original's resnet_dim)
@@ -110,13 +85,9 @@ RESNET_DIM = 240  # width of the frame features (the original's resnet_dim)
 
 
 class CondLayerNorm(nn.Module):
-    """The original's LayerNorm, optionally class-conditional.
-
-    It normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)): the epsilon is
-    added *outside* the square root, unlike nn.LayerNorm. Published weights were
-    trained with it, so nn.LayerNorm would shift their logits by ~1e-4.
-    With classes, gain and bias are 1 + W_g c and W_b c for the one-hot class c.
-    """
+    """The original's LayerNorm, optionally class-conditional: with classes, gain and bias are 1 + W_g c
+    and W_b c for the one-hot class c. It normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)), the
+    epsilon *outside* the root: published weights were trained with it (nn.LayerNorm: logits off by 1e-4)."""
 
     def __init__(self, dim, n_classes=0):
         super().__init__()
@@ -151,11 +122,7 @@ class GeLU2(nn.Module):
     """x * sigmoid(1.702 x), the sigmoid approximation of GELU used by the original."""
 
     def forward(self, x):
-        return gelu2(x)
-
-
-def gelu2(x):
-    return (1.702 * x).sigmoid() * x
+        return (1.702 * x).sigmoid() * x
 
 
 # -----------------------------------------------------------------------------
@@ -207,30 +174,24 @@ class ResidualBlock3d(nn.Module):
         return F.relu(h + shortcut)
 
 
-class BlockGroup(nn.Module):
-    def __init__(self, in_channels, filters, blocks, stride):
-        super().__init__()
-        self.start_block = ResidualBlock3d(in_channels, filters, stride, projection=True)
-        self.blocks = nn.Sequential(*[ResidualBlock3d(filters, filters, 1) for _ in range(blocks - 1)])
-
-    def forward(self, x):
-        return self.blocks(self.start_block(x))
+def block_group(in_channels, filters, blocks, stride):
+    """A projected block then `blocks - 1` plain ones (the original's names: start_block, blocks.i)."""
+    rest = nn.Sequential(*[ResidualBlock3d(filters, filters, 1) for _ in range(blocks - 1)])
+    return nn.Sequential(OrderedDict(start_block=ResidualBlock3d(in_channels, filters, stride, projection=True),
+                                     blocks=rest))
 
 
 class ResNet3d(nn.Module):
-    """(B, 3, k, H, W) frames -> (B, k, H/4, W/4, 240) features.
-
-    ResNet-34 (3, 4, 6, 3 blocks of widths 64, 128, 256, 240) with a 3x3x3 stem
-    and no downsampling in time; groups 2 and 3 halve H and W.
-    """
+    """(B, 3, k, H, W) frames -> (B, k, H/4, W/4, 240) features: ResNet-34 (3, 4, 6, 3 blocks of widths
+    64, 128, 256, 240), a 3x3x3 stem, no downsampling in time; groups 2 and 3 halve H and W."""
 
     def __init__(self, out_dim=RESNET_DIM):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv3d(3, 64, kernel_size=3, padding=1, bias=False), NormReLU(64))
-        self.group1 = BlockGroup(64, 64, blocks=3, stride=1)
-        self.group2 = BlockGroup(64, 128, blocks=4, stride=(1, 2, 2))
-        self.group3 = BlockGroup(128, 256, blocks=6, stride=(1, 2, 2))
-        self.group4 = BlockGroup(256, out_dim, blocks=3, stride=1)
+        self.group1 = block_group(64, 64, blocks=3, stride=1)
+        self.group2 = block_group(64, 128, blocks=4, stride=(1, 2, 2))
+        self.group3 = block_group(128, 256, blocks=6, stride=(1, 2, 2))
+        self.group4 = block_group(256, out_dim, blocks=3, stride=1)
 
     def forward(self, x):
         x = self.group4(self.group3(self.group2(self.group1(self.stem(x)))))  # (B, 240, k, H/4, W/4)
@@ -260,26 +221,19 @@ class Block(nn.Module):
         self.pre_fc_norm = CondLayerNorm(h, c.n_classes)
         self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
         self.post_fc_dp = nn.Dropout(c.dropout)
-        self.grad_checkpointing = False   # recompute activations in backward (train.py --grad_checkpointing)
 
     def forward(self, x, cond, mask, cache=None, pos=None, frame_kv=None, rotary=None):
-        """x (B, n, hidden) -> (B, n, hidden). cond: dict(onehot, context); mask (n, L): which positions
-        each of the n sees; with `cache`, x is at positions pos (n,) and its keys and values are written
-        there; frame_kv: the cross-attention's keys and values, precomputed; rotary: (cos, sin) of the n."""
-        ckpt = (lambda f, *a: checkpoint(f, *a, use_reentrant=False)) if self.grad_checkpointing and self.training \
-            else (lambda f, *a: f(*a))
+        """x (B, n, hidden) -> (B, n, hidden); mask (n, L): what each of the n sees; with `cache`, x is at
+        positions pos (n,); frame_kv: cross-attention keys and values, precomputed; rotary: (cos, sin)."""
         # Causal self-attention.
-        h = self.pre_attn_norm(x, cond["onehot"])
-        h = ckpt(lambda h: self.attn(h, mask=mask, cache=cache, pos=pos, rotary=rotary), h)
+        h = self.attn(self.pre_attn_norm(x, cond["onehot"]), mask=mask, cache=cache, pos=pos, rotary=rotary)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
-            h = self.pre_enc_norm(x, cond["onehot"])
-            h = ckpt(lambda h: self.enc_attn(h, context=cond["context"], kv=frame_kv), h)
+            h = self.enc_attn(self.pre_enc_norm(x, cond["onehot"]), context=cond["context"], kv=frame_kv)
             x = x + self.post_enc_dp(h)
         # MLP.
-        h = self.pre_fc_norm(x, cond["onehot"])
-        return x + self.post_fc_dp(ckpt(self.fc_block, h))
+        return x + self.post_fc_dp(self.fc_block(self.pre_fc_norm(x, cond["onehot"])))
 
 
 class RightShift(nn.Module):
@@ -309,14 +263,9 @@ class AttentionStack(nn.Module):
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, noise=None):
-    """Draw one index per row of logits (B, V) after temperature, top-k and nucleus filtering.
-
-    The draw is the Gumbel-max trick: argmax(logits / T + g) with g = -log(-log u) for uniform
-    noise u (B, V), given or drawn from `generator`. It picks index i with probability
-    softmax(logits / T)_i, exactly as a softmax followed by torch.multinomial, but as plain tensor
-    arithmetic on an input: given the same u, every sampler (this file's, fast.py's compiled one)
-    draws the same codes.
-    """
+    """One index per row of logits (B, V) after temperature, top-k and nucleus filtering, by the Gumbel-max
+    trick: argmax(logits / T - log(-log u)) for uniform noise u (B, V), given or drawn from `generator`, picks i
+    with probability softmax(logits / T)_i, but as arithmetic on an input: the same u, the same codes."""
     assert temperature > 0, f"temperature must be positive, got {temperature}"
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -335,15 +284,14 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 def uniform_noise(n, n_codes, steps, generator, device, chunk=64):
-    """The uniform noise of `steps` draws, (n, n_codes) each, drawn `chunk` draws at a time: one
-    call to the generator instead of 64 (on a CPU the numbers are the same as drawn one by one).
+    """The uniform noise of `steps` draws, (n, n_codes) each, `chunk` draws per call to the generator.
     Every sampler reads its noise from here, so the same generator gives them the same codes."""
     for start in range(0, steps, chunk):
         yield from torch.rand(min(chunk, steps - start), n, n_codes, generator=generator, device=device)
 
 
 # -----------------------------------------------------------------------------
-# The prior
+# The prior, and loading it: ours (with the VQ-VAE inside), and the original release's
 
 
 class VideoGPT(nn.Module):
@@ -356,13 +304,8 @@ class VideoGPT(nn.Module):
             self.resnet = ResNet3d(RESNET_DIM)
             self.cond_pos_embd = BroadcastPosEmbed(c.cond_shape, RESNET_DIM)
         if c.action_dim:
-            # Actions condition through the cross-attention memory, not through conditional norms.
-            # A conditional norm applies one gain and bias to every position: right for a class, but
-            # actions change from frame to frame, and the code of latent step t should look at the
-            # actions of the frames it covers (and, for where the arm is, those before). As one token
-            # per frame (a linear map of the action plus a learned embedding of its frame index),
-            # every code attends to the actions it needs and learns the frame-to-latent alignment
-            # itself; and with frame conditioning the tokens simply follow the frames' features.
+            # Actions join the cross-attention memory as per-frame tokens (the action mapped, plus its frame's
+            # embedding), not conditional norms: a norm's one gain fits a class, but a code needs its own frames'.
             self.action_in = nn.Linear(c.action_dim, RESNET_DIM)
             self.action_pos = nn.Parameter(torch.empty(c.sequence_length, RESNET_DIM).normal_(std=0.01))
         self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
@@ -381,8 +324,7 @@ class VideoGPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """The original's initialisation; what is not listed keeps PyTorch's default.
-
+        """The original's initialisation; what is not listed keeps PyTorch's default:
         | parameter                          | init                                   |
         | ---------------------------------- | -------------------------------------- |
         | fc_in.weight                       | normal, std 0.02                       |
@@ -403,10 +345,6 @@ class VideoGPT(nn.Module):
         assert embeddings.shape == self.codebook.shape, \
             f"codebook shape {tuple(embeddings.shape)} does not match the prior's {tuple(self.codebook.shape)}"
         self.codebook.copy_(embeddings)
-
-    def set_grad_checkpointing(self, enabled=True):
-        for block in self.attn_stack.attn_nets:
-            block.grad_checkpointing = enabled
 
     def condition(self, label, frames, batch_size, actions=None):
         """dict(onehot, context) from the raw conditioning inputs, checked against the config."""
@@ -461,18 +399,15 @@ class VideoGPT(nn.Module):
     # --- sampling: one position at a time, through the KV cache ---
 
     def setup_caches(self, batch_size, device, dtype=None):
-        """Fresh full-length key/value buffers for every layer, in the activations' dtype (autocast's if on)."""
-        c = self.config
+        """Fresh full-length key/value buffers for every layer, in the weights' dtype (which holds autocast's
+        bfloat16 or float16 keys exactly)."""
+        c, dtype = self.config, dtype or self.fc_in.weight.dtype
         d = c.hidden_dim // c.heads
-        if dtype is None:
-            on = torch.is_autocast_enabled(torch.device(device).type)
-            dtype = torch.get_autocast_dtype(torch.device(device).type) if on else self.fc_in.weight.dtype
         return [KVCache(batch_size, c.heads, c.seq_len, d, d, dtype, device) for _ in range(c.layers)]
 
     def step(self, x, pos, cond, caches):
-        """Inputs x (B, n, hidden) at positions pos (n,) through the blocks, writing their keys and values
-        into the caches; logits (B, n, n_codes). Each query sees the cache through its row of the mask,
-        so positions not yet written (zeros) are never looked at."""
+        """Inputs x (B, n, hidden) at positions pos (n,) through the blocks, keys and values into the caches;
+        logits (B, n, n_codes). Each query sees the cache through its row of the mask: never the unwritten."""
         x = self.attn_stack.pos_embd(x, pos)                                          # (B, n, hidden)
         for block, cache in zip(self.attn_stack.attn_nets, caches):
             x = block(x, cond, self.mask[pos], cache=cache, pos=pos, rotary=self.rotary_at(pos))
@@ -498,10 +433,6 @@ class VideoGPT(nn.Module):
         return codes.view(n, *c.latent_shape)                                             # (n, t, h, w)
 
 
-# -----------------------------------------------------------------------------
-# Loading checkpoints: ours (with the VQ-VAE inside), and the original release's priors
-
-
 def embedded_vqvae(ckpt, path):
     """The VQ-VAE a prior checkpoint of ours carries in `ckpt["vqvae"]` ({config, model}); one-line errors."""
     saved = ckpt.get("vqvae") if isinstance(ckpt.get("vqvae"), dict) else {}
@@ -513,18 +444,13 @@ def load_gpt(path, device="cpu"):
     """(prior, VQ-VAE), both in eval mode, from our checkpoint or an original VideoGPT prior .ckpt."""
     path = os.fspath(path)
     ckpt = load_checkpoint(path)
-    kind = checkpoint_kind(ckpt)
-    if kind is None:
-        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
-    if kind != "gpt":
-        raise ValueError(f"{path}: is a '{kind}' checkpoint, not a prior ('gpt') one")
+    expect_kind(ckpt, path, "gpt")
     if "stage" in ckpt:
         vq = embedded_vqvae(ckpt, path)
         config, state = stored_config(GPTConfig, ckpt, path), ckpt.get("model")
         config.sequence_length = vq.config.sequence_length   # older checkpoints did not store it; the VQ-VAE knows
     else:
-        # The original's files hold the VQ-VAE's weights under "vqvae." and no configs: checkpoints.py reads
-        # them off the weights' shapes and the run's args.
+        # The original's files hold no configs: checkpoints.py reads them off the weights and the run's args.
         vq_config, gpt_config, vq_state, state = original_prior(ckpt, path)
         vq = load_weights(VQVAE(VQVAEConfig(**vq_config)), vq_state, path, "the VQ-VAE's config")
         config = GPTConfig(**gpt_config)

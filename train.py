@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from checkpoints import stored_config
 from data import grid_video, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
-from fast import use_fast_attention
+from fast import use_fast_attention, use_grad_checkpointing
 from run import Run, step_flags
 from runtime import StopRequest, run_cli
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
@@ -265,8 +265,7 @@ class GPTStage:
             action_dim=action_dim, sequence_length=vc.sequence_length), self.ckpt, self.ckpt_path)
         model = VideoGPT(self.config)
         model.set_codebook(self.vq.codebook.embeddings)
-        model.set_grad_checkpointing(args.grad_checkpointing)
-        return model
+        return use_grad_checkpointing(model, args.grad_checkpointing)
 
     def conditioning(self, batch, x, device):
         """The prior's conditioning inputs of a batch: label, first frames, actions (None where unused)."""

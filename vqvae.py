@@ -1,13 +1,9 @@
 """The VQ-VAE of VideoGPT: video -> grid of discrete codes -> video.
 
-Section 3.1 of Yan et al. (2021). An encoder of strided 3D convolutions and
-axial-attention residual blocks compresses a clip (B, 3, T, H, W) by
-`downsample` = (dt, dh, dw) into a latent grid (B, D, t, h, w); each latent
-vector is replaced by its nearest entry of a learned codebook (van den Oord et
-al., 2017), whose entries follow an exponential moving average of the encoder
-outputs assigned to them (Razavi et al., 2019). A mirrored decoder of
-transposed convolutions turns the quantized grid back into a video. The
-integer codes (B, t, h, w) are what the GPT prior (gpt.py) learns to model.
+Section 3.1 of Yan et al. (2021). Strided 3D convolutions and axial-attention residual blocks compress a clip
+(B, 3, T, H, W) by `downsample` (dt, dh, dw) into a grid (B, D, t, h, w); each vector is replaced by its nearest
+codebook entry (van den Oord et al., 2017), entries that follow moving averages of the encoder outputs assigned
+to them (Razavi et al., 2019). A mirrored decoder turns the codes back into a video.
 
     from vqvae import VQVAE, VQVAEConfig, load_vqvae
     vq = VQVAE(VQVAEConfig(n_hiddens=64, n_codes=256))
@@ -15,17 +11,13 @@ integer codes (B, t, h, w) are what the GPT prior (gpt.py) learns to model.
     recon = vq.decode(codes)        # (B, t, h, w) -> (B, 3, T, H, W)
     out = vq(video)                 # dict: recon, loss, recon_loss, commitment_loss, perplexity, codes, usage
 
-The arithmetic (padding, layer order, initialisation of the codebook, the EMA
-update) is the original implementation's, so its published checkpoints load
-with `load_vqvae` and give the same codes and reconstructions. Every place where
-the original has a quirk is marked `# original:`.
-
-Not here: training (train.py) and reading files: `load_vqvae` asks
-checkpoints.py to read a checkpoint safely, then builds the model itself.
+The arithmetic is the original implementation's, so its published checkpoints
+load with `load_vqvae` and give the same codes and reconstructions; each of its
+quirks is marked `# original:`. Training is train.py's.
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -33,11 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import AxialAttention
-from checkpoints import checkpoint_kind, load_checkpoint, load_weights, original_vqvae, stored_config
-
-
-# -----------------------------------------------------------------------------
-# Configuration
+from checkpoints import expect_kind, load_checkpoint, load_weights, original_vqvae, stored_config
 
 
 @dataclass
@@ -62,37 +50,28 @@ class VQVAEConfig:
     def __post_init__(self):
         # Accept lists (argparse, JSON) and store tuples so configs compare and hash.
         self.downsample = tuple(int(d) for d in self.downsample)
-        if len(self.downsample) != 3:
-            raise ValueError(f"downsample must have 3 factors (T, H, W), got {self.downsample}")
-        for d in self.downsample:
-            if d < 1 or d & (d - 1):
-                raise ValueError(f"downsample factors must be powers of two, got {self.downsample}")
-        if max(self.downsample) == 1:
-            raise ValueError("downsample (1, 1, 1) compresses nothing; use at least one factor of 2 or more")
-        # An encoder without attention sees only a neighbourhood, so equal content gets equal codes (cheap
-        # for the prior to model); the decoder may still attend over the whole clip to reconstruct it.
         if self.decoder_res_layers is None:
             self.decoder_res_layers = self.n_res_layers
-        if self.local_encoder and self.n_res_layers:
-            raise ValueError(f"local_encoder needs n_res_layers=0: the encoder's attention (n_res_layers="
-                             f"{self.n_res_layers}) would let every code see the whole clip")
-        if self.n_hiddens % 2:
-            raise ValueError(f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}")
-        if self.n_hiddens % self.n_head:
-            raise ValueError(f"n_hiddens={self.n_hiddens} is not divisible by n_head={self.n_head}")
         input_shape = (self.sequence_length, self.resolution, self.resolution)
-        for name, size, d in zip(("sequence_length", "resolution", "resolution"), input_shape, self.downsample):
-            if size % d:
-                raise ValueError(f"downsample {self.downsample} does not divide the input: "
-                                 f"{name}={size} is not a multiple of {d}")
+        bad = [f"{n}={size} is not a multiple of {d}" for n, size, d in
+               zip(("sequence_length", "resolution", "resolution"), input_shape, self.downsample) if size % d]
+        for ok, message in (
+                (len(self.downsample) == 3, f"downsample must have 3 factors (T, H, W), got {self.downsample}"),
+                (all(d >= 1 and not d & (d - 1) for d in self.downsample),
+                 f"downsample factors must be powers of two, got {self.downsample}"),
+                (max(self.downsample) > 1, "downsample (1, 1, 1) compresses nothing; use at least one factor of 2 or more"),
+                (not (self.local_encoder and self.n_res_layers), f"local_encoder needs n_res_layers=0: the encoder's "
+                 f"attention (n_res_layers={self.n_res_layers}) would let every code see the whole clip"),
+                (self.n_hiddens % 2 == 0, f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}"),
+                (self.n_hiddens % self.n_head == 0, f"n_hiddens={self.n_hiddens} is not divisible by n_head={self.n_head}"),
+                (not bad, f"downsample {self.downsample} does not divide the input: {bad[0] if bad else ''}")):
+            if not ok:
+                raise ValueError(message)
         self.latent_shape = tuple(s // d for s, d in zip(input_shape, self.downsample))
 
     def to_dict(self):
-        """Plain dict of the constructor arguments, for checkpoints."""
-        d = asdict(self)
-        d.pop("latent_shape")
-        d["downsample"] = list(d["downsample"])
-        return d
+        """The constructor's arguments as a plain dict, for checkpoints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 # -----------------------------------------------------------------------------
@@ -100,11 +79,8 @@ class VQVAEConfig:
 
 
 def same_padding(kernel_size, stride):
-    """F.pad argument that pads each axis by k - s in total, the extra element first.
-
-    With that padding a stride-s convolution maps n -> n / s (n divisible by s),
-    like TensorFlow's "SAME". The list runs W, H, T because F.pad starts at the last axis.
-    """
+    """F.pad's argument padding each axis by k - s (the extra element first), so that a stride-s convolution
+    maps n -> n / s, like TensorFlow's "SAME". It runs W, H, T: F.pad starts at the last axis."""
     pad = []
     for k, s in zip(reversed(kernel_size), reversed(stride)):
         p = k - s
@@ -112,19 +88,13 @@ def same_padding(kernel_size, stride):
     return tuple(pad)
 
 
-def triple(x):
-    """3 -> (3, 3, 3); a sequence is kept as a tuple."""
-    return (x,) * 3 if isinstance(x, int) else tuple(x)
-
-
 class SamePadConv3d(nn.Module):
     """Conv3d whose output size is input size / stride."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
-        kernel_size, stride = triple(kernel_size), triple(stride)
-        self.pad = same_padding(kernel_size, stride)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        self.pad = same_padding(self.conv.kernel_size, self.conv.stride)    # Conv3d made both triples
 
     def forward(self, x):
         return self.conv(F.pad(x, self.pad))  # (B, C_out, T/st, H/sh, W/sw)
@@ -135,12 +105,11 @@ class SamePadConvTranspose3d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
-        kernel_size, stride = triple(kernel_size), triple(stride)
-        self.pad = same_padding(kernel_size, stride)
-        # original: the input is padded by k - s and the transposed convolution then crops
-        # k - 1 from each side (padding=k-1); together these give exactly n * s outputs.
-        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride,
-                                        bias=bias, padding=tuple(k - 1 for k in kernel_size))
+        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        self.pad = same_padding(self.convt.kernel_size, self.convt.stride)
+        # original: the input is padded by k - s, then the transposed convolution crops k - 1 from each side
+        # (its padding): together exactly n * s outputs.
+        self.convt.padding = tuple(k - 1 for k in self.convt.kernel_size)
 
     def forward(self, x):
         return self.convt(F.pad(x, self.pad))  # (B, C_out, T*st, H*sh, W*sw)
@@ -157,16 +126,9 @@ class AttentionResidualBlock(nn.Module):
         super().__init__()
         # A Sequential so that the parameter names (block.0, block.2, ..., block.8) are the original's.
         self.block = nn.Sequential(
-            nn.BatchNorm3d(n_hiddens),
-            nn.ReLU(),
-            SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
-            nn.BatchNorm3d(n_hiddens // 2),
-            nn.ReLU(),
-            SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
-            nn.BatchNorm3d(n_hiddens),
-            nn.ReLU(),
-            AxialAttention(n_hiddens, n_head),
-        )
+            nn.BatchNorm3d(n_hiddens), nn.ReLU(), SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
+            nn.BatchNorm3d(n_hiddens // 2), nn.ReLU(), SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
+            nn.BatchNorm3d(n_hiddens), nn.ReLU(), AxialAttention(n_hiddens, n_head))
 
     def forward(self, x):
         # Convolutional part, channels first.
@@ -176,22 +138,21 @@ class AttentionResidualBlock(nn.Module):
         return x + h.permute(0, 4, 1, 2, 3)            # (B, C, T, H, W)
 
 
+def res_stack(n_hiddens, n_res_layers, n_head):
+    """The attention residual blocks, then BN-ReLU: the encoder's end and the decoder's start."""
+    blocks = [AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)]
+    return nn.Sequential(*blocks, nn.BatchNorm3d(n_hiddens), nn.ReLU())
+
+
 def halvings(downsample):
     """How many stride-2 stages each axis needs: (4, 4, 1) -> [2, 2, 0]."""
     return [int(math.log2(d)) for d in downsample]
 
 
 class Encoder(nn.Module):
-    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw).
-
-    `local` (not in the original) shrinks every kernel to its stride and the last one to 1, so that
-    each latent vector is a function of its own (dt, dh, dw) patch only, as in a patch embedding.
-    The original's 4-wide kernels let a code see an 18-pixel window around its 4-pixel patch: an empty
-    patch next to a digit then gets another code than one in open space, and on the moving digits
-    two thirds of the codes are such empty patches spread over ~150 codes, on which the prior spends
-    most of its loss and its capacity. With local codes equal patches get equal codes; the decoder
-    still sees the neighbours through its own convolutions and attention.
-    """
+    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw). `local` (not in the original): kernels equal to
+    their strides and a last one of 1, so that each code is a function of its own patch and equal patches
+    get equal codes, cheaper for the prior to model (docs/presets.md); the decoder still sees neighbours."""
 
     def __init__(self, n_hiddens, n_res_layers, downsample, n_head=2, local=False):
         super().__init__()
@@ -201,15 +162,9 @@ class Encoder(nn.Module):
         for i in range(max(todo)):
             stride = tuple(2 if n > i else 1 for n in todo)
             self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, stride if local else 4, stride=stride))
-        # original: conv_last takes the *input* width of the last strided conv, which is 3
-        # when a single halving is enough (e.g. downsample (1, 2, 2)) and then crashes;
-        # here it takes n_hiddens, identical whenever the original runs.
+        # original: conv_last took the last strided conv's *input* width, 3 (a crash) when one halving is enough.
         self.conv_last = SamePadConv3d(n_hiddens, n_hiddens, kernel_size=1 if local else 3)
-        self.res_stack = nn.Sequential(
-            *[AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)],
-            nn.BatchNorm3d(n_hiddens),
-            nn.ReLU(),
-        )
+        self.res_stack = res_stack(n_hiddens, n_res_layers, n_head)
 
     def forward(self, x):
         # Strided convolutions with ReLU downsample each axis by its factor.
@@ -226,11 +181,7 @@ class Decoder(nn.Module):
 
     def __init__(self, n_hiddens, n_res_layers, upsample, n_head=2):
         super().__init__()
-        self.res_stack = nn.Sequential(
-            *[AttentionResidualBlock(n_hiddens, n_head) for _ in range(n_res_layers)],
-            nn.BatchNorm3d(n_hiddens),
-            nn.ReLU(),
-        )
+        self.res_stack = res_stack(n_hiddens, n_res_layers, n_head)
         # One stride-2 transposed conv per doubling; the last one outputs RGB.
         todo = halvings(upsample)
         n = max(todo)
@@ -259,28 +210,16 @@ def _distributed():
 
 
 class Codebook(nn.Module):
-    """Nearest-neighbour quantizer whose entries are exponential moving averages.
-
-    State (all buffers, so checkpoints carry it):
-      embeddings (K, D)  the code vectors e_k
-      N          (K,)    EMA of how many encoder outputs chose each code
-      z_avg      (K, D)  EMA of the sum of those outputs
-      initialized ()     False until the first training batch has seeded the codebook
-
-    After every training step e_k = z_avg_k / N_k (N Laplace-smoothed), and any
-    code with N_k < dead_code_threshold is restarted at a random encoder output
-    of the current batch. Under DDP the counts and sums are all-reduced and the
-    random draws broadcast from rank 0, so every rank holds the same codebook.
-    All of it runs in float32 with autocast off: distances between nearly equal
-    vectors and long-running averages are exactly where half precision fails.
+    """Nearest-neighbour quantizer whose entries are moving averages: embeddings e_k (K, D), N (K,) and z_avg
+    (K, D) averages of how many encoder outputs chose each code and of their sum; all buffers, so checkpoints
+    carry them. After each training step e_k = z_avg_k / N_k, and a code with N_k below dead_code_threshold
+    restarts at a random encoder output. Under DDP counts and sums are all-reduced, random rows broadcast.
+    All in float32 with autocast off: nearly equal distances and long averages are where half precision fails.
     """
 
     def __init__(self, n_codes, embedding_dim, decay=0.99, dead_code_threshold=1.0, eps=1e-7):
         super().__init__()
-        self.n_codes = n_codes
-        self.embedding_dim = embedding_dim
-        self.decay = decay
-        self.dead_code_threshold = dead_code_threshold
+        self.n_codes, self.embedding_dim, self.decay, self.dead_code_threshold = n_codes, embedding_dim, decay, dead_code_threshold
         self.eps = eps  # Laplace smoothing of the counts, so an unused code never divides by zero
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
@@ -289,11 +228,8 @@ class Codebook(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     def random_rows(self, flat):
-        """K rows drawn without replacement from flat (N, D), identical on every rank.
-
-        original: when the batch holds fewer than K vectors it is tiled and jittered
-        with noise of std 0.01 / sqrt(D) so that repeated rows still differ.
-        """
+        """K rows drawn without replacement from flat (N, D), identical on every rank. original: fewer than K
+        vectors are tiled and jittered by noise of std 0.01 / sqrt(D), so that repeated rows still differ."""
         n, d = flat.shape
         if n < self.n_codes:
             flat = flat.repeat((self.n_codes + n - 1) // n, 1)             # (ceil(K/N)*N, D)
@@ -320,8 +256,8 @@ class Codebook(nn.Module):
         if _distributed():
             dist.all_reduce(n_total)
             dist.all_reduce(encode_sum)
-        # A diverging encoder (NaN or inf anywhere, on any rank: the sums are all-reduced, so every
-        # rank sees it) must not poison the averages for good. Skip the update; the step is skipped too.
+        # A diverging encoder (NaN or inf on any rank: the sums are all-reduced) must not poison the
+        # averages for good: skip the update (the step is skipped too).
         if not torch.isfinite(encode_sum).all():
             return
         # Moving averages of counts and sums.
@@ -331,10 +267,8 @@ class Codebook(nn.Module):
         n = self.N.sum()
         weights = (self.N + self.eps) / (n + self.n_codes * self.eps) * n               # (K,)
         self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
-        # Restart dead codes at random encoder outputs. original: drew (and broadcast) the
-        # random rows every step; here only when some code is dead, which every rank
-        # agrees on because N is identical everywhere. N and z_avg of a restarted code are
-        # left as they are, as in the original, so it is restarted again each step until used.
+        # Restart dead codes at random encoder outputs (N and z_avg left as they are, so a code is restarted
+        # each step until used). original: drew the random rows every step; here only when a code is dead.
         dead = self.N < self.dead_code_threshold                                       # (K,)
         if dead.any():
             self.embeddings.copy_(torch.where(dead.unsqueeze(1), self.random_rows(flat), self.embeddings))
@@ -378,14 +312,13 @@ class Codebook(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The VQ-VAE
+# The VQ-VAE, and loading it: our checkpoints and the original release's (read safely by checkpoints.py)
 
 
 class VQVAE(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         self.encoder = Encoder(c.n_hiddens, c.n_res_layers, c.downsample, c.n_head, c.local_encoder)
         self.decoder = Decoder(c.n_hiddens, c.decoder_res_layers, c.downsample, c.n_head)
         # 1x1x1 convolutions in and out of the codebook's width.
@@ -393,10 +326,6 @@ class VQVAE(nn.Module):
         self.post_vq_conv = SamePadConv3d(c.embedding_dim, c.n_hiddens, 1)
         self.codebook = Codebook(c.n_codes, c.embedding_dim, decay=c.ema_decay,
                                  dead_code_threshold=c.dead_code_threshold)
-
-    @property
-    def latent_shape(self):
-        return self.config.latent_shape
 
     def check_video(self, x):
         """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
@@ -441,19 +370,10 @@ class VQVAE(nn.Module):
         return self.decoder(h)                                  # (B, 3, T, H, W)
 
 
-# -----------------------------------------------------------------------------
-# Loading: our checkpoints and the original VideoGPT release's (read safely by checkpoints.py)
-
-
 def load_vqvae(path, device="cpu"):
     """Load a VQ-VAE in eval mode from our checkpoint or an original VideoGPT .ckpt."""
     ckpt = load_checkpoint(path)
-    kind = checkpoint_kind(ckpt)
-    if kind is None:
-        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
-    if kind != "vqvae":
-        raise ValueError(f"{path}: is a '{kind}' checkpoint, not a VQ-VAE one "
-                         f"(for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)")
+    expect_kind(ckpt, path, "vqvae")
     if "stage" in ckpt:
         config, state = stored_config(VQVAEConfig, ckpt, path), ckpt.get("model")
     else:

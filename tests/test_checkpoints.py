@@ -29,7 +29,7 @@ def test_original_checkpoint_matches_reference_arithmetic(tmp_path):
     assert b"cuda:0" in open(path, "rb").read()          # tensors really are tagged as GPU tensors
     assert "pytorch_lightning" not in sys.modules
     vq = load_vqvae(path)
-    assert not vq.training and vq.latent_shape == (4, 8, 8)
+    assert not vq.training and vq.config.latent_shape == (4, 8, 8)
     codes = vq.encode(x)
     ref_codes = reference_encode(sd, x, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
     assert torch.equal(codes, ref_codes)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from attention import attention, causal_mask
 from conftest import VARIANTS, inputs, tiny_prior
 from fast import (EXPLICIT_MAX_KEYS, SHORT_KEYS, cached_condition, compiled_step, decode_one_token, explicit_attention,
-                  fast_attention, flex_available, generate, prefill, sparse_block_mask, use_fast_attention)
+                  fast_attention, flex_available, generate, prefill, sparse_block_mask, use_fast_attention,
+                  use_grad_checkpointing)
 from gpt import GPTConfig, VideoGPT
 from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
@@ -120,6 +121,28 @@ def test_flex_attention_visits_the_sparse_tiles_and_gives_the_dense_masks_logits
     finally:
         fast.flex_attention = real
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients():
+    gpt = tiny_prior(n_cond_frames=1, resolution=16).train()
+    codes, cond = inputs(gpt)
+    frames = cond["frames"]
+    calls = []
+    gpt.attn_stack.attn_nets[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    grads = []
+    for flag in (False, True):
+        gpt.zero_grad()
+        calls.clear()
+        use_grad_checkpointing(gpt, flag)
+        F.cross_entropy(gpt(codes, frames=frames).flatten(0, 3), codes.flatten()).backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+        assert len(calls) == (2 if flag else 1)                    # the block's forward ran again in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():                                          # evaluation is not checkpointed
+        calls.clear()
+        gpt(codes, frames=frames)
+        assert len(calls) == 1
 
 
 # -----------------------------------------------------------------------------
