@@ -1,39 +1,20 @@
-"""Video data in and out: preprocessing, the three datasets, video files and pictures, a small command line.
+"""Video data in and out: preprocessing, the datasets, video files and pictures.
 
-Every dataset here yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}`
-(plus `"label"`, an int, when the data has classes), which is what both
-training stages consume (Section 4 of the paper trains on 16-frame 64x64 clips).
+Every dataset yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}` (plus `"label"`, and per-frame
+`"actions"` / `"states"` where the data has them), which both training stages consume.
 
-* `HDF5Dataset`: the original VideoGPT HDF5 layout (BAIR, Moving MNIST files
-  made for it work unchanged): `train_data` uint8 (N_frames, H, W, 3) holding all
-  videos' frames back to back, `train_idx` int64 (N_videos,) their start frames,
-  the same for `test_`, and optionally `train_labels` / `test_labels`.
-* `VideoFolderDataset`: `ROOT/train/**/*.{mp4,avi,webm}` and `ROOT/test/...`,
-  the class of a video being its parent folder, decoded with PyAV. Frame counts
-  are indexed once and cached in a sidecar file.
-* `MovingDigitsDataset`: the built-in default, digits bouncing around a
-  64x64 RGB frame, rendered with matplotlib's bundled font: no download.
+* `HDF5Dataset`: the original VideoGPT layout: `train_data` uint8 (N_frames, H, W, 3), all videos' frames
+  back to back, `train_idx` int64 (N_videos,) their start frames, the same for `test_`; optionally labels,
+  actions, states and class names.
+* `VideoFolderDataset`: `ROOT/{train,test}/**/*.{mp4,avi,webm}`, a video's class its parent folder, decoded
+  with PyAV; frame counts indexed once, in a sidecar file.
+* `MovingDigitsDataset`: the built-in default, digits bouncing in a black frame (prepare/digits.py).
 
-Each item is one video, from which a random `sequence_length` window is taken.
-An item may also be requested as `(index, seed)`, which fixes the window; the
-training script's sampler does this so that data order is a pure function of
-the seed and the step, independent of worker processes.
-
-Out: `video_grid` / `grid_video` tile clips into a contact sheet or a grid
-video, `samples_to_uint8` turns decoded samples into clips to show (given
-frames put back and framed in red), and `save_gif` / `save_mp4` / `save_png`
-write them atomically.
-
-Not here: the models (data.py imports none), atomic writes and checkpoints
-(checkpoints.py), one-line errors (runtime.py).
-
-Command line:
-    python data.py moving-digits OUT.h5 [--n_videos N --frames T --resolution R --seed S]
-    python data.py folder-to-hdf5 DIR OUT.h5 [--resolution R]
-    python data.py inspect PATH [--out sheet.png]
+An item is one video's random `sequence_length` window; asked for as `(index, seed)`, the window is fixed,
+so the data a run sees is a pure function of its seed and step, whatever the DataLoader workers. Out:
+`video_grid` / `grid_video` tile clips (enlarged to be seen), and `save_gif` / `save_mp4` / `save_png` / `write_hdf5` write atomically. Making datasets: `python -m prepare`.
 """
 
-import argparse
 import concurrent.futures
 import glob
 import hashlib
@@ -51,7 +32,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from checkpoints import atomic_write
-from runtime import first_line, run_cli
+from prepare.digits import moving_digits_video
+from runtime import first_line
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm")
 
@@ -261,6 +243,19 @@ class HDF5Dataset(VideoFileDataset):
         return out
 
 
+def write_hdf5(path, splits):
+    """Write {split: (list of uint8 (T, H, W, 3) videos, labels or None)} in the original layout, atomically."""
+    def write(f):
+        with h5py.File(f, "w") as h5:
+            for split, (videos, labels) in splits.items():
+                lengths = [len(v) for v in videos]
+                h5.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
+                h5.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
+                if labels is not None:
+                    h5.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
+    atomic_write(path, write)
+
+
 # -----------------------------------------------------------------------------
 # Folders of video files, decoded with PyAV
 
@@ -431,121 +426,7 @@ class VideoFolderDataset(VideoFileDataset):
 
 
 # -----------------------------------------------------------------------------
-# The built-in default: moving digits
-
-
-_GLYPHS = {}
-
-# Six bright, saturated colours. A palette rather than any hue: the VQ-VAE spends its
-# codes on shapes instead of shades, and the prior has one colour of six to keep per digit.
-PALETTE = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.35, 0.55, 1.0],
-                    [1.0, 1.0, 0.25], [0.25, 1.0, 1.0], [1.0, 0.35, 1.0]], np.float32)
-
-
-def digit_glyphs(size, font=None):
-    """(10, size, size) float32 masks of the digits 0-9, centered, 85% of the square high.
-
-    `font` None is the dataset's own, matplotlib's bundled DejaVu Sans Bold; else
-    the file name of another font matplotlib ships (e.g. "cmr10.ttf"), which the
-    digit reader of fvd.py learns from so that it never sees the dataset's font.
-    """
-    if (size, font) not in _GLYPHS:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.font_manager import FontProperties
-        style = (dict(fontweight="bold", family="DejaVu Sans") if font is None else
-                 dict(fontproperties=FontProperties(fname=os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font))))
-        # Render large, crop each digit to its ink, and center it in a size x size square.
-        big = 4 * size
-        fig = Figure(figsize=(1, 1), dpi=big)
-        canvas = FigureCanvasAgg(fig)
-        glyphs = np.zeros((10, size, size), np.float32)
-        for d in range(10):
-            fig.clear()
-            fig.patch.set_facecolor("black")
-            fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white", fontsize=72 * 0.9, **style)
-            canvas.draw()
-            ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float32) / 255   # (big, big)
-            ys, xs = np.nonzero(ink > 0.05)
-            ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-            # Height fills 85% of the square; keep the aspect ratio (never wider than the square).
-            h = int(round(0.85 * size))
-            w = min(size, max(1, int(round(ink.shape[1] * h / ink.shape[0]))))
-            small = F.interpolate(torch.from_numpy(ink)[None, None], size=(h, w),
-                                  mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
-            top, left = (size - h) // 2, (size - w) // 2
-            glyphs[d, top:top + h, left:left + w] = small.clip(0, 1)
-        _GLYPHS[size, font] = glyphs
-    return _GLYPHS[size, font]
-
-
-# The eight directions a digit can move in: (dy, dx) per frame, in units of its speed.
-DIRECTIONS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
-
-
-def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None, speed=None, grid=None,
-                        apart=True):
-    """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls.
-
-    Each digit starts on a grid of `grid` pixels and moves `speed` pixels a frame
-    in one of eight directions (default: speed R/16, 2 pixels at 32x32, and a grid
-    of twice that). Why the grid: the digits VQ-VAE gives one code to each 2 frames
-    x 4x4 pixels, so a digit that starts on the 4-pixel grid and moves 2 pixels a
-    frame sits the same way in its code cells at every latent step (one cell
-    further on): it keeps the same codes, shifted, and the prior learns to carry
-    them along. A digit at any sub-cell offset gets new codes at every step, which
-    a prior trained for minutes cannot follow (see the README).
-    With `apart` each digit starts where its square does not cover another's (where
-    the frame has room): they meet as they move and bounce, not from the first frame.
-    `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
-    the list `digits` when one is given (the digit reader's labels).
-    """
-    # A glyph's square is 24/64 of the frame (12 pixels at 32x32; the digit 85% of it high): two
-    # squares starting apart then share ink in 26% of the frames and more than 15 pixels in 10%, where
-    # 28/64 (Moving MNIST's 28 pixels at 64x64) starting anywhere overlapped in 65% and 36%: a third
-    # of the frames, of which even the real ones read only half (fvd.py digits).
-    glyph = digit_glyphs(max(8, round(resolution * 24 / 64))) if glyphs is None else glyphs
-    g = glyph.shape[-1]
-    speed = max(1, round(resolution / 16)) if speed is None else speed
-    grid = 2 * speed if grid is None else grid
-    top = (resolution - g) // grid * grid                                 # the farthest a corner goes, on the grid
-    cells = grid * np.arange(top // grid + 1)
-    corners = np.stack(np.meshgrid(cells, cells, indexing="ij"), -1).reshape(-1, 2)   # (n, 2): where a square can start
-    video = np.zeros((frames, resolution, resolution, 3), np.float32)
-    starts = []
-    for _ in range(n_digits):
-        digit = rng.integers(10)
-        if digits is not None:
-            digits.append(int(digit))
-        color = PALETTE[rng.integers(len(PALETTE))]
-        if apart:   # a corner whose square covers no earlier digit's square (any corner if none is left)
-            choices = [c for c in corners if all(np.abs(c - s).max() >= g for s in starts)] or list(corners)
-            pos = choices[rng.integers(len(choices))].copy()
-        else:
-            pos = grid * rng.integers(0, top // grid + 1, size=2)         # (y, x) of the top-left corner
-        starts.append(pos)   # never changed in place: each move below makes a new array first
-        vel = speed * DIRECTIONS[rng.integers(len(DIRECTIONS))]            # (dy, dx) per frame
-        for t in range(frames):
-            y, x = pos
-            patch = glyph[digit][..., None] * color                       # (g, g, 3)
-            video[t, y:y + g, x:x + g] = np.maximum(video[t, y:y + g, x:x + g], patch)
-            # Move, and bounce off the borders by reflecting position and velocity
-            # (which keeps the corner on the grid when it started there).
-            pos = pos + vel
-            for a in range(2):
-                if pos[a] < 0:
-                    pos[a], vel[a] = -pos[a], -vel[a]
-                elif pos[a] > top:
-                    pos[a], vel[a] = 2 * top - pos[a], -vel[a]
-    return (video * 255).round().astype(np.uint8)
-
-
-def moving_digits(n_videos, frames=16, resolution=64, seed=0, train=True):
-    """uint8 (n_videos, frames, R, R, 3); video i depends only on (seed, split, i)."""
-    split = 0 if train else 1
-    return np.stack([moving_digits_video(np.random.default_rng([seed, split, i]), frames, resolution)
-                     for i in range(n_videos)])
+# The built-in default: moving digits (made by prepare/digits.py)
 
 
 class MovingDigitsDataset(Dataset):
@@ -622,31 +503,6 @@ def grid_video(videos, ncol=None, pad=2):
     return canvas
 
 
-def frame_conditioning(videos, k, width=2):
-    """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the given frames, as in the paper."""
-    videos = np.array(videos)
-    if k:
-        red = np.array([255, 0, 0], np.uint8)
-        videos[:, :k, :width], videos[:, :k, -width:] = red, red
-        videos[:, :k, :, :width], videos[:, :k, :, -width:] = red, red
-    return videos
-
-
-def samples_to_uint8(video, frames=None, mark=True):
-    """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
-
-    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
-    those are put back exactly as given (the VQ-VAE's decoding of them is only an
-    approximation), and with `mark` framed in red, as in the paper's figures.
-    """
-    video = video.detach().float().clamp(-0.5, 0.5)
-    k = 0 if frames is None else frames.shape[2]
-    if k:
-        video = torch.cat([frames.to(video), video[:, :, k:]], dim=2)   # (B, 3, T, H, W)
-    clips = to_uint8(video).numpy()                                      # (B, T, H, W, 3)
-    return frame_conditioning(clips, k) if mark else clips
-
-
 def save_gif(frames, path, fps=8):
     """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
     from PIL import Image  # Pillow comes with matplotlib
@@ -681,97 +537,11 @@ def save_png(image, path):
     atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"))
 
 
-# -----------------------------------------------------------------------------
-# Converters and the command line
-
-
-def write_hdf5(path, splits):
-    """Write {split: (list of uint8 (T, H, W, 3) videos, labels or None)} in the original layout, atomically."""
-    def write(f):
-        with h5py.File(f, "w") as h5:
-            for split, (videos, labels) in splits.items():
-                lengths = [len(v) for v in videos]
-                h5.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
-                h5.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
-                if labels is not None:
-                    h5.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
-    atomic_write(path, write)
-
-
-def cmd_moving_digits(args):
-    n_test = args.n_test if args.n_test is not None else max(1, args.n_videos // 10)
-    splits = {split: (list(moving_digits(n, args.frames, args.resolution, args.seed, train=split == "train")), None)
-              for split, n in (("train", args.n_videos), ("test", n_test))}
-    write_hdf5(args.out, splits)
-    print(f"wrote {args.out}: {args.n_videos} train and {n_test} test videos of "
-          f"{args.frames}x{args.resolution}x{args.resolution}")
-
-
-def cmd_folder_to_hdf5(args):
-    splits = {}
-    for split in ("train", "test"):
-        ds = VideoFolderDataset(args.dir, sequence_length=1, train=split == "train", resolution=args.resolution)
-        videos = [to_uint8(preprocess(read_frames(p), args.resolution)).numpy() for p in ds.paths]
-        splits[split] = (videos, ds.labels)
-        print(f"{split}: {len(videos)} videos ({ds.n_skipped} skipped), classes: {ds.n_classes}")
-    write_hdf5(args.out, splits)
-    print(f"wrote {args.out}")
-
-
-def cmd_inspect(args):
-    sheets, errors = [], []
-    for train in (True, False):
-        try:
-            ds = make_dataset(args.path, sequence_length=args.frames, train=train, resolution=args.resolution)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"{'train' if train else 'test'}: {e}")
-            errors.append(e)
-            continue
-        frames = int(np.sum(ds.lengths)) if hasattr(ds, "lengths") else len(ds) * args.frames
-        item = ds[(0, 0)]
-        print(f"{ds.split}: {len(ds)} videos, {frames} frames, {ds.n_skipped} skipped, "
-              f"{ds.n_classes} classes, clip {tuple(item['video'].shape)} (C, T, H, W)")
-        for name in getattr(ds, "extras", ()):
-            print(f"  per-frame {name}: {item[name].shape[-1]} values")
-        if getattr(ds, "classes", None):
-            print(f"  classes: {', '.join(ds.classes[:20])}{' ...' if len(ds.classes) > 20 else ''}")
-        n = min(4, len(ds))
-        clips = torch.stack([ds[(i * len(ds) // n, 0)]["video"] for i in range(n)])   # (n, 3, T, R, R)
-        sheets.append(video_grid(to_uint8(clips).numpy()))
-    if not sheets:
-        raise errors[0]
-    out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
-    save_png(np.concatenate(sheets), out)
-    print(f"contact sheet (train rows first, then test): {out}")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Make, convert and inspect video datasets.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("moving-digits", help="write the synthetic moving-digits set as HDF5")
-    p.add_argument("out", help="output .h5 path")
-    p.add_argument("--n_videos", type=int, default=1000, help="training videos")
-    p.add_argument("--n_test", type=int, default=None, help="test videos (default: n_videos / 10)")
-    p.add_argument("--frames", type=int, default=16, help="frames per video")
-    p.add_argument("--resolution", type=int, default=64, help="frame height = width, pixels")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same videos")
-    p.set_defaults(fn=cmd_moving_digits)
-    p = sub.add_parser("folder-to-hdf5", help="convert ROOT/{train,test}/**/*.mp4 to one HDF5 file")
-    p.add_argument("dir", help="root folder holding train/ and test/")
-    p.add_argument("out", help="output .h5 path")
-    p.add_argument("--resolution", type=int, default=64, help="shorter side scaled to this, then center-cropped")
-    p.set_defaults(fn=cmd_folder_to_hdf5)
-    p = sub.add_parser("inspect", help="print counts, shapes and classes; save a PNG contact sheet")
-    p.add_argument("path", help="an HDF5 file or a video folder")
-    p.add_argument("--frames", type=int, default=8, help="frames per clip in the contact sheet")
-    p.add_argument("--resolution", type=int, default=64, help="frame size in the contact sheet")
-    p.add_argument("--out", default=None, help="PNG path (default: NAME_sheet.png here)")
-    p.set_defaults(fn=cmd_inspect)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["bair"], ["ucf101"]):     # the converters have their own folder now
-        parser.error(f"the {argv[0]} converter moved: python -m prepare {argv[0]} ...")
-    args = parser.parse_args(argv)
-    run_cli("data.py", args.fn, args)
+    """The dataset commands moved to `python -m prepare`; this says where, in one line."""
+    given = (sys.argv[1:] if argv is None else argv)[:1] or ["COMMAND"]
+    name = {"moving-digits": "digits", "folder-to-hdf5": "folder"}.get(given[0], given[0])
+    raise SystemExit(f"data.py: error: the dataset commands moved: python -m prepare {name} ...")
 
 
 if __name__ == "__main__":

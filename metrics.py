@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights
-from data import (cache_dir, digit_glyphs, find_videos, make_dataset, moving_digits_video, read_frames,
-                  samples_to_uint8, to_uint8)
+from data import cache_dir, find_videos, make_dataset, read_frames, to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
+from prepare.digits import digit_glyphs, moving_digits_video
 from runtime import default_device, init_distributed, run_cli
+from sample import samples_to_uint8
 from vqvae import load_vqvae
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import OutputLock, check_writable
-from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
+from data import grid_video, make_dataset, save_gif, save_mp4, save_png, to_uint8, video_grid
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
@@ -70,6 +70,40 @@ def parse_args(argv=None):
                    help="torch.compile the decoding step (CUDA graphs on GPU); default: only when the run draws "
                         f"at least {AUTO_COMPILE_STEPS} codes one after the other, where it pays for itself")
     return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# What a sample looks like: the given frames put back, framed in red
+
+
+def frame_conditioning(videos, k, width=2):
+    """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the given frames, as in the paper."""
+    videos = np.array(videos)
+    if k:
+        red = np.array([255, 0, 0], np.uint8)
+        videos[:, :k, :width], videos[:, :k, -width:] = red, red
+        videos[:, :k, :, :width], videos[:, :k, :, -width:] = red, red
+    return videos
+
+
+def samples_to_uint8(video, frames=None, mark=True):
+    """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
+
+    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
+    those are put back exactly as given (the VQ-VAE's decoding of them is only an
+    approximation), and with `mark` framed in red, as in the paper's figures.
+    """
+    video = video.detach().float().clamp(-0.5, 0.5)
+    k = 0 if frames is None else frames.shape[2]
+    if k:
+        video = torch.cat([frames.to(video), video[:, :, k:]], dim=2)   # (B, 3, T, H, W)
+    clips = to_uint8(video).numpy()                                      # (B, T, H, W, 3)
+    return frame_conditioning(clips, k) if mark else clips
+
+
+
+# -----------------------------------------------------------------------------
+# Conditioning from the command line
 
 
 def load_actions(path, n, sequence_length, action_dim):

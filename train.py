@@ -37,11 +37,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoints import stored_config
-from data import grid_video, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
+from data import grid_video, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_fast_attention, use_grad_checkpointing
 from run import Run, step_flags
 from runtime import StopRequest, run_cli
+from sample import samples_to_uint8
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
 # -----------------------------------------------------------------------------
@@ -254,7 +255,7 @@ class GPTStage:
         has_actions = "actions" in getattr(train_set, "extras", ())
         if args.action_cond and not has_actions and not self.ckpt:
             raise ValueError(f"--action_cond: the data {args.data or '(moving digits)'} has no per-frame actions "
-                             f"(an HDF5 file with train_actions, e.g. from data.py bair)")
+                             f"(an HDF5 file with train_actions, e.g. from python -m prepare bair)")
         action_dim = train_set[(0, 0)]["actions"].shape[-1] if args.action_cond and has_actions else 0
         vc = self.vq.config
         self.config = resolved_config(GPTConfig(

@@ -1,9 +1,62 @@
-"""python -m prepare DATASET ...: the converters' command line (see prepare/__init__.py)."""
+"""python -m prepare COMMAND ...: making, converting and inspecting datasets (see prepare/__init__.py)."""
 
 import argparse
+import os
 
+import numpy as np
+import torch
+
+from data import VideoFolderDataset, make_dataset, preprocess, read_frames, save_png, to_uint8, video_grid, write_hdf5
 from prepare import bair, ucf101
+from prepare.digits import moving_digits
 from runtime import run_cli
+
+
+def cmd_digits(args):
+    n_test = args.n_test if args.n_test is not None else max(1, args.n_videos // 10)
+    splits = {split: (list(moving_digits(n, args.frames, args.resolution, args.seed, train=split == "train")), None)
+              for split, n in (("train", args.n_videos), ("test", n_test))}
+    write_hdf5(args.out, splits)
+    print(f"wrote {args.out}: {args.n_videos} train and {n_test} test videos of "
+          f"{args.frames}x{args.resolution}x{args.resolution}")
+
+
+def cmd_folder(args):
+    splits = {}
+    for split in ("train", "test"):
+        ds = VideoFolderDataset(args.dir, sequence_length=1, train=split == "train", resolution=args.resolution)
+        videos = [to_uint8(preprocess(read_frames(p), args.resolution)).numpy() for p in ds.paths]
+        splits[split] = (videos, ds.labels)
+        print(f"{split}: {len(videos)} videos ({ds.n_skipped} skipped), classes: {ds.n_classes}")
+    write_hdf5(args.out, splits)
+    print(f"wrote {args.out}")
+
+
+def cmd_inspect(args):
+    sheets, errors = [], []
+    for train in (True, False):
+        try:
+            ds = make_dataset(args.path, sequence_length=args.frames, train=train, resolution=args.resolution)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{'train' if train else 'test'}: {e}")
+            errors.append(e)
+            continue
+        frames = int(np.sum(ds.lengths)) if hasattr(ds, "lengths") else len(ds) * args.frames
+        item = ds[(0, 0)]
+        print(f"{ds.split}: {len(ds)} videos, {frames} frames, {ds.n_skipped} skipped, "
+              f"{ds.n_classes} classes, clip {tuple(item['video'].shape)} (C, T, H, W)")
+        for name in getattr(ds, "extras", ()):
+            print(f"  per-frame {name}: {item[name].shape[-1]} values")
+        if getattr(ds, "classes", None):
+            print(f"  classes: {', '.join(ds.classes[:20])}{' ...' if len(ds.classes) > 20 else ''}")
+        n = min(4, len(ds))
+        clips = torch.stack([ds[(i * len(ds) // n, 0)]["video"] for i in range(n)])   # (n, 3, T, R, R)
+        sheets.append(video_grid(to_uint8(clips).numpy()))
+    if not sheets:
+        raise errors[0]
+    out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
+    save_png(np.concatenate(sheets), out)
+    print(f"contact sheet (train rows first, then test): {out}")
 
 
 def cmd_bair(args):
@@ -24,8 +77,27 @@ def cmd_ucf101(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m prepare", description="Convert real video datasets to HDF5.")
+    parser = argparse.ArgumentParser(prog="python -m prepare", description="Make, convert and inspect video datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("digits", help="write the synthetic moving-digits set as HDF5")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--n_videos", type=int, default=1000, help="training videos")
+    p.add_argument("--n_test", type=int, default=None, help="test videos (default: n_videos / 10)")
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument("--resolution", type=int, default=64, help="frame height = width, pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same videos")
+    p.set_defaults(fn=cmd_digits)
+    p = sub.add_parser("folder", help="convert ROOT/{train,test}/**/*.mp4 to one HDF5 file")
+    p.add_argument("dir", help="root folder holding train/ and test/")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--resolution", type=int, default=64, help="shorter side scaled to this, then center-cropped")
+    p.set_defaults(fn=cmd_folder)
+    p = sub.add_parser("inspect", help="print counts, shapes and classes; save a PNG contact sheet")
+    p.add_argument("path", help="an HDF5 file or a video folder")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip in the contact sheet")
+    p.add_argument("--resolution", type=int, default=64, help="frame size in the contact sheet")
+    p.add_argument("--out", default=None, help="PNG path (default: NAME_sheet.png here)")
+    p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("bair", help="BAIR robot pushing (the release tar or its folder) to HDF5, no TensorFlow")
     p.add_argument("src", help="bair_robot_pushing_dataset_v0.tar, or a folder holding softmotion30_44k/")
     p.add_argument("out", help="output .h5 path")

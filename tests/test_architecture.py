@@ -20,12 +20,12 @@ ALLOWED = {
     "attention": set(),
     "vqvae": {"attention", "checkpoints"},
     "gpt": {"attention", "checkpoints", "vqvae"},
-    "data": {"checkpoints", "runtime"},
-    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run"},
+    "data": {"checkpoints", "runtime", "prepare"},   # prepare.digits: the moving digits it draws on the fly
+    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run", "sample"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast"},
-    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
-    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast"},
+    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics", "sample"},
+    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "sample", "prepare"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample"},
     "fast": {"attention", "gpt"},
     "muon": {"vqvae", "gpt"},
@@ -55,7 +55,7 @@ def project_imports(name):
             found |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
-    return found & set(ALLOWED)
+    return found & (set(ALLOWED) | {"prepare"})
 
 
 def test_every_top_level_file_is_a_known_room():
@@ -92,7 +92,8 @@ def test_the_converters_import_the_data_chapter_and_the_plumbing_only():
                     found |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     found.add(node.module.split(".")[0])
-            extra = (found & (set(ALLOWED) | {"prepare"})) - CONVERTERS
+            # digits.py imports nothing from the project: data.py draws its clips, so no cycle.
+            extra = (found & (set(ALLOWED) | {"prepare"})) - (set() if path == "digits.py" else CONVERTERS)
             assert not extra, f"prepare/{path} imports {sorted(extra)}"
 
 
@@ -112,7 +113,7 @@ def test_no_import_cycle():
         assert n not in path, f"import cycle: {' -> '.join(path + [n])}"
         if n not in done:
             path.append(n)
-            for m in graph[n]:
+            for m in graph[n] - {"prepare"}:   # the converters' folder: its own test below
                 visit(m)
             path.pop()
             done.add(n)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gradient_video, run_script, write_video
-from data import (HDF5Dataset, MovingDigitsDataset, VideoFolderDataset, make_dataset, moving_digits, preprocess,
+from conftest import ROOT, gradient_video, run_script, write_video
+from data import (HDF5Dataset, MovingDigitsDataset, VideoFolderDataset, make_dataset, preprocess,
                   to_uint8, window_start)
+from prepare.digits import moving_digits
 
 
 def test_preprocess_non_square_scales_shorter_side_and_center_crops():
@@ -163,7 +164,7 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     ds = MovingDigitsDataset(5, sequence_length=6, resolution=32, seed=1)
     assert torch.equal(to_uint8(ds[2]["video"]), torch.from_numpy(a[2]))
     # Every fully inked pixel of a digit drawn alone has one of the palette's six colours.
-    from data import PALETTE, moving_digits_video
+    from prepare.digits import PALETTE, moving_digits_video
     one = moving_digits_video(np.random.default_rng(0), frames=4, resolution=32, n_digits=1)   # (4, 32, 32, 3)
     full = one[one.max(-1) == 255]                                                              # (n, 3)
     palette = (PALETTE * 255).round().astype(np.uint8)
@@ -176,7 +177,7 @@ def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_ste
     # square starts on the 4-pixel grid at 32x32 (8 at 64x64) and moves 2 pixels (4) a frame along
     # each axis it moves on, bouncing off the walls, so at every other frame (every latent step of
     # the digits VQ-VAE) it is on the grid again.
-    from data import DIRECTIONS, digit_glyphs, moving_digits_video
+    from prepare.digits import DIRECTIONS, digit_glyphs, moving_digits_video
     for resolution, speed, grid in ((32, 2, 4), (64, 4, 8)):
         g = round(resolution * 24 / 64)
         moved = set()
@@ -212,7 +213,7 @@ def test_moving_digits_start_apart_and_still_overlap_as_they_move():
     # Solid squares for glyphs: the inked area of a frame is 2 * 12 * 12 exactly when the two squares
     # do not overlap. Every clip starts with them apart; they meet later in some clips; drawn anywhere
     # (apart=False, as the digit reader's frames are) some start overlapped.
-    from data import moving_digits_video
+    from prepare.digits import moving_digits_video
     squares = np.ones((10, 12, 12), np.float32)
     area = lambda **kw: np.stack([(moving_digits_video(np.random.default_rng(seed), frames=8, resolution=32,
                                                        glyphs=squares, **kw).max(-1) > 0).sum((1, 2))
@@ -224,9 +225,10 @@ def test_moving_digits_start_apart_and_still_overlap_as_they_move():
     assert (area(n_digits=3)[:, 0] == 3 * 144).all()
 
 
-def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
-    run = lambda *a: run_script("data.py", *a, cwd=tmp_path)
-    r = run("moving-digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
+def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path):
+    # From another folder than the repository's: relative paths are the user's.
+    run = lambda *a: run_script("-m prepare", *a, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
+    r = run("digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "md.h5") as f:
         assert f["train_data"].shape == (24, 32, 32, 3) and list(f["train_idx"]) == [0, 6, 12, 18]
@@ -235,13 +237,13 @@ def test_cli_moving_digits_inspect_and_folder_to_hdf5(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train: 4 videos, 24 frames" in r.stdout and (tmp_path / "md_sheet.png").exists()
     make_folder(tmp_path / "vids")
-    r = run("folder-to-hdf5", "vids", "vids.h5", "--resolution", "16")
+    r = run("folder", "vids", "vids.h5", "--resolution", "16")
     assert r.returncode == 0, r.stderr
     assert "warning: " in r.stderr and "broken.mp4: cannot be decoded" in r.stderr
     ds = HDF5Dataset(tmp_path / "vids.h5", sequence_length=8, resolution=16)
     assert len(ds) == 3 and ds.n_classes == 2
     r = run("inspect", "nothing_here")
-    assert r.returncode != 0 and r.stderr.strip() == "data.py: error: nothing_here: no such file or folder"
+    assert r.returncode != 0 and r.stderr.strip() == "prepare: error: nothing_here: no such file or folder"
 
 
 def test_pictures_enlarge_small_frames_by_a_whole_factor():

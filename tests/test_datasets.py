@@ -169,7 +169,7 @@ def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
     check_bair_h5(out_dir, expected)
     prepare_main(["bair", str(src), str(out_main), "--view", "main"])
     check_bair_h5(out_main, expected, view="main")
-    r = run_script("data.py", "inspect", str(out_dir), "--frames", "2", "--out", str(tmp_path / "sheet.png"))
+    r = run_script("-m prepare", "inspect", str(out_dir), "--frames", "2", "--out", str(tmp_path / "sheet.png"))
     assert r.returncode == 0 and "per-frame actions: 4 values" in r.stdout and "per-frame states: 3 values" in r.stdout
     # The dataset hands out each window's actions and states with its frames.
     ds = data.HDF5Dataset(out_dir, sequence_length=2, train=True, resolution=64)
@@ -341,8 +341,9 @@ def test_ucf101_output_that_cannot_be_written_gives_one_line(tmp_path):
     assert "\n" not in message
 
 
-def test_the_old_converter_commands_say_where_the_converters_went(tmp_path):
-    r = run_script("data.py", "bair", str(tmp_path / "bair.tar"), str(tmp_path / "out.h5"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
-        "error: the bair converter moved: python -m prepare bair ...")
+def test_the_old_dataset_commands_say_where_they_went(tmp_path):
+    for old, new in (("bair", "bair"), ("moving-digits", "digits")):
+        r = run_script("data.py", old, str(tmp_path / "in"), str(tmp_path / "out.h5"))
+        assert r.returncode == 1 and r.stderr.strip() == (f"data.py: error: the dataset commands moved: "
+                                                          f"python -m prepare {new} ...")
     assert not os.path.exists(tmp_path / "out.h5")

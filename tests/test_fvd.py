@@ -97,7 +97,7 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
     import h5py
     monkeypatch.delenv("VIDEOGPT_DEBUG", raising=False)   # errors as the one line users see
 
-    from data import moving_digits
+    from prepare.digits import moving_digits
     data = tmp_path / "d12.h5"
     with h5py.File(data, "w") as f:
         for split, n in (("train", 4), ("test", 3)):
@@ -164,7 +164,7 @@ def small_reader():
 
 
 def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
-    from data import moving_digits
+    from prepare.digits import moving_digits
     from metrics import legibility, read_digits
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
@@ -174,7 +174,7 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     assert scores["real"]["frames_read"] > 0.2, scores          # briefly trained; the cached reader: about 0.8
     assert all(scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0 for k in ("noise", "blobs", "black")), scores
     # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
-    from data import moving_digits_video
+    from prepare.digits import moving_digits_video
     truth = []
     for i in range(32):
         digits = []
@@ -347,7 +347,8 @@ def test_c3d_and_inception_score_match_tgan2s_own_code(side):
 def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, capsys):
     import json
 
-    from data import moving_digits, write_hdf5
+    from data import write_hdf5
+    from prepare.digits import moving_digits
     weights, mean = write_c3d(str(tmp_path))
     common = ["--c3d", weights, "--mean", mean, "--device", "cpu"]
     # Clips made elsewhere, as a .npy; longer than 16 frames: the first 16 are scored, and it says so.

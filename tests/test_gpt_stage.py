@@ -143,7 +143,7 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
     import sample
     import train
     from gpt import load_gpt
-    # The digits file with a 3-d action per frame added, as data.py bair writes it.
+    # The digits file with a 3-d action per frame added, as python -m prepare bair writes it.
     data = tmp_path / "with_actions.h5"
     with h5py.File(digits_h5, "r") as src, h5py.File(data, "w") as f:
         for split in ("train", "test"):
@@ -172,7 +172,7 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
         assert str(e.value.code).startswith("sample.py: error: ") and message in str(e.value.code)
     assert train_error(*TINY_GPT, "--data", digits_h5, "--vqvae", vqvae_ckpt, "--out_dir", str(tmp_path / "x"),
                        "--action_cond").endswith("has no per-frame actions (an HDF5 file with train_actions, "
-                                                 "e.g. from data.py bair)")
+                                                 "e.g. from python -m prepare bair)")
 
 
 # -----------------------------------------------------------------------------
