@@ -7,8 +7,8 @@ one it replaces (tests/test_fast.py):
 * Attention kernels. `use_fast_attention(model)` hands every attention of a
   model `fast_attention` instead of the written-out formula: PyTorch's fused
   SDPA (flash / memory-efficient kernels on CUDA, never materialising the causal
-  mask), the formula itself where it is faster (short sequences on a CPU, such as
-  the VQ-VAE's axial attention; bfloat16 on a CPU up to 512 keys), and for the
+  mask), the formula itself where it is faster (bfloat16 on a CPU, up to 512
+  keys), and for the
   original's strided sparse prior FlexAttention over the layout's tiles, skipping
   the 95% of scores the mask would throw away.
 * The fast sampler. `generate(gpt, n, ...)` draws the codes `VideoGPT.sample`
@@ -38,13 +38,12 @@ from gpt import VideoGPT, normalize, sample_logits, uniform_noise
 # -----------------------------------------------------------------------------
 # Attention kernels
 
-# On a CPU, PyTorch's fused SDPA kernel has a fixed cost per call that the written-out formula does
-# not: in bfloat16 it loses up to about 512 keys (forward + backward of one layer, 4 heads of width 30,
+# On a CPU in bfloat16, PyTorch's fused SDPA kernel costs more than the formula written out until about
+# 512 keys (fixed cost per call, bf16 arithmetic): forward + backward of one layer, 4 heads of width 30,
 # 4096 tokens a batch, 2 cores: 256 keys 30 ms fused vs 21 ms written out, 512 keys 40 vs 34 ms, 1024
-# keys 50 vs 99 ms); in float32 on the VQ-VAE's short axial sequences (16 to 64 keys, thousands of them)
-# too. `python bench.py --only attention`.
-EXPLICIT_MAX_KEYS = 512      # CPU, bfloat16
-SHORT_KEYS = 64              # CPU, any dtype
+# keys 50 vs 99 ms. In float32 the fused kernel is as fast or faster at every length, the VQ-VAE's short
+# axial sequences included (docs/measurements.md). `python bench.py --only attention`.
+EXPLICIT_MAX_KEYS = 512
 
 
 def explicit_attention(q, k, v, mask=None):
@@ -67,8 +66,7 @@ def fast_attention(q, k, v, mask=None, dropout_p=0.0, pattern=None, block=None):
     if whole and pattern == "sparse" and dropout_p == 0.0 and flex_available() and \
             (q.device.type == "cuda" or not torch.is_grad_enabled()):
         return flex_attention(q, k, v, sparse_block_mask(mask, block))              # (B, nh, Lq, hv)
-    if q.device.type == "cpu" and dropout_p == 0.0 and (
-            k.shape[-2] <= SHORT_KEYS or (q.dtype == torch.bfloat16 and k.shape[-2] <= EXPLICIT_MAX_KEYS)):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0 and k.shape[-2] <= EXPLICIT_MAX_KEYS:
         return explicit_attention(q, k, v, mask)                                    # (B, nh, Lq, hv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=dropout_p,
                                           is_causal=causal)                         # (B, nh, Lq, hv)

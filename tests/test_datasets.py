@@ -342,8 +342,8 @@ def test_ucf101_output_that_cannot_be_written_gives_one_line(tmp_path):
 
 
 def test_the_old_dataset_commands_say_where_they_went(tmp_path):
-    for old, new in (("bair", "bair"), ("moving-digits", "digits")):
-        r = run_script("data.py", old, str(tmp_path / "in"), str(tmp_path / "out.h5"))
-        assert r.returncode == 1 and r.stderr.strip() == (f"data.py: error: the dataset commands moved: "
-                                                          f"python -m prepare {new} ...")
+    for old, new in (("bair", "bair"), ("moving-digits", "digits"), ("folder-to-hdf5", "folder"), ("inspect", "inspect")):
+        with pytest.raises(SystemExit) as e:                      # a message: exit status 1, the line on stderr
+            data.main([old, str(tmp_path / "in"), str(tmp_path / "out.h5")])
+        assert str(e.value.code) == f"data.py: error: the dataset commands moved: python -m prepare {new} ..."
     assert not os.path.exists(tmp_path / "out.h5")

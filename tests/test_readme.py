@@ -32,7 +32,7 @@ def test_the_readme_has_snippets_and_links_only_to_files_that_exist():
 
 
 def test_the_walkthrough_runs_and_draws_every_picture(tmp_path):
-    env = dict(os.environ, WALKTHROUGH_STEPS="10", WALKTHROUGH_OUT=str(tmp_path))
+    env = dict(os.environ, WALKTHROUGH_STEPS="3", WALKTHROUGH_OUT=str(tmp_path))
     r = run_script("docs/walkthrough.py", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sampled (4, 4, 8, 8) codes -> (4, 3, 8, 32, 32) video" in r.stdout
