@@ -40,7 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fast import explicit_attention, fast_attention, flex_available, generate, use_fast_attention
+from fast import explicit_attention, fast_attention, flex_available, generate, use_channels_last, use_fast_attention
 from gpt import GPTConfig, VideoGPT
 from muon import make_optimizer
 from runtime import autocast as autocast_for
@@ -117,6 +117,7 @@ def optimizer_steps_ms(model, device, args):
 
 def bench_vqvae(size, args, device, autocast):
     model = use_fast_attention(VQVAE(VQVAEConfig(**size["vqvae"])).to(device))   # as train.py runs it
+    use_channels_last(model, device, args.dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     c, B = model.config, size["vq_batch"]
     x = torch.rand(B, 3, c.sequence_length, c.resolution, c.resolution, device=device) - 0.5

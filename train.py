@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from checkpoints import stored_config
 from data import grid_video, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
-from fast import use_fast_attention, use_grad_checkpointing
+from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
 from run import Run, step_flags
-from runtime import StopRequest, run_cli
+from runtime import StopRequest, default_device, run_cli
 from sample import samples_to_uint8
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
@@ -200,7 +200,7 @@ class VQVAEStage:
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
-        return VQVAE(self.config)
+        return use_channels_last(VQVAE(self.config), default_device(args.device), args.dtype)
 
     def loss(self, model, batch, device):
         out = model(batch["video"].to(device, non_blocking=True))   # (B, 3, T, H, W) in

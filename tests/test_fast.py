@@ -16,7 +16,7 @@ from attention import attention, causal_mask
 from conftest import VARIANTS, inputs, tiny_prior
 from fast import (EXPLICIT_MAX_KEYS, cached_condition, compiled_step, decode_one_token, explicit_attention,
                   fast_attention, flex_available, generate, prefill, sparse_block_mask, use_fast_attention,
-                  use_grad_checkpointing)
+                  use_channels_last, use_grad_checkpointing)
 from gpt import GPTConfig, VideoGPT
 from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
@@ -91,6 +91,28 @@ def test_a_vqvae_with_fast_attention_gives_the_lessons_reconstruction_and_gradie
         o.backward()
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_channels_last_vqvae_gives_the_same_loss_and_gradients_and_only_in_cpu_float32():
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
+                         sequence_length=4, resolution=16)
+    torch.manual_seed(0)
+    plain = VQVAE(config).eval()
+    last = use_channels_last(VQVAE(config).eval(), "cpu", "float32")
+    last.load_state_dict(plain.state_dict())
+    weight = last.encoder.convs[0].conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    x = torch.rand(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1)) - 0.5
+    out = [m(x)["loss"] for m in (plain, last)]
+    torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=1e-5)
+    for o in out:
+        o.backward()
+    for (name, a), b in zip(plain.named_parameters(), last.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # bfloat16 (slower so on a CPU) and other devices keep the layout PyTorch makes.
+    for device, dtype in (("cpu", "bfloat16"), ("cuda", "float32")):
+        kept = use_channels_last(VQVAE(config), device, dtype).encoder.convs[0].conv.weight
+        assert kept.is_contiguous()
 
 
 @pytest.mark.skipif(not flex_available(), reason="FlexAttention needs PyTorch >= 2.5")
