@@ -225,7 +225,8 @@ def test_moving_digits_start_apart_and_still_overlap_as_they_move():
     assert (area(n_digits=3)[:, 0] == 3 * 144).all()
 
 
-def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path):
+def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path, monkeypatch, capsys):
+    from prepare.__main__ import main as prepare_main
     # From another folder than the repository's: relative paths are the user's.
     run = lambda *a: run_script("-m prepare", *a, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
     r = run("digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
@@ -233,17 +234,19 @@ def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path):
     with h5py.File(tmp_path / "md.h5") as f:
         assert f["train_data"].shape == (24, 32, 32, 3) and list(f["train_idx"]) == [0, 6, 12, 18]
         assert f["test_idx"].shape == (1,)
-    r = run("inspect", "md.h5", "--frames", "4", "--resolution", "32")
-    assert r.returncode == 0, r.stderr
-    assert "train: 4 videos, 24 frames" in r.stdout and (tmp_path / "md_sheet.png").exists()
     make_folder(tmp_path / "vids")
     r = run("folder", "vids", "vids.h5", "--resolution", "16")
     assert r.returncode == 0, r.stderr
     assert "warning: " in r.stderr and "broken.mp4: cannot be decoded" in r.stderr
     ds = HDF5Dataset(tmp_path / "vids.h5", sequence_length=8, resolution=16)
     assert len(ds) == 3 and ds.n_classes == 2
-    r = run("inspect", "nothing_here")
-    assert r.returncode != 0 and r.stderr.strip() == "prepare: error: nothing_here: no such file or folder"
+    # inspect, in this process: counts and a contact sheet beside the user, or one line.
+    monkeypatch.chdir(tmp_path)
+    prepare_main(["inspect", "md.h5", "--frames", "4", "--resolution", "32"])
+    assert "train: 4 videos, 24 frames" in capsys.readouterr().out and (tmp_path / "md_sheet.png").exists()
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["inspect", "nothing_here"])
+    assert str(e.value.code) == "prepare: error: nothing_here: no such file or folder"
 
 
 def test_pictures_enlarge_small_frames_by_a_whole_factor():

@@ -188,8 +188,9 @@ def test_fused_steps_give_the_teacher_forced_logits_and_generate_draws_the_lesso
             steps.append(decode_one_token(gpt, flat[:, i - 1], torch.tensor([i]), cond, caches,
                                           length=i + 1 if prefix_only else None))
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
-    # Same generator, same codes, for the fast and the lesson's sampler, with filtering on.
-    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)):
+    # Same generator, same codes, for the fast and the lesson's sampler, with filtering on (on two variants:
+    # the draw is the same function everywhere).
+    for kw in (dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)) if variant in ("full", "rope") else (dict(),):
         a = generate(gpt, B, **given, generator=torch.Generator().manual_seed(3), **kw)
         b = gpt.sample(B, **given, generator=torch.Generator().manual_seed(3), **kw)
         assert torch.equal(a, b), kw
