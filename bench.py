@@ -51,7 +51,7 @@ from vqvae import VQVAE, VQVAEConfig
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 SIZES = {
-    # CPU: the sizes the original VideoGPT was timed at on a 2-core CPU (README, "Measured"): VQ-VAE batch 4
+    # CPU: the sizes the original VideoGPT was timed at on a 2-core CPU (docs/measurements.md): VQ-VAE batch 4
     # of 16x64x64; prior training batch 2 of 8x16x16 = 2048 codes with dropout; sampling 4 clips of
     # 4x16x16 = 1024 codes, decoded by a VQ-VAE of the same widths into 8x64x64 clips.
     "cpu": dict(vqvae=dict(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=2, downsample=(2, 4, 4),
@@ -108,7 +108,7 @@ def emit(**record):
 
 def optimizer_steps_ms(model, device, args):
     """The optimizer's share of a training step, on random gradients of the model's shapes: Adam over every
-    weight, and --optimizer muon (Muon over hidden_matrices(), Adam over the rest), as train.py builds them."""
+    weight, and --optimizer muon (Muon over muon.hidden_matrices, Adam over the rest), as train.py builds them."""
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     return {f"{kind}_step_ms": 1000 * timed(make_optimizer(model, kind, lr=1e-4).step, device, args.warmup, args.steps)

@@ -135,7 +135,7 @@ def optimizer_kind(state):
 
 
 def make_optimizer(model, kind, lr, betas=(0.9, 0.999)):
-    """Adam over every weight, or ("muon") MuonAdam over the model's hidden_matrices() and the rest."""
+    """Adam over every weight, or ("muon") MuonAdam over hidden_matrices(model) and the rest."""
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
     matrices = hidden_matrices(model)

@@ -77,7 +77,7 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
     frame sits the same way in its code cells at every latent step (one cell
     further on): it keeps the same codes, shifted, and the prior learns to carry
     them along. A digit at any sub-cell offset gets new codes at every step, which
-    a prior trained for minutes cannot follow (see the README).
+    a prior trained for minutes cannot follow (docs/presets.md).
     With `apart` each digit starts where its square does not cover another's (where
     the frame has room): they meet as they move and bounce, not from the first frame.
     `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
