@@ -120,12 +120,13 @@ plt.close(fig)
 # ## 4. The prior learns the codes (gpt.py, Section 3.2)
 #
 # `VideoGPT.forward` is teacher forcing: the codes shifted right behind a start vector, position
-# embeddings per axis (`BroadcastPosEmbed`), causal blocks, and the cross-entropy of every code
-# given the ones before it. The codes come from the frozen VQ-VAE.
+# embeddings per axis (`BroadcastPosEmbed`; `rope=True` adds rotary embeddings, as the Quick start
+# does), causal blocks, and the cross-entropy of every code given the ones before it. The codes
+# come from the frozen VQ-VAE.
 
 # %%
 gpt = VideoGPT(GPTConfig(latent_shape=(t, h, w), n_codes=64, embedding_dim=32, hidden_dim=48, heads=4, layers=2,
-                         dropout=0.0, attn_dropout=0.0, sequence_length=8))
+                         dropout=0.0, attn_dropout=0.0, sequence_length=8, rope=True))
 gpt.set_codebook(vq.codebook.embeddings)
 opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
 for step in range(STEPS):
