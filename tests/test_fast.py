@@ -64,54 +64,51 @@ def test_fast_attention_writes_short_bfloat16_cpu_attention_out_and_leaves_the_r
                        F.scaled_dot_product_attention(ql, kl, vl, is_causal=True))
 
 
+def same_losses_and_gradients(plain, other, loss, atol):
+    """`loss(model)` and every parameter's gradient agree between two models holding the same weights
+    (float32: only the order of sums differs between the two routes)."""
+    out = [loss(m) for m in (plain, other)]
+    torch.testing.assert_close(out[1], out[0], atol=atol, rtol=1e-5)
+    for o in out:
+        o.backward()
+    for (name, a), b in zip(plain.named_parameters(), other.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=atol, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["full", "sparse", "frames+actions", "rope"])
 def test_a_prior_with_fast_attention_gives_the_lessons_logits_and_gradients(variant):
     plain = tiny_prior(**VARIANTS[variant])
     fast = use_fast_attention(tiny_prior(**VARIANTS[variant]))
     codes, given = inputs(plain)
-    out = [m(codes, **given) for m in (plain, fast)]
-    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
-    for m, o in zip((plain, fast), out):
-        F.cross_entropy(o.flatten(0, 3), codes.flatten()).backward()
-    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(fast(codes, **given), plain(codes, **given), atol=1e-5, rtol=1e-5)
+    same_losses_and_gradients(plain, fast, lambda m: F.cross_entropy(m(codes, **given).flatten(0, 3), codes.flatten()),
+                              atol=1e-5)
+
+
+def tiny_vqvae_pair(make_other):
+    """A small VQ-VAE in eval mode and `make_other(VQVAE)` with the same weights; a clip."""
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
+                         sequence_length=4, resolution=16)
+    torch.manual_seed(0)
+    plain = VQVAE(config).eval()
+    other = make_other(VQVAE(config).eval())
+    other.load_state_dict(plain.state_dict())
+    return plain, other, torch.rand(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1)) - 0.5
 
 
 def test_a_vqvae_with_fast_attention_gives_the_lessons_reconstruction_and_gradients():
-    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
-                         sequence_length=4, resolution=16)
-    torch.manual_seed(0)
-    plain = VQVAE(config).eval()
-    fast = use_fast_attention(VQVAE(config).eval())
-    fast.load_state_dict(plain.state_dict())
-    x = torch.rand(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1)) - 0.5
-    out = [m(x)["loss"] for m in (plain, fast)]
-    torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=1e-5)
-    for o in out:
-        o.backward()
-    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    plain, fast, x = tiny_vqvae_pair(use_fast_attention)
+    same_losses_and_gradients(plain, fast, lambda m: m(x)["loss"], atol=1e-6)
 
 
 def test_a_channels_last_vqvae_gives_the_same_loss_and_gradients_and_only_in_cpu_float32():
-    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
-                         sequence_length=4, resolution=16)
-    torch.manual_seed(0)
-    plain = VQVAE(config).eval()
-    last = use_channels_last(VQVAE(config).eval(), "cpu", "float32")
-    last.load_state_dict(plain.state_dict())
+    plain, last, x = tiny_vqvae_pair(lambda vq: use_channels_last(vq, "cpu", "float32"))
     weight = last.encoder.convs[0].conv.weight
     assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
-    x = torch.rand(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1)) - 0.5
-    out = [m(x)["loss"] for m in (plain, last)]
-    torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=1e-5)
-    for o in out:
-        o.backward()
-    for (name, a), b in zip(plain.named_parameters(), last.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    same_losses_and_gradients(plain, last, lambda m: m(x)["loss"], atol=1e-6)
     # bfloat16 (slower so on a CPU) and other devices keep the layout PyTorch makes.
     for device, dtype in (("cpu", "bfloat16"), ("cuda", "float32")):
-        kept = use_channels_last(VQVAE(config), device, dtype).encoder.convs[0].conv.weight
+        kept = use_channels_last(VQVAE(plain.config), device, dtype).encoder.convs[0].conv.weight
         assert kept.is_contiguous()
 
 
