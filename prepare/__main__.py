@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from data import VideoFolderDataset, make_dataset, preprocess, read_frames, save_png, to_uint8, video_grid, write_hdf5
-from prepare import bair, ucf101
+from prepare import bair, ucf101, vizdoom
 from prepare.digits import moving_digits
 from runtime import run_cli
 
@@ -57,6 +57,14 @@ def cmd_inspect(args):
     out = args.out or os.path.splitext(os.path.basename(args.path.rstrip("/")))[0] + "_sheet.png"
     save_png(np.concatenate(sheets), out)
     print(f"contact sheet (train rows first, then test): {out}")
+
+
+def cmd_vizdoom(args):
+    counts = vizdoom.write_vizdoom(args.out, args.scenario, args.episodes, args.length, args.resolution, args.frame_skip,
+                                   args.seed, args.policy)
+    print(f"wrote {args.out}: {counts['train']} train, {counts['val']} val and {counts['test']} test episodes of "
+          f"{args.length} frames ({counts['dropped']} ended early and were played again); actions "
+          f"{', '.join(counts['buttons'])}")
 
 
 def cmd_bair(args):
@@ -112,6 +120,18 @@ def main(argv=None):
     p.add_argument("--hdf5", action="store_true", help="write an HDF5 file at --resolution instead of links")
     p.add_argument("--resolution", type=int, default=64, help="with --hdf5: shorter side scaled, then center-cropped")
     p.set_defaults(fn=cmd_ucf101)
+    p = sub.add_parser("vizdoom", help="play ViZDoom episodes with their actions, made here (pip install vizdoom)")
+    p.add_argument("out", help="output .h5 path")
+    p.add_argument("--scenario", default="health_gathering_supreme",
+                   help="a scenario the vizdoom package ships (by name), or the path of a .cfg")
+    p.add_argument("--episodes", type=int, default=1000, help="episodes, split 8:1:1 into train / val / test")
+    p.add_argument("--length", type=int, default=100, help="frames per episode")
+    p.add_argument("--resolution", type=int, default=64, help="frame height = width, pixels")
+    p.add_argument("--frame_skip", type=int, default=4, help="game tics between two frames (an action holds for them)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the game and the policy; the same seed, the same bytes")
+    p.add_argument("--policy", default=None, help="module:function, a callable (observation) -> button index "
+                                                  "(default: the built-in Explorer, prepare/vizdoom.py)")
+    p.set_defaults(fn=cmd_vizdoom)
     args = parser.parse_args(argv)
     run_cli("prepare", args.fn, args)
 

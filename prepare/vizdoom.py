@@ -1,0 +1,230 @@
+"""ViZDoom, made here (Section 4.4 of the paper): episodes of a 3D world with the actions that steer it.
+
+    python -m prepare vizdoom vizdoom.h5                                    # the paper's size: 1000 x 100 frames
+    python -m prepare vizdoom small.h5 --episodes 40 --length 32 --resolution 32 --seed 1
+    python -m prepare vizdoom battle2.h5 --scenario path/to/battle2.cfg    # any scenario .cfg
+
+The `vizdoom` package (an optional dependency: `pip install vizdoom`) ships the
+engine, the Freedoom assets and its scenarios (health_gathering_supreme among
+them; the paper's Battle2 is not shipped, pass its .cfg). The game runs
+headless, seeded, so the same seed gives the same file, byte for byte.
+
+Each episode: `--length` frames, one every `--frame_skip` game tics, made 64x64
+by data.preprocess (shorter side scaled, centre cropped). The layout is the one
+every dataset here uses, split 8:1:1 into train / val / test:
+
+    {split}_data     uint8 (N_frames, R, R, 3)   {split}_idx  int64 (N_episodes,)
+    {split}_actions  float32 (N_frames, A)       one-hot: actions[t] is the button pressed after
+                                                 frame t was seen, which leads to frame t + 1
+    {split}_states   float32 (N_frames, S)       the scenario's game variables at frame t (health, ...)
+    action_names, state_names                    e.g. TURN_LEFT, TURN_RIGHT, MOVE_FORWARD; HEALTH
+
+An episode that ends before `--length` frames (the player died) is dropped and
+played again with the next seed: a clip is one life, never padded with a frozen
+screen nor stitched across a death, which a prior would learn as motion.
+
+The built-in policy (`Explorer`) plays as a person would: it holds each action
+for several steps, so turning and walking show in the video; it turns towards
+a health pack it sees and walks to it; otherwise it explores, walking on while
+the way ahead is open (the depth buffer) and turning to the more open side
+before a wall, with every button in a fair share. `--policy
+module:function` plugs in your own: a callable (observation) -> action index.
+"""
+
+import importlib
+import os
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints import atomic_write, check_writable
+from data import preprocess, to_uint8
+
+SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))   # the paper's 8:1:1
+MISSING = "vizdoom is not installed: pip install vizdoom (the ViZDoom engine, its assets and scenarios)"
+
+
+def import_vizdoom():
+    try:
+        import vizdoom   # lazy: an optional dependency, only for this dataset
+    except ImportError:
+        raise ValueError(MISSING) from None
+    return vizdoom
+
+
+def shipped_scenarios():
+    """The scenario names the vizdoom package ships (its .cfg files)."""
+    folder = import_vizdoom().scenarios_path
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".cfg"))
+
+
+def scenario_path(scenario):
+    """A shipped scenario's name (with or without .cfg), or a path to a .cfg; one line if neither."""
+    if scenario.endswith(".cfg") and os.sep in scenario or os.path.isfile(scenario):
+        if not os.path.isfile(scenario):
+            raise ValueError(f"{scenario}: no such scenario file")
+        return scenario
+    name = scenario[:-4] if scenario.endswith(".cfg") else scenario
+    if name not in shipped_scenarios():
+        raise ValueError(f"unknown scenario {scenario!r}: the vizdoom package ships {', '.join(shipped_scenarios())}; "
+                         f"or pass the path of a .cfg")
+    return os.path.join(import_vizdoom().scenarios_path, name + ".cfg")
+
+
+def make_game(scenario, seed):
+    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded."""
+    vzd = import_vizdoom()
+    path = scenario_path(scenario)
+    game = vzd.DoomGame()
+    try:
+        game.load_config(path)
+        game.set_window_visible(False)
+        game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+        game.set_screen_format(vzd.ScreenFormat.RGB24)
+        game.set_labels_buffer_enabled(True)    # where the health packs are, and how far the walls: for the policy
+        game.set_depth_buffer_enabled(True)
+        game.set_mode(vzd.Mode.PLAYER)
+        game.set_seed(seed)
+        game.init()
+    except Exception as e:   # the engine's own errors: a .cfg it cannot load, a missing .wad
+        raise ValueError(f"{path}: ViZDoom cannot load this scenario ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if not game.get_available_buttons():
+        game.close()
+        raise ValueError(f"{path}: the scenario has no available_buttons to press")
+    return game
+
+
+# -----------------------------------------------------------------------------
+# The built-in policy
+
+
+class Explorer:
+    """Holds each action for 3-8 steps; turns to a visible health pack and walks to it; walks on while the way
+    ahead is open and turns towards the more open side before a wall; turns now and then, for a fair share.
+
+    Called with an observation dict(frame (H, W, 3) uint8, depth (H, W) uint8 (distance, 0 near), labels
+    [(name, x, width)] of the objects in view, buttons [names]) and returns the index of the button to press."""
+
+    NEAR = 14   # depth units ahead under which the way is blocked (a wall about four steps away)
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.action, self.left = None, 0
+
+    def hold(self, action, low, high):
+        self.action, self.left = action, int(self.rng.integers(low, high))
+        return action
+
+    def __call__(self, obs):
+        buttons, depth = obs["buttons"], obs["depth"]
+        forward = buttons.index("MOVE_FORWARD") if "MOVE_FORWARD" in buttons else None
+        turns = [buttons.index(b) for b in ("TURN_LEFT", "TURN_RIGHT") if b in buttons]
+        h, w = depth.shape
+        blocked = np.median(depth[h // 3:2 * h // 3, w // 3:2 * w // 3]) < self.NEAR
+        if self.left > 0 and not (blocked and self.action == forward):
+            self.left -= 1
+            return self.action
+        packs = [x + width / 2 for name, x, width in obs["labels"] if "medikit" in name.lower() or "health" in name.lower()]
+        if len(turns) == 2 and blocked:     # towards the side with more room
+            return self.hold(turns[0] if depth[:, :w // 2].mean() > depth[:, w // 2:].mean() else turns[1], 4, 9)
+        if packs and forward is not None and len(turns) == 2:
+            # The pack nearest the centre of view: turn until it is ahead, then walk to it.
+            offset = (min(packs, key=lambda c: abs(c - w / 2)) - w / 2) / w
+            return self.hold(forward if abs(offset) < 0.1 else turns[0] if offset < 0 else turns[1], 2, 5)
+        # Explore: forward half the time, any other button the rest, each held long enough to show.
+        weights = np.ones(len(buttons))
+        if forward is not None:
+            weights[forward] = max(1, len(buttons) - 1)
+        return self.hold(int(self.rng.choice(len(buttons), p=weights / weights.sum())), 3, 9)
+
+
+def load_policy(spec):
+    """`module:function` -> a factory seed -> policy; None -> the built-in Explorer."""
+    if spec is None:
+        return Explorer
+    module, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"--policy {spec}: cannot import it ({type(e).__name__}); expected module:function") from None
+    return lambda seed: factory
+
+
+# -----------------------------------------------------------------------------
+# Episodes and the file
+
+
+def play_episode(game, policy, length, frame_skip, resolution):
+    """One life of `length` frames: uint8 (length, R, R, 3), one-hot actions (length, A), states (length, S);
+    None if the episode ended first."""
+    buttons = [b.name for b in game.get_available_buttons()]
+    frames, actions, states = [], [], []
+    game.new_episode()
+    for _ in range(length):
+        if game.is_episode_finished():
+            return None
+        state = game.get_state()
+        frame = state.screen_buffer                                               # (120, 160, 3) uint8
+        labels = [(l.object_name, l.x, l.width) for l in state.labels]
+        a = int(policy(dict(frame=frame, depth=state.depth_buffer, labels=labels, buttons=buttons)))
+        if not 0 <= a < len(buttons):
+            raise ValueError(f"the policy returned {a}, not a button index in [0, {len(buttons)})")
+        frames.append(to_uint8(preprocess(frame[None], resolution)).numpy()[0])   # (R, R, 3)
+        actions.append(np.eye(len(buttons), dtype=np.float32)[a])
+        states.append(np.asarray(state.game_variables, np.float32))
+        game.make_action(np.eye(len(buttons), dtype=int)[a].tolist(), frame_skip)
+    return np.stack(frames), np.stack(actions), np.stack(states)
+
+
+def split_sizes(n):
+    """8:1:1 of n episodes, at least one each for val and test."""
+    val = test = max(1, round(n * 0.1))
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, length=100, resolution=64, frame_skip=4,
+                  seed=0, policy=None, progress=True):
+    """Play `episodes` lives of `length` frames and write them to `out` (HDF5), atomically; returns the counts."""
+    if episodes < 3:
+        raise ValueError(f"--episodes {episodes}: need at least 3 (train, val and test)")
+    check_writable(os.path.dirname(os.path.abspath(out)))
+    make_policy = load_policy(policy)
+    game = make_game(scenario, seed)
+    buttons = [b.name for b in game.get_available_buttons()]
+    variables = [v.name for v in game.get_available_game_variables()]
+    sizes, episode_seeds, dropped = split_sizes(episodes), iter(range(seed * 1_000_003, (seed + 1) * 1_000_003)), 0
+    played = {}
+    bar = tqdm(total=episodes, desc="episodes", unit="episode", disable=not progress)
+    try:
+        for split, n in sizes.items():
+            played[split] = []
+            while len(played[split]) < n:
+                s = next(episode_seeds)
+                game.set_seed(s)
+                clip = play_episode(game, make_policy(s), length, frame_skip, resolution)
+                if clip is None:
+                    dropped += 1
+                    if dropped > 10 * episodes:
+                        raise ValueError(f"{scenario}: {dropped} episodes ended before {length} frames; "
+                                         f"try a shorter --length")
+                    continue
+                played[split].append(clip)
+                bar.update(1)
+    finally:
+        bar.close()
+        game.close()
+
+    def write(f):
+        with h5py.File(f, "w") as h5:
+            for split, clips in played.items():
+                h5.create_dataset(f"{split}_data", data=np.concatenate([c[0] for c in clips]),
+                                  chunks=(1, resolution, resolution, 3))
+                h5.create_dataset(f"{split}_idx", data=np.arange(len(clips), dtype=np.int64) * length)
+                h5.create_dataset(f"{split}_actions", data=np.concatenate([c[1] for c in clips]))
+                h5.create_dataset(f"{split}_states", data=np.concatenate([c[2] for c in clips]))
+            h5.create_dataset("action_names", data=np.array(buttons, dtype=h5py.string_dtype()))
+            h5.create_dataset("state_names", data=np.array(variables, dtype=h5py.string_dtype()))
+            h5.attrs.update(scenario=scenario, frame_skip=frame_skip, seed=seed, policy=policy or "Explorer")
+    atomic_write(out, write)
+    return dict(sizes, dropped=dropped, buttons=buttons)
