@@ -202,8 +202,8 @@ class HDF5Dataset(VideoFileDataset):
                 if f[key].ndim != 2 or f[key].shape[0] != n_frames_total:
                     raise ValueError(f"{self.path}: {key} must be (N_frames={n_frames_total}, dim), got {f[key].shape}")
                 self.extras.append(name)
-        self.class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][()]] \
-            if "classes" in f else None
+        names = lambda key: [c.decode() if isinstance(c, bytes) else str(c) for c in f[key][()]] if key in f else None
+        self.class_names, self.action_names = names("classes"), names("action_names")   # e.g. TURN_LEFT
         labels = None
         if labels_key in f:
             labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)   # (N_videos,)

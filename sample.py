@@ -5,6 +5,7 @@
     python sample.py --ckpt bair_gpt.ckpt --cond_from bair.hdf5 --out bair.mp4     # frame-conditional prior
     python sample.py --ckpt ucf_gpt.ckpt --label 3 --out class3.png                 # class-conditional prior
     python sample.py --ckpt bair_act.ckpt --cond_from bair.h5 --actions push.npy    # action-conditional prior
+    python sample.py --ckpt doom_act.ckpt --cond_from vizdoom.h5 --actions "TURN_LEFT*8,MOVE_FORWARD*8"   # by name
     python sample.py --ckpt runs/gpt/ckpt.pt --frames 64 --out long.mp4            # longer than trained
     python sample.py --ckpt runs/gpt/ckpt.pt --cond_from DATA --context_frames 4 --frames 32 --out predicted.mp4
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import OutputLock, check_writable
+from checkpoints import OutputLock, check_writable, load_checkpoint
 from data import grid_video, make_dataset, save_gif, save_mp4, save_png, to_uint8, video_grid
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--cond_from", default=None,
                    help="HDF5 file or video folder whose test clips give the conditioning frames (and labels, actions)")
     p.add_argument("--actions", default=None,
-                   help="action-conditional priors: a .npy of float actions, (T, action_dim) for every sample "
+                   help="action-conditional priors: the actions' names, each held for a number of frames, "
+                        "e.g. \"TURN_RIGHT*8,MOVE_FORWARD*8\" (one per frame, for every sample); or a .npy of "
+                        "float actions, (T, action_dim) for every sample "
                         "or (n, T, action_dim), T the clip's frames; replaces those of --cond_from")
     # length
     p.add_argument("--frames", type=int, default=None,
@@ -122,10 +125,30 @@ def load_actions(path, n, sequence_length, action_dim):
     return torch.from_numpy(np.ascontiguousarray(actions, np.float32))
 
 
+def named_actions(spec, names, n, lengths, where):
+    """--actions "TURN_RIGHT*8,MOVE_FORWARD*8": each name held for its count of frames (1 without one) ->
+    one-hot float32 (n, T, A), T one of `lengths` (the prior's clip, or --frames)."""
+    if not names:
+        raise ValueError(f"{where}: its actions have no names (data without action_names); pass --actions FILE.npy")
+    steps = []
+    for part in spec.split(","):
+        name, star, count = part.strip().partition("*")
+        if name not in names:
+            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
+        if star and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
+        steps += [names.index(name)] * (int(count) if star else 1)
+    if len(steps) not in lengths:
+        raise ValueError(f"--actions {spec}: {len(steps)} frames of actions, the video has "
+                         f"{' or '.join(map(str, sorted(set(lengths))))}")
+    one_hot = np.eye(len(names), dtype=np.float32)[steps]                                # (T, A)
+    return torch.from_numpy(one_hot).expand(n, -1, -1).contiguous()                   # (n, T, A)
+
+
 def conditioning(gpt, args, vq_config, device):
     """The prior's inputs for all n samples: dict(label (n,), frames (n, 3, k, H, W), actions (n, T, A)), None where unused."""
     c = gpt.config
-    labels = frames = actions = context = None
+    labels = frames = actions = context = data = None
     if args.context_frames and args.cond_from is None:
         raise ValueError("--context_frames continues real clips: pass --cond_from DATA too")
     if args.cond_from is not None:
@@ -143,8 +166,12 @@ def conditioning(gpt, args, vq_config, device):
         raise ValueError(f"{args.ckpt}: the prior is conditioned on {c.n_cond_frames} frame(s); "
                          f"pass --cond_from DATA to take them from a dataset's test clips")
     if c.action_dim:
-        if args.actions is not None:
+        if args.actions is not None and (args.actions.endswith(".npy") or os.path.exists(args.actions)):
             actions = load_actions(args.actions, args.n, c.sequence_length, c.action_dim).to(device)
+        elif args.actions is not None:
+            names = load_checkpoint(args.ckpt).get("action_names") or getattr(data, "action_names", None)
+            actions = named_actions(args.actions, names, args.n, (c.sequence_length, args.frames or c.sequence_length),
+                                    args.ckpt).to(device)
         elif actions is None:
             raise ValueError(f"{args.ckpt}: the prior is conditioned on actions; pass --actions FILE.npy "
                              f"({c.sequence_length}, {c.action_dim}) or --cond_from DATA with actions")

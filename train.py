@@ -257,6 +257,9 @@ class GPTStage:
             raise ValueError(f"--action_cond: the data {args.data or '(moving digits)'} has no per-frame actions "
                              f"(an HDF5 file with train_actions, e.g. from python -m prepare bair)")
         action_dim = train_set[(0, 0)]["actions"].shape[-1] if args.action_cond and has_actions else 0
+        # The actions' names travel with the prior (sample.py --actions "TURN_LEFT*8,..."); a resumed run keeps its.
+        self.action_names = (self.ckpt or {}).get("action_names") or (getattr(train_set, "action_names", None)
+                                                                     if action_dim else None)
         vc = self.vq.config
         self.config = resolved_config(GPTConfig(
             latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
@@ -297,7 +300,8 @@ class GPTStage:
         return text
 
     def checkpoint(self):
-        return dict(config=self.config.to_dict(), vqvae=dict(config=self.vq.config.to_dict(), model=self.vq.state_dict()))
+        return dict(config=self.config.to_dict(), vqvae=dict(config=self.vq.config.to_dict(), model=self.vq.state_dict()),
+                    action_names=self.action_names)
 
     @torch.no_grad()
     def picture(self, model, batch, device, path):

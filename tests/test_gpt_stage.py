@@ -150,6 +150,7 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
             for key in ("data", "idx"):
                 f[f"{split}_{key}"] = src[f"{split}_{key}"][()]
             f[f"{split}_actions"] = np.random.default_rng(0).normal(size=(len(f[f"{split}_data"]), 3)).astype(np.float32)
+        f["action_names"] = np.array(["LEFT", "RIGHT", "GO"], dtype=h5py.string_dtype())
     out = tmp_path / "gpt"
     train.train(train.parse_args(TINY_GPT + ["--data", str(data), "--vqvae", vqvae_ckpt, "--out_dir", str(out),
                                              "--max_steps", "2", "--action_cond"]))
@@ -160,13 +161,22 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
     sample.main(ckpt + ["--cond_from", str(data), "--out", str(tmp_path / "a.gif")])
     np.save(tmp_path / "push.npy", np.ones((4, 3)))
     sample.main(ckpt + ["--actions", str(tmp_path / "push.npy"), "--out", str(tmp_path / "b.gif")])
-    assert os.path.getsize(tmp_path / "a.gif") > 0 and os.path.getsize(tmp_path / "b.gif") > 0
+    # Or by name: the checkpoint keeps the data's action names; each name held for its count of frames.
+    assert torch.load(out / "ckpt.pt", weights_only=True)["action_names"] == ["LEFT", "RIGHT", "GO"]
+    sample.main(ckpt + ["--actions", "LEFT*2,GO,GO", "--out", str(tmp_path / "named.gif")])
+    sample.main(ckpt + ["--actions", "RIGHT*8", "--frames", "8", "--out", str(tmp_path / "long.gif")])
+    assert sample.named_actions("LEFT*2,GO,GO", ["LEFT", "RIGHT", "GO"], 2, (4,), "x").tolist() == \
+        [[[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]] * 2
+    assert all(os.path.getsize(tmp_path / f) > 0 for f in ("a.gif", "b.gif", "named.gif", "long.gif"))
     # Wrong or missing actions: one line naming the problem.
     np.save(tmp_path / "short.npy", np.ones((3, 3)))
     for argv, message in (
             (["--actions", str(tmp_path / "short.npy")],
              f"{tmp_path / 'short.npy'}: actions must be numbers of shape (4, 3) or (2, 4, 3), got float64 (2, 3, 3)"),
-            (["--cond_from", digits_h5], "the prior is conditioned on actions; pass --actions FILE.npy (4, 3)")):
+            (["--cond_from", digits_h5], "the prior is conditioned on actions; pass --actions FILE.npy (4, 3)"),
+            (["--actions", "LEFT*2,JUMP*2"], "--actions: unknown action 'JUMP'; this prior's actions are LEFT, RIGHT, GO"),
+            (["--actions", "LEFT*3"], "--actions LEFT*3: 3 frames of actions, the video has 4"),
+            (["--actions", "LEFT*x,GO*2"], "--actions: 'LEFT*x': the count after * must be a positive whole number")):
         with pytest.raises(SystemExit) as e:
             sample.main(ckpt + argv + ["--out", str(tmp_path / "c.gif")])
         assert str(e.value.code).startswith("sample.py: error: ") and message in str(e.value.code)
