@@ -61,7 +61,7 @@ def shipped_scenarios():
 
 def scenario_path(scenario):
     """A shipped scenario's name (with or without .cfg), or a path to a .cfg; one line if neither."""
-    if scenario.endswith(".cfg") and os.sep in scenario or os.path.isfile(scenario):
+    if (scenario.endswith(".cfg") and os.sep in scenario) or os.path.isfile(scenario):   # a path, not a name
         if not os.path.isfile(scenario):
             raise ValueError(f"{scenario}: no such scenario file")
         return scenario
