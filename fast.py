@@ -243,16 +243,12 @@ def decode_one_token(gpt, code, pos, cond, caches, length=None, weights=None):
 
 
 def prefill(gpt, cond, caches, n, prefix=None):
-    """The start vector, then the given codes `prefix` (n, P) if any, in one pass through the lesson's
-    blocks at positions 0..P, writing the caches. Returns the logits of position P (n, n_codes)."""
+    """The start vector, then the given codes `prefix` (n, P) if any, in one pass of the lesson's
+    `VideoGPT.step` at positions 0..P, writing the caches. Returns the logits of position P (n, n_codes)."""
     x = gpt.attn_stack.right_shift.sos.to(gpt.fc_in.weight.dtype).expand(n, 1, -1)   # (n, 1, hidden)
     if prefix is not None and prefix.shape[1]:
         x = torch.cat([x, gpt.embed(prefix)], dim=1)                                  # (n, 1 + P, hidden)
-    pos = torch.arange(x.shape[1], device=x.device)
-    x = gpt.attn_stack.pos_embd(x, pos)                                               # (n, 1 + P, hidden)
-    for block, cache, kv in zip(gpt.attn_stack.attn_nets, caches, cond["frame_kv"]):
-        x = block(x, cond, gpt.mask[pos], cache=cache, pos=pos, frame_kv=kv, rotary=gpt.rotary_at(pos))
-    return gpt.fc_out(gpt.norm(x[:, -1:], cond["onehot"]))[:, 0]                    # (n, n_codes)
+    return gpt.step(x, torch.arange(x.shape[1], device=x.device), cond, caches)[:, -1]   # (n, n_codes)
 
 
 # -----------------------------------------------------------------------------

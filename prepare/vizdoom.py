@@ -41,7 +41,6 @@ from tqdm import tqdm
 from checkpoints import atomic_write, check_writable
 from data import preprocess, to_uint8
 
-SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))   # the paper's 8:1:1
 MISSING = "vizdoom is not installed: pip install vizdoom (the ViZDoom engine, its assets and scenarios)"
 
 
@@ -140,15 +139,15 @@ class Explorer:
 
 
 def load_policy(spec):
-    """`module:function` -> a factory seed -> policy; None -> the built-in Explorer."""
+    """A factory seed -> policy: the built-in Explorer (None), or `module:function`, one's own policy (any seed)."""
     if spec is None:
         return Explorer
     module, _, name = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module), name)
+        policy = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"--policy {spec}: cannot import it ({type(e).__name__}); expected module:function") from None
-    return lambda seed: factory
+    return lambda seed: policy
 
 
 # -----------------------------------------------------------------------------
