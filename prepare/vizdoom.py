@@ -31,8 +31,10 @@ before a wall, with every button in a fair share. `--policy
 module:function` plugs in your own: a callable (observation) -> action index.
 """
 
+import contextlib
 import importlib
 import os
+import tempfile
 
 import h5py
 import numpy as np
@@ -71,27 +73,39 @@ def scenario_path(scenario):
     return os.path.join(import_vizdoom().scenarios_path, name + ".cfg")
 
 
+@contextlib.contextmanager
 def make_game(scenario, seed):
-    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded."""
+    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded; closed after.
+
+    The engine keeps a `_vizdoom/` folder and a `_vizdoom.ini` in its working folder: it starts in a scratch
+    folder, removed with the game, so making a dataset leaves nothing in the user's."""
     vzd = import_vizdoom()
-    path = scenario_path(scenario)
-    game = vzd.DoomGame()
-    try:
-        game.load_config(path)
-        game.set_window_visible(False)
-        game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
-        game.set_screen_format(vzd.ScreenFormat.RGB24)
-        game.set_labels_buffer_enabled(True)    # where the health packs are, and how far the walls: for the policy
-        game.set_depth_buffer_enabled(True)
-        game.set_mode(vzd.Mode.PLAYER)
-        game.set_seed(seed)
-        game.init()
-    except Exception as e:   # the engine's own errors: a .cfg it cannot load, a missing .wad
-        raise ValueError(f"{path}: ViZDoom cannot load this scenario ({type(e).__name__}: {str(e).strip()[:200]})") from None
-    if not game.get_available_buttons():
-        game.close()
-        raise ValueError(f"{path}: the scenario has no available_buttons to press")
-    return game
+    path = os.path.abspath(scenario_path(scenario))
+    game, here = vzd.DoomGame(), os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            game.load_config(path)
+            game.set_window_visible(False)
+            game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+            game.set_screen_format(vzd.ScreenFormat.RGB24)
+            game.set_labels_buffer_enabled(True)    # where the health packs are, how far the walls: for the policy
+            game.set_depth_buffer_enabled(True)
+            game.set_mode(vzd.Mode.PLAYER)
+            game.set_doom_config_path(os.path.join(scratch, "_vizdoom.ini"))
+            game.set_seed(seed)
+            os.chdir(scratch)
+            game.init()
+        except Exception as e:   # the engine's own errors: a .cfg it cannot load, a missing .wad
+            raise ValueError(f"{path}: ViZDoom cannot load this scenario "
+                             f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+        finally:
+            os.chdir(here)
+        try:
+            if not game.get_available_buttons():
+                raise ValueError(f"{path}: the scenario has no available_buttons to press")
+            yield game
+        finally:
+            game.close()
 
 
 # -----------------------------------------------------------------------------
@@ -189,13 +203,11 @@ def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, lengt
         raise ValueError(f"--episodes {episodes}: need at least 3 (train, val and test)")
     check_writable(os.path.dirname(os.path.abspath(out)))
     make_policy = load_policy(policy)
-    game = make_game(scenario, seed)
-    buttons = [b.name for b in game.get_available_buttons()]
-    variables = [v.name for v in game.get_available_game_variables()]
-    sizes, episode_seeds, dropped = split_sizes(episodes), iter(range(seed * 1_000_003, (seed + 1) * 1_000_003)), 0
-    played = {}
-    bar = tqdm(total=episodes, desc="episodes", unit="episode", disable=not progress)
-    try:
+    sizes, episode_seeds, dropped, played = split_sizes(episodes), iter(range(seed * 1_000_003, (seed + 1) * 1_000_003)), 0, {}
+    with make_game(scenario, seed) as game, tqdm(total=episodes, desc="episodes", unit="episode",
+                                                 disable=not progress) as bar:
+        buttons = [b.name for b in game.get_available_buttons()]
+        variables = [v.name for v in game.get_available_game_variables()]
         for split, n in sizes.items():
             played[split] = []
             while len(played[split]) < n:
@@ -210,9 +222,6 @@ def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, lengt
                     continue
                 played[split].append(clip)
                 bar.update(1)
-    finally:
-        bar.close()
-        game.close()
 
     def write(f):
         with h5py.File(f, "w") as h5:

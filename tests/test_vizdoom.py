@@ -62,6 +62,14 @@ def test_the_same_seed_gives_the_same_bytes(small_file, tmp_path):
         assert not np.array_equal(a["train_data"][()], b["train_data"][()])
 
 
+def test_the_engine_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
+    """The engine writes _vizdoom/ and _vizdoom.ini where it runs: in a scratch folder, removed after."""
+    needs_vizdoom()
+    monkeypatch.chdir(tmp_path)
+    vizdoom.write_vizdoom("out.h5", episodes=3, length=4, resolution=16, progress=False)
+    assert os.listdir(tmp_path) == ["out.h5"] and os.getcwd() == str(tmp_path)
+
+
 def horizontal_shift(a, b, most=12):
     """How many pixels the view moved right from frame a to frame b (grey levels, best of -most..most)."""
     a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)
