@@ -175,15 +175,15 @@ def sampling_dtype(gpt):
 def cached_condition(gpt, label, frames, n, actions=None):
     """What the conditioning fixes for a whole sampling call, computed once: the conditioning, the
     cross-attention keys and values of frames and actions, every norm's gain and bias (per sample
-    for a class-conditional prior)."""
+    for conditional norms: a class, or the paper's action norms)."""
     cond = gpt.condition(label, frames, n, actions)
     blocks = gpt.attn_stack.attn_nets
-    onehot = cond["onehot"]
+    vector = cond["vector"]
     cond["frame_kv"] = ([b.enc_attn.keys_values(cond["context"]) for b in blocks] if cond["context"] is not None
                         else [None] * len(blocks))
-    cond["plan"] = dict(norm=gpt.norm.gain_bias(onehot), blocks=[
-        dict(attn_norm=b.pre_attn_norm.gain_bias(onehot), fc_norm=b.pre_fc_norm.gain_bias(onehot),
-             enc_norm=b.pre_enc_norm.gain_bias(onehot) if hasattr(b, "enc_attn") else None) for b in blocks])
+    cond["plan"] = dict(norm=gpt.norm.gain_bias(vector), blocks=[
+        dict(attn_norm=b.pre_attn_norm.gain_bias(vector), fc_norm=b.pre_fc_norm.gain_bias(vector),
+             enc_norm=b.pre_enc_norm.gain_bias(vector) if hasattr(b, "enc_attn") else None) for b in blocks])
     return cond
 
 

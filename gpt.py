@@ -3,7 +3,8 @@
 Section 3.2 of Yan et al. (2021). A clip's codes (t, h, w), read in raster order as L = t*h*w tokens
 (each its codebook vector), shifted right behind a start vector, with position embeddings per axis: causal
 pre-norm blocks predict every code from the ones before it. Conditioning: a class through conditional
-LayerNorms, the first frames through a 3D ResNet the blocks cross-attend to, actions as per-frame tokens.
+LayerNorms, the first frames through a 3D ResNet the blocks cross-attend to, actions as per-frame tokens
+the blocks cross-attend to or (the paper's way) through the conditional LayerNorms.
 
     from gpt import VideoGPT, GPTConfig, load_gpt
     gpt, vq = load_gpt("runs/gpt/ckpt.pt")              # ours, or an original VideoGPT prior .ckpt
@@ -44,6 +45,7 @@ class GPTConfig:
     resolution: int = 64               # frame size of conditioning frames, pixels
     n_classes: int = 0                 # classes for class conditioning (0: none)
     action_dim: int = 0                # size of each frame's action vector for action conditioning (0: none)
+    action_norms: bool = False         # actions through the conditional LayerNorms (the paper's), not tokens
     sequence_length: int = 16          # frames per clip (the VQ-VAE's); one action per frame
     sparse_block: int = 32             # sparse attention: tokens per block
     sparse_local_blocks: int = 4       # sparse attention: preceding blocks every block sees
@@ -62,10 +64,20 @@ class GPTConfig:
                  f"t*h*w={self.seq_len} to be a multiple of sparse_block={self.sparse_block}"),
                 (not self.n_cond_frames or self.resolution % 4 == 0,
                  f"frame conditioning needs resolution divisible by 4, got {self.resolution}"),
-                (not (self.n_cond_frames or self.action_dim) or RESNET_DIM % self.heads == 0,
+                (not self.cross_attends or RESNET_DIM % self.heads == 0,
                  f"frame and action conditioning need heads to divide the context width {RESNET_DIM}, got {self.heads}")):
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def cross_attends(self):
+        """Whether the blocks cross-attend: to conditioning frames, or to action tokens."""
+        return bool(self.n_cond_frames or (self.action_dim and not self.action_norms))
+
+    @property
+    def norm_actions(self):
+        """Width of the actions in the norms' conditioning vector: the whole clip's, flattened (T * A)."""
+        return self.sequence_length * self.action_dim if self.action_norms else 0
 
     @property
     def cond_shape(self):
@@ -85,28 +97,29 @@ RESNET_DIM = 240  # width of the frame features (the original's resnet_dim)
 
 
 class CondLayerNorm(nn.Module):
-    """The original's LayerNorm, optionally class-conditional: with classes, gain and bias are 1 + W_g c
-    and W_b c for the one-hot class c. It normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)), the
-    epsilon *outside* the root: published weights were trained with it (nn.LayerNorm: logits off by 1e-4)."""
+    """The original's LayerNorm, optionally conditional: gain and bias are 1 + W_g c and W_b c for the
+    conditioning vector c (the one-hot class, then, with action norms, the clip's actions flattened). It
+    normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)), the epsilon *outside* the root: published
+    weights were trained with it (nn.LayerNorm: logits off by 1e-4)."""
 
-    def __init__(self, dim, n_classes=0):
+    def __init__(self, dim, cond_dim=0):
         super().__init__()
-        self.conditional = n_classes > 0
+        self.conditional = cond_dim > 0
         if self.conditional:
-            self.w = nn.Linear(n_classes, dim, bias=False)    # gain offset per class
-            self.wb = nn.Linear(n_classes, dim, bias=False)   # bias per class
+            self.w = nn.Linear(cond_dim, dim, bias=False)    # gain offset
+            self.wb = nn.Linear(cond_dim, dim, bias=False)   # bias
         else:
             self.g = nn.Parameter(torch.ones(dim))
             self.b = nn.Parameter(torch.zeros(dim))
 
-    def gain_bias(self, onehot=None):
-        """Gain and bias: the learned vectors (D,), or computed from the class (B, 1, D)."""
+    def gain_bias(self, vector=None):
+        """Gain and bias: the learned vectors (D,), or computed from the conditioning vector (B, 1, D)."""
         if self.conditional:
-            return 1 + self.w(onehot).unsqueeze(1), self.wb(onehot).unsqueeze(1)   # (B, 1, D) each
+            return 1 + self.w(vector).unsqueeze(1), self.wb(vector).unsqueeze(1)   # (B, 1, D) each
         return self.g, self.b
 
-    def forward(self, x, onehot=None):
-        return normalize(x, *self.gain_bias(onehot))
+    def forward(self, x, vector=None):
+        return normalize(x, *self.gain_bias(vector))
 
 
 def normalize(x, g, b):
@@ -208,17 +221,17 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        h = c.hidden_dim
-        self.pre_attn_norm = CondLayerNorm(h, c.n_classes)
+        h, n_cond = c.hidden_dim, c.n_classes + c.norm_actions
+        self.pre_attn_norm = CondLayerNorm(h, n_cond)
         # original: sparse attention ignored attn_dropout; kept so published priors behave the same.
         self.attn = MultiHeadAttention(h, h, c.heads, n_layer=c.layers,
                                        attn_dropout=c.attn_dropout if c.attn_type == "full" else 0.0)
         self.post_attn_dp = nn.Dropout(c.dropout)
-        if c.n_cond_frames or c.action_dim:
-            self.pre_enc_norm = CondLayerNorm(h, c.n_classes)
+        if c.cross_attends:
+            self.pre_enc_norm = CondLayerNorm(h, n_cond)
             self.enc_attn = MultiHeadAttention(h, RESNET_DIM, c.heads, n_layer=c.layers)
             self.post_enc_dp = nn.Dropout(c.dropout)
-        self.pre_fc_norm = CondLayerNorm(h, c.n_classes)
+        self.pre_fc_norm = CondLayerNorm(h, n_cond)
         self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
         self.post_fc_dp = nn.Dropout(c.dropout)
 
@@ -226,14 +239,14 @@ class Block(nn.Module):
         """x (B, n, hidden) -> (B, n, hidden); mask (n, L): what each of the n sees; with `cache`, x is at
         positions pos (n,); frame_kv: cross-attention keys and values, precomputed; rotary: (cos, sin)."""
         # Causal self-attention.
-        h = self.attn(self.pre_attn_norm(x, cond["onehot"]), mask=mask, cache=cache, pos=pos, rotary=rotary)
+        h = self.attn(self.pre_attn_norm(x, cond["vector"]), mask=mask, cache=cache, pos=pos, rotary=rotary)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
-            h = self.enc_attn(self.pre_enc_norm(x, cond["onehot"]), context=cond["context"], kv=frame_kv)
+            h = self.enc_attn(self.pre_enc_norm(x, cond["vector"]), context=cond["context"], kv=frame_kv)
             x = x + self.post_enc_dp(h)
         # MLP.
-        return x + self.post_fc_dp(self.fc_block(self.pre_fc_norm(x, cond["onehot"])))
+        return x + self.post_fc_dp(self.fc_block(self.pre_fc_norm(x, cond["vector"])))
 
 
 class RightShift(nn.Module):
@@ -303,14 +316,14 @@ class VideoGPT(nn.Module):
         if c.n_cond_frames:
             self.resnet = ResNet3d(RESNET_DIM)
             self.cond_pos_embd = BroadcastPosEmbed(c.cond_shape, RESNET_DIM)
-        if c.action_dim:
+        if c.action_dim and not c.action_norms:
             # Actions join the cross-attention memory as per-frame tokens (the action mapped, plus its frame's
-            # embedding), not conditional norms: a norm's one gain fits a class, but a code needs its own frames'.
+            # embedding): each code attends to the frames it needs, where a norm's one gain serves all.
             self.action_in = nn.Linear(c.action_dim, RESNET_DIM)
             self.action_pos = nn.Parameter(torch.empty(c.sequence_length, RESNET_DIM).normal_(std=0.01))
         self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
         self.attn_stack = AttentionStack(c)
-        self.norm = CondLayerNorm(c.hidden_dim, c.n_classes)
+        self.norm = CondLayerNorm(c.hidden_dim, c.n_classes + c.norm_actions)
         self.fc_out = nn.Linear(c.hidden_dim, c.n_codes, bias=False)
         # Which positions each position may attend to (True = visible): causal, or the original's sparse pattern.
         mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
@@ -332,13 +345,16 @@ class VideoGPT(nn.Module):
         | position tables                    | normal, std 0.01 (in BroadcastPosEmbed)|
         | attention q/k/v/out projections    | see MultiHeadAttention.init_weights    |
         | CondLayerNorm g, b / w, wb         | 1, 0 / constant 1/sqrt(n_classes), default |
+        |   (the action columns of w, wb)    | zeros: plain norms at the start        |
         | fc_out.weight                      | zeros: uniform logits at the start     |
         """
         self.fc_in.weight.normal_(std=0.02)
         self.fc_out.weight.zero_()
+        k = self.config.n_classes
         for m in self.modules():
             if isinstance(m, CondLayerNorm) and m.conditional:
-                m.w.weight.fill_(1.0 / math.sqrt(self.config.n_classes))
+                m.w.weight[:, :k].fill_(1.0 / math.sqrt(max(k, 1)))
+                m.w.weight[:, k:].zero_(), m.wb.weight[:, k:].zero_()
 
     def set_codebook(self, embeddings):
         """Copy the VQ-VAE's codebook (n_codes, embedding_dim) into the prior."""
@@ -347,14 +363,15 @@ class VideoGPT(nn.Module):
         self.codebook.copy_(embeddings)
 
     def condition(self, label, frames, batch_size, actions=None):
-        """dict(onehot, context) from the raw conditioning inputs, checked against the config."""
+        """dict(vector, context) from the raw conditioning inputs, checked against the config: the norms'
+        conditioning vector (B, n_classes + T*A), the cross-attention memory (B, n_ctx, 240)."""
         c = self.config
-        onehot = context = None
+        vector = context = None
         if c.n_classes:
             assert label is not None, "this prior is class-conditional: pass label=(B,) int64"
             assert label.shape == (batch_size,) and int(label.max()) < c.n_classes and int(label.min()) >= 0, \
                 f"label must be (B={batch_size},) in [0, {c.n_classes}), got {tuple(label.shape)}"
-            onehot = F.one_hot(label, c.n_classes).to(self.fc_in.weight.dtype)      # (B, n_classes)
+            vector = F.one_hot(label, c.n_classes).to(self.fc_in.weight.dtype)      # (B, n_classes)
         if c.n_cond_frames:
             expected = (batch_size, 3, c.n_cond_frames, c.resolution, c.resolution)
             assert frames is not None and tuple(frames.shape) == expected, \
@@ -365,9 +382,13 @@ class VideoGPT(nn.Module):
             expected = (batch_size, c.sequence_length, c.action_dim)
             assert actions is not None and tuple(actions.shape) == expected, \
                 f"this prior is action-conditional: actions must be {expected}, got {None if actions is None else tuple(actions.shape)}"
-            tokens = self.action_in(actions.to(self.action_in.weight.dtype)) + self.action_pos   # (B, T, 240)
-            context = tokens if context is None else torch.cat([context, tokens], dim=1)         # (B, n_ctx, 240)
-        return dict(onehot=onehot, context=context)
+            actions = actions.to(self.fc_in.weight.dtype)
+            if c.action_norms:   # the whole clip's actions, one vector: (B, T*A) after the class's one-hot
+                vector = torch.cat([v for v in (vector, actions.flatten(1)) if v is not None], dim=1)
+            else:
+                tokens = self.action_in(actions) + self.action_pos                                # (B, T, 240)
+                context = tokens if context is None else torch.cat([context, tokens], dim=1)     # (B, n_ctx, 240)
+        return dict(vector=vector, context=context)
 
     def embed(self, codes):
         """Codes (B, n) -> input vectors (B, n, hidden): codebook lookup, then fc_in."""
@@ -393,7 +414,7 @@ class VideoGPT(nn.Module):
         x = self.attn_stack.pos_embd(self.attn_stack.right_shift(x))                # (B, L, hidden)
         for block in self.attn_stack.attn_nets:
             x = block(x, cond, self.mask, rotary=self.rotary_at())
-        logits = self.fc_out(self.norm(x, cond["onehot"]))                          # (B, L, n_codes)
+        logits = self.fc_out(self.norm(x, cond["vector"]))                          # (B, L, n_codes)
         return logits.view(B, *c.latent_shape, c.n_codes)                         # (B, t, h, w, n_codes)
 
     # --- sampling: one position at a time, through the KV cache ---
@@ -411,7 +432,7 @@ class VideoGPT(nn.Module):
         x = self.attn_stack.pos_embd(x, pos)                                          # (B, n, hidden)
         for block, cache in zip(self.attn_stack.attn_nets, caches):
             x = block(x, cond, self.mask[pos], cache=cache, pos=pos, rotary=self.rotary_at(pos))
-        return self.fc_out(self.norm(x, cond["onehot"]))                            # (B, n, n_codes)
+        return self.fc_out(self.norm(x, cond["vector"]))                            # (B, n, n_codes)
 
     @torch.no_grad()
     def sample(self, n, label=None, frames=None, actions=None, temperature=1.0, top_k=None, top_p=None,

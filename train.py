@@ -108,8 +108,10 @@ def parse_args(argv=None):
                         "tables (default: on for the moving digits, off for real data as in the paper)")
     p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
-    p.add_argument("--action_cond", action="store_true",
-                   help="gpt: condition on the data's per-frame actions (an HDF5 file with {split}_actions, e.g. BAIR)")
+    p.add_argument("--action_cond", nargs="?", const="tokens", default=None, choices=["tokens", "norms"],
+                   help="gpt: condition on the data's per-frame actions (an HDF5 file with {split}_actions, e.g. "
+                        "BAIR, ViZDoom): as tokens the blocks cross-attend to (the default), or norms: the paper's "
+                        "conditional LayerNorms, gain and bias affine in the clip's actions")
     p.add_argument("--cache_codes", action=argparse.BooleanOptionalAction, default=None,
                    help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step "
                         "(default: on for the moving digits, whose clips are exactly one window long, unless "
@@ -266,7 +268,8 @@ class GPTStage:
             hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
             attn_dropout=args.attn_dropout, attn_type=args.attn_type, rope=args.rope, n_cond_frames=args.n_cond_frames,
             resolution=vc.resolution, n_classes=train_set.n_classes if args.class_cond else 0,
-            action_dim=action_dim, sequence_length=vc.sequence_length), self.ckpt, self.ckpt_path)
+            action_dim=action_dim, action_norms=args.action_cond == "norms", sequence_length=vc.sequence_length),
+            self.ckpt, self.ckpt_path)
         model = VideoGPT(self.config)
         model.set_codebook(self.vq.codebook.embeddings)
         return use_grad_checkpointing(model, args.grad_checkpointing)
@@ -296,7 +299,7 @@ class GPTStage:
         if c.n_classes:
             text += f", conditioned on {c.n_classes} classes"
         if c.action_dim:
-            text += f", conditioned on {c.action_dim}-d actions per frame"
+            text += f", conditioned on {c.action_dim}-d actions per frame ({'norms' if c.action_norms else 'tokens'})"
         return text
 
     def checkpoint(self):

@@ -255,10 +255,12 @@ def commanded_squares(n, rng, T=4, cells=3):
     return torch.from_numpy(codes).view(n, T, cells, cells), torch.from_numpy(actions), target
 
 
-def test_an_action_conditional_prior_learns_to_follow_its_actions():
+@pytest.mark.parametrize("norms", [False, True], ids=["tokens", "norms"])
+def test_an_action_conditional_prior_learns_to_follow_its_actions(norms):
+    """Either way in: per-frame tokens to cross-attend to, or the paper's conditional norms."""
     torch.manual_seed(0)
     gpt = VideoGPT(GPTConfig(latent_shape=(4, 3, 3), n_codes=2, embedding_dim=4, hidden_dim=48, heads=4, layers=2,
-                             dropout=0.0, attn_dropout=0.0, action_dim=9, sequence_length=4))
+                             dropout=0.0, attn_dropout=0.0, action_dim=9, sequence_length=4, action_norms=norms))
     gpt.codebook.copy_(torch.eye(2, 4))                       # code 1: the square, code 0: background
     opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
