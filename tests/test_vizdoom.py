@@ -12,9 +12,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from conftest import ROOT, run_script
 from data import HDF5Dataset
+from metrics import held_turns, turn_following, view_shift
 from prepare import vizdoom
 
 SMALL = dict(episodes=5, length=12, resolution=48, seed=0, progress=False)
@@ -70,14 +73,6 @@ def test_the_engine_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out.h5"] and os.getcwd() == str(tmp_path)
 
 
-def horizontal_shift(a, b, most=12):
-    """How many pixels the view moved right from frame a to frame b (grey levels, best of -most..most)."""
-    a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)
-    w = a.shape[1]
-    error = lambda d: np.mean((a[:, max(0, -d):w - max(0, d)] - b[:, max(0, d):w - max(0, -d)]) ** 2)
-    return min(range(-most, most + 1), key=error)
-
-
 def turn_shifts(frames, actions, length):
     """{button: [how far the view moved right from frame t to t + 1]} over the first and last steps of each
     held action: a label one step late (or early) names the other button at one of the two ends."""
@@ -85,19 +80,25 @@ def turn_shifts(frames, actions, length):
     for t in range(1, len(frames) - 2):
         ends = actions[t] != actions[t - 1] or actions[t] != actions[t + 1]
         if t % length and (t + 1) % length and (t + 2) % length and ends:      # inside one episode
-            shifts[int(actions[t])].append(horizontal_shift(frames[t], frames[t + 1]))
+            shifts[int(actions[t])].append(view_shift(frames[t], frames[t + 1], most=12))
     return {k: np.array(v) for k, v in shifts.items()}
 
 
-def test_actions_t_is_the_button_after_frame_t_and_turns_the_view_that_way(tmp_path):
+@pytest.fixture(scope="module")
+def turns_file(tmp_path_factory):
+    """10 episodes of 40 frames at 64x64: enough held turns to read."""
+    needs_vizdoom()
+    path = tmp_path_factory.mktemp("turns") / "turns.h5"
+    vizdoom.write_vizdoom(str(path), episodes=10, length=40, resolution=64, seed=3, progress=False)
+    with h5py.File(path) as f:
+        return f["train_data"][()], f["train_actions"][()].argmax(1)
+
+
+def test_actions_t_is_the_button_after_frame_t_and_turns_the_view_that_way(turns_file):
     """On rendered frames: after TURN_LEFT at frame t the world moves right in frame t + 1, after TURN_RIGHT
     left (the view turned); after MOVE_FORWARD it does not turn. Read where the button changes, so that
     actions one step off (the button that led *to* frame t) fail."""
-    needs_vizdoom()
-    path = tmp_path / "turns.h5"
-    vizdoom.write_vizdoom(str(path), episodes=10, length=40, resolution=64, seed=3, progress=False)
-    with h5py.File(path) as f:
-        frames, actions = f["train_data"][()], f["train_actions"][()].argmax(1)
+    frames, actions = turns_file
     left, right, forward = (turn_shifts(frames, actions, 40)[i] for i in range(3))
     assert len(left) >= 8 and len(right) >= 8 and len(forward) >= 8, (len(left), len(right), len(forward))
     assert (left > 0).mean() > 0.8 and (right < 0).mean() > 0.8, (left, right)
@@ -106,6 +107,22 @@ def test_actions_t_is_the_button_after_frame_t_and_turns_the_view_that_way(tmp_p
     for shifted in (np.r_[actions[:1], actions[:-1]], np.r_[actions[1:], actions[-1:]]):
         off = turn_shifts(frames, shifted, 40)
         assert not ((off[0] > 0).mean() > 0.8 and (off[1] < 0).mean() > 0.8), (off[0], off[1])
+
+
+def test_the_steering_score_reads_real_turns_and_fails_swapped_ones(turns_file):
+    """metrics.turn_following, the score `fvd.py steer` gives samples, is near 1 on real clips (the ceiling),
+    near 0 when left and right are swapped, and counts only turns held for min_hold steps."""
+    frames, actions = turns_file
+    clips, buttons = frames.reshape(8, 40, 64, 64, 3), actions.reshape(8, 40)
+    share, count = turn_following(clips, buttons, {0: 1, 1: -1})
+    assert count >= 10 and share >= 0.9, (share, count)
+    swapped, _ = turn_following(clips, buttons, {0: -1, 1: 1})
+    assert swapped == pytest.approx(1 - share)
+    # Runs of one button, the last step of a clip left out (it leads to no frame).
+    assert held_turns(np.array([[0, 0, 0, 2, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0, 0, 0]]), {0: 1, 1: -1}) == \
+        [(0, 0, 3, 1), (0, 4, 7, -1)]
+    texture = np.random.default_rng(0).integers(0, 255, (32, 96, 3), dtype=np.uint8)
+    assert [view_shift(texture[:, 16:80], texture[:, 16 - d:80 - d]) for d in (-5, 0, 3, 11)] == [-5, 0, 3, 11]
 
 
 def test_the_built_in_policy_holds_its_actions_and_uses_every_button(small_file):
@@ -168,3 +185,36 @@ def test_every_error_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
 def test_without_vizdoom_the_command_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vizdoom", None)              # import vizdoom now raises ImportError
     assert one_line(tmp_path, []) == "prepare: error: " + vizdoom.MISSING
+
+
+def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_name(small_file, tmp_path):
+    """The whole path of the README's ViZDoom block at toy sizes: VQ-VAE, a prior with the paper's conditional
+    norms, sample.py told actions by name, and the steering score with its picture."""
+    import sample
+    import train
+    from conftest import TINY, TINY_GPT
+    from metrics import steer_main
+    path, _ = small_file
+    vq, prior = tmp_path / "vq", tmp_path / "gpt"
+    train.train(train.parse_args(TINY + ["--data", str(path), "--out_dir", str(vq), "--max_steps", "2"]))
+    train.train(train.parse_args(TINY_GPT + ["--data", str(path), "--vqvae", str(vq / "ckpt.pt"), "--out_dir",
+                                             str(prior), "--max_steps", "2", "--action_cond", "norms"]))
+    ckpt = torch.load(prior / "ckpt.pt", weights_only=True)
+    assert ckpt["action_names"] == ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
+    assert ckpt["config"]["action_norms"] and ckpt["config"]["action_dim"] == 3
+    assert ckpt["model"]["attn_stack.attn_nets.0.pre_attn_norm.w.weight"].shape == (24, 4 * 3)   # T*A
+    sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions", "TURN_LEFT*2,MOVE_FORWARD*2",
+                 "--out", str(tmp_path / "told.gif")])
+    assert Image.open(tmp_path / "told.gif").n_frames == 4
+    rows = steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", str(path), "--n", "2", "--min_hold", "1",
+                       "--picture", str(tmp_path / "steer.png"), "--out", str(tmp_path / "steer.json")])
+    assert set(rows) == {"real", "reconstructions", "samples", "told TURN_LEFT", "told MOVE_FORWARD",
+                         "told TURN_RIGHT"}
+    assert rows["told TURN_LEFT"]["turns"] == 2 and rows["told MOVE_FORWARD"]["turns"] == 0
+    assert all(0 <= r["mean_slide"] <= 4 for r in rows.values())                 # at most a quarter of 16 px
+    w, h = Image.open(tmp_path / "steer.png").size
+    assert (w + 2) / 4 == (h + 2) / 3                  # square frames: 4 frames across, rows left, straight, right
+    # A prior without actions has nothing to steer: one line.
+    with pytest.raises(SystemExit) as e:
+        steer_main(["--ckpt", str(vq / "ckpt.pt"), "--data", str(path)])
+    assert str(e.value.code).startswith("fvd.py: error: ") and "\n" not in str(e.value.code)
