@@ -38,8 +38,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim_q, dim_kv, n_head, n_layer=1, attn_dropout=0.0):
         super().__init__()
-        assert dim_q % n_head == 0, f"dim_q={dim_q} is not divisible by n_head={n_head}"
-        assert dim_kv % n_head == 0, f"dim_kv={dim_kv} is not divisible by n_head={n_head}"
+        assert dim_q % n_head == 0 and dim_kv % n_head == 0, f"n_head={n_head} must divide dim_q={dim_q} and dim_kv={dim_kv}"
         self.n_head = n_head
         self.d_k = dim_q // n_head    # per-head width of queries and keys
         self.d_v = dim_kv // n_head   # per-head width of values

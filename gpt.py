@@ -51,10 +51,14 @@ class GPTConfig:
     sparse_local_blocks: int = 4       # sparse attention: preceding blocks every block sees
     rope: bool = False                 # rotary position embeddings over (t, h, w) in self-attention, besides the tables
     seq_len: int = field(init=False)   # t*h*w, derived
+    norm_cond: int = field(init=False)        # width of the norms' conditioning vector: classes (+ T*A with action norms)
+    cross_attends: bool = field(init=False)   # the blocks cross-attend: to conditioning frames or action tokens
 
     def __post_init__(self):
         self.latent_shape = tuple(int(s) for s in self.latent_shape)
         self.seq_len, n = math.prod(self.latent_shape), len(self.latent_shape)
+        self.norm_cond = self.n_classes + (self.sequence_length * self.action_dim if self.action_norms else 0)
+        self.cross_attends = bool(self.n_cond_frames or (self.action_dim and not self.action_norms))
         for ok, message in (
                 (self.hidden_dim % n == 0, f"hidden_dim={self.hidden_dim} is not divisible by {n}: the position "
                                            f"embedding has one table of hidden_dim/{n} per latent axis"),
@@ -62,22 +66,11 @@ class GPTConfig:
                 (self.attn_type in ("full", "sparse"), f"attn_type must be 'full' or 'sparse', got {self.attn_type!r}"),
                 (self.attn_type != "sparse" or self.seq_len % self.sparse_block == 0, f"sparse attention needs "
                  f"t*h*w={self.seq_len} to be a multiple of sparse_block={self.sparse_block}"),
-                (not self.n_cond_frames or self.resolution % 4 == 0,
-                 f"frame conditioning needs resolution divisible by 4, got {self.resolution}"),
+                (not self.n_cond_frames or self.resolution % 4 == 0, "frame conditioning needs resolution divisible by 4"),
                 (not self.cross_attends or RESNET_DIM % self.heads == 0,
                  f"frame and action conditioning need heads to divide the context width {RESNET_DIM}, got {self.heads}")):
             if not ok:
                 raise ValueError(message)
-
-    @property
-    def cross_attends(self):
-        """Whether the blocks cross-attend: to conditioning frames, or to action tokens."""
-        return bool(self.n_cond_frames or (self.action_dim and not self.action_norms))
-
-    @property
-    def norm_actions(self):
-        """Width of the actions in the norms' conditioning vector: the whole clip's, flattened (T * A)."""
-        return self.sequence_length * self.action_dim if self.action_norms else 0
 
     @property
     def cond_shape(self):
@@ -97,10 +90,9 @@ RESNET_DIM = 240  # width of the frame features (the original's resnet_dim)
 
 
 class CondLayerNorm(nn.Module):
-    """The original's LayerNorm, optionally conditional: gain and bias are 1 + W_g c and W_b c for the
-    conditioning vector c (the one-hot class, then, with action norms, the clip's actions flattened). It
-    normalises in float32 as (x - mean) * (1e-5 + rsqrt(var)), the epsilon *outside* the root: published
-    weights were trained with it (nn.LayerNorm: logits off by 1e-4)."""
+    """The original's LayerNorm, optionally conditional: gain 1 + W_g c and bias W_b c for a vector c (a one-hot
+    class; with action norms, the clip's actions after it). It normalises in float32 as (x - mean) * (1e-5 +
+    rsqrt(var)), the epsilon *outside* the root: published weights need it (nn.LayerNorm: logits off by 1e-4)."""
 
     def __init__(self, dim, cond_dim=0):
         super().__init__()
@@ -220,18 +212,17 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        c = config
-        h, n_cond = c.hidden_dim, c.n_classes + c.norm_actions
-        self.pre_attn_norm = CondLayerNorm(h, n_cond)
+        c, h = config, config.hidden_dim
+        self.pre_attn_norm = CondLayerNorm(h, c.norm_cond)
         # original: sparse attention ignored attn_dropout; kept so published priors behave the same.
         self.attn = MultiHeadAttention(h, h, c.heads, n_layer=c.layers,
                                        attn_dropout=c.attn_dropout if c.attn_type == "full" else 0.0)
         self.post_attn_dp = nn.Dropout(c.dropout)
         if c.cross_attends:
-            self.pre_enc_norm = CondLayerNorm(h, n_cond)
+            self.pre_enc_norm = CondLayerNorm(h, c.norm_cond)
             self.enc_attn = MultiHeadAttention(h, RESNET_DIM, c.heads, n_layer=c.layers)
             self.post_enc_dp = nn.Dropout(c.dropout)
-        self.pre_fc_norm = CondLayerNorm(h, n_cond)
+        self.pre_fc_norm = CondLayerNorm(h, c.norm_cond)
         self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
         self.post_fc_dp = nn.Dropout(c.dropout)
 
@@ -323,7 +314,7 @@ class VideoGPT(nn.Module):
             self.action_pos = nn.Parameter(torch.empty(c.sequence_length, RESNET_DIM).normal_(std=0.01))
         self.fc_in = nn.Linear(c.embedding_dim, c.hidden_dim, bias=False)
         self.attn_stack = AttentionStack(c)
-        self.norm = CondLayerNorm(c.hidden_dim, c.n_classes + c.norm_actions)
+        self.norm = CondLayerNorm(c.hidden_dim, c.norm_cond)
         self.fc_out = nn.Linear(c.hidden_dim, c.n_codes, bias=False)
         # Which positions each position may attend to (True = visible): causal, or the original's sparse pattern.
         mask = (strided_sparse_layout(c.latent_shape, c.sparse_block, c.sparse_local_blocks)
@@ -344,8 +335,7 @@ class VideoGPT(nn.Module):
         | attn_stack.right_shift.sos         | normal, std 0.02 (in RightShift)       |
         | position tables                    | normal, std 0.01 (in BroadcastPosEmbed)|
         | attention q/k/v/out projections    | see MultiHeadAttention.init_weights    |
-        | CondLayerNorm g, b / w, wb         | 1, 0 / constant 1/sqrt(n_classes), default |
-        |   (the action columns of w, wb)    | zeros: plain norms at the start        |
+        | CondLayerNorm g, b / w, wb         | 1, 0 / 1/sqrt(n_classes), default; actions' columns 0 |
         | fc_out.weight                      | zeros: uniform logits at the start     |
         """
         self.fc_in.weight.normal_(std=0.02)
@@ -358,13 +348,11 @@ class VideoGPT(nn.Module):
 
     def set_codebook(self, embeddings):
         """Copy the VQ-VAE's codebook (n_codes, embedding_dim) into the prior."""
-        assert embeddings.shape == self.codebook.shape, \
-            f"codebook shape {tuple(embeddings.shape)} does not match the prior's {tuple(self.codebook.shape)}"
+        assert embeddings.shape == self.codebook.shape, f"codebook {tuple(embeddings.shape)} is not {tuple(self.codebook.shape)}"
         self.codebook.copy_(embeddings)
 
     def condition(self, label, frames, batch_size, actions=None):
-        """dict(vector, context) from the raw conditioning inputs, checked against the config: the norms'
-        conditioning vector (B, n_classes + T*A), the cross-attention memory (B, n_ctx, 240)."""
+        """Checked conditioning inputs -> dict(vector: the norms' (B, n_classes + T*A), context: (B, n_ctx, 240))."""
         c = self.config
         vector = context = None
         if c.n_classes:
@@ -383,8 +371,8 @@ class VideoGPT(nn.Module):
             assert actions is not None and tuple(actions.shape) == expected, \
                 f"this prior is action-conditional: actions must be {expected}, got {None if actions is None else tuple(actions.shape)}"
             actions = actions.to(self.fc_in.weight.dtype)
-            if c.action_norms:   # the whole clip's actions, one vector: (B, T*A) after the class's one-hot
-                vector = torch.cat([v for v in (vector, actions.flatten(1)) if v is not None], dim=1)
+            if c.action_norms:   # the whole clip's actions as one vector, after the class's one-hot
+                vector = torch.cat([v for v in (vector, actions.flatten(1)) if v is not None], dim=1)  # (B, [n_classes +] T*A)
             else:
                 tokens = self.action_in(actions) + self.action_pos                                # (B, T, 240)
                 context = tokens if context is None else torch.cat([context, tokens], dim=1)     # (B, n_ctx, 240)
@@ -438,8 +426,7 @@ class VideoGPT(nn.Module):
     def sample(self, n, label=None, frames=None, actions=None, temperature=1.0, top_k=None, top_p=None,
                generator=None):
         """Draw n code grids (n, t, h, w), one code after the other, each given the ones before it."""
-        c = self.config
-        device = self.fc_in.weight.device
+        c, device = self.config, self.fc_in.weight.device
         cond = self.condition(label, frames, n, actions)
         caches = self.setup_caches(n, device)
         codes = torch.zeros(n, c.seq_len, dtype=torch.long, device=device)

@@ -42,8 +42,7 @@ class VQVAEConfig:
     n_head: int = 2                   # heads of each axial attention
     commitment_cost: float = 0.25     # beta: weight of ||z - sg[e]||^2 in the loss
     ema_decay: float = 0.99           # decay of the codebook's moving averages
-    dead_code_threshold: float = 1.0  # a code whose EMA count (uses per step) falls below this is restarted;
-                                      # the original's 1 was per batch of 32 x 1024 latent vectors
+    dead_code_threshold: float = 1.0  # restart a code whose EMA uses per step fall below (the original's 1: of 32x1024)
     data_variance: float = 0.06       # divides the MSE, giving the paper's normalized MSE
     latent_shape: tuple = field(init=False)  # (t, h, w) of one training clip, derived
 
@@ -329,8 +328,7 @@ class VQVAE(nn.Module):
 
     def check_video(self, x):
         """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
-        assert x.dim() == 5 and x.shape[1] == 3, \
-            f"expected a video of shape (B, 3, T, H, W), got {tuple(x.shape)}"
+        assert x.dim() == 5 and x.shape[1] == 3, f"expected a video of shape (B, 3, T, H, W), got {tuple(x.shape)}"
         for name, size, d in zip("THW", x.shape[2:], self.config.downsample):
             assert size % d == 0, \
                 f"{name}={size} is not divisible by its downsample factor {d} (downsample={self.config.downsample})"
@@ -363,8 +361,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode(self, codes):
         """codes (B, t, h, w) int64 -> video (B, 3, T, H, W), roughly in [-0.5, 0.5]."""
-        assert codes.dim() == 4 and codes.dtype == torch.long, \
-            f"expected int64 codes of shape (B, t, h, w), got {codes.dtype} {tuple(codes.shape)}"
+        assert codes.dim() == 4 and codes.dtype == torch.long, f"expected int64 codes (B, t, h, w), got {codes.dtype} {tuple(codes.shape)}"
         e = F.embedding(codes, self.codebook.embeddings)        # (B, t, h, w, D)
         h = self.post_vq_conv(e.permute(0, 4, 1, 2, 3))         # (B, C, t, h, w)
         return self.decoder(h)                                  # (B, 3, T, H, W)
