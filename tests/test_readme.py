@@ -6,6 +6,7 @@ python -m pytest tests/test_readme.py
 import glob
 import os
 import re
+import shlex
 
 import pytest
 
@@ -29,6 +30,29 @@ def test_the_readme_has_snippets_and_links_only_to_files_that_exist():
             if not target.startswith("http"):
                 path = os.path.join(ROOT, os.path.dirname(page), target)
                 assert os.path.exists(path), f"{page} links to {target}, which does not exist"
+
+
+def documented_commands(script):
+    """The arguments of every `python SCRIPT ...` / `torchrun ... SCRIPT ...` command in the pages' bash blocks."""
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", open(os.path.join(ROOT, page)).read(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for command in line.split("#")[0].split("&&"):
+                    words = shlex.split(command)
+                    if script in words and "..." not in words and (words[0] in ("python", "torchrun", "srun")):
+                        yield page, words[words.index(script) + 1:]
+
+
+def test_every_documented_training_command_parses():
+    """Each train.py command of the README and docs/ takes flags train.py has (a renamed flag fails here)."""
+    import train
+    commands = list(documented_commands("train.py"))
+    assert len(commands) >= 10
+    for page, argv in commands:
+        try:
+            train.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{page}: python train.py {' '.join(argv)}: does not parse") from e
 
 
 def test_the_walkthrough_runs_and_draws_every_picture(tmp_path):
