@@ -65,7 +65,7 @@ PRESETS = {
                            optimizer="adam", lr=3e-4, warmup_steps=1000, lr_schedule="cosine", max_steps=200_000,
                            eval_interval=2000, log_interval=50, dtype="float32"),
     # A real dataset's 64x64 clips of 16 frames on a 2-core CPU (ViZDoom's 30-minute recipe): 8x8 patches of two
-    # frames per code, (8, 8, 8) codes a clip. Measured choices: docs/presets.md.
+    # frames per code, (8, 8, 8) codes a clip. Why, and what it measured: docs/vizdoom.md.
     ("vqvae", "cpu"): dict(embedding_dim=64, n_codes=512, dead_code_threshold=0.05, n_hiddens=64, n_res_layers=0,
                            decoder_res_layers=1, local_encoder=True, downsample=[2, 8, 8],
                            sequence_length=16, resolution=64, batch_size=8, optimizer="muon", lr=4e-3,

@@ -165,6 +165,14 @@ def test_presets_fill_only_what_the_flags_leave_out():
     assert train.VQVAE(train.VQVAEStage(asked, None, "x/ckpt.pt").config).codebook.dead_code_threshold == 0.2
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--no-local_encoder"]).local_encoder is False
     assert train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--n_res_layers", "1"]).local_encoder is False
+    # --preset chooses the set: real data at CPU sizes (ViZDoom's recipe), or the paper's without --data.
+    cpu = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--data", "d.h5", "--preset", "cpu"])
+    assert (cpu.downsample, cpu.resolution, cpu.sequence_length, cpu.max_steps) == ([2, 8, 8], 64, 16, 1500)
+    cpu_gpt = train.parse_args(["--stage", "gpt", "--out_dir", "x", "--data", "d.h5", "--preset", "cpu",
+                                "--action_cond", "norms"])
+    assert (cpu_gpt.hidden_dim, cpu_gpt.max_steps, cpu_gpt.action_cond, cpu_gpt.cache_codes) == (120, 3000, "norms", False)
+    assert train.parse_args(["--stage", "gpt", "--out_dir", "x", "--preset", "paper"]).hidden_dim == 576
+    assert train.parse_args(["--stage", "gpt", "--out_dir", "x", "--action_cond"]).action_cond == "tokens"
 
 
 def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
