@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy,
                          load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
+from dashboards import Dashboards
 from data import make_dataset
 from fast import use_fast_attention
 from muon import make_optimizer, optimizer_kind
@@ -222,6 +223,17 @@ def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
     return bad, overflow, stopping
 
 
+def last_logged_step(path):
+    """The last step in log.jsonl (0 without one): how far a killed run's dashboards got, at least."""
+    step = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    step = max(step, json.loads(line)["step"])
+    return step
+
+
 def plot_losses(history, path, ylabel):
     """Training and test loss curves, log scale."""
     import matplotlib
@@ -294,12 +306,16 @@ class Run:
         seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
         if ckpt:
             self.resume(ckpt)
+        logged = last_logged_step(self.log_path) if self.master else 0
         if self.master:
             # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
             dropped = trim_log(self.log_path, self.state.step)
             if dropped:
                 print(f"{self.log_path}: dropped {dropped} record(s) after step {self.state.step}, "
                       f"where the checkpoint is", flush=True)
+        # TensorBoard / W&B when asked for (rank 0), opened at the step the run resumes from.
+        self.dashboards = Dashboards(args, self.state.step, logged, dict(vars(args), model=self.stage.config.to_dict()),
+                                     self.master)
         self.batches = iter(self.train_loader(train_set))
         self.test_loader = self.eval_loader(test_set)
         self.model = self.wrap(self.raw_model)
@@ -440,7 +456,9 @@ class Run:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
 
     def log(self, record):
+        """The one place a log record goes: log.jsonl, and the dashboards asked for."""
         if self.master:
+            self.dashboards.log(record)   # first: a record in log.jsonl has reached them (see last_logged_step)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -474,6 +492,8 @@ class Run:
             with self.autocast:
                 path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{self.state.step:07d}")
                 self.stage.picture(self.raw_model, batch, self.device, path)
+            for written in (path + ext for ext in (".png", ".gif") if os.path.exists(path + ext)):
+                self.dashboards.picture(f"test/{self.stage.picture_name}", written, self.state.step)
             plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
         except OSError as e:
             warnings.warn(f"{e.filename}: {e.strerror or e}; picture skipped, training goes on")
@@ -548,6 +568,7 @@ class Run:
         finally:
             self.bar.close()
             self.batches = None
+            self.dashboards.close()
             self.lock.release()
 
 

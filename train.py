@@ -152,6 +152,11 @@ def parse_args(argv=None):
     p.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_batches", type=int, default=4, help="test batches per evaluation")
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log scalars, pictures and videos to TensorBoard event files in out_dir/tb (rank 0)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log them to this Weights & Biases project (WANDB_MODE=offline works without network)")
+    p.add_argument("--wandb_run", default=None, metavar="NAME", help="the W&B run's display name")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision; float16 uses a GradScaler; the codebook always runs in float32 "
