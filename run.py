@@ -10,7 +10,8 @@ the `Run` object the loop holds:
   of processes and workers (`InfiniteSampler`), the prior's codes encoded once
   (`cached_codes`), DDP, SyncBatchNorm, torch.compile, the fast attention kernels;
 * chores of the loop: one device read per step (`step_flags`), metric windows,
-  log lines (log.jsonl, the progress bar), evaluation, pictures and loss.png,
+  log lines (log.jsonl, the progress bar, TensorBoard and W&B when asked for),
+  evaluation, pictures and loss.png,
   atomic checkpoints (and --keep_last copies), non-finite steps skipped and a
   diverged run stopped, stop signals, lost peers and full disks turned into one
   line naming the last good checkpoint.
@@ -20,9 +21,11 @@ is runtime.py and checkpoints.py.
 """
 
 import contextlib
+import io
 import json
 import math
 import os
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -36,7 +39,6 @@ from tqdm import tqdm
 
 from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy,
                          load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
-from dashboards import Dashboards
 from data import make_dataset
 from fast import use_fast_attention
 from muon import make_optimizer, optimizer_kind
@@ -252,6 +254,118 @@ def plot_losses(history, path, ylabel):
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Dashboards: TensorBoard (--tensorboard) and Weights & Biases (--wandb PROJECT)
+#
+# Both optional, imported only when asked for, fed from the one place a log record goes (Run.log, which also
+# writes log.jsonl) and from Run.pictures, on rank 0, at the log and evaluation intervals only: the numbers are
+# the log line's, already on the host. Every number of a record is a scalar SPLIT/FIELD (train/loss,
+# train/bits_per_code, train/lr, test/loss, ...) at the record's step; the PNG a VQ-VAE run draws is an image
+# (test/recon), the GIF a prior's draws a video (test/samples: TensorBoard plays a GIF image summary, so no
+# moviepy is needed). A resumed run continues the same curves with each step once: TensorBoard reopens with
+# purge_step = the checkpoint's step + 1, so its readers drop what the killed run logged after the checkpoint
+# (logged again now, with the same values: resume is exact); W&B resumes the run whose id OUT_DIR/wandb_run_id
+# keeps, and the steps the killed run already sent (up to the last line of log.jsonl, which is written after
+# the dashboards) are not sent again.
+
+
+def missing(package, flag):
+    return ValueError(f"{flag} needs the {package} package: pip install {package}")
+
+
+def numeric_fields(record):
+    """{SPLIT/FIELD: value} of a log record's numbers (not its step and split)."""
+    return {f"{record['split']}/{k}": float(v) for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoard:
+    """Event files in OUT_DIR/tb through torch.utils.tensorboard (which needs the tensorboard package)."""
+
+    def __init__(self, out_dir, resumed_step):
+        try:
+            from torch.utils.tensorboard import SummaryWriter   # lazy: an optional dependency
+        except ImportError:
+            raise missing("tensorboard", "--tensorboard") from None
+        # purge_step: events of steps >= it that a killed run wrote are dropped by TensorBoard's readers.
+        self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=resumed_step + 1)
+
+    def log(self, record):
+        for name, value in numeric_fields(record).items():
+            self.writer.add_scalar(name, value, record["step"])
+        self.writer.flush()   # a killed run leaves on disk what log.jsonl has
+
+    def picture(self, name, path, step):
+        """A PNG as an image, a GIF as a video (an animated image summary, which TensorBoard plays)."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        with open(path, "rb") as f:
+            encoded = f.read()
+        width, height = Image.open(io.BytesIO(encoded)).size
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encoded)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandB:
+    """A W&B run: scalars, images and videos at the run's steps, the resolved config, resumed by id."""
+
+    def __init__(self, out_dir, project, name, config, logged_until=0):
+        try:
+            import wandb   # lazy: an optional dependency
+        except ImportError:
+            raise missing("wandb", "--wandb") from None
+        self.wandb = wandb
+        id_path = os.path.join(out_dir, "wandb_run_id")
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = secrets.token_hex(4)          # W&B ids are letters and digits
+            atomic_write(id_path, lambda f: f.write(run_id + "\n"), binary=False)
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=out_dir, config=config)
+        self.logged_until = logged_until   # steps a killed run already sent: not sent twice
+
+    def log(self, record):
+        if record["step"] > self.logged_until:
+            self.run.log(numeric_fields(record), step=record["step"])
+
+    def picture(self, name, path, step):
+        if step <= self.logged_until:
+            return
+        media = self.wandb.Video(path, format="gif") if path.endswith(".gif") else self.wandb.Image(path)
+        self.run.log({name: media}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Dashboards:
+    """The dashboards a run's flags ask for (none, one or both), called as one."""
+
+    def __init__(self, args, resumed_step, logged_until, config, master=True):
+        self.boards = []
+        if master and args.tensorboard:
+            self.boards.append(TensorBoard(args.out_dir, resumed_step))
+        if master and args.wandb:
+            self.boards.append(WandB(args.out_dir, args.wandb, args.wandb_run, config, logged_until))
+
+    def log(self, record):
+        for board in self.boards:
+            board.log(record)
+
+    def picture(self, name, path, step):
+        for board in self.boards:
+            board.picture(name, path, step)
+
+    def close(self):
+        for board in self.boards:
+            board.close()
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""train.py --tensorboard and --wandb (dashboards.py): what they hold, read back with each tool's own format.
+"""train.py --tensorboard and --wandb (run.Dashboards): what they hold, read back with each tool's own format.
 
 python -m pytest tests/test_dashboards.py
 
