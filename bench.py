@@ -22,6 +22,9 @@ Benchmarks:
                 SDPA's fused kernel against the formula written out, per sequence length
                 (tokens per batch fixed) in bfloat16 and float32; fast.fast_attention takes the
                 written-out formula on a CPU in bfloat16 up to EXPLICIT_MAX_KEYS keys
+  dashboards    (only with --only dashboards) train.py --tensorboard / --wandb: the milliseconds of one
+                log call (a prior's log record) and of one picture (a 16-frame samples GIF), per
+                dashboard whose package is installed (W&B offline); run on the host, whatever --device
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
 slow step does not move them. Peak memory is CUDA's max allocated, or the
@@ -33,10 +36,12 @@ positions and reported per token.
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -284,6 +289,39 @@ def bench_attention(size, args, device, autocast):
                  peak_mem_mb=peak_memory_mb(device))
 
 
+def bench_dashboards(size, args, device, autocast):
+    """One log record and one GIF into each dashboard installed, as Run.log and Run.pictures send them."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from run import Dashboards
+    record = dict(step=0, split="train", lr=3e-4, clips_per_s=24.5, loss=2.3, bits_per_code=3.3, grad_norm=0.7,
+                  skipped=0)
+    with tempfile.TemporaryDirectory() as out:
+        gif = os.path.join(out, "samples.gif")
+        frames = [Image.fromarray(np.random.default_rng(t).integers(0, 255, (258, 518, 3), dtype=np.uint8))
+                  for t in range(16)]                                    # 2 rows of 4 clips, 128 px frames
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=125, loop=0)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        for board in ("tensorboard", "wandb"):
+            args_board = SimpleNamespace(out_dir=out, tensorboard=board == "tensorboard",
+                                         wandb="bench" if board == "wandb" else None, wandb_run=None)
+            try:
+                boards = Dashboards(args_board, 0, 0, {})
+            except ValueError as e:
+                emit(bench="dashboards", board=board, skipped=str(e))
+                continue
+            step = iter(range(1, 10**6))
+            log = lambda: boards.log(dict(record, step=next(step)))
+            picture = lambda: boards.picture("test/samples", gif, next(step))
+            emit(bench="dashboards", board=board, log_ms=1000 * timed(log, torch.device("cpu"), args.warmup, args.steps),
+                 picture_ms=1000 * timed(picture, torch.device("cpu"), args.warmup, args.steps),
+                 gif_kb=os.path.getsize(gif) / 1024)
+            boards.close()
+
+
 def latent_for(codes):
     """A (4, s, s) latent shape with `codes` positions."""
     side = int(math.isqrt(codes // 4))
@@ -296,7 +334,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (tiny sizes) or cuda (the paper's BAIR sizes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse", "attention"],
+    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse", "attention", "dashboards"],
                    help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke test)")
@@ -318,6 +356,8 @@ def main(argv=None):
                      ("sparse", bench_sparse), ("attention", bench_attention)):
         if args.only in (None, name):
             fn(size, args, device, autocast)
+    if args.only == "dashboards":
+        bench_dashboards(size, args, device, autocast)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ ALLOWED = {
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast"},
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics", "sample"},
     "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "sample", "prepare"},
-    "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample"},
+    "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample", "run"},
     "fast": {"attention", "gpt"},
     "muon": {"vqvae", "gpt"},
     "checkpoints": set(),
