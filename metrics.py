@@ -668,7 +668,7 @@ def steer_of_checkpoint(args):
     for name, videos in sets.items():
         b = np.full(buttons.shape, told[name[5:]]) if name.startswith("told") else buttons
         share, count = turn_following(videos, b, signs, args.min_hold)
-        rows[name] = dict(turned_as_told=share, turns=count, mean_slide=mean_slide(videos))
+        rows[name] = dict(turned_as_told=share if count else None, turns=count, mean_slide=mean_slide(videos))
         line = f"{name:>17}: mean slide {rows[name]['mean_slide']:5.2f} px/step"
         if count:
             line += f"  turned the way told {100 * share:5.1f}% of {count} held turns"

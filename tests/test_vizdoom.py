@@ -6,6 +6,7 @@ The vizdoom package is an optional dependency (CI installs it); without it these
 one-line error that says what to install.
 """
 
+import json
 import os
 import sys
 
@@ -211,6 +212,7 @@ def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_nam
     assert set(rows) == {"real", "reconstructions", "samples", "told TURN_LEFT", "told MOVE_FORWARD",
                          "told TURN_RIGHT"}
     assert rows["told TURN_LEFT"]["turns"] == 2 and rows["told MOVE_FORWARD"]["turns"] == 0
+    assert json.load(open(tmp_path / "steer.json"))["scores"]["told MOVE_FORWARD"]["turned_as_told"] is None   # not NaN
     assert all(0 <= r["mean_slide"] <= 4 for r in rows.values())                 # at most a quarter of 16 px
     w, h = Image.open(tmp_path / "steer.png").size
     assert (w + 2) / 4 == (h + 2) / 3                  # square frames: 4 frames across, rows left, straight, right
