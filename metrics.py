@@ -115,6 +115,12 @@ def add_compile_flag(p):
                         f"at least {AUTO_COMPILE_STEPS} codes drawn one after the other)")
 
 
+def add_sampling_flags(p):
+    """--temperature and --top_k of the scores that draw samples."""
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
+
+
 def add_record_flags(p, seeds):
     """--seed and --out, which every scoring command takes; `seeds` says what the seed draws."""
     p.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
@@ -574,8 +580,7 @@ def digits_main(argv):
     p.add_argument("--ckpt", required=True, help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
     p.add_argument("--data", default=None, help="moving-digits HDF5 file (default: the built-in set)")
     p.add_argument("--n", type=int, default=64, help="clips per set")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
+    add_sampling_flags(p)
     p.add_argument("--reader", default=None,
                    help="digit reader weights (default: trained on first use, about 90 s, then cached)")
     add_record_flags(p, "the sampling generator")
@@ -696,8 +701,7 @@ def steer_main(argv):
     p.add_argument("--data", required=True, help="the HDF5 file it was trained on; its test clips and their actions")
     p.add_argument("--n", type=int, default=64, help="clips per set")
     p.add_argument("--min_hold", type=int, default=3, help="score turns held for at least this many steps")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
+    add_sampling_flags(p)
     p.add_argument("--picture", default=None,
                    help="also write a PNG: samples told to turn left, go straight, turn right (a row each)")
     p.add_argument("--picture_rows", type=int, default=1, help="rows per told action in --picture")
