@@ -86,9 +86,8 @@ def parse_args(argv=None):
     # data
     p.add_argument("--data", "--data_path", dest="data", default=None,
                    help="HDF5 file or video folder (default: the built-in moving digits)")
-    p.add_argument("--preset", default=None, choices=["paper", "digits", "cpu"],
-                   help="what the flags left out take: the paper's sizes (default with --data), the moving digits' "
-                        "(default without), or cpu: small models for 64x64 real data on a CPU (ViZDoom's recipe)")
+    p.add_argument("--preset", default=None, choices=["paper", "digits", "cpu"], help="what flags left out take: "
+                   "paper (default with --data), digits (without), cpu: 64x64 real data on a CPU (ViZDoom's recipe)")
     p.add_argument("--sequence_length", type=int, default=None, help="frames per clip (gpt: the VQ-VAE's)")
     p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels (gpt: the VQ-VAE's)")
     p.add_argument("--batch_size", type=int, default=None, help="clips per step per process")
@@ -122,9 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--n_cond_frames", type=int, default=0, help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true", help="gpt: condition on the data's class labels")
     p.add_argument("--action_cond", nargs="?", const="tokens", default=None, choices=["tokens", "norms"],
-                   help="gpt: condition on the data's per-frame actions (an HDF5 file with {split}_actions, e.g. "
-                        "BAIR, ViZDoom): as tokens the blocks cross-attend to (the default), or norms: the paper's "
-                        "conditional LayerNorms, gain and bias affine in the clip's actions")
+                   help="gpt: condition on the data's per-frame actions ({split}_actions: BAIR, ViZDoom) as tokens to "
+                        "cross-attend to (the default), or norms: the paper's conditional LayerNorms")
     p.add_argument("--cache_codes", action=argparse.BooleanOptionalAction, default=None,
                    help="gpt: encode every clip once (window fixed per clip) to out_dir/codes.pt instead of every step "
                         "(default: on for the moving digits, whose clips are exactly one window long, unless "
@@ -143,8 +141,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient_clip_val", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     # run
     p.add_argument("--out_dir", required=True, help="checkpoint, logs and pictures go here")
-    p.add_argument("--keep_last", type=int, default=0,
-                   help="also keep the newest K checkpoints as ckpt_STEP.pt (0: only the latest, ckpt.pt)")
+    p.add_argument("--keep_last", type=int, default=0, help="also keep the newest K checkpoints as ckpt_STEP.pt")
     p.add_argument("--max_bad_steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
     p.add_argument("--ddp_timeout", type=float, default=600,
@@ -152,10 +149,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_interval", type=int, default=None, help="steps between evaluations and checkpoints")
     p.add_argument("--eval_batches", type=int, default=4, help="test batches per evaluation")
     p.add_argument("--log_interval", type=int, default=None, help="steps between log lines")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log scalars, pictures and videos to TensorBoard event files in out_dir/tb (rank 0)")
-    p.add_argument("--wandb", default=None, metavar="PROJECT",
-                   help="also log them to this Weights & Biases project (WANDB_MODE=offline works without network)")
+    p.add_argument("--tensorboard", action="store_true", help="also log curves, pictures, videos to out_dir/tb")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log them to this W&B project (offline too)")
     p.add_argument("--wandb_run", default=None, metavar="NAME", help="the W&B run's display name")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
