@@ -205,7 +205,6 @@ VARIANTS = {
     "frames": dict(n_cond_frames=1, resolution=8),
     "actions": dict(action_dim=3, sequence_length=4),
     "frames+actions": dict(n_cond_frames=1, resolution=8, action_dim=2, sequence_length=4),
-    "action norms": dict(action_dim=3, sequence_length=4, action_norms=True),
     "class+action norms": dict(n_classes=3, action_dim=2, sequence_length=4, action_norms=True),
     "rope": dict(rope=True),
     "rope+sparse": dict(rope=True, attn_type="sparse", sparse_block=8, sparse_local_blocks=1),
