@@ -651,6 +651,8 @@ def steer_of_checkpoint(args):
                          f"(trained with --action_cond on ViZDoom data), got {names or 'no action names'}")
     signs = {names.index(k): v for k, v in TURN_SIGN.items()}
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+    if "actions" not in getattr(data, "extras", ()):
+        raise ValueError(f"{args.data}: no per-frame actions to steer by (expected an HDF5 file with test_actions)")
     generator = torch.Generator(device).manual_seed(args.seed)
     draw = lambda a: samples_to_uint8(vq.decode(generate(gpt, len(a), actions=a, temperature=args.temperature,
                                                          top_k=args.top_k, generator=generator)))

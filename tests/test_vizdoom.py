@@ -188,7 +188,7 @@ def test_without_vizdoom_the_command_says_what_to_install(tmp_path, monkeypatch)
     assert one_line(tmp_path, []) == "prepare: error: " + vizdoom.MISSING
 
 
-def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_name(small_file, tmp_path):
+def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_name(small_file, tmp_path, digits_h5):
     """The whole path of the README's ViZDoom block at toy sizes: VQ-VAE, a prior with the paper's conditional
     norms, sample.py told actions by name, and the steering score with its picture."""
     import sample
@@ -220,3 +220,6 @@ def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_nam
     with pytest.raises(SystemExit) as e:
         steer_main(["--ckpt", str(vq / "ckpt.pt"), "--data", str(path)])
     assert str(e.value.code).startswith("fvd.py: error: ") and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", digits_h5])
+    assert str(e.value.code) == f"fvd.py: error: {digits_h5}: no per-frame actions to steer by (expected an HDF5 file with test_actions)"
