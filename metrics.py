@@ -39,7 +39,7 @@ from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attent
 from gpt import load_gpt
 from prepare.digits import digit_glyphs, moving_digits_video
 from runtime import default_device, init_distributed, run_cli
-from sample import samples_to_uint8
+from sample import named_actions, samples_to_uint8
 from vqvae import load_vqvae
 
 # -----------------------------------------------------------------------------
@@ -625,18 +625,18 @@ def held_turns(actions, signs, min_hold=3):
     return runs
 
 
-def turn_following(videos, actions, signs, min_hold=3):
+def view_slides(videos):
+    """Every step's slide (view_shift) of uint8 clips (N, T, H, W, 3): int (N, T - 1), frame t to t + 1."""
+    return np.array([[view_shift(v[t], v[t + 1]) for t in range(len(v) - 1)] for v in videos])
+
+
+def turn_following(slides, actions, signs, min_hold=3):
     """The share of held turns (held_turns) after which the picture slid the commanded way over the run
-    (summed over its steps), in uint8 clips (N, T, H, W, 3) with their (N, T) button indices; and how many."""
+    (summed over its steps), from clips' slides (N, T - 1) and (N, T) button indices (None without a held
+    turn); and how many."""
     runs = held_turns(actions, signs, min_hold)
-    right = [sign * sum(view_shift(videos[i, t], videos[i, t + 1]) for t in range(first, last)) > 0
-             for i, first, last, sign in runs]
-    return (float(np.mean(right)) if runs else float("nan")), len(runs)
-
-
-def mean_slide(videos):
-    """The mean |slide| per step of uint8 clips (N, T, H, W, 3), in pixels: how much the view turns."""
-    return float(np.mean([abs(view_shift(v[t], v[t + 1])) for v in videos for t in range(len(v) - 1)]))
+    right = [sign * slides[i, first:last].sum() > 0 for i, first, last, sign in runs]
+    return (float(np.mean(right)) if runs else None), len(runs)
 
 
 def steer_of_checkpoint(args):
@@ -657,6 +657,7 @@ def steer_of_checkpoint(args):
     draw = lambda a: samples_to_uint8(vq.decode(generate(gpt, len(a), actions=a, temperature=args.temperature,
                                                          top_k=args.top_k, generator=generator)))
     told = {k: names.index(k) for k in ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT") if k in names}
+    T = c.sequence_length
     sets = {"real": [], "reconstructions": [], "samples": []} | {f"told {k}": [] for k in told}
     buttons = []
     with torch.no_grad():
@@ -668,14 +669,15 @@ def steer_of_checkpoint(args):
             sets["real"].append(to_uint8(x).numpy())
             sets["reconstructions"].append(samples_to_uint8(vq.decode(vq.encode(x))))
             sets["samples"].append(draw(a))
-            for k, b in told.items():   # every clip told the same button all the way through
-                sets[f"told {k}"].append(draw(F.one_hot(torch.full_like(a[..., 0], b).long(), a.shape[-1]).float()))
+            for k in told:   # every clip told the same button all the way through
+                sets[f"told {k}"].append(draw(named_actions(f"{k}*{T}", names, len(items), (T,), args.ckpt).to(device)))
     buttons, sets = np.concatenate(buttons), {k: np.concatenate(v) for k, v in sets.items()}
     rows = {}
     for name, videos in sets.items():
         b = np.full(buttons.shape, told[name[5:]]) if name.startswith("told") else buttons
-        share, count = turn_following(videos, b, signs, args.min_hold)
-        rows[name] = dict(turned_as_told=share if count else None, turns=count, mean_slide=mean_slide(videos))
+        slides = view_slides(videos)                                                    # (N, T - 1)
+        share, count = turn_following(slides, b, signs, args.min_hold)
+        rows[name] = dict(turned_as_told=share, turns=count, mean_slide=float(np.abs(slides).mean()))
         line = f"{name:>17}: mean slide {rows[name]['mean_slide']:5.2f} px/step"
         if count:
             line += f"  turned the way told {100 * share:5.1f}% of {count} held turns"

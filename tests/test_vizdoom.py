@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY, TINY_GPT, run_script
 from data import HDF5Dataset
-from metrics import held_turns, turn_following, view_shift
+from metrics import held_turns, turn_following, view_shift, view_slides
 from prepare import vizdoom
 
 SMALL = dict(episodes=5, length=12, resolution=48, seed=0, progress=False)
@@ -115,9 +115,10 @@ def test_the_steering_score_reads_real_turns_and_fails_swapped_ones(turns_file):
     near 0 when left and right are swapped, and counts only turns held for min_hold steps."""
     frames, actions = turns_file
     clips, buttons = frames.reshape(8, 40, 64, 64, 3), actions.reshape(8, 40)
-    share, count = turn_following(clips, buttons, {0: 1, 1: -1})
+    slides = view_slides(clips)
+    share, count = turn_following(slides, buttons, {0: 1, 1: -1})
     assert count >= 10 and share >= 0.9, (share, count)
-    swapped, _ = turn_following(clips, buttons, {0: -1, 1: 1})
+    swapped, _ = turn_following(slides, buttons, {0: -1, 1: 1})
     assert swapped == pytest.approx(1 - share)
     # Runs of one button, the last step of a clip left out (it leads to no frame).
     assert held_turns(np.array([[0, 0, 0, 2, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0, 0, 0]]), {0: 1, 1: -1}) == \
@@ -193,7 +194,6 @@ def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_nam
     norms, sample.py told actions by name, and the steering score with its picture."""
     import sample
     import train
-    from conftest import TINY, TINY_GPT
     from metrics import steer_main
     path, _ = small_file
     vq, prior = tmp_path / "vq", tmp_path / "gpt"
