@@ -1,0 +1,544 @@
+"""Play the dream: take the controls of a trained action-conditional prior, live in a browser.
+
+    python play.py --ckpt weights/vizdoom.pt                      # serves http://127.0.0.1:8000
+    python play.py --ckpt weights/vizdoom.pt --game               # the real game beside the dream (pip install vizdoom)
+    python play.py --ckpt weights/vizdoom.pt --actions "MOVE_FORWARD*16,TURN_LEFT*24" --out dream.mp4
+    python play.py --ckpt runs/doom_gpt/ckpt.pt --start vizdoom.h5 --clip 3 --actions ... --out dream.gif
+
+The page shows the dream as its largest picture. The arrow keys and WASD
+press the prior's own actions (their names are on the page); a key counts as
+held from its keydown to its keyup, and the one pressed last wins. With no
+key held, the frames take the idle action (MOVE_FORWARD for ViZDoom, which
+has no "nothing pressed"). A prior without actions plays its dream by itself.
+
+With --actions the same loop writes a rollout to --out instead (MP4, GIF, or
+a PNG sheet of 16 frames a row), as fast as it can: the start frames, then
+one frame per scripted action, at the dream's own resolution (with --game,
+the real game's frames beside it).
+
+The loop itself is world.World (one latent step at a time, the window
+sliding, keys -> actions); this file is the command: the start, the real
+game, the rollout and the web server (the standard library's, so nothing is
+installed for it). docs/play.md explains the loop and its measurements.
+"""
+
+import argparse
+import base64
+import json
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+
+from checkpoints import OutputLock, check_writable, load_checkpoint
+from data import make_dataset, preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
+from fast import use_fast_attention
+from gpt import load_gpt
+from runtime import run_cli
+from world import DECODE_CONTEXT, STRIDE, World
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
+WRITERS = {".mp4", ".gif", ".png"}
+# Keys of the page, by the action they press where the prior has it (arrows and WASD; the rest numbered).
+KEYS = {"TURN_LEFT": ["ArrowLeft", "a"], "TURN_RIGHT": ["ArrowRight", "d"], "MOVE_FORWARD": ["ArrowUp", "w"],
+        "MOVE_BACKWARD": ["ArrowDown", "s"], "MOVE_LEFT": ["q"], "MOVE_RIGHT": ["e"], "ATTACK": [" "],
+        "SPEED": ["Shift"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Play a trained action-conditional prior: in a browser, or a rollout to a file.")
+    p.add_argument("--ckpt", required=True, help="a prior checkpoint of ours (it carries its VQ-VAE), e.g. weights/vizdoom.pt")
+    # the start
+    p.add_argument("--start", default=None,
+                   help="an HDF5 file (or video folder) whose test clip --clip gives the opening frames "
+                        "(default: the start stored with the weights, else a sample)")
+    p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
+    p.add_argument("--game", action="store_true",
+                   help="run the real ViZDoom scenario on the same keys, beside the dream (pip install vizdoom); "
+                        "the dream starts from the game's own first frames")
+    p.add_argument("--scenario", default="health_gathering_supreme", help="with --game: the scenario")
+    p.add_argument("--frame_skip", type=int, default=4, help="with --game: game tics per frame (the data's)")
+    # sampling
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--top_k", type=int, default=None, help="draw among the k most likely codes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dream's draws (and of the game)")
+    p.add_argument("--stride", type=int, default=STRIDE,
+                   help="latent steps dropped each time the window slides (1: full context, re-prefilled every step)")
+    p.add_argument("--decode_context", type=int, default=DECODE_CONTEXT,
+                   help="latent steps the decoder sees to draw the newest one's frames")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the one-code step (in the page: in the background, playing eager meanwhile)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    # a rollout to a file
+    p.add_argument("--actions", default=None,
+                   help="write a rollout instead of serving: the actions' names, each held for a number of frames, "
+                        "e.g. \"MOVE_FORWARD*16,TURN_LEFT*24\" (a multiple of the frames per latent step)")
+    p.add_argument("--out", default=None, help="with --actions: the rollout file, .mp4, .gif or .png")
+    p.add_argument("--fps", type=int, default=30,
+                   help="frames per second: of the page (its pace), and of an MP4/GIF rollout's playback")
+    # the server
+    p.add_argument("--port", type=int, default=8000, help="the page's port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to bind; anything but 127.0.0.1 lets other machines play it (a warning says so)")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# The world and where it starts
+
+
+def load_world(args):
+    """The World of args.ckpt, its action names, and its start: dict(codes | frames, actions)."""
+    if not os.path.isfile(args.ckpt):
+        raise ValueError(f"{args.ckpt}: no such checkpoint file")
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("stage") != "gpt":
+        raise ValueError(f"{args.ckpt}: is not a prior checkpoint of ours (play needs the VQ-VAE a prior of "
+                         f"ours carries; train one with train.py --stage gpt)")
+    if not isinstance(ckpt.get("vqvae"), dict):
+        raise ValueError(f"{args.ckpt}: carries no VQ-VAE (expected the 'vqvae' entry train.py writes)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device="cpu"))
+    c = gpt.config
+    if c.n_cond_frames or c.n_classes:
+        raise ValueError(f"{args.ckpt}: play drives priors conditioned on actions (or on nothing), "
+                         f"not on frames or classes")
+    names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim else [])
+    world = World(gpt, vq, action_names=names or None, temperature=args.temperature, top_k=args.top_k,
+                  stride=args.stride, decode_context=args.decode_context, seed=args.seed)
+    start = {}
+    if args.start is not None:
+        start = clip_start(args.start, args.clip, vq.config, names)
+    elif isinstance(ckpt.get("play_start"), dict):   # opening codes stored with the weights
+        s = ckpt["play_start"]
+        start = dict(codes=s["codes"].long(), actions=[names[int(i)] for i in s["actions"]] if names else None)
+    return world, names, start
+
+
+def clip_start(path, clip, vq_config, names):
+    """The opening frames (one window) of test clip `clip` of a dataset, and their actions by name."""
+    data = make_dataset(path, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
+    if not 0 <= clip < len(data):
+        raise ValueError(f"{path}: --clip {clip} is outside its {len(data)} test clips")
+    if not hasattr(data, "starts"):   # a video folder: its clip's first window
+        item = data[(clip, None)]
+        return dict(frames=to_uint8(item["video"]).numpy(), actions=None)
+    first = data.starts[clip]
+    frames = np.asarray(data.frames()[first:first + vq_config.sequence_length])              # (T, H, W, 3)
+    actions = None
+    if names and "actions" in data.extras:
+        buttons = np.asarray(data.frames("actions")[first:first + vq_config.sequence_length]).argmax(-1)
+        actions = [names[int(b)] for b in buttons]
+    return dict(frames=frames, actions=actions)
+
+
+def start_world(world, start):
+    """Reset the world from its start; the opening frames (uint8 (T0, H, W, 3))."""
+    acts = start.get("actions") if world.n_actions else None
+    return world.reset(start=start.get("frames"), start_codes=start.get("codes"), start_actions=acts)
+
+
+def parse_script(spec, names, per_step):
+    """--actions "MOVE_FORWARD*16,TURN_LEFT*24" -> one action name per frame; one-line errors."""
+    if not names:
+        raise ValueError("--actions: this prior has no actions; its dream plays by itself (leave --actions out "
+                         "of the page, or give a count: --actions 32 for 32 frames)") if not spec.isdigit() else None
+    frames = []
+    for part in spec.split(","):
+        name, star, count = part.strip().partition("*")
+        if name not in names:
+            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
+        if star and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
+        frames += [name] * (int(count) if star else 1)
+    if len(frames) % per_step:
+        raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames at a time "
+                         f"(one latent step), so give a multiple of {per_step}")
+    return frames
+
+
+# -----------------------------------------------------------------------------
+# The real game, beside the dream
+
+
+class Game:
+    """The ViZDoom scenario the prior learned, played on the same actions: its frames at the dream's size."""
+
+    def __init__(self, stack, scenario, frame_skip, resolution, names, seed):
+        from prepare.vizdoom import make_game   # lazy: vizdoom is optional
+        self.game = stack.enter_context(make_game(scenario, seed))
+        buttons = [b.name for b in self.game.get_available_buttons()]
+        missing = [n for n in names if n not in buttons]
+        if missing:
+            raise ValueError(f"--game {scenario}: its buttons {', '.join(buttons)} lack the prior's {', '.join(missing)}")
+        self.press = {n: np.eye(len(buttons), dtype=int)[buttons.index(n)].tolist() for n in names}
+        self.frame_skip, self.resolution, self.seed = frame_skip, resolution, seed
+
+    def frame(self):
+        screen = self.game.get_state().screen_buffer                               # (120, 160, 3) uint8
+        return to_uint8(preprocess(screen[None], self.resolution)).numpy()[0]      # (R, R, 3)
+
+    def new_life(self, n_frames, action):
+        """A new episode: its first n_frames frames, playing `action`."""
+        self.seed += 1
+        self.game.set_seed(self.seed)
+        self.game.new_episode()
+        frames = []
+        for _ in range(n_frames):
+            frames.append(self.frame())
+            self.game.make_action(self.press[action], self.frame_skip)
+        return np.stack(frames), [action] * n_frames
+
+    def step(self, action):
+        """The frame after the last, playing `action`; None when the episode has ended (a death, or time)."""
+        if self.game.is_episode_finished():
+            return None
+        frame = self.frame()
+        self.game.make_action(self.press[action], self.frame_skip)
+        return frame
+
+
+def game_start(world, game, names):
+    """The dream's start from the game's own first frames: a new life, the idle action held."""
+    frames, actions = game.new_life(world.t * world.per_step, names[world.idle])
+    return dict(frames=frames, actions=actions)
+
+
+# -----------------------------------------------------------------------------
+# A rollout to a file
+
+
+def rollout(args):
+    """Play the scripted actions as fast as the loop goes and write the frames to args.out."""
+    if args.out is None:
+        raise ValueError("--actions writes a rollout: pass --out dream.mp4 (or .gif, .png)")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in WRITERS:
+        raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
+    world, names, start = load_world(args)
+    if world.n_actions:
+        script = parse_script(args.actions, names, world.per_step)
+    else:
+        if not args.actions.isdigit() or int(args.actions) % world.per_step:
+            raise ValueError(f"--actions: this prior has no actions; give the number of frames "
+                             f"(a multiple of {world.per_step}), e.g. --actions 64")
+        script = [None] * int(args.actions)
+    if args.compile:
+        world.compile_step(background=False)
+    with ExitStack() as stack, OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out"):
+        game = Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed) \
+            if args.game else None
+        if game is not None:
+            start = game_start(world, game, names)
+        dream = [start_world(world, start)]
+        real = [start["frames"]] if game is not None else None
+        t0 = time.perf_counter()
+        for i in range(0, len(script), world.per_step):
+            dream.append(world.step(script[i:i + world.per_step] if world.n_actions else None))
+            if game is not None:
+                got = [game.step(a) for a in script[i:i + world.per_step]]
+                real.append(np.stack([g if g is not None else np.zeros_like(dream[-1][0]) for g in got]))
+        seconds = time.perf_counter() - t0
+        frames = np.concatenate(dream)                                               # (N, H, W, 3)
+        if game is not None:   # the game beside the dream (black once its episode has ended)
+            frames = np.concatenate([frames, np.concatenate(real)], axis=2)           # (N, H, 2W, 3)
+        write_frames(frames, args.out, ext, args.fps)
+    print(f"{len(script)} frames in {seconds:.1f} s ({len(script) / max(seconds, 1e-9):.1f} frames/s)", flush=True)
+    print(args.out, flush=True)
+
+
+def write_frames(frames, path, ext, fps):
+    """The rollout's frames (N, H, W, 3): a video at their own size, or a PNG sheet of 16 frames a row."""
+    if ext == ".png":
+        per_row = 16
+        rows = math.ceil(len(frames) / per_row)
+        padded = np.full((rows * per_row, *frames.shape[1:]), 255, np.uint8)
+        padded[:len(frames)] = frames
+        save_png(video_grid(padded.reshape(rows, per_row, *frames.shape[1:])), path)   # rows of 16 frames
+    else:
+        (save_mp4 if ext == ".mp4" else save_gif)(frames, path, fps=fps)
+
+
+# -----------------------------------------------------------------------------
+# The page: one player thread drives the world; each open tab reads its frames
+
+
+class Player:
+    """Draws latent steps with the held keys while a tab watches, and hands each frame to every tab.
+
+    Pace: a frame every 1 / fps s. The next latent step is drawn as soon as the last frame of the
+    previous one is out, so a key waits at most one step before it is drawn, and is shown when that
+    step is: its first frame carries the id of the newest key event it was drawn with."""
+
+    MAX_VIEWERS = 8
+
+    def __init__(self, world, names, start, fps, game=None, compile=False):
+        self.world, self.names, self.start, self.fps, self.game = world, names, start, fps, game
+        self.lock = threading.Condition()
+        self.held, self.key_id = [], 0          # the held actions in the order pressed; the newest event's id
+        self.seq, self.frame, self.info = 0, None, {}
+        self.viewers = 0
+        self.restart = True
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="player", daemon=True)
+        self.compile = compile
+        self.started = time.perf_counter()
+        self.first_frame_s = None
+        self.thread.start()
+
+    # --- from the request threads ---
+
+    def keys(self, held, key_id):
+        with self.lock:
+            self.held, self.key_id = list(held), key_id
+
+    def settings(self, temperature=None, top_k=None):
+        with self.lock:
+            if temperature is not None:
+                self.world.temperature = temperature
+            if top_k is not None:
+                self.world.top_k = top_k or None
+
+    def request_restart(self):
+        with self.lock:
+            self.restart = True
+            self.lock.notify_all()
+
+    def join(self):
+        with self.lock:
+            if self.viewers >= self.MAX_VIEWERS:
+                return False
+            self.viewers += 1
+            self.lock.notify_all()
+            return True
+
+    def leave(self):
+        with self.lock:
+            self.viewers -= 1
+
+    def next_frame(self, after, timeout=1.0):
+        """The newest frame after sequence number `after`: (seq, payload), or None after `timeout` s."""
+        with self.lock:
+            self.lock.wait_for(lambda: self.seq > after or self.stopped.is_set(), timeout=timeout)
+            return (self.seq, self.frame) if self.seq > after else None
+
+    def stop(self):
+        self.stopped.set()
+        with self.lock:
+            self.lock.notify_all()
+        self.thread.join(timeout=5)
+
+    # --- the player thread ---
+
+    def publish(self, frame, real, key_id, when):
+        """Wait for the frame's time, then hand it to the tabs."""
+        delay = when - time.perf_counter()
+        if delay > 0:
+            self.stopped.wait(delay)
+        image = frame if real is None else np.concatenate([frame, real], axis=1)     # (H, W[*2], 3)
+        payload = json.dumps(dict(w=image.shape[1], h=image.shape[0], key_id=key_id, **self.info,
+                                  rgb=base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()))
+        with self.lock:
+            self.seq += 1
+            self.frame = payload
+            self.lock.notify_all()
+        if self.first_frame_s is None:
+            self.first_frame_s = time.perf_counter() - self.started
+
+    def run(self):
+        try:
+            self.play()
+        except Exception as e:   # shown on the page and the console; the server stays up
+            self.info = dict(error=f"{type(e).__name__}: {e}")
+            print(f"play.py: error: the player stopped: {e}", file=sys.stderr, flush=True)
+
+    def play(self):
+        world, period, when = self.world, 1.0 / self.fps, time.perf_counter()
+        real = None
+        while not self.stopped.is_set():
+            with self.lock:   # sleep while no tab watches
+                self.lock.wait_for(lambda: self.viewers > 0 or self.stopped.is_set())
+                restart, self.restart = self.restart, False
+                action = self.held[-1] if self.held else None
+                key_id = self.key_id
+            if self.stopped.is_set():
+                return
+            if restart:
+                start = game_start(world, self.game, self.names) if self.game is not None else self.start
+                frames = start_world(world, start)
+                reals = start["frames"] if self.game is not None else [None] * len(frames)
+                if self.compile and world.compiled_step is None and not getattr(world, "compiler", None):
+                    world.compile_step(background=True)
+                when = time.perf_counter()
+                for frame, real in zip(frames, reals):
+                    self.publish(frame, real, key_id, when)
+                    when += period
+                continue
+            tick = time.perf_counter()
+            frames = world.step(action)
+            action = action or (self.names[world.idle] if world.n_actions else None)
+            reals = [self.game.step(action) for _ in frames] if self.game is not None else [None] * len(frames)
+            if self.game is not None and any(r is None for r in reals):   # the game's episode ended: a new life
+                self.request_restart()
+            step_ms = 1e3 * (time.perf_counter() - tick)
+            self.info = dict(action=action, step_ms=round(step_ms, 1), compiled=world.compiled_step is not None,
+                             **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
+            when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
+            for frame, real in zip(frames, reals):
+                self.publish(frame, real if real is not None else None, key_id, when)
+                when += period
+
+
+def make_handler(player, page):
+    """The request handler: the page, its stream of frames, and the few JSON commands it sends."""
+    actions = player.names
+    bindings = {n: KEYS.get(n, [str(i + 1)]) for i, n in enumerate(actions)}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "videogpt-play"
+
+        def log_message(self, *args):   # quiet: the console shows the URL and errors only
+            pass
+
+        def reply(self, code, body, kind="text/plain; charset=utf-8"):
+            data = body.encode() if isinstance(body, str) else body
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def bad(self, code, line):
+            self.reply(code, line + "\n")
+
+        def do_GET(self):
+            path = urlsplit(self.path).path
+            if path == "/":
+                return self.reply(200, page, "text/html; charset=utf-8")
+            if path == "/info":
+                return self.reply(200, json.dumps(dict(
+                    actions=actions, keys=bindings, idle=actions[player.world.idle] if actions else None,
+                    temperature=player.world.temperature, top_k=player.world.top_k, fps=player.fps,
+                    game=player.game is not None)), "application/json")
+            if path == "/stream":
+                return self.stream()
+            self.bad(404, f"not found: {path[:80]}")
+
+        def stream(self):
+            """Server-sent events: one `data:` line of JSON per frame, until the tab goes."""
+            if not player.join():
+                return self.bad(503, f"too many tabs watching (at most {player.MAX_VIEWERS})")
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                seen = 0
+                while not player.stopped.is_set():
+                    got = player.next_frame(seen)
+                    if got is None:   # a comment, so a closed tab is noticed while nothing is drawn
+                        self.wfile.write(b": waiting\n\n")
+                    else:
+                        seen, payload = got
+                        self.wfile.write(b"data: " + payload.encode() + b"\n\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pass   # the tab closed or reloaded
+            finally:
+                player.leave()
+
+        def do_POST(self):
+            path = urlsplit(self.path).path
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self.bad(400, "bad Content-Length")
+            if length > 4096:
+                return self.bad(413, "request too large")
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError
+            except ValueError:
+                return self.bad(400, "the body must be a JSON object")
+            if path == "/keys":
+                held, key_id = body.get("held", []), body.get("id", 0)
+                if not isinstance(held, list) or not isinstance(key_id, int) or isinstance(key_id, bool):
+                    return self.bad(400, "keys: expected {\"held\": [action names], \"id\": integer}")
+                unknown = [h for h in held if h not in actions]
+                if unknown:
+                    return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; this prior's actions are "
+                                         f"{', '.join(actions) or 'none (its dream plays by itself)'}")
+                player.keys(held, key_id)
+                return self.reply(204, b"")
+            if path == "/settings":
+                temperature, top_k = body.get("temperature"), body.get("top_k")
+                if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                                or not 0.05 <= temperature <= 5):
+                    return self.bad(400, "temperature must be a number in [0.05, 5]")
+                if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                          or not 0 <= top_k <= player.world.gpt.config.n_codes):
+                    return self.bad(400, f"top_k must be a whole number in [0, {player.world.gpt.config.n_codes}] "
+                                         f"(0: all codes)")
+                player.settings(temperature, top_k)
+                return self.reply(204, b"")
+            if path == "/restart":
+                player.request_restart()
+                return self.reply(204, b"")
+            self.bad(404, f"not found: {path[:80]}")
+
+    return Handler
+
+
+def serve(args):
+    """Serve the page until Ctrl-C."""
+    if not 1 <= args.fps <= 120:
+        raise ValueError(f"--fps {args.fps} must be between 1 and 120")
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    world, names, start = load_world(args)
+    with ExitStack() as stack:
+        game = Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed) \
+            if args.game else None
+        try:
+            server = ThreadingHTTPServer((args.host, args.port), None)
+        except OSError as e:
+            raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (try --port)") from None
+        player = Player(world, names, start, args.fps, game=game, compile=args.compile)
+        server.RequestHandlerClass = make_handler(player, page)
+        server.daemon_threads = True
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            warnings.warn(f"--host {args.host}: the page is open to other machines on this network "
+                          f"(it serves nothing else, but anyone who reaches it can play)")
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"http://{host}:{server.server_address[1]}/", flush=True)
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            print("play.py: stopped", file=sys.stderr, flush=True)
+        finally:
+            server.server_close()
+            player.stop()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_cli("play.py", rollout if args.actions is not None else serve, args)
+
+
+if __name__ == "__main__":
+    main()

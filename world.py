@@ -1,0 +1,271 @@
+"""The play loop: a trained prior as a world you steer, one latent step at a time.
+
+A prior trained on ViZDoom with actions is a world model: given the codes of
+the frames so far and the button pressed, it draws what comes next. `World`
+turns it into an unbounded video:
+
+    from gpt import load_gpt
+    from world import World
+    gpt, vq = load_gpt("weights/vizdoom.pt")
+    world = World(gpt, vq, action_names=["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"])
+    frames = world.reset()                 # the opening frames: uint8 (T0, H, W, 3)
+    frames = world.step("TURN_LEFT")       # the held key -> the next latent step's frames (2 here)
+
+It knows nothing of screens: play.py puts it in a web page and writes
+rollouts to files, bench.py times it. How it works (docs/play.md has the
+measurements behind each choice):
+
+* One latent step at a time. The prior models a window of t latent steps
+  (t*h*w codes in raster order). A step draws the h*w codes of the next
+  latent step, one after the other through the KV cache, then decodes them
+  into `sequence_length / t` frames.
+* Keys become actions. The action held when a step is drawn becomes the
+  action of each of its frames. A step's codes are drawn from the past
+  codes and the actions up to and including its own; they are never drawn
+  again, so no key pressed later can change them (tests/test_play.py).
+* The window slides. When the window is full, the oldest `stride` latent
+  steps are dropped and the rest are prefilled again at positions 0, 1, ...
+  (the prior's position tables are absolute, so cached keys and values of a
+  shifted window are stale). With stride 1 every step is drawn with t - 1
+  steps of context and every action of the window is one already played.
+* Conditioning that sees the future. Both action conditionings (the paper's
+  conditional norms, and per-frame tokens) let every code see the actions
+  of the whole window. While the window is not full, the frames after the
+  step being drawn have no action yet: they take the held action (the
+  player keeps doing what they do now). When the conditioning changes, every
+  norm and cross-attention of the window changes with it, so the cache is
+  stale: it is prefilled again. With stride 1 the window is full from the
+  first step on and there is no future to fill.
+* Decoding the new frames only. The decoder sees `decode_context` latent
+  steps (the new one and those before it), and the new step's frames are
+  kept: the decoder's convolutions reach one latent step across.
+
+The loop is engineering beside the chapters: it reuses fast.py's fused step
+and the lesson's prefill (`VideoGPT.step`), and draws its noise the way
+every sampler here does (`gpt.uniform_noise`), so a World of stride s draws
+the codes sample.sample_long draws for the same generator and actions.
+"""
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+from data import preprocess, to_uint8
+from fast import cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill, sampling_dtype
+from gpt import sample_logits, uniform_noise
+
+# The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
+STRIDE = 1            # latent steps dropped when the window slides: full context, nothing to guess
+DECODE_CONTEXT = 2    # latent steps the decoder sees to draw the newest one's frames
+
+
+def idle_action(names):
+    """The action of a frame when no key is held: MOVE_FORWARD where the prior has it (ViZDoom's
+    players walk on), else the first. The data has no 'nothing pressed' action to learn from."""
+    if not names:
+        return None
+    return names.index("MOVE_FORWARD") if "MOVE_FORWARD" in names else 0
+
+
+class World:
+    """An action-conditional (or unconditional) prior and its VQ-VAE, played one latent step at a time.
+
+    `reset(start)` starts from real frames (uint8 (T0, H, W, 3), T0 a multiple of the frames per latent
+    step, at most the window's), from stored codes (`start_codes` (k, h, w)), or from a sample; `step(action)`
+    draws the next latent step for the held action (an index, a name, or None: `idle_action`) and
+    returns its frames. `timing` holds the last step's milliseconds: prefill, codes, decode."""
+
+    def __init__(self, gpt, vq, action_names=None, temperature=1.0, top_k=None, stride=STRIDE,
+                 decode_context=DECODE_CONTEXT, seed=0, compile=False):
+        c = gpt.config
+        self.gpt, self.vq = gpt, vq
+        self.t, self.h, self.w = c.latent_shape
+        self.per_step = c.sequence_length // self.t                # frames per latent step
+        self.hw = self.h * self.w                                   # codes per latent step
+        if not 1 <= stride <= self.t - 1:
+            raise ValueError(f"stride={stride} must be between 1 and the window's {self.t} latent steps - 1")
+        self.stride, self.decode_context = stride, max(1, decode_context)
+        self.n_actions = c.action_dim
+        self.action_names = list(action_names) if action_names else None
+        if self.action_names and len(self.action_names) != self.n_actions:
+            raise ValueError(f"{len(self.action_names)} action names for a prior of {self.n_actions} actions")
+        self.idle = idle_action(self.action_names) if self.action_names else (0 if self.n_actions else None)
+        self.temperature, self.top_k = temperature, top_k
+        self.device = gpt.fc_in.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.seed = seed
+        self.weights = decode_weights(gpt)
+        self.compiled_step = None
+        self.timing = {}
+        if compile:
+            self.compile_step(background=compile == "background")
+        self.codes = self.actions = None
+
+    # --- what the held key means ---
+
+    def action_index(self, action):
+        """An action given as an index, a name or None (the idle action) -> its index; one-line errors."""
+        if not self.n_actions:
+            if action is not None:
+                raise ValueError("this prior has no actions: its dream plays on by itself (keys are disabled)")
+            return None
+        if action is None:
+            return self.idle
+        if isinstance(action, str):
+            if not self.action_names or action not in self.action_names:
+                raise ValueError(f"unknown action {action!r}; this prior's actions are "
+                                 f"{', '.join(self.action_names or map(str, range(self.n_actions)))}")
+            return self.action_names.index(action)
+        if not 0 <= int(action) < self.n_actions:
+            raise ValueError(f"action {action} is not an index in [0, {self.n_actions})")
+        return int(action)
+
+    # --- starting ---
+
+    @torch.no_grad()
+    def reset(self, start=None, start_actions=None, start_codes=None, seed=None):
+        """Start again: from real frames `start`, stored codes `start_codes`, or (neither) a sample of a
+        whole window with the idle action. `start_actions`: the start frames' actions (indices or names,
+        one per frame; default the idle action). Returns the start's frames as the VQ-VAE sees them."""
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        if start is not None:
+            start_codes = self.encode(start)                                        # (k, h, w)
+        n_frames = self.t * self.per_step if start_codes is None else start_codes.shape[0] * self.per_step
+        acts = [self.action_index(a) for a in start_actions] if start_actions is not None else \
+            [self.action_index(None)] * n_frames
+        if len(acts) != n_frames:
+            raise ValueError(f"{len(acts)} start actions for {n_frames} start frames")
+        self.codes = torch.zeros(1, 0, self.h, self.w, dtype=torch.long, device=self.device)   # (1, k, h, w)
+        self.fed, self.cond_key, self.actions = 0, None, []
+        if start_codes is None:   # a sample: the window drawn step by step with the start's actions
+            steps = [acts[i:i + self.per_step] for i in range(0, n_frames, self.per_step)]
+            return np.concatenate([self.step(a if self.n_actions else None) for a in steps])   # (T, H, W, 3)
+        self.actions = acts if self.n_actions else []
+        self.codes = start_codes.to(self.device, torch.long)[None]                  # (1, k, h, w)
+        return to_uint8(self.vq.decode(self.codes)).numpy()[0]                      # (T0, H, W, 3)
+
+    def encode(self, frames):
+        """uint8 frames (T0, H, W, 3) of any size -> their codes (T0 / frames per step, h, w)."""
+        frames = np.asarray(frames)
+        T0 = frames.shape[0]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or T0 % self.per_step or not 0 < T0 <= self.t * self.per_step:
+            raise ValueError(f"start frames must be uint8 (T0, H, W, 3) with T0 a multiple of {self.per_step} "
+                             f"and at most {self.t * self.per_step}, got {frames.dtype} {frames.shape}")
+        video = preprocess(torch.from_numpy(frames), self.vq.config.resolution)     # (3, T0, R, R)
+        return self.vq.encode(video[None].to(self.device))[0]                      # (k, h, w)
+
+    # --- one latent step ---
+
+    def window_actions(self, new):
+        """The conditioning actions (1, T, A) of the window with the new step's frames: the played actions,
+        the new step's `new` (one per frame), then (the fill rule) its last one for any frame after them."""
+        T = self.t * self.per_step
+        played = self.actions[len(self.actions) - self.codes.shape[1] * self.per_step:]
+        idx = played + new + [new[-1]] * (T - len(played) - len(new))
+        return torch.eye(self.n_actions, device=self.device)[idx][None]             # (1, T, A)
+
+    @torch.no_grad()
+    def step(self, action=None):
+        """Draw the next latent step with `action` held for its frames (or a list of one action per frame);
+        its frames, uint8 (per_step, H, W, 3)."""
+        if isinstance(action, (list, tuple)):
+            if len(action) != self.per_step:
+                raise ValueError(f"{len(action)} actions for a latent step of {self.per_step} frames")
+            a = [self.action_index(x) for x in action]
+        else:
+            a = [self.action_index(action)] * self.per_step
+        gpt, hw = self.gpt, self.hw
+        t0 = time.perf_counter()
+        # The window slides: drop the oldest steps; the positions of the rest change, so the cache is stale.
+        if self.codes.shape[1] == self.t:
+            self.codes = self.codes[:, self.stride:]                                # (1, t - stride, h, w)
+            self.fed = 0
+        k = self.codes.shape[1]                                                     # the new step's index
+        actions = self.window_actions(a) if self.n_actions else None                # (1, T, A)
+        key = None if actions is None else actions.argmax(-1).tolist()
+        if key != self.cond_key:   # new conditioning: every norm (or cross-attention) of the window changes
+            self.cond = cached_condition(gpt, None, None, 1, actions)
+            self.cond_key, self.fed = key, 0
+        if self.fed == 0:   # (re)fill the cache: the start vector and every code of the window so far
+            self.caches = gpt.setup_caches(1, self.device, sampling_dtype(gpt))
+            logits = prefill(gpt, self.cond, self.caches, 1, self.codes.flatten(1))  # (1, n_codes)
+            self.fed = k * hw + 1
+        else:   # the cache holds the window: feed the last code drawn
+            logits = self.decode(self.codes[:, -1].flatten(1)[:, -1], k * hw)       # (1, n_codes)
+        t1 = time.perf_counter()
+        # The new step's codes, one after the other, each fed back through the cache.
+        new = torch.zeros(1, hw, dtype=torch.long, device=self.device)
+        noise = uniform_noise(1, gpt.config.n_codes, hw, self.generator, self.device)
+        for i in range(hw):
+            new[:, i] = sample_logits(logits, self.temperature, self.top_k, noise=next(noise))
+            if i < hw - 1:
+                logits = self.decode(new[:, i], k * hw + i + 1)                     # (1, n_codes)
+        self.codes = torch.cat([self.codes, new.view(1, 1, self.h, self.w)], dim=1)  # (1, k + 1, h, w)
+        if self.n_actions:
+            self.actions += a
+        t2 = time.perf_counter()
+        # Decode the new step's frames with a little context before them.
+        context = self.codes[:, -self.decode_context:]                              # (1, <= dc, h, w)
+        video = self.vq.decode(context)[:, :, -self.per_step:]                      # (1, 3, per_step, H, W)
+        frames = to_uint8(video).numpy()[0]                                         # (per_step, H, W, 3)
+        t3 = time.perf_counter()
+        self.timing = dict(prefill_ms=1e3 * (t1 - t0), codes_ms=1e3 * (t2 - t1), decode_ms=1e3 * (t3 - t2),
+                           compiled=self.compiled_step is not None)
+        return frames
+
+    def decode(self, code, pos):
+        """Feed `code` (1,) in at position `pos` (written into the cache); the logits of position pos."""
+        p = torch.tensor([pos], device=self.device)
+        if self.compiled_step is not None:   # compiled: fixed shapes, the whole cache and the mask's row
+            return self.compiled_step(code, p, self.cond, self.caches)
+        # Eager: attention over the written prefix only.
+        return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)  # (1, n_codes)
+
+    # --- compiling the step, without making the player wait ---
+
+    def compile_step(self, background=True):
+        """torch.compile the one-token step (inductor, frozen weights, fixed shapes: the whole cache with
+        the position's row of the mask, so one compiled graph serves every position). In the background,
+        the eager step plays until the compiled one is ready and checked to give the same logits."""
+        def build():
+            step = LogitsStep(self.gpt, self.weights)
+            compiled = frozen_cpu_compile(step) if self.device.type == "cpu" else torch.compile(step)
+            actions = torch.eye(self.n_actions, device=self.device)[[self.idle] * self.t * self.per_step][None] \
+                if self.n_actions else None                                          # (1, T, A)
+            cond = cached_condition(self.gpt, None, None, 1, actions)
+            caches = self.gpt.setup_caches(1, self.device, sampling_dtype(self.gpt))
+            with torch.no_grad():
+                prefill(self.gpt, cond, caches, 1, torch.zeros(1, self.hw, dtype=torch.long, device=self.device))
+                p = torch.tensor([self.hw + 1], device=self.device)
+                code = torch.zeros(1, dtype=torch.long, device=self.device)
+                got = compiled(code, p, cond, caches)
+                ref = step(code, p, cond, caches)
+            if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+                self.compiled_step = compiled
+        if background:
+            self.compiler = threading.Thread(target=build, name="compile-step", daemon=True)
+            self.compiler.start()
+        else:
+            build()
+
+
+class LogitsStep(torch.nn.Module):
+    """The one-token step as a module returning logits, over the whole cache (fixed shapes)."""
+
+    def __init__(self, gpt, weights):
+        super().__init__()
+        self.gpt = gpt
+        # The step's tables as buffers: constants of the compiled code, as in fast.DecodeStep.
+        self.register_buffer("inputs", weights["inputs"], persistent=False)
+        self.register_buffer("pos_table", weights["pos_table"], persistent=False)
+        self.n_qkv = len(weights["qkv"])
+        for i, qkv in enumerate(weights["qkv"]):
+            self.register_buffer(f"qkv_{i}", qkv, persistent=False)
+
+    def forward(self, code, pos, cond, caches):
+        weights = dict(inputs=self.inputs, pos_table=self.pos_table,
+                       qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
+        return decode_one_token(self.gpt, code, pos, cond, caches, None, weights)   # (1, n_codes)
