@@ -22,6 +22,10 @@ Benchmarks:
                 SDPA's fused kernel against the formula written out, per sequence length
                 (tokens per batch fixed) in bfloat16 and float32; fast.fast_attention takes the
                 written-out formula on a CPU in bfloat16 up to EXPLICIT_MAX_KEYS keys
+  play          (only with --only play) the play loop (world.World) on --ckpt (default: weights/vizdoom.pt;
+                random weights at the ViZDoom recipe's sizes without it): frames/s of a rollout per window
+                stride, eager and compiled; the latent step split into prefill, codes and decode, per
+                decoder context; the page's key-to-frame latency and its first frame, paced at --fps
   dashboards    (only with --only dashboards) train.py --tensorboard / --wandb: the milliseconds of one
                 log call (a prior's log record) and of one picture (a 16-frame samples GIF), per
                 dashboard whose package is installed (W&B offline); run on the host, whatever --device
@@ -51,6 +55,7 @@ from muon import make_optimizer
 from runtime import autocast as autocast_for
 from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
+from world import Player, World, load_world, start_world
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -322,6 +327,90 @@ def bench_dashboards(size, args, device, autocast):
             boards.close()
 
 
+def play_world(args):
+    """The World bench_play times: the checkpoint's prior, or random weights at the recipe's sizes."""
+    if args.ckpt and os.path.isfile(args.ckpt):
+        world, names, start = load_world(args.ckpt)
+        return world, names, start, os.path.basename(args.ckpt)
+    gpt = VideoGPT(GPTConfig(latent_shape=(8, 8, 8), n_codes=512, embedding_dim=64, hidden_dim=120, heads=4, layers=4,
+                             dropout=0.0, attn_dropout=0.0, rope=True, action_dim=3, action_norms=True,
+                             sequence_length=16))
+    gpt.fc_out.weight.data.normal_(std=0.02)
+    vq = VQVAE(VQVAEConfig(embedding_dim=64, n_codes=512, n_hiddens=64, n_res_layers=0, decoder_res_layers=1,
+                           local_encoder=True, downsample=(2, 8, 8), sequence_length=16, resolution=64))
+    gpt, vq = use_fast_attention(gpt.eval()), use_fast_attention(vq.eval())
+    names = ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
+    return World(gpt, vq, action_names=names), names, {}, "random weights"
+
+
+def bench_play(size, args, device, autocast):
+    """The play loop: frames/s, the latent step's parts, the page's latency and first frame."""
+    t0 = time.perf_counter()
+    world, names, start, source = play_world(args)
+    load_s = time.perf_counter() - t0
+    keys = ["TURN_LEFT"] * 6 + ["MOVE_FORWARD"] * 6 + ["TURN_RIGHT"] * 6 + [None] * 6   # a key change every 6 steps
+    base = dict(bench="play", ckpt=source, threads=torch.get_num_threads(), latent=list(world.gpt.config.latent_shape),
+                frames_per_step=world.per_step)
+
+    def rollout(w, steps):
+        """Frames/s of `steps` latent steps after a warm-up, and the medians of the step's parts."""
+        start_world(w, start)
+        for key in keys[:4]:
+            w.step(key)
+        parts, t = [], time.perf_counter()
+        for i in range(steps):
+            w.step(keys[i % len(keys)])
+            parts.append(w.timing)
+        seconds = time.perf_counter() - t
+        median = {k: statistics.median(p[k] for p in parts) for k in ("prefill_ms", "codes_ms", "decode_ms")}
+        return dict(fps=steps * w.per_step / seconds, step_ms=1e3 * seconds / steps, **median)
+
+    compiled = []
+    for stride in [s for s in (1, 2, 4) if s < world.t]:
+        for compile in ((False, True) if args.compile_sample else (False,)):
+            w = World(world.gpt, world.vq, action_names=names or None, stride=stride, seed=0)
+            if compile:
+                w.compiled_step = compiled[0] if compiled else None
+                if not compiled:
+                    t = time.perf_counter()
+                    w.compile_step(background=False)
+                    compiled.append(w.compiled_step)
+                    base["compile_s"] = time.perf_counter() - t
+            emit(**base, stride=stride, compiled=compile, decode_context=w.decode_context,
+                 **rollout(w, args.play_steps))
+    # The decoder's context: the new step alone, with one before it, or the whole window.
+    for context in (1, 2, world.t):
+        w = World(world.gpt, world.vq, action_names=names or None, decode_context=context, seed=0)
+        emit(**base, stride=1, compiled=False, decode_context=context, **rollout(w, args.play_steps // 2))
+    # The page: a tab watching, a key event every ~0.3 s; the latency from each to the first frame drawn with it.
+    t0 = time.perf_counter()
+    player = Player(world, names, lambda: start, args.fps)
+    player.join()
+    first = player.next_frame(0, timeout=30)
+    first_frame_s = time.perf_counter() - t0 + load_s
+    latencies, seen = [], first[0] if first else 0
+    for i in range(args.play_keys):
+        time.sleep(0.3)
+        pressed = time.perf_counter()
+        player.keys([names[i % len(names)]] if names else [], i + 1)
+        while True:
+            got = player.next_frame(seen, timeout=5)
+            if got is None:
+                break
+            seen = got[0]
+            if got[1]["key_id"] >= i + 1:
+                latencies.append(1e3 * (time.perf_counter() - pressed))
+                break
+    t, n0 = time.perf_counter(), player.seq
+    time.sleep(2)
+    paced_fps = (player.seq - n0) / (time.perf_counter() - t)
+    player.leave()
+    player.stop()
+    emit(**base, page_fps=paced_fps, target_fps=args.fps, first_frame_s=first_frame_s,
+         latency_median_ms=statistics.median(latencies) if latencies else None,
+         latency_max_ms=max(latencies) if latencies else None, peak_mem_mb=peak_memory_mb(device))
+
+
 def latent_for(codes):
     """A (4, s, s) latent shape with `codes` positions."""
     side = int(math.isqrt(codes // 4))
@@ -334,7 +423,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (tiny sizes) or cuda (the paper's BAIR sizes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--only", default=None, choices=["vqvae", "gpt", "sample", "sparse", "attention", "dashboards"],
+    p.add_argument("--only", default=None,
+                   choices=["vqvae", "gpt", "sample", "sparse", "attention", "dashboards", "play"],
                    help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke test)")
@@ -346,6 +436,11 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="training benchmarks: torch.compile the models")
     p.add_argument("--compile_sample", action=argparse.BooleanOptionalAction, default=True,
                    help="sampling benchmark: also time fast.generate(compile=True) and report its first call")
+    p.add_argument("--ckpt", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "vizdoom.pt"),
+                   help="play benchmark: the prior to play (without the file: random weights, the recipe's sizes)")
+    p.add_argument("--play_steps", type=int, default=60, help="play benchmark: timed latent steps per setting")
+    p.add_argument("--play_keys", type=int, default=20, help="play benchmark: key events timed to the screen")
+    p.add_argument("--fps", type=int, default=30, help="play benchmark: the page's pace")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -358,6 +453,8 @@ def main(argv=None):
             fn(size, args, device, autocast)
     if args.only == "dashboards":
         bench_dashboards(size, args, device, autocast)
+    if args.only == "play":
+        bench_play(size, args, device, autocast)
 
 
 if __name__ == "__main__":

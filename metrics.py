@@ -12,6 +12,9 @@
 * Steering (ViZDoom): whether the view turns the way an action-conditional
   prior was told, read from how far the picture slides sideways between frames:
       python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--n 256 --picture steer.png]
+* Long play (ViZDoom): a scripted session of hundreds of frames through the play
+  loop: does it keep turning as told, and stay a world (colours, sky and floor)?
+      python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --plot drift.png]
 
 And what every score shares (fvd.py uses it too): a seed per trial, clips
 gathered in order under torchrun, and a JSON record of the settings and the
@@ -713,3 +716,181 @@ def steer_main(argv):
     add_device_flags(p)
     args = p.parse_args(argv)
     return run_cli("fvd.py", lambda: steer_of_checkpoint(args))
+
+
+# -----------------------------------------------------------------------------
+# Long play: does the dream stay a world?
+#
+# A dream that dissolves drifts away from what the game looks like: its colours go grey, its sky and
+# floor fade, or it freezes. Each frame is measured against the real game's test frames by its colour
+# statistics (each channel's mean and spread), by how much of it is sky (ViZDoom's dark blue) and floor
+# (its green), and by how much it changed since the frame before.
+
+SHOWS = 0.02   # a frame shows the sky (the floor) when at least 2% of its pixels are sky (floor)
+
+
+def colour_stats(frames):
+    """uint8 frames (N, H, W, 3) -> (N, 6): each channel's mean, then each channel's standard deviation."""
+    x = np.asarray(frames, np.float32).reshape(len(frames), -1, 3)                     # (N, H*W, 3)
+    return np.concatenate([x.mean(1), x.std(1)], axis=1)                                # (N, 6)
+
+
+def sky_and_floor(frames):
+    """The share of each frame's pixels that is sky (blue well above red and green) and floor (green well
+    above red and blue): float (N, 2)."""
+    x = np.asarray(frames, np.int16)                                                    # (N, H, W, 3)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    sky = (b > r + 15) & (b > g + 15)
+    floor = (g > r + 15) & (g > b + 15)
+    return np.stack([sky.mean((1, 2)), floor.mean((1, 2))], axis=1)                    # (N, 2)
+
+
+def world_reference(frames):
+    """What real frames look like: the range (0.5 and 99.5 percentiles), mean and spread of their colour
+    statistics, and the share of them that show the sky and the floor."""
+    stats, looks = colour_stats(frames), sky_and_floor(frames)
+    low, high = np.percentile(stats, [0.5, 99.5], axis=0)
+    return dict(low=low.tolist(), high=high.tolist(), mean=stats.mean(0).tolist(), std=stats.std(0).tolist(),
+                shows_sky=float((looks[:, 0] >= SHOWS).mean()), shows_floor=float((looks[:, 1] >= SHOWS).mean()))
+
+
+def drift(frames, reference):
+    """How far each frame's colour statistics lie from the real frames', in their standard deviations
+    (the root mean square over the six): float (N,). Real frames average about 1."""
+    z = (colour_stats(frames) - np.array(reference["mean"])) / np.array(reference["std"])
+    return np.sqrt((z ** 2).mean(1))
+
+
+def longest_still(frames, still=1.0):
+    """The longest run of frames each within `still` grey levels (mean absolute difference) of the one
+    before: 1 for a picture that always moves."""
+    x = np.asarray(frames, np.float32)
+    change = np.abs(x[1:] - x[:-1]).mean((1, 2, 3))                                  # (N - 1,)
+    longest = count = 0
+    for c in change:
+        count = count + 1 if c < still else 0
+        longest = max(longest, count)
+    return longest + 1
+
+
+FROZEN = 16   # frames standing still in a row that count as a frozen picture (a whole window)
+
+
+def stays_a_world(frames, reference, stretch=50):
+    """The long-play report of uint8 frames (N, H, W, 3) against world_reference's dict: the share of
+    frames whose colour statistics lie in the real range; whether the picture froze; per stretch of
+    `stretch` frames the shares showing sky and floor, and whether both are at least half the real
+    game's (a dream melted to grey keeps its colours' spread but loses its sky); the drift per frame."""
+    stats, looks = colour_stats(frames), sky_and_floor(frames)
+    inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)
+    stretches = []
+    for start in range(0, len(frames) - stretch + 1, stretch):
+        part = looks[start:start + stretch] >= SHOWS
+        sky, floor = float(part[:, 0].mean()), float(part[:, 1].mean())
+        keeps = sky >= reference["shows_sky"] / 2 and floor >= reference["shows_floor"] / 2
+        stretches.append(dict(first=start, shows_sky=sky, shows_floor=floor, keeps_its_look=keeps))
+    d = drift(frames, reference)
+    return dict(frames=len(frames), in_real_range=float(inside.mean()), longest_still=longest_still(frames),
+                froze=longest_still(frames) >= FROZEN,
+                stretches_keeping_their_look=float(np.mean([s["keeps_its_look"] for s in stretches])),
+                stretches=stretches, drift_mean=float(d.mean()), drift=[round(float(v), 3) for v in d])
+
+
+def long_play_script(n_frames, names):
+    """A scripted session of `n_frames` frames: turns held 12 to 16 frames with walks between them and
+    direct reversals (left straight into right), as action names, one per frame."""
+    pattern = [("MOVE_FORWARD", 10), ("TURN_LEFT", 12), ("TURN_RIGHT", 12), ("MOVE_FORWARD", 8),
+               ("TURN_RIGHT", 14), ("MOVE_FORWARD", 6), ("TURN_LEFT", 16), ("MOVE_FORWARD", 12),
+               ("TURN_RIGHT", 12), ("TURN_LEFT", 12), ("MOVE_FORWARD", 8)]
+    missing = {n for n, _ in pattern} - set(names)
+    if missing:
+        raise ValueError(f"the long-play script needs the actions {', '.join(sorted(missing))}")
+    script = []
+    while len(script) < n_frames:
+        for name, count in pattern:
+            script += [name] * count
+    return script[:n_frames]
+
+
+def play_turns(frames, script, names, start):
+    """The steering score of a played session (frames: the `start` ones, then one per scripted action):
+    the share of its turns held 12 frames or more after which the picture slid the commanded way; and
+    how many. Action i is the action of frame start + i (the data's convention: it leads to the next)."""
+    signs = {names.index(k): v for k, v in TURN_SIGN.items() if k in names}
+    slides = view_slides(np.asarray(frames)[None, start:])                             # (1, N - 1)
+    buttons = np.array([[names.index(a) for a in script]])                             # (1, N)
+    return turn_following(slides, buttons, signs, min_hold=12)
+
+
+def dream_of_checkpoint(args):
+    """`fvd.py dream`: play a prior for --frames frames of a scripted session; score its turns and whether
+    it stays a world against the real test frames; plot the drift."""
+    from world import load_world, start_world   # the play loop: only this score plays
+    world, names, start = load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
+                                     top_k=args.top_k, seed=args.seed)
+    if not names or not set(TURN_SIGN) <= set(names):
+        raise ValueError(f"{args.ckpt}: dream needs a prior conditioned on actions named TURN_LEFT and TURN_RIGHT")
+    c = world.vq.config
+    data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+    real = np.concatenate([to_uint8(data[(i, i)]["video"]).numpy() for i in range(min(len(data), 64))])
+    reference = world_reference(real)
+    script = long_play_script(args.frames, names)
+    frames = [start_world(world, start)]
+    n_start = len(frames[0])
+    for i in tqdm(range(0, len(script), world.per_step), desc="playing", unit="step", leave=False):
+        frames.append(world.step(script[i:i + world.per_step]))
+    frames = np.concatenate(frames)                                                   # (start + N, H, W, 3)
+    share, turns = play_turns(frames, script, names, n_start)
+    report, real_report = stays_a_world(frames[n_start:], reference), stays_a_world(real, reference)
+    print(f"{args.frames} frames played: turned the way told {100 * (share or 0):.1f}% of {turns} held turns; "
+          f"{100 * report['in_real_range']:.1f}% of frames in the real colour range (real: "
+          f"{100 * real_report['in_real_range']:.1f}%); longest still {report['longest_still']} frames (real: "
+          f"{real_report['longest_still']}); stretches of 50 keeping sky and floor: "
+          f"{100 * report['stretches_keeping_their_look']:.0f}%; mean drift {report['drift_mean']:.2f} "
+          f"(real: {real_report['drift_mean']:.2f})", flush=True)
+    if args.plot:
+        plot_drift(report["drift"], real_report["drift"], args.plot,
+                   f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature {args.temperature}")
+    if args.out:
+        write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed,
+                                    temperature=args.temperature, top_k=args.top_k, turned_as_told=share, turns=turns,
+                                    **provenance(ckpt=args.ckpt, data=args.data), real=real_report, dream=report))
+    return dict(turned_as_told=share, turns=turns, **report)
+
+
+def plot_drift(dream, real, path, title):
+    """The drift of each played frame, beside the real frames' mean and 99th percentile."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    ax.plot(np.arange(len(dream)), dream, lw=0.6, alpha=0.6, label="the dream, frame by frame")
+    ax.plot(np.arange(12, len(dream) - 12), np.convolve(dream, np.ones(25) / 25, mode="valid"), lw=2,
+            label="its mean over 25 frames")
+    ax.axhline(np.percentile(real, 99), color="k", ls="--", lw=1, label="real frames: 99th percentile")
+    ax.axhline(np.mean(real), color="k", ls=":", lw=1, label="real frames: mean")
+    ax.set_xlabel("frame played")
+    ax.set_ylabel("colour drift (real std)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    print(path, flush=True)
+
+
+def dream_main(argv):
+    """`python fvd.py dream ...`: the command line of the long-play score."""
+    p = argparse.ArgumentParser(prog="fvd.py dream",
+                                description="Play an action-conditional ViZDoom prior for a long scripted session: "
+                                            "does it turn as told and stay a world?")
+    p.add_argument("--ckpt", required=True, help="an action-conditional ViZDoom prior, e.g. weights/vizdoom.pt")
+    p.add_argument("--data", required=True, help="the HDF5 file it was trained on: its test frames are the reference")
+    p.add_argument("--frames", type=int, default=300, help="frames to play after the start")
+    p.add_argument("--start", default=None, help="start from a test clip of this dataset (default: the stored start)")
+    p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
+    add_sampling_flags(p)
+    p.add_argument("--plot", default=None, help="also draw the drift per frame to this PNG")
+    add_record_flags(p, "the dream's draws")
+    args = p.parse_args(argv)
+    return run_cli("fvd.py", lambda: dream_of_checkpoint(args))

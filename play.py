@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -38,12 +37,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from checkpoints import OutputLock, check_writable, load_checkpoint
-from data import make_dataset, preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
-from fast import use_fast_attention
-from gpt import load_gpt
+from checkpoints import OutputLock, check_writable
+from data import preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
 from runtime import run_cli
-from world import DECODE_CONTEXT, STRIDE, World
+from world import DECODE_CONTEXT, STRIDE, Player, load_world, script_actions, start_world
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 WRITERS = {".mp4", ".gif", ".png"}
@@ -91,79 +88,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# -----------------------------------------------------------------------------
-# The world and where it starts
-
-
-def load_world(args):
-    """The World of args.ckpt, its action names, and its start: dict(codes | frames, actions)."""
-    if not os.path.isfile(args.ckpt):
-        raise ValueError(f"{args.ckpt}: no such checkpoint file")
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("stage") != "gpt":
-        raise ValueError(f"{args.ckpt}: is not a prior checkpoint of ours (play needs the VQ-VAE a prior of "
-                         f"ours carries; train one with train.py --stage gpt)")
-    if not isinstance(ckpt.get("vqvae"), dict):
-        raise ValueError(f"{args.ckpt}: carries no VQ-VAE (expected the 'vqvae' entry train.py writes)")
+def open_world(args):
+    """The World the flags ask for, its action names and its start (world.load_world)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device="cpu"))
-    c = gpt.config
-    if c.n_cond_frames or c.n_classes:
-        raise ValueError(f"{args.ckpt}: play drives priors conditioned on actions (or on nothing), "
-                         f"not on frames or classes")
-    names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim else [])
-    world = World(gpt, vq, action_names=names or None, temperature=args.temperature, top_k=args.top_k,
-                  stride=args.stride, decode_context=args.decode_context, seed=args.seed)
-    start = {}
-    if args.start is not None:
-        start = clip_start(args.start, args.clip, vq.config, names)
-    elif isinstance(ckpt.get("play_start"), dict):   # opening codes stored with the weights
-        s = ckpt["play_start"]
-        start = dict(codes=s["codes"].long(), actions=[names[int(i)] for i in s["actions"]] if names else None)
-    return world, names, start
-
-
-def clip_start(path, clip, vq_config, names):
-    """The opening frames (one window) of test clip `clip` of a dataset, and their actions by name."""
-    data = make_dataset(path, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
-    if not 0 <= clip < len(data):
-        raise ValueError(f"{path}: --clip {clip} is outside its {len(data)} test clips")
-    if not hasattr(data, "starts"):   # a video folder: its clip's first window
-        item = data[(clip, None)]
-        return dict(frames=to_uint8(item["video"]).numpy(), actions=None)
-    first = data.starts[clip]
-    frames = np.asarray(data.frames()[first:first + vq_config.sequence_length])              # (T, H, W, 3)
-    actions = None
-    if names and "actions" in data.extras:
-        buttons = np.asarray(data.frames("actions")[first:first + vq_config.sequence_length]).argmax(-1)
-        actions = [names[int(b)] for b in buttons]
-    return dict(frames=frames, actions=actions)
-
-
-def start_world(world, start):
-    """Reset the world from its start; the opening frames (uint8 (T0, H, W, 3))."""
-    acts = start.get("actions") if world.n_actions else None
-    return world.reset(start=start.get("frames"), start_codes=start.get("codes"), start_actions=acts)
-
-
-def parse_script(spec, names, per_step):
-    """--actions "MOVE_FORWARD*16,TURN_LEFT*24" -> one action name per frame; one-line errors."""
-    if not names:
-        raise ValueError("--actions: this prior has no actions; its dream plays by itself (leave --actions out "
-                         "of the page, or give a count: --actions 32 for 32 frames)") if not spec.isdigit() else None
-    frames = []
-    for part in spec.split(","):
-        name, star, count = part.strip().partition("*")
-        if name not in names:
-            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
-        if star and not (count.isdigit() and int(count) > 0):
-            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
-        frames += [name] * (int(count) if star else 1)
-    if len(frames) % per_step:
-        raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames at a time "
-                         f"(one latent step), so give a multiple of {per_step}")
-    return frames
+    return load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
+                      top_k=args.top_k, stride=args.stride, decode_context=args.decode_context, seed=args.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -225,14 +155,8 @@ def rollout(args):
     if ext not in WRITERS:
         raise ValueError(f"{args.out}: unknown output type '{ext}' (use .mp4, .gif or .png)")
     check_writable(os.path.dirname(os.path.abspath(args.out)))
-    world, names, start = load_world(args)
-    if world.n_actions:
-        script = parse_script(args.actions, names, world.per_step)
-    else:
-        if not args.actions.isdigit() or int(args.actions) % world.per_step:
-            raise ValueError(f"--actions: this prior has no actions; give the number of frames "
-                             f"(a multiple of {world.per_step}), e.g. --actions 64")
-        script = [None] * int(args.actions)
+    world, names, start = open_world(args)
+    script = script_actions(args.actions, names, world.per_step)
     if args.compile:
         world.compile_step(background=False)
     with ExitStack() as stack, OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out"):
@@ -244,7 +168,7 @@ def rollout(args):
         real = [start["frames"]] if game is not None else None
         t0 = time.perf_counter()
         for i in range(0, len(script), world.per_step):
-            dream.append(world.step(script[i:i + world.per_step] if world.n_actions else None))
+            dream.append(world.step(script[i:i + world.per_step]))
             if game is not None:
                 got = [game.step(a) for a in script[i:i + world.per_step]]
                 real.append(np.stack([g if g is not None else np.zeros_like(dream[-1][0]) for g in got]))
@@ -273,130 +197,12 @@ def write_frames(frames, path, ext, fps):
 # The page: one player thread drives the world; each open tab reads its frames
 
 
-class Player:
-    """Draws latent steps with the held keys while a tab watches, and hands each frame to every tab.
-
-    Pace: a frame every 1 / fps s. The next latent step is drawn as soon as the last frame of the
-    previous one is out, so a key waits at most one step before it is drawn, and is shown when that
-    step is: its first frame carries the id of the newest key event it was drawn with."""
-
-    MAX_VIEWERS = 8
-
-    def __init__(self, world, names, start, fps, game=None, compile=False):
-        self.world, self.names, self.start, self.fps, self.game = world, names, start, fps, game
-        self.lock = threading.Condition()
-        self.held, self.key_id = [], 0          # the held actions in the order pressed; the newest event's id
-        self.seq, self.frame, self.info = 0, None, {}
-        self.viewers = 0
-        self.restart = True
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="player", daemon=True)
-        self.compile = compile
-        self.started = time.perf_counter()
-        self.first_frame_s = None
-        self.thread.start()
-
-    # --- from the request threads ---
-
-    def keys(self, held, key_id):
-        with self.lock:
-            self.held, self.key_id = list(held), key_id
-
-    def settings(self, temperature=None, top_k=None):
-        with self.lock:
-            if temperature is not None:
-                self.world.temperature = temperature
-            if top_k is not None:
-                self.world.top_k = top_k or None
-
-    def request_restart(self):
-        with self.lock:
-            self.restart = True
-            self.lock.notify_all()
-
-    def join(self):
-        with self.lock:
-            if self.viewers >= self.MAX_VIEWERS:
-                return False
-            self.viewers += 1
-            self.lock.notify_all()
-            return True
-
-    def leave(self):
-        with self.lock:
-            self.viewers -= 1
-
-    def next_frame(self, after, timeout=1.0):
-        """The newest frame after sequence number `after`: (seq, payload), or None after `timeout` s."""
-        with self.lock:
-            self.lock.wait_for(lambda: self.seq > after or self.stopped.is_set(), timeout=timeout)
-            return (self.seq, self.frame) if self.seq > after else None
-
-    def stop(self):
-        self.stopped.set()
-        with self.lock:
-            self.lock.notify_all()
-        self.thread.join(timeout=5)
-
-    # --- the player thread ---
-
-    def publish(self, frame, real, key_id, when):
-        """Wait for the frame's time, then hand it to the tabs."""
-        delay = when - time.perf_counter()
-        if delay > 0:
-            self.stopped.wait(delay)
-        image = frame if real is None else np.concatenate([frame, real], axis=1)     # (H, W[*2], 3)
-        payload = json.dumps(dict(w=image.shape[1], h=image.shape[0], key_id=key_id, **self.info,
-                                  rgb=base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()))
-        with self.lock:
-            self.seq += 1
-            self.frame = payload
-            self.lock.notify_all()
-        if self.first_frame_s is None:
-            self.first_frame_s = time.perf_counter() - self.started
-
-    def run(self):
-        try:
-            self.play()
-        except Exception as e:   # shown on the page and the console; the server stays up
-            self.info = dict(error=f"{type(e).__name__}: {e}")
-            print(f"play.py: error: the player stopped: {e}", file=sys.stderr, flush=True)
-
-    def play(self):
-        world, period, when = self.world, 1.0 / self.fps, time.perf_counter()
-        real = None
-        while not self.stopped.is_set():
-            with self.lock:   # sleep while no tab watches
-                self.lock.wait_for(lambda: self.viewers > 0 or self.stopped.is_set())
-                restart, self.restart = self.restart, False
-                action = self.held[-1] if self.held else None
-                key_id = self.key_id
-            if self.stopped.is_set():
-                return
-            if restart:
-                start = game_start(world, self.game, self.names) if self.game is not None else self.start
-                frames = start_world(world, start)
-                reals = start["frames"] if self.game is not None else [None] * len(frames)
-                if self.compile and world.compiled_step is None and not getattr(world, "compiler", None):
-                    world.compile_step(background=True)
-                when = time.perf_counter()
-                for frame, real in zip(frames, reals):
-                    self.publish(frame, real, key_id, when)
-                    when += period
-                continue
-            tick = time.perf_counter()
-            frames = world.step(action)
-            action = action or (self.names[world.idle] if world.n_actions else None)
-            reals = [self.game.step(action) for _ in frames] if self.game is not None else [None] * len(frames)
-            if self.game is not None and any(r is None for r in reals):   # the game's episode ended: a new life
-                self.request_restart()
-            step_ms = 1e3 * (time.perf_counter() - tick)
-            self.info = dict(action=action, step_ms=round(step_ms, 1), compiled=world.compiled_step is not None,
-                             **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
-            when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
-            for frame, real in zip(frames, reals):
-                self.publish(frame, real if real is not None else None, key_id, when)
-                when += period
+def frame_json(frame):
+    """A frame for the page: its size, the key event it shows, the step's numbers, its RGB bytes in base64."""
+    image = frame["image"]
+    rest = {k: v for k, v in frame.items() if k != "image"}
+    return json.dumps(dict(w=image.shape[1], h=image.shape[0], **rest,
+                           rgb=base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()))
 
 
 def make_handler(player, page):
@@ -431,7 +237,7 @@ def make_handler(player, page):
                 return self.reply(200, json.dumps(dict(
                     actions=actions, keys=bindings, idle=actions[player.world.idle] if actions else None,
                     temperature=player.world.temperature, top_k=player.world.top_k, fps=player.fps,
-                    game=player.game is not None)), "application/json")
+                    game=player.companion is not None)), "application/json")
             if path == "/stream":
                 return self.stream()
             self.bad(404, f"not found: {path[:80]}")
@@ -453,8 +259,8 @@ def make_handler(player, page):
                     if got is None:   # a comment, so a closed tab is noticed while nothing is drawn
                         self.wfile.write(b": waiting\n\n")
                     else:
-                        seen, payload = got
-                        self.wfile.write(b"data: " + payload.encode() + b"\n\n")
+                        seen, frame = got
+                        self.wfile.write(b"data: " + frame_json(frame).encode() + b"\n\n")
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass   # the tab closed or reloaded
@@ -510,7 +316,7 @@ def serve(args):
         raise ValueError(f"--fps {args.fps} must be between 1 and 120")
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
-    world, names, start = load_world(args)
+    world, names, start = open_world(args)
     with ExitStack() as stack:
         game = Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed) \
             if args.game else None
@@ -518,7 +324,10 @@ def serve(args):
             server = ThreadingHTTPServer((args.host, args.port), None)
         except OSError as e:
             raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (try --port)") from None
-        player = Player(world, names, start, args.fps, game=game, compile=args.compile)
+        if args.compile:   # compiled in the background: the page plays the eager step until it is ready
+            world.compile_step(background=True)
+        start_fn = (lambda: game_start(world, game, names)) if game is not None else (lambda: start)
+        player = Player(world, names, start_fn, args.fps, companion=game)
         server.RequestHandlerClass = make_handler(player, page)
         server.daemon_threads = True
         if args.host not in ("127.0.0.1", "localhost", "::1"):

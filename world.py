@@ -46,15 +46,19 @@ every sampler here does (`gpt.uniform_noise`), so a World of stride s draws
 the codes sample.sample_long draws for the same generator and actions.
 """
 
+import os
+import sys
 import threading
 import time
 
 import numpy as np
 import torch
 
-from data import preprocess, to_uint8
-from fast import cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill, sampling_dtype
-from gpt import sample_logits, uniform_noise
+from checkpoints import load_checkpoint
+from data import make_dataset, preprocess, to_uint8
+from fast import (cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill, sampling_dtype,
+                  use_fast_attention)
+from gpt import load_gpt, sample_logits, uniform_noise
 
 # The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
 STRIDE = 1            # latent steps dropped when the window slides: full context, nothing to guess
@@ -139,7 +143,7 @@ class World:
         if len(acts) != n_frames:
             raise ValueError(f"{len(acts)} start actions for {n_frames} start frames")
         self.codes = torch.zeros(1, 0, self.h, self.w, dtype=torch.long, device=self.device)   # (1, k, h, w)
-        self.fed, self.cond_key, self.actions = 0, None, []
+        self.fed, self.cond, self.cond_key, self.actions = 0, None, None, []
         if start_codes is None:   # a sample: the window drawn step by step with the start's actions
             steps = [acts[i:i + self.per_step] for i in range(0, n_frames, self.per_step)]
             return np.concatenate([self.step(a if self.n_actions else None) for a in steps])   # (T, H, W, 3)
@@ -186,15 +190,16 @@ class World:
         k = self.codes.shape[1]                                                     # the new step's index
         actions = self.window_actions(a) if self.n_actions else None                # (1, T, A)
         key = None if actions is None else actions.argmax(-1).tolist()
-        if key != self.cond_key:   # new conditioning: every norm (or cross-attention) of the window changes
+        if self.cond is None or key != self.cond_key:   # new conditioning: every norm (or cross-attention) of the window changes
             self.cond = cached_condition(gpt, None, None, 1, actions)
             self.cond_key, self.fed = key, 0
         if self.fed == 0:   # (re)fill the cache: the start vector and every code of the window so far
             self.caches = gpt.setup_caches(1, self.device, sampling_dtype(gpt))
             logits = prefill(gpt, self.cond, self.caches, 1, self.codes.flatten(1))  # (1, n_codes)
-            self.fed = k * hw + 1
+            self.fed, self.fed_from_prefill = k * hw + 1, True
         else:   # the cache holds the window: feed the last code drawn
             logits = self.decode(self.codes[:, -1].flatten(1)[:, -1], k * hw)       # (1, n_codes)
+            self.fed_from_prefill = False
         t1 = time.perf_counter()
         # The new step's codes, one after the other, each fed back through the cache.
         new = torch.zeros(1, hw, dtype=torch.long, device=self.device)
@@ -269,3 +274,203 @@ class LogitsStep(torch.nn.Module):
         weights = dict(inputs=self.inputs, pos_table=self.pos_table,
                        qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
         return decode_one_token(self.gpt, code, pos, cond, caches, None, weights)   # (1, n_codes)
+
+
+# -----------------------------------------------------------------------------
+# Loading a world, and where it starts
+
+
+def load_world(path, start=None, clip=0, device="cpu", **world_kwargs):
+    """The World of prior checkpoint `path` (ours: it carries its VQ-VAE), its action names, and its start:
+    dict(frames | codes, actions), from test clip `clip` of dataset `start`, else the start stored with the
+    weights (`play_start`), else {} (a sample). `world_kwargs` go to World. One-line errors."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("stage") != "gpt":
+        raise ValueError(f"{path}: is not a prior checkpoint of ours (play needs the VQ-VAE a prior of "
+                         f"ours carries; train one with train.py --stage gpt)")
+    if not isinstance(ckpt.get("vqvae"), dict):
+        raise ValueError(f"{path}: carries no VQ-VAE (expected the 'vqvae' entry train.py writes)")
+    gpt, vq = (use_fast_attention(m) for m in load_gpt(path, device=device))
+    c = gpt.config
+    if c.n_cond_frames or c.n_classes:
+        raise ValueError(f"{path}: a world is a prior conditioned on actions (or on nothing), "
+                         f"not on frames or classes")
+    names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim else [])
+    world = World(gpt, vq, action_names=names or None, **world_kwargs)
+    found = {}
+    if start is not None:
+        found = clip_start(start, clip, vq.config, names)
+    elif isinstance(ckpt.get("play_start"), dict):   # opening codes stored with the weights
+        s = ckpt["play_start"]
+        found = dict(codes=s["codes"].long(), actions=[names[int(i)] for i in s["actions"]] if names else None)
+    return world, names, found
+
+
+def clip_start(path, clip, vq_config, names):
+    """The opening frames (one window) of test clip `clip` of a dataset, and their actions by name."""
+    data = make_dataset(path, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
+    if not 0 <= clip < len(data):
+        raise ValueError(f"{path}: clip {clip} is outside its {len(data)} test clips")
+    if not hasattr(data, "starts"):   # a video folder: its clip's first window
+        return dict(frames=to_uint8(data[(clip, None)]["video"]).numpy(), actions=None)
+    first = data.starts[clip]
+    frames = np.asarray(data.frames()[first:first + vq_config.sequence_length])              # (T, H, W, 3)
+    actions = None
+    if names and "actions" in data.extras:
+        buttons = np.asarray(data.frames("actions")[first:first + vq_config.sequence_length]).argmax(-1)
+        actions = [names[int(b)] for b in buttons]
+    return dict(frames=frames, actions=actions)
+
+
+def start_world(world, start):
+    """Reset the world from its start (as load_world gives it); the opening frames, uint8 (T0, H, W, 3)."""
+    acts = start.get("actions") if world.n_actions else None
+    return world.reset(start=start.get("frames"), start_codes=start.get("codes"), start_actions=acts)
+
+
+def script_actions(spec, names, per_step):
+    """A rollout's script, "MOVE_FORWARD*16,TURN_LEFT*24", -> one action name per frame (with no actions:
+    a number of frames, "64" -> None each); one-line errors."""
+    if not names:
+        if not spec.isdigit() or int(spec) % per_step:
+            raise ValueError(f"--actions: this prior has no actions; give the number of frames "
+                             f"(a multiple of {per_step}), e.g. --actions 64")
+        return [None] * int(spec)
+    frames = []
+    for part in spec.split(","):
+        name, star, count = part.strip().partition("*")
+        if name not in names:
+            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
+        if star and not (count.isdigit() and int(count) > 0):
+            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
+        frames += [name] * (int(count) if star else 1)
+    if len(frames) % per_step:
+        raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames at a time "
+                         f"(one latent step), so give a multiple of {per_step}")
+    return frames
+
+
+# -----------------------------------------------------------------------------
+# Playing in real time: a thread that draws while someone watches, at a steady pace
+
+
+class Player:
+    """Draws latent steps with the held keys while anyone watches, and hands out each frame at its time.
+
+    Keys: `keys(held, key_id)` says which actions are held, in the order they were pressed (the newest
+    wins), with the id of that key event. Pace: a frame every 1 / fps s. The next latent step is drawn
+    as soon as the last frame of the one before is out, so a key waits at most one step to be drawn;
+    each frame carries the id of the newest key event its step was drawn with, so a screen can measure
+    the time from a key to the first frame that shows it. `start_fn()` gives the start of each restart
+    (load_world's dict); `companion` (optional) steps beside the dream on the same actions: the real
+    game, whose `step(action)` returns its frame or None when its episode has ended (then a restart)."""
+
+    MAX_VIEWERS = 8
+
+    def __init__(self, world, names, start_fn, fps, companion=None):
+        self.world, self.names, self.start_fn, self.fps, self.companion = world, names, start_fn, fps, companion
+        self.lock = threading.Condition()
+        self.held, self.key_id = [], 0
+        self.seq, self.frame, self.info = 0, None, {}
+        self.viewers, self.restart = 0, True
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="player", daemon=True)
+        self.thread.start()
+
+    # --- called from other threads (the web server's) ---
+
+    def keys(self, held, key_id):
+        with self.lock:
+            self.held, self.key_id = list(held), key_id
+
+    def settings(self, temperature=None, top_k=None):
+        with self.lock:
+            if temperature is not None:
+                self.world.temperature = temperature
+            if top_k is not None:
+                self.world.top_k = top_k or None
+
+    def request_restart(self):
+        with self.lock:
+            self.restart = True
+
+    def join(self):
+        """A viewer more; False when MAX_VIEWERS already watch."""
+        with self.lock:
+            if self.viewers >= self.MAX_VIEWERS:
+                return False
+            self.viewers += 1
+            self.lock.notify_all()
+            return True
+
+    def leave(self):
+        with self.lock:
+            self.viewers -= 1
+
+    def next_frame(self, after, timeout=1.0):
+        """The newest frame after sequence number `after`: (seq, frame dict), or None after `timeout` s."""
+        with self.lock:
+            self.lock.wait_for(lambda: self.seq > after or self.stopped.is_set(), timeout=timeout)
+            return (self.seq, self.frame) if self.seq > after else None
+
+    def stop(self):
+        self.stopped.set()
+        with self.lock:
+            self.lock.notify_all()
+        self.thread.join(timeout=10)
+
+    # --- the player's own thread ---
+
+    def run(self):
+        try:
+            self.play()
+        except Exception as e:   # said on the page and the console; the server stays up
+            self.info = dict(error=f"{type(e).__name__}: {e}")
+            self.publish(np.zeros((8, 8, 3), np.uint8), None, self.key_id, time.perf_counter())
+            print(f"play: error: the player stopped: {e}", file=sys.stderr, flush=True)
+
+    def publish(self, frame, real, key_id, when):
+        """At time `when`, hand the frame (with the real game's beside it) to every viewer."""
+        delay = when - time.perf_counter()
+        if delay > 0:
+            self.stopped.wait(delay)
+        image = frame if real is None else np.concatenate([frame, real], axis=1)     # (H, W[*2], 3)
+        with self.lock:
+            self.seq += 1
+            self.frame = dict(image=image, key_id=key_id, **self.info)
+            self.lock.notify_all()
+
+    def play(self):
+        world, period, when = self.world, 1.0 / self.fps, time.perf_counter()
+        while not self.stopped.is_set():
+            with self.lock:   # sleep while nobody watches
+                self.lock.wait_for(lambda: self.viewers > 0 or self.stopped.is_set())
+                restart, self.restart = self.restart, False
+                action = self.held[-1] if self.held else None
+                key_id = self.key_id
+            if self.stopped.is_set():
+                return
+            if restart:
+                start = self.start_fn()
+                frames = start_world(world, start)
+                reals = start["frames"] if self.companion is not None else [None] * len(frames)
+                when = time.perf_counter()
+            else:
+                tick = time.perf_counter()
+                frames = world.step(action)
+                action = action or (self.names[world.idle] if world.n_actions else None)
+                reals = [None] * len(frames)
+                if self.companion is not None:
+                    reals = [self.companion.step(action) for _ in frames]
+                    if any(r is None for r in reals):   # the game's episode ended: a new life for both
+                        self.request_restart()
+                        reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
+                self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
+                                 compiled=world.compiled_step is not None,
+                                 **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
+                when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
+            for frame, real in zip(frames, reals):
+                self.publish(frame, real, key_id, when)
+                when += period

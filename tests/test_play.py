@@ -1,0 +1,427 @@
+"""Playing the dream: world.World (keys -> actions, causality, the sliding window, the cache) and play.py
+(rollouts to files, the web server's behaviour, the page in a real browser where Chromium is installed).
+
+python -m pytest tests/test_play.py
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script, start_script, tiny_prior
+from sample import sample_long
+from vqvae import VQVAE, VQVAEConfig
+from world import World
+
+NAMES = ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
+
+
+def tiny_world_parts(action_norms=True, action_dim=3, seed=0):
+    """A random VQ-VAE of 16x16 clips of 8 frames and a prior over its (4, 4, 4) codes."""
+    torch.manual_seed(seed)
+    vq = VQVAE(VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
+                           local_encoder=True, downsample=(2, 4, 4), sequence_length=8, resolution=16)).eval()
+    kw = dict(action_dim=action_dim, action_norms=action_norms) if action_dim else {}
+    gpt = tiny_prior(seed, latent_shape=(4, 4, 4), rope=True, sequence_length=8, **kw).eval()
+    for name, p in gpt.named_parameters():   # the norms' action columns start at zero: make actions matter
+        if name.endswith((".w.weight", ".wb.weight")):
+            p.data.normal_(std=0.5)
+    gpt.set_codebook(vq.codebook.embeddings)
+    return gpt, vq
+
+
+def save_prior(path, gpt, vq, names=NAMES):
+    """A checkpoint of ours holding the prior and its VQ-VAE, as train.py writes them."""
+    torch.save(dict(stage="gpt", config=gpt.config.to_dict(), model=gpt.state_dict(), step=0,
+                    vqvae=dict(config=vq.config.to_dict(), model=vq.state_dict()),
+                    action_names=names if gpt.config.action_dim else None), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_prior(tmp_path_factory.mktemp("play") / "prior.pt", *tiny_world_parts())
+
+
+def one_hot(indices, n=3):
+    return torch.eye(n)[indices][None]                                                # (1, T, A)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+@pytest.mark.parametrize("conditioning", ["norms", "tokens", "none"])
+def test_the_world_draws_what_the_long_video_sampler_draws(conditioning):
+    """Stride 1, from a full window of start codes: each step is the sliding-window sampler's next window
+    (sample.sample_long, itself tested against the lesson's sampler), for the same actions and generator."""
+    gpt, vq = tiny_world_parts(action_norms=conditioning == "norms", action_dim=0 if conditioning == "none" else 3)
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    keys = [0, 0, 2, 1, 1, 0, 2, 2, 1, 0] if conditioning != "none" else [None] * 10
+    world = World(gpt, vq, action_names=NAMES if conditioning != "none" else None, seed=3)
+    world.reset(start_codes=start, start_actions=["MOVE_FORWARD"] * 8 if conditioning != "none" else None)
+    drawn = [world.step(k) for k in keys]
+    assert all(f.shape == (2, 16, 16, 3) and f.dtype == np.uint8 for f in drawn)
+    actions = one_hot([2] * 8 + [k for k in keys for _ in range(2)]) if conditioning != "none" else None
+    expected = sample_long(gpt, 1, 8 + 2 * len(keys), stride=1, actions=actions, prefix=start[None],
+                           generator=torch.Generator().manual_seed(3))                 # (1, 4 + 10, 4, 4)
+    assert torch.equal(world.codes[0], expected[0, -4:])
+
+
+def test_a_wider_stride_keeps_the_cache_and_draws_the_same_for_a_held_key():
+    """Stride 2 prefills once per two steps; with one key held it is sample_long's stride 2."""
+    gpt, vq = tiny_world_parts()
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    world = World(gpt, vq, action_names=NAMES, seed=5, stride=2)
+    world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
+    prefills = []
+    for _ in range(6):
+        world.step("TURN_LEFT")
+        prefills.append(world.fed_from_prefill)
+    assert prefills == [True, False, True, False, True, False]                       # a prefill per slide only
+    expected = sample_long(gpt, 1, 8 + 12, stride=2, actions=one_hot([0] * 20), prefix=start[None],
+                           generator=torch.Generator().manual_seed(5))
+    assert torch.equal(world.codes[0], expected[0, -4:])
+
+
+@pytest.mark.parametrize("conditioning,stride", [("norms", 1), ("tokens", 1), ("norms", 2), ("tokens", 3)])
+def test_a_drawn_code_never_depends_on_a_key_pressed_after_it(conditioning, stride):
+    """Two players press the same keys for 5 steps, then different ones: every code and frame of the first
+    5 steps is the same, bit for bit, and the keys after them change what is drawn next."""
+    gpt, vq = tiny_world_parts(action_norms=conditioning == "norms")
+    runs = []
+    for later in (["TURN_LEFT"] * 4, ["TURN_RIGHT"] * 4):
+        world = World(gpt, vq, action_names=NAMES, seed=7, stride=stride)
+        frames = [world.reset()]                            # a sampled start: the idle action, 8 frames
+        codes = []
+        for key in ["MOVE_FORWARD", "TURN_LEFT", "TURN_LEFT", None, "TURN_RIGHT"] + later:
+            frames.append(world.step(key))
+            codes.append(world.codes[0, -1].clone())
+        runs.append((frames, codes))
+    (frames_a, codes_a), (frames_b, codes_b) = runs
+    for i in range(5):
+        assert torch.equal(codes_a[i], codes_b[i])
+        assert np.array_equal(frames_a[i + 1], frames_b[i + 1])
+    assert any(not torch.equal(a, b) for a, b in zip(codes_a[5:], codes_b[5:]))      # the keys do steer
+
+
+def test_the_fill_rule_and_a_key_change_refill_the_cache():
+    """While the window fills, frames after the step being drawn take the held key; a new key changes
+    the conditioning of the whole window, so the cache is filled again (and a held key keeps it)."""
+    gpt, vq = tiny_world_parts()
+    world = World(gpt, vq, action_names=NAMES, seed=0)
+    world.reset(start_codes=torch.zeros(1, 4, 4, dtype=torch.long), start_actions=["MOVE_FORWARD"] * 2)
+    assert world.window_actions([0, 0]).argmax(-1).tolist() == [[2, 2, 0, 0, 0, 0, 0, 0]]
+    world.step("TURN_LEFT")
+    assert world.fed_from_prefill
+    world.step("TURN_LEFT")
+    assert not world.fed_from_prefill                                          # the same conditioning: cached
+    world.step("TURN_RIGHT")
+    assert world.fed_from_prefill and world.actions == [2, 2, 0, 0, 0, 0, 1, 1]
+
+
+def test_start_frames_are_encoded_and_bad_ones_are_one_line():
+    gpt, vq = tiny_world_parts()
+    world = World(gpt, vq, action_names=NAMES)
+    frames = np.random.default_rng(0).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8)   # any size: resized
+    shown = world.reset(start=frames, start_actions=["TURN_LEFT"] * 4)
+    assert shown.shape == (4, 16, 16, 3) and world.codes.shape == (1, 2, 4, 4) and world.actions == [0] * 4
+    assert world.step(None).shape == (2, 16, 16, 3) and world.actions[-2:] == [2, 2]    # idle: MOVE_FORWARD
+    with pytest.raises(ValueError, match="a multiple of 2 and at most 8"):
+        world.reset(start=frames[:3])
+    with pytest.raises(ValueError, match="unknown action 'JUMP'"):
+        world.step("JUMP")
+    with pytest.raises(ValueError, match=r"3 start actions for 4 start frames"):
+        world.reset(start=frames, start_actions=["TURN_LEFT"] * 3)
+
+
+def test_a_prior_without_actions_plays_by_itself_with_the_keys_disabled():
+    gpt, vq = tiny_world_parts(action_dim=0)
+    world = World(gpt, vq)
+    assert world.reset().shape == (8, 16, 16, 3)
+    assert world.step(None).shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="keys are disabled"):
+        world.step("TURN_LEFT")
+
+
+def test_the_compiled_step_gives_the_eager_logits(monkeypatch):
+    """The fixed-shape compiled step (the whole cache, the mask's row) draws what the eager one draws."""
+    gpt, vq = tiny_world_parts()
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    codes = []
+    for compile in (False, True):
+        world = World(gpt, vq, action_names=NAMES, seed=2, compile=compile)
+        assert (world.compiled_step is not None) == compile
+        world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
+        for key in ["TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT"]:
+            world.step(key)
+        codes.append(world.codes.clone())
+    assert torch.equal(*codes)
+
+
+# -----------------------------------------------------------------------------
+# Rollouts to a file
+
+
+def test_a_rollout_holds_the_start_then_a_frame_per_scripted_action(tiny_ckpt, tmp_path):
+    out = tmp_path / "dream.gif"
+    r = run_script("play.py", "--ckpt", tiny_ckpt, "--actions", "MOVE_FORWARD*4,TURN_LEFT*6,TURN_RIGHT*2",
+                   "--out", str(out))
+    assert r.stdout.strip().endswith(str(out)) and "frames/s" in r.stdout
+    gif = Image.open(out)
+    assert gif.n_frames == 8 + 12 and gif.size == (16, 16)                 # the dream alone, at its own size
+    import play
+    play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*2", "--out", str(tmp_path / "d.png")])
+    assert Image.open(tmp_path / "d.png").size[0] > 0
+    play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*4", "--out", str(tmp_path / "d.mp4")])
+    import av
+    with av.open(str(tmp_path / "d.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 12
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--actions", "TURN_LEFT*3"], "--actions: 3 frames; the dream is drawn 2 frames at a time"),
+    (["--actions", "JUMP*2"], "--actions: unknown action 'JUMP'; this prior's actions are TURN_LEFT, TURN_RIGHT, "
+                              "MOVE_FORWARD"),
+    (["--actions", "TURN_LEFT*x"], "the count after * must be a positive whole number"),
+    (["--actions", "TURN_LEFT*2", "--out", "d.avi"], "unknown output type '.avi'"),
+    (["--actions", "TURN_LEFT*2"], "--actions writes a rollout: pass --out"),
+])
+def test_rollout_errors_are_one_line(tiny_ckpt, tmp_path, argv, message):
+    import play
+    argv = [a if a != "d.avi" else str(tmp_path / a) for a in argv]
+    if "--out" not in argv and "pass --out" not in message:
+        argv += ["--out", str(tmp_path / "d.gif")]
+    with pytest.raises(SystemExit) as e:
+        play.main(["--ckpt", tiny_ckpt] + argv)
+    assert str(e.value.code).startswith("play.py: error: ") and message in str(e.value.code)
+    assert "\n" not in str(e.value.code)
+
+
+def test_a_missing_checkpoint_or_one_without_a_vqvae_is_one_line(tmp_path, tiny_ckpt):
+    import play
+    for ckpt, message in ((tmp_path / "none.pt", "no such checkpoint file"),):
+        with pytest.raises(SystemExit) as e:
+            play.main(["--ckpt", str(ckpt)])
+        assert str(e.value.code) == f"play.py: error: {ckpt}: {message}"
+    saved = torch.load(tiny_ckpt, weights_only=True)
+    torch.save(dict(saved, vqvae=None), tmp_path / "novq.pt")
+    with pytest.raises(SystemExit) as e:
+        play.main(["--ckpt", str(tmp_path / "novq.pt")])
+    assert "carries no VQ-VAE" in str(e.value.code) and "\n" not in str(e.value.code)
+    torch.save(dict(stage="vqvae", config=saved["vqvae"]["config"], model=saved["vqvae"]["model"]), tmp_path / "vq.pt")
+    with pytest.raises(SystemExit) as e:
+        play.main(["--ckpt", str(tmp_path / "vq.pt")])
+    assert "is not a prior checkpoint of ours" in str(e.value.code)
+
+
+# -----------------------------------------------------------------------------
+# The server
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url, body=None, timeout=10):
+    """(status, text) of a GET, or a POST of `body` (bytes or a JSON-able object)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def raw_request(port, text):
+    """Send the bytes of a request as they are (no client normalising the path); the status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(text.encode())
+        return s.makefile("rb").readline().decode()
+
+
+def read_frames(port, n, timeout=30):
+    """The first n frames of /stream, as dicts."""
+    frames = []
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream", timeout=timeout) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                frames.append(json.loads(line[6:]))
+                if len(frames) == n:
+                    return frames
+    return frames
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    """play.py serving the tiny prior, in this process (its threads can be counted)."""
+    import play
+    from world import Player, load_world
+    world, names, start = load_world(tiny_ckpt)
+    from http.server import ThreadingHTTPServer
+    port = free_port()
+    player = Player(world, names, lambda: start, fps=60)
+    srv = ThreadingHTTPServer(("127.0.0.1", port), play.make_handler(player, open(play.PAGE).read()))
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    yield port, player
+    srv.shutdown()
+    srv.server_close()
+    player.stop()
+
+
+def test_the_server_serves_its_page_its_frames_and_nothing_else(server):
+    port, player = server
+    status, page = request(f"http://127.0.0.1:{port}/")
+    assert status == 200 and "<canvas" in page
+    info = json.loads(request(f"http://127.0.0.1:{port}/info")[1])
+    assert info["actions"] == NAMES and info["keys"]["TURN_LEFT"] == ["ArrowLeft", "a"] and info["idle"] == "MOVE_FORWARD"
+    frames = read_frames(port, 12)
+    assert len(frames) == 12 and all((f["w"], f["h"]) == (16, 16) for f in frames)
+    assert all(len(base64.b64decode(f["rgb"])) == 16 * 16 * 3 for f in frames)
+    assert frames[-1]["step_ms"] > 0 and "prefill_ms" in frames[-1]
+    for path in ["/play.py", "/../play.py", "/%2e%2e/play.py", "/..%2fplay.py", "//etc/passwd", "/play.html",
+                 "/weights/vizdoom.pt", "/%00", "/stream/../play.py"]:
+        status_line = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert " 404 " in status_line, (path, status_line)
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/keys", {"held": ["JUMP"], "id": 1}, "unknown action 'JUMP'; this prior's actions are TURN_LEFT"),
+    ("/keys", {"held": "TURN_LEFT", "id": 1}, "keys: expected"),
+    ("/keys", {"held": [], "id": "x"}, "keys: expected"),
+    ("/keys", b"not json", "the body must be a JSON object"),
+    ("/settings", {"temperature": "hot"}, "temperature must be a number in [0.05, 5]"),
+    ("/settings", {"temperature": 0}, "temperature must be a number"),
+    ("/settings", {"top_k": -1}, "top_k must be a whole number in [0, 16]"),
+    ("/settings", {"top_k": 2.5}, "top_k must be a whole number"),
+    ("/nothing", {}, "not found: /nothing"),
+])
+def test_bad_requests_get_a_4xx_and_one_line(server, path, body, message):
+    port, _ = server
+    status, text = request(f"http://127.0.0.1:{port}{path}", body)
+    assert 400 <= status < 500 and message in text and text.count("\n") == 1 and "Traceback" not in text
+
+
+def test_keys_are_held_in_the_order_pressed_and_settings_apply(server):
+    port, player = server
+    assert request(f"http://127.0.0.1:{port}/keys", {"held": ["TURN_LEFT", "TURN_RIGHT"], "id": 5})[0] == 204
+    assert player.held == ["TURN_LEFT", "TURN_RIGHT"] and player.key_id == 5             # the newest: TURN_RIGHT
+    frames = read_frames(port, 8)
+    assert any(f["key_id"] == 5 and f.get("action") == "TURN_RIGHT" for f in frames)
+    assert request(f"http://127.0.0.1:{port}/keys", {"held": [], "id": 6})[0] == 204
+    assert request(f"http://127.0.0.1:{port}/settings", {"temperature": 0.8, "top_k": 5})[0] == 204
+    assert player.world.temperature == 0.8 and player.world.top_k == 5
+    assert request(f"http://127.0.0.1:{port}/settings", {"temperature": 1.0, "top_k": 0})[0] == 204
+    assert player.world.top_k is None
+    assert request(f"http://127.0.0.1:{port}/restart", {})[0] == 204
+
+
+def test_closed_tabs_reloads_and_bursts_leave_no_thread_behind(server):
+    port, player = server
+    before = threading.active_count()
+    # A burst of page loads at once, and tabs that open the stream and close it after a frame or two.
+    loads = [threading.Thread(target=request, args=(f"http://127.0.0.1:{port}/",)) for _ in range(20)]
+    tabs = [threading.Thread(target=read_frames, args=(port, 2)) for _ in range(4)]
+    for t in loads + tabs:
+        t.start()
+    for t in loads + tabs:
+        t.join(timeout=30)
+    # A tab that goes without a word: the socket closed in the middle of the stream.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(100)
+    deadline = time.time() + 15
+    while (player.viewers or threading.active_count() > before) and time.time() < deadline:
+        time.sleep(0.1)
+    assert player.viewers == 0 and threading.active_count() <= before
+    assert player.thread.is_alive()                                             # and it plays on for the next tab
+    assert len(read_frames(port, 2)) == 2
+
+
+def test_too_many_tabs_are_told_so(server):
+    port, player = server
+    player.viewers += player.MAX_VIEWERS          # as if the tabs were all open
+    try:
+        status, text = request(f"http://127.0.0.1:{port}/stream")
+        assert status == 503 and text == "too many tabs watching (at most 8)\n"
+    finally:
+        player.viewers -= player.MAX_VIEWERS
+
+
+def test_the_command_prints_its_url_warns_off_loopback_and_stops_on_ctrl_c(tiny_ckpt):
+    port = free_port()
+    proc = start_script("play.py", "--ckpt", tiny_ckpt, "--port", str(port), "--host", "0.0.0.0")
+    try:
+        first = proc.stdout.readline()
+        assert first == f"http://0.0.0.0:{port}/\n"
+        assert request(f"http://127.0.0.1:{port}/info")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "warning: --host 0.0.0.0: the page is open to other machines" in err
+    assert "Traceback" not in err and err.strip().endswith("play.py: stopped")
+
+
+# -----------------------------------------------------------------------------
+# The page in a real browser
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not chromium(), reason="headless Chromium (apt-get install chromium) drives the page")
+def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
+    """Hold the left arrow: the shipped prior's view slides right (the world turns left), then the right arrow:
+    it slides left. Keys act on the page as loaded, with no click first."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives Chromium")
+    from metrics import view_shift
+    port = free_port()
+    proc = start_script("play.py", "--ckpt", os.path.join(ROOT, "weights", "vizdoom.pt"), "--port", str(port))
+    try:
+        assert proc.stdout.readline() == f"http://127.0.0.1:{port}/\n"
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium(), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("window.playStats.frames > 16", timeout=20_000)
+
+            def hold(key, steps=12):
+                """Hold `key`; the summed slide of the frames it draws."""
+                page.keyboard.down(key)
+                page.wait_for_function("window.playStats.latencies.length > 0", timeout=10_000)
+                frames, slide, last = page.evaluate("window.playStats.frames"), 0, None
+                for _ in range(2 * steps):
+                    page.wait_for_function(f"window.playStats.frames > {frames}", timeout=10_000)
+                    frames = page.evaluate("window.playStats.frames")
+                    rgb = np.array(page.evaluate("Array.from(window.playStats.last)"), np.uint8).reshape(64, 64, 3)
+                    if last is not None:
+                        slide += view_shift(last, rgb)
+                    last = rgb
+                page.keyboard.up(key)
+                page.evaluate("window.playStats.latencies = []")
+                return slide
+            assert hold("ArrowLeft") > 0 and hold("ArrowRight") < 0
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)

@@ -1,0 +1,117 @@
+"""Make the weights that ship with the project from two finished runs of the README's own commands.
+
+    python weights/make.py --vizdoom runs/doom_gpt/ckpt.pt --digits runs/gpt/ckpt.pt --data vizdoom.h5
+
+weights/vizdoom.pt is the ViZDoom block's action-conditional prior, weights/digits.pt the Quick
+start's prior; each carries its VQ-VAE, as every prior checkpoint of ours does. A shipped file keeps
+what loading and sampling need (config, weights, action names, the training flags and step) and
+drops what resuming needs (optimizer, scaler, random streams, curves); its floating-point weights
+are stored in half precision, and load as float32 (load_state_dict copies them into float32
+parameters). The ViZDoom file also keeps a start for play.py: the codes and actions of the opening
+frames of one test clip, so that play starts from the real game with no data file at hand.
+
+weights/record.json says how they were made (the commands, the seed, the commit) and what they
+score, before and after half precision: steering (fvd.py steer) and long play (fvd.py dream) for
+ViZDoom, digit legibility (fvd.py digits) for the digits.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from checkpoints import atomic_write, load_checkpoint  # noqa: E402  (after the project is on the path)
+from gpt import load_gpt  # noqa: E402
+from metrics import digits_main, dream_main, sha256, steer_main  # noqa: E402
+from world import clip_start  # noqa: E402
+
+# What a shipped file keeps of a run's checkpoint.
+KEEP = ("stage", "config", "model", "vqvae", "step", "train_args", "action_names")
+
+COMMANDS = {
+    "vizdoom.pt": ["python -m prepare vizdoom vizdoom.h5",
+                   "python train.py --stage vqvae --data vizdoom.h5 --preset cpu --out_dir runs/doom_vq",
+                   "python train.py --stage gpt --data vizdoom.h5 --preset cpu --vqvae runs/doom_vq/ckpt.pt "
+                   "--action_cond norms --out_dir runs/doom_gpt"],
+    "digits.pt": ["python train.py --stage vqvae --out_dir runs/vqvae",
+                  "python train.py --stage gpt --vqvae runs/vqvae/ckpt.pt --out_dir runs/gpt"],
+}
+
+
+def half(state):
+    """A state dict with its floating-point tensors in float16 (integers and flags as they are)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def shipped(ckpt, start=None):
+    """The shipped form of a run's prior checkpoint."""
+    out = {k: ckpt[k] for k in KEEP if k in ckpt}
+    out["model"] = half(ckpt["model"])
+    out["vqvae"] = dict(config=ckpt["vqvae"]["config"], model=half(ckpt["vqvae"]["model"]))
+    if start is not None:
+        out["play_start"] = start
+    return out
+
+
+def play_start(run, data, clip):
+    """The codes (int16 (t, h, w)) and actions (int8 (T,)) of test clip `clip`'s first window."""
+    gpt, vq = load_gpt(run)
+    names = load_checkpoint(run)["action_names"]
+    found = clip_start(data, clip, vq.config, names)
+    video = torch.from_numpy(found["frames"]).permute(3, 0, 1, 2).float() / 255 - 0.5     # (3, T, H, W)
+    with torch.no_grad():
+        codes = vq.encode(video[None])[0]                                                    # (t, h, w)
+    return dict(codes=codes.to(torch.int16), actions=torch.tensor([names.index(a) for a in found["actions"]],
+                                                                 dtype=torch.int8), clip=clip)
+
+
+def scores(kind, path, data, n, clip):
+    """The scores of one file: steering and long play for ViZDoom, legibility for the digits."""
+    if kind == "vizdoom.pt":
+        steer = steer_main(["--ckpt", path, "--data", data, "--n", str(n)])
+        dream = dream_main(["--ckpt", path, "--data", data, "--frames", "300", "--start", data, "--clip", str(clip)])
+        return dict(steer={k: {m: v for m, v in row.items()} for k, row in steer.items()},
+                    long_play_300={k: dream[k] for k in ("turned_as_told", "turns", "in_real_range", "froze",
+                                                         "longest_still", "stretches_keeping_their_look",
+                                                         "drift_mean")})
+    return dict(digits=digits_main(["--ckpt", path, "--n", str(n)]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Make weights/vizdoom.pt and weights/digits.pt from finished runs.")
+    p.add_argument("--vizdoom", required=True, help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
+    p.add_argument("--digits", required=True, help="the Quick start's prior: runs/gpt/ckpt.pt")
+    p.add_argument("--data", required=True, help="vizdoom.h5: the start clip, and the scores' real clips")
+    p.add_argument("--clip", type=int, default=0, help="the test clip whose opening frames play starts from")
+    p.add_argument("--n", type=int, default=128, help="clips per score")
+    p.add_argument("--out_dir", default=HERE, help="where the files go (default: this folder)")
+    args = p.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(args.vizdoom)),
+                            capture_output=True, text=True).stdout.strip() or None
+    record = dict(commit=commit, seed=0, torch=torch.__version__, files={})
+    for kind, run in (("vizdoom.pt", args.vizdoom), ("digits.pt", args.digits)):
+        ckpt = load_checkpoint(run)
+        start = play_start(run, args.data, args.clip) if kind == "vizdoom.pt" else None
+        out = os.path.join(args.out_dir, kind)
+        atomic_write(out, lambda f: torch.save(shipped(ckpt, start), f))
+        record["files"][kind] = dict(
+            commands=COMMANDS[kind], step=ckpt.get("step"), bytes=os.path.getsize(out), sha256=sha256(out),
+            seed=ckpt.get("train_args", {}).get("seed"), dtype="float16",
+            scores=dict(float32_run=scores(kind, run, args.data, args.n, args.clip),
+                        shipped=scores(kind, out, args.data, args.n, args.clip)))
+        print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB", flush=True)
+    atomic_write(os.path.join(args.out_dir, "record.json"), lambda f: json.dump(record, f, indent=1, default=float),
+                 binary=False)
+    print(json.dumps({k: v["bytes"] for k, v in record["files"].items()}))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
