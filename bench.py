@@ -378,10 +378,17 @@ def bench_play(size, args, device, autocast):
                     base["compile_s"] = time.perf_counter() - t
             emit(**base, stride=stride, compiled=compile, decode_context=w.decode_context,
                  **rollout(w, args.play_steps))
-    # The decoder's context: the new step alone, with one before it, or the whole window.
+    # The decoder's context: the new step alone, with one before it, or the whole window; and how far the
+    # new frames lie from the whole window's decoding of them (PSNR, dB; the same frames: infinite).
     for context in (1, 2, world.t):
         w = World(world.gpt, world.vq, action_names=names or None, decode_context=context, seed=0)
-        emit(**base, stride=1, compiled=False, decode_context=context, **rollout(w, args.play_steps // 2))
+        timing = rollout(w, args.play_steps // 2)
+        with torch.no_grad():
+            whole = w.vq.decode(w.codes)[:, :, -w.per_step:]                            # (1, 3, per_step, H, W)
+            part = w.vq.decode(w.codes[:, -context:])[:, :, -w.per_step:]
+        mse = F.mse_loss(part.clamp(-0.5, 0.5), whole.clamp(-0.5, 0.5)).item()
+        psnr = 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+        emit(**base, stride=1, compiled=False, decode_context=context, psnr_vs_window_db=psnr, **timing)
     # The page: a tab watching, a key event every ~0.3 s; the latency from each to the first frame drawn with it.
     t0 = time.perf_counter()
     player = Player(world, names, lambda: start, args.fps)

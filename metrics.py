@@ -827,7 +827,7 @@ def dream_of_checkpoint(args):
     it stays a world against the real test frames; plot the drift."""
     from world import load_world, start_world   # the play loop: only this score plays
     world, names, start = load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
-                                     top_k=args.top_k, seed=args.seed)
+                                     top_k=args.top_k, seed=args.seed, stride=args.stride)
     if not names or not set(TURN_SIGN) <= set(names):
         raise ValueError(f"{args.ckpt}: dream needs a prior conditioned on actions named TURN_LEFT and TURN_RIGHT")
     c = world.vq.config
@@ -852,7 +852,7 @@ def dream_of_checkpoint(args):
         plot_drift(report["drift"], real_report["drift"], args.plot,
                    f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature {args.temperature}")
     if args.out:
-        write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed,
+        write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,
                                     temperature=args.temperature, top_k=args.top_k, turned_as_told=share, turns=turns,
                                     **provenance(ckpt=args.ckpt, data=args.data), real=real_report, dream=report))
     return dict(turned_as_told=share, turns=turns, **report)
@@ -890,6 +890,7 @@ def dream_main(argv):
     p.add_argument("--start", default=None, help="start from a test clip of this dataset (default: the stored start)")
     p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
     add_sampling_flags(p)
+    p.add_argument("--stride", type=int, default=1, help="latent steps dropped each time the play loop's window slides")
     p.add_argument("--plot", default=None, help="also draw the drift per frame to this PNG")
     add_record_flags(p, "the dream's draws")
     args = p.parse_args(argv)

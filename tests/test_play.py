@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, start_script, tiny_prior
+from conftest import ROOT, start_script, tiny_prior
 from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
 from world import World
@@ -175,14 +175,14 @@ def test_the_compiled_step_gives_the_eager_logits(monkeypatch):
 # Rollouts to a file
 
 
-def test_a_rollout_holds_the_start_then_a_frame_per_scripted_action(tiny_ckpt, tmp_path):
+def test_a_rollout_holds_the_start_then_a_frame_per_scripted_action(tiny_ckpt, tmp_path, capsys):
+    import play
     out = tmp_path / "dream.gif"
-    r = run_script("play.py", "--ckpt", tiny_ckpt, "--actions", "MOVE_FORWARD*4,TURN_LEFT*6,TURN_RIGHT*2",
-                   "--out", str(out))
-    assert r.stdout.strip().endswith(str(out)) and "frames/s" in r.stdout
+    play.main(["--ckpt", tiny_ckpt, "--actions", "MOVE_FORWARD*4,TURN_LEFT*6,TURN_RIGHT*2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.strip().endswith(str(out)) and "12 frames in" in printed and "frames/s" in printed
     gif = Image.open(out)
     assert gif.n_frames == 8 + 12 and gif.size == (16, 16)                 # the dream alone, at its own size
-    import play
     play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*2", "--out", str(tmp_path / "d.png")])
     assert Image.open(tmp_path / "d.png").size[0] > 0
     play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*4", "--out", str(tmp_path / "d.mp4")])
@@ -366,7 +366,7 @@ def test_too_many_tabs_are_told_so(server):
 
 def test_the_command_prints_its_url_warns_off_loopback_and_stops_on_ctrl_c(tiny_ckpt):
     port = free_port()
-    proc = start_script("play.py", "--ckpt", tiny_ckpt, "--port", str(port), "--host", "0.0.0.0")
+    proc = start_script("play.py", "--ckpt", tiny_ckpt, "--port", str(port), "--host", "0.0.0.0", "--no-compile")
     try:
         first = proc.stdout.readline()
         assert first == f"http://0.0.0.0:{port}/\n"
@@ -394,7 +394,8 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives Chromium")
     from metrics import view_shift
     port = free_port()
-    proc = start_script("play.py", "--ckpt", os.path.join(ROOT, "weights", "vizdoom.pt"), "--port", str(port))
+    proc = start_script("play.py", "--ckpt", os.path.join(ROOT, "weights", "vizdoom.pt"), "--port", str(port),
+                        "--no-compile")
     try:
         assert proc.stdout.readline() == f"http://127.0.0.1:{port}/\n"
         with sync_api.sync_playwright() as p:
