@@ -746,12 +746,12 @@ def sky_and_floor(frames):
 
 
 def world_reference(frames):
-    """What real frames look like: the range (0.5 and 99.5 percentiles), mean and spread of their colour
+    """What real frames look like: the range (least and greatest), mean and spread of their colour
     statistics, and the share of them that show the sky and the floor."""
     stats, looks = colour_stats(frames), sky_and_floor(frames)
-    low, high = np.percentile(stats, [0.5, 99.5], axis=0)
-    return dict(low=low.tolist(), high=high.tolist(), mean=stats.mean(0).tolist(), std=stats.std(0).tolist(),
-                shows_sky=float((looks[:, 0] >= SHOWS).mean()), shows_floor=float((looks[:, 1] >= SHOWS).mean()))
+    return dict(low=stats.min(0).tolist(), high=stats.max(0).tolist(), mean=stats.mean(0).tolist(),
+                std=stats.std(0).tolist(), shows_sky=float((looks[:, 0] >= SHOWS).mean()),
+                shows_floor=float((looks[:, 1] >= SHOWS).mean()))
 
 
 def drift(frames, reference):
@@ -782,7 +782,7 @@ def stays_a_world(frames, reference, stretch=50):
     `stretch` frames the shares showing sky and floor, and whether both are at least half the real
     game's (a dream melted to grey keeps its colours' spread but loses its sky); the drift per frame."""
     stats, looks = colour_stats(frames), sky_and_floor(frames)
-    inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)
+    inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)   # (N,)
     stretches = []
     for start in range(0, len(frames) - stretch + 1, stretch):
         part = looks[start:start + stretch] >= SHOWS
@@ -832,8 +832,12 @@ def dream_of_checkpoint(args):
         raise ValueError(f"{args.ckpt}: dream needs a prior conditioned on actions named TURN_LEFT and TURN_RIGHT")
     c = world.vq.config
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
-    real = np.concatenate([to_uint8(data[(i, i)]["video"]).numpy() for i in range(min(len(data), 64))])
-    reference = world_reference(real)
+    clips = torch.stack([data[(i % len(data), i)]["video"] for i in range(args.n_real)])   # (n, 3, T, H, W)
+    with torch.no_grad():   # what the decoder can show of the real game: its reconstructions
+        recon = torch.cat([world.vq.decode(world.vq.encode(clips[i:i + 16])) for i in range(0, len(clips), 16)])
+    real = to_uint8(clips).numpy().reshape(-1, c.resolution, c.resolution, 3)              # (n*T, H, W, 3)
+    recon = to_uint8(recon.clamp(-0.5, 0.5)).numpy().reshape(real.shape)                  # (n*T, H, W, 3)
+    references = dict(real=world_reference(real), reconstructions=world_reference(recon))
     script = long_play_script(args.frames, names)
     frames = [start_world(world, start)]
     n_start = len(frames[0])
@@ -841,20 +845,25 @@ def dream_of_checkpoint(args):
         frames.append(world.step(script[i:i + world.per_step]))
     frames = np.concatenate(frames)                                                   # (start + N, H, W, 3)
     share, turns = play_turns(frames, script, names, n_start)
-    report, real_report = stays_a_world(frames[n_start:], reference), stays_a_world(real, reference)
+    report = stays_a_world(frames[n_start:], references["real"])
+    report["in_reconstructions_range"] = stays_a_world(frames[n_start:], references["reconstructions"])["in_real_range"]
+    recon_report = stays_a_world(recon, references["real"])
     print(f"{args.frames} frames played: turned the way told {100 * (share or 0):.1f}% of {turns} held turns; "
-          f"{100 * report['in_real_range']:.1f}% of frames in the real colour range (real: "
-          f"{100 * real_report['in_real_range']:.1f}%); longest still {report['longest_still']} frames (real: "
-          f"{real_report['longest_still']}); stretches of 50 keeping sky and floor: "
-          f"{100 * report['stretches_keeping_their_look']:.0f}%; mean drift {report['drift_mean']:.2f} "
-          f"(real: {real_report['drift_mean']:.2f})", flush=True)
+          f"colour statistics within the real frames' {100 * report['in_real_range']:.1f}% (the reconstructions "
+          f"of real frames: {100 * recon_report['in_real_range']:.1f}%), within the reconstructions' "
+          f"{100 * report['in_reconstructions_range']:.1f}%; longest still {report['longest_still']} frames; "
+          f"stretches of 50 showing sky and floor: {100 * report['stretches_keeping_their_look']:.0f}%; "
+          f"mean drift {report['drift_mean']:.2f} (real frames: {np.mean(drift(real, references['real'])):.2f})",
+          flush=True)
+    real_report = dict(drift=drift(real, references["real"]).tolist())
     if args.plot:
         plot_drift(report["drift"], real_report["drift"], args.plot,
                    f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature {args.temperature}")
     if args.out:
         write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,
                                     temperature=args.temperature, top_k=args.top_k, turned_as_told=share, turns=turns,
-                                    **provenance(ckpt=args.ckpt, data=args.data), real=real_report, dream=report))
+                                    **provenance(ckpt=args.ckpt, data=args.data), references=references,
+                                    reconstructions_in_real_range=recon_report["in_real_range"], dream=report))
     return dict(turned_as_told=share, turns=turns, **report)
 
 
@@ -889,7 +898,9 @@ def dream_main(argv):
     p.add_argument("--frames", type=int, default=300, help="frames to play after the start")
     p.add_argument("--start", default=None, help="start from a test clip of this dataset (default: the stored start)")
     p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
-    add_sampling_flags(p)
+    p.add_argument("--n_real", type=int, default=256, help="real test clips (and their reconstructions) to compare with")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (play's default: 0.9)")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
     p.add_argument("--stride", type=int, default=1, help="latent steps dropped each time the play loop's window slides")
     p.add_argument("--plot", default=None, help="also draw the drift per frame to this PNG")
     add_record_flags(p, "the dream's draws")

@@ -40,7 +40,7 @@ import torch
 from checkpoints import OutputLock, check_writable
 from data import preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
 from runtime import run_cli
-from world import DECODE_CONTEXT, STRIDE, Player, load_world, script_actions, start_world
+from world import DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, script_actions, start_world
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 WRITERS = {".mp4", ".gif", ".png"}
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--scenario", default="health_gathering_supreme", help="with --game: the scenario")
     p.add_argument("--frame_skip", type=int, default=4, help="with --game: game tics per frame (the data's)")
     # sampling
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help="softmax temperature (> 0); 0.9 keeps the world longest (docs/play.md)")
     p.add_argument("--top_k", type=int, default=None, help="draw among the k most likely codes")
     p.add_argument("--seed", type=int, default=0, help="seed of the dream's draws (and of the game)")
     p.add_argument("--stride", type=int, default=STRIDE,

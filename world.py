@@ -63,6 +63,7 @@ from gpt import load_gpt, sample_logits, uniform_noise
 # The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
 STRIDE = 1            # latent steps dropped when the window slides: full context, nothing to guess
 DECODE_CONTEXT = 2    # latent steps the decoder sees to draw the newest one's frames
+TEMPERATURE = 0.9     # play's: over 1,000 frames the level keeps its sky and floor (at 1.0, 80% of the time)
 
 
 def idle_action(names):

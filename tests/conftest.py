@@ -211,6 +211,13 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="session")
+def small_reader():
+    """A digit reader trained briefly (600 steps; the cached one trains 2000), so it reads fewer frames."""
+    from metrics import train_digit_reader
+    return train_digit_reader(steps=600, batch_size=64, progress=False)
+
+
 def tiny_prior(seed=0, **kw):
     """A small prior with every weight random (fc_out too, which is zero at init)."""
     from gpt import GPTConfig, VideoGPT

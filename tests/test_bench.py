@@ -27,3 +27,15 @@ def test_bench_prints_json_lines():
     assert [(rec["dtype"], rec["keys"], rec["batch"]) for rec in attention] == [("bfloat16", 16, 2), ("float32", 16, 2)]
     assert all(rec["fused_ms"] > 0 and rec["written_out_ms"] > 0 for rec in attention)
     assert all(rec["peak_mem_mb"] > 0 for rec in records)
+
+
+def test_bench_play_reports_the_loop_and_the_page():
+    r = run_script("bench.py", "--only", "play", "--play_steps", "2", "--play_keys", "1", "--no-compile_sample")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    loops, page = records[:-1], records[-1]
+    assert [(rec["stride"], rec["decode_context"]) for rec in loops] == [(1, 2), (2, 2), (4, 2), (1, 1), (1, 2), (1, 8)]
+    assert all(rec["fps"] > 0 and rec["prefill_ms"] > 0 and rec["codes_ms"] > 0 and rec["decode_ms"] > 0
+               for rec in loops)
+    assert loops[-1]["psnr_vs_window_db"] is None and loops[-3]["psnr_vs_window_db"] > 0   # the whole window: exact
+    assert page["page_fps"] > 0 and page["first_frame_s"] > 0 and page["latency_median_ms"] > 0

