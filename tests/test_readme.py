@@ -55,6 +55,18 @@ def test_every_documented_training_command_parses():
             raise AssertionError(f"{page}: python train.py {' '.join(argv)}: does not parse") from e
 
 
+def test_every_documented_play_command_parses():
+    """Each play.py command of the README and docs/ takes flags play.py has."""
+    import play
+    commands = list(documented_commands("play.py"))
+    assert len(commands) >= 4
+    for page, argv in commands:
+        try:
+            play.parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{page}: python play.py {' '.join(argv)}: does not parse") from e
+
+
 def test_the_walkthrough_runs_and_draws_every_picture(tmp_path):
     env = dict(os.environ, WALKTHROUGH_STEPS="3", WALKTHROUGH_OUT=str(tmp_path))
     r = run_script("docs/walkthrough.py", env=env, cwd=tmp_path)
