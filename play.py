@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -336,14 +337,17 @@ def serve(args):
             warnings.warn(f"--host {args.host}: the page is open to other machines on this network "
                           f"(it serves nothing else, but anyone who reaches it can play)")
         host = f"[{args.host}]" if ":" in args.host else args.host
+        # The server answers in its own threads; the dream is drawn in this one (the main thread).
+        threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.2), daemon=True).start()
         print(f"http://{host}:{server.server_address[1]}/", flush=True)
         try:
-            server.serve_forever(poll_interval=0.2)
+            player.run()
         except KeyboardInterrupt:
             print("play.py: stopped", file=sys.stderr, flush=True)
         finally:
-            server.server_close()
             player.stop()
+            server.shutdown()
+            server.server_close()
 
 
 def main(argv=None):

@@ -46,6 +46,7 @@ every sampler here does (`gpt.uniform_noise`), so a World of stride s draws
 the codes sample.sample_long draws for the same generator and actions.
 """
 
+import collections
 import os
 import sys
 import threading
@@ -361,12 +362,14 @@ class Player:
     """Draws latent steps with the held keys while anyone watches, and hands out each frame at its time.
 
     Keys: `keys(held, key_id)` says which actions are held, in the order they were pressed (the newest
-    wins), with the id of that key event. Pace: a frame every 1 / fps s. The next latent step is drawn
-    as soon as the last frame of the one before is out, so a key waits at most one step to be drawn;
-    each frame carries the id of the newest key event its step was drawn with, so a screen can measure
-    the time from a key to the first frame that shows it. `start_fn()` gives the start of each restart
-    (load_world's dict); `companion` (optional) steps beside the dream on the same actions: the real
-    game, whose `step(action)` returns its frame or None when its episode has ended (then a restart)."""
+    wins), with the id of that key event. Pace: a publisher thread hands out a frame every 1 / fps s,
+    while `run()` draws the next latent step as soon as only one frame of the last is still waiting:
+    so the drawing of a step overlaps the showing of the one before, and a key waits at most one
+    step to be drawn. Each frame carries the id of the newest key event its step was drawn with, so a
+    screen can measure the time from a key to the first frame that shows it. `start_fn()` gives the
+    start of each restart (load_world's dict); `companion` (optional) steps beside the dream on the same
+    actions: the real game, whose `step(action)` returns its frame, or None once its episode has ended
+    (then both start again)."""
 
     MAX_VIEWERS = 8
 
@@ -374,11 +377,10 @@ class Player:
         self.world, self.names, self.start_fn, self.fps, self.companion = world, names, start_fn, fps, companion
         self.lock = threading.Condition()
         self.held, self.key_id = [], 0
+        self.outbox = collections.deque()        # frames drawn, waiting for their time
         self.seq, self.frame, self.info = 0, None, {}
         self.viewers, self.restart = 0, True
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="player", daemon=True)
-        self.thread.start()
 
     # --- called from other threads (the web server's) ---
 
@@ -420,44 +422,49 @@ class Player:
         self.stopped.set()
         with self.lock:
             self.lock.notify_all()
-        self.thread.join(timeout=10)
 
-    # --- the player's own thread ---
+    # --- drawing: run() in the main thread, where PyTorch's CPU kernels run fastest (the compiled step
+    # ran 3-4x slower called from a second thread here) ---
 
     def run(self):
+        """Play until stop() (or Ctrl-C, which is let through)."""
+        publisher = threading.Thread(target=self.publish, name="publisher", daemon=True)
+        publisher.start()
         try:
             self.play()
         except Exception as e:   # said on the page and the console; the server stays up
-            self.info = dict(error=f"{type(e).__name__}: {e}")
-            self.publish(np.zeros((8, 8, 3), np.uint8), None, self.key_id, time.perf_counter())
+            with self.lock:
+                self.seq += 1
+                self.frame = dict(image=np.zeros((8, 8, 3), np.uint8), key_id=self.key_id,
+                                  error=f"{type(e).__name__}: {e}")
+                self.lock.notify_all()
             print(f"play: error: the player stopped: {e}", file=sys.stderr, flush=True)
+            self.stopped.wait()
+        finally:
+            self.stop()
+            publisher.join(timeout=5)
 
-    def publish(self, frame, real, key_id, when):
-        """At time `when`, hand the frame (with the real game's beside it) to every viewer."""
-        delay = when - time.perf_counter()
-        if delay > 0:
-            self.stopped.wait(delay)
-        image = frame if real is None else np.concatenate([frame, real], axis=1)     # (H, W[*2], 3)
-        with self.lock:
-            self.seq += 1
-            self.frame = dict(image=image, key_id=key_id, **self.info)
-            self.lock.notify_all()
+    def wait(self, ready):
+        """Wait until ready() (under the lock) or stop; in short waits, so Ctrl-C gets through."""
+        while not self.stopped.is_set() and not self.lock.wait_for(lambda: ready() or self.stopped.is_set(), 0.5):
+            pass
+        return not self.stopped.is_set()
 
     def play(self):
-        world, period, when = self.world, 1.0 / self.fps, time.perf_counter()
-        while not self.stopped.is_set():
-            with self.lock:   # sleep while nobody watches
-                self.lock.wait_for(lambda: self.viewers > 0 or self.stopped.is_set())
+        world = self.world
+        while True:
+            with self.lock:   # draw when someone watches and at most one frame is still waiting
+                if not self.wait(lambda: self.viewers > 0 and len(self.outbox) <= 1):
+                    return
                 restart, self.restart = self.restart, False
                 action = self.held[-1] if self.held else None
                 key_id = self.key_id
-            if self.stopped.is_set():
-                return
             if restart:
                 start = self.start_fn()
                 frames = start_world(world, start)
                 reals = start["frames"] if self.companion is not None else [None] * len(frames)
-                when = time.perf_counter()
+                with self.lock:
+                    self.outbox.clear()
             else:
                 tick = time.perf_counter()
                 frames = world.step(action)
@@ -471,7 +478,25 @@ class Player:
                 self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
                                  compiled=world.compiled_step is not None,
                                  **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
-                when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
-            for frame, real in zip(frames, reals):
-                self.publish(frame, real, key_id, when)
-                when += period
+            with self.lock:
+                for frame, real in zip(frames, reals):   # the real game's frame beside the dream's
+                    image = frame if real is None else np.concatenate([frame, real], axis=1)   # (H, W[*2], 3)
+                    self.outbox.append(dict(image=image, key_id=key_id, **self.info))
+                self.lock.notify_all()
+
+    def publish(self):
+        """The publisher thread: each waiting frame at its time, 1 / fps s after the one before."""
+        period, when = 1.0 / self.fps, time.perf_counter()
+        while True:
+            with self.lock:
+                if not self.wait(lambda: len(self.outbox) > 0):
+                    return
+            when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
+            if self.stopped.wait(max(0.0, when - time.perf_counter())):
+                return
+            with self.lock:
+                if self.outbox:
+                    self.frame = self.outbox.popleft()
+                    self.seq += 1
+                    self.lock.notify_all()
+            when += period

@@ -75,7 +75,7 @@ def test_the_shipped_digits_prior_reads_as_digits(small_reader, tmp_path):
         fake = samples_to_uint8(vq.decode(generate(gpt, 32, generator=torch.Generator().manual_seed(0))))
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     ours, theirs = legibility(small_reader, fake), legibility(small_reader, real)
-    assert ours["frames_read"] >= 0.6 * theirs["frames_read"] and ours["clips_kept"] >= 0.5, (ours, theirs)
+    assert all(ours[k] >= 0.7 * theirs[k] > 0 for k in ("frames_read", "clips_kept")), (ours, theirs)
     import sample
     sample.main(["--ckpt", os.path.join(WEIGHTS, "digits.pt"), "--n", "2", "--out", str(tmp_path / "samples.gif")])
     assert os.path.getsize(tmp_path / "samples.gif") > 0
