@@ -416,7 +416,7 @@ def bench_play(size, args, device, autocast):
                     latencies.append(1e3 * (time.perf_counter() - pressed))
                     break
         t, n0 = time.perf_counter(), player.seq
-        time.sleep(2)
+        time.sleep(args.play_pace_s)
         found.update(latencies=latencies, paced_fps=(player.seq - n0) / (time.perf_counter() - t))
         player.stop()
     threading.Thread(target=press_keys, daemon=True).start()
@@ -458,6 +458,7 @@ def main(argv=None):
     p.add_argument("--play_steps", type=int, default=60, help="play benchmark: timed latent steps per setting")
     p.add_argument("--play_keys", type=int, default=20, help="play benchmark: key events timed to the screen")
     p.add_argument("--fps", type=int, default=30, help="play benchmark: the page's pace")
+    p.add_argument("--play_pace_s", type=float, default=2.0, help="play benchmark: seconds the page's pace is timed")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

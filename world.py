@@ -378,7 +378,8 @@ class Player:
         self.lock = threading.Condition()
         self.held, self.key_id = [], 0
         self.outbox = collections.deque()        # frames drawn, waiting for their time
-        self.seq, self.frame, self.info = 0, None, {}
+        self.recent = collections.deque(maxlen=8)   # (seq, frame) of the frames handed out last
+        self.seq, self.info = 0, {}
         self.viewers, self.restart = 0, True
         self.stopped = threading.Event()
 
@@ -413,10 +414,11 @@ class Player:
             self.viewers -= 1
 
     def next_frame(self, after, timeout=1.0):
-        """The newest frame after sequence number `after`: (seq, frame dict), or None after `timeout` s."""
+        """The frame after sequence number `after` (the oldest one kept, for a viewer that fell behind):
+        (seq, frame dict), or None after `timeout` s."""
         with self.lock:
             self.lock.wait_for(lambda: self.seq > after or self.stopped.is_set(), timeout=timeout)
-            return (self.seq, self.frame) if self.seq > after else None
+            return next(((s, f) for s, f in self.recent if s > after), None)
 
     def stop(self):
         self.stopped.set()
@@ -435,8 +437,8 @@ class Player:
         except Exception as e:   # said on the page and the console; the server stays up
             with self.lock:
                 self.seq += 1
-                self.frame = dict(image=np.zeros((8, 8, 3), np.uint8), key_id=self.key_id,
-                                  error=f"{type(e).__name__}: {e}")
+                self.recent.append((self.seq, dict(image=np.zeros((8, 8, 3), np.uint8), key_id=self.key_id,
+                                                   error=f"{type(e).__name__}: {e}")))
                 self.lock.notify_all()
             print(f"play: error: the player stopped: {e}", file=sys.stderr, flush=True)
             self.stopped.wait()
@@ -491,12 +493,12 @@ class Player:
             with self.lock:
                 if not self.wait(lambda: len(self.outbox) > 0):
                     return
-            when = max(when, time.perf_counter() - period)   # fallen behind: no burst to catch up
+            when = max(when, time.perf_counter())   # fallen behind: from now on, never two frames at once
             if self.stopped.wait(max(0.0, when - time.perf_counter())):
                 return
             with self.lock:
                 if self.outbox:
-                    self.frame = self.outbox.popleft()
                     self.seq += 1
+                    self.recent.append((self.seq, self.outbox.popleft()))
                     self.lock.notify_all()
             when += period

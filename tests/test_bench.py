@@ -30,7 +30,8 @@ def test_bench_prints_json_lines():
 
 
 def test_bench_play_reports_the_loop_and_the_page():
-    r = run_script("bench.py", "--only", "play", "--play_steps", "2", "--play_keys", "1", "--no-compile_sample")
+    r = run_script("bench.py", "--only", "play", "--play_steps", "2", "--play_keys", "1", "--play_pace_s", "0.5",
+                   "--no-compile_sample")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.strip().splitlines()]
     loops, page = records[:-1], records[-1]

@@ -156,19 +156,26 @@ def test_a_prior_without_actions_plays_by_itself_with_the_keys_disabled():
         world.step("TURN_LEFT")
 
 
-def test_the_compiled_step_gives_the_eager_logits(monkeypatch):
-    """The fixed-shape compiled step (the whole cache, the mask's row) draws what the eager one draws."""
+def test_the_fixed_shape_step_and_its_compiled_switch_draw_what_the_eager_step_draws(monkeypatch):
+    """The step compile_step compiles (the whole cache read through the position's row of the mask, one
+    graph for every position) draws the eager step's codes; compile_step checks it and switches to it.
+    Compiled here with the aot_eager backend: the same tracing in seconds (inductor's own kernels are
+    checked against the eager ones in test_fast.py)."""
+    import world as world_module
+    monkeypatch.setattr(world_module, "frozen_cpu_compile", lambda m: torch.compile(m, backend="aot_eager"))
     gpt, vq = tiny_world_parts()
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
     codes = []
-    for compile in (False, True):
-        world = World(gpt, vq, action_names=NAMES, seed=2, compile=compile)
-        assert (world.compiled_step is not None) == compile
+    for compile in (False, "fixed", True):
+        world = World(gpt, vq, action_names=NAMES, seed=2, compile=compile is True)
+        assert (world.compiled_step is not None) == (compile is True)
+        if compile == "fixed":   # the uncompiled fixed-shape step, as the compiler sees it
+            world.compiled_step = world_module.LogitsStep(gpt, world.weights)
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
-        for key in ["TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT"]:
+        for key in ["TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "TURN_RIGHT"]:
             world.step(key)
         codes.append(world.codes.clone())
-    assert torch.equal(*codes)
+    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +414,7 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("window.playStats.frames > 16", timeout=20_000)
 
-            def hold(key, steps=12):
+            def hold(key, steps=8):
                 """Hold `key`; the summed slide of the frames it draws."""
                 page.keyboard.down(key)
                 page.wait_for_function("window.playStats.latencies.length > 0", timeout=10_000)
