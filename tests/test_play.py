@@ -434,3 +434,16 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)
+
+
+def test_the_real_game_plays_beside_the_dream_on_the_same_keys(tiny_ckpt, tmp_path):
+    """--game: the dream starts from the game's own first frames and the game's frames stand beside it."""
+    pytest.importorskip("vizdoom", reason="the optional vizdoom package (pip install vizdoom)")
+    import play
+    out = tmp_path / "beside.gif"
+    play.main(["--ckpt", tiny_ckpt, "--game", "--actions", "TURN_LEFT*4,MOVE_FORWARD*2", "--out", str(out)])
+    gif = Image.open(out)
+    assert gif.n_frames == 8 + 6 and gif.size == (32, 16)                        # the dream, then the game
+    gif.seek(0)
+    game = np.asarray(gif.convert("RGB"))[:, 16:]
+    assert game.std() > 5                                                        # a rendered level, not a blank
