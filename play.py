@@ -256,7 +256,7 @@ def make_handler(player, page):
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                seen = 0
+                seen = max(0, player.seq - 1)   # a new tab starts from the newest frame
                 while not player.stopped.is_set():
                     got = player.next_frame(seen)
                     if got is None:   # a comment, so a closed tab is noticed while nothing is drawn
