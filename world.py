@@ -231,7 +231,7 @@ class World:
         # Eager: attention over the written prefix only.
         return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)  # (1, n_codes)
 
-    # --- compiling the step, without making the player wait ---
+    # --- compiling the step in the background, while the eager one plays ---
 
     def compile_step(self, background=True):
         """torch.compile the one-token step (inductor, frozen weights, fixed shapes: the whole cache with
@@ -477,8 +477,10 @@ class Player:
                     if any(r is None for r in reals):   # the game's episode ended: a new life for both
                         self.request_restart()
                         reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
+                compiler = getattr(world, "compiler", None)
                 self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
                                  compiled=world.compiled_step is not None,
+                                 compiling=compiler is not None and compiler.is_alive(),
                                  **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
             with self.lock:
                 for frame, real in zip(frames, reals):   # the real game's frame beside the dream's
