@@ -495,7 +495,8 @@ class Player:
             with self.lock:
                 if not self.wait(lambda: len(self.outbox) > 0):
                     return
-            when = max(when, time.perf_counter())   # fallen behind: from now on, never two frames at once
+            # Fallen behind: catch up by at most half a frame, so two frames are never shown at once.
+            when = max(when, time.perf_counter() - period / 2)
             if self.stopped.wait(max(0.0, when - time.perf_counter())):
                 return
             with self.lock:
