@@ -8,7 +8,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import ROOT
