@@ -279,10 +279,13 @@ class DecodeStep(torch.nn.Module):
         for i, qkv in enumerate(w["qkv"]):
             self.register_buffer(f"qkv_{i}", qkv, persistent=False)
 
+    def tables(self):
+        """The buffers as decode_one_token's `weights` dict."""
+        return dict(inputs=self.inputs, pos_table=self.pos_table,
+                    qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
+
     def forward(self, code, pos, cond, caches, noise, length=None):
-        weights = dict(inputs=self.inputs, pos_table=self.pos_table,
-                       qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
-        logits = decode_one_token(self.gpt, code, pos, cond, caches, length, weights)   # (B, n_codes)
+        logits = decode_one_token(self.gpt, code, pos, cond, caches, length, self.tables())   # (B, n_codes)
         return sample_logits(logits, self.temperature, self.top_k, self.top_p, noise=noise)
 
 

@@ -57,8 +57,8 @@ import torch
 
 from checkpoints import load_checkpoint
 from data import make_dataset, preprocess, to_uint8
-from fast import (cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill, sampling_dtype,
-                  use_fast_attention)
+from fast import (DecodeStep, cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill,
+                  sampling_dtype, use_fast_attention)
 from gpt import load_gpt, sample_logits, uniform_noise
 
 # The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
@@ -238,7 +238,7 @@ class World:
         the position's row of the mask, so one compiled graph serves every position). In the background,
         the eager step plays until the compiled one is ready and checked to give the same logits."""
         def build():
-            step = LogitsStep(self.gpt, self.weights)
+            step = LogitsStep(self.gpt)
             compiled = frozen_cpu_compile(step) if self.device.type == "cpu" else torch.compile(step)
             with torch.inference_mode():   # every input made as the step makes it, so no guard fails later
                 actions = torch.eye(self.n_actions, device=self.device)[[self.idle] * self.t * self.per_step][None] \
@@ -259,23 +259,16 @@ class World:
             build()
 
 
-class LogitsStep(torch.nn.Module):
-    """The one-token step as a module returning logits, over the whole cache (fixed shapes)."""
+class LogitsStep(DecodeStep):
+    """fast.DecodeStep (its tables as buffers, constants of the compiled code) returning the logits, over
+    the whole cache (fixed shapes): temperature and top-k are applied outside, so changing them on the
+    page compiles nothing again."""
 
-    def __init__(self, gpt, weights):
-        super().__init__()
-        self.gpt = gpt
-        # The step's tables as buffers: constants of the compiled code, as in fast.DecodeStep.
-        self.register_buffer("inputs", weights["inputs"], persistent=False)
-        self.register_buffer("pos_table", weights["pos_table"], persistent=False)
-        self.n_qkv = len(weights["qkv"])
-        for i, qkv in enumerate(weights["qkv"]):
-            self.register_buffer(f"qkv_{i}", qkv, persistent=False)
+    def __init__(self, gpt):
+        super().__init__(gpt, temperature=1.0, top_k=None, top_p=None)
 
     def forward(self, code, pos, cond, caches):
-        weights = dict(inputs=self.inputs, pos_table=self.pos_table,
-                       qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
-        return decode_one_token(self.gpt, code, pos, cond, caches, None, weights)   # (1, n_codes)
+        return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())   # (1, n_codes)
 
 
 # -----------------------------------------------------------------------------

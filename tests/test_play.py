@@ -170,7 +170,7 @@ def test_the_fixed_shape_step_and_its_compiled_switch_draw_what_the_eager_step_d
         world = World(gpt, vq, action_names=NAMES, seed=2, compile=compile is True)
         assert (world.compiled_step is not None) == (compile is True)
         if compile == "fixed":   # the uncompiled fixed-shape step, as the compiler sees it
-            world.compiled_step = world_module.LogitsStep(gpt, world.weights)
+            world.compiled_step = world_module.LogitsStep(gpt)
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
         for key in ["TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "TURN_RIGHT"]:
             world.step(key)
