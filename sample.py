@@ -33,6 +33,7 @@ from data import grid_video, make_dataset, save_gif, save_mp4, save_png, to_uint
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
+from world import action_script
 
 WRITERS = {".mp4", ".gif", ".png"}
 
@@ -130,14 +131,7 @@ def named_actions(spec, names, n, lengths, where):
     one-hot float32 (n, T, A), T one of `lengths` (the prior's clip, or --frames)."""
     if not names:
         raise ValueError(f"{where}: its actions have no names (data without action_names); pass --actions FILE.npy")
-    steps = []
-    for part in spec.split(","):
-        name, star, count = part.strip().partition("*")
-        if name not in names:
-            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
-        if star and not (count.isdigit() and int(count) > 0):
-            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
-        steps += [names.index(name)] * (int(count) if star else 1)
+    steps = [names.index(name) for name in action_script(spec, names)]
     if len(steps) not in lengths:
         raise ValueError(f"--actions {spec}: {len(steps)} frames of actions, the video has "
                          f"{' or '.join(map(str, sorted(set(lengths))))}")

@@ -325,14 +325,9 @@ def start_world(world, start):
     return world.reset(start=start.get("frames"), start_codes=start.get("codes"), start_actions=acts)
 
 
-def script_actions(spec, names, per_step):
-    """A rollout's script, "MOVE_FORWARD*16,TURN_LEFT*24", -> one action name per frame (with no actions:
-    a number of frames, "64" -> None each); one-line errors."""
-    if not names:
-        if not spec.isdigit() or int(spec) % per_step:
-            raise ValueError(f"--actions: this prior has no actions; give the number of frames "
-                             f"(a multiple of {per_step}), e.g. --actions 64")
-        return [None] * int(spec)
+def action_script(spec, names):
+    """"TURN_RIGHT*8,MOVE_FORWARD*8": each of `names` held for its count of frames (1 without one) -> one
+    name per frame; one-line errors. sample.py's --actions reads the same syntax."""
     frames = []
     for part in spec.split(","):
         name, star, count = part.strip().partition("*")
@@ -341,6 +336,18 @@ def script_actions(spec, names, per_step):
         if star and not (count.isdigit() and int(count) > 0):
             raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
         frames += [name] * (int(count) if star else 1)
+    return frames
+
+
+def script_actions(spec, names, per_step):
+    """A rollout's script (action_script) -> one action name per frame, a multiple of `per_step` of them
+    (with no actions: a number of frames, "64" -> None each); one-line errors."""
+    if not names:
+        if not spec.isdigit() or int(spec) % per_step:
+            raise ValueError(f"--actions: this prior has no actions; give the number of frames "
+                             f"(a multiple of {per_step}), e.g. --actions 64")
+        return [None] * int(spec)
+    frames = action_script(spec, names)
     if len(frames) % per_step:
         raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames at a time "
                          f"(one latent step), so give a multiple of {per_step}")

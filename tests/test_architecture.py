@@ -23,7 +23,7 @@ ALLOWED = {
     "data": {"checkpoints", "runtime", "prepare"},   # prepare.digits: the moving digits it draws on the fly
     "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run", "sample"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
-    "sample": {"checkpoints", "runtime", "data", "gpt", "fast"},
+    "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.action_script: --actions
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics", "sample"},
     "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "sample", "prepare", "world"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample", "run", "world"},
