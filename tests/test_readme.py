@@ -43,28 +43,19 @@ def documented_commands(script):
                         yield page, words[words.index(script) + 1:]
 
 
-def test_every_documented_training_command_parses():
-    """Each train.py command of the README and docs/ takes flags train.py has (a renamed flag fails here)."""
-    import train
-    commands = list(documented_commands("train.py"))
-    assert len(commands) >= 10
+@pytest.mark.parametrize("script,at_least", [("train.py", 10), ("play.py", 4)])
+def test_every_documented_command_parses(script, at_least):
+    """Each train.py and play.py command of the README and docs/ takes flags the script has (a renamed flag
+    fails here)."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    commands = list(documented_commands(script))
+    assert len(commands) >= at_least
     for page, argv in commands:
         try:
-            train.parse_args(argv)
+            module.parse_args(argv)
         except SystemExit as e:
-            raise AssertionError(f"{page}: python train.py {' '.join(argv)}: does not parse") from e
-
-
-def test_every_documented_play_command_parses():
-    """Each play.py command of the README and docs/ takes flags play.py has."""
-    import play
-    commands = list(documented_commands("play.py"))
-    assert len(commands) >= 4
-    for page, argv in commands:
-        try:
-            play.parse_args(argv)
-        except SystemExit as e:
-            raise AssertionError(f"{page}: python play.py {' '.join(argv)}: does not parse") from e
+            raise AssertionError(f"{page}: python {script} {' '.join(argv)}: does not parse") from e
 
 
 def test_the_walkthrough_runs_and_draws_every_picture(tmp_path):
