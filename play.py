@@ -208,109 +208,112 @@ def frame_json(frame):
                            rgb=base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()))
 
 
-def make_handler(player, page):
-    """The request handler: the page, its stream of frames, and the few JSON commands it sends."""
-    actions = player.names
-    bindings = {n: KEYS.get(n, [str(i + 1)]) for i, n in enumerate(actions)}
+class Handler(BaseHTTPRequestHandler):
+    """The page, its stream of frames, and the few JSON commands it sends; make_handler binds it to a
+    player and the page's HTML."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "videogpt-play"
+    protocol_version = "HTTP/1.1"
+    server_version = "videogpt-play"
 
-        def log_message(self, *args):   # quiet: the console shows the URL and errors only
-            pass
+    def log_message(self, *args):   # quiet: the console shows the URL and errors only
+        pass
 
-        def reply(self, code, body, kind="text/plain; charset=utf-8"):
-            data = body.encode() if isinstance(body, str) else body
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
+    def reply(self, code, body, kind="text/plain; charset=utf-8"):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def bad(self, code, line):
+        self.reply(code, line + "\n")
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/":
+            return self.reply(200, self.page, "text/html; charset=utf-8")
+        if path == "/info":
+            player, world = self.player, self.player.world
+            return self.reply(200, json.dumps(dict(
+                actions=player.names, keys=self.bindings, idle=player.names[world.idle] if player.names else None,
+                temperature=world.temperature, top_k=world.top_k, fps=player.fps,
+                game=player.companion is not None)), "application/json")
+        if path == "/stream":
+            return self.stream()
+        self.bad(404, f"not found: {path[:80]}")
+
+    def stream(self):
+        """Server-sent events: one `data:` line of JSON per frame, until the tab goes."""
+        if not self.player.join():
+            return self.bad(503, f"too many tabs watching (at most {self.player.MAX_VIEWERS})")
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            self.close_connection = True
+            seen = max(0, self.player.seq - 1)   # a new tab starts from the newest frame
+            while not self.player.stopped.is_set():
+                got = self.player.next_frame(seen)
+                if got is None:   # a comment, so a closed tab is noticed while nothing is drawn
+                    self.wfile.write(b": waiting\n\n")
+                else:
+                    seen, frame = got
+                    self.wfile.write(b"data: " + frame_json(frame).encode() + b"\n\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass   # the tab closed or reloaded
+        finally:
+            self.player.leave()
 
-        def bad(self, code, line):
-            self.reply(code, line + "\n")
+    def do_POST(self):
+        path = urlsplit(self.path).path
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self.bad(400, "bad Content-Length")
+        if length > 4096:
+            return self.bad(413, "request too large")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return self.bad(400, "the body must be a JSON object")
+        if path == "/keys":
+            held, key_id = body.get("held", []), body.get("id", 0)
+            if not isinstance(held, list) or not isinstance(key_id, int) or isinstance(key_id, bool):
+                return self.bad(400, "keys: expected {\"held\": [action names], \"id\": integer}")
+            unknown = [h for h in held if h not in self.player.names]
+            if unknown:
+                return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; this prior's actions are "
+                                     f"{', '.join(self.player.names) or 'none (its dream plays by itself)'}")
+            self.player.keys(held, key_id)
+            return self.reply(204, b"")
+        if path == "/settings":
+            temperature, top_k = body.get("temperature"), body.get("top_k")
+            n_codes = self.player.world.gpt.config.n_codes
+            if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                            or not 0.05 <= temperature <= 5):
+                return self.bad(400, "temperature must be a number in [0.05, 5]")
+            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                      or not 0 <= top_k <= n_codes):
+                return self.bad(400, f"top_k must be a whole number in [0, {n_codes}] (0: all codes)")
+            self.player.settings(temperature, top_k)
+            return self.reply(204, b"")
+        if path == "/restart":
+            self.player.request_restart()
+            return self.reply(204, b"")
+        self.bad(404, f"not found: {path[:80]}")
 
-        def do_GET(self):
-            path = urlsplit(self.path).path
-            if path == "/":
-                return self.reply(200, page, "text/html; charset=utf-8")
-            if path == "/info":
-                return self.reply(200, json.dumps(dict(
-                    actions=actions, keys=bindings, idle=actions[player.world.idle] if actions else None,
-                    temperature=player.world.temperature, top_k=player.world.top_k, fps=player.fps,
-                    game=player.companion is not None)), "application/json")
-            if path == "/stream":
-                return self.stream()
-            self.bad(404, f"not found: {path[:80]}")
 
-        def stream(self):
-            """Server-sent events: one `data:` line of JSON per frame, until the tab goes."""
-            if not player.join():
-                return self.bad(503, f"too many tabs watching (at most {player.MAX_VIEWERS})")
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                seen = max(0, player.seq - 1)   # a new tab starts from the newest frame
-                while not player.stopped.is_set():
-                    got = player.next_frame(seen)
-                    if got is None:   # a comment, so a closed tab is noticed while nothing is drawn
-                        self.wfile.write(b": waiting\n\n")
-                    else:
-                        seen, frame = got
-                        self.wfile.write(b"data: " + frame_json(frame).encode() + b"\n\n")
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, OSError):
-                pass   # the tab closed or reloaded
-            finally:
-                player.leave()
-
-        def do_POST(self):
-            path = urlsplit(self.path).path
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                return self.bad(400, "bad Content-Length")
-            if length > 4096:
-                return self.bad(413, "request too large")
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError
-            except ValueError:
-                return self.bad(400, "the body must be a JSON object")
-            if path == "/keys":
-                held, key_id = body.get("held", []), body.get("id", 0)
-                if not isinstance(held, list) or not isinstance(key_id, int) or isinstance(key_id, bool):
-                    return self.bad(400, "keys: expected {\"held\": [action names], \"id\": integer}")
-                unknown = [h for h in held if h not in actions]
-                if unknown:
-                    return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; this prior's actions are "
-                                         f"{', '.join(actions) or 'none (its dream plays by itself)'}")
-                player.keys(held, key_id)
-                return self.reply(204, b"")
-            if path == "/settings":
-                temperature, top_k = body.get("temperature"), body.get("top_k")
-                if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                                or not 0.05 <= temperature <= 5):
-                    return self.bad(400, "temperature must be a number in [0.05, 5]")
-                if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                          or not 0 <= top_k <= player.world.gpt.config.n_codes):
-                    return self.bad(400, f"top_k must be a whole number in [0, {player.world.gpt.config.n_codes}] "
-                                         f"(0: all codes)")
-                player.settings(temperature, top_k)
-                return self.reply(204, b"")
-            if path == "/restart":
-                player.request_restart()
-                return self.reply(204, b"")
-            self.bad(404, f"not found: {path[:80]}")
-
-    return Handler
+def make_handler(player, page):
+    """Handler bound to `player` and the page's HTML, with each action's keys."""
+    bindings = {n: KEYS.get(n, [str(i + 1)]) for i, n in enumerate(player.names)}
+    return type("BoundHandler", (Handler,), dict(player=player, page=page, bindings=bindings))
 
 
 def serve(args):
