@@ -344,6 +344,39 @@ def play_world(args):
     return World(gpt, vq, action_names=names), names, {}, "random weights"
 
 
+def page_timing(world, names, start, args, load_s):
+    """The page's loop: a tab watching, a key event every ~0.3 s from another thread (as the web server's
+    would be); the latency from each to the first frame drawn with it, the frames handed out per second,
+    and the first frame's time from loading the checkpoint."""
+    t0 = time.perf_counter()
+    player = Player(world, names, lambda: start, args.fps)
+    player.join()
+    found = {}
+
+    def press_keys():
+        first = player.next_frame(0, timeout=60)
+        found["first_frame_s"] = time.perf_counter() - t0 + load_s
+        latencies, seen = [], first[0] if first else 0
+        for i in range(args.play_keys):
+            time.sleep(0.3)
+            pressed = time.perf_counter()
+            player.keys([names[i % len(names)]] if names else [], i + 1)
+            while (got := player.next_frame(seen, timeout=5)) is not None:
+                seen = got[0]
+                if got[1]["key_id"] >= i + 1:
+                    latencies.append(1e3 * (time.perf_counter() - pressed))
+                    break
+        t, n0 = time.perf_counter(), player.seq
+        time.sleep(args.play_pace_s)
+        found.update(latencies=latencies, page_fps=(player.seq - n0) / (time.perf_counter() - t))
+        player.stop()
+    threading.Thread(target=press_keys, daemon=True).start()
+    player.run()                                    # the main thread draws, as in play.py
+    latencies = found.pop("latencies")
+    return dict(found, target_fps=args.fps, latency_median_ms=statistics.median(latencies) if latencies else None,
+                latency_max_ms=max(latencies) if latencies else None)
+
+
 def bench_play(size, args, device, autocast):
     """The play loop: frames/s, the latent step's parts, the page's latency and first frame."""
     t0 = time.perf_counter()
@@ -394,38 +427,10 @@ def bench_play(size, args, device, autocast):
             w = World(world.gpt, world.vq, action_names=names or None, stride=stride)
             w.compiled_step = world.compiled_step
             emit(**base, stride=stride, compiled=True, decode_context=DECODE_CONTEXT, **rollout(w, args.play_steps))
-    # The page (compiled where asked): a tab watching, a key event every ~0.3 s; the latency from each to the
-    # first frame drawn with it, and the frames handed out per second.
-    t0 = time.perf_counter()
-    player = Player(world, names, lambda: start, args.fps)
-    player.join()
-    found = {}
+    # The page (compiled where asked), as play.py runs it.
+    emit(**base, compiled=world.compiled_step is not None, **page_timing(world, names, start, args, load_s),
+         peak_mem_mb=peak_memory_mb(device))
 
-    def press_keys():
-        """Another thread, as the web server would be: key events, and the frames that show them."""
-        first = player.next_frame(0, timeout=60)
-        found["first_frame_s"] = time.perf_counter() - t0 + load_s
-        latencies, seen = [], first[0] if first else 0
-        for i in range(args.play_keys):
-            time.sleep(0.3)
-            pressed = time.perf_counter()
-            player.keys([names[i % len(names)]] if names else [], i + 1)
-            while (got := player.next_frame(seen, timeout=5)) is not None:
-                seen = got[0]
-                if got[1]["key_id"] >= i + 1:
-                    latencies.append(1e3 * (time.perf_counter() - pressed))
-                    break
-        t, n0 = time.perf_counter(), player.seq
-        time.sleep(args.play_pace_s)
-        found.update(latencies=latencies, paced_fps=(player.seq - n0) / (time.perf_counter() - t))
-        player.stop()
-    threading.Thread(target=press_keys, daemon=True).start()
-    player.run()                                    # the main thread draws, as in play.py
-    latencies, paced_fps, first_frame_s = found["latencies"], found["paced_fps"], found["first_frame_s"]
-    emit(**base, compiled=world.compiled_step is not None, page_fps=paced_fps, target_fps=args.fps,
-         first_frame_s=first_frame_s,
-         latency_median_ms=statistics.median(latencies) if latencies else None,
-         latency_max_ms=max(latencies) if latencies else None, peak_mem_mb=peak_memory_mb(device))
 
 
 def latent_for(codes):
