@@ -848,16 +848,16 @@ def dream_of_checkpoint(args):
     report = stays_a_world(frames[n_start:], references["real"])
     report["in_reconstructions_range"] = stays_a_world(frames[n_start:], references["reconstructions"])["in_real_range"]
     recon_report = stays_a_world(recon, references["real"])
+    real_drift = drift(real, references["real"])
     print(f"{args.frames} frames played: turned the way told {100 * (share or 0):.1f}% of {turns} held turns; "
           f"colour statistics within the real frames' {100 * report['in_real_range']:.1f}% (the reconstructions "
           f"of real frames: {100 * recon_report['in_real_range']:.1f}%), within the reconstructions' "
           f"{100 * report['in_reconstructions_range']:.1f}%; longest still {report['longest_still']} frames; "
           f"stretches of 50 showing sky and floor: {100 * report['stretches_keeping_their_look']:.0f}%; "
-          f"mean drift {report['drift_mean']:.2f} (real frames: {np.mean(drift(real, references['real'])):.2f})",
+          f"mean drift {report['drift_mean']:.2f} (real frames: {real_drift.mean():.2f})",
           flush=True)
-    real_report = dict(drift=drift(real, references["real"]).tolist())
     if args.plot:
-        plot_drift(report["drift"], real_report["drift"], args.plot,
+        plot_drift(report["drift"], real_drift, args.plot,
                    f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature {args.temperature}")
     if args.out:
         write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,

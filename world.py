@@ -101,9 +101,8 @@ class World:
         self.temperature, self.top_k = temperature, top_k
         self.device = gpt.fc_in.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.seed = seed
         self.weights = decode_weights(gpt)
-        self.compiled_step = None
+        self.compiled_step = self.compiler = None   # the compiled step, and the thread compiling it
         self.timing = {}
         if compile:
             self.compile_step(background=compile == "background")
@@ -131,12 +130,10 @@ class World:
     # --- starting ---
 
     @torch.inference_mode()
-    def reset(self, start=None, start_actions=None, start_codes=None, seed=None):
+    def reset(self, start=None, start_actions=None, start_codes=None):
         """Start again: from real frames `start`, stored codes `start_codes`, or (neither) a sample of a
         whole window with the idle action. `start_actions`: the start frames' actions (indices or names,
         one per frame; default the idle action). Returns the start's frames as the VQ-VAE sees them."""
-        if seed is not None:
-            self.generator.manual_seed(seed)
         if start is not None:
             start_codes = self.encode(start)                                        # (k, h, w)
         n_frames = self.t * self.per_step if start_codes is None else start_codes.shape[0] * self.per_step
@@ -477,10 +474,9 @@ class Player:
                     if any(r is None for r in reals):   # the game's episode ended: a new life for both
                         self.request_restart()
                         reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
-                compiler = getattr(world, "compiler", None)
                 self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
                                  compiled=world.compiled_step is not None,
-                                 compiling=compiler is not None and compiler.is_alive(),
+                                 compiling=world.compiler is not None and world.compiler.is_alive(),
                                  **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
             with self.lock:
                 for frame, real in zip(frames, reals):   # the real game's frame beside the dream's
