@@ -5,6 +5,7 @@ python -m pytest tests/test_play.py
 """
 
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -447,3 +448,25 @@ def test_the_real_game_plays_beside_the_dream_on_the_same_keys(tiny_ckpt, tmp_pa
     gif.seek(0)
     game = np.asarray(gif.convert("RGB"))[:, 16:]
     assert game.std() > 5                                                        # a rendered level, not a blank
+
+
+def test_long_play_scores_on_hand_made_frames():
+    """fvd.py dream's parts: sky (dark blue) and floor (green) found where they are painted, the colour range
+    and a grey frame outside it, a frozen stretch, and the script's held turns."""
+    from metrics import long_play_script, longest_still, sky_and_floor, stays_a_world, world_reference
+    rng = np.random.default_rng(0)
+    world = np.zeros((60, 8, 8, 3), np.uint8) + rng.integers(0, 20, (60, 8, 8, 3), dtype=np.uint8)
+    world[:, :3, :, 2] += 80                                   # sky: the top 3 rows blue
+    world[:, 5:, :, 1] += 90                                   # floor: the bottom 3 rows green
+    assert np.allclose(sky_and_floor(world[:1]), [[3 / 8, 3 / 8]])
+    reference = world_reference(world)
+    assert reference["shows_sky"] == reference["shows_floor"] == 1.0
+    grey = np.full((50, 8, 8, 3), 100, np.uint8)              # mush: no sky, no floor, standing still
+    report = stays_a_world(np.concatenate([world[:50], grey]), reference)
+    assert report["in_real_range"] == 0.5 and report["froze"] and report["longest_still"] == 50
+    assert [s["keeps_its_look"] for s in report["stretches"]] == [True, False]
+    assert longest_still(world) == 1
+    script = long_play_script(300, NAMES)
+    runs = [len(list(g)) for k, g in itertools.groupby(script) if k != "MOVE_FORWARD"]
+    assert len(script) == 300 and min(runs) >= 12 and len(runs) >= 12
+    assert "TURN_LEFT" in script and ("TURN_LEFT", "TURN_RIGHT") in zip(script, script[1:])   # direct reversal
