@@ -269,9 +269,10 @@ class DecodeStep(torch.nn.Module):
         super().__init__()
         self.gpt = gpt
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        # decode_weights as buffers of this module: constants of the compiled code, too.
+        # decode_weights as buffers of this module: constants of the compiled code, too. (Not named
+        # "inputs": ahead-of-time compiled code has a variable of that name.)
         w = decode_weights(gpt)
-        self.register_buffer("inputs", w["inputs"], persistent=False)
+        self.register_buffer("code_table", w["inputs"], persistent=False)
         self.register_buffer("pos_table", w["pos_table"], persistent=False)
         # One buffer per block, not one stacked tensor: frozen views of a stacked constant came out
         # wrong in compiled code (the compiled samples no longer matched the eager ones).
@@ -281,7 +282,7 @@ class DecodeStep(torch.nn.Module):
 
     def tables(self):
         """The buffers as decode_one_token's `weights` dict."""
-        return dict(inputs=self.inputs, pos_table=self.pos_table,
+        return dict(inputs=self.code_table, pos_table=self.pos_table,
                     qkv=[getattr(self, f"qkv_{i}") for i in range(self.n_qkv)])
 
     def forward(self, code, pos, cond, caches, noise, length=None):

@@ -47,8 +47,11 @@ the codes sample.sample_long draws for the same generator and actions.
 """
 
 import collections
+import hashlib
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -56,8 +59,9 @@ import numpy as np
 import torch
 
 from checkpoints import load_checkpoint
-from data import make_dataset, preprocess, to_uint8
-from fast import (DecodeStep, cached_condition, decode_one_token, decode_weights, frozen_cpu_compile, prefill,
+from attention import KVCache
+from data import cache_dir, make_dataset, preprocess, to_uint8
+from fast import (DecodeStep, cached_condition, decode_one_token, decode_weights, prefill,
                   sampling_dtype, use_fast_attention)
 from gpt import load_gpt, sample_logits, uniform_noise
 
@@ -84,7 +88,7 @@ class World:
     returns its frames. `timing` holds the last step's milliseconds: prefill, codes, decode."""
 
     def __init__(self, gpt, vq, action_names=None, temperature=1.0, top_k=None, stride=STRIDE,
-                 decode_context=DECODE_CONTEXT, seed=0, compile=False):
+                 decode_context=DECODE_CONTEXT, seed=0, source=None):
         c = gpt.config
         self.gpt, self.vq = gpt, vq
         self.t, self.h, self.w = c.latent_shape
@@ -102,10 +106,10 @@ class World:
         self.device = gpt.fc_in.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.weights = decode_weights(gpt)
-        self.compiled_step = self.compiler = None   # the compiled step, and the thread compiling it
+        self.source = source   # the checkpoint file, if any: it names the compiled step kept on disk
+        self.compiled_step = self.compile_error = None
+        self.compiler = self.loader = None   # the process compiling the step, the thread loading it
         self.timing = {}
-        if compile:
-            self.compile_step(background=compile == "background")
         self.codes = self.actions = None
 
     # --- what the held key means ---
@@ -180,6 +184,7 @@ class World:
             a = [self.action_index(x) for x in action]
         else:
             a = [self.action_index(action)] * self.per_step
+        self.poll_compiler()
         gpt, hw = self.gpt, self.hw
         t0 = time.perf_counter()
         # The window slides: drop the oldest steps; the positions of the rest change, so the cache is stale.
@@ -197,7 +202,7 @@ class World:
             logits = prefill(gpt, self.cond, self.caches, 1, self.codes.flatten(1))  # (1, n_codes)
             self.fed, self.fed_from_prefill = k * hw + 1, True
         else:   # the cache holds the window: feed the last code drawn
-            logits = self.decode(self.codes[:, -1].flatten(1)[:, -1], k * hw)       # (1, n_codes)
+            logits = self.decode(self.codes[0, -1].flatten()[-1:], k * hw)          # (1, n_codes)
             self.fed_from_prefill = False
         t1 = time.perf_counter()
         # The new step's codes, one after the other, each fed back through the cache.
@@ -206,7 +211,7 @@ class World:
         for i in range(hw):
             new[:, i] = sample_logits(logits, self.temperature, self.top_k, noise=next(noise))
             if i < hw - 1:
-                logits = self.decode(new[:, i], k * hw + i + 1)                     # (1, n_codes)
+                logits = self.decode(new[0, i:i + 1], k * hw + i + 1)               # (1, n_codes)
         self.codes = torch.cat([self.codes, new.view(1, 1, self.h, self.w)], dim=1)  # (1, k + 1, h, w)
         if self.n_actions:
             self.actions += a
@@ -228,32 +233,92 @@ class World:
         # Eager: attention over the written prefix only.
         return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)  # (1, n_codes)
 
-    # --- compiling the step in the background, while the eager one plays ---
+    # --- the compiled step: made ahead of time in a process of its own, kept on disk ---
 
-    def compile_step(self, background=True):
-        """torch.compile the one-token step (inductor, frozen weights, fixed shapes: the whole cache with
-        the position's row of the mask, so one compiled graph serves every position). In the background,
-        the eager step plays until the compiled one is ready and checked to give the same logits."""
-        def build():
-            step = LogitsStep(self.gpt)
-            compiled = frozen_cpu_compile(step) if self.device.type == "cpu" else torch.compile(step)
-            with torch.inference_mode():   # every input made as the step makes it, so no guard fails later
-                actions = torch.eye(self.n_actions, device=self.device)[[self.idle] * self.t * self.per_step][None] \
-                    if self.n_actions else None                                      # (1, T, A)
-                cond = cached_condition(self.gpt, None, None, 1, actions)
-                caches = self.gpt.setup_caches(1, self.device, sampling_dtype(self.gpt))
-                prefill(self.gpt, cond, caches, 1, torch.zeros(1, self.hw, dtype=torch.long, device=self.device))
-                p = torch.tensor([self.hw + 1], device=self.device)
-                code = torch.zeros(1, dtype=torch.long, device=self.device)
-                got = compiled(code, p, cond, caches)
-                ref = step(code, p, cond, caches)
-            if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
-                self.compiled_step = compiled
-        if background:
-            self.compiler = threading.Thread(target=build, name="compile-step", daemon=True)
-            self.compiler.start()
+    def compile_step(self, background=True, backend="inductor"):
+        """Switch to the compiled one-code step (fixed shapes: the whole cache with the position's row
+        of the mask, so one compiled program serves every position), checked to give the eager step's
+        logits. It is compiled ahead of time (torch.export, then inductor's AOTInductor) into a package
+        kept in the cache folder under a name drawn from the checkpoint file (`source`), so a later
+        start only loads it (1-3 s). With `background` (which needs `source`), the package is made by
+        a process of its own and loaded by a thread while the eager step plays on, and `step` switches
+        once it is ready. backend "export": the exported program run by PyTorch itself, no compiler
+        (seconds to make; what the tests use)."""
+        path = package_file(self.source, backend) if self.source else None
+        if background and path is None:
+            raise ValueError("compiling in the background needs the prior's checkpoint file (World's source)")
+        if background and not os.path.isfile(path):
+            # Another process, so the eager play keeps Python's lock, in a session of its own, so
+            # Ctrl-C reaches only play.py (which ends it), and at a lower priority. Meanwhile the play
+            # uses one core fewer: on 2 cores two busy processes on both cores ran the eager play at
+            # 4-6 frames/s, one core each at 11-16 (and the compiler finished sooner).
+            self.compiler = subprocess.Popen(
+                [sys.executable, "-c", "import sys, world; world.compile_checkpoint(*sys.argv[1:])",
+                 self.source, path, backend], cwd=os.path.dirname(os.path.abspath(__file__)),
+                start_new_session=True)
+            self.package, self.threads = path, torch.get_num_threads()
+            torch.set_num_threads(max(1, self.threads - 1))
+        elif background:   # kept from an earlier start: loaded beside the eager play
+            self.load_in_background(path)
+        elif path is not None:
+            if not os.path.isfile(path):
+                build_package(self.gpt, path, backend)
+            self.adopt(path)
+        else:   # a prior not from a file: compiled for this World alone
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, f"step-{backend}.pt2")
+                build_package(self.gpt, path, backend)
+                self.adopt(path)
+
+    @property
+    def compiling(self):
+        """Whether a compiled step is being made or loaded."""
+        return self.compiler is not None or (self.loader is not None and self.loader.is_alive())
+
+    def load_in_background(self, path):
+        self.loader = threading.Thread(target=self.adopt, args=(path,), name="load-step", daemon=True)
+        self.loader.start()
+
+    def poll_compiler(self):
+        """Once the compiling process has finished: the play's cores back, and its package loaded
+        beside the eager play (or said once why there is none)."""
+        if self.compiler is None or self.compiler.poll() is None:
+            return
+        code, self.compiler = self.compiler.returncode, None
+        torch.set_num_threads(self.threads)
+        if code == 0 and os.path.isfile(self.package):
+            self.load_in_background(self.package)
         else:
-            build()
+            self.compile_error = f"compiling the step failed (exit code {code}); playing eager"
+            print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
+
+    def stop_compiling(self):
+        """End a compiling process still running (it would otherwise finish its package on its own)."""
+        if self.compiler is not None:
+            self.compiler.terminate()
+            self.compiler.wait()
+            self.compiler = None
+            torch.set_num_threads(self.threads)
+
+    def adopt(self, path):
+        """Load a compiled step and use it if it gives the eager step's logits on a probe (a package
+        that will not load, from another PyTorch or machine, is made again next time)."""
+        try:
+            runner = load_package(path)
+        except Exception as e:
+            os.remove(path)
+            self.compile_error = f"{path}: could not load the compiled step ({type(e).__name__}); playing eager"
+            print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
+            return
+        with torch.inference_mode():
+            code, pos, cond, caches = probe_inputs(self.gpt)
+            ref = LogitsStep(self.gpt)(code, pos, cond, caches)                    # (1, n_codes)
+            got = runner(code, pos, *PackedStep.arguments(cond, probe_inputs(self.gpt)[3]))
+        if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
+            self.compiled_step = lambda code, pos, cond, caches: runner(code, pos, *PackedStep.arguments(cond, caches))
+        else:
+            self.compile_error = f"{path}: the compiled step's logits differ from the eager step's; playing eager"
+            print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
 
 
 class LogitsStep(DecodeStep):
@@ -266,6 +331,86 @@ class LogitsStep(DecodeStep):
 
     def forward(self, code, pos, cond, caches):
         return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())   # (1, n_codes)
+
+
+class PackedStep(LogitsStep):
+    """LogitsStep with inputs torch.export takes: of the conditioning, the norms' gains and biases and the
+    cross-attention's keys and values; of each layer's cache, its key and value buffers, written in place."""
+
+    @staticmethod
+    def arguments(cond, caches):
+        return cond["plan"], cond["frame_kv"], [(cache.k, cache.v) for cache in caches]
+
+    def forward(self, code, pos, plan, frame_kv, buffers):
+        caches = []
+        for k, v in buffers:   # the lesson's KVCache around the given buffers (it allocates its own)
+            cache = KVCache.__new__(KVCache)
+            cache.k, cache.v = k, v
+            caches.append(cache)
+        return super().forward(code, pos, dict(plan=plan, frame_kv=frame_kv), caches)  # (1, n_codes)
+
+
+def probe_inputs(gpt):
+    """The inputs a step is traced and checked on: the idle conditioning, a cache holding one latent
+    step of code 0, and code 0 fed in after it."""
+    c, device = gpt.config, gpt.fc_in.weight.device
+    hw = c.latent_shape[1] * c.latent_shape[2]
+    actions = torch.eye(c.action_dim, device=device)[[0] * c.sequence_length][None] if c.action_dim else None
+    cond = cached_condition(gpt, None, None, 1, actions)                            # actions: (1, T, A)
+    caches = gpt.setup_caches(1, device, sampling_dtype(gpt))
+    prefill(gpt, cond, caches, 1, torch.zeros(1, hw, dtype=torch.long, device=device))
+    code = torch.zeros(1, dtype=torch.long, device=device)
+    return code, torch.tensor([hw + 1], device=device), cond, caches
+
+
+def package_file(source, backend):
+    """Where the compiled step of checkpoint file `source` is kept: named for the file's contents, the
+    PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine makes
+    it again (data.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    tag = f"{digest.hexdigest()[:16]}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    return os.path.join(cache_dir(), "play", f"{tag}-{backend}.pt2")
+
+
+def build_package(gpt, path, backend="inductor"):
+    """Export the one-code step of `gpt` and compile it into the file `path` (written whole or not at
+    all). inductor: AOTInductor with frozen weights (15-30 s on 2 cores); export: no compiler."""
+    step = PackedStep(gpt).eval()
+    with torch.no_grad():
+        code, pos, cond, caches = probe_inputs(gpt)
+        program = torch.export.export(step, (code, pos, *PackedStep.arguments(cond, caches)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path[:-4]}.{os.getpid()}.partial.pt2"   # the compiler wants the .pt2 ending
+    try:
+        if backend == "inductor":
+            from torch._inductor import aoti_compile_and_package   # lazily: 1 s of imports
+            aoti_compile_and_package(program, package_path=partial, inductor_configs={"freezing": True})
+        elif backend == "export":
+            torch.export.save(program, partial)
+        else:
+            raise ValueError(f"unknown backend {backend!r} (inductor or export)")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def load_package(path):
+    """The compiled step kept at `path` by build_package, callable as PackedStep is."""
+    if path.endswith("-export.pt2"):
+        return torch.export.load(path).module()
+    from torch._inductor import aoti_load_package   # lazily: 1 s of imports
+    return aoti_load_package(path)
+
+
+def compile_checkpoint(source, path, backend):
+    """The compiling process: load the prior of checkpoint `source` and build its package at `path`."""
+    os.nice(10)   # the eager play comes first
+    gpt, _ = load_gpt(source)
+    build_package(use_fast_attention(gpt), path, backend)
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +435,7 @@ def load_world(path, start=None, clip=0, device="cpu", **world_kwargs):
         raise ValueError(f"{path}: a world is a prior conditioned on actions (or on nothing), "
                          f"not on frames or classes")
     names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim else [])
-    world = World(gpt, vq, action_names=names or None, **world_kwargs)
+    world = World(gpt, vq, action_names=names or None, source=path, **world_kwargs)
     found = {}
     if start is not None:
         found = clip_start(start, clip, vq.config, names)
@@ -476,7 +621,7 @@ class Player:
                         reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
                 self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
                                  compiled=world.compiled_step is not None,
-                                 compiling=world.compiler is not None and world.compiler.is_alive(),
+                                 compiling=world.compiling,
                                  **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
             with self.lock:
                 for frame, real in zip(frames, reals):   # the real game's frame beside the dream's

@@ -157,26 +157,70 @@ def test_a_prior_without_actions_plays_by_itself_with_the_keys_disabled():
         world.step("TURN_LEFT")
 
 
-def test_the_fixed_shape_step_and_its_compiled_switch_draw_what_the_eager_step_draws(monkeypatch):
+def play_codes(world, start, keys=("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "TURN_RIGHT")):
+    """The codes after four keys from `start`, with the noise of seed 2."""
+    world.generator.manual_seed(2)
+    world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
+    for key in keys:
+        world.step(key)
+    return world.codes.clone()                                                         # (1, 4, 4, 4)
+
+
+def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_draws():
     """The step compile_step compiles (the whole cache read through the position's row of the mask, one
-    graph for every position) draws the eager step's codes; compile_step checks it and switches to it.
-    Compiled here with the aot_eager backend: the same tracing in seconds (inductor's own kernels are
-    checked against the eager ones in test_fast.py)."""
+    program for every position, the caches written in place) draws the eager step's codes. Packaged here
+    by torch.export alone (backend "export": the same export in seconds; inductor's kernels are checked
+    against the eager ones in test_fast.py)."""
     import world as world_module
-    monkeypatch.setattr(world_module, "frozen_cpu_compile", lambda m: torch.compile(m, backend="aot_eager"))
     gpt, vq = tiny_world_parts()
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
-    codes = []
-    for compile in (False, "fixed", True):
-        world = World(gpt, vq, action_names=NAMES, seed=2, compile=compile is True)
-        assert (world.compiled_step is not None) == (compile is True)
-        if compile == "fixed":   # the uncompiled fixed-shape step, as the compiler sees it
-            world.compiled_step = world_module.LogitsStep(gpt)
+    eager = play_codes(World(gpt, vq, action_names=NAMES, seed=2), start)
+    fixed = World(gpt, vq, action_names=NAMES, seed=2)
+    fixed.compiled_step = world_module.LogitsStep(gpt)   # the uncompiled fixed-shape step
+    packaged = World(gpt, vq, action_names=NAMES, seed=2)
+    packaged.compile_step(background=False, backend="export")
+    assert packaged.compiled_step is not None and packaged.compile_error is None
+    assert torch.equal(eager, play_codes(fixed, start)) and torch.equal(eager, play_codes(packaged, start))
+    assert packaged.timing["compiled"] and fixed.timing["compiled"]
+    with pytest.raises(ValueError, match="needs the prior's checkpoint file"):
+        packaged.compile_step(background=True)
+
+
+def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_and_is_kept(
+        tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """In the background a separate process makes the package and the loop switches to it once it is
+    loaded, drawing the same codes; the package is kept for the next start, which only loads it; a
+    package that will not load is removed, said once, and the play goes on eager."""
+    from world import load_world, package_file
+    monkeypatch.setenv("VIDEOGPT_CACHE", str(tmp_path))
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    eager = play_codes(load_world(tiny_ckpt, seed=2)[0], start)
+    world = load_world(tiny_ckpt, seed=2)[0]
+    threads = torch.get_num_threads()
+    world.compile_step(background=True, backend="export")
+    assert world.compiling and world.compiled_step is None and world.compiler.poll() is None
+    deadline = time.monotonic() + 120
+    while world.compiled_step is None and time.monotonic() < deadline:   # the eager play goes on meanwhile
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
-        for key in ["TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "TURN_RIGHT"]:
-            world.step(key)
-        codes.append(world.codes.clone())
-    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
+        world.step("TURN_LEFT")
+        time.sleep(0.05)
+    assert world.compiled_step is not None and not world.compiling and world.compile_error is None
+    assert torch.get_num_threads() == threads   # the core lent to the compiler is given back
+    assert torch.equal(play_codes(world, start), eager)
+    path = package_file(tiny_ckpt, "export")
+    assert os.path.isfile(path) and os.path.dirname(path) == str(tmp_path / "play")
+    again = load_world(tiny_ckpt, seed=2)[0]
+    again.compile_step(background=True, backend="export")                     # kept: only loaded
+    assert again.compiler is None
+    again.loader.join(timeout=60)
+    assert again.compiled_step is not None and torch.equal(play_codes(again, start), eager)
+    with open(path, "wb") as f:
+        f.write(b"not a package")
+    broken = load_world(tiny_ckpt, seed=2)[0]
+    broken.compile_step(background=False, backend="export")
+    assert broken.compiled_step is None and "could not load the compiled step" in broken.compile_error
+    assert not os.path.exists(path) and "playing eager" in capsys.readouterr().err
+    assert torch.equal(play_codes(broken, start), eager)
 
 
 # -----------------------------------------------------------------------------
