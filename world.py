@@ -176,9 +176,11 @@ class World:
         return torch.eye(self.n_actions, device=self.device)[idx][None]             # (1, T, A)
 
     @torch.inference_mode()   # as no_grad, and less bookkeeping per op: the eager step 20-30% sooner
-    def step(self, action=None):
+    def step(self, action=None, cancel=None):
         """Draw the next latent step with `action` held for its frames (or a list of one action per frame);
-        its frames, uint8 (per_step, H, W, 3)."""
+        its frames, uint8 (per_step, H, W, 3). `cancel` (optional) is asked before each code: if it says
+        yes, the step is given up and the world is left as it was before it (its codes, its noise), and
+        step returns None: the page draws the step again at once when the key changes meanwhile."""
         if isinstance(action, (list, tuple)):
             if len(action) != self.per_step:
                 raise ValueError(f"{len(action)} actions for a latent step of {self.per_step} frames")
@@ -188,6 +190,7 @@ class World:
         self.poll_compiler()
         gpt, hw = self.gpt, self.hw
         t0 = time.perf_counter()
+        before = (self.codes, self.generator.get_state())   # what a cancelled step puts back
         # The window slides: drop the oldest steps; the positions of the rest change, so the cache is stale.
         if self.codes.shape[1] == self.t:
             self.codes = self.codes[:, self.stride:]                                # (1, t - stride, h, w)
@@ -210,6 +213,10 @@ class World:
         new = torch.zeros(1, hw, dtype=torch.long, device=self.device)
         noise = uniform_noise(1, gpt.config.n_codes, hw, self.generator, self.device)
         for i in range(hw):
+            if cancel is not None and cancel():   # given up: the cache is filled again by the next step
+                self.codes, self.fed = before[0], 0
+                self.generator.set_state(before[1])
+                return None
             new[:, i] = sample_logits(logits, self.temperature, self.top_k, noise=next(noise))
             if i < hw - 1:
                 logits = self.decode(new[0, i:i + 1], k * hw + i + 1)               # (1, n_codes)
@@ -549,6 +556,11 @@ class Player:
 
     # --- called from other threads (the web server's) ---
 
+    def action_now(self):
+        """The action held now: the newest key pressed, or None (the idle action)."""
+        held = self.held
+        return held[-1] if held else None
+
     def keys(self, held, key_id):
         with self.lock:
             self.held, self.key_id = list(held), key_id
@@ -623,8 +635,7 @@ class Player:
                 if not self.wait(lambda: self.viewers > 0 and len(self.outbox) <= 1):
                     return
                 restart, self.restart = self.restart, False
-                action = self.held[-1] if self.held else None
-                key_id = self.key_id
+                action, key_id = self.action_now(), self.key_id
             if restart:
                 start = self.start_fn()
                 frames = start_world(world, start)
@@ -633,7 +644,13 @@ class Player:
                     self.outbox.clear()
             else:
                 tick = time.perf_counter()
-                frames = world.step(action)
+                # A key changed while this step is drawn: give it up and draw it again with the new key
+                # (once per step, so keys pressed faster than a step cannot stop the dream).
+                frames = world.step(action, cancel=lambda: self.action_now() != action)
+                if frames is None:
+                    with self.lock:
+                        action, key_id = self.action_now(), self.key_id
+                    frames = world.step(action)
                 action = action or (self.names[world.idle] if world.n_actions else None)
                 reals = [None] * len(frames)
                 if self.companion is not None:

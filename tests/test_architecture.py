@@ -27,7 +27,7 @@ ALLOWED = {
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics", "sample"},
     "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "sample", "prepare", "world"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample", "run", "world"},
-    "world": {"checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
+    "world": {"attention", "checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
     "play": {"checkpoints", "runtime", "data", "world", "prepare"},   # prepare.vizdoom: the real game beside
     "fast": {"attention", "gpt"},
     "muon": {"vqvae", "gpt"},

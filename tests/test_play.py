@@ -133,6 +133,23 @@ def test_the_fill_rule_and_a_key_change_refill_the_cache():
     assert world.fed_from_prefill and world.actions == [2, 2, 0, 0, 0, 0, 1, 1]
 
 
+def test_a_step_given_up_for_a_new_key_leaves_the_world_as_it_was():
+    """The page gives up a step when the key changes while it is drawn: the world keeps its codes,
+    actions and noise, so the step drawn again with the new key is the one an uncancelled world draws."""
+    gpt, vq = tiny_world_parts()
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    played, straight = World(gpt, vq, action_names=NAMES, seed=4), World(gpt, vq, action_names=NAMES, seed=4)
+    for world in (played, straight):
+        world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
+        world.step("TURN_LEFT")
+    asked = []
+    assert played.step("TURN_LEFT", cancel=lambda: asked.append(1) or len(asked) > 5) is None
+    assert len(asked) == 6 and played.codes.shape[1] == 4 and played.actions == straight.actions
+    frames = played.step("TURN_RIGHT", cancel=lambda: False)
+    assert np.array_equal(frames, straight.step("TURN_RIGHT")) and torch.equal(played.codes, straight.codes)
+    assert played.step("MOVE_FORWARD", cancel=lambda: True) is None and torch.equal(played.codes, straight.codes)
+
+
 def test_start_frames_are_encoded_and_bad_ones_are_one_line():
     gpt, vq = tiny_world_parts()
     world = World(gpt, vq, action_names=NAMES)
@@ -306,14 +323,14 @@ def raw_request(port, text):
         return s.makefile("rb").readline().decode()
 
 
-def read_frames(port, n, timeout=30):
-    """The first n frames of /stream, as dicts."""
+def read_frames(port, n, timeout=30, until=None):
+    """The first n frames of /stream, as dicts (or, with `until`, up to the first frame it accepts)."""
     frames = []
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream", timeout=timeout) as r:
         for line in r:
             if line.startswith(b"data: "):
                 frames.append(json.loads(line[6:]))
-                if len(frames) == n:
+                if len(frames) == n or (until is not None and until(frames[-1])):
                     return frames
     return frames
 
@@ -375,8 +392,10 @@ def test_keys_are_held_in_the_order_pressed_and_settings_apply(server):
     port, player = server
     assert request(f"http://127.0.0.1:{port}/keys", {"held": ["TURN_LEFT", "TURN_RIGHT"], "id": 5})[0] == 204
     assert player.held == ["TURN_LEFT", "TURN_RIGHT"] and player.key_id == 5             # the newest: TURN_RIGHT
-    frames = read_frames(port, 8)
-    assert any(f["key_id"] == 5 and f.get("action") == "TURN_RIGHT" for f in frames)
+    # The stream begins with the frames kept from before the key (however long a busy machine took to draw).
+    drawn_with_it = lambda f: f["key_id"] == 5 and f.get("action") == "TURN_RIGHT"
+    frames = read_frames(port, 200, until=drawn_with_it)
+    assert drawn_with_it(frames[-1]) and all(f["key_id"] < 5 for f in frames[:-1])
     assert request(f"http://127.0.0.1:{port}/keys", {"held": [], "id": 6})[0] == 204
     assert request(f"http://127.0.0.1:{port}/settings", {"temperature": 0.8, "top_k": 5})[0] == 204
     assert player.world.temperature == 0.8 and player.world.top_k == 5
