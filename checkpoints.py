@@ -365,13 +365,13 @@ def original_prior(ckpt, path):
         sd, args = ckpt["state_dict"], original_args(ckpt, path, ("sequence_length", "resolution"))
         latent = tuple(sd[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3))
         clip = (args.sequence_length, args.resolution, args.resolution)
-        if any(s % l for s, l in zip(clip, latent)):
+        if any(s % n for s, n in zip(clip, latent)):
             raise ValueError(f"{path}: clip {clip} is not a multiple of the latent shape {latent}")
         n_codes, embedding_dim = sd["vqvae.codebook.embeddings"].shape
         vq_config = dict(embedding_dim=embedding_dim, n_codes=n_codes,
                          n_hiddens=sd["vqvae.encoder.conv_last.conv.weight"].shape[0],
                          n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,  # minus the final BN
-                         downsample=tuple(s // l for s, l in zip(clip, latent)),
+                         downsample=tuple(s // n for s, n in zip(clip, latent)),
                          sequence_length=args.sequence_length, resolution=args.resolution)
         cond_w = sd.get("attn_stack.attn_nets.0.pre_attn_norm.w.weight")
         gpt_config = dict(latent_shape=latent, n_codes=n_codes, embedding_dim=embedding_dim,

@@ -179,7 +179,7 @@ def play_episode(game, policy, length, frame_skip, resolution):
             return None
         state = game.get_state()
         frame = state.screen_buffer                                               # (120, 160, 3) uint8
-        labels = [(l.object_name, l.x, l.width) for l in state.labels]
+        labels = [(label.object_name, label.x, label.width) for label in state.labels]
         a = int(policy(dict(frame=frame, depth=state.depth_buffer, labels=labels, buttons=buttons)))
         if not 0 <= a < len(buttons):
             raise ValueError(f"the policy returned {a}, not a button index in [0, {len(buttons)})")

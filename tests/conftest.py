@@ -182,7 +182,7 @@ def wait_for_step(out_dir, step, proc, timeout=120):
     while time.time() < deadline:
         assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
         if os.path.exists(path):
-            steps = [json.loads(l)["step"] for l in open(path) if l.endswith("\n") and '"train"' in l]
+            steps = [json.loads(line)["step"] for line in open(path) if line.endswith("\n") and '"train"' in line]
             if steps and max(steps) >= step:
                 return max(steps)
         time.sleep(0.02)   # polling the log: the event waited for is the step, whatever the machine's speed

@@ -133,7 +133,7 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
                    tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d", tmp_path / "i3d.pt", "--num_videos", "3",
                    "--batch_size", "2", "--recon-only", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [l for l in r.stdout.splitlines() if "FVD" in l]
+    lines = [line for line in r.stdout.splitlines() if "FVD" in line]
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
     with pytest.raises(SystemExit) as e:   # in this process: the command's code without a second start-up
         fvd.main(["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d", str(tmp_path / "missing.pt")])
@@ -224,7 +224,7 @@ def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
     assert record["metric"] == "digit_legibility" and record["n"] == 4 and record["reader_sha256"] == sha256(tmp_path / "reader.pt")
     assert set(record["scores"]) == {"real", "reconstructions", "samples"} and record["temperature"] == 1.0
     assert f"frames read {100 * record['scores']['samples']['frames_read']:5.1f}%" in lines[2]
-    assert [l.split(":")[0].strip() for l in lines[:3]] == ["real", "reconstructions", "samples"]
+    assert [line.split(":")[0].strip() for line in lines[:3]] == ["real", "reconstructions", "samples"]
     assert "frames read as the real one" in lines[1] and lines[-1].startswith("(N=4 clips of 8 frames")
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2", "--reader",
                    tmp_path / "reader.pt", "--device", "cpu")
@@ -370,7 +370,7 @@ def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, c
     assert r.returncode == 0, r.stderr[-2000:]
     # Each process runs C3D on its 3 clips, one process on all 6: another batch shape, which may sum in another
     # order and move the score in its last bits (as above), so the printed numbers are read and compared at 1e-4.
-    lines = [l for l in r.stdout.splitlines() if l.startswith("IS ")]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("IS ")]
     assert len(lines) == 1 and lines[0].endswith("(N=6, 16 frames, 1 trial(s), 2 split(s), seed 0, clips.npy)")
     mean, std = (float(v) for v in lines[0].split()[1:4:2])                   # "IS mean ± std ..."
     assert (mean, std) == pytest.approx(two, rel=1e-4, abs=1e-4)

@@ -162,7 +162,7 @@ def test_keep_last_stale_temps_and_torn_log_lines(tmp_path, digits_h5):
     for step in (4, 6):
         assert torch.load(out / f"ckpt_{step:07d}.pt", weights_only=True)["step"] == step
     assert (out / "ckpt.pt").read_bytes() == (out / "ckpt_0000006.pt").read_bytes()
-    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(r.get("loss") != 9.0 for r in records)                    # the dead run's record is gone
 
