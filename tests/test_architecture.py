@@ -69,10 +69,21 @@ def test_every_top_level_file_is_a_known_room():
 
 
 def test_the_lesson_stays_within_its_budget():
-    """The chapters a learner reads stay lean: engineering goes beside them, history to docs/."""
-    assert sum(lines(f"{n}.py") for n in MODEL_CHAPTERS) <= 1100
-    for path, budget in (("train.py", 450), ("data.py", 550), ("fvd.py", 500), ("README.md", 300)):
+    """The chapters a learner reads stay lean: engineering goes beside them, history to docs/. The
+    budgets leave room for blank lines, asserts on lines of their own and whole sentences."""
+    assert sum(lines(f"{n}.py") for n in MODEL_CHAPTERS) <= 1300
+    for path, budget in (("train.py", 500), ("data.py", 700), ("fvd.py", 560), ("README.md", 300)):
         assert lines(path) <= budget, f"{path}: {lines(path)} lines, budget {budget}"
+
+
+def test_no_function_runs_past_100_lines():
+    """A function a reader can hold in view: the commands, converters and tools included."""
+    for path in (os.path.join(folder, name) for folder in ("", "prepare", "docs", "weights")
+                 for name in sorted(os.listdir(os.path.join(ROOT, folder))) if name.endswith(".py")):
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 100, f"{path}: {node.name} is {length} lines"
 
 
 def test_the_model_chapters_hold_no_speed_machinery():
