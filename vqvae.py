@@ -1,19 +1,20 @@
 """The VQ-VAE of VideoGPT: video -> grid of discrete codes -> video.
 
-Section 3.1 of Yan et al. (2021). Strided 3D convolutions and axial-attention residual blocks compress a clip
-(B, 3, T, H, W) by `downsample` (dt, dh, dw) into a grid (B, D, t, h, w); each vector is replaced by its nearest
-codebook entry (van den Oord et al., 2017), entries that follow moving averages of the encoder outputs assigned
-to them (Razavi et al., 2019). A mirrored decoder turns the codes back into a video.
+Section 3.1 of Yan et al. (2021). Strided 3D convolutions and axial-attention residual blocks
+compress a clip (B, 3, T, H, W) by `downsample` (dt, dh, dw) into a grid (B, D, t, h, w). Each
+vector of the grid is replaced by its nearest codebook entry (van den Oord et al., 2017), and the
+entries follow moving averages of the encoder outputs assigned to them (Razavi et al., 2019). A
+mirrored decoder turns the codes back into a video.
 
     from vqvae import VQVAE, VQVAEConfig, load_vqvae
     vq = VQVAE(VQVAEConfig(n_hiddens=64, n_codes=256))
-    codes = vq.encode(video)        # (B, 3, T, H, W) -> (B, t, h, w) int64
-    recon = vq.decode(codes)        # (B, t, h, w) -> (B, 3, T, H, W)
-    out = vq(video)                 # dict: recon, loss, recon_loss, commitment_loss, perplexity, codes, usage
+    codes = vq.encode(video)   # (B, 3, T, H, W) -> (B, t, h, w) int64
+    recon = vq.decode(codes)   # (B, t, h, w) -> (B, 3, T, H, W)
+    out = vq(video)            # recon, loss, recon_loss, commitment_loss, perplexity, codes, usage
 
-The arithmetic is the original implementation's, so its published checkpoints
-load with `load_vqvae` and give the same codes and reconstructions; each of its
-quirks is marked `# original:`. Training is train.py's.
+The arithmetic is that of the paper's code, so its published checkpoints load with `load_vqvae`
+and give the same codes and reconstructions. Where exactness needs a choice, one comment line says
+so; docs/using.md has the history. Training is train.py's.
 """
 
 import math
@@ -30,21 +31,24 @@ from checkpoints import expect_kind, load_checkpoint, load_weights, original_vqv
 
 @dataclass
 class VQVAEConfig:
-    embedding_dim: int = 256          # width D of each codebook vector (and of the latent grid)
-    n_codes: int = 2048               # number of codebook entries K
-    n_hiddens: int = 240              # channels inside the encoder and decoder
-    n_res_layers: int = 4             # attention residual blocks in the encoder, and again in the decoder
-    decoder_res_layers: int = None    # the decoder's own count, when it differs (None: n_res_layers)
-    local_encoder: bool = False       # each code sees only its own (dt, dh, dw) patch (see Encoder); needs n_res_layers=0
-    downsample: tuple = (4, 4, 4)     # (T, H, W) compression factors, each a power of two
-    sequence_length: int = 16         # frames per training clip; with resolution it fixes the latent shape
-    resolution: int = 64              # height = width of training clips, pixels
-    n_head: int = 2                   # heads of each axial attention
-    commitment_cost: float = 0.25     # beta: weight of ||z - sg[e]||^2 in the loss
-    ema_decay: float = 0.99           # decay of the codebook's moving averages
-    dead_code_threshold: float = 1.0  # restart a code whose EMA uses per step fall below (the original's 1: of 32x1024)
-    data_variance: float = 0.06       # divides the MSE, giving the paper's normalized MSE
-    latent_shape: tuple = field(init=False)  # (t, h, w) of one training clip, derived
+    embedding_dim: int = 256          # the width D of each codebook vector (and of the latent grid)
+    n_codes: int = 2048               # the number K of codebook entries
+    n_hiddens: int = 240              # the channels inside the encoder and the decoder
+    n_res_layers: int = 4             # attention residual blocks in the encoder, and in the decoder
+    decoder_res_layers: int = None    # the decoder's own count, if it differs (None: n_res_layers)
+    # Each code sees only its own (dt, dh, dw) patch (see Encoder); needs n_res_layers=0.
+    local_encoder: bool = False
+    downsample: tuple = (4, 4, 4)     # the (T, H, W) compression factors, each a power of two
+    sequence_length: int = 16         # frames per training clip; with resolution, the latent shape
+    resolution: int = 64              # the height and width of training clips, in pixels
+    n_head: int = 2                   # the heads of each axial attention
+    commitment_cost: float = 0.25     # beta, the weight of ||z - sg[e]||^2 in the loss
+    ema_decay: float = 0.99           # the decay of the codebook's moving averages
+    # A code is restarted when its moving average of uses per step falls below this. The paper's
+    # code used 1, with batches of 32 clips and 1024 codes.
+    dead_code_threshold: float = 1.0
+    data_variance: float = 0.06       # divides the MSE, which gives the paper's normalized MSE
+    latent_shape: tuple = field(init=False)  # the (t, h, w) of one training clip, derived
 
     def __post_init__(self):
         # Accept lists (argparse, JSON) and store tuples so configs compare and hash.
@@ -52,21 +56,33 @@ class VQVAEConfig:
         if self.decoder_res_layers is None:
             self.decoder_res_layers = self.n_res_layers
         input_shape = (self.sequence_length, self.resolution, self.resolution)
-        bad = [f"{n}={size} is not a multiple of {d}" for n, size, d in
-               zip(("sequence_length", "resolution", "resolution"), input_shape, self.downsample) if size % d]
-        for ok, message in (
-                (len(self.downsample) == 3, f"downsample must have 3 factors (T, H, W), got {self.downsample}"),
-                (all(d >= 1 and not d & (d - 1) for d in self.downsample),
-                 f"downsample factors must be powers of two, got {self.downsample}"),
-                (max(self.downsample) > 1, "downsample (1, 1, 1) compresses nothing; use at least one factor of 2 or more"),
-                (not (self.local_encoder and self.n_res_layers), f"local_encoder needs n_res_layers=0: the encoder's "
-                 f"attention (n_res_layers={self.n_res_layers}) would let every code see the whole clip"),
-                (self.n_hiddens % 2 == 0, f"n_hiddens must be even (the residual blocks halve it), got {self.n_hiddens}"),
-                (self.n_hiddens % self.n_head == 0, f"n_hiddens={self.n_hiddens} is not divisible by n_head={self.n_head}"),
-                (not bad, f"downsample {self.downsample} does not divide the input: {bad[0] if bad else ''}")):
-            if not ok:
-                raise ValueError(message)
+        self.check(input_shape)
         self.latent_shape = tuple(s // d for s, d in zip(input_shape, self.downsample))
+
+    def check(self, input_shape):
+        """A ValueError that says what is wrong with the settings, if anything is."""
+        ds = self.downsample
+        if len(ds) != 3:
+            raise ValueError(f"downsample must have 3 factors (T, H, W), got {ds}")
+        if not all(d >= 1 and not d & (d - 1) for d in ds):
+            raise ValueError(f"downsample factors must be powers of two, got {ds}")
+        if max(ds) == 1:
+            raise ValueError("downsample (1, 1, 1) compresses nothing; "
+                             "use at least one factor of 2 or more")
+        if self.local_encoder and self.n_res_layers:
+            raise ValueError(f"local_encoder needs n_res_layers=0: the encoder's attention "
+                             f"(n_res_layers={self.n_res_layers}) would let every code see the "
+                             f"whole clip")
+        if self.n_hiddens % 2:
+            raise ValueError(f"n_hiddens must be even (the residual blocks halve it), "
+                             f"got {self.n_hiddens}")
+        if self.n_hiddens % self.n_head:
+            raise ValueError(f"n_hiddens={self.n_hiddens} is not divisible by n_head={self.n_head}")
+        names = ("sequence_length", "resolution", "resolution")
+        for name, size, d in zip(names, input_shape, ds):
+            if size % d:
+                raise ValueError(f"downsample {ds} does not divide the input: "
+                                 f"{name}={size} is not a multiple of {d}")
 
     def to_dict(self):
         """The constructor's arguments as a plain dict, for checkpoints."""
@@ -78,8 +94,11 @@ class VQVAEConfig:
 
 
 def same_padding(kernel_size, stride):
-    """F.pad's argument padding each axis by k - s (the extra element first), so that a stride-s convolution
-    maps n -> n / s, like TensorFlow's "SAME". It runs W, H, T: F.pad starts at the last axis."""
+    """F.pad's argument that pads each axis by k - s, the odd element first.
+
+    A stride-s convolution then maps n positions to n / s, like TensorFlow's "SAME" padding. The
+    result runs W, H, T, because F.pad starts at the last axis.
+    """
     pad = []
     for k, s in zip(reversed(kernel_size), reversed(stride)):
         p = k - s
@@ -93,7 +112,8 @@ class SamePadConv3d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
-        self.pad = same_padding(self.conv.kernel_size, self.conv.stride)    # Conv3d made both triples
+        # Conv3d has made both the kernel size and the stride triples.
+        self.pad = same_padding(self.conv.kernel_size, self.conv.stride)
 
     def forward(self, x):
         return self.conv(F.pad(x, self.pad))  # (B, C_out, T/st, H/sh, W/sw)
@@ -104,10 +124,11 @@ class SamePadConvTranspose3d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
         super().__init__()
-        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride,
+                                        bias=bias)
         self.pad = same_padding(self.convt.kernel_size, self.convt.stride)
-        # original: the input is padded by k - s, then the transposed convolution crops k - 1 from each side
-        # (its padding): together exactly n * s outputs.
+        # The input is padded by k - s, and the transposed convolution crops k - 1 from each side
+        # (its `padding`): together, exactly n * s outputs, as in the paper's code.
         self.convt.padding = tuple(k - 1 for k in self.convt.kernel_size)
 
     def forward(self, x):
@@ -123,10 +144,10 @@ class AttentionResidualBlock(nn.Module):
 
     def __init__(self, n_hiddens, n_head=2):
         super().__init__()
-        # A Sequential so that the parameter names (block.0, block.2, ..., block.8) are the original's.
+        half = n_hiddens // 2
         self.block = nn.Sequential(
-            nn.BatchNorm3d(n_hiddens), nn.ReLU(), SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
-            nn.BatchNorm3d(n_hiddens // 2), nn.ReLU(), SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
+            nn.BatchNorm3d(n_hiddens), nn.ReLU(), SamePadConv3d(n_hiddens, half, 3, bias=False),
+            nn.BatchNorm3d(half), nn.ReLU(), SamePadConv3d(half, n_hiddens, 1, bias=False),
             nn.BatchNorm3d(n_hiddens), nn.ReLU(), AxialAttention(n_hiddens, n_head))
 
     def forward(self, x):
@@ -149,19 +170,22 @@ def halvings(downsample):
 
 
 class Encoder(nn.Module):
-    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw). `local` (not in the original): kernels equal to
-    their strides and a last one of 1, so that each code is a function of its own patch and equal patches
-    get equal codes, cheaper for the prior to model (docs/presets.md); the decoder still sees neighbours."""
+    """(B, 3, T, H, W) -> (B, n_hiddens, T/dt, H/dh, W/dw).
+
+    With `local` (not in the paper), the kernels equal their strides and the last one is 1. Each
+    code is then a function of its own patch, and equal patches get equal codes, which the prior
+    finds easier to model (docs/presets.md). The decoder still sees the neighbours.
+    """
 
     def __init__(self, n_hiddens, n_res_layers, downsample, n_head=2, local=False):
         super().__init__()
-        # One stride-2 conv per halving; an axis that is already small enough gets stride 1.
+        # One stride-2 convolution per halving; an axis already small enough gets stride 1.
         todo = halvings(downsample)
         self.convs = nn.ModuleList()
         for i in range(max(todo)):
             stride = tuple(2 if n > i else 1 for n in todo)
-            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, stride if local else 4, stride=stride))
-        # original: conv_last took the last strided conv's *input* width, 3 (a crash) when one halving is enough.
+            kernel = stride if local else 4
+            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, kernel, stride))
         self.conv_last = SamePadConv3d(n_hiddens, n_hiddens, kernel_size=1 if local else 3)
         self.res_stack = res_stack(n_hiddens, n_res_layers, n_head)
 
@@ -187,14 +211,16 @@ class Decoder(nn.Module):
         self.convts = nn.ModuleList()
         for i in range(n):
             stride = tuple(2 if m > i else 1 for m in todo)
-            self.convts.append(SamePadConvTranspose3d(n_hiddens, 3 if i == n - 1 else n_hiddens, 4, stride=stride))
+            out = 3 if i == n - 1 else n_hiddens
+            self.convts.append(SamePadConvTranspose3d(n_hiddens, out, 4, stride=stride))
 
     def forward(self, h):
         # Attention residual stack at latent resolution.
         h = self.res_stack(h)                     # (B, C, t, h, w)
         # Transposed convolutions upsample, ReLU between them but not after the last.
         for i, convt in enumerate(self.convts):
-            h = convt(h)                          # (B, C or 3, ...) doubled along the axes still to grow
+            # Doubled along the axes still to grow.
+            h = convt(h)                          # (B, C or 3, ...)
             if i < len(self.convts) - 1:
                 h = F.relu(h)
         return h                                  # (B, 3, T, H, W)
@@ -209,38 +235,46 @@ def _distributed():
 
 
 class Codebook(nn.Module):
-    """Nearest-neighbour quantizer whose entries are moving averages: embeddings e_k (K, D), N (K,) and z_avg
-    (K, D) averages of how many encoder outputs chose each code and of their sum; all buffers, so checkpoints
-    carry them. After each training step e_k = z_avg_k / N_k, and a code with N_k below dead_code_threshold
-    restarts at a random encoder output. Under DDP counts and sums are all-reduced, random rows broadcast.
-    All in float32 with autocast off: nearly equal distances and long averages are where half precision fails.
+    """A nearest-neighbour quantizer whose entries are moving averages.
+
+    It holds the embeddings e_k (K, D) and two moving averages: N (K,), of how many encoder outputs
+    chose each code, and z_avg (K, D), of their sum. All three are buffers, so checkpoints carry
+    them. After each training step, e_k = z_avg_k / N_k, and a code whose N_k is below
+    dead_code_threshold restarts at a random encoder output. Under DDP, the counts and sums are
+    all-reduced and the random rows broadcast. Everything runs in float32 with autocast off: nearly
+    equal distances and long averages are where half precision fails.
     """
 
     def __init__(self, n_codes, embedding_dim, decay=0.99, dead_code_threshold=1.0, eps=1e-7):
         super().__init__()
-        self.n_codes, self.embedding_dim, self.decay, self.dead_code_threshold = n_codes, embedding_dim, decay, dead_code_threshold
+        self.n_codes, self.embedding_dim = n_codes, embedding_dim
+        self.decay, self.dead_code_threshold = decay, dead_code_threshold
         self.eps = eps  # Laplace smoothing of the counts, so an unused code never divides by zero
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
         self.register_buffer("z_avg", self.embeddings.clone())
-        # original: a plain Python attribute, so a resumed run re-initialised its codebook.
+        # A buffer, so that a resumed run does not seed its codebook again.
         self.register_buffer("initialized", torch.tensor(False))
 
     def random_rows(self, flat):
-        """K rows drawn without replacement from flat (N, D), identical on every rank. original: fewer than K
-        vectors are tiled and jittered by noise of std 0.01 / sqrt(D), so that repeated rows still differ."""
+        """K rows drawn without replacement from flat (N, D), the same on every rank.
+
+        Fewer than K vectors are tiled and jittered by noise of std 0.01 / sqrt(D), so that repeated
+        rows still differ (as in the paper's code).
+        """
         n, d = flat.shape
         if n < self.n_codes:
             flat = flat.repeat((self.n_codes + n - 1) // n, 1)             # (ceil(K/N)*N, D)
             flat = flat + torch.randn_like(flat) * (0.01 / math.sqrt(d))
-        rows = flat[torch.randperm(flat.shape[0], device=flat.device)[: self.n_codes]]  # (K, D)
+        order = torch.randperm(flat.shape[0], device=flat.device)
+        rows = flat[order[: self.n_codes]]                                 # (K, D)
         if _distributed():
             dist.broadcast(rows, src=0)
         return rows
 
     def nearest(self, flat):
         """Index of the nearest code for each row of flat (N, D) -> (N,)."""
-        # ||z||^2 - 2 z.e + ||e||^2, in the original's order so that ties break the same way.
+        # For exactness: ||z||^2 - 2 z.e + ||e||^2 in the paper's code's order, so ties break alike.
         distances = ((flat ** 2).sum(dim=1, keepdim=True)
                      - 2 * flat @ self.embeddings.t()
                      + (self.embeddings.t() ** 2).sum(dim=0, keepdim=True))  # (N, K)
@@ -248,29 +282,31 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, flat, idx, counts):
-        """One EMA step from the encoder outputs flat (N, D), their codes idx (N,) and its histogram (K,)."""
+        """One EMA step from the encoder outputs flat (N, D), their codes idx (N,) and the codes'
+        histogram counts (K,)."""
         # Per-code counts and sums of this batch (all ranks' batches under DDP).
-        n_total = counts.clone()                                                      # (K,)
-        encode_sum = torch.zeros_like(self.z_avg).index_add_(0, idx, flat)           # (K, D)
+        n_total = counts.clone()                                              # (K,)
+        encode_sum = torch.zeros_like(self.z_avg).index_add_(0, idx, flat)   # (K, D)
         if _distributed():
             dist.all_reduce(n_total)
             dist.all_reduce(encode_sum)
-        # A diverging encoder (NaN or inf on any rank: the sums are all-reduced) must not poison the
-        # averages for good: skip the update (the step is skipped too).
+        # A diverging encoder (NaN or inf on any rank, since the sums are all-reduced) must not
+        # poison the averages for good: the update is skipped (and so is the step).
         if not torch.isfinite(encode_sum).all():
             return
         # Moving averages of counts and sums.
         self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
         self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
-        # e_k = z_avg_k / N_k with Laplace-smoothed counts that keep the total n.
+        # e_k = z_avg_k / N_k, with Laplace-smoothed counts that keep the total n.
         n = self.N.sum()
-        weights = (self.N + self.eps) / (n + self.n_codes * self.eps) * n               # (K,)
+        weights = (self.N + self.eps) / (n + self.n_codes * self.eps) * n     # (K,)
         self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
-        # Restart dead codes at random encoder outputs (N and z_avg left as they are, so a code is restarted
-        # each step until used). original: drew the random rows every step; here only when a code is dead.
-        dead = self.N < self.dead_code_threshold                                       # (K,)
+        # Restart the dead codes at random encoder outputs. N and z_avg are left as they are, so a
+        # code is restarted at every step until it is used.
+        dead = self.N < self.dead_code_threshold                              # (K,)
         if dead.any():
-            self.embeddings.copy_(torch.where(dead.unsqueeze(1), self.random_rows(flat), self.embeddings))
+            restarted = torch.where(dead.unsqueeze(1), self.random_rows(flat), self.embeddings)
+            self.embeddings.copy_(restarted)
 
     @torch.no_grad()
     def init_from(self, flat):
@@ -291,18 +327,19 @@ class Codebook(nn.Module):
             flat = z.permute(0, 2, 3, 4, 1).reshape(-1, D)        # (B*t*h*w, D)
             if self.training and not self.initialized:
                 self.init_from(flat.detach())
-            # Nearest code for every latent vector.
+            # The nearest code of every latent vector, and this batch's histogram of codes.
             idx = self.nearest(flat.detach())                      # (B*t*h*w,)
             codes = idx.view(B, t, h, w)                           # (B, t, h, w)
-            counts = torch.bincount(idx, minlength=self.n_codes).float()  # (K,) this batch's histogram
-            e = F.embedding(codes, self.embeddings).permute(0, 4, 1, 2, 3)  # (B, D, t, h, w)
+            counts = torch.bincount(idx, minlength=self.n_codes).float()          # (K,)
+            e = F.embedding(codes, self.embeddings).permute(0, 4, 1, 2, 3)        # (B, D, t, h, w)
             # The encoder is pulled towards its codes; the codes themselves move by EMA.
             commitment_loss = F.mse_loss(z, e.detach())
             if self.training:
                 self.ema_update(flat.detach(), idx, counts)
-            # Straight-through estimator: forward uses e, backward passes gradients to z unchanged.
+            # The straight-through estimator: the forward pass uses e, and the backward pass hands
+            # the gradients to z unchanged.
             e_st = z + (e - z).detach()                            # (B, D, t, h, w)
-            # Codebook health: perplexity of this batch's code histogram, and the share of codes it used.
+            # The codebook's health: the perplexity of this batch's codes, and the share it used.
             probs = counts / idx.numel()
             perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
             usage = (counts > 0).float().mean()
@@ -311,7 +348,7 @@ class Codebook(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The VQ-VAE, and loading it: our checkpoints and the original release's (read safely by checkpoints.py)
+# The VQ-VAE, and loading it (ours, and the paper's release, read safely by checkpoints.py)
 
 
 class VQVAE(nn.Module):
@@ -328,18 +365,19 @@ class VQVAE(nn.Module):
 
     def check_video(self, x):
         """Assert x is (B, 3, T, H, W) with T, H, W divisible by the downsample factors."""
-        assert x.dim() == 5 and x.shape[1] == 3, f"expected a video of shape (B, 3, T, H, W), got {tuple(x.shape)}"
+        assert x.dim() == 5 and x.shape[1] == 3, (
+            f"expected a video of shape (B, 3, T, H, W), got {tuple(x.shape)}")
         for name, size, d in zip("THW", x.shape[2:], self.config.downsample):
-            assert size % d == 0, \
-                f"{name}={size} is not divisible by its downsample factor {d} (downsample={self.config.downsample})"
+            assert size % d == 0, (f"{name}={size} is not divisible by its downsample factor {d} "
+                                   f"(downsample={self.config.downsample})")
 
     def forward(self, x):
-        """x (B, 3, T, H, W) in [-0.5, 0.5] -> dict of reconstruction, losses and codebook statistics."""
+        """x (B, 3, T, H, W) in [-0.5, 0.5] -> the reconstruction, losses, codebook health."""
         self.check_video(x)
-        # Encode, project to the codebook's width, quantize.
-        z = self.pre_vq_conv(self.encoder(x))                   # (B, D, t, h, w)
+        # Encode, project to the codebook's width, and quantize.
+        z = self.pre_vq_conv(self.encoder(x))                      # (B, D, t, h, w)
         vq = self.codebook(z)
-        # Decode the (straight-through) quantized grid.
+        # Decode the quantized grid (straight through).
         recon = self.decoder(self.post_vq_conv(vq["embeddings"]))  # (B, 3, T, H, W)
         # Normalized MSE: the MSE divided by the data's variance, as in the paper.
         recon_loss = F.mse_loss(recon.float(), x.float()) / self.config.data_variance
@@ -350,25 +388,26 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, 3, T, H, W) in [-0.5, 0.5] -> codes (B, t, h, w) int64. Never updates the codebook."""
+        """(B, 3, T, H, W) in [-0.5, 0.5] -> codes (B, t, h, w) int64; the codebook stays as is."""
         self.check_video(x)
         z = self.pre_vq_conv(self.encoder(x))                   # (B, D, t, h, w)
         with torch.autocast(device_type=z.device.type, enabled=False):
             B, D, t, h, w = z.shape
-            flat = z.float().permute(0, 2, 3, 4, 1).reshape(-1, D)   # (B*t*h*w, D)
-            return self.codebook.nearest(flat).view(B, t, h, w)    # (B, t, h, w)
+            flat = z.float().permute(0, 2, 3, 4, 1).reshape(-1, D)  # (B*t*h*w, D)
+            return self.codebook.nearest(flat).view(B, t, h, w)   # (B, t, h, w)
 
     @torch.no_grad()
     def decode(self, codes):
         """codes (B, t, h, w) int64 -> video (B, 3, T, H, W), roughly in [-0.5, 0.5]."""
-        assert codes.dim() == 4 and codes.dtype == torch.long, f"expected int64 codes (B, t, h, w), got {codes.dtype} {tuple(codes.shape)}"
+        assert codes.dim() == 4 and codes.dtype == torch.long, (
+            f"expected int64 codes (B, t, h, w), got {codes.dtype} {tuple(codes.shape)}")
         e = F.embedding(codes, self.codebook.embeddings)        # (B, t, h, w, D)
         h = self.post_vq_conv(e.permute(0, 4, 1, 2, 3))         # (B, C, t, h, w)
         return self.decoder(h)                                  # (B, 3, T, H, W)
 
 
 def load_vqvae(path, device="cpu"):
-    """Load a VQ-VAE in eval mode from our checkpoint or an original VideoGPT .ckpt."""
+    """A VQ-VAE in eval mode, from a checkpoint of ours or a .ckpt of the paper's release."""
     ckpt = load_checkpoint(path)
     expect_kind(ckpt, path, "vqvae")
     if "stage" in ckpt:
