@@ -84,6 +84,35 @@ def to_uint8(video):
     return video.movedim(-4, -1)  # (..., T, H, W, 3)
 
 
+# What a sample looks like: the given frames put back, framed in red.
+
+
+def frame_conditioning(videos, k, width=2):
+    """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the frames given to
+    a frame-conditional prior, as the paper's figures show them."""
+    videos = np.array(videos)
+    if k:
+        red = np.array([255, 0, 0], np.uint8)
+        videos[:, :k, :width], videos[:, :k, -width:] = red, red
+        videos[:, :k, :, :width], videos[:, :k, :, -width:] = red, red
+    return videos
+
+
+def samples_to_uint8(video, frames=None, mark=True):
+    """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
+
+    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
+    those are put back exactly as given (the VQ-VAE's decoding of them is only an
+    approximation), and with `mark` framed in red, as in the paper's figures.
+    """
+    video = video.detach().float().clamp(-0.5, 0.5)
+    k = 0 if frames is None else frames.shape[2]
+    if k:
+        video = torch.cat([frames.to(video), video[:, :, k:]], dim=2)   # (B, 3, T, H, W)
+    clips = to_uint8(video).numpy()                                      # (B, T, H, W, 3)
+    return frame_conditioning(clips, k) if mark else clips
+
+
 def window_start(n_frames, sequence_length, seed=None):
     """Random start of a `sequence_length` window in a video of `n_frames` frames.
 

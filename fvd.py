@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import OutputLock, atomic_write, load_weights
-from data import make_dataset, resize_and_crop, to_uint8
+from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
 from fast import generate, use_fast_attention
 from gpt import load_gpt
 from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags, compile_sampling,
@@ -60,7 +60,6 @@ from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_
                      write_record)
 from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401  the UCF-101 score, public API here too
 from runtime import init_distributed, run_cli
-from sample import samples_to_uint8
 
 def triple(x):
     """3 -> (3, 3, 3); a sequence is kept as a tuple."""

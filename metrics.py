@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights
-from data import cache_dir, find_videos, make_dataset, read_frames, to_uint8
+from data import cache_dir, find_videos, make_dataset, read_frames, samples_to_uint8, to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from prepare.digits import digit_glyphs, moving_digits_video
 from runtime import default_device, init_distributed, run_cli
-from sample import named_actions, samples_to_uint8
 from vqvae import load_vqvae
+from world import load_world, named_actions, start_world
 
 # -----------------------------------------------------------------------------
 # What every score shares: trial seeds, gathering, records, flags
@@ -825,7 +825,6 @@ def play_turns(frames, script, names, start):
 def dream_of_checkpoint(args):
     """`fvd.py dream`: play a prior for --frames frames of a scripted session; score its turns and whether
     it stays a world against the real test frames; plot the drift."""
-    from world import load_world, start_world   # the play loop: only this score plays
     world, names, start = load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
                                      top_k=args.top_k, seed=args.seed, stride=args.stride)
     if not names or not set(TURN_SIGN) <= set(names):

@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import OutputLock, check_writable, load_checkpoint
-from data import grid_video, make_dataset, save_gif, save_mp4, save_png, to_uint8, video_grid
+from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
-from world import action_script
+from world import named_actions
 
 WRITERS = {".mp4", ".gif", ".png"}
 
@@ -77,36 +77,6 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# What a sample looks like: the given frames put back, framed in red
-
-
-def frame_conditioning(videos, k, width=2):
-    """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the given frames, as in the paper."""
-    videos = np.array(videos)
-    if k:
-        red = np.array([255, 0, 0], np.uint8)
-        videos[:, :k, :width], videos[:, :k, -width:] = red, red
-        videos[:, :k, :, :width], videos[:, :k, :, -width:] = red, red
-    return videos
-
-
-def samples_to_uint8(video, frames=None, mark=True):
-    """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
-
-    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
-    those are put back exactly as given (the VQ-VAE's decoding of them is only an
-    approximation), and with `mark` framed in red, as in the paper's figures.
-    """
-    video = video.detach().float().clamp(-0.5, 0.5)
-    k = 0 if frames is None else frames.shape[2]
-    if k:
-        video = torch.cat([frames.to(video), video[:, :, k:]], dim=2)   # (B, 3, T, H, W)
-    clips = to_uint8(video).numpy()                                      # (B, T, H, W, 3)
-    return frame_conditioning(clips, k) if mark else clips
-
-
-
-# -----------------------------------------------------------------------------
 # Conditioning from the command line
 
 
@@ -124,19 +94,6 @@ def load_actions(path, n, sequence_length, action_dim):
     if not np.isfinite(actions).all():
         raise ValueError(f"{path}: actions hold NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(actions, np.float32))
-
-
-def named_actions(spec, names, n, lengths, where):
-    """--actions "TURN_RIGHT*8,MOVE_FORWARD*8": each name held for its count of frames (1 without one) ->
-    one-hot float32 (n, T, A), T one of `lengths` (the prior's clip, or --frames)."""
-    if not names:
-        raise ValueError(f"{where}: its actions have no names (data without action_names); pass --actions FILE.npy")
-    steps = [names.index(name) for name in action_script(spec, names)]
-    if len(steps) not in lengths:
-        raise ValueError(f"--actions {spec}: {len(steps)} frames of actions, the video has "
-                         f"{' or '.join(map(str, sorted(set(lengths))))}")
-    one_hot = np.eye(len(names), dtype=np.float32)[steps]                                # (T, A)
-    return torch.from_numpy(one_hot).expand(n, -1, -1).contiguous()                   # (n, T, A)
 
 
 def conditioning(gpt, args, vq_config, device):

@@ -37,12 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from checkpoints import stored_config
-from data import grid_video, save_gif, save_png, to_uint8, video_grid
+from data import grid_video, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
 from run import Run, step_flags
 from runtime import StopRequest, default_device, run_cli
-from sample import samples_to_uint8
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
 # -----------------------------------------------------------------------------

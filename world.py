@@ -510,6 +510,19 @@ def action_script(spec, names):
     return frames
 
 
+def named_actions(spec, names, n, lengths, where):
+    """--actions "TURN_RIGHT*8,MOVE_FORWARD*8": each name held for its count of frames (1 without
+    one) -> one-hot float32 (n, T, A), T one of `lengths` (the prior's clip, or --frames)."""
+    if not names:
+        raise ValueError(f"{where}: its actions have no names (data without action_names); pass --actions FILE.npy")
+    steps = [names.index(name) for name in action_script(spec, names)]
+    if len(steps) not in lengths:
+        raise ValueError(f"--actions {spec}: {len(steps)} frames of actions, the video has "
+                         f"{' or '.join(map(str, sorted(set(lengths))))}")
+    one_hot = np.eye(len(names), dtype=np.float32)[steps]                                # (T, A)
+    return torch.from_numpy(one_hot).expand(n, -1, -1).contiguous()                   # (n, T, A)
+
+
 def script_actions(spec, names, per_step):
     """A rollout's script (action_script) -> one action name per frame, a multiple of `per_step` of them
     (with no actions: a number of frames, "64" -> None each); one-line errors."""

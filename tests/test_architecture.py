@@ -21,11 +21,11 @@ ALLOWED = {
     "vqvae": {"attention", "checkpoints"},
     "gpt": {"attention", "checkpoints", "vqvae"},
     "data": {"checkpoints", "runtime", "prepare"},   # prepare.digits: the moving digits it draws on the fly
-    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run", "sample"},
+    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
-    "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.action_script: --actions
-    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics", "sample"},
-    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "sample", "prepare", "world"},
+    "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.named_actions: --actions
+    "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
+    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "prepare", "world"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample", "run", "world"},
     "world": {"attention", "checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
     "play": {"checkpoints", "runtime", "data", "world", "prepare"},   # prepare.vizdoom: the real game beside

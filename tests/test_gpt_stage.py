@@ -141,6 +141,7 @@ def test_cache_codes_encodes_once_and_trains_on_the_file(tmp_path, digits_h5, vq
 def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(tmp_path, digits_h5, vqvae_ckpt):
     import h5py
     import sample
+    import world
     import train
     from gpt import load_gpt
     # The digits file with a 3-d action per frame added, as python -m prepare bair writes it.
@@ -165,7 +166,7 @@ def test_action_conditional_prior_trains_saves_and_samples_from_data_or_a_file(t
     assert torch.load(out / "ckpt.pt", weights_only=True)["action_names"] == ["LEFT", "RIGHT", "GO"]
     sample.main(ckpt + ["--actions", "LEFT*2,GO,GO", "--out", str(tmp_path / "named.gif")])
     sample.main(ckpt + ["--actions", "RIGHT*8", "--frames", "8", "--out", str(tmp_path / "long.gif")])
-    assert sample.named_actions("LEFT*2,GO,GO", ["LEFT", "RIGHT", "GO"], 2, (4,), "x").tolist() == \
+    assert world.named_actions("LEFT*2,GO,GO", ["LEFT", "RIGHT", "GO"], 2, (4,), "x").tolist() == \
         [[[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]]] * 2
     assert all(os.path.getsize(tmp_path / f) > 0 for f in ("a.gif", "b.gif", "named.gif", "long.gif"))
     # Wrong or missing actions: one line naming the problem.

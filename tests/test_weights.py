@@ -16,8 +16,8 @@ from fast import generate, use_fast_attention
 from gpt import load_gpt
 from metrics import legibility, sha256, view_slides
 from prepare.digits import moving_digits
-from sample import named_actions, samples_to_uint8
-from world import load_world, start_world
+from data import samples_to_uint8
+from world import load_world, named_actions, start_world
 
 WEIGHTS = os.path.join(ROOT, "weights")
 FILES = ("vizdoom.pt", "digits.pt")
