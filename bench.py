@@ -51,11 +51,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fast import explicit_attention, fast_attention, flex_available, generate, use_channels_last, use_fast_attention
+from fast import (explicit_attention, fast_attention, flex_available, generate, sample_long, use_channels_last,
+                  use_fast_attention)
 from gpt import GPTConfig, VideoGPT
 from muon import make_optimizer
 from runtime import autocast as autocast_for
-from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
 from world import DECODE_CONTEXT, Player, World, load_world, package_file, start_world
 

@@ -16,8 +16,8 @@ decoded by the VQ-VAE, and tiled into a grid: an MP4 (PyAV), a GIF (Pillow),
 or a PNG contact sheet with one sample per row. Conditioning frames are framed
 in red, as in the paper's figures. The written path is printed.
 
-Here too: `sample_long`, videos longer than the prior was trained on.
-Not here: the sampler itself (gpt.VideoGPT.sample, and fast.generate).
+Not here: the samplers themselves (gpt.VideoGPT.sample; fast.generate, and fast.sample_long
+for videos longer than the prior was trained on).
 """
 
 import argparse
@@ -26,11 +26,10 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoints import OutputLock, check_writable, load_checkpoint
 from data import grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png, video_grid
-from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
+from fast import AUTO_COMPILE_STEPS, compile_pays_off, sample_long, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
 from world import named_actions
@@ -162,64 +161,6 @@ def check_length(args, vq_config):
         raise ValueError(f"--context_frames {args.context_frames} must be a multiple of {stride} "
                          f"and fewer than the window's {T} frames")
     return frames
-
-
-# -----------------------------------------------------------------------------
-# Longer videos than the prior was trained on: its window slid over latent time (beyond the paper)
-
-
-@torch.no_grad()
-def sample_long(gpt, n, frames_out, stride=None, label=None, frames=None, actions=None, prefix=None,
-                frames_fn=None, progress=False, **sampling):
-    """Codes of `frames_out` frames, as many as or more than the prior was trained on.
-
-    The prior models windows of t latent steps (sequence_length frames). The
-    first window is an ordinary sample (with `prefix`, `frames`, `actions` as
-    given); each next one keeps the last t - s generated steps as its
-    context, prefills them in one pass (positions restart at 0, as in
-    training) and draws s new steps. Default s = t // 2: half the window
-    is context. Class labels condition every window; conditioning frames
-    only the first: later windows need `frames_fn(context codes)` -> their
-    first frames (sample.py decodes the context with the VQ-VAE); actions
-    (n, frames_out, A) are cut into each window's frames. `sampling`: the
-    rest of fast.generate's arguments. Returns (n, frames_out / stride_t, h, w).
-    """
-    c = gpt.config
-    t = c.latent_shape[0]
-    per_step = c.sequence_length // t                         # frames per latent time step
-    if frames_out % per_step or frames_out < c.sequence_length:
-        raise ValueError(f"frames_out={frames_out} must be a multiple of the VQ-VAE's temporal stride {per_step} "
-                         f"and at least the trained {c.sequence_length} frames")
-    s = stride or max(1, t // 2)
-    if not 1 <= s <= t:
-        raise ValueError(f"stride={s} must be between 1 and the window's {t} latent steps")
-    steps_out = frames_out // per_step
-    if c.action_dim:
-        assert actions is not None and actions.shape[1] == frames_out, \
-            f"an action-conditional prior needs actions for all {frames_out} frames, got {None if actions is None else tuple(actions.shape)}"
-    if c.n_cond_frames and frames_fn is None and steps_out > t:
-        raise ValueError("a frame-conditional prior needs frames_fn(context codes) -> frames for its later windows")
-
-    def window_actions(start):
-        """The actions of the window's frames; past the last given frame, the last action is repeated."""
-        if not c.action_dim:
-            return None
-        idx = torch.arange(start * per_step, (start + t) * per_step, device=actions.device).clamp(max=frames_out - 1)
-        return actions[:, idx]                                                        # (n, T, A)
-
-    # The first window, then one more every s latent steps until the video is long enough.
-    video = generate(gpt, n, label, frames, window_actions(0), prefix=prefix, progress=progress,
-                     **sampling)                                                      # (n, t, h, w)
-    starts = range(s, max(steps_out - t, 0) + s, s)
-    if progress:
-        starts = tqdm(starts, desc="windows", unit="window", leave=False)
-    for start in starts:
-        keep = video[:, start:]                                                       # (n, t - s, h, w)
-        cond_frames = frames_fn(keep)[:, :, :c.n_cond_frames] if c.n_cond_frames else None
-        window = generate(gpt, n, label, cond_frames, window_actions(start), prefix=keep, progress=progress,
-                          **sampling)                                                 # (n, t, h, w)
-        video = torch.cat([video, window[:, keep.shape[1]:]], dim=1)                  # (n, start + t, h, w)
-    return video[:, :steps_out]                                                       # (n, steps_out, h, w)
 
 
 # -----------------------------------------------------------------------------

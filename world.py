@@ -43,7 +43,7 @@ measurements behind each choice):
 The loop is engineering beside the chapters: it reuses fast.py's fused step
 and the lesson's prefill (`VideoGPT.step`), and draws its noise the way
 every sampler here does (`gpt.uniform_noise`), so a World of stride s draws
-the codes sample.sample_long draws for the same generator and actions.
+the codes fast.sample_long draws for the same generator and actions.
 """
 
 import collections

@@ -26,7 +26,7 @@ ALLOWED = {
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.named_actions: --actions
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
     "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "prepare", "world"},
-    "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "sample", "run", "world"},
+    "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "run", "world"},
     "world": {"attention", "checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
     "play": {"checkpoints", "runtime", "data", "world", "prepare"},   # prepare.vizdoom: the real game beside
     "fast": {"attention", "gpt"},

@@ -2,7 +2,7 @@
 
 python -m pytest tests/test_fast.py
 
-Every fast path in fast.py (and sample.sample_long) is checked here against
+Every fast path in fast.py (and fast.sample_long) is checked here against
 the plain implementation it stands in for: the same outputs and gradients,
 the same codes for the same generator.
 """
@@ -16,9 +16,8 @@ from attention import attention, causal_mask
 from conftest import VARIANTS, inputs, tiny_prior
 from fast import (EXPLICIT_MAX_KEYS, cached_condition, compiled_step, decode_one_token, explicit_attention,
                   fast_attention, flex_available, generate, prefill, sparse_block_mask, use_fast_attention,
-                  use_channels_last, use_grad_checkpointing)
+                  sample_long, use_channels_last, use_grad_checkpointing)
 from gpt import GPTConfig, VideoGPT
-from sample import sample_long
 from vqvae import VQVAE, VQVAEConfig
 
 # -----------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def test_prefilled_prefix_gives_the_teacher_forced_logits_and_keeps_the_given_co
 
 
 # -----------------------------------------------------------------------------
-# Longer videos: the prior's window slid over latent time (sample.sample_long)
+# Longer videos: the prior's window slid over latent time (fast.sample_long)
 
 
 @pytest.mark.parametrize("variant", ["full", "sparse", "class"])

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, start_script, tiny_prior
-from sample import sample_long
+from fast import sample_long
 from vqvae import VQVAE, VQVAEConfig
 from world import World
 
@@ -67,7 +67,7 @@ def one_hot(indices, n=3):
 @pytest.mark.parametrize("conditioning", ["norms", "tokens", "none"])
 def test_the_world_draws_what_the_long_video_sampler_draws(conditioning):
     """Stride 1, from a full window of start codes: each step is the sliding-window sampler's next window
-    (sample.sample_long, itself tested against the lesson's sampler), for the same actions and generator."""
+    (fast.sample_long, itself tested against the lesson's sampler), for the same actions and generator."""
     gpt, vq = tiny_world_parts(action_norms=conditioning == "norms", action_dim=0 if conditioning == "none" else 3)
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
     keys = [0, 0, 2, 1, 1, 0, 2, 2, 1, 0] if conditioning != "none" else [None] * 10
