@@ -40,7 +40,7 @@ from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_wei
 from data import cache_dir, find_videos, make_dataset, read_frames, samples_to_uint8, to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
-from prepare.digits import digit_glyphs, moving_digits_video
+from data import digit_glyphs, moving_digits_video
 from runtime import default_device, init_distributed, run_cli
 from vqvae import load_vqvae
 from world import load_world, named_actions, start_world

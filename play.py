@@ -41,7 +41,8 @@ import torch
 from checkpoints import OutputLock, check_writable
 from data import preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
 from runtime import run_cli
-from world import DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, package_file, script_actions, start_world
+from world import (DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, make_game, package_file, script_actions,
+                   start_world)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 WRITERS = {".mp4", ".gif", ".png"}
@@ -108,7 +109,6 @@ class Game:
     """The ViZDoom scenario the prior learned, played on the same actions: its frames at the dream's size."""
 
     def __init__(self, stack, scenario, frame_skip, resolution, names, seed):
-        from prepare.vizdoom import make_game   # lazy: vizdoom is optional
         self.game = stack.enter_context(make_game(scenario, seed))
         buttons = [b.name for b in self.game.get_available_buttons()]
         missing = [n for n in names if n not in buttons]

@@ -47,6 +47,7 @@ the codes fast.sample_long draws for the same generator and actions.
 """
 
 import collections
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -698,3 +699,72 @@ class Player:
                     self.recent.append((self.seq, self.outbox.popleft()))
                     self.lock.notify_all()
             when += period
+
+
+# -----------------------------------------------------------------------------
+# The real game (ViZDoom): what prepare/vizdoom.py records, and what play.py --game plays beside the dream
+
+
+MISSING = "vizdoom is not installed: pip install vizdoom (the ViZDoom engine, its assets and scenarios)"
+
+
+def import_vizdoom():
+    try:
+        import vizdoom   # lazy: an optional dependency, only for this dataset
+    except ImportError:
+        raise ValueError(MISSING) from None
+    return vizdoom
+
+
+def shipped_scenarios():
+    """The scenario names the vizdoom package ships (its .cfg files)."""
+    folder = import_vizdoom().scenarios_path
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".cfg"))
+
+
+def scenario_path(scenario):
+    """A shipped scenario's name (with or without .cfg), or a path to a .cfg; one line if neither."""
+    if (scenario.endswith(".cfg") and os.sep in scenario) or os.path.isfile(scenario):   # a path, not a name
+        if not os.path.isfile(scenario):
+            raise ValueError(f"{scenario}: no such scenario file")
+        return scenario
+    name = scenario[:-4] if scenario.endswith(".cfg") else scenario
+    if name not in shipped_scenarios():
+        raise ValueError(f"unknown scenario {scenario!r}: the vizdoom package ships {', '.join(shipped_scenarios())}; "
+                         f"or pass the path of a .cfg")
+    return os.path.join(import_vizdoom().scenarios_path, name + ".cfg")
+
+
+@contextlib.contextmanager
+def make_game(scenario, seed):
+    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded; closed after.
+
+    The engine keeps a `_vizdoom/` folder and a `_vizdoom.ini` in its working folder: it starts in a scratch
+    folder, removed with the game, so making a dataset leaves nothing in the user's."""
+    vzd = import_vizdoom()
+    path = os.path.abspath(scenario_path(scenario))
+    game, here = vzd.DoomGame(), os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            game.load_config(path)
+            game.set_window_visible(False)
+            game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+            game.set_screen_format(vzd.ScreenFormat.RGB24)
+            game.set_labels_buffer_enabled(True)    # where the health packs are, how far the walls: for the policy
+            game.set_depth_buffer_enabled(True)
+            game.set_mode(vzd.Mode.PLAYER)
+            game.set_doom_config_path(os.path.join(scratch, "_vizdoom.ini"))
+            game.set_seed(seed)
+            os.chdir(scratch)
+            game.init()
+        except Exception as e:   # the engine's own errors: a .cfg it cannot load, a missing .wad
+            raise ValueError(f"{path}: ViZDoom cannot load this scenario "
+                             f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+        finally:
+            os.chdir(here)
+        try:
+            if not game.get_available_buttons():
+                raise ValueError(f"{path}: the scenario has no available_buttons to press")
+            yield game
+        finally:
+            game.close()

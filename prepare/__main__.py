@@ -8,7 +8,7 @@ import torch
 
 from data import VideoFolderDataset, make_dataset, preprocess, read_frames, save_png, to_uint8, video_grid, write_hdf5
 from prepare import bair, ucf101, vizdoom
-from prepare.digits import moving_digits
+from data import moving_digits
 from runtime import run_cli
 
 

@@ -146,7 +146,7 @@ def gradient_video(T, H, W, seed=0):
 @pytest.fixture(scope="session")
 def digits_h5(tmp_path_factory):
     """A tiny moving-digits HDF5 file: 6 train and 2 test videos of 6 frames at 32x32, labels 0/1."""
-    from prepare.digits import moving_digits
+    from data import moving_digits
     path = tmp_path_factory.mktemp("data") / "digits.h5"
     with h5py.File(path, "w") as f:
         for split, n in (("train", 6), ("test", 2)):

@@ -20,15 +20,15 @@ ALLOWED = {
     "attention": set(),
     "vqvae": {"attention", "checkpoints"},
     "gpt": {"attention", "checkpoints", "vqvae"},
-    "data": {"checkpoints", "runtime", "prepare"},   # prepare.digits: the moving digits it draws on the fly
+    "data": {"checkpoints", "runtime"},
     "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.named_actions: --actions
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
-    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "prepare", "world"},
+    "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "world"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "run", "world"},
     "world": {"attention", "checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
-    "play": {"checkpoints", "runtime", "data", "world", "prepare"},   # prepare.vizdoom: the real game beside
+    "play": {"checkpoints", "runtime", "data", "world"},
     "fast": {"attention", "gpt"},
     "muon": {"vqvae", "gpt"},
     "checkpoints": set(),
@@ -36,8 +36,11 @@ ALLOWED = {
 }
 
 
-# The converters (prepare/): each dataset's file, importing the data chapter and the plumbing only.
-CONVERTERS = {"data", "checkpoints", "runtime", "prepare"}
+# The converters (prepare/): each dataset's file, importing the data chapter, the plumbing, and the
+# engineering's real game (world.make_game); prepare/__main__.py dispatches to them.
+CONVERTERS = {"data", "checkpoints", "runtime", "world", "prepare"}
+# The commands and the converters: nothing imports them, not even inside a function (tests aside).
+COMMANDS = {"train", "sample", "fvd", "play", "bench", "prepare"}
 MODEL_CHAPTERS = ("attention", "vqvae", "gpt")
 
 
@@ -96,6 +99,14 @@ def test_the_model_chapters_hold_no_speed_machinery():
             assert machinery not in source, f"{name}.py holds {machinery}"
 
 
+def test_arrows_run_one_way_nothing_imports_a_command_or_a_converter():
+    """The commands and the converters import the rest; the rest imports neither of them."""
+    for name in sorted(set(ALLOWED) - COMMANDS):
+        assert not project_imports(name) & COMMANDS, f"{name}.py imports {sorted(project_imports(name) & COMMANDS)}"
+    for name in sorted(COMMANDS - {"prepare"}):
+        assert not project_imports(name) & COMMANDS, f"{name}.py imports {sorted(project_imports(name) & COMMANDS)}"
+
+
 def test_the_converters_import_the_data_chapter_and_the_plumbing_only():
     for path in sorted(os.listdir(os.path.join(ROOT, "prepare"))):
         if path.endswith(".py"):
@@ -105,8 +116,7 @@ def test_the_converters_import_the_data_chapter_and_the_plumbing_only():
                     found |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     found.add(node.module.split(".")[0])
-            # digits.py imports nothing from the project: data.py draws its clips, so no cycle.
-            extra = (found & (set(ALLOWED) | {"prepare"})) - (set() if path == "digits.py" else CONVERTERS)
+            extra = (found & (set(ALLOWED) | {"prepare"})) - CONVERTERS
             assert not extra, f"prepare/{path} imports {sorted(extra)}"
 
 

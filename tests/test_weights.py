@@ -15,7 +15,7 @@ from checkpoints import load_checkpoint
 from fast import generate, use_fast_attention
 from gpt import load_gpt
 from metrics import legibility, sha256, view_slides
-from prepare.digits import moving_digits
+from data import moving_digits
 from data import samples_to_uint8
 from world import load_world, named_actions, start_world
 
