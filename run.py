@@ -1,8 +1,8 @@
 """A training run's set-up and chores: what train.py's loop calls by name.
 
 train.py holds the algorithm: the flags, the two stages (what is trained and
-its loss) and the loop. Everything else a serious run needs lives here, behind
-the `Run` object the loop holds:
+its loss), the optimizer, the scaler, the batches and the loop. Everything else
+a serious run needs lives here, behind the `Run` object the loop holds:
 
 * set-up: out_dir checked and locked, resume from out_dir/ckpt.pt (weights,
   optimizer, scaler, step, curves, every rank's random streams; a line naming
@@ -41,7 +41,7 @@ from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, che
                          load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
 from data import make_dataset
 from fast import use_fast_attention
-from muon import make_optimizer, optimizer_kind
+from muon import optimizer_kind
 from runtime import (RunError, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
                      init_distributed, lost_peer_error, rng_state, seed_everything, set_rng_state)
 
@@ -373,10 +373,13 @@ class Dashboards:
 
 
 class Run:
-    """Everything a training run holds, set up for train.train: model, optimizer, data, state; and its chores.
+    """What a training run holds for train.train (the stage, its data and model, the checkpoint to
+    resume), and its chores.
 
-    The chores (logging, evaluating, checkpointing, stopping) are methods, so the
-    loop in `train` is the algorithm and one named call per chore.
+    train.train builds the optimizer and the scaler and hands them to `start`, which resumes
+    them with the rest; it asks `train_loader` for the batches and `wrap` for the model it steps.
+    The chores (logging, evaluating, checkpointing, stopping) are methods, so the loop in `train`
+    is the algorithm and one named call per chore.
     """
 
     def __init__(self, args, make_stage):
@@ -412,14 +415,21 @@ class Run:
             train_set, test_set = cached_codes(self.stage.vq, args, train_set, test_set, self.device, self.master,
                                                self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
+        self.train_set, self.test_set, self.ckpt = train_set, test_set, ckpt
+        self.batches = None   # train.train's endless batches: their workers are shut down on the way out
         # A resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise).
-        kind = optimizer_kind(ckpt["optimizer"]) if ckpt else args.optimizer
-        self.optimizer = make_optimizer(self.raw_model, kind, args.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.dtype == "float16")
+        self.optimizer_kind = optimizer_kind(ckpt["optimizer"]) if ckpt else args.optimizer
+
+    def start(self, optimizer, scaler):
+        """Resume what out_dir's checkpoint holds (weights, optimizer, scaler, step, random streams), or
+        start at step 0; open the log and the dashboards. The run's state: its step and curves."""
+        args, ckpt = self.args, self.ckpt
+        self.optimizer, self.scaler = optimizer, scaler
         self.state = RunState()
         seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
         if ckpt:
             self.resume(ckpt)
+        self.ckpt = None   # its tensors are in the model and the optimizer now
         logged = last_logged_step(self.log_path) if self.master else 0
         if self.master:
             # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
@@ -430,15 +440,12 @@ class Run:
         # TensorBoard / W&B when asked for (rank 0), opened at the step the run resumes from.
         self.dashboards = Dashboards(args, self.state.step, logged, dict(vars(args), model=self.stage.config.to_dict()),
                                      self.master)
-        self.batches = iter(self.train_loader(train_set))
-        self.test_loader = self.eval_loader(test_set)
-        self.model = self.wrap(self.raw_model)
+        self.test_loader = self.eval_loader(self.test_set)
         self.autocast = autocast(self.device, args.dtype)
         # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
         self.flag_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.window = MetricWindow()
-        self.bar = tqdm(total=args.max_steps, initial=self.state.step, disable=not self.master, dynamic_ncols=True,
-                        unit="step")
+        return self.state
 
     # --- set-up ---
 
@@ -478,11 +485,12 @@ class Run:
             warnings.warn(f"{self.ckpt_path}: {line}")
         self.args.optimizer = kind   # what the next checkpoint records
 
-    def train_loader(self, train_set):
-        """Endless batches in an order fixed by (seed, step); workers ignore stop signals (the loop decides)."""
-        args = self.args
+    def train_loader(self, step):
+        """Endless batches from `step` on, in an order fixed by (seed, step); workers ignore stop signals
+        (the loop decides)."""
+        args, train_set = self.args, self.train_set
         sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
-                                  start=self.state.step * args.batch_size)
+                                  start=step * args.batch_size)
         # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in memory, which
         # a worker would only pickle across (and on a 2-core CPU take a core from the step: 15% slower).
         workers = args.num_workers
@@ -503,7 +511,8 @@ class Run:
         return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
 
     def wrap(self, model):
-        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what is saved."""
+        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what is
+        saved. The evaluations use the wrapped model too."""
         if self.dist.ddp and self.args.sync_batchnorm:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -511,9 +520,13 @@ class Run:
                 warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
         if self.dist.ddp:
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(model) if self.args.compile else model
+        self.model = torch.compile(model) if self.args.compile else model
+        return self.model
 
     def describe(self):
+        """Say what is trained, on what, where; and start the progress bar."""
+        self.bar = tqdm(total=self.args.max_steps, initial=self.state.step, disable=not self.master,
+                        dynamic_ncols=True, unit="step")
         if self.master:
             n_params = sum(p.numel() for p in self.raw_model.parameters())
             print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, {self.n_clips[0]} train / "

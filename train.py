@@ -40,6 +40,7 @@ from checkpoints import stored_config
 from data import grid_video, samples_to_uint8, save_gif, save_png, to_uint8, video_grid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
+from muon import make_optimizer
 from run import Run, step_flags
 from runtime import StopRequest, default_device, run_cli
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
@@ -342,8 +343,16 @@ def make_stage(args, ckpt, ckpt_path, device):
 
 def train(args):
     """Train one stage as `args` says (resuming from out_dir/ckpt.pt if there); returns the trained model."""
-    run = Run(args, make_stage)
-    model, optimizer, scaler, state = run.model, run.optimizer, run.scaler, run.state
+    run = Run(args, make_stage)   # the stage, its data and model, and out_dir's checkpoint if any
+    # Adam, or Muon for the hidden weight matrices with Adam for the rest (muon.py).
+    optimizer = make_optimizer(run.raw_model, run.optimizer_kind, args.lr)
+    # The gradient scaler acts in float16 only, whose small gradients would otherwise underflow.
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.dtype == "float16")
+    state = run.start(optimizer, scaler)   # resumed: weights, optimizer, scaler, step, random streams
+    # Endless batches in an order fixed by (seed, step): a resumed run reads what it would have read.
+    # The run holds them, to shut their worker processes down on the way out.
+    run.batches = iter(run.train_loader(state.step))
+    model = run.wrap(run.raw_model)        # DDP and torch.compile, as asked
     run.describe()
     with StopRequest() as stop, run.failures_explained():
         while state.step < args.max_steps:

@@ -21,7 +21,7 @@ ALLOWED = {
     "vqvae": {"attention", "checkpoints"},
     "gpt": {"attention", "checkpoints", "vqvae"},
     "data": {"checkpoints", "runtime"},
-    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "run"},
+    "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "muon", "run"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.named_actions: --actions
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},

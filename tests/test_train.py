@@ -180,15 +180,16 @@ def test_cached_codes_load_in_the_training_process_and_clips_in_workers():
 
     import train
     from data import MovingDigitsDataset
-    run = SimpleNamespace(args=train.parse_args(["--stage", "gpt", "--out_dir", "x"]), state=SimpleNamespace(step=0),
-                          dist=SimpleNamespace(rank=0, world=1), device=torch.device("cpu"))
-    assert run.args.num_workers is None
     codes = run_module.CodesDataset(torch.zeros(4, 2, 2, 2, dtype=torch.int16))
     clips = MovingDigitsDataset(4, sequence_length=4, resolution=16)
-    assert run_module.Run.train_loader(run, codes).num_workers == 0
-    assert run_module.Run.train_loader(run, clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
-    run.args.num_workers = 2                                     # a given count is kept for both
-    assert run_module.Run.train_loader(run, codes).num_workers == 2
+    args = train.parse_args(["--stage", "gpt", "--out_dir", "x"])
+    loader = lambda data: run_module.Run.train_loader(SimpleNamespace(
+        args=args, train_set=data, dist=SimpleNamespace(rank=0, world=1), device=torch.device("cpu")), 0)
+    assert args.num_workers is None
+    assert loader(codes).num_workers == 0
+    assert loader(clips).num_workers == max(1, min(4, (os.cpu_count() or 2) // 2))
+    args.num_workers = 2                                         # a given count is kept for both
+    assert loader(codes).num_workers == 2
 
 
 def step_along_known_directions(model, hidden, opt, lr):
