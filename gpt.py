@@ -226,15 +226,15 @@ class Block(nn.Module):
         self.fc_block = nn.Sequential(nn.Linear(h, 4 * h), GeLU2(), nn.Linear(4 * h, h))
         self.post_fc_dp = nn.Dropout(c.dropout)
 
-    def forward(self, x, cond, mask, cache=None, pos=None, frame_kv=None, rotary=None):
-        """x (B, n, hidden) -> (B, n, hidden); mask (n, L): what each of the n sees; with `cache`, x is at
-        positions pos (n,); frame_kv: cross-attention keys and values, precomputed; rotary: (cos, sin)."""
+    def forward(self, x, cond, mask, cache=None, pos=None, rotary=None):
+        """x (B, n, hidden) -> (B, n, hidden). `mask` (n, L) says what each of the n tokens sees.
+        With a `cache`, x is at positions `pos` (n,). `rotary` is (cos, sin) of those positions."""
         # Causal self-attention.
         h = self.attn(self.pre_attn_norm(x, cond["vector"]), mask=mask, cache=cache, pos=pos, rotary=rotary)
         x = x + self.post_attn_dp(h)
         # Cross-attention to the conditioning frames' features and actions (no mask: all are known).
         if hasattr(self, "enc_attn"):
-            h = self.enc_attn(self.pre_enc_norm(x, cond["vector"]), context=cond["context"], kv=frame_kv)
+            h = self.enc_attn(self.pre_enc_norm(x, cond["vector"]), context=cond["context"])
             x = x + self.post_enc_dp(h)
         # MLP.
         return x + self.post_fc_dp(self.fc_block(self.pre_fc_norm(x, cond["vector"])))
