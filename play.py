@@ -1,9 +1,9 @@
 """Play the dream: take the controls of a trained action-conditional prior, live in a browser.
 
-    python play.py --ckpt weights/vizdoom.pt                      # serves http://127.0.0.1:8000
-    python play.py --ckpt weights/vizdoom.pt --game               # the real game beside the dream (pip install vizdoom)
-    python play.py --ckpt weights/vizdoom.pt --actions "MOVE_FORWARD*16,TURN_LEFT*24" --out dream.mp4
-    python play.py --ckpt runs/doom_gpt/ckpt.pt --start vizdoom.h5 --clip 3 --actions ... --out dream.gif
+    python play.py --ckpt weights/vizdoom.pt           # serves http://127.0.0.1:8000
+    python play.py --ckpt weights/vizdoom.pt --game    # the game beside it (pip install vizdoom)
+    python play.py --ckpt weights/vizdoom.pt --actions "MOVE_FORWARD*16,TURN_LEFT*24" --out d.mp4
+    python play.py --ckpt runs/doom_gpt/ckpt.pt --start vizdoom.h5 --clip 3   # from a test clip
 
 The page shows the dream as its largest picture. The arrow keys and WASD
 press the prior's own actions (their names are on the page); a key counts as
@@ -41,55 +41,67 @@ import torch
 from checkpoints import OutputLock, check_writable
 from data import preprocess, save_gif, save_mp4, save_png, to_uint8, video_grid
 from runtime import run_cli
-from world import (DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, make_game, package_file, script_actions,
-                   start_world)
+from world import (DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, make_game, package_file,
+                   script_actions, start_world)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 WRITERS = {".mp4", ".gif", ".png"}
-# Keys of the page, by the action they press where the prior has it (arrows and WASD; the rest numbered).
-KEYS = {"TURN_LEFT": ["ArrowLeft", "a"], "TURN_RIGHT": ["ArrowRight", "d"], "MOVE_FORWARD": ["ArrowUp", "w"],
-        "MOVE_BACKWARD": ["ArrowDown", "s"], "MOVE_LEFT": ["q"], "MOVE_RIGHT": ["e"], "ATTACK": [" "],
-        "SPEED": ["Shift"]}
+# The page's keys, by the action they press where the prior has it: the arrows and WASD, and the
+# digits for any other action.
+KEYS = {"TURN_LEFT": ["ArrowLeft", "a"], "TURN_RIGHT": ["ArrowRight", "d"],
+        "MOVE_FORWARD": ["ArrowUp", "w"], "MOVE_BACKWARD": ["ArrowDown", "s"], "MOVE_LEFT": ["q"],
+        "MOVE_RIGHT": ["e"], "ATTACK": [" "], "SPEED": ["Shift"]}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Play a trained action-conditional prior: in a browser, or a rollout to a file.")
-    p.add_argument("--ckpt", required=True, help="a prior checkpoint of ours (it carries its VQ-VAE), e.g. weights/vizdoom.pt")
+    p = argparse.ArgumentParser(
+        description="Play a trained action-conditional prior: in a browser, or to a file.")
+    p.add_argument("--ckpt", required=True,
+                   help="a prior checkpoint of ours (with its VQ-VAE), e.g. weights/vizdoom.pt")
     # the start
     p.add_argument("--start", default=None,
-                   help="an HDF5 file (or video folder) whose test clip --clip gives the opening frames "
-                        "(default: the start stored with the weights, else a sample)")
+                   help="an HDF5 file (or video folder) whose test clip --clip gives the opening "
+                        "frames (default: the start stored with the weights, else a sample)")
     p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
     p.add_argument("--game", action="store_true",
-                   help="run the real ViZDoom scenario on the same keys, beside the dream (pip install vizdoom); "
-                        "the dream starts from the game's own first frames")
-    p.add_argument("--scenario", default="health_gathering_supreme", help="with --game: the scenario")
-    p.add_argument("--frame_skip", type=int, default=4, help="with --game: game tics per frame (the data's)")
+                   help="run the real ViZDoom scenario on the same keys, beside the dream (pip "
+                        "install vizdoom); the dream starts from the game's own first frames")
+    p.add_argument("--scenario", default="health_gathering_supreme",
+                   help="with --game: the scenario")
+    p.add_argument("--frame_skip", type=int, default=4,
+                   help="with --game: game tics per frame (the data's)")
     # sampling
     p.add_argument("--temperature", type=float, default=TEMPERATURE,
                    help="softmax temperature (> 0); 0.9 keeps the world longest (docs/play.md)")
     p.add_argument("--top_k", type=int, default=None, help="draw among the k most likely codes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dream's draws (and of the game)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the dream's draws (and of the game)")
     p.add_argument("--stride", type=int, default=STRIDE,
-                   help="latent steps dropped each time the window slides (1: full context, re-prefilled every step)")
+                   help="latent steps dropped each time the window slides (1: the full context, "
+                        "prefilled again at every step)")
     p.add_argument("--decode_context", type=int, default=DECODE_CONTEXT,
                    help="latent steps the decoder sees to draw the newest one's frames")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the one-code step ahead of time, about twice as fast (15-45 s once, then kept in "
-                        "the cache folder and loaded in 1-3 s). Default: on for the page, which plays the eager "
-                        "step meanwhile; for rollouts, on when a compiled step is kept")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+                   help="compile the one-code step ahead of time, about twice as fast (15-45 s "
+                        "once, then kept in the cache folder and loaded in 1-3 s). Default: on for "
+                        "the page, which plays the eager step meanwhile; for rollouts, on when a "
+                        "compiled step is kept")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's)")
     # a rollout to a file
     p.add_argument("--actions", default=None,
-                   help="write a rollout instead of serving: the actions' names, each held for a number of frames, "
-                        "e.g. \"MOVE_FORWARD*16,TURN_LEFT*24\" (a multiple of the frames per latent step)")
-    p.add_argument("--out", default=None, help="with --actions: the rollout file, .mp4, .gif or .png")
+                   help="write a rollout instead of serving: the actions' names, each held for a "
+                        "number of frames, e.g. \"MOVE_FORWARD*16,TURN_LEFT*24\" (a multiple of "
+                        "the frames per latent step)")
+    p.add_argument("--out", default=None,
+                   help="with --actions: the rollout file, .mp4, .gif or .png")
     p.add_argument("--fps", type=int, default=30,
-                   help="frames per second: of the page (its pace), and of an MP4/GIF rollout's playback")
+                   help="frames per second: of the page (its pace), and of an MP4/GIF rollout")
     # the server
     p.add_argument("--port", type=int, default=8000, help="the page's port")
     p.add_argument("--host", default="127.0.0.1",
-                   help="the address to bind; anything but 127.0.0.1 lets other machines play it (a warning says so)")
+                   help="the address to bind; anything but 127.0.0.1 lets other machines play it "
+                        "(a warning says so)")
     return p.parse_args(argv)
 
 
@@ -98,7 +110,8 @@ def open_world(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
-                      top_k=args.top_k, stride=args.stride, decode_context=args.decode_context, seed=args.seed)
+                      top_k=args.top_k, stride=args.stride, decode_context=args.decode_context,
+                      seed=args.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -106,20 +119,22 @@ def open_world(args):
 
 
 class Game:
-    """The ViZDoom scenario the prior learned, played on the same actions: its frames at the dream's size."""
+    """The ViZDoom scenario the prior learned, played on the same actions: its frames at the
+    dream's size."""
 
     def __init__(self, stack, scenario, frame_skip, resolution, names, seed):
         self.game = stack.enter_context(make_game(scenario, seed))
         buttons = [b.name for b in self.game.get_available_buttons()]
         missing = [n for n in names if n not in buttons]
         if missing:
-            raise ValueError(f"--game {scenario}: its buttons {', '.join(buttons)} lack the prior's {', '.join(missing)}")
+            raise ValueError(f"--game {scenario}: its buttons {', '.join(buttons)} lack the "
+                             f"prior's {', '.join(missing)}")
         self.press = {n: np.eye(len(buttons), dtype=int)[buttons.index(n)].tolist() for n in names}
         self.frame_skip, self.resolution, self.seed = frame_skip, resolution, seed
 
     def frame(self):
-        screen = self.game.get_state().screen_buffer                               # (120, 160, 3) uint8
-        return to_uint8(preprocess(screen[None], self.resolution)).numpy()[0]      # (R, R, 3)
+        screen = self.game.get_state().screen_buffer                           # (120, 160, 3) uint8
+        return to_uint8(preprocess(screen[None], self.resolution)).numpy()[0]  # (R, R, 3)
 
     def new_life(self, n_frames, action):
         """A new episode: its first n_frames frames, playing `action`."""
@@ -133,12 +148,20 @@ class Game:
         return np.stack(frames), [action] * n_frames
 
     def step(self, action):
-        """The frame after the last, playing `action`; None when the episode has ended (a death, or time)."""
+        """The frame after the last, playing `action`; None when the episode has ended (a death,
+        or its time)."""
         if self.game.is_episode_finished():
             return None
         frame = self.frame()
         self.game.make_action(self.press[action], self.frame_skip)
         return frame
+
+
+def open_game(stack, args, world, names):
+    """The real game when --game asks for it (closed with `stack`), else None."""
+    if not args.game:
+        return None
+    return Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed)
 
 
 def game_start(world, game, names):
@@ -161,11 +184,12 @@ def rollout(args):
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     world, names, start = open_world(args)
     script = script_actions(args.actions, names, world.per_step)
-    if args.compile or (args.compile is None and os.path.isfile(package_file(args.ckpt, "inductor"))):
+    kept = os.path.isfile(package_file(args.ckpt, "inductor"))   # a compiled step from before
+    if args.compile or (args.compile is None and kept):
         world.compile_step(background=False)
-    with ExitStack() as stack, OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out"):
-        game = Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed) \
-            if args.game else None
+    lock = OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out")
+    with ExitStack() as stack, lock:
+        game = open_game(stack, args, world, names)
         if game is not None:
             start = game_start(world, game, names)
         dream = [start_world(world, start)]
@@ -175,24 +199,28 @@ def rollout(args):
             dream.append(world.step(script[i:i + world.per_step]))
             if game is not None:
                 got = [game.step(a) for a in script[i:i + world.per_step]]
-                real.append(np.stack([g if g is not None else np.zeros_like(dream[-1][0]) for g in got]))
+                black = np.zeros_like(dream[-1][0])   # once the game's episode has ended
+                real.append(np.stack([g if g is not None else black for g in got]))
         seconds = time.perf_counter() - t0
-        frames = np.concatenate(dream)                                               # (N, H, W, 3)
-        if game is not None:   # the game beside the dream (black once its episode has ended)
-            frames = np.concatenate([frames, np.concatenate(real)], axis=2)           # (N, H, 2W, 3)
+        frames = np.concatenate(dream)                                        # (N, H, W, 3)
+        if game is not None:   # the game beside the dream
+            frames = np.concatenate([frames, np.concatenate(real)], axis=2)   # (N, H, 2W, 3)
         write_frames(frames, args.out, ext, args.fps)
-    print(f"{len(script)} frames in {seconds:.1f} s ({len(script) / max(seconds, 1e-9):.1f} frames/s)", flush=True)
+    rate = len(script) / max(seconds, 1e-9)
+    print(f"{len(script)} frames in {seconds:.1f} s ({rate:.1f} frames/s)", flush=True)
     print(args.out, flush=True)
 
 
 def write_frames(frames, path, ext, fps):
-    """The rollout's frames (N, H, W, 3): a video at their own size, or a PNG sheet of 16 frames a row."""
+    """The rollout's frames (N, H, W, 3): a video at their own size, or a PNG sheet of 16 frames
+    a row."""
     if ext == ".png":
         per_row = 16
         rows = math.ceil(len(frames) / per_row)
         padded = np.full((rows * per_row, *frames.shape[1:]), 255, np.uint8)
         padded[:len(frames)] = frames
-        save_png(video_grid(padded.reshape(rows, per_row, *frames.shape[1:])), path)   # rows of 16 frames
+        sheet = padded.reshape(rows, per_row, *frames.shape[1:])   # (rows, 16, H, W, 3)
+        save_png(video_grid(sheet), path)
     else:
         (save_mp4 if ext == ".mp4" else save_gif)(frames, path, fps=fps)
 
@@ -202,7 +230,8 @@ def write_frames(frames, path, ext, fps):
 
 
 def frame_json(frame):
-    """A frame for the page: its size, the key event it shows, the step's numbers, its RGB bytes in base64."""
+    """A frame for the page: its size, the key event it shows, the step's numbers, and its RGB
+    bytes in base64."""
     image = frame["image"]
     rest = {k: v for k, v in frame.items() if k != "image"}
     return json.dumps(dict(w=image.shape[1], h=image.shape[0], **rest,
@@ -210,8 +239,8 @@ def frame_json(frame):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """The page, its stream of frames, and the few JSON commands it sends; make_handler binds it to a
-    player and the page's HTML."""
+    """The page, its stream of frames, and the few JSON commands it sends; make_handler binds it
+    to a player and the page's HTML."""
 
     protocol_version = "HTTP/1.1"
     server_version = "videogpt-play"
@@ -237,10 +266,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, self.page, "text/html; charset=utf-8")
         if path == "/info":
             player, world = self.player, self.player.world
+            idle = player.names[world.idle] if player.names else None
             return self.reply(200, json.dumps(dict(
-                actions=player.names, keys=self.bindings, idle=player.names[world.idle] if player.names else None,
-                temperature=world.temperature, top_k=world.top_k, fps=player.fps,
-                game=player.companion is not None)), "application/json")
+                actions=player.names, keys=self.bindings, idle=idle, temperature=world.temperature,
+                top_k=world.top_k, fps=player.fps, game=player.companion is not None)),
+                "application/json")
         if path == "/stream":
             return self.stream()
         self.bad(404, f"not found: {path[:80]}")
@@ -286,23 +316,26 @@ class Handler(BaseHTTPRequestHandler):
             return self.bad(400, "the body must be a JSON object")
         if path == "/keys":
             held, key_id = body.get("held", []), body.get("id", 0)
-            if not isinstance(held, list) or not isinstance(key_id, int) or isinstance(key_id, bool):
+            whole = isinstance(key_id, int) and not isinstance(key_id, bool)
+            if not isinstance(held, list) or not whole:
                 return self.bad(400, "keys: expected {\"held\": [action names], \"id\": integer}")
             unknown = [h for h in held if h not in self.player.names]
             if unknown:
-                return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; this prior's actions are "
-                                     f"{', '.join(self.player.names) or 'none (its dream plays by itself)'}")
+                names = ", ".join(self.player.names) or "none (its dream plays by itself)"
+                return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; "
+                                     f"this prior's actions are {names}")
             self.player.keys(held, key_id)
             return self.reply(204, b"")
         if path == "/settings":
             temperature, top_k = body.get("temperature"), body.get("top_k")
             n_codes = self.player.world.gpt.config.n_codes
-            if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                            or not 0.05 <= temperature <= 5):
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            if temperature is not None and not (number(temperature) and 0.05 <= temperature <= 5):
                 return self.bad(400, "temperature must be a number in [0.05, 5]")
             if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                                       or not 0 <= top_k <= n_codes):
-                return self.bad(400, f"top_k must be a whole number in [0, {n_codes}] (0: all codes)")
+                return self.bad(400, f"top_k must be a whole number in [0, {n_codes}] "
+                                     f"(0: all codes)")
             self.player.settings(temperature, top_k)
             return self.reply(204, b"")
         if path == "/restart":
@@ -325,13 +358,13 @@ def serve(args):
         page = f.read()
     world, names, start = open_world(args)
     with ExitStack() as stack:
-        game = Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed) \
-            if args.game else None
+        game = open_game(stack, args, world, names)
         try:
             server = ThreadingHTTPServer((args.host, args.port), None)
         except OSError as e:
-            raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (try --port)") from None
-        if args.compile is not False:   # compiled in the background: the page plays eager until it is ready
+            raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} "
+                             f"(try --port)") from None
+        if args.compile is not False:   # compiled in the background; the page plays eager meanwhile
             world.compile_step(background=True)
         start_fn = (lambda: game_start(world, game, names)) if game is not None else (lambda: start)
         player = Player(world, names, start_fn, args.fps, companion=game)
@@ -342,7 +375,9 @@ def serve(args):
                           f"(it serves nothing else, but anyone who reaches it can play)")
         host = f"[{args.host}]" if ":" in args.host else args.host
         # The server answers in its own threads; the dream is drawn in this one (the main thread).
-        threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.2), daemon=True).start()
+        serving = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.2),
+                                   daemon=True)
+        serving.start()
         print(f"http://{host}:{server.server_address[1]}/", flush=True)
         try:
             player.run()
