@@ -36,8 +36,10 @@ def orthogonalize(G, steps=5):
     X = G.bfloat16()
     tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.mT                                                     # (n, cols, rows): the smaller Gram matrix
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)      # spectral norm <= Frobenius norm = 1
+        # Work on the wide side, whose Gram matrix is the smaller one.
+        X = X.mT                                                     # (n, cols, rows)
+    # Divided by its Frobenius norm, the spectral norm is at most 1, where the iteration converges.
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     a, b, c = NEWTON_SCHULZ
     for _ in range(steps):
         A = X @ X.mT                                                 # (n, r, r), r the smaller side
@@ -46,11 +48,14 @@ def orthogonalize(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised: each weight, a matrix or a (transposed) convolution's kernel
-    seen as the matrix (shape[0], everything else), steps by lr * 0.2 * sqrt(max(rows, cols)) along
-    orthogonalize(momentum): a step whose entries have the root-mean-square size of an Adam update
-    of the same lr (PyTorch's "match_rms_adamw" rule), so one learning rate and schedule serve both.
-    Weights of one matrix shape are orthogonalised together, as one batch of matrices."""
+    """Nesterov momentum, orthogonalised.
+
+    Each weight (a matrix, or a convolution's kernel seen as the matrix (shape[0], the rest))
+    steps by lr * 0.2 * sqrt(max(rows, cols)) along orthogonalize(momentum). The entries of such a
+    step have the root-mean-square size of an Adam update of the same lr (PyTorch's
+    "match_rms_adamw" rule), so one learning rate and one schedule serve both. Weights of one
+    matrix shape are orthogonalised together, as one batch of matrices.
+    """
 
     def __init__(self, params, lr, momentum=0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum))
@@ -67,18 +72,19 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]).flatten(1)     # (rows, cols): Nesterov's look-ahead
+                # Nesterov's look-ahead, as a matrix.
+                update = p.grad.lerp(buf, group["momentum"]).flatten(1)     # (rows, cols)
                 by_shape.setdefault(tuple(update.shape), []).append((p, update))
             for (rows, cols), todo in by_shape.items():
                 directions = orthogonalize(torch.stack([u for _, u in todo]))   # (n, rows, cols)
                 for (p, _), d in zip(todo, directions):
-                    d = d.reshape(p.shape)                                      # (rows, cols) -> the weight's shape
+                    d = d.reshape(p.shape)                 # (rows, cols) -> the weight's shape
                     p.add_(d, alpha=-group["lr"] * 0.2 * max(rows, cols) ** 0.5)
 
 
 class MuonAdam:
-    """Muon for `matrices`, Adam for `others`, stepped together: to the loop (and the GradScaler) one
-    optimizer, driven by one learning rate and schedule."""
+    """Muon for `matrices`, Adam for `others`, stepped together: to the loop (and the GradScaler),
+    one optimizer, driven by one learning rate and schedule."""
 
     def __init__(self, matrices, others, lr, betas):
         self.muon = Muon(matrices, lr=lr)
@@ -120,7 +126,8 @@ def hidden_matrices(model):
     if isinstance(model, VQVAE):
         rgb = {id(model.encoder.convs[0].conv.weight), id(model.decoder.convts[-1].convt.weight)}
         return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in rgb]
-    assert isinstance(model, VideoGPT), f"Muon knows the VQVAE's and the VideoGPT's matrices, not a {type(model).__name__}'s"
+    assert isinstance(model, VideoGPT), (
+        f"Muon knows the VQVAE's and the VideoGPT's matrices, not a {type(model).__name__}'s")
     matrices = []
     for block in model.attn_stack.attn_nets:
         for part in (block.attn, getattr(block, "enc_attn", None), block.fc_block):
