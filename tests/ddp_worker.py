@@ -28,7 +28,8 @@ def audit(event, event_args):
     # link name a source and a target path; remove and mkdir one path.
     if event == "open" and isinstance(event_args[0], (str, bytes, os.PathLike)):
         path, mode, flags = event_args
-        writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        by_mode = mode is not None and any(c in str(mode) for c in "wax+")
+        writing = by_mode or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
         paths = [path] if writing else []
     elif event in ("os.rename", "os.replace", "os.link"):
         paths = event_args[:2]

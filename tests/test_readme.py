@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT, run_script
 
-PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT)
+                               for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -33,20 +34,23 @@ def test_the_readme_has_snippets_and_links_only_to_files_that_exist():
 
 
 def documented_commands(script):
-    """The arguments of every `python SCRIPT ...` / `torchrun ... SCRIPT ...` command in the pages' bash blocks."""
+    """The arguments of every `python SCRIPT ...` / `torchrun ... SCRIPT ...` command in the pages'
+    bash blocks."""
     for page in PAGES:
-        for block in re.findall(r"```bash\n(.*?)```", open(os.path.join(ROOT, page)).read(), flags=re.S):
+        text = open(os.path.join(ROOT, page)).read()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 for command in line.split("#")[0].split("&&"):
                     words = shlex.split(command)
-                    if script in words and "..." not in words and (words[0] in ("python", "torchrun", "srun")):
+                    launcher = words and words[0] in ("python", "torchrun", "srun")
+                    if script in words and "..." not in words and launcher:
                         yield page, words[words.index(script) + 1:]
 
 
 @pytest.mark.parametrize("script,at_least", [("train.py", 10), ("play.py", 4)])
 def test_every_documented_command_parses(script, at_least):
-    """Each train.py and play.py command of the README and docs/ takes flags the script has (a renamed flag
-    fails here)."""
+    """Each train.py and play.py command of the README and docs/ takes flags the script has (a
+    renamed flag fails here)."""
     import importlib
     module = importlib.import_module(script[:-3])
     commands = list(documented_commands(script))
