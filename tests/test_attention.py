@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from attention import AxialAttention, KVCache, MultiHeadAttention, attention, causal_mask, rotary_tables, rotate
+from attention import (AxialAttention, KVCache, MultiHeadAttention, attention, causal_mask,
+                       rotary_tables, rotate)
 
 
 def naive_attention(mha, x):
@@ -27,7 +28,8 @@ def test_multihead_matches_naive_and_mask():
     # A causal mask: the first output only sees the first input, so changing later inputs leaves it.
     y = x.clone()
     y[:, 1:] += 1.0
-    assert torch.allclose(mha(x, mask=causal_mask(5))[:, 0], mha(y, mask=causal_mask(5))[:, 0], atol=1e-6)
+    first = lambda v: mha(v, mask=causal_mask(5))[:, 0]
+    assert torch.allclose(first(x), first(y), atol=1e-6)
     assert not torch.allclose(mha(x)[:, 0], mha(y)[:, 0], atol=1e-3)
 
 
@@ -52,10 +54,11 @@ def test_the_kv_cache_writes_at_positions_and_attention_over_it_sees_the_written
     x = torch.randn(2, 5, 8)
     full = mha(x, mask=causal_mask(5))
     cache = KVCache(2, 2, 5, 4, 4, torch.float32, "cpu")
-    steps = [mha(x[:, i:i + 1], mask=causal_mask(5)[i:i + 1], cache=cache, pos=torch.tensor([i])) for i in range(5)]
+    steps = [mha(x[:, i:i + 1], mask=causal_mask(5)[i:i + 1], cache=cache, pos=torch.tensor([i]))
+             for i in range(5)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=1e-5)
     k, _ = mha.keys_values(x)
-    torch.testing.assert_close(cache.k, k)                       # every position written where it belongs
+    torch.testing.assert_close(cache.k, k)              # every position written where it belongs
 
 
 def test_axial_attention_is_sum_of_three_axis_attentions():
@@ -88,7 +91,8 @@ def test_axial_attention_does_not_mix_across_other_axes():
 
 
 def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
-    shape, hs = (3, 4, 5), 14                                  # 14 // 2 // 3 = 2 pairs per axis, 2 channels unrotated
+    # 14 // 2 // 3 = 2 pairs per axis, and 2 channels left unrotated.
+    shape, hs = (3, 4, 5), 14
     cos, sin = rotary_tables(shape, hs)
     assert cos.shape == sin.shape == (60, 12)                  # one column per rotated channel
     g = torch.Generator().manual_seed(0)
@@ -104,7 +108,8 @@ def test_rotary_scores_depend_on_the_offset_only_and_keep_lengths():
     torch.testing.assert_close(r.norm(), q.norm())
     assert torch.equal(r[12:], q[12:])
     # Pair j, channels (2j, 2j + 1) = (a, b), turns by angle j: (a cos - b sin, b cos + a sin), the
-    # angle of 37's coordinates (1, 3, 2): pairs 0-1 along t, 2-3 along h, 4-5 along w, freqs 10^(-j/2).
+    # angle of 37's coordinates (1, 3, 2): pairs 0-1 along t, 2-3 along h, 4-5 along w, with
+    # frequencies 10^(-j/2).
     angles = torch.tensor([1.0, 10 ** -0.5, 3.0, 3 * 10 ** -0.5, 2.0, 2 * 10 ** -0.5])
     c, s = angles.cos(), angles.sin()                          # (6,) each
     assert torch.equal(cos[37, 0::2], cos[37, 1::2]) and torch.equal(sin[37, 0::2], -sin[37, 1::2])
