@@ -14,8 +14,8 @@ KEYS = os.path.join(DATA, "videogpt_vqvae_keys.txt")
 PRIOR_KEYS = {"uncond": os.path.join(DATA, "videogpt_gpt_uncond_keys.txt"),
               "cond": os.path.join(DATA, "videogpt_gpt_cond_keys.txt")}
 # The configuration that the key listing was taken from.
-ORIGINAL_ARGS = dict(embedding_dim=32, n_codes=64, n_hiddens=32, n_res_layers=2, downsample=[2, 4, 4],
-                     sequence_length=8, resolution=32)
+ORIGINAL_ARGS = dict(embedding_dim=32, n_codes=64, n_hiddens=32, n_res_layers=2,
+                     downsample=[2, 4, 4], sequence_length=8, resolution=32)
 
 
 def original_state_dict(seed=0, keys=KEYS):
@@ -52,20 +52,25 @@ def save_like_lightning(path, state_dict, args, device_tag="cuda:0"):
     (faked here for the duration of the save), its hyper-parameters are an
     argparse.Namespace, and its tensors are tagged as saved on `device_tag`.
     """
-    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks",
+             "pytorch_lightning.callbacks.model_checkpoint"]
     fake = {n: types.ModuleType(n) for n in names}
     ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
     fake[names[-1]].ModelCheckpoint = ModelCheckpoint
     ckpt = {
         "epoch": 12, "global_step": 20000, "pytorch-lightning_version": "1.3.3",
         "state_dict": state_dict,
-        "callbacks": {ModelCheckpoint: {"monitor": "val/recon_loss", "best_model_score": torch.tensor(0.12),
-                                        "best_model_path": "/home/someone/ckpt.ckpt", "current_score": torch.tensor(0.13),
+        "callbacks": {ModelCheckpoint: {"monitor": "val/recon_loss",
+                                        "best_model_score": torch.tensor(0.12),
+                                        "best_model_path": "/home/someone/ckpt.ckpt",
+                                        "current_score": torch.tensor(0.13),
                                         "dirpath": "/home/someone"}},
-        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 7e-4, "betas": (0.9, 0.999), "params": []}]}],
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 7e-4, "betas": (0.9, 0.999),
+                                                             "params": []}]}],
         "lr_schedulers": [],
         "hparams_name": "args",
-        "hyper_parameters": {"args": argparse.Namespace(**args, data_path="/data/bair.hdf5", batch_size=32, gpus=2)},
+        "hyper_parameters": {"args": argparse.Namespace(**args, data_path="/data/bair.hdf5",
+                                                        batch_size=32, gpus=2)},
     }
     saved_tag = torch.serialization.location_tag
     sys.modules.update(fake)
