@@ -1,4 +1,4 @@
-"""The run's process concerns: devices and precision, several processes, stop signals, random state, errors.
+"""The run's process concerns: devices, precision, processes, stop signals, random state, errors.
 
 Nothing here is part of VideoGPT's algorithm; the entry points (train.py,
 sample.py, fvd.py, bench.py, data.py) use it so that none of them carries its
@@ -38,15 +38,18 @@ import torch.distributed as dist
 
 
 class RunError(Exception):
-    """A run that cannot go on (diverged, lost a peer process); the message says why and what is kept."""
+    """A run that cannot go on (it diverged, or lost a peer process); the message says why and
+    what is kept."""
 
 
 class LostPeer(RunError):
-    """A collective failed: a peer process died or stalled. The command prints its line and leaves at once."""
+    """A collective failed: a peer process died or stalled. The command prints its line and
+    leaves at once."""
 
 
 def first_line(error, limit=200):
-    """The first line of an exception's message (its type name if it has none), for one-line reports."""
+    """The first line of an exception's message (its type name if it has none), for one-line
+    reports."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
@@ -56,7 +59,7 @@ def one_line_warnings():
 
 
 def run_cli(prog, fn, *args):
-    """Run an entry point: warnings as one line each; bad input as one line on stderr, exit status 1.
+    """Run an entry point: warnings one line each; bad input one line on stderr, exit status 1.
 
     Ctrl-C ends with one line and exit status 130. Set VIDEOGPT_DEBUG=1 to get
     the traceback instead.
@@ -88,7 +91,8 @@ def run_cli(prog, fn, *args):
 
 
 def default_device(name=None, local_rank=0):
-    """torch.device(name), or CUDA when present and CPU otherwise; under torchrun, this process's GPU."""
+    """torch.device(name), or CUDA when present and CPU otherwise; under torchrun, this process's
+    GPU."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
@@ -158,15 +162,16 @@ def collective_failure(error):
     """
     text = str(error)
     return isinstance(error, dist.DistError) or any(k in text for k in (
-        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "pair closure", "Timed out", "timed out"))
+        "gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "pair closure",
+        "Timed out", "timed out"))
 
 
 def lost_peer_error(error, rank, step, timeout, last_good):
     """The one-line error for a failed collective: which rank, at which step, and what is kept."""
     # gloo's text starts with a source location; the first sentence after it says what happened.
     what = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error, limit=None)).split(". ")[0]
-    return LostPeer(f"rank {rank}: lost contact with the other processes at step {step} (one died, or stalled "
-                    f"longer than --ddp_timeout={timeout:g}s): {what}; {last_good}")
+    return LostPeer(f"rank {rank}: lost contact with the other processes at step {step} (one died, "
+                    f"or stalled longer than --ddp_timeout={timeout:g}s): {what}; {last_good}")
 
 
 def exit_now(status):
@@ -189,13 +194,14 @@ def exit_now(status):
 # Stop signals
 
 
-# What asks a run to stop cleanly: Ctrl-C; SIGTERM, which schedulers send before a kill; SIGUSR1, which
-# Slurm sends a grace period ahead when a job is submitted with --signal=USR1@SECONDS.
+# What asks a run to stop cleanly: Ctrl-C; SIGTERM, which schedulers send before a kill; and
+# SIGUSR1, which Slurm sends a grace period ahead when a job is submitted with
+# --signal=USR1@SECONDS.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (cluster schedulers, before a kill) asks for a clean stop.
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (schedulers, before a kill) asks for a clean stop.
 
     The loop finishes its step, saves a checkpoint and exits; a second Ctrl-C
     quits at once without saving. Stopping between steps rather than wherever
@@ -209,7 +215,8 @@ class StopRequest:
         self.previous = {}
 
     def __enter__(self):
-        # Python delivers signals to the main thread only; a run in another thread keeps the defaults.
+        # Python delivers signals to the main thread only; a run in another thread keeps the
+        # defaults.
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
         return self
@@ -228,12 +235,14 @@ class StopRequest:
 
     @property
     def exit_status(self):
-        """What the process exits with after stopping: 128 + the signal's number, as a shell reports it."""
+        """What the process exits with after stopping: 128 + the signal's number, as a shell
+        reports it."""
         return 128 + (self.signum or signal.SIGTERM)
 
 
 def ignore_stop_signals(worker_id=None):
-    """DataLoader worker init: the main process decides when to stop, so workers ignore the stop signals."""
+    """DataLoader worker init: the main process decides when to stop, so workers ignore the stop
+    signals."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -255,7 +264,8 @@ def rng_state(device):
     return dict(torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 numpy=dict(key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                           pos=np_state["state"]["pos"], has_gauss=np_state["has_gauss"], gauss=np_state["gauss"]),
+                           pos=np_state["state"]["pos"], has_gauss=np_state["has_gauss"],
+                           gauss=np_state["gauss"]),
                 python=random.getstate())
 
 
@@ -265,6 +275,7 @@ def set_rng_state(state, device):
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
     n = state["numpy"]
-    np.random.set_state(dict(bit_generator="MT19937", state=dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"]),
-                             has_gauss=n["has_gauss"], gauss=n["gauss"]))
+    mt = dict(key=n["key"].numpy().astype(np.uint32), pos=n["pos"])
+    np.random.set_state(dict(bit_generator="MT19937", state=mt, has_gauss=n["has_gauss"],
+                             gauss=n["gauss"]))
     random.setstate(state["python"])

@@ -58,7 +58,8 @@ def res_stack(sd, prefix, x, n_layers):
         h = F.relu(bn(sd, f"{b}.0", x))
         h = F.relu(bn(sd, f"{b}.3", conv(sd, f"{b}.2.conv", h)))
         h = F.relu(bn(sd, f"{b}.6", conv(sd, f"{b}.5.conv", h)))
-        h = (attention_along(sd, f"{b}.8.attn_w", h, 4, 2) + attention_along(sd, f"{b}.8.attn_h", h, 3, 2)
+        h = (attention_along(sd, f"{b}.8.attn_w", h, 4, 2)
+             + attention_along(sd, f"{b}.8.attn_h", h, 3, 2)
              + attention_along(sd, f"{b}.8.attn_t", h, 2, 2))
         x = x + h
     return F.relu(bn(sd, f"{prefix}.res_stack.{n_layers}", x))
@@ -79,7 +80,7 @@ def reference_latents(sd, x, downsample, n_res_layers):
 
 
 def reference_encode(sd, x, downsample, n_res_layers):
-    flat = reference_latents(sd, x, downsample, n_res_layers).movedim(1, -1)                                  # (B, t, h, w, D)
+    flat = reference_latents(sd, x, downsample, n_res_layers).movedim(1, -1)   # (B, t, h, w, D)
     dist = ((flat.unsqueeze(-2) - sd["codebook.embeddings"]) ** 2).sum(-1)
     return dist.argmin(-1)
 
@@ -100,7 +101,8 @@ def reference_decode(sd, codes, downsample, n_res_layers):
 
 
 def original_layer_norm(sd, name, x, onehot):
-    """The original's LayerNorm: float32, (x - mean) * (1e-5 + rsqrt(var)), optional class gain/bias."""
+    """The original's LayerNorm: float32, (x - mean) * (1e-5 + rsqrt(var)), with an optional
+    class gain and bias."""
     if f"{name}.w.weight" in sd:
         g = 1 + onehot @ sd[f"{name}.w.weight"].t()
         b = onehot @ sd[f"{name}.wb.weight"].t()
@@ -139,19 +141,22 @@ def position_table(sd, prefix, shape):
 
 def channel_ln(sd, name, x):
     w = sd[f"{name}.norm.norm.weight"]
-    return F.layer_norm(x.movedim(1, -1), w.shape, w, sd[f"{name}.norm.norm.bias"], 1e-5).movedim(-1, 1)
+    b = sd[f"{name}.norm.norm.bias"]
+    return F.layer_norm(x.movedim(1, -1), w.shape, w, b, 1e-5).movedim(-1, 1)
 
 
 def res_block(sd, name, x, stride, projection):
-    short = channel_ln(sd, f"{name}.proj_bnr", F.conv3d(x, sd[f"{name}.proj_conv.weight"], stride=stride)) \
+    conv = lambda key, v, **kw: F.conv3d(v, sd[f"{name}.{key}.weight"], **kw)
+    short = channel_ln(sd, f"{name}.proj_bnr", conv("proj_conv", x, stride=stride)) \
         if projection else x
-    h = F.relu(channel_ln(sd, f"{name}.bnr1", F.conv3d(x, sd[f"{name}.conv1.weight"], stride=stride, padding=1)))
-    h = F.relu(channel_ln(sd, f"{name}.bnr2", F.conv3d(h, sd[f"{name}.conv2.weight"], padding=1)))
+    h = F.relu(channel_ln(sd, f"{name}.bnr1", conv("conv1", x, stride=stride, padding=1)))
+    h = F.relu(channel_ln(sd, f"{name}.bnr2", conv("conv2", h, padding=1)))
     return F.relu(h + short)
 
 
 def reference_resnet(sd, frames):
-    x = F.relu(channel_ln(sd, "resnet.stem.1", F.conv3d(frames, sd["resnet.stem.0.weight"], padding=1)))
+    stem = F.conv3d(frames, sd["resnet.stem.0.weight"], padding=1)
+    x = F.relu(channel_ln(sd, "resnet.stem.1", stem))
     for g, (n, stride) in enumerate([(3, 1), (4, (1, 2, 2)), (6, (1, 2, 2)), (3, 1)], start=1):
         x = res_block(sd, f"resnet.group{g}.start_block", x, stride, True)
         for i in range(n - 1):
@@ -163,7 +168,7 @@ def reference_prior_logits(sd, codes, n_head, mask, onehot=None, frames=None):
     """Teacher-forced logits (B, L, n_codes) of an original-layout prior state dict."""
     B = codes.shape[0]
     shape = tuple(codes.shape[1:])
-    x = sd["vqvae.codebook.embeddings"][codes.flatten(1)] @ sd["fc_in.weight"].t()    # (B, L, hidden)
+    x = sd["vqvae.codebook.embeddings"][codes.flatten(1)] @ sd["fc_in.weight"].t()  # (B, L, hidden)
     sos = sd["attn_stack.right_shift.sos"].expand(B, 1, -1)
     x = torch.cat([sos, x[:, :-1]], 1) + position_table(sd, "attn_stack.pos_embd", shape)
     ctx = None
