@@ -1,5 +1,6 @@
-"""The weights that ship with the project (weights/): small half-precision checkpoints every command loads,
-made as weights/record.json says, and still good: the ViZDoom prior turns as told, the digits read as digits.
+"""The weights that ship with the project (weights/): small half-precision checkpoints that every
+command loads, made as weights/record.json says, and still good: the ViZDoom prior turns as told,
+and the digits read as digits.
 
 python -m pytest tests/test_weights.py
 """
@@ -31,13 +32,16 @@ def test_they_are_small_half_precision_checkpoints_made_as_their_record_says():
         path = os.path.join(WEIGHTS, name)
         entry = record["files"][name]
         assert entry["sha256"] == sha256(path) and entry["bytes"] == os.path.getsize(path)
-        assert all(c.startswith(("python train.py", "python -m prepare")) for c in entry["commands"])
+        assert all(c.startswith(("python train.py", "python -m prepare"))
+                   for c in entry["commands"])
         ckpt = load_checkpoint(path)
         assert "optimizer" not in ckpt and ckpt["stage"] == "gpt"
-        floats = [v for v in (*ckpt["model"].values(), *ckpt["vqvae"]["model"].values()) if v.is_floating_point()]
+        tensors = (*ckpt["model"].values(), *ckpt["vqvae"]["model"].values())
+        floats = [v for v in tensors if v.is_floating_point()]
         assert floats and all(v.dtype == torch.float16 for v in floats)
-        gpt, vq = load_gpt(path)                                  # load as float32, as every command does
-        assert gpt.fc_in.weight.dtype == torch.float32 and vq.codebook.embeddings.dtype == torch.float32
+        gpt, vq = load_gpt(path)                         # loaded as float32, as every command does
+        assert gpt.fc_in.weight.dtype == torch.float32
+        assert vq.codebook.embeddings.dtype == torch.float32
         # Half precision kept the scores (measured on 128 clips when they were made).
         scores = entry["scores"]
         if name == "vizdoom.pt":
@@ -49,32 +53,37 @@ def test_they_are_small_half_precision_checkpoints_made_as_their_record_says():
 
 
 def test_the_shipped_vizdoom_prior_turns_as_told():
-    """Three samples told TURN_LEFT all the way slide right, three told TURN_RIGHT slide left; and in play,
-    from the start stored with the weights, holding a turn turns the view."""
+    """Three samples told TURN_LEFT all the way slide right, three told TURN_RIGHT slide left; and
+    in play, from the start stored with the weights, holding a turn turns the view."""
     gpt, vq = (use_fast_attention(m) for m in load_gpt(os.path.join(WEIGHTS, "vizdoom.pt")))
     names = load_checkpoint(os.path.join(WEIGHTS, "vizdoom.pt"))["action_names"]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, sign in (("TURN_LEFT", 1), ("TURN_RIGHT", -1)):
-            codes = generate(gpt, 3, actions=named_actions(f"{name}*16", names, 3, (16,), "weights"), generator=g)
+            actions = named_actions(f"{name}*16", names, 3, (16,), "weights")
+            codes = generate(gpt, 3, actions=actions, generator=g)
             slides = view_slides(samples_to_uint8(vq.decode(codes)))                       # (3, 15)
             assert (sign * slides.sum(1) > 0).all(), (name, slides.sum(1))
     world, names, start = load_world(os.path.join(WEIGHTS, "vizdoom.pt"))
     assert start["codes"].shape == (8, 8, 8) and len(start["actions"]) == 16
     for name, sign in (("TURN_LEFT", 1), ("TURN_RIGHT", -1)):
-        frames = np.concatenate([start_world(world, start)[-1:]] + [world.step(name) for _ in range(6)])
+        frames = np.concatenate([start_world(world, start)[-1:]]
+                                + [world.step(name) for _ in range(6)])
         assert sign * view_slides(frames[None]).sum() > 0, name
 
 
 def test_the_shipped_digits_prior_reads_as_digits(small_reader, tmp_path):
-    """Its samples are about as legible as real clips to the same (briefly trained) reader, as the Quick
-    start's own run is; and sample.py writes them in a fresh clone, with no training."""
+    """Its samples are about as legible as real clips to the same (briefly trained) reader, as the
+    Quick start's own run is; and sample.py writes them in a fresh clone, with no training."""
     gpt, vq = (use_fast_attention(m) for m in load_gpt(os.path.join(WEIGHTS, "digits.pt")))
     with torch.no_grad():
-        fake = samples_to_uint8(vq.decode(generate(gpt, 32, generator=torch.Generator().manual_seed(0))))
+        codes = generate(gpt, 32, generator=torch.Generator().manual_seed(0))
+        fake = samples_to_uint8(vq.decode(codes))
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     ours, theirs = legibility(small_reader, fake), legibility(small_reader, real)
-    assert all(ours[k] >= 0.7 * theirs[k] > 0 for k in ("frames_read", "clips_kept")), (ours, theirs)
+    assert all(ours[k] >= 0.7 * theirs[k] > 0 for k in ("frames_read", "clips_kept")), (
+        ours, theirs)
     import sample
-    sample.main(["--ckpt", os.path.join(WEIGHTS, "digits.pt"), "--n", "2", "--out", str(tmp_path / "samples.gif")])
+    sample.main(["--ckpt", os.path.join(WEIGHTS, "digits.pt"), "--n", "2",
+                 "--out", str(tmp_path / "samples.gif")])
     assert os.path.getsize(tmp_path / "samples.gif") > 0
