@@ -24,7 +24,8 @@ def test_original_checkpoint_matches_reference_arithmetic(tmp_path):
     # Codes drawn from this input's own latents, as a trained codebook would be, so many get used.
     z = reference_latents(sd, x, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
     flat = z.movedim(1, -1).reshape(-1, z.shape[1])
-    sd["codebook.embeddings"] = flat[torch.randperm(len(flat))[:64]] + 0.01 * torch.randn(64, z.shape[1])
+    picked = flat[torch.randperm(len(flat))[:64]]                      # (64, D)
+    sd["codebook.embeddings"] = picked + 0.01 * torch.randn(64, z.shape[1])
     save_like_lightning(path, sd, ORIGINAL_ARGS)
     assert b"cuda:0" in open(path, "rb").read()          # tensors really are tagged as GPU tensors
     assert "pytorch_lightning" not in sys.modules
@@ -33,9 +34,10 @@ def test_original_checkpoint_matches_reference_arithmetic(tmp_path):
     codes = vq.encode(x)
     ref_codes = reference_encode(sd, x, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
     assert torch.equal(codes, ref_codes)
-    assert len(codes.unique()) > 20                      # a meaningful comparison, not one code everywhere
+    assert len(codes.unique()) > 20              # a meaningful comparison, not one code everywhere
     recon = vq.decode(codes)
-    ref_recon = reference_decode(sd, codes, ORIGINAL_ARGS["downsample"], ORIGINAL_ARGS["n_res_layers"])
+    ref_recon = reference_decode(sd, codes, ORIGINAL_ARGS["downsample"],
+                                 ORIGINAL_ARGS["n_res_layers"])
     torch.testing.assert_close(recon, ref_recon, atol=1e-5, rtol=1e-5)
     # Training from a loaded checkpoint continues its codebook instead of re-initialising it.
     assert bool(vq.codebook.initialized)
@@ -43,12 +45,14 @@ def test_original_checkpoint_matches_reference_arithmetic(tmp_path):
 
 def test_our_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
-                         sequence_length=8, resolution=16)
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1,
+                         downsample=(2, 4, 4), sequence_length=8, resolution=16)
     model = VQVAE(config)
-    model(torch.rand(2, 3, 8, 16, 16) - 0.5)             # one training forward: codebook initialised, EMA moved
+    # One training forward: the codebook initialised, its moving averages moved.
+    model(torch.rand(2, 3, 8, 16, 16) - 0.5)
     model.eval()
-    torch.save(dict(stage="vqvae", config=config.to_dict(), model=model.state_dict(), step=1), tmp_path / "ckpt.pt")
+    torch.save(dict(stage="vqvae", config=config.to_dict(), model=model.state_dict(), step=1),
+               tmp_path / "ckpt.pt")
     loaded = load_vqvae(tmp_path / "ckpt.pt")
     assert loaded.config == config
     for k, v in model.state_dict().items():
@@ -89,11 +93,13 @@ def test_wrong_stage_unknown_format_truncated_and_missing(tmp_path):
 
 
 def hold_lock(path):
-    """Another process holding OutputLock(path) (locks belong to processes); returns it once the lock is taken."""
+    """Another process holding OutputLock(path) (locks belong to processes); returns it once the
+    lock is taken."""
     import subprocess
-    child = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
-                              f"from checkpoints import OutputLock; lock = OutputLock({path!r}, '').acquire(); "
-                              f"print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+            f"from checkpoints import OutputLock; lock = OutputLock({path!r}, '').acquire(); "
+            f"print('held', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
 
@@ -112,7 +118,7 @@ def test_output_lock_admits_one_holder_names_it_and_dies_with_its_process(tmp_pa
     child.wait()
     with OutputLock(path, ""):
         assert open(path).read() == f"pid {os.getpid()} on {socket.gethostname()}"
-    assert not os.path.exists(path)                                       # released: the file is gone
+    assert not os.path.exists(path)                              # released: the file is gone
 
 
 def test_sample_py_refuses_an_output_another_process_is_writing(tmp_path):
@@ -125,5 +131,6 @@ def test_sample_py_refuses_an_output_another_process_is_writing(tmp_path):
     finally:
         child.kill()
         child.wait()
-    assert str(e.value.code).startswith(f"sample.py: error: {out}.lock: in use by pid {child.pid} on ")
+    assert str(e.value.code).startswith(
+        f"sample.py: error: {out}.lock: in use by pid {child.pid} on ")
     assert str(e.value.code).endswith("; wait for it to finish or choose another --out")
