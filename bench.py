@@ -46,6 +46,7 @@ import statistics
 import tempfile
 import threading
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -385,21 +386,19 @@ def compiling_in_background(path, args):
     folder, the seconds until the compiled step plays, and its frames/s just after."""
     world, _, start = load_world(path)
     start_world(world, start)
-    saved = os.environ.get("VIDEOGPT_CACHE")
-    with tempfile.TemporaryDirectory() as empty:
-        os.environ["VIDEOGPT_CACHE"] = empty
+    key = "TURN_LEFT" if world.n_actions else None
+    with tempfile.TemporaryDirectory() as empty, mock.patch.dict(os.environ, VIDEOGPT_CACHE=empty):
         try:
             t0 = time.perf_counter()
             world.compile_step(background=True)
             frames = 0
             while world.compiled_step is None and world.compile_error is None and time.perf_counter() - t0 < 300:
-                frames += len(world.step("TURN_LEFT" if world.n_actions else None))
+                frames += len(world.step(key))
             ready_s = time.perf_counter() - t0
             t = time.perf_counter()
-            after = sum(len(world.step("TURN_LEFT" if world.n_actions else None)) for _ in range(args.play_steps))
+            after = sum(len(world.step(key)) for _ in range(args.play_steps))
         finally:
             world.stop_compiling()
-            os.environ.pop("VIDEOGPT_CACHE") if saved is None else os.environ.update(VIDEOGPT_CACHE=saved)
     return dict(background_ready_s=ready_s, fps_while_compiling=frames / ready_s,
                 fps_after=after / (time.perf_counter() - t), compile_error=world.compile_error)
 

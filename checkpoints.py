@@ -24,6 +24,7 @@ import argparse
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -31,6 +32,15 @@ import re
 import socket
 
 import torch
+
+
+def sha256(path):
+    """Hex SHA-256 of a file, read in 1 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 # -----------------------------------------------------------------------------
 # Atomic writes

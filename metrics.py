@@ -23,7 +23,6 @@ files' hashes written beside the score.
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights
+from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256
 from data import cache_dir, find_videos, make_dataset, read_frames, samples_to_uint8, to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
@@ -69,15 +68,6 @@ def gather_in_order(x, ddp):
         out[r::len(parts)] = p
     return out
 
-
-
-def sha256(path):
-    """Hex SHA-256 of a file, read in 1 MB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def provenance(**paths):

@@ -48,7 +48,6 @@ the codes fast.sample_long draws for the same generator and actions.
 
 import collections
 import contextlib
-import hashlib
 import os
 import subprocess
 import sys
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree   # how torch.export lists the tensors of nested arguments
 
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, sha256
 from attention import KVCache
 from data import cache_dir, make_dataset, preprocess, to_uint8
 from fast import (DecodeStep, cached_condition, decode_one_token, decode_weights, prefill,
@@ -191,7 +190,8 @@ class World:
         self.poll_compiler()
         gpt, hw = self.gpt, self.hw
         t0 = time.perf_counter()
-        before = (self.codes, self.generator.get_state())   # what a cancelled step puts back
+        # What a cancelled step puts back.
+        before = (self.codes, self.generator.get_state()) if cancel is not None else None
         # The window slides: drop the oldest steps; the positions of the rest change, so the cache is stale.
         if self.codes.shape[1] == self.t:
             self.codes = self.codes[:, self.stride:]                                # (1, t - stride, h, w)
@@ -269,14 +269,11 @@ class World:
             torch.set_num_threads(max(1, self.threads - 1))
         elif background:   # kept from an earlier start: loaded beside the eager play
             self.load_in_background(path)
-        elif path is not None:
-            if not os.path.isfile(path):
-                build_package(self.gpt, path, backend)
-            self.adopt(path)
-        else:   # a prior not from a file: compiled for this World alone
+        else:   # here and now; a prior not from a file is compiled for this World alone
             with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, f"step-{backend}.pt2")
-                build_package(self.gpt, path, backend)
+                path = path or os.path.join(tmp, f"step-{backend}.pt2")
+                if not os.path.isfile(path):
+                    build_package(self.gpt, path, backend)
                 self.adopt(path)
 
     @property
@@ -320,10 +317,9 @@ class World:
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
             return
         step = PackageCall(runner)
-        with torch.inference_mode():
-            code, pos, cond, caches = probe_inputs(self.gpt)
-            ref = LogitsStep(self.gpt)(code, pos, cond, caches)                    # (1, n_codes)
-            got = step(code, pos, cond, probe_inputs(self.gpt)[3])
+        with torch.inference_mode():   # each on its own caches, which a step writes
+            ref = LogitsStep(self.gpt)(*probe_inputs(self.gpt))                    # (1, n_codes)
+            got = step(*probe_inputs(self.gpt))                                    # (1, n_codes)
         if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
             self.compiled_step = step
         else:
@@ -370,13 +366,12 @@ class PackageCall:
         self.boxed_run = getattr(getattr(runner, "loader", None), "boxed_run", None)   # AOTInductor's
 
     def __call__(self, code, pos, cond, caches):
-        arguments = PackedStep.arguments(cond, caches) if self.boxed_run is None or \
-            self.held[0] is not cond or self.held[1] is not caches else None
         if self.boxed_run is None:   # another kind of runner (an exported program): the whole tree
-            return self.runner(code, pos, *arguments)
-        if arguments is not None:    # a new conditioning or new caches (a prefill): list their tensors
+            return self.runner(code, pos, *PackedStep.arguments(cond, caches))
+        if self.held[0] is not cond or self.held[1] is not caches:   # a prefill: list the tensors
             self.held = (cond, caches)   # held, not their ids: an id may be reused by a later object
-            self.tensors = [x for x in pytree.tree_leaves(arguments) if isinstance(x, torch.Tensor)]
+            leaves = pytree.tree_leaves(PackedStep.arguments(cond, caches))
+            self.tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         return self.boxed_run([code, pos, *self.tensors])[0]                         # (1, n_codes)
 
 
@@ -397,11 +392,7 @@ def package_file(source, backend):
     """Where the compiled step of checkpoint file `source` is kept: named for the file's contents, the
     PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine makes
     it again (data.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
-    digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    tag = f"{digest.hexdigest()[:16]}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    tag = f"{sha256(source)[:16]}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
     return os.path.join(cache_dir(), "play", f"{tag}-{backend}.pt2")
 
 
