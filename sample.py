@@ -224,8 +224,9 @@ def sample_and_write(args, ext):
             sl = slice(start, min(args.n, start + args.batch_size))
             # This batch's conditioning.
             part = {k: None if v is None else v[sl] for k, v in cond.items()}
-            # Video prediction: the real frames' codes are the first latent steps, prefilled.
-            prefix = vq.encode(context[sl]) if context is not None else None  # (n, K/s, h, w)
+            # Video prediction: the real frames' codes are the first latent steps, prefilled:
+            # (n, K / the VQ-VAE's temporal stride, h, w).
+            prefix = vq.encode(context[sl]) if context is not None else None
             codes = sample_long(gpt, sl.stop - sl.start, frames_out, args.stride, **part,
                                 prefix=prefix, frames_fn=frames_fn, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, generator=generator,
