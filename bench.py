@@ -251,7 +251,7 @@ def bench_sparse(size, args, device, autocast):
         # Dense: SDPA with the (L, L) mask; flex: fast.py's kernel for the sparse pattern.
         use_fast_attention(model)
         if not flex:
-            for block in model.attn_stack.attn_nets:
+            for block in model.blocks:
                 block.attn.attend = fast_attention
         model.eval()
 

@@ -61,24 +61,29 @@ def atomic_write(path, write, binary=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path)
     except Exception as e:
         # A full disk surfaces as an OSError, or as whatever the writer raised while handling one
         # (torch.save: "RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...").
         if disk_full(e):
             raise DiskFull(errno.ENOSPC, "could not be written: the disk is full", path) from None
         raise
-        # The rename itself lives in the folder: sync it too, so a power cut cannot undo it.
-        try:
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass   # some filesystems cannot sync a folder; the rename is still atomic
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sync_folder(path):
+    """Flush the folder that holds `path` to disk: a rename lives in the folder, and a power cut
+    could otherwise undo it."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass   # some file systems cannot sync a folder; the rename is still atomic
 
 
 class DiskFull(OSError):
@@ -342,6 +347,49 @@ def load_weights(model, state_dict, path, what):
 # -----------------------------------------------------------------------------
 # The original VideoGPT release's checkpoints, translated into plain config dicts and state dicts
 # (the models build themselves from these: vqvae.load_vqvae, gpt.load_gpt)
+
+# The prior's parameter names: the original release's (which this project also wrote until it
+# chose plainer ones) on the left, today's on the right. Each rule is a regular expression applied
+# to every key, in this order; a key already in today's names matches none of them.
+PRIOR_RENAMES = [
+    # The transformer: the blocks were "attention nets" inside an "attention stack".
+    (r"^attn_stack\.attn_nets\.", "blocks."),
+    (r"^attn_stack\.", ""),                              # right_shift.sos, pos_embd.emb.d_i
+    # A block's norms and branches.
+    (r"\.pre_attn_norm\.", ".attn_norm."),
+    (r"\.pre_enc_norm\.", ".cross_norm."),              # the norm before the cross-attention
+    (r"\.enc_attn\.", ".cross_attn."),                  # the cross-attention to the conditioning
+    (r"\.pre_fc_norm\.", ".mlp_norm."),
+    (r"\.fc_block\.0\.", ".mlp.up."),                   # nn.Sequential(Linear, GeLU2, Linear)
+    (r"\.fc_block\.2\.", ".mlp.down."),
+    # A norm's gain and bias: learned vectors g and b, or maps w and wb of the conditioning vector.
+    (r"norm\.g$", "norm.gain"),
+    (r"norm\.b$", "norm.bias"),
+    (r"norm\.w\.weight$", "norm.to_gain.weight"),
+    (r"norm\.wb\.weight$", "norm.to_bias.weight"),
+    # The frame ResNet: its norms were named like BatchNorms (bnr: "BatchNorm, ReLU"), each a
+    # LayerNorm inside a wrapper inside a wrapper; its stem and groups were nn.Sequentials.
+    (r"^resnet\.stem\.0\.", "resnet.stem_conv."),
+    (r"^resnet\.stem\.1\.norm\.norm\.", "resnet.stem_norm."),
+    (r"\.start_block\.", ".0."),                         # a group's first, projecting block
+    (r"\.blocks\.(\d+)\.", lambda m: f".{int(m.group(1)) + 1}."),   # the rest, one index on
+    (r"\.bnr1\.norm\.norm\.", ".norm1."),
+    (r"\.bnr2\.norm\.norm\.", ".norm2."),
+    (r"\.proj_bnr\.norm\.norm\.", ".proj_norm."),
+]
+
+
+def current_prior_keys(state):
+    """A prior's state dict with every key in today's names (see PRIOR_RENAMES), order kept."""
+    if not isinstance(state, dict):
+        return state   # load_weights says what is wrong with it
+    renamed = {}
+    for key, value in state.items():
+        for pattern, new in PRIOR_RENAMES:
+            key = re.sub(pattern, new, key)
+        renamed[key] = value
+    return renamed
+
 
 # The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these names.
 VQVAE_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")

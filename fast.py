@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from attention import MultiHeadAttention, rotate
-from gpt import VideoGPT, normalize, sample_logits, uniform_noise
+from gpt import VideoGPT, gelu2, normalize, sample_logits, uniform_noise
 
 # -----------------------------------------------------------------------------
 # Attention kernels
@@ -82,7 +82,7 @@ def use_fast_attention(model):
             m.attend = fast_attention
     if isinstance(model, VideoGPT):
         c = model.config
-        for block in model.attn_stack.attn_nets:
+        for block in model.blocks:
             block.attn.attend = functools.partial(fast_attention, pattern=c.attn_type, block=c.sparse_block)
     return model
 
@@ -152,7 +152,7 @@ def use_grad_checkpointing(gpt, enabled=True):
     """Each block of the prior recomputes its activations in backward instead of keeping them (train.py
     --grad_checkpointing): the same gradients, for a block's activations of memory instead of all of
     them, at the price of a second forward. The original always did this while training."""
-    for block in gpt.attn_stack.attn_nets:
+    for block in gpt.blocks:
         block.__dict__.pop("forward", None)         # back to the class's forward
         if enabled:
             block.forward = functools.partial(checkpointed, block, type(block).forward)
@@ -180,13 +180,15 @@ def cached_condition(gpt, label, frames, n, actions=None):
     cross-attention keys and values of frames and actions, every norm's gain and bias (per sample
     for conditional norms: a class, or the paper's action norms)."""
     cond = gpt.condition(label, frames, n, actions)
-    blocks = gpt.attn_stack.attn_nets
-    vector = cond["vector"]
-    cond["frame_kv"] = ([b.enc_attn.keys_values(cond["context"]) for b in blocks] if cond["context"] is not None
-                        else [None] * len(blocks))
-    cond["plan"] = dict(norm=gpt.norm.gain_bias(vector), blocks=[
-        dict(attn_norm=b.pre_attn_norm.gain_bias(vector), fc_norm=b.pre_fc_norm.gain_bias(vector),
-             enc_norm=b.pre_enc_norm.gain_bias(vector) if hasattr(b, "enc_attn") else None) for b in blocks])
+    vector, context = cond["vector"], cond["context"]
+    cond["frame_kv"] = [b.cross_attn.keys_values(context) if context is not None else None
+                        for b in gpt.blocks]
+    plans = []
+    for b in gpt.blocks:
+        cross_norm = b.cross_norm.gain_bias(vector) if b.cross_attn is not None else None
+        plans.append(dict(attn_norm=b.attn_norm.gain_bias(vector), cross_norm=cross_norm,
+                          mlp_norm=b.mlp_norm.gain_bias(vector)))
+    cond["plan"] = dict(norm=gpt.norm.gain_bias(vector), blocks=plans)
     return cond
 
 
@@ -196,8 +198,8 @@ def decode_weights(gpt):
     each block's q, k, v weights stacked into one (3 * hidden, hidden)."""
     dtype = sampling_dtype(gpt)
     inputs = gpt.fc_in(gpt.codebook.to(gpt.fc_in.weight.dtype)).to(dtype)                 # (n_codes, hidden)
-    pos_table = gpt.attn_stack.pos_embd.table().to(dtype)                                 # (L, hidden)
-    qkv = [torch.cat([b.attn.w_qs.weight, b.attn.w_ks.weight, b.attn.w_vs.weight]) for b in gpt.attn_stack.attn_nets]
+    pos_table = gpt.pos_embd.table().to(dtype)                                 # (L, hidden)
+    qkv = [torch.cat([b.attn.w_qs.weight, b.attn.w_ks.weight, b.attn.w_vs.weight]) for b in gpt.blocks]
     return dict(inputs=inputs, pos_table=pos_table, qkv=qkv)
 
 
@@ -219,10 +221,11 @@ def block_decode(block, x, pos, cache, mask, plan, qkv, frame_kv=None, length=No
     a = (explicit_attention(q, k, v, mask) if torch.compiler.is_compiling() else
          F.scaled_dot_product_attention(q, k, v, attn_mask=mask))                    # (B, nh, 1, hs)
     x = x + F.linear(attn.merge_heads(a), attn.fc.weight, attn.fc.bias)               # (B, 1, D)
-    if hasattr(block, "enc_attn"):
-        x = x + block.enc_attn(normalize(x, *plan["enc_norm"]), kv=frame_kv)
-    h = F.linear(normalize(x, *plan["fc_norm"]), block.fc_block[0].weight, block.fc_block[0].bias)
-    return x + F.linear(block.fc_block[1](h), block.fc_block[2].weight, block.fc_block[2].bias)   # GeLU2
+    if block.cross_attn is not None:
+        x = x + block.cross_attn(normalize(x, *plan["cross_norm"]), kv=frame_kv)
+    mlp = block.mlp
+    h = F.linear(normalize(x, *plan["mlp_norm"]), mlp.up.weight, mlp.up.bias)       # (B, 1, 4D)
+    return x + F.linear(gelu2(h), mlp.down.weight, mlp.down.bias)                   # (B, 1, D)
 
 
 def decode_one_token(gpt, code, pos, cond, caches, length=None, weights=None):
@@ -239,7 +242,7 @@ def decode_one_token(gpt, code, pos, cond, caches, length=None, weights=None):
     elif gpt.config.attn_type == "sparse":
         mask = gpt.mask[pos][:, :length]                                          # (1, length)
     rotary = gpt.rotary_at(pos)
-    for block, cache, p, qkv, kv in zip(gpt.attn_stack.attn_nets, caches, cond["plan"]["blocks"], w["qkv"],
+    for block, cache, p, qkv, kv in zip(gpt.blocks, caches, cond["plan"]["blocks"], w["qkv"],
                                         cond["frame_kv"]):
         x = block_decode(block, x, pos, cache, mask, p, qkv, kv, length, rotary)
     return F.linear(normalize(x, *cond["plan"]["norm"]), gpt.fc_out.weight)[:, -1]   # (B, n_codes)
@@ -248,7 +251,7 @@ def decode_one_token(gpt, code, pos, cond, caches, length=None, weights=None):
 def prefill(gpt, cond, caches, n, prefix=None):
     """The start vector, then the given codes `prefix` (n, P) if any, in one pass of the lesson's
     `VideoGPT.step` at positions 0..P, writing the caches. Returns the logits of position P (n, n_codes)."""
-    x = gpt.attn_stack.right_shift.sos.to(gpt.fc_in.weight.dtype).expand(n, 1, -1)   # (n, 1, hidden)
+    x = gpt.right_shift.sos.to(gpt.fc_in.weight.dtype).expand(n, 1, -1)   # (n, 1, hidden)
     if prefix is not None and prefix.shape[1]:
         x = torch.cat([x, gpt.embed(prefix)], dim=1)                                  # (n, 1 + P, hidden)
     return gpt.step(x, torch.arange(x.shape[1], device=x.device), cond, caches)[:, -1]   # (n, n_codes)

@@ -129,8 +129,8 @@ def hidden_matrices(model):
     assert isinstance(model, VideoGPT), (
         f"Muon knows the VQVAE's and the VideoGPT's matrices, not a {type(model).__name__}'s")
     matrices = []
-    for block in model.attn_stack.attn_nets:
-        for part in (block.attn, getattr(block, "enc_attn", None), block.fc_block):
+    for block in model.blocks:
+        for part in (block.attn, block.cross_attn, block.mlp):
             if part is not None:
                 matrices += [m.weight for m in part.modules() if isinstance(m, nn.Linear)]
     return matrices

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, keep_copy,
+from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, current_prior_keys, keep_copy,
                          load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
 from data import make_dataset
 from fast import use_fast_attention
@@ -467,7 +467,9 @@ class Run:
     def resume(self, ckpt):
         """Weights, optimizer, scaler, step, curves and random streams from the checkpoint."""
         try:
-            self.raw_model.load_state_dict(ckpt["model"])
+            # A prior saved before today's parameter names loads under them (checkpoints.py).
+            model = current_prior_keys(ckpt["model"]) if self.args.stage == "gpt" else ckpt["model"]
+            self.raw_model.load_state_dict(model)
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             continued = self.state.load_state_dict(ckpt, self.dist)

@@ -153,7 +153,7 @@ n = 4
 cond = gpt.condition(None, None, n)
 caches = gpt.setup_caches(n, "cpu")
 drawn = torch.zeros(n, L, dtype=torch.long)
-x_in = gpt.attn_stack.right_shift.sos.expand(n, 1, -1)  # (n, 1, hidden): the prefill
+x_in = gpt.right_shift.sos.expand(n, 1, -1)  # (n, 1, hidden): the prefill
 snapshots = {L // 4: None, L // 2: None, 3 * L // 4: None, L: None}
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():

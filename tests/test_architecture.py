@@ -79,6 +79,17 @@ def test_the_lesson_stays_within_its_budget():
         assert lines(path) <= budget, f"{path}: {lines(path)} lines, budget {budget}"
 
 
+def test_the_model_chapters_use_plain_names_and_leave_the_history_to_docs():
+    """The original release's module names live in checkpoints.py's key table, not in the lesson,
+    and "original" is said where exactness needs a note, not to tell history."""
+    text = {n: open(os.path.join(ROOT, f"{n}.py")).read() for n in MODEL_CHAPTERS}
+    for old in ("AttentionStack", "attn_stack", "attn_nets", "enc_attn", "pre_enc_norm", "bnr1",
+                "bnr2", "proj_bnr", "fc_block"):
+        for name, source in text.items():
+            assert old not in source, f"{name}.py says {old}"
+    assert sum(source.lower().count("original") for source in text.values()) <= 15
+
+
 def test_no_function_runs_past_100_lines():
     """A function a reader can hold in view: the commands, converters and tools included."""
     for path in (os.path.join(folder, name) for folder in ("", "prepare", "docs", "weights")

@@ -146,7 +146,7 @@ def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_gradi
     codes, cond = inputs(gpt)
     frames = cond["frames"]
     calls = []
-    gpt.attn_stack.attn_nets[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    gpt.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
     grads = []
     for flag in (False, True):
         gpt.zero_grad()

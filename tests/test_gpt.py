@@ -93,7 +93,7 @@ def test_each_cached_step_gives_the_teacher_forced_logits():
     full = gpt(codes, **given).view(B, L, -1)
     cond = gpt.condition(given["label"], given["frames"], B, given["actions"])
     caches = gpt.setup_caches(B, "cpu")
-    x = gpt.attn_stack.right_shift(gpt.embed(codes.view(B, L)))               # (B, L, hidden), shifted
+    x = gpt.right_shift(gpt.embed(codes.view(B, L)))               # (B, L, hidden), shifted
     steps = [gpt.step(x[:, i:i + 1], torch.tensor([i]), cond, caches)[:, 0] for i in range(L)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -189,6 +189,31 @@ def test_original_prior_checkpoint_gives_the_original_logits(tmp_path, kind):
     assert vq.decode(samples).shape == (2, 3, 8, 32, 32)
 
 
+def test_the_key_table_names_every_original_parameter_in_the_models_order(tmp_path):
+    """checkpoints.PRIOR_RENAMES maps the original's keys (which this project's earlier checkpoints
+    share) one to one onto today's, in the order the model registers its parameters: the order an
+    optimizer's saved state is indexed by. Muon picks the same matrices as under the old names."""
+    import muon
+    from checkpoints import current_prior_keys
+    sd = original_state_dict(seed=0, keys=PRIOR_KEYS["cond"])
+    args = dict(ORIGINAL_ARGS, hidden_dim=60, heads=2, layers=2, n_cond_frames=1, class_cond=True,
+                vqvae="vqvae.ckpt")
+    save_like_lightning(tmp_path / "cond.ckpt", sd, args)
+    gpt, _ = load_gpt(tmp_path / "cond.ckpt")
+    old = [k for k in sd if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")]
+    new = list(current_prior_keys(dict.fromkeys(old)))
+    assert len(set(new)) == len(old)
+    assert new == [n for n, _ in gpt.named_parameters()]       # every parameter, in order
+    assert current_prior_keys(dict.fromkeys(new)).keys() == dict.fromkeys(new).keys()   # settled
+    # Muon's rule under the old names: the blocks' attention, cross-attention and MLP matrices.
+    old_rule = [k for k in old if k.startswith("attn_stack.attn_nets.") and k.endswith(".weight")
+                and any(f".{part}." in k for part in ("attn", "enc_attn", "fc_block"))
+                and sd[k].ndim == 2]
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    picked = [names[id(p)] for p in muon.hidden_matrices(gpt)]
+    assert picked == list(current_prior_keys(dict.fromkeys(old_rule))) and len(picked) == 2 * 10
+
+
 def test_load_gpt_refuses_a_vqvae_checkpoint(tmp_path):
     save_like_lightning(tmp_path / "vq.ckpt", original_state_dict(), ORIGINAL_ARGS)
     with pytest.raises(ValueError, match="vq.ckpt: is a 'vqvae' checkpoint, not a prior"):
@@ -233,16 +258,16 @@ def test_initialisation_follows_the_original_table():
     assert not gpt.fc_out.weight.any()                                   # uniform logits at the start
     assert std(gpt.fc_in.weight) == pytest.approx(0.02, rel=0.02)
     # sos has only 576 numbers: a looser bound, still far from any other scale.
-    assert std(gpt.attn_stack.right_shift.sos) == pytest.approx(0.02, rel=0.15)
-    for table in gpt.attn_stack.pos_embd.emb.values():
+    assert std(gpt.right_shift.sos) == pytest.approx(0.02, rel=0.15)
+    for table in gpt.pos_embd.emb.values():
         assert table.shape[1] == 192
-    assert std(torch.cat([t.flatten() for t in gpt.attn_stack.pos_embd.emb.values()])) == pytest.approx(0.01, rel=0.05)
-    attn = gpt.attn_stack.attn_nets[0].attn
+    assert std(torch.cat([t.flatten() for t in gpt.pos_embd.emb.values()])) == pytest.approx(0.01, rel=0.05)
+    attn = gpt.blocks[0].attn
     for w in (attn.w_qs.weight, attn.w_ks.weight, attn.w_vs.weight):
         assert std(w) == pytest.approx(1 / math.sqrt(576), rel=0.02)
     assert std(attn.fc.weight) == pytest.approx(1 / math.sqrt(576 * 2), rel=0.02)   # shrinks with depth
-    norm = gpt.attn_stack.attn_nets[0].pre_attn_norm
-    assert torch.equal(norm.w.weight, torch.full((576, 9), 1 / 3))           # 1 / sqrt(n_classes)
+    norm = gpt.blocks[0].attn_norm
+    assert torch.equal(norm.to_gain.weight, torch.full((576, 9), 1 / 3))           # 1 / sqrt(n_classes)
 
 
 def commanded_squares(n, rng, T=4, cells=3):

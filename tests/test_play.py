@@ -37,7 +37,7 @@ def tiny_world_parts(action_norms=True, action_dim=3, seed=0):
     kw = dict(action_dim=action_dim, action_norms=action_norms) if action_dim else {}
     gpt = tiny_prior(seed, latent_shape=(4, 4, 4), rope=True, sequence_length=8, **kw).eval()
     for name, p in gpt.named_parameters():   # the norms' action columns start at zero: make actions matter
-        if name.endswith((".w.weight", ".wb.weight")):
+        if name.endswith((".to_gain.weight", ".to_bias.weight")):
             p.data.normal_(std=0.5)
     gpt.set_codebook(vq.codebook.embeddings)
     return gpt, vq

@@ -255,8 +255,8 @@ def test_muon_steps_the_priors_hidden_matrices_and_adam_the_rest():
     hidden = sorted(names[id(p)] for p in muon.hidden_matrices(gpt))
     # Per block: q, k, v, out of the self-attention and of the cross-attention to the actions, and the MLP's two.
     assert len(hidden) == 2 * 10 and all(gpt.get_parameter(n).ndim == 2 for n in hidden)
-    assert all(".attn." in n or ".enc_attn." in n or ".fc_block." in n for n in hidden)
-    assert not any(n.endswith(".w.weight") for n in hidden)        # a class's gains (2D, but a lookup) stay Adam's
+    assert all(".attn." in n or ".cross_attn." in n or ".mlp." in n for n in hidden)
+    assert not any(n.endswith(".to_gain.weight") for n in hidden)        # a class's gains (2D, but a lookup) stay Adam's
     opt = muon.make_optimizer(gpt, "muon", lr=1e-2)
     assert isinstance(opt, muon.MuonAdam) and len({id(p) for g in opt.param_groups for p in g["params"]}) == len(names)
     step_along_known_directions(gpt, hidden, opt, 1e-2)

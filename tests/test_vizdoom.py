@@ -204,7 +204,7 @@ def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_nam
     ckpt = torch.load(prior / "ckpt.pt", weights_only=True)
     assert ckpt["action_names"] == ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
     assert ckpt["config"]["action_norms"] and ckpt["config"]["action_dim"] == 3
-    assert ckpt["model"]["attn_stack.attn_nets.0.pre_attn_norm.w.weight"].shape == (24, 4 * 3)   # T*A
+    assert ckpt["model"]["blocks.0.attn_norm.to_gain.weight"].shape == (24, 4 * 3)   # T*A
     sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions", "TURN_LEFT*2,MOVE_FORWARD*2",
                  "--out", str(tmp_path / "told.gif")])
     assert Image.open(tmp_path / "told.gif").n_frames == 4
