@@ -1,21 +1,23 @@
 """Video data in and out: preprocessing, the datasets, video files and pictures.
 
-Every dataset yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}` (plus `"label"`, and per-frame
-`"actions"` / `"states"` where the data has them), which both training stages consume.
+Every dataset yields dicts `{"video": (3, T, H, W) float in [-0.5, 0.5]}`, plus `"label"`, and
+per-frame `"actions"` and `"states"` where the data has them. Both training stages read these.
 
-* `HDF5Dataset`: the original VideoGPT layout: `train_data` uint8 (N_frames, H, W, 3), all videos' frames
-  back to back, `train_idx` int64 (N_videos,) their start frames, the same for `test_`; optionally labels,
-  actions, states and class names.
-* `VideoFolderDataset`: `ROOT/{train,test}/**/*.{mp4,avi,webm}`, a video's class its parent folder, decoded
-  with PyAV; frame counts indexed once, in a sidecar file.
-* `MovingDigitsDataset`: the built-in default, digits bouncing in a black frame, drawn here.
+* `HDF5Dataset` reads the original VideoGPT layout: `train_data` uint8 (N_frames, H, W, 3) holds
+  all videos' frames back to back, `train_idx` int64 (N_videos,) their start frames, and the
+  same for `test_`; labels, actions, states and class names are optional.
+* `VideoFolderDataset` reads `ROOT/{train,test}/**/*.{mp4,avi,webm}` with PyAV; a video's class
+  is its parent folder, and frame counts are indexed once, in a sidecar file.
+* `MovingDigitsDataset` is the built-in default: digits bouncing in a black frame, drawn here.
 
-An item is one video's random `sequence_length` window; asked for as `(index, seed)`, the window is fixed,
-so the data a run sees is a pure function of its seed and step, whatever the DataLoader workers. Out:
-`video_grid` / `grid_video` tile clips (enlarged to be seen), and `save_gif` / `save_mp4` / `save_png` / `write_hdf5` write atomically. Making datasets: `python -m prepare`.
+An item is one video's random `sequence_length` window. Asked for as `(index, seed)`, the window
+is fixed, so the data a run sees is a pure function of its seed and step, whatever the DataLoader
+workers do. Out: `video_grid` and `grid_video` tile clips, and `save_gif`, `save_mp4` and
+`save_png` write files atomically. `python -m prepare` makes datasets.
 """
 
 import concurrent.futures
+import functools
 import glob
 import hashlib
 import json
@@ -42,27 +44,23 @@ VIDEO_EXTS = (".mp4", ".avi", ".webm")
 
 
 def resize_and_crop(frames, size):
-    """float frames (N, C, H, W) -> (N, C, size, size): the shorter side scaled to `size`, then a center crop.
-
-    Bilinear with align_corners=False; the longer side is rounded up, as in the
-    original. The FVD protocol of the original VideoGPT script uses it too (to 224).
-    """
+    """Float frames (N, C, H, W) -> (N, C, size, size): the shorter side scaled to `size`, then a
+    center crop. Bilinear with align_corners=False, the longer side rounded up, as in the
+    original; the FVD protocol of the original VideoGPT script uses it too (to 224)."""
     N, C, H, W = frames.shape
     scale = size / min(H, W)
     target = (size, math.ceil(W * scale)) if H < W else (math.ceil(H * scale), size)
     if target != (H, W):
-        frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False)  # (N, C, H', W')
+        frames = F.interpolate(frames, size=target, mode="bilinear",
+                               align_corners=False)                      # (N, C, H', W')
     top, left = (frames.shape[2] - size) // 2, (frames.shape[3] - size) // 2
     return frames[:, :, top:top + size, left:left + size]                # (N, C, size, size)
 
 
 def preprocess(video, resolution, sequence_length=None):
-    """uint8 video (T, H, W, C) -> float (3, T, resolution, resolution) in [-0.5, 0.5].
-
-    Scales the shorter side to `resolution` (bilinear, align_corners=False, the
-    longer side rounded up), center-crops to a square, and keeps the first
-    `sequence_length` frames if given. Grayscale (C=1) is repeated to RGB.
-    """
+    """uint8 video (T, H, W, C) -> float (3, T, resolution, resolution) in [-0.5, 0.5]: the
+    first `sequence_length` frames if given, resized and cropped square (resize_and_crop).
+    Grayscale (C=1) is repeated to RGB."""
     video = torch.as_tensor(np.asarray(video))
     assert video.dim() == 4 and video.shape[-1] in (1, 3), \
         f"expected a video of shape (T, H, W, 1 or 3), got {tuple(video.shape)}"
@@ -83,9 +81,6 @@ def to_uint8(video):
     return video.movedim(-4, -1)  # (..., T, H, W, 3)
 
 
-# What a sample looks like: the given frames put back, framed in red.
-
-
 def frame_conditioning(videos, k, width=2):
     """Paint a red border on the first k frames of uint8 (N, T, H, W, 3) clips: the frames given to
     a frame-conditional prior, as the paper's figures show them."""
@@ -100,10 +95,9 @@ def frame_conditioning(videos, k, width=2):
 def samples_to_uint8(video, frames=None, mark=True):
     """Decoded samples (B, 3, T, H, W) -> uint8 clips (B, T, H, W, 3) to show or score.
 
-    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W):
-    those are put back exactly as given (the VQ-VAE's decoding of them is only an
-    approximation), and with `mark` framed in red, as in the paper's figures.
-    """
+    A frame-conditional prior's samples start with its k given frames (B, 3, k, H, W). Those are
+    put back exactly as given, since the VQ-VAE's decoding of them is only an approximation, and
+    with `mark` they are framed in red, as in the paper's figures."""
     video = video.detach().float().clamp(-0.5, 0.5)
     k = 0 if frames is None else frames.shape[2]
     if k:
@@ -115,9 +109,8 @@ def samples_to_uint8(video, frames=None, mark=True):
 def window_start(n_frames, sequence_length, seed=None):
     """Random start of a `sequence_length` window in a video of `n_frames` frames.
 
-    original: drew from range(n_frames - sequence_length), which is empty, and so
-    crashed, for a video exactly `sequence_length` long; here that video is valid.
-    """
+    original: drew from range(n_frames - sequence_length), which crashed on a video exactly
+    `sequence_length` long; here that video is valid."""
     high = n_frames - sequence_length + 1
     if seed is None:
         return int(torch.randint(high, ()).item())
@@ -138,10 +131,9 @@ def split_item(item):
 class VideoFileDataset(Dataset):
     """Base of the HDF5 and video-folder datasets; subclasses define `load(i, seed)` and `where(i)`.
 
-    Every file is checked when the dataset is built, so a read that fails later
-    means the data changed or a disk went bad during the run. Stopping a run hours
-    in for one bad clip would be worse than skipping it: the next video is read
-    instead, with a one-line warning, and only a long run of failures is an error.
+    Every file is checked when the dataset is built, so a read that fails later means the data
+    changed or a disk went bad during the run. Rather than stop a run hours in for one bad clip,
+    the next video is read, with a one-line warning; only a long run of failures is an error.
     """
 
     max_read_failures = 8
@@ -153,9 +145,10 @@ class VideoFileDataset(Dataset):
             try:
                 return self.load(j, seed)
             except Exception as e:  # any decoder or I/O failure: try the next video
-                warnings.warn(f"{self.where(j)}: could not be read ({first_line(e)}); using the next video instead")
-        raise ValueError(f"{self.where(i)}: {self.max_read_failures} videos in a row could not be read; "
-                         f"the data changed or is damaged since the run started")
+                warnings.warn(f"{self.where(j)}: could not be read ({first_line(e)}); using the "
+                              f"next video instead")
+        raise ValueError(f"{self.where(i)}: {self.max_read_failures} videos in a row could not be "
+                         f"read; the data changed or is damaged since the run started")
 
 
 # -----------------------------------------------------------------------------
@@ -168,8 +161,7 @@ class HDF5Dataset(VideoFileDataset):
     def __init__(self, path, sequence_length, train=True, resolution=64):
         super().__init__()
         self.path = os.fspath(path)
-        self.sequence_length = sequence_length
-        self.resolution = resolution
+        self.sequence_length, self.resolution = sequence_length, resolution
         self.split = "train" if train else "test"
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file")
@@ -185,32 +177,34 @@ class HDF5Dataset(VideoFileDataset):
             raise ValueError(f"{self.path}: damaged HDF5 file ({first_line(e)})") from None
         # Each video runs from its start to the next one's (the last one to the end of the data).
         # original: ended the last video at n_videos instead of n_frames.
-        ends = np.append(idx[1:], n_frames_total)
-        lengths = ends - idx
+        lengths = np.append(idx[1:], n_frames_total) - idx
         keep = lengths >= sequence_length
         if not keep.any():
             raise ValueError(f"{self.path}: all {len(idx)} {self.split} videos are shorter than "
-                             f"sequence_length={sequence_length} (the longest has {lengths.max()} frames)")
+                             f"sequence_length={sequence_length} (the longest has "
+                             f"{lengths.max()} frames)")
         self.n_skipped = int((~keep).sum())
         if self.n_skipped:
-            warnings.warn(f"{self.path}: skipping {self.n_skipped} {self.split} videos shorter than "
-                          f"sequence_length={sequence_length}")
+            warnings.warn(f"{self.path}: skipping {self.n_skipped} {self.split} videos shorter "
+                          f"than sequence_length={sequence_length}")
         self.starts, self.lengths = idx[keep], lengths[keep]
         self.labels = labels[keep] if labels is not None else None
         self.n_classes = int(labels.max()) + 1 if labels is not None else 0
         self.classes = self.class_names
         if self.classes is not None:
             self.n_classes = max(self.n_classes, len(self.classes))
-        self._file = None   # opened lazily, once per process (h5py handles do not survive fork)
-        self._pid = None
+        # The file is opened lazily, once per process: h5py handles do not survive a fork.
+        self._file = self._pid = None
 
     def read_index(self, f):
-        """Check the split's keys, dtype and start indices; returns (n_frames, idx, labels or None)."""
-        data_key, idx_key, labels_key = f"{self.split}_data", f"{self.split}_idx", f"{self.split}_labels"
+        """Check the split's keys, dtype and start indices; (n_frames, idx, labels or None)."""
+        data_key, idx_key = f"{self.split}_data", f"{self.split}_idx"
+        labels_key = f"{self.split}_labels"
         missing = [k for k in (data_key, idx_key) if k not in f]
         if missing:
-            raise ValueError(f"{self.path}: missing HDF5 key(s) {', '.join(missing)} "
-                             f"(expected train_data, train_idx, test_data, test_idx; found {', '.join(f.keys()) or 'none'})")
+            raise ValueError(f"{self.path}: missing HDF5 key(s) {', '.join(missing)} (expected "
+                             f"train_data, train_idx, test_data, test_idx; found "
+                             f"{', '.join(f.keys()) or 'none'})")
         data = f[data_key]
         if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] not in (1, 3):
             raise ValueError(f"{self.path}: {data_key} must be uint8 (N_frames, H, W, 3), "
@@ -228,24 +222,29 @@ class HDF5Dataset(VideoFileDataset):
             key = f"{self.split}_{name}"
             if key in f:
                 if f[key].ndim != 2 or f[key].shape[0] != n_frames_total:
-                    raise ValueError(f"{self.path}: {key} must be (N_frames={n_frames_total}, dim), got {f[key].shape}")
+                    raise ValueError(f"{self.path}: {key} must be (N_frames={n_frames_total}, "
+                                     f"dim), got {f[key].shape}")
                 self.extras.append(name)
-        names = lambda key: [c.decode() if isinstance(c, bytes) else str(c) for c in f[key][()]] if key in f else None
-        self.class_names, self.action_names = names("classes"), names("action_names")   # e.g. TURN_LEFT
+        # Names of the classes, and of the actions' entries (e.g. TURN_LEFT), where stored.
+        self.class_names = stored_names(f, "classes")
+        self.action_names = stored_names(f, "action_names")
         labels = None
         if labels_key in f:
             labels = np.asarray(f[labels_key][()]).astype(np.int64).reshape(-1)   # (N_videos,)
             if len(labels) != len(idx):
-                raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for {len(idx)} videos")
+                raise ValueError(f"{self.path}: {labels_key} has {len(labels)} entries for "
+                                 f"{len(idx)} videos")
             if labels.min() < 0:
-                raise ValueError(f"{self.path}: {labels_key} holds a negative class index ({labels.min()})")
+                raise ValueError(f"{self.path}: {labels_key} holds a negative class index "
+                                 f"({labels.min()})")
         return n_frames_total, idx, labels
 
     def __len__(self):
         return len(self.starts)
 
     def frames(self, name="data"):
-        """The `{split}_{name}` dataset (data, actions or states) of this process's own file handle."""
+        """The `{split}_{name}` dataset (data, actions or states), through this process's own
+        file handle."""
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
@@ -266,22 +265,17 @@ class HDF5Dataset(VideoFileDataset):
         out = dict(video=preprocess(video, self.resolution))
         if self.labels is not None:
             out["label"] = int(self.labels[i])
-        for name in self.extras:                                            # (T, dim) float32 each
-            out[name] = torch.from_numpy(np.asarray(self.frames(name)[start:start + self.sequence_length], np.float32))
+        for name in self.extras:
+            extra = self.frames(name)[start:start + self.sequence_length]      # (T, dim)
+            out[name] = torch.from_numpy(np.asarray(extra, np.float32))
         return out
 
 
-def write_hdf5(path, splits):
-    """Write {split: (list of uint8 (T, H, W, 3) videos, labels or None)} in the original layout, atomically."""
-    def write(f):
-        with h5py.File(f, "w") as h5:
-            for split, (videos, labels) in splits.items():
-                lengths = [len(v) for v in videos]
-                h5.create_dataset(f"{split}_data", data=np.concatenate(videos), chunks=(1, *videos[0].shape[1:]))
-                h5.create_dataset(f"{split}_idx", data=np.cumsum([0] + lengths[:-1]).astype(np.int64))
-                if labels is not None:
-                    h5.create_dataset(f"{split}_labels", data=np.asarray(labels, np.int64))
-    atomic_write(path, write)
+def stored_names(f, key):
+    """The strings of an HDF5 dataset `key` (bytes decoded), or None if `f` has no such key."""
+    if key not in f:
+        return None
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in f[key][()]]
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +308,8 @@ def count_frames(path):
 
 
 def read_frames(path, start=0, length=None):
-    """uint8 (length, H, W, 3) frames [start, start + length) of a video file (all if length is None)."""
+    """Frames [start, start + length) of a video file, uint8 (length, H, W, 3); all without
+    a length."""
     container, stream = open_video(path)
     frames = []
     with container:
@@ -324,24 +319,26 @@ def read_frames(path, start=0, length=None):
             if length is not None and len(frames) == length:
                 break
     if not frames or (length is not None and len(frames) < length):
-        raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its index sidecar")
+        raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its "
+                         f"index sidecar")
     return np.stack(frames)                                       # (T, H, W, 3)
 
 
 def cache_dir():
     """Where generated data and indexes go when they cannot go beside the data."""
-    return os.environ.get("VIDEOGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "videogpt"))
+    default = os.path.join(os.path.expanduser("~"), ".cache", "videogpt")
+    return os.environ.get("VIDEOGPT_CACHE", default)
 
 
 def index_videos(folder, paths, workers=None):
     """{path: frame count, or None if undecodable}, cached in a sidecar file.
 
-    The sidecar `folder/.videogpt_index.json` (or a file in the cache folder if
-    `folder` is read-only) maps each relative path, with its size and mtime, to
-    its frame count, so a second start reads it instead of decoding every video.
-    """
+    The sidecar `folder/.videogpt_index.json` (or a file in the cache folder if `folder` is
+    read-only) maps each relative path, with its size and mtime, to its frame count, so that a
+    second start reads it instead of decoding every video."""
     sidecar = os.path.join(folder, ".videogpt_index.json")
-    fallback = os.path.join(cache_dir(), "index-" + hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16] + ".json")
+    folder_id = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
+    fallback = os.path.join(cache_dir(), f"index-{folder_id}.json")
     cached = {}
     for p in (sidecar, fallback):
         try:
@@ -354,7 +351,9 @@ def index_videos(folder, paths, workers=None):
     for path in paths:
         rel, st = os.path.relpath(path, folder), os.stat(path)
         e = cached.get(rel)
-        if isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns:
+        unchanged = isinstance(e, dict) and (e.get("size"), e.get("mtime_ns")) == (
+            st.st_size, st.st_mtime_ns)
+        if unchanged:
             entries[rel] = e
         else:
             todo.append((rel, path, st))
@@ -371,7 +370,8 @@ def index_videos(folder, paths, workers=None):
         # Decoding releases the GIL inside FFmpeg, so threads index several files at once.
         workers = workers or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            jobs = tqdm(pool.map(probe, todo), total=len(todo), desc=f"indexing {folder}", disable=len(todo) < 20)
+            jobs = tqdm(pool.map(probe, todo), total=len(todo), desc=f"indexing {folder}",
+                        disable=len(todo) < 20)
             for rel, e in jobs:
                 entries[rel] = e
         index = dict(version=1, files=entries)
@@ -386,10 +386,12 @@ def index_videos(folder, paths, workers=None):
 def text_lines(path):
     """The non-blank lines of a text file, stripped (so Windows line endings do not matter)."""
     with open(path, encoding="utf-8") as f:
-        return [(n, line.strip()) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+        lines = enumerate(f.read().splitlines(), 1)
+        return [(n, line.strip()) for n, line in lines if line.strip()]
 
 
-CLASSES_FILE = "classes.txt"   # optional, in a video folder's root: one class name per line, label order
+# Optional, in a video folder's root: one class name per line, in the labels' order.
+CLASSES_FILE = "classes.txt"
 
 
 class VideoFolderDataset(VideoFileDataset):
@@ -398,26 +400,28 @@ class VideoFolderDataset(VideoFileDataset):
     def __init__(self, root, sequence_length, train=True, resolution=64, index_workers=None):
         super().__init__()
         self.root = os.fspath(root)
-        self.sequence_length = sequence_length
-        self.resolution = resolution
+        self.sequence_length, self.resolution = sequence_length, resolution
         self.split = "train" if train else "test"
         folder = os.path.join(self.root, self.split)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{self.root}: has no '{self.split}' folder "
-                                    f"(expected {self.root}/train/**/*.mp4 and {self.root}/test/**/*.mp4)")
+            raise FileNotFoundError(f"{self.root}: has no '{self.split}' folder (expected "
+                                    f"{self.root}/train/**/*.mp4 and {self.root}/test/**/*.mp4)")
         paths = find_videos(folder)
         if not paths:
             raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTS)}) found")
-        # Classes are the parent folders of both splits, so train and test agree on labels: in the order
-        # of ROOT/classes.txt when there is one (a dataset's official order), else sorted.
-        everything = find_videos(os.path.join(self.root, "train")) + find_videos(os.path.join(self.root, "test"))
+        # Classes are the parent folders of both splits, so that train and test agree on labels.
+        # They are in the order of ROOT/classes.txt when there is one (a dataset's official
+        # order), else sorted.
+        everything = [p for split in ("train", "test")
+                      for p in find_videos(os.path.join(self.root, split))]
         folders = {os.path.basename(os.path.dirname(p)) for p in everything}
         listed = os.path.join(self.root, CLASSES_FILE)
         if os.path.isfile(listed):
             self.classes = [name for _, name in text_lines(listed)]
             unknown = sorted(folders - set(self.classes))
             if unknown:
-                raise ValueError(f"{listed}: does not list the class folder(s) {', '.join(unknown[:3])}")
+                raise ValueError(f"{listed}: does not list the class folder(s) "
+                                 f"{', '.join(unknown[:3])}")
         else:
             self.classes = sorted(folders)
         self.n_classes = len(self.classes)
@@ -435,8 +439,10 @@ class VideoFolderDataset(VideoFileDataset):
                 self.lengths.append(n)
         if not self.paths:
             decodable = [n for n in counts.values() if n is not None]
-            reason = (f"all are shorter than sequence_length={sequence_length} (the longest has {max(decodable)} frames)"
-                      if decodable else "none of them can be decoded")
+            reason = "none of them can be decoded"
+            if decodable:
+                reason = (f"all are shorter than sequence_length={sequence_length} (the longest "
+                          f"has {max(decodable)} frames)")
             raise ValueError(f"{folder}: no usable video among {len(paths)} files: {reason}")
         label = {c: i for i, c in enumerate(self.classes)}
         self.labels = [label[os.path.basename(os.path.dirname(p))] for p in self.paths]
@@ -456,13 +462,9 @@ class VideoFolderDataset(VideoFileDataset):
 # -----------------------------------------------------------------------------
 # The built-in default: moving digits, made here
 #
-# Two coloured digits bouncing in a black frame, the Quick start's data. No download: the glyphs
-# are rendered with the font matplotlib ships. A clip is a pure function of (seed, split, index),
-# so MovingDigitsDataset draws them on the fly and every run sees the same set;
-# `python -m prepare digits digits.h5` writes the same set as an HDF5 file.
-
-
-_GLYPHS = {}
+# Two coloured digits bouncing in a black frame, the Quick start's data, drawn with the font that
+# matplotlib ships. A clip is a pure function of (seed, split, index), so MovingDigitsDataset draws
+# them on the fly, and `python -m prepare digits digits.h5` writes the same set to a file.
 
 # Six bright, saturated colours. A palette rather than any hue: the VQ-VAE spends its
 # codes on shapes instead of shades, and the prior has one colour of six to keep per digit.
@@ -470,76 +472,71 @@ PALETTE = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.35, 0.55, 1.0],
                     [1.0, 1.0, 0.25], [0.25, 1.0, 1.0], [1.0, 0.35, 1.0]], np.float32)
 
 
+@functools.cache
 def digit_glyphs(size, font=None):
     """(10, size, size) float32 masks of the digits 0-9, centered, 85% of the square high.
 
-    `font` None is the dataset's own, matplotlib's bundled DejaVu Sans Bold; else
-    the file name of another font matplotlib ships (e.g. "cmr10.ttf"), which the
-    digit reader of fvd.py learns from so that it never sees the dataset's font.
+    `font` None is the dataset's own, matplotlib's bundled DejaVu Sans Bold; else the file name of
+    another font matplotlib ships (e.g. "cmr10.ttf"), from which the digit reader of fvd.py learns
+    so that it never sees the dataset's font. Made once per (size, font).
     """
-    if (size, font) not in _GLYPHS:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.font_manager import FontProperties
-        style = (dict(fontweight="bold", family="DejaVu Sans") if font is None else
-                 dict(fontproperties=FontProperties(fname=os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font))))
-        # Render large, crop each digit to its ink, and center it in a size x size square.
-        big = 4 * size
-        fig = Figure(figsize=(1, 1), dpi=big)
-        canvas = FigureCanvasAgg(fig)
-        glyphs = np.zeros((10, size, size), np.float32)
-        for d in range(10):
-            fig.clear()
-            fig.patch.set_facecolor("black")
-            fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white", fontsize=72 * 0.9, **style)
-            canvas.draw()
-            ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float32) / 255   # (big, big)
-            ys, xs = np.nonzero(ink > 0.05)
-            ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-            # Height fills 85% of the square; keep the aspect ratio (never wider than the square).
-            h = int(round(0.85 * size))
-            w = min(size, max(1, int(round(ink.shape[1] * h / ink.shape[0]))))
-            small = F.interpolate(torch.from_numpy(ink)[None, None], size=(h, w),
-                                  mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
-            top, left = (size - h) // 2, (size - w) // 2
-            glyphs[d, top:top + h, left:left + w] = small.clip(0, 1)
-        _GLYPHS[size, font] = glyphs
-    return _GLYPHS[size, font]
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+    style = dict(fontweight="bold", family="DejaVu Sans")
+    if font is not None:
+        path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font)
+        style = dict(fontproperties=FontProperties(fname=path))
+    # Render large, crop each digit to its ink, and center it in a size x size square.
+    big = 4 * size
+    fig = Figure(figsize=(1, 1), dpi=big)
+    canvas = FigureCanvasAgg(fig)
+    glyphs = np.zeros((10, size, size), np.float32)
+    for d in range(10):
+        fig.clear()
+        fig.patch.set_facecolor("black")
+        fig.text(0.5, 0.5, str(d), ha="center", va="center", color="white",
+                 fontsize=72 * 0.9, **style)
+        canvas.draw()
+        ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float32) / 255   # (big, big)
+        ys, xs = np.nonzero(ink > 0.05)
+        ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        # Height fills 85% of the square; keep the aspect ratio (never wider than the square).
+        h = int(round(0.85 * size))
+        w = min(size, max(1, int(round(ink.shape[1] * h / ink.shape[0]))))
+        small = F.interpolate(torch.from_numpy(ink)[None, None], size=(h, w), mode="bilinear",
+                              align_corners=False, antialias=True)[0, 0].numpy()   # (h, w)
+        top, left = (size - h) // 2, (size - w) // 2
+        glyphs[d, top:top + h, left:left + w] = small.clip(0, 1)
+    return glyphs
 
 
 # The eight directions a digit can move in: (dy, dx) per frame, in units of its speed.
 DIRECTIONS = np.array([[-1, -1], [-1, 0], [-1, 1], [0, -1], [0, 1], [1, -1], [1, 0], [1, 1]])
 
 
-def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None, speed=None, grid=None,
-                        apart=True):
+def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, digits=None,
+                        speed=None, grid=None, apart=True):
     """uint8 (frames, R, R, 3): `n_digits` coloured digits bouncing off the walls.
 
-    Each digit starts on a grid of `grid` pixels and moves `speed` pixels a frame
-    in one of eight directions (default: speed R/16, 2 pixels at 32x32, and a grid
-    of twice that). Why the grid: the digits VQ-VAE gives one code to each 2 frames
-    x 4x4 pixels, so a digit that starts on the 4-pixel grid and moves 2 pixels a
-    frame sits the same way in its code cells at every latent step (one cell
-    further on): it keeps the same codes, shifted, and the prior learns to carry
-    them along. A digit at any sub-cell offset gets new codes at every step, which
-    a prior trained for minutes cannot follow (docs/presets.md).
-    With `apart` each digit starts where its square does not cover another's (where
-    the frame has room): they meet as they move and bounce, not from the first frame.
-    `glyphs` (10, g, g) replaces the dataset's font; the digits drawn are appended to
-    the list `digits` when one is given (the digit reader's labels).
+    Each digit starts on a grid of `grid` pixels and moves `speed` pixels a frame in one of eight
+    directions (by default speed R/16, which is 2 pixels at 32x32, and a grid of twice that). On
+    the grid, a digit sits the same way in the VQ-VAE's code cells at every latent step, so it
+    keeps its codes, shifted, and a prior trained for minutes can carry them along. With `apart`
+    each digit starts where its square covers no other's, so the digits meet as they move, not
+    from the first frame (docs/presets.md measures both choices). `glyphs` (10, g, g) replaces
+    the dataset's font; the digits drawn are appended to the list `digits` if one is given.
     """
-    # A glyph's square is 24/64 of the frame (12 pixels at 32x32; the digit 85% of it high): two
-    # squares starting apart then share ink in 26% of the frames and more than 15 pixels in 10%, where
-    # 28/64 (Moving MNIST's 28 pixels at 64x64) starting anywhere overlapped in 65% and 36%: a third
-    # of the frames, of which even the real ones read only half (fvd.py digits).
+    # A glyph's square is 24/64 of the frame: two digits seldom hide each other (docs/presets.md).
     glyph = digit_glyphs(max(8, round(resolution * 24 / 64))) if glyphs is None else glyphs
     g = glyph.shape[-1]
     speed = max(1, round(resolution / 16)) if speed is None else speed
     grid = 2 * speed if grid is None else grid
-    top = (resolution - g) // grid * grid                                 # the farthest a corner goes, on the grid
+    top = (resolution - g) // grid * grid        # the farthest a corner goes, on the grid
+    # Every grid point where a square's top-left corner can start.
     cells = grid * np.arange(top // grid + 1)
-    corners = np.stack(np.meshgrid(cells, cells, indexing="ij"), -1).reshape(-1, 2)   # (n, 2): where a square can start
+    corners = np.stack(np.meshgrid(cells, cells, indexing="ij"), -1).reshape(-1, 2)   # (n, 2)
     video = np.zeros((frames, resolution, resolution, 3), np.float32)
     starts = []
     for _ in range(n_digits):
@@ -547,11 +544,13 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
         if digits is not None:
             digits.append(int(digit))
         color = PALETTE[rng.integers(len(PALETTE))]
-        if apart:   # a corner whose square covers no earlier digit's square (any corner if none is left)
-            choices = [c for c in corners if all(np.abs(c - s).max() >= g for s in starts)] or list(corners)
+        if apart:
+            # A corner whose square covers no earlier digit's square (any, if none is left).
+            free = [c for c in corners if all(np.abs(c - s).max() >= g for s in starts)]
+            choices = free or list(corners)
             pos = choices[rng.integers(len(choices))].copy()
         else:
-            pos = grid * rng.integers(0, top // grid + 1, size=2)         # (y, x) of the top-left corner
+            pos = grid * rng.integers(0, top // grid + 1, size=2)   # (y, x) of the corner
         starts.append(pos)   # never changed in place: each move below makes a new array first
         vel = speed * DIRECTIONS[rng.integers(len(DIRECTIONS))]            # (dy, dx) per frame
         for t in range(frames):
@@ -572,8 +571,8 @@ def moving_digits_video(rng, frames=16, resolution=64, n_digits=2, glyphs=None, 
 def moving_digits(n_videos, frames=16, resolution=64, seed=0, train=True):
     """uint8 (n_videos, frames, R, R, 3); video i depends only on (seed, split, i)."""
     split = 0 if train else 1
-    return np.stack([moving_digits_video(np.random.default_rng([seed, split, i]), frames, resolution)
-                     for i in range(n_videos)])
+    rngs = [np.random.default_rng([seed, split, i]) for i in range(n_videos)]
+    return np.stack([moving_digits_video(rng, frames, resolution) for rng in rngs])
 
 
 class MovingDigitsDataset(Dataset):
@@ -622,13 +621,15 @@ MIN_FRAME_SIDE = 128
 
 
 def upscale(videos, min_side=MIN_FRAME_SIDE):
-    """uint8 (..., H, W, 3) enlarged by the smallest whole factor that makes H >= min_side (nearest neighbour)."""
+    """uint8 (..., H, W, 3) enlarged by the smallest whole factor that makes H >= min_side,
+    nearest neighbour."""
     k = max(1, math.ceil(min_side / videos.shape[-3]))
     return videos.repeat(k, axis=-3).repeat(k, axis=-2) if k > 1 else videos   # (..., k*H, k*W, 3)
 
 
 def video_grid(videos, pad=2):
-    """uint8 (N, T, H, W, 3) -> one uint8 image: a clip per row, frames left to right, white gaps; frames upscaled."""
+    """uint8 (N, T, H, W, 3) -> one uint8 image: a clip per row, its frames left to right,
+    enlarged, with white gaps."""
     videos = upscale(np.asarray(videos))
     N, T, H, W, C = videos.shape
     canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
@@ -638,7 +639,8 @@ def video_grid(videos, pad=2):
 
 
 def grid_video(videos, ncol=None, pad=2):
-    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips tiled in a grid, playing together; frames upscaled."""
+    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips, enlarged, tiled in a grid and
+    playing together."""
     videos = upscale(np.asarray(videos))
     N, T, H, W, C = videos.shape
     ncol = ncol or math.ceil(math.sqrt(N))
@@ -654,12 +656,14 @@ def save_gif(frames, path, fps=8):
     """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
     from PIL import Image  # Pillow comes with matplotlib
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
-    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                                duration=round(1000 / fps), loop=0))
+    save = lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                    duration=round(1000 / fps), loop=0)
+    atomic_write(path, save)
 
 
 def save_mp4(frames, path, fps=8):
-    """Write uint8 frames (T, H, W, 3) as an H.264 MP4 with PyAV, atomically (sides padded to even)."""
+    """Write uint8 frames (T, H, W, 3) as an H.264 MP4 with PyAV, atomically; odd sides are
+    padded to even."""
     import av  # lazy: only the folder reader and MP4 writers need PyAV
     frames = np.asarray(frames)
     T, H, W, _ = frames.shape
@@ -671,7 +675,8 @@ def save_mp4(frames, path, fps=8):
             stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
             stream.options = {"crf": "18"}
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                for packet in stream.encode(picture):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import torch
 
-from data import VideoFolderDataset, make_dataset, preprocess, read_frames, save_png, to_uint8, video_grid, write_hdf5
-from prepare import bair, ucf101, vizdoom
-from data import moving_digits
+from data import (VideoFolderDataset, make_dataset, moving_digits, preprocess, read_frames, save_png,
+                  to_uint8, video_grid)
+from prepare import bair, ucf101, vizdoom, write_hdf5
 from runtime import run_cli
 
 

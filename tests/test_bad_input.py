@@ -97,7 +97,8 @@ def mutations(data, rng):
 
 def test_fuzzed_hdf5_video_and_checkpoint_files_give_only_clear_errors(tmp_path):
     """Whatever the bytes: success, or a ValueError/FileNotFoundError naming the file, never another exception."""
-    from data import HDF5Dataset, VideoFolderDataset, write_hdf5
+    from data import HDF5Dataset, VideoFolderDataset
+    from prepare import write_hdf5
     from data import moving_digits
     from gpt import load_gpt
     from vqvae import VQVAE, VQVAEConfig, load_vqvae

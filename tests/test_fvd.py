@@ -340,7 +340,7 @@ def test_c3d_and_inception_score_match_tgan2s_own_code(side):
 def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, capsys):
     import json
 
-    from data import write_hdf5
+    from prepare import write_hdf5
     from data import moving_digits
     weights, mean = write_c3d(str(tmp_path))
     common = ["--c3d", weights, "--mean", mean, "--device", "cpu"]
