@@ -1,4 +1,5 @@
-"""Files that must survive a crash, and checkpoints that must not run code: the plumbing of saving and loading.
+"""Files that must survive a crash, and checkpoints that must not run code: the plumbing of saving
+and loading.
 
 Nothing here is part of VideoGPT's algorithm; every chapter that writes or reads
 a file that matters uses it:
@@ -91,7 +92,8 @@ class DiskFull(OSError):
 
 
 def disk_full(error):
-    """Whether `error`, or an error it was raised while handling, says the disk or the quota is full."""
+    """Whether `error`, or an error it was raised while handling, says the disk or the quota is
+    full."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -122,7 +124,8 @@ def check_writable(folder):
             pass
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{folder}: cannot write there ({e.strerror or type(e).__name__})") from None
+        reason = e.strerror or type(e).__name__
+        raise ValueError(f"{folder}: cannot write there ({reason})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -158,8 +161,10 @@ class OutputLock:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()
-                raise OutputInUse(errno.EBUSY, f"in use by {holder}; {self.what}", self.path) from None
-            # The previous holder may have removed the file between our open and our lock: then lock anew.
+                raise OutputInUse(errno.EBUSY, f"in use by {holder}; {self.what}",
+                                  self.path) from None
+            # The previous holder may have removed the file between our open and our lock: then lock
+            # anew.
             try:
                 if os.path.samestat(os.fstat(f.fileno()), os.stat(self.path)):
                     break
@@ -174,7 +179,8 @@ class OutputLock:
         return self
 
     def release(self):
-        """Remove the file, then unlock (in that order, so a waiting process re-checks, see acquire)."""
+        """Remove the file, then unlock (in that order, so a waiting process re-checks, see
+        acquire)."""
         if self.file is not None:
             try:
                 os.remove(self.path)
@@ -201,7 +207,8 @@ def save_checkpoint(obj, path):
 
 
 def keep_copy(ckpt_path, step, keep_last):
-    """Keep the checkpoint just written as ckpt_STEP.pt too, and delete all but the newest `keep_last`.
+    """Keep the checkpoint just written as ckpt_STEP.pt too, and delete all but the newest
+    `keep_last`.
 
     The copy is a hard link (no extra disk): ckpt.pt is later replaced by a new
     file, not rewritten, so the link keeps this step's bytes.
@@ -274,9 +281,10 @@ def load_checkpoint(path):
         # allow-list (it could run code) and bytes that are no pickle at all; say which.
         named = re.search(r"GLOBAL (\S+)", str(e))
         if named:
-            raise ValueError(f"{path}: refused to load: it names {named.group(1)}, which is outside the "
-                             f"allow-list of a checkpoint (it could run code)") from None
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt?): the data is not a valid pickle") from None
+            raise ValueError(f"{path}: refused to load: it names {named.group(1)}, which is "
+                             "outside the allow-list of a checkpoint (it could run code)") from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt?): the data is not a "
+                         "valid pickle") from None
     except Exception as e:  # RuntimeError, EOFError, BadZipFile, ...: all mean a damaged file
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                          f"{type(e).__name__}") from None
@@ -299,12 +307,15 @@ def checkpoint_kind(ckpt):
 
 
 def expect_kind(ckpt, path, kind):
-    """Check that a checkpoint (ours or the original's) holds a `kind` ('vqvae' or 'gpt'); one-line errors."""
+    """Check that a checkpoint (ours or the original's) holds a `kind` ('vqvae' or 'gpt'); one-line
+    errors."""
     found = checkpoint_kind(ckpt)
     if found is None:
-        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor VideoGPT's)")
+        raise ValueError(f"{path}: unknown checkpoint format (neither this project's nor "
+                         "VideoGPT's)")
     if found != kind:
-        hint = (" (for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)" if kind == "vqvae"
+        hint = (" (for a prior use gpt.load_gpt, or pass the VQ-VAE checkpoint it was trained on)"
+                if kind == "vqvae"
                 else "")
         what = "a VQ-VAE" if kind == "vqvae" else "a prior ('gpt')"
         raise ValueError(f"{path}: is a '{found}' checkpoint, not {what} one{hint}")
@@ -321,10 +332,12 @@ def original_args(ckpt, path, names):
 
 
 def stored_config(cls, ckpt, path, key="config"):
-    """cls(**ckpt[key]), a config saved in one of our checkpoints; missing, foreign or invalid: one line."""
+    """cls(**ckpt[key]), a config saved in one of our checkpoints; missing, foreign or invalid: one
+    line."""
     d = ckpt.get(key) if isinstance(ckpt, dict) else None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: has no '{key}' dict (damaged, or not written by this project's train.py)")
+        raise ValueError(f"{path}: has no '{key}' dict (damaged, or not written by this project's "
+                         "train.py)")
     try:
         return cls(**d)
     except (TypeError, ValueError) as e:
@@ -332,15 +345,18 @@ def stored_config(cls, ckpt, path, key="config"):
 
 
 def load_weights(model, state_dict, path, what):
-    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the file."""
+    """model.load_state_dict(state_dict, strict=True); a mismatch becomes one line naming the
+    file."""
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: has no state dict for {what} (found a {type(state_dict).__name__})")
+        raise ValueError(f"{path}: has no state dict for {what} (found a "
+                         f"{type(state_dict).__name__})")
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, TypeError, AttributeError) as e:
         # PyTorch's message starts "Error(s) in loading state_dict for X:"; the next line says what.
         lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise ValueError(f"{path}: weights do not fit {what}: {lines[min(1, len(lines) - 1)].strip()[:300]}") from None
+        raise ValueError(f"{path}: weights do not fit {what}: "
+                         f"{lines[min(1, len(lines) - 1)].strip()[:300]}") from None
     return model
 
 
@@ -391,8 +407,10 @@ def current_prior_keys(state):
     return renamed
 
 
-# The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these names.
-VQVAE_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample", "sequence_length", "resolution")
+# The original's hyper-parameters that fix a VQ-VAE; its `args` Namespace holds them under these
+# names.
+VQVAE_ARGS = ("embedding_dim", "n_codes", "n_hiddens", "n_res_layers", "downsample",
+              "sequence_length", "resolution")
 
 
 def original_vqvae(ckpt, path):
@@ -403,7 +421,9 @@ def original_vqvae(ckpt, path):
 
 def initialized(vq_state):
     """The original codebook has no `initialized` flag; a saved codebook is initialised."""
-    return dict(vq_state, **{"codebook.initialized": torch.tensor(True)}) if isinstance(vq_state, dict) else vq_state
+    if not isinstance(vq_state, dict):
+        return vq_state   # load_weights says what is wrong with it
+    return dict(vq_state, **{"codebook.initialized": torch.tensor(True)})
 
 
 def count_indexed(keys, prefix):
@@ -412,7 +432,8 @@ def count_indexed(keys, prefix):
 
 
 def original_prior(ckpt, path):
-    """(VQVAEConfig kwargs, GPTConfig kwargs, VQ-VAE state, prior state) of an original VideoGPT prior.
+    """(VQVAEConfig kwargs, GPTConfig kwargs, VQ-VAE state, prior state) of an original VideoGPT
+    prior.
 
     The prior's args hold no VQ-VAE hyper-parameters, so they are read off the
     weights: codebook shape, encoder width and depth, and the downsampling from
@@ -428,21 +449,29 @@ def original_prior(ckpt, path):
         n_codes, embedding_dim = sd["vqvae.codebook.embeddings"].shape
         vq_config = dict(embedding_dim=embedding_dim, n_codes=n_codes,
                          n_hiddens=sd["vqvae.encoder.conv_last.conv.weight"].shape[0],
-                         n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,  # minus the final BN
+                         # minus the final BN
+                         n_res_layers=count_indexed(sd, "vqvae.encoder.res_stack.") - 1,
                          downsample=tuple(s // n for s, n in zip(clip, latent)),
                          sequence_length=args.sequence_length, resolution=args.resolution)
         cond_w = sd.get("attn_stack.attn_nets.0.pre_attn_norm.w.weight")
         gpt_config = dict(latent_shape=latent, n_codes=n_codes, embedding_dim=embedding_dim,
                           hidden_dim=sd["fc_in.weight"].shape[0], heads=getattr(args, "heads", 4),
-                          layers=count_indexed(sd, "attn_stack.attn_nets."), dropout=getattr(args, "dropout", 0.2),
-                          attn_dropout=getattr(args, "attn_dropout", 0.3), attn_type=getattr(args, "attn_type", "full"),
-                          n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0] if "cond_pos_embd.emb.d_0" in sd else 0,
-                          resolution=args.resolution, n_classes=cond_w.shape[1] if cond_w is not None else 0,
+                          layers=count_indexed(sd, "attn_stack.attn_nets."),
+                          dropout=getattr(args, "dropout", 0.2),
+                          attn_dropout=getattr(args, "attn_dropout", 0.3),
+                          attn_type=getattr(args, "attn_type", "full"),
+                          n_cond_frames=sd["cond_pos_embd.emb.d_0"].shape[0]
+                          if "cond_pos_embd.emb.d_0" in sd else 0,
+                          resolution=args.resolution,
+                          n_classes=cond_w.shape[1] if cond_w is not None else 0,
                           sequence_length=args.sequence_length)
     except KeyError as e:   # a weight the shapes are read from is missing
-        raise ValueError(f"{path}: incomplete VideoGPT prior checkpoint: no {e.args[0]} in its state_dict") from None
+        raise ValueError(f"{path}: incomplete VideoGPT prior checkpoint: no {e.args[0]} in its "
+                         "state_dict") from None
     except (AttributeError, TypeError) as e:   # hyper_parameters or a weight of the wrong type
-        raise ValueError(f"{path}: damaged VideoGPT prior checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"{path}: damaged VideoGPT prior checkpoint "
+                         f"({type(e).__name__})") from None
     vq_state = initialized({k[6:]: v for k, v in sd.items() if k.startswith("vqvae.")})
-    state = {k: v for k, v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
+    state = {k: v for k,
+             v in sd.items() if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
     return vq_config, gpt_config, vq_state, state

@@ -1,20 +1,25 @@
-"""The other metrics, beside FVD: the paper's UCF-101 Inception Score, and digit legibility for the moving digits.
+"""The other metrics, beside FVD: the paper's UCF-101 Inception Score, and digit legibility for the
+moving digits.
 
 * The Inception Score of TGANv2's C3D (the paper's UCF-101 number), from the
   release's two npz files, without Chainer:
-      python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
+      python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA
+          --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
       c3d = load_c3d("conv3d_deepnetA_ucf.npz", "mean2.npz")
-      probs = c3d_logits(c3d, videos_uint8).softmax(-1)         # (B, T >= 16, H, W, 3) uint8 -> (B, 101)
+      # (B, T >= 16, H, W, 3) uint8 -> (B, 101)
+      probs = c3d_logits(c3d, videos_uint8).softmax(-1)
       mean, std = inception_score(probs.numpy(), splits=1)
 * Digit legibility: a small classifier reads which digits a moving-digits frame
   shows, so the Quick start's samples get a number a person agrees with:
       python fvd.py digits --ckpt runs/gpt/ckpt.pt [--n 256]
 * Steering (ViZDoom): whether the view turns the way an action-conditional
   prior was told, read from how far the picture slides sideways between frames:
-      python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--n 256 --picture steer.png]
+      python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--n 256
+          --picture steer.png]
 * Long play (ViZDoom): a scripted session of hundreds of frames through the play
   loop: does it keep turning as told, and stay a world (colours, sky and floor)?
-      python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --plot drift.png]
+      python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000
+          --plot drift.png]
 
 And what every score shares (fvd.py uses it too): a seed per trial, clips
 gathered in order under torchrun, and a JSON record of the settings and the
@@ -53,7 +58,8 @@ TRIAL_SEED_STRIDE = 1_000_003
 
 
 def trial_seed(seed, trial):
-    """The seed of trial `trial` of a command run with --seed `seed`; seed 0 gives trial t seed t."""
+    """The seed of trial `trial` of a command run with --seed `seed`; seed 0 gives trial t seed
+    t."""
     return seed * TRIAL_SEED_STRIDE + trial
 
 def gather_in_order(x, ddp):
@@ -71,13 +77,16 @@ def gather_in_order(x, ddp):
 
 
 def provenance(**paths):
-    """What a score was computed from: each named file's absolute path and SHA-256 (None for a folder or
-    nothing), the torch version and the date (UTC). Written next to every score by --out."""
+    """What a score was computed from: each named file's absolute path and SHA-256 (None for a
+    folder or nothing), the torch version and the date (UTC). Written next to every score by
+    --out."""
     record = {}
     for name, path in paths.items():
         record[name] = None if path is None else os.path.abspath(path)
-        record[f"{name}_sha256"] = sha256(path) if path is not None and os.path.isfile(path) else None
-    record.update(torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        exists = path is not None and os.path.isfile(path)
+        record[f"{name}_sha256"] = sha256(path) if exists else None
+    record.update(torch=torch.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     return record
 
 
@@ -94,8 +103,8 @@ def add_device_flags(p):
 
 
 def compile_sampling(args, gpt, n_per_process):
-    """--compile / --no-compile, or by default whether this process draws enough codes over all trials
-    for compiling the decoding step to pay off (fast.compile_pays_off)."""
+    """--compile / --no-compile, or by default whether this process draws enough codes over all
+    trials for compiling the decoding step to pay off (fast.compile_pays_off)."""
     if args.compile is not None:
         return args.compile
     batches = math.ceil(n_per_process / args.batch_size) * args.trials
@@ -117,7 +126,8 @@ def add_sampling_flags(p):
 def add_record_flags(p, seeds):
     """--seed and --out, which every scoring command takes; `seeds` says what the seed draws."""
     p.add_argument("--seed", type=int, default=0, help=f"seeds {seeds}")
-    p.add_argument("--out", default=None, help="also write the scores and their settings to this JSON file")
+    p.add_argument("--out", default=None,
+                   help="also write the scores and their settings to this JSON file")
 
 
 # -----------------------------------------------------------------------------
@@ -132,12 +142,14 @@ def add_record_flags(p, seeds):
 
 C3D_CONVS = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 C3D_FCS = ("fc6", "fc7", "fc8")
-C3D_POOLS = {"conv1a": (1, 2, 2), "conv2a": 2, "conv3b": 2, "conv4b": 2, "conv5b": 2}   # max pool after these
+# max pool after these
+C3D_POOLS = {"conv1a": (1, 2, 2), "conv2a": 2, "conv3b": 2, "conv4b": 2, "conv5b": 2}
 C3D_FRAMES, C3D_SIDE = 16, 112
 
 
 class C3D(nn.Module):
-    """TGANv2's C3DVersion1UCF101 for evaluation: (B, 3, 16, 112, 112) preprocessed clips -> (B, 101) logits.
+    """TGANv2's C3DVersion1UCF101 for evaluation: (B, 3, 16, 112, 112) preprocessed clips -> (B,
+    101) logits.
 
     Eight 3x3x3 convolutions (padding 1, ReLU), max pools after conv1a (1x2x2)
     and after conv2a, conv3b, conv4b, conv5b (2x2x2, in ceil mode as Chainer's
@@ -149,28 +161,32 @@ class C3D(nn.Module):
         super().__init__()
         self.convs = nn.ModuleDict({name: nn.Conv3d(c_in, c_out, 3, padding=1)
                                     for name, (c_in, c_out) in zip(C3D_CONVS, conv_widths)})
-        self.fcs = nn.ModuleDict({name: nn.Linear(f_in, f_out) for name, (f_in, f_out) in zip(C3D_FCS, fc_widths)})
+        self.fcs = nn.ModuleDict({name: nn.Linear(f_in, f_out) for name,
+                                  (f_in, f_out) in zip(C3D_FCS, fc_widths)})
         # TGANv2 subtracts the crop [8:120, 8:120] of its 128x171 mean clip from the 112x112 frames.
-        self.register_buffer("mean", torch.as_tensor(mean[:, :, 8:120, 8:120], dtype=torch.float32))  # (3, 16, 112, 112)
+        # (3, 16, 112, 112)
+        self.register_buffer("mean", torch.as_tensor(mean[:, :, 8:120, 8:120], dtype=torch.float32))
 
     def forward(self, x):
         for name in C3D_CONVS:
             x = F.relu(self.convs[name](x))
             if name in C3D_POOLS:
                 x = F.max_pool3d(x, C3D_POOLS[name], C3D_POOLS[name], ceil_mode=True)
-        x = x.flatten(1)                                          # (B, C * 1 * 4 * 4), Chainer's order
+        x = x.flatten(1)  # (B, C * 1 * 4 * 4), Chainer's order
         x = F.relu(self.fcs["fc6"](x))
         x = F.relu(self.fcs["fc7"](x))
         return self.fcs["fc8"](x)                                 # (B, 101)
 
 
-C3D_RELEASE = ("the C3D Inception Score reads conv3d_deepnetA_ucf.npz (--c3d) and mean2.npz (--mean), "
-               "published with TGANv2's GitHub release v1.0: https://github.com/pfnet-research/tgan2/releases/tag/v1.0")
+C3D_RELEASE = ("the C3D Inception Score reads conv3d_deepnetA_ucf.npz (--c3d) and mean2.npz "
+               "(--mean), published with TGANv2's GitHub release v1.0: "
+               "https://github.com/pfnet-research/tgan2/releases/tag/v1.0")
 
 
 def load_c3d(weights, mean, device=None):
     """TGANv2's C3D from its release files (or narrower ones in the same layout), in eval mode.
-    Any problem with either file is one line: the file, what is wrong, and where the files come from."""
+    Any problem with either file is one line: the file, what is wrong, and where the files come
+    from."""
     try:
         return read_c3d_files(weights, mean).to(default_device(device)).eval()
     except (FileNotFoundError, ValueError) as e:
@@ -178,37 +194,42 @@ def load_c3d(weights, mean, device=None):
 
 
 def c3d_paths(weights=None, mean=None):
-    """The two release files: as given, else conv3d_deepnetA_ucf.npz and mean2.npz in the folder that
-    the environment variable VIDEOGPT_C3D names."""
+    """The two release files: as given, else conv3d_deepnetA_ucf.npz and mean2.npz in the folder
+    that the environment variable VIDEOGPT_C3D names."""
     folder = os.environ.get("VIDEOGPT_C3D")
     if (weights is None or mean is None) and not folder:
-        raise ValueError(f"no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D to their folder; {C3D_RELEASE}")
-    return (weights or os.path.join(folder, "conv3d_deepnetA_ucf.npz"), mean or os.path.join(folder, "mean2.npz"))
+        raise ValueError("no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D to "
+                         f"their folder; {C3D_RELEASE}")
+    return (weights or os.path.join(folder, "conv3d_deepnetA_ucf.npz"),
+            mean or os.path.join(folder, "mean2.npz"))
 
 
 def read_c3d_files(weights, mean):
     """The C3D of `load_c3d`, on the CPU; every layer's shape checked against the one before."""
     arrays = {}
-    for path, keys in ((weights, [f"{n}/{p}" for n in C3D_CONVS + C3D_FCS for p in ("W", "b")]), (mean, ["mean"])):
+    for path, keys in ((weights, [f"{n}/{p}" for n in C3D_CONVS + C3D_FCS for p in ("W", "b")]),
+                       (mean, ["mean"])):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         try:
-            with np.load(path) as f:                     # allow_pickle is off by default: arrays only
+            with np.load(path) as f:  # allow_pickle is off by default: arrays only
                 found = {k: f[k] for k in keys if k in f.files}
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:   # not an npz, or one holding pickles
+        # not an npz, or one holding pickles
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: not a readable npz archive ({type(e).__name__})") from None
         missing = [k for k in keys if k not in found]
         if missing:
             raise ValueError(f"{path}: not a TGANv2 C3D file: no {', '.join(missing[:3])}")
         arrays.update(found)
-    # Each layer must take what the one before gives: 3 colours in, 1 x 4 x 4 positions per channel into fc6.
+    # Each layer must take what the one before gives: 3 colours in, 1 x 4 x 4 positions per channel
+    # into fc6.
     width = 3
     for n in C3D_CONVS + C3D_FCS:
         w, b = arrays[f"{n}/W"].shape, arrays[f"{n}/b"].shape
         expected = (width, 3, 3, 3) if n in C3D_CONVS else (width * (16 if n == "fc6" else 1),)
         if tuple(w[1:]) != expected or b != (w[0],):
-            raise ValueError(f"{weights}: '{n}/W' is {w} with bias {b}, expected (out, {', '.join(map(str, expected))}) "
-                             f"with bias (out,)")
+            raise ValueError(f"{weights}: '{n}/W' is {w} with bias {b}, expected (out, "
+                             f"{', '.join(map(str, expected))}) with bias (out,)")
         width = w[0]
     convs = [arrays[f"{n}/W"].shape for n in C3D_CONVS]
     fcs = [arrays[f"{n}/W"].shape for n in C3D_FCS]
@@ -216,18 +237,23 @@ def read_c3d_files(weights, mean):
     if len(mean_shape) != 4 or mean_shape[:2] != (3, C3D_FRAMES) or min(mean_shape[2:]) < 120:
         raise ValueError(f"{mean}: 'mean' must be (3, 16, >=120, >=120), got {mean_shape}")
     c3d = C3D([(w[1], w[0]) for w in convs], [(w[1], w[0]) for w in fcs], arrays["mean"])
-    state = {f"{'convs' if n in C3D_CONVS else 'fcs'}.{n}.{'weight' if p == 'W' else 'bias'}": torch.from_numpy(
-             np.ascontiguousarray(arrays[f"{n}/{p}"], np.float32)) for n in C3D_CONVS + C3D_FCS for p in ("W", "b")}
+    state = {}
+    for n in C3D_CONVS + C3D_FCS:
+        group = "convs" if n in C3D_CONVS else "fcs"
+        for p, kind in (("W", "weight"), ("b", "bias")):
+            array = np.ascontiguousarray(arrays[f"{n}/{p}"], np.float32)
+            state[f"{group}.{n}.{kind}"] = torch.from_numpy(array)
     state["mean"] = c3d.mean
     load_weights(c3d, state, weights, "TGANv2's C3D layout")
     return c3d
 
 
 def c3d_input(videos, mean):
-    """uint8 clips (B, T >= 16, H, W, 3) -> (B, 3, 16, 112, 112) as TGANv2 feeds its C3D: the first 16
-    frames, u / 127.5 - 1, channels reversed to BGR and times 128, every frame resized to 112x112
+    """uint8 clips (B, T >= 16, H, W, 3) -> (B, 3, 16, 112, 112) as TGANv2 feeds its C3D: the first
+    16 frames, u / 127.5 - 1, channels reversed to BGR and times 128, every frame resized to 112x112
     (bilinear, align_corners=True as Chainer's resize_images), then + 128 - mean."""
-    x = torch.as_tensor(np.asarray(videos[:, :C3D_FRAMES])).to(mean.device).float() / 127.5 - 1  # (B, 16, H, W, 3)
+    # (B, 16, H, W, 3)
+    x = torch.as_tensor(np.asarray(videos[:, :C3D_FRAMES])).to(mean.device).float() / 127.5 - 1
     x = x.flip(-1) * 128                                                      # BGR, in [-128, 128]
     B, T, H, W, _ = x.shape
     x = x.permute(0, 1, 4, 2, 3).reshape(B * T, 3, H, W)                      # (B*16, 3, H, W)
@@ -240,20 +266,21 @@ def c3d_input(videos, mean):
 def c3d_logits(c3d, videos, batch_size=16):
     """uint8 clips (B, T >= 16, H, W, 3) -> C3D logits (B, 101), float64 on the CPU."""
     if videos.shape[1] < C3D_FRAMES:
-        raise ValueError(f"the C3D Inception Score needs clips of at least {C3D_FRAMES} frames, got {videos.shape[1]}")
+        raise ValueError(f"the C3D Inception Score needs clips of at least {C3D_FRAMES} frames, "
+                         f"got {videos.shape[1]}")
     return torch.cat([c3d(c3d_input(videos[i:i + batch_size], c3d.mean)).double().cpu()
                       for i in range(0, len(videos), batch_size)])
 
 
 def inception_score(probs, splits=1):
-    """(mean, std) over `splits` equal parts of exp(mean over clips of KL(p || mean p)); 1e-20 keeps the
-    logarithms of zero probabilities finite, as in TGANv2. probs: (N, classes)."""
+    """(mean, std) over `splits` equal parts of exp(mean over clips of KL(p || mean p)); 1e-20 keeps
+    the logarithms of zero probabilities finite, as in TGANv2. probs: (N, classes)."""
     p = np.asarray(probs, np.float64)
     n = len(p)
     scores = []
     for i in range(splits):
-        part = p[i * n // splits:(i + 1) * n // splits]                       # TGANv2's split boundaries
-        marginal = part.mean(0, keepdims=True)                                # (1, classes)
+        part = p[i * n // splits:(i + 1) * n // splits]  # TGANv2's split boundaries
+        marginal = part.mean(0, keepdims=True)           # (1, classes)
         kl = (part * (np.log(part + 1e-20) - np.log(marginal + 1e-20))).sum(1).mean()
         scores.append(math.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
@@ -262,15 +289,18 @@ def inception_score(probs, splits=1):
 def first_16_frames(videos, where, say=True):
     """The clips' first 16 frames (saying so when they are longer); shorter clips are an error."""
     if videos.shape[1] < C3D_FRAMES:
-        raise ValueError(f"{where}: clips of {videos.shape[1]} frames; the C3D Inception Score needs {C3D_FRAMES}")
+        raise ValueError(f"{where}: clips of {videos.shape[1]} frames; the C3D Inception Score "
+                         f"needs {C3D_FRAMES}")
     if videos.shape[1] > C3D_FRAMES and say:
-        print(f"{where}: clips of {videos.shape[1]} frames; scoring their first {C3D_FRAMES}", flush=True)
+        print(f"{where}: clips of {videos.shape[1]} frames; scoring their first {C3D_FRAMES}",
+              flush=True)
     return videos[:, :C3D_FRAMES]
 
 
 def clips_to_score(args, trial, device, indices):
-    """uint8 clips (len(indices), T, H, W, 3) of one trial, clips `indices` of its N: sampled from --ckpt,
-    read from --videos, or real --data clips. Under torchrun each process passes its own share."""
+    """uint8 clips (len(indices), T, H, W, 3) of one trial, clips `indices` of its N: sampled from
+    --ckpt, read from --videos, or real --data clips. Under torchrun each process passes its own
+    share."""
     if args.videos is not None:
         if os.path.isdir(args.videos):
             paths = find_videos(args.videos)[:args.n]
@@ -279,42 +309,50 @@ def clips_to_score(args, trial, device, indices):
             return np.stack([read_frames(paths[i], 0, C3D_FRAMES)
                              for i in tqdm(indices, desc="reading", leave=False) if i < len(paths)])
         try:
-            videos = np.load(args.videos, mmap_mode="r")    # allow_pickle is off by default: arrays only
+            # allow_pickle is off by default: arrays only
+            videos = np.load(args.videos, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise ValueError(f"{args.videos}: not a readable .npy file ({type(e).__name__})") from None
+            raise ValueError(f"{args.videos}: not a readable .npy file "
+                             f"({type(e).__name__})") from None
         if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
+            raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got "
+                             f"{videos.dtype} {videos.shape}")
         return np.stack([videos[i] for i in indices if i < len(videos)])
     key = trial_seed(args.seed, trial)
     if args.data is not None:
-        # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any number of processes.
+        # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any
+        # number of processes.
         data = make_dataset(args.data, C3D_FRAMES, train=False, resolution=args.resolution)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(key))
         items = [data[(int(order[i % len(data)]), key * TRIAL_SEED_STRIDE + i)] for i in indices]
         return np.stack([to_uint8(it["video"]).numpy() for it in items])         # (n, 16, R, R, 3)
     gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
     labels = None
-    if gpt.config.n_classes:   # drawn for all N, so clip i has the same label on any number of processes
-        labels = torch.randint(gpt.config.n_classes, (args.n,), generator=torch.Generator().manual_seed(key))
+    # drawn for all N, so clip i has the same label on any number of processes
+    if gpt.config.n_classes:
+        labels = torch.randint(gpt.config.n_classes, (args.n,),
+                               generator=torch.Generator().manual_seed(key))
         labels = labels[torch.tensor(indices, dtype=torch.long)].to(device)
         if trial == 0 and indices[:1] == [0]:
-            print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its {gpt.config.n_classes} "
-                  f"classes", flush=True)
+            print(f"{args.ckpt}: class-conditional prior: labels drawn uniformly from its "
+                  f"{gpt.config.n_classes} classes", flush=True)
     clips = []
     compile = compile_sampling(args, gpt, len(indices))
     with torch.no_grad():
-        for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling", leave=False):
+        for start in tqdm(range(0, len(indices), args.batch_size), desc=f"trial {trial}: sampling",
+                          leave=False):
             sl = slice(start, min(len(indices), start + args.batch_size))
-            generator = torch.Generator(device).manual_seed(key * TRIAL_SEED_STRIDE + indices[start])
-            codes = generate(gpt, sl.stop - sl.start, None if labels is None else labels[sl], generator=generator,
-                               compile=compile)
+            seed = key * TRIAL_SEED_STRIDE + indices[start]
+            generator = torch.Generator(device).manual_seed(seed)
+            codes = generate(gpt, sl.stop - sl.start, None if labels is None else labels[sl],
+                             generator=generator, compile=compile)
             clips.append(samples_to_uint8(vq.decode(codes), mark=False))
     return np.concatenate(clips)                                                  # (n, T, H, W, 3)
 
 
 def inception_score_command(args):
-    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to --out.
-    Under torchrun each process scores its share of the clips and rank 0 reports."""
+    """`fvd.py is`: the C3D Inception Score of sampled, given or real clips; optionally written to
+    --out. Under torchrun each process scores its share of the clips and rank 0 reports."""
     d = init_distributed(args.device)
     ddp, rank, world, device = d.ddp, d.rank, d.world, d.device
     try:
@@ -323,23 +361,30 @@ def inception_score_command(args):
             raise ValueError(f"--n {args.n}: fewer clips than the {world} processes sharing them")
         c3d = load_c3d(args.c3d, args.mean, device=device)
         source = args.ckpt or args.videos or args.data
-        trials = 1 if args.videos is not None else args.trials    # given clips are the same in every trial
+        # given clips are the same in every trial
+        trials = 1 if args.videos is not None else args.trials
         per_trial = []
         for trial in range(trials):
             videos = clips_to_score(args, trial, device, list(range(rank, args.n, world)))
             videos = first_16_frames(videos, source, say=rank == 0)
-            probs = gather_in_order(c3d_logits(c3d, videos, args.batch_size).softmax(-1), ddp).numpy()   # (N, 101)
+            probs = c3d_logits(c3d, videos, args.batch_size).softmax(-1)         # (n, 101)
+            probs = gather_in_order(probs, ddp).numpy()                          # (N, 101)
             per_trial.append(inception_score(probs, args.splits))
-        # Over trials (the published setting: 10 trials of one split) or, for one trial, over its splits.
-        mean, std = ((float(np.mean([m for m, _ in per_trial])), float(np.std([m for m, _ in per_trial])))
+        # Over trials (the published setting: 10 trials of one split) or, for one trial, over its
+        # splits.
+        mean, std = ((float(np.mean([m for m, _ in per_trial])),
+                      float(np.std([m for m, _ in per_trial])))
                      if trials > 1 else per_trial[0])
         if rank == 0:
-            print(f"IS {mean:.4f} ± {std:.4f}  (N={len(probs)}, {C3D_FRAMES} frames, {trials} trial(s), "
-                  f"{args.splits} split(s), seed {args.seed}, {os.path.basename(source.rstrip('/'))})", flush=True)
+            print(f"IS {mean:.4f} ± {std:.4f}  (N={len(probs)}, {C3D_FRAMES} frames, {trials} "
+                  f"trial(s), {args.splits} split(s), seed {args.seed}, "
+                  f"{os.path.basename(source.rstrip('/'))})", flush=True)
             if args.out:
                 write_record(args.out, dict(
-                    metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)", n=len(probs),
-                    trials=trials, splits=args.splits, frames=C3D_FRAMES, resolution=args.resolution, seed=args.seed,
+                    metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)",
+                                            n=len(probs),
+                    trials=trials, splits=args.splits, frames=C3D_FRAMES,
+                                            resolution=args.resolution, seed=args.seed,
                     processes=world, **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
                     mean=mean, std=std, per_trial=[m for m, _ in per_trial]))
         return mean, std
@@ -350,19 +395,27 @@ def inception_score_command(args):
 
 def is_main(argv):
     """`python fvd.py is ...`: the command line of the C3D Inception Score."""
-    p = argparse.ArgumentParser(prog="fvd.py is", description="The C3D Inception Score of TGANv2 (UCF-101).")
+    p = argparse.ArgumentParser(prog="fvd.py is",
+                                description="The C3D Inception Score of TGANv2 (UCF-101).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a prior checkpoint: score N samples of it")
-    source.add_argument("--videos", help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of videos")
-    source.add_argument("--data", help="a dataset whose real test clips are scored (the reference point)")
+    source.add_argument("--videos",
+                        help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of "
+                        "videos")
+    source.add_argument("--data",
+                        help="a dataset whose real test clips are scored (the reference point)")
     p.add_argument("--c3d", default=None,
-                   help="conv3d_deepnetA_ucf.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
-    p.add_argument("--mean", default=None, help="mean2.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
+                   help="conv3d_deepnetA_ucf.npz from TGANv2's release (default: in the folder "
+                   "$VIDEOGPT_C3D)")
+    p.add_argument("--mean", default=None,
+                   help="mean2.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
     p.add_argument("--n", "--num_videos", dest="n", type=int, default=2048,
-                   help="clips per trial (the published setting: 2048; under torchrun write --num_videos)")
+                   help="clips per trial (the published setting: 2048; under torchrun write "
+                   "--num_videos)")
     p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
     p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
-    p.add_argument("--resolution", type=int, default=128, help="--data: frame size the clips are read at")
+    p.add_argument("--resolution", type=int, default=128,
+                   help="--data: frame size the clips are read at")
     add_record_flags(p, "the clips drawn and the samples")
     add_compile_flag(p)
     add_device_flags(p)
@@ -375,18 +428,21 @@ def is_main(argv):
 
 # The reader learns from fonts matplotlib ships, never from the dataset's own (DejaVu Sans Bold),
 # so a high score means digits a stranger can read, not pixels memorised from the training set.
-READER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+READER_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf",
+                "DejaVuSansMono-Bold.ttf",
                 "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
                 "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf")
-READER_SIZE = 32          # frames are read at 32x32 (the dataset's glyphs are 24/64 of the frame)
-MAX_COUNT = 3             # counts 0..3 of each digit (the dataset's frames hold two digits, maybe equal)
-CONFIDENT = 0.9           # a frame is read when every digit's count has at least this probability
-READER_LR = 2e-3          # peak learning rate of its training, cosine to zero
-READER_STEPS = 2000       # training steps of the cached reader (about a minute and a half on a 2-core CPU)
+READER_SIZE = 32  # frames are read at 32x32 (the dataset's glyphs are 24/64 of the frame)
+MAX_COUNT = 3     # counts 0..3 of each digit (the dataset's frames hold two digits, maybe equal)
+CONFIDENT = 0.9   # a frame is read when every digit's count has at least this probability
+READER_LR = 2e-3  # peak learning rate of its training, cosine to zero
+# training steps of the cached reader (about a minute and a half on a 2-core CPU)
+READER_STEPS = 2000
 
 
 class DigitReader(nn.Module):
-    """How many times each digit 0-9 appears in a frame: (B, 1, 32, 32) -> logits (B, 10, 4) over 0..3.
+    """How many times each digit 0-9 appears in a frame: (B, 1, 32, 32) -> logits (B, 10, 4) over
+    0..3.
 
     Counts rather than a set, so that a frame showing the same digit twice is read
     as such; a small VGG-style network, flattened (not pooled) so position and
@@ -395,10 +451,12 @@ class DigitReader(nn.Module):
 
     def __init__(self):
         super().__init__()
-        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(c_out), nn.ReLU()]
         self.features = nn.Sequential(*conv(1, 16), *conv(16, 16), nn.MaxPool2d(2),
                                       *conv(16, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 192), nn.ReLU(), nn.Linear(192, 10 * (MAX_COUNT + 1)))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 192), nn.ReLU(),
+                                  nn.Linear(192, 10 * (MAX_COUNT + 1)))
 
     def forward(self, x):
         return self.head(self.features(x)).view(-1, 10, MAX_COUNT + 1)      # (B, 10, 4)
@@ -412,7 +470,8 @@ def reader_input(frames):
     """
     x = torch.as_tensor(np.asarray(frames)).float().amax(-1)[:, None] / 255     # (N, 1, H, W)
     if x.shape[-2:] != (READER_SIZE, READER_SIZE):
-        x = F.interpolate(x, size=(READER_SIZE, READER_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(READER_SIZE, READER_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)
     return x                                                                 # (N, 1, 32, 32)
 
 
@@ -431,14 +490,17 @@ def reader_batch(rng, n):
         if kind < 0.08:        # noise: fine-grained or smooth blobs, no digit
             side = int(rng.choice([4, 8, 16, 32]))
             blob = rng.uniform(0, 1, (side, side, 3)) ** 2
-            frames.append((255 * blob.repeat(READER_SIZE // side, 0).repeat(READER_SIZE // side, 1)).astype(np.uint8))
+            k = READER_SIZE // side
+            frames.append((255 * blob.repeat(k, 0).repeat(k, 1)).astype(np.uint8))
             continue
         n_digits = 2 if kind < 0.78 else int(rng.choice([0, 1, 1, 3]))
-        size = int(rng.integers(11, 17))                                 # the dataset's 12 px, and larger
+        size = int(rng.integers(11, 17))  # the dataset's 12 px, and larger
         glyphs = digit_glyphs(size, READER_FONTS[rng.integers(len(READER_FONTS))])
         digits = []
-        frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits, glyphs=glyphs,
-                                          digits=digits, grid=1, apart=False)[0])  # anywhere, to the pixel
+        frames.append(moving_digits_video(rng, frames=1, resolution=READER_SIZE, n_digits=n_digits,
+                                          glyphs=glyphs,
+                                          # anywhere, to the pixel
+                                          digits=digits, grid=1, apart=False)[0])
         np.add.at(counts[i], digits, 1)
     x = reader_input(np.stack(frames))                                    # (n, 1, 32, 32)
     blur = torch.from_numpy(rng.uniform(0, 1, (n, 1, 1, 1)) < 0.5).float()
@@ -449,14 +511,16 @@ def reader_batch(rng, n):
 
 
 def train_digit_reader(steps=READER_STEPS, batch_size=64, seed=0, progress=True):
-    """A DigitReader trained on frames of the reader's fonts; deterministic for a seed; eval mode."""
+    """A DigitReader trained on frames of the reader's fonts; deterministic for a seed; eval
+    mode."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     reader = DigitReader()
     opt = torch.optim.Adam(reader.parameters(), lr=READER_LR)
-    for step in tqdm(range(steps), desc="training the digit reader", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc="training the digit reader", disable=not progress,
+                     leave=False):
         for group in opt.param_groups:
-            group["lr"] = READER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))   # cosine to zero
+            group["lr"] = READER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to zero
         x, counts = reader_batch(rng, batch_size)
         loss = F.cross_entropy(reader(x).flatten(0, 1), counts.flatten())   # (B*10, 4) vs (B*10,)
         opt.zero_grad(set_to_none=True)
@@ -471,12 +535,14 @@ def reader_cache_path():
 
 
 def load_digit_reader(path=None):
-    """The reader from `path` (a state dict), or the one trained once and cached (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+    """The reader from `path` (a state dict), or the one trained once and cached (VIDEOGPT_CACHE or
+    ~/.cache/videogpt)."""
     if path is not None:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure to read means: not a usable weights file
-            raise ValueError(f"{path}: not a readable digit reader state dict ({type(e).__name__})") from None
+            raise ValueError(f"{path}: not a readable digit reader state dict "
+                             f"({type(e).__name__})") from None
         return load_weights(DigitReader(), sd, path, "the digit reader").eval()
     path = reader_cache_path()
     if os.path.isfile(path):
@@ -492,8 +558,8 @@ def load_digit_reader(path=None):
 
 @torch.no_grad()
 def read_digits(reader, videos):
-    """uint8 clips (N, T, H, W, 3) -> (counts (N, T, 10), read (N, T) bool): what each frame shows, and whether
-    it was read confidently as exactly two digits."""
+    """uint8 clips (N, T, H, W, 3) -> (counts (N, T, 10), read (N, T) bool): what each frame shows,
+    and whether it was read confidently as exactly two digits."""
     N, T = videos.shape[:2]
     frames = videos.reshape(-1, *videos.shape[2:])                        # (N*T, H, W, 3)
     probs = torch.cat([reader(reader_input(frames[i:i + 512])).softmax(-1)
@@ -504,24 +570,27 @@ def read_digits(reader, videos):
 
 
 def legibility(reader, videos, reference=None):
-    """Scores of uint8 clips (N, T, H, W, 3): the share of frames read (two digits, confidently); the share
-    of clips that keep their digits: read in at least half their frames, and every frame read shows the
-    same two digits (frames where the digits overlap too much to read are not held against a clip, as
-    they are not against a real one); and, given reference clips (the real ones for reconstructions),
-    the share of frames read as the same digits as the reference frame."""
+    """Scores of uint8 clips (N, T, H, W, 3): the share of frames read (two digits, confidently);
+    the share of clips that keep their digits: read in at least half their frames, and every frame
+    read shows the same two digits (frames where the digits overlap too much to read are not held
+    against a clip, as they are not against a real one); and, given reference clips (the real ones
+    for reconstructions), the share of frames read as the same digits as the reference frame."""
     counts, read = read_digits(reader, videos)                                  # (N, T, 10), (N, T)
-    first = counts.gather(1, read.float().argmax(1)[:, None, None].expand(-1, 1, 10))   # (N, 1, 10): first frame read
+    # (N, 1, 10): first frame read
+    first = counts.gather(1, read.float().argmax(1)[:, None, None].expand(-1, 1, 10))
     agree = ((counts == first).all(-1) | ~read).all(-1)                         # (N,)
     scores = dict(frames_read=read.float().mean().item(),
                   clips_kept=(agree & (2 * read.sum(-1) >= read.shape[1])).float().mean().item())
     if reference is not None:
         ref_counts, ref_read = read_digits(reader, reference)
-        scores["same_as_real"] = (read & ref_read & (counts == ref_counts).all(-1)).float().mean().item()
+        same = read & ref_read & (counts == ref_counts).all(-1)
+        scores["same_as_real"] = same.float().mean().item()
     return scores
 
 
 def digits_of_checkpoint(args):
-    """`fvd.py digits`: legibility of real test clips, their reconstructions and (for a prior) samples."""
+    """`fvd.py digits`: legibility of real test clips, their reconstructions and (for a prior)
+    samples."""
     device = default_device(args.device)
     kind = checkpoint_kind(load_checkpoint(args.ckpt))
     if kind == "gpt":
@@ -535,33 +604,44 @@ def digits_of_checkpoint(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.no_grad():
         for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
-            items = [data[(i % len(data), i)] for i in range(start, min(args.n, start + args.batch_size))]
-            x = torch.stack([it["video"] for it in items]).to(device)                     # (b, 3, T, H, W)
+            items = [data[(i % len(data), i)]
+                     for i in range(start, min(args.n, start + args.batch_size))]
+            x = torch.stack([it["video"] for it in items]).to(device)  # (b, 3, T, H, W)
             real.append(to_uint8(x).numpy())
             recon.append(samples_to_uint8(vq.decode(vq.encode(x))))
             if gpt is not None:
                 k = gpt.config.n_cond_frames
                 label = torch.tensor([it.get("label", 0) for it in items], device=device) \
                     if gpt.config.n_classes else None
-                codes = generate(gpt, len(items), label, x[:, :, :k] if k else None, temperature=args.temperature,
+                codes = generate(gpt, len(items), label, x[:, :, :k] if k else None,
+                                 temperature=args.temperature,
                                  top_k=args.top_k, generator=generator)
-                fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None, mark=False))
+                fake.append(samples_to_uint8(vq.decode(codes), x[:, :, :k] if k else None,
+                                             mark=False))
     real = np.concatenate(real)
-    rows = {"real": legibility(reader, real), "reconstructions": legibility(reader, np.concatenate(recon), real)}
+    rows = {"real": legibility(reader, real),
+            "reconstructions": legibility(reader, np.concatenate(recon), real)}
     if fake:
         rows["samples"] = legibility(reader, np.concatenate(fake))
     for name, r in rows.items():
-        line = f"{name:>15}: frames read {100 * r['frames_read']:5.1f}%  clips keeping their digits {100 * r['clips_kept']:5.1f}%"
+        line = (f"{name:>15}: frames read {100 * r['frames_read']:5.1f}%  clips keeping their "
+                f"digits {100 * r['clips_kept']:5.1f}%")
         if "same_as_real" in r:
             line += f"  frames read as the real one {100 * r['same_as_real']:5.1f}%"
         print(line, flush=True)
-    print(f"(N={args.n} clips of {c.sequence_length} frames, seed {args.seed}, {os.path.basename(args.ckpt)}"
-          + (f", temperature {args.temperature}, top_k {args.top_k}" if fake else "") + ")", flush=True)
+    print(f"(N={args.n} clips of {c.sequence_length} frames, seed {args.seed}, "
+          f"{os.path.basename(args.ckpt)}"
+          + (f", temperature {args.temperature}, top_k {args.top_k}" if fake else "") + ")",
+          flush=True)
     if args.out:
         write_record(args.out, dict(
-            metric="digit_legibility", protocol=f"DigitReader, read when every count has p > {CONFIDENT}", n=args.n,
-            frames=c.sequence_length, resolution=c.resolution, seed=args.seed, temperature=args.temperature,
-            top_k=args.top_k, **provenance(ckpt=args.ckpt, data=args.data, reader=args.reader or reader_cache_path()),
+            metric="digit_legibility",
+                                    protocol="DigitReader, read when every count has p > "
+                                    f"{CONFIDENT}", n=args.n,
+            frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
+                                    temperature=args.temperature,
+            top_k=args.top_k, **provenance(ckpt=args.ckpt, data=args.data,
+                                           reader=args.reader or reader_cache_path()),
             scores=rows))
     return rows
 
@@ -569,13 +649,17 @@ def digits_of_checkpoint(args):
 def digits_main(argv):
     """`python fvd.py digits ...`: the command line of digit legibility."""
     p = argparse.ArgumentParser(prog="fvd.py digits",
-                                description="Digit legibility of moving-digits clips: real, reconstructed, sampled.")
-    p.add_argument("--ckpt", required=True, help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
-    p.add_argument("--data", default=None, help="moving-digits HDF5 file (default: the built-in set)")
+                                description="Digit legibility of moving-digits clips: real, "
+                                "reconstructed, sampled.")
+    p.add_argument("--ckpt", required=True,
+                   help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
+    p.add_argument("--data", default=None,
+                   help="moving-digits HDF5 file (default: the built-in set)")
     p.add_argument("--n", type=int, default=64, help="clips per set")
     add_sampling_flags(p)
     p.add_argument("--reader", default=None,
-                   help="digit reader weights (default: trained on first use, about 90 s, then cached)")
+                   help="digit reader weights (default: trained on first use, about 90 s, then "
+                   "cached)")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)
     args = p.parse_args(argv)
@@ -585,28 +669,33 @@ def digits_main(argv):
 # -----------------------------------------------------------------------------
 # Steering: does the view turn the way it was told?
 #
-# Turning in place slides the whole picture sideways (TURN_LEFT: the world moves right), about 11 pixels a
-# step at 64x64 and ViZDoom's frame_skip 4, where walking forward spreads it out from the centre with no net
-# slide. So the slide between two frames, the horizontal offset that best lines them up, reads the turn: on
-# real ViZDoom test frames, 97% of the steps after TURN_LEFT slide right and 97% after TURN_RIGHT slide left.
+# Turning in place slides the whole picture sideways (TURN_LEFT: the world moves right), about 11
+# pixels a step at 64x64 and ViZDoom's frame_skip 4, where walking forward spreads it out from the
+# centre with no net slide. So the slide between two frames, the horizontal offset that best lines
+# them up, reads the turn: on real ViZDoom test frames, 97% of the steps after TURN_LEFT slide right
+# and 97% after TURN_RIGHT slide left.
 
 TURN_SIGN = {"TURN_LEFT": 1, "TURN_RIGHT": -1}   # the sign of the slide each turn makes
 
 
 def view_shift(a, b, most=None):
-    """How many pixels the picture slid right from frame a to frame b (uint8 (H, W, 3)): the offset in
-    -most..most (default W // 4) with the least mean squared difference of the overlapping grey columns."""
+    """How many pixels the picture slid right from frame a to frame b (uint8 (H, W, 3)): the offset
+    in
+    -most..most (default W // 4) with the least mean squared difference of the overlapping grey
+    columns."""
     a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)             # (H, W) each
     w = a.shape[1]
     most = most or w // 4
-    error = lambda d: np.mean((a[:, max(0, -d):w - max(0, d)] - b[:, max(0, d):w - max(0, -d)]) ** 2)
+    # The mean squared difference of the two pictures' overlap when b is slid d columns.
+    overlap = lambda d: (a[:, max(0, -d):w - max(0, d)], b[:, max(0, d):w - max(0, -d)])
+    error = lambda d: np.mean(np.subtract(*overlap(d)) ** 2)
     return min(range(-most, most + 1), key=error)
 
 
 def held_turns(actions, signs, min_hold=3):
-    """(clip, first, last, sign) of every run of one turning button held for at least min_hold steps in
-    (N, T) button indices; `signs` maps a button index to its slide's sign. The run's steps t lead to t + 1,
-    so the last step of a clip leads nowhere and is left out."""
+    """(clip, first, last, sign) of every run of one turning button held for at least min_hold steps
+    in (N, T) button indices; `signs` maps a button index to its slide's sign. The run's steps t
+    lead to t + 1, so the last step of a clip leads nowhere and is left out."""
     runs = []
     for i, row in enumerate(np.asarray(actions)[:, :-1]):
         start = 0
@@ -619,35 +708,40 @@ def held_turns(actions, signs, min_hold=3):
 
 
 def view_slides(videos):
-    """Every step's slide (view_shift) of uint8 clips (N, T, H, W, 3): int (N, T - 1), frame t to t + 1."""
+    """Every step's slide (view_shift) of uint8 clips (N, T, H, W, 3): int (N, T - 1), frame t to t
+    + 1."""
     return np.array([[view_shift(v[t], v[t + 1]) for t in range(len(v) - 1)] for v in videos])
 
 
 def turn_following(slides, actions, signs, min_hold=3):
-    """The share of held turns (held_turns) after which the picture slid the commanded way over the run
-    (summed over its steps), from clips' slides (N, T - 1) and (N, T) button indices (None without a held
-    turn); and how many."""
+    """The share of held turns (held_turns) after which the picture slid the commanded way over the
+    run (summed over its steps), from clips' slides (N, T - 1) and (N, T) button indices (None
+    without a held turn); and how many."""
     runs = held_turns(actions, signs, min_hold)
     right = [sign * slides[i, first:last].sum() > 0 for i, first, last, sign in runs]
     return (float(np.mean(right)) if runs else None), len(runs)
 
 
 def steer_of_checkpoint(args):
-    """`fvd.py steer`: the turn-following of real test clips (the ceiling), their reconstructions, samples
-    given the real clips' actions, and samples told to turn left or right (or go straight) all the way."""
+    """`fvd.py steer`: the turn-following of real test clips (the ceiling), their reconstructions,
+    samples given the real clips' actions, and samples told to turn left or right (or go straight)
+    all the way."""
     device = default_device(args.device)
     gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
     c = vq.config
     names = load_checkpoint(args.ckpt).get("action_names")
     if not gpt.config.action_dim or not names or not set(TURN_SIGN) <= set(names):
-        raise ValueError(f"{args.ckpt}: steer needs a prior conditioned on actions named TURN_LEFT and TURN_RIGHT "
-                         f"(trained with --action_cond on ViZDoom data), got {names or 'no action names'}")
+        raise ValueError(f"{args.ckpt}: steer needs a prior conditioned on actions named TURN_LEFT "
+                         "and TURN_RIGHT (trained with --action_cond on ViZDoom data), got "
+                         f"{names or 'no action names'}")
     signs = {names.index(k): v for k, v in TURN_SIGN.items()}
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
     if "actions" not in getattr(data, "extras", ()):
-        raise ValueError(f"{args.data}: no per-frame actions to steer by (expected an HDF5 file with test_actions)")
+        raise ValueError(f"{args.data}: no per-frame actions to steer by (expected an HDF5 file "
+                         "with test_actions)")
     generator = torch.Generator(device).manual_seed(args.seed)
-    draw = lambda a: samples_to_uint8(vq.decode(generate(gpt, len(a), actions=a, temperature=args.temperature,
+    draw = lambda a: samples_to_uint8(vq.decode(generate(gpt, len(a), actions=a,
+                                                         temperature=args.temperature,
                                                          top_k=args.top_k, generator=generator)))
     told = {k: names.index(k) for k in ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT") if k in names}
     T = c.sequence_length
@@ -655,36 +749,45 @@ def steer_of_checkpoint(args):
     buttons = []
     with torch.no_grad():
         for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
-            items = [data[(i % len(data), i)] for i in range(start, min(args.n, start + args.batch_size))]
-            x = torch.stack([it["video"] for it in items]).to(device)                     # (b, 3, T, H, W)
-            a = torch.stack([it["actions"] for it in items]).to(device)                   # (b, T, A)
+            items = [data[(i % len(data), i)]
+                     for i in range(start, min(args.n, start + args.batch_size))]
+            x = torch.stack([it["video"] for it in items]).to(device)  # (b, 3, T, H, W)
+            a = torch.stack([it["actions"] for it in items]).to(device)  # (b, T, A)
             buttons.append(a.argmax(-1).cpu().numpy())
             sets["real"].append(to_uint8(x).numpy())
             sets["reconstructions"].append(samples_to_uint8(vq.decode(vq.encode(x))))
             sets["samples"].append(draw(a))
             for k in told:   # every clip told the same button all the way through
-                sets[f"told {k}"].append(draw(named_actions(f"{k}*{T}", names, len(items), (T,), args.ckpt).to(device)))
+                told_k = named_actions(f"{k}*{T}", names, len(items), (T,), args.ckpt)
+                sets[f"told {k}"].append(draw(told_k.to(device)))
     buttons, sets = np.concatenate(buttons), {k: np.concatenate(v) for k, v in sets.items()}
     rows = {}
     for name, videos in sets.items():
         b = np.full(buttons.shape, told[name[5:]]) if name.startswith("told") else buttons
         slides = view_slides(videos)                                                    # (N, T - 1)
         share, count = turn_following(slides, b, signs, args.min_hold)
-        rows[name] = dict(turned_as_told=share, turns=count, mean_slide=float(np.abs(slides).mean()))
+        rows[name] = dict(turned_as_told=share, turns=count,
+                          mean_slide=float(np.abs(slides).mean()))
         line = f"{name:>17}: mean slide {rows[name]['mean_slide']:5.2f} px/step"
         if count:
             line += f"  turned the way told {100 * share:5.1f}% of {count} held turns"
         print(line, flush=True)
-    print(f"(N={args.n} clips of {c.sequence_length} frames, turns held >= {args.min_hold} steps, seed {args.seed}, "
-          f"{os.path.basename(args.ckpt)}, temperature {args.temperature}, top_k {args.top_k})", flush=True)
-    if args.picture:   # Figure 7 of the paper: the same model told to turn left, go straight, turn right
+    print(f"(N={args.n} clips of {c.sequence_length} frames, turns held >= {args.min_hold} steps, "
+          f"seed {args.seed}, {os.path.basename(args.ckpt)}, temperature {args.temperature}, top_k "
+          f"{args.top_k})",
+          flush=True)
+    # Figure 7 of the paper: the same model told to turn left, go straight, turn right
+    if args.picture:
         from data import save_png, video_grid
         shown = [sets[f"told {k}"][i] for k in told for i in range(args.picture_rows)]
         save_png(video_grid(np.stack(shown)), args.picture)
         print(args.picture, flush=True)
     if args.out:
-        write_record(args.out, dict(metric="turn_following", protocol=f"view_shift, turns held >= {args.min_hold}",
-                                    n=args.n, frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
+        write_record(args.out,
+                     dict(metric="turn_following",
+                          protocol=f"view_shift, turns held >= {args.min_hold}",
+                                    n=args.n, frames=c.sequence_length, resolution=c.resolution,
+                          seed=args.seed,
                                     temperature=args.temperature, top_k=args.top_k,
                                     **provenance(ckpt=args.ckpt, data=args.data), scores=rows))
     return rows
@@ -693,14 +796,19 @@ def steer_of_checkpoint(args):
 def steer_main(argv):
     """`python fvd.py steer ...`: the command line of the steering score."""
     p = argparse.ArgumentParser(prog="fvd.py steer",
-                                description="How often an action-conditional prior's samples turn the way they were told.")
-    p.add_argument("--ckpt", required=True, help="an action-conditional prior (ViZDoom: TURN_LEFT, TURN_RIGHT, ...)")
-    p.add_argument("--data", required=True, help="the HDF5 file it was trained on; its test clips and their actions")
+                                description="How often an action-conditional prior's samples turn "
+                                "the way they were told.")
+    p.add_argument("--ckpt", required=True,
+                   help="an action-conditional prior (ViZDoom: TURN_LEFT, TURN_RIGHT, ...)")
+    p.add_argument("--data", required=True,
+                   help="the HDF5 file it was trained on; its test clips and their actions")
     p.add_argument("--n", type=int, default=64, help="clips per set")
-    p.add_argument("--min_hold", type=int, default=3, help="score turns held for at least this many steps")
+    p.add_argument("--min_hold", type=int, default=3,
+                   help="score turns held for at least this many steps")
     add_sampling_flags(p)
     p.add_argument("--picture", default=None,
-                   help="also write a PNG: samples told to turn left, go straight, turn right (a row each)")
+                   help="also write a PNG: samples told to turn left, go straight, turn right (a "
+                   "row each)")
     p.add_argument("--picture_rows", type=int, default=1, help="rows per told action in --picture")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)
@@ -712,23 +820,24 @@ def steer_main(argv):
 # Long play: does the dream stay a world?
 #
 # A dream that dissolves drifts away from what the game looks like: its colours go grey, its sky and
-# floor fade, or it freezes. Each frame is measured against the real game's test frames by its colour
-# statistics (each channel's mean and spread), by how much of it is sky (ViZDoom's dark blue) and floor
-# (its green), and by how much it changed since the frame before.
+# floor fade, or it freezes. Each frame is measured against the real game's test frames by its
+# colour statistics (each channel's mean and spread), by how much of it is sky (ViZDoom's dark blue)
+# and floor (its green), and by how much it changed since the frame before.
 
 SHOWS = 0.02   # a frame shows the sky (the floor) when at least 2% of its pixels are sky (floor)
 
 
 def colour_stats(frames):
-    """uint8 frames (N, H, W, 3) -> (N, 6): each channel's mean, then each channel's standard deviation."""
+    """uint8 frames (N, H, W, 3) -> (N, 6): each channel's mean, then each channel's standard
+    deviation."""
     x = np.asarray(frames, np.float32).reshape(len(frames), -1, 3)                     # (N, H*W, 3)
     return np.concatenate([x.mean(1), x.std(1)], axis=1)                                # (N, 6)
 
 
 def sky_and_floor(frames):
-    """The share of each frame's pixels that is sky (blue well above red and green) and floor (green well
-    above red and blue): float (N, 2)."""
-    x = np.asarray(frames, np.int16)                                                    # (N, H, W, 3)
+    """The share of each frame's pixels that is sky (blue well above red and green) and floor (green
+    well above red and blue): float (N, 2)."""
+    x = np.asarray(frames, np.int16)  # (N, H, W, 3)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     sky = (b > r + 15) & (b > g + 15)
     floor = (g > r + 15) & (g > b + 15)
@@ -745,15 +854,15 @@ def world_reference(frames):
 
 
 def drift(frames, reference):
-    """How far each frame's colour statistics lie from the real frames', in their standard deviations
-    (the root mean square over the six): float (N,). Real frames average about 1."""
+    """How far each frame's colour statistics lie from the real frames', in their standard
+    deviations (the root mean square over the six): float (N,). Real frames average about 1."""
     z = (colour_stats(frames) - np.array(reference["mean"])) / np.array(reference["std"])
     return np.sqrt((z ** 2).mean(1))
 
 
 def longest_still(frames, still=1.0):
-    """The longest run of frames each within `still` grey levels (mean absolute difference) of the one
-    before: 1 for a picture that always moves."""
+    """The longest run of frames each within `still` grey levels (mean absolute difference) of the
+    one before: 1 for a picture that always moves."""
     x = np.asarray(frames, np.float32)
     change = np.abs(x[1:] - x[:-1]).mean((1, 2, 3))                                  # (N - 1,)
     longest = count = 0
@@ -767,12 +876,14 @@ FROZEN = 16   # frames standing still in a row that count as a frozen picture (a
 
 
 def stays_a_world(frames, reference, stretch=50):
-    """The long-play report of uint8 frames (N, H, W, 3) against world_reference's dict: the share of
-    frames whose colour statistics lie in the real range; whether the picture froze; per stretch of
-    `stretch` frames the shares showing sky and floor, and whether both are at least half the real
-    game's (a dream melted to grey keeps its colours' spread but loses its sky); the drift per frame."""
+    """The long-play report of uint8 frames (N, H, W, 3) against world_reference's dict: the share
+    of frames whose colour statistics lie in the real range; whether the picture froze; per stretch
+    of `stretch` frames the shares showing sky and floor, and whether both are at least half the
+    real game's (a dream melted to grey keeps its colours' spread but loses its sky); the drift per
+    frame."""
     stats, looks = colour_stats(frames), sky_and_floor(frames)
-    inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)   # (N,)
+    # (N,)
+    inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)
     stretches = []
     for start in range(0, len(frames) - stretch + 1, stretch):
         part = looks[start:start + stretch] >= SHOWS
@@ -780,15 +891,18 @@ def stays_a_world(frames, reference, stretch=50):
         keeps = sky >= reference["shows_sky"] / 2 and floor >= reference["shows_floor"] / 2
         stretches.append(dict(first=start, shows_sky=sky, shows_floor=floor, keeps_its_look=keeps))
     d = drift(frames, reference)
-    return dict(frames=len(frames), in_real_range=float(inside.mean()), longest_still=longest_still(frames),
+    return dict(frames=len(frames), in_real_range=float(inside.mean()),
+                longest_still=longest_still(frames),
                 froze=longest_still(frames) >= FROZEN,
-                stretches_keeping_their_look=float(np.mean([s["keeps_its_look"] for s in stretches])),
-                stretches=stretches, drift_mean=float(d.mean()), drift=[round(float(v), 3) for v in d])
+                stretches_keeping_their_look=float(np.mean([s["keeps_its_look"]
+                                                            for s in stretches])),
+                stretches=stretches, drift_mean=float(d.mean()),
+                drift=[round(float(v), 3) for v in d])
 
 
 def long_play_script(n_frames, names):
-    """A scripted session of `n_frames` frames: turns held 12 to 16 frames with walks between them and
-    direct reversals (left straight into right), as action names, one per frame."""
+    """A scripted session of `n_frames` frames: turns held 12 to 16 frames with walks between them
+    and direct reversals (left straight into right), as action names, one per frame."""
     pattern = [("MOVE_FORWARD", 10), ("TURN_LEFT", 12), ("TURN_RIGHT", 12), ("MOVE_FORWARD", 8),
                ("TURN_RIGHT", 14), ("MOVE_FORWARD", 6), ("TURN_LEFT", 16), ("MOVE_FORWARD", 12),
                ("TURN_RIGHT", 12), ("TURN_LEFT", 12), ("MOVE_FORWARD", 8)]
@@ -803,9 +917,10 @@ def long_play_script(n_frames, names):
 
 
 def play_turns(frames, script, names, start):
-    """The steering score of a played session (frames: the `start` ones, then one per scripted action):
-    the share of its turns held 12 frames or more after which the picture slid the commanded way; and
-    how many. Action i is the action of frame start + i (the data's convention: it leads to the next)."""
+    """The steering score of a played session (frames: the `start` ones, then one per scripted
+    action): the share of its turns held 12 frames or more after which the picture slid the
+    commanded way; and how many. Action i is the action of frame start + i (the data's convention:
+    it leads to the next)."""
     signs = {names.index(k): v for k, v in TURN_SIGN.items() if k in names}
     slides = view_slides(np.asarray(frames)[None, start:])                             # (1, N - 1)
     buttons = np.array([[names.index(a) for a in script]])                             # (1, N)
@@ -813,46 +928,59 @@ def play_turns(frames, script, names, start):
 
 
 def dream_of_checkpoint(args):
-    """`fvd.py dream`: play a prior for --frames frames of a scripted session; score its turns and whether
-    it stays a world against the real test frames; plot the drift."""
-    world, names, start = load_world(args.ckpt, start=args.start, clip=args.clip, temperature=args.temperature,
+    """`fvd.py dream`: play a prior for --frames frames of a scripted session; score its turns and
+    whether it stays a world against the real test frames; plot the drift."""
+    world, names, start = load_world(args.ckpt, start=args.start, clip=args.clip,
+                                     temperature=args.temperature,
                                      top_k=args.top_k, seed=args.seed, stride=args.stride)
     if not names or not set(TURN_SIGN) <= set(names):
-        raise ValueError(f"{args.ckpt}: dream needs a prior conditioned on actions named TURN_LEFT and TURN_RIGHT")
+        raise ValueError(f"{args.ckpt}: dream needs a prior conditioned on actions named TURN_LEFT "
+                         "and TURN_RIGHT")
     c = world.vq.config
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
-    clips = torch.stack([data[(i % len(data), i)]["video"] for i in range(args.n_real)])   # (n, 3, T, H, W)
+    # (n, 3, T, H, W)
+    clips = torch.stack([data[(i % len(data), i)]["video"] for i in range(args.n_real)])
     with torch.no_grad():   # what the decoder can show of the real game: its reconstructions
-        recon = torch.cat([world.vq.decode(world.vq.encode(clips[i:i + 16])) for i in range(0, len(clips), 16)])
-    real = to_uint8(clips).numpy().reshape(-1, c.resolution, c.resolution, 3)              # (n*T, H, W, 3)
-    recon = to_uint8(recon.clamp(-0.5, 0.5)).numpy().reshape(real.shape)                  # (n*T, H, W, 3)
+        recon = torch.cat([world.vq.decode(world.vq.encode(clips[i:i + 16]))
+                           for i in range(0, len(clips), 16)])
+    real = to_uint8(clips).numpy().reshape(-1, c.resolution, c.resolution, 3)  # (n*T, H, W, 3)
+    recon = to_uint8(recon.clamp(-0.5, 0.5)).numpy().reshape(real.shape)  # (n*T, H, W, 3)
     references = dict(real=world_reference(real), reconstructions=world_reference(recon))
     script = long_play_script(args.frames, names)
     frames = [start_world(world, start)]
     n_start = len(frames[0])
     for i in tqdm(range(0, len(script), world.per_step), desc="playing", unit="step", leave=False):
         frames.append(world.step(script[i:i + world.per_step]))
-    frames = np.concatenate(frames)                                                   # (start + N, H, W, 3)
+    frames = np.concatenate(frames)  # (start + N, H, W, 3)
     share, turns = play_turns(frames, script, names, n_start)
     report = stays_a_world(frames[n_start:], references["real"])
-    report["in_reconstructions_range"] = stays_a_world(frames[n_start:], references["reconstructions"])["in_real_range"]
+    in_recon = stays_a_world(frames[n_start:], references["reconstructions"])
+    report["in_reconstructions_range"] = in_recon["in_real_range"]
     recon_report = stays_a_world(recon, references["real"])
     real_drift = drift(real, references["real"])
-    print(f"{args.frames} frames played: turned the way told {100 * (share or 0):.1f}% of {turns} held turns; "
-          f"colour statistics within the real frames' {100 * report['in_real_range']:.1f}% (the reconstructions "
-          f"of real frames: {100 * recon_report['in_real_range']:.1f}%), within the reconstructions' "
-          f"{100 * report['in_reconstructions_range']:.1f}%; longest still {report['longest_still']} frames; "
-          f"stretches of 50 showing sky and floor: {100 * report['stretches_keeping_their_look']:.0f}%; "
-          f"mean drift {report['drift_mean']:.2f} (real frames: {real_drift.mean():.2f})",
+    print(f"{args.frames} frames played: turned the way told {100 * (share or 0):.1f}% of {turns} "
+          "held turns; colour statistics within the real frames' "
+          f"{100 * report['in_real_range']:.1f}% (the reconstructions of real frames: "
+          f"{100 * recon_report['in_real_range']:.1f}%), within the reconstructions' "
+          f"{100 * report['in_reconstructions_range']:.1f}%; longest still "
+          f"{report['longest_still']} frames; stretches of 50 showing sky and floor: "
+          f"{100 * report['stretches_keeping_their_look']:.0f}%; mean drift "
+          f"{report['drift_mean']:.2f} (real frames: {real_drift.mean():.2f})",
           flush=True)
     if args.plot:
         plot_drift(report["drift"], real_drift, args.plot,
-                   f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature {args.temperature}")
+                   f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature "
+                   f"{args.temperature}")
     if args.out:
-        write_record(args.out, dict(metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,
-                                    temperature=args.temperature, top_k=args.top_k, turned_as_told=share, turns=turns,
-                                    **provenance(ckpt=args.ckpt, data=args.data), references=references,
-                                    reconstructions_in_real_range=recon_report["in_real_range"], dream=report))
+        write_record(args.out,
+                     dict(metric="long_play", frames=args.frames, seed=args.seed,
+                          stride=args.stride,
+                                    temperature=args.temperature, top_k=args.top_k,
+                          turned_as_told=share, turns=turns,
+                                    **provenance(ckpt=args.ckpt, data=args.data),
+                          references=references,
+                                    reconstructions_in_real_range=recon_report["in_real_range"],
+                          dream=report))
     return dict(turned_as_told=share, turns=turns, **report)
 
 
@@ -863,9 +991,11 @@ def plot_drift(dream, real, path, title):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
     ax.plot(np.arange(len(dream)), dream, lw=0.6, alpha=0.6, label="the dream, frame by frame")
-    ax.plot(np.arange(12, len(dream) - 12), np.convolve(dream, np.ones(25) / 25, mode="valid"), lw=2,
+    ax.plot(np.arange(12, len(dream) - 12), np.convolve(dream, np.ones(25) / 25, mode="valid"),
+            lw=2,
             label="its mean over 25 frames")
-    ax.axhline(np.percentile(real, 99), color="k", ls="--", lw=1, label="real frames: 99th percentile")
+    ax.axhline(np.percentile(real, 99), color="k", ls="--", lw=1,
+               label="real frames: 99th percentile")
     ax.axhline(np.mean(real), color="k", ls=":", lw=1, label="real frames: mean")
     ax.set_xlabel("frame played")
     ax.set_ylabel("colour drift (real std)")
@@ -880,17 +1010,24 @@ def plot_drift(dream, real, path, title):
 def dream_main(argv):
     """`python fvd.py dream ...`: the command line of the long-play score."""
     p = argparse.ArgumentParser(prog="fvd.py dream",
-                                description="Play an action-conditional ViZDoom prior for a long scripted session: "
-                                            "does it turn as told and stay a world?")
-    p.add_argument("--ckpt", required=True, help="an action-conditional ViZDoom prior, e.g. weights/vizdoom.pt")
-    p.add_argument("--data", required=True, help="the HDF5 file it was trained on: its test frames are the reference")
+                                description="Play an action-conditional ViZDoom prior for a long "
+                                            "scripted session: does it turn as told and stay a "
+                                            "world?")
+    p.add_argument("--ckpt", required=True,
+                   help="an action-conditional ViZDoom prior, e.g. weights/vizdoom.pt")
+    p.add_argument("--data", required=True,
+                   help="the HDF5 file it was trained on: its test frames are the reference")
     p.add_argument("--frames", type=int, default=300, help="frames to play after the start")
-    p.add_argument("--start", default=None, help="start from a test clip of this dataset (default: the stored start)")
+    p.add_argument("--start", default=None,
+                   help="start from a test clip of this dataset (default: the stored start)")
     p.add_argument("--clip", type=int, default=0, help="with --start: which test clip")
-    p.add_argument("--n_real", type=int, default=256, help="real test clips (and their reconstructions) to compare with")
-    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (play's default: 0.9)")
+    p.add_argument("--n_real", type=int, default=256,
+                   help="real test clips (and their reconstructions) to compare with")
+    p.add_argument("--temperature", type=float, default=0.9,
+                   help="sampling temperature (play's default: 0.9)")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely codes")
-    p.add_argument("--stride", type=int, default=1, help="latent steps dropped each time the play loop's window slides")
+    p.add_argument("--stride", type=int, default=1,
+                   help="latent steps dropped each time the play loop's window slides")
     p.add_argument("--plot", default=None, help="also draw the drift per frame to this PNG")
     add_record_flags(p, "the dream's draws")
     args = p.parse_args(argv)

@@ -37,13 +37,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind, current_prior_keys, keep_copy,
-                         load_checkpoint, remove_stale_temps, save_checkpoint, trim_log)
+from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind,
+                         current_prior_keys, keep_copy, load_checkpoint, remove_stale_temps,
+                         save_checkpoint, trim_log)
 from data import make_dataset
 from fast import use_fast_attention
 from muon import optimizer_kind
-from runtime import (RunError, all_mean, autocast, collective_failure, first_line, ignore_stop_signals,
-                     init_distributed, lost_peer_error, rng_state, seed_everything, set_rng_state)
+from runtime import (RunError, all_mean, autocast, collective_failure, first_line,
+                     ignore_stop_signals, init_distributed, lost_peer_error, rng_state,
+                     seed_everything, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Data order and the learning rate: pure functions of (seed, step)
@@ -74,7 +76,8 @@ class InfiniteSampler(Sampler):
         while True:
             epoch_seed = self.seed * EPOCH_SEED_STRIDE + epoch
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
-            perm = torch.cat([perm, perm[: per_rank * self.world - self.n]])   # pad so every rank gets per_rank
+            # pad so every rank gets per_rank
+            perm = torch.cat([perm, perm[: per_rank * self.world - self.n]])
             for j in range(offset, per_rank):
                 pos = j * self.world + self.rank
                 yield int(perm[pos]), epoch_seed * (per_rank * self.world) + pos
@@ -84,26 +87,30 @@ class InfiniteSampler(Sampler):
 # -----------------------------------------------------------------------------
 # Resuming: which flags changed since the checkpoint's run
 
-# Flags that decide which clips a step sees: changed on resume, the data order is no longer an uninterrupted run's.
+# Flags that decide which clips a step sees: changed on resume, the data order is no longer an
+# uninterrupted run's.
 DATA_ORDER_FLAGS = ("batch_size", "seed", "data")
 # Flags that only say where and how to report, never what is trained.
-HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device", "ddp_timeout")
+HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device",
+                  "ddp_timeout")
 
 
 def changed_flags(saved, args, model_flags, saved_world, world):
-    """One line naming every flag that differs from the checkpoint's run and what happens to it; None if none."""
+    """One line naming every flag that differs from the checkpoint's run and what happens to it;
+    None if none."""
     parts = []
     for k, v in sorted(vars(args).items()):
         old = saved.get(k, v)
-        if k in HARMLESS_FLAGS or old == v or (isinstance(v, (list, tuple)) and list(old or ()) == list(v)):
+        if k in HARMLESS_FLAGS or old == v or (isinstance(v, (list, tuple))
+                                               and list(old or ()) == list(v)):
             continue
         fate = ("the checkpoint's value is kept" if k in model_flags else
                 "the new value is used; the data order is no longer that of an uninterrupted run"
                 if k in DATA_ORDER_FLAGS else "the new value is used")
         parts.append(f"--{k} {v} (was {old}: {fate})")
     if saved_world != world:
-        parts.append(f"{world} process(es) (was {saved_world}: random streams and data order are no longer those "
-                     f"of an uninterrupted run)")
+        parts.append(f"{world} process(es) (was {saved_world}: random streams and data order are "
+                     "no longer those of an uninterrupted run)")
     return "resuming with changed flags: " + "; ".join(parts) if parts else None
 
 
@@ -130,8 +137,10 @@ class CodesDataset(Dataset):
 
 @torch.no_grad()
 def encode_all(vq, dataset, device, batch_size):
-    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its index."""
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=[(i, i) for i in range(len(dataset))])
+    """Codes (N, t, h, w) int16 and labels of every clip, each with its window fixed by its
+    index."""
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        sampler=[(i, i) for i in range(len(dataset))])
     codes, labels = [], []
     for batch in loader:
         codes.append(vq.encode(batch["video"].to(device)).to(torch.int16).cpu())
@@ -141,7 +150,8 @@ def encode_all(vq, dataset, device, batch_size):
 
 
 def cached_codes(vq, args, train_set, test_set, device, master, ddp):
-    """--cache_codes: every clip encoded once (window fixed per clip) to out_dir/codes.pt; datasets of codes."""
+    """--cache_codes: every clip encoded once (window fixed per clip) to out_dir/codes.pt; datasets
+    of codes."""
     codes_path = os.path.join(args.out_dir, "codes.pt")
     if master and not os.path.exists(codes_path):
         remove_stale_temps(codes_path)
@@ -153,8 +163,10 @@ def cached_codes(vq, args, train_set, test_set, device, master, ddp):
     try:
         cached = torch.load(codes_path, weights_only=True)
         return CodesDataset(*cached["train"]), CodesDataset(*cached["test"])
-    except Exception as e:  # unreadable or not ours: say so; deleting it makes the next run re-encode
-        raise ValueError(f"{codes_path}: not a readable codes cache ({type(e).__name__}); delete it to re-encode") from None
+    # unreadable or not ours: say so; deleting it makes the next run re-encode
+    except Exception as e:
+        raise ValueError(f"{codes_path}: not a readable codes cache ({type(e).__name__}); delete "
+                         "it to re-encode") from None
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +177,8 @@ def cached_codes(vq, args, train_set, test_set, device, master, ddp):
 class RunState:
     """Where a run is: what a checkpoint saves with the weights, and what resume restores."""
     step: int = 0                     # optimizer steps taken (skipped ones included)
-    history: dict = field(default_factory=lambda: {"train": [], "test": []})   # loss curves, (step, value)
+    # loss curves, (step, value)
+    history: dict = field(default_factory=lambda: {"train": [], "test": []})
     saved_step: int = None            # step of the newest checkpoint on disk (None: none yet)
     bad_run: int = 0                  # consecutive steps with a non-finite loss or gradient
 
@@ -175,8 +188,10 @@ class RunState:
 
     def load_state_dict(self, ckpt, dist_info):
         """Restore the step, curves and this process's random streams from a checkpoint."""
-        self.step, self.history, self.saved_step = ckpt["step"], ckpt.get("history", self.history), ckpt["step"]
-        # Each rank continues its own random streams; on a different number of processes they start afresh.
+        self.step = self.saved_step = ckpt["step"]
+        self.history = ckpt.get("history", self.history)
+        # Each rank continues its own random streams; on a different number of processes they start
+        # afresh.
         rngs = ckpt["rng"]
         if len(rngs) == dist_info.world:
             set_rng_state(rngs[dist_info.rank], dist_info.device)
@@ -201,13 +216,17 @@ class MetricWindow:
         self.steps += 1
 
     def read(self, ddp):
-        """Mean of each metric over the window and the processes; the time since the window began."""
-        sums = torch.stack(list(self.sums.values())).tolist() if self.sums else []   # one read of the device
-        return all_mean({k: v / self.steps for k, v in zip(self.sums, sums)}, ddp), time.time() - self.t0
+        """Mean of each metric over the window and the processes; the time since the window
+        began."""
+        # one read of the device
+        sums = torch.stack(list(self.sums.values())).tolist() if self.sums else []
+        means = {k: v / self.steps for k, v in zip(self.sums, sums)}
+        return all_mean(means, ddp), time.time() - self.t0
 
 
 def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
-    """(bad, overflow, stopping) of this step, agreed by every process: the loop's one read per step.
+    """(bad, overflow, stopping) of this step, agreed by every process: the loop's one read per
+    step.
 
     bad: a non-finite loss, or gradient (without a GradScaler), so the step is skipped.
     overflow: a non-finite gradient; with float16 the GradScaler skips it and lowers its scale.
@@ -226,7 +245,8 @@ def step_flags(loss, grad_norm, scaler, stop, flag_device, ddp):
 
 
 def last_logged_step(path):
-    """The last step in log.jsonl (0 without one): how far a killed run's dashboards got, at least."""
+    """The last step in log.jsonl (0 without one): how far a killed run's dashboards got, at
+    least."""
     step = 0
     if os.path.exists(path):
         with open(path) as f:
@@ -259,16 +279,17 @@ def plot_losses(history, path, ylabel):
 # -----------------------------------------------------------------------------
 # Dashboards: TensorBoard (--tensorboard) and Weights & Biases (--wandb PROJECT)
 #
-# Both optional, imported only when asked for, fed from the one place a log record goes (Run.log, which also
-# writes log.jsonl) and from Run.pictures, on rank 0, at the log and evaluation intervals only: the numbers are
-# the log line's, already on the host. Every number of a record is a scalar SPLIT/FIELD (train/loss,
-# train/bits_per_code, train/lr, test/loss, ...) at the record's step; the PNG a VQ-VAE run draws is an image
-# (test/recon), the GIF a prior's draws a video (test/samples: TensorBoard plays a GIF image summary, so no
-# moviepy is needed). A resumed run continues the same curves with each step once: TensorBoard reopens with
-# purge_step = the checkpoint's step + 1, so its readers drop what the killed run logged after the checkpoint
-# (logged again now, with the same values: resume is exact); W&B resumes the run whose id OUT_DIR/wandb_run_id
-# keeps, and the steps the killed run already sent (up to the last line of log.jsonl, which is written after
-# the dashboards) are not sent again.
+# Both optional, imported only when asked for, fed from the one place a log record goes (Run.log,
+# which also writes log.jsonl) and from Run.pictures, on rank 0, at the log and evaluation intervals
+# only: the numbers are the log line's, already on the host. Every number of a record is a scalar
+# SPLIT/FIELD (train/loss, train/bits_per_code, train/lr, test/loss, ...) at the record's step; the
+# PNG a VQ-VAE run draws is an image (test/recon), the GIF a prior's draws a video (test/samples:
+# TensorBoard plays a GIF image summary, so no moviepy is needed). A resumed run continues the same
+# curves with each step once: TensorBoard reopens with purge_step = the checkpoint's step + 1, so
+# its readers drop what the killed run logged after the checkpoint (logged again now, with the same
+# values: resume is exact); W&B resumes the run whose id OUT_DIR/wandb_run_id keeps, and the steps
+# the killed run already sent (up to the last line of log.jsonl, which is written after the
+# dashboards) are not sent again.
 
 
 def missing(package, flag):
@@ -278,18 +299,21 @@ def missing(package, flag):
 def numeric_fields(record):
     """{SPLIT/FIELD: value} of a log record's numbers (not its step and split)."""
     return {f"{record['split']}/{k}": float(v) for k, v in record.items()
-            if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k not in ("step", "split") and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 
 class TensorBoard:
-    """Event files in OUT_DIR/tb through torch.utils.tensorboard (which needs the tensorboard package)."""
+    """Event files in OUT_DIR/tb through torch.utils.tensorboard (which needs the tensorboard
+    package)."""
 
     def __init__(self, out_dir, resumed_step):
         try:
             from torch.utils.tensorboard import SummaryWriter   # lazy: an optional dependency
         except ImportError:
             raise missing("tensorboard", "--tensorboard") from None
-        # purge_step: events of steps >= it that a killed run wrote are dropped by TensorBoard's readers.
+        # purge_step: events of steps >= it that a killed run wrote are dropped by TensorBoard's
+        # readers.
         self.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=resumed_step + 1)
 
     def log(self, record):
@@ -298,14 +322,17 @@ class TensorBoard:
         self.writer.flush()   # a killed run leaves on disk what log.jsonl has
 
     def picture(self, name, path, step):
-        """A PNG as an image, a GIF as a video (an animated image summary, which TensorBoard plays)."""
+        """A PNG as an image, a GIF as a video (an animated image summary, which TensorBoard
+        plays)."""
         from PIL import Image
         from tensorboard.compat.proto.summary_pb2 import Summary
         with open(path, "rb") as f:
             encoded = f.read()
         width, height = Image.open(io.BytesIO(encoded)).size
-        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encoded)
-        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+        image = Summary.Image(height=height, width=width, colorspace=3,
+                              encoded_image_string=encoded)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]),
+                                            step)
         self.writer.flush()
 
     def close(self):
@@ -313,7 +340,8 @@ class TensorBoard:
 
 
 class WandB:
-    """A W&B run: scalars, images and videos at the run's steps, the resolved config, resumed by id."""
+    """A W&B run: scalars, images and videos at the run's steps, the resolved config, resumed by
+    id."""
 
     def __init__(self, out_dir, project, name, config, logged_until=0):
         try:
@@ -328,7 +356,8 @@ class WandB:
         else:
             run_id = secrets.token_hex(4)          # W&B ids are letters and digits
             atomic_write(id_path, lambda f: f.write(run_id + "\n"), binary=False)
-        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=out_dir, config=config)
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=out_dir,
+                              config=config)
         self.logged_until = logged_until   # steps a killed run already sent: not sent twice
 
     def log(self, record):
@@ -338,7 +367,10 @@ class WandB:
     def picture(self, name, path, step):
         if step <= self.logged_until:
             return
-        media = self.wandb.Video(path, format="gif") if path.endswith(".gif") else self.wandb.Image(path)
+        if path.endswith(".gif"):
+            media = self.wandb.Video(path, format="gif")
+        else:
+            media = self.wandb.Image(path)
         self.run.log({name: media}, step=step)
 
     def close(self):
@@ -353,7 +385,8 @@ class Dashboards:
         if master and args.tensorboard:
             self.boards.append(TensorBoard(args.out_dir, resumed_step))
         if master and args.wandb:
-            self.boards.append(WandB(args.out_dir, args.wandb, args.wandb_run, config, logged_until))
+            self.boards.append(WandB(args.out_dir, args.wandb, args.wandb_run, config,
+                                     logged_until))
 
     def log(self, record):
         for board in self.boards:
@@ -388,10 +421,11 @@ class Run:
         self.master, self.device = self.dist.master, self.dist.device
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.log_path = os.path.join(args.out_dir, "log.jsonl")
-        self.lock = OutputLock(os.path.join(args.out_dir, ".lock"), "wait for that run to end or choose another --out_dir")
+        self.lock = OutputLock(os.path.join(args.out_dir, ".lock"),
+                               "wait for that run to end or choose another --out_dir")
         if self.master:
-            # Fail now, not at the first checkpoint, if out_dir cannot be written or another run uses it
-            # (rank 0 holds the lock for the whole run); clear what a kill mid-save left.
+            # Fail now, not at the first checkpoint, if out_dir cannot be written or another run
+            # uses it (rank 0 holds the lock for the whole run); clear what a kill mid-save left.
             check_writable(args.out_dir)
             self.lock.acquire()
         try:
@@ -406,43 +440,52 @@ class Run:
         ckpt = self.resumable_checkpoint()
         self.stage = self.make_stage(args, ckpt, self.ckpt_path, self.device)
         seq_len, resolution = self.stage.clip
-        train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution, seed=args.seed)
+        train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution,
+                                            seed=args.seed)
                                for split in (True, False))
         # The same seed on every rank gives the same initial weights.
         torch.manual_seed(args.seed)
         self.raw_model = use_fast_attention(self.stage.build(args, train_set).to(self.device))
         if args.stage == "gpt" and args.cache_codes:
-            train_set, test_set = cached_codes(self.stage.vq, args, train_set, test_set, self.device, self.master,
+            train_set, test_set = cached_codes(self.stage.vq, args, train_set, test_set,
+                                               self.device, self.master,
                                                self.dist.ddp)
         self.n_clips = (len(train_set), len(test_set))
         self.train_set, self.test_set, self.ckpt = train_set, test_set, ckpt
-        self.batches = None   # train.train's endless batches: their workers are shut down on the way out
-        # A resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked otherwise).
+        # train.train's endless batches: their workers are shut down on the way out
+        self.batches = None
+        # A resumed run keeps the optimizer whose state its checkpoint holds (resume says if asked
+        # otherwise).
         self.optimizer_kind = optimizer_kind(ckpt["optimizer"]) if ckpt else args.optimizer
 
     def start(self, optimizer, scaler):
-        """Resume what out_dir's checkpoint holds (weights, optimizer, scaler, step, random streams), or
-        start at step 0; open the log and the dashboards. The run's state: its step and curves."""
+        """Resume what out_dir's checkpoint holds (weights, optimizer, scaler, step, random
+        streams), or start at step 0; open the log and the dashboards. The run's state: its step and
+        curves."""
         args, ckpt = self.args, self.ckpt
         self.optimizer, self.scaler = optimizer, scaler
         self.state = RunState()
-        seed_everything(args.seed + self.dist.rank)    # torch, numpy and Python streams, different on every rank
+        # torch, numpy and Python streams, different on every rank
+        seed_everything(args.seed + self.dist.rank)
         if ckpt:
             self.resume(ckpt)
         self.ckpt = None   # its tensors are in the model and the optimizer now
         logged = last_logged_step(self.log_path) if self.master else 0
         if self.master:
-            # Records past the checkpoint (or all of them, with none) come from a run that was killed: it repeats them.
+            # Records past the checkpoint (or all of them, with none) come from a run that was
+            # killed: it repeats them.
             dropped = trim_log(self.log_path, self.state.step)
             if dropped:
                 print(f"{self.log_path}: dropped {dropped} record(s) after step {self.state.step}, "
                       f"where the checkpoint is", flush=True)
         # TensorBoard / W&B when asked for (rank 0), opened at the step the run resumes from.
-        self.dashboards = Dashboards(args, self.state.step, logged, dict(vars(args), model=self.stage.config.to_dict()),
+        self.dashboards = Dashboards(args, self.state.step, logged,
+                                     dict(vars(args), model=self.stage.config.to_dict()),
                                      self.master)
         self.test_loader = self.eval_loader(self.test_set)
         self.autocast = autocast(self.device, args.dtype)
-        # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for gloo.
+        # Small all-reduced flags live where the backend wants them: GPU memory for NCCL, CPU for
+        # gloo.
         self.flag_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.window = MetricWindow()
         return self.state
@@ -450,18 +493,20 @@ class Run:
     # --- set-up ---
 
     def resumable_checkpoint(self):
-        """out_dir/ckpt.pt when it exists (checked to be a checkpoint of this stage to resume from), else None."""
+        """out_dir/ckpt.pt when it exists (checked to be a checkpoint of this stage to resume from),
+        else None."""
         if not os.path.exists(self.ckpt_path):
             return None
         ckpt = load_checkpoint(self.ckpt_path)
         kind = checkpoint_kind(ckpt)
         if kind != self.args.stage:
-            raise ValueError(f"{self.ckpt_path}: is a '{kind}' checkpoint but --stage is '{self.args.stage}'; "
-                             f"use another --out_dir")
+            raise ValueError(f"{self.ckpt_path}: is a '{kind}' checkpoint but --stage is "
+                             f"'{self.args.stage}'; use another --out_dir")
         missing = {"model", "optimizer", "scaler", "step", "rng"} - set(ckpt)
         if missing:
-            raise ValueError(f"{self.ckpt_path}: cannot resume from it: no {', '.join(sorted(missing))} "
-                             f"(a weights-only checkpoint?); use another --out_dir")
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it: no "
+                             f"{', '.join(sorted(missing))} (a weights-only checkpoint?); use "
+                             "another --out_dir")
         return ckpt
 
     def resume(self, ckpt):
@@ -474,12 +519,15 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
             continued = self.state.load_state_dict(ckpt, self.dist)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{self.ckpt_path}: cannot resume from it ({first_line(e)}); use another --out_dir") from None
+            raise ValueError(f"{self.ckpt_path}: cannot resume from it ({first_line(e)}); use "
+                             "another --out_dir") from None
         if not continued:
             seed_everything(self.args.seed + self.dist.rank + STEP_SEED_STRIDE * self.state.step)
-        # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's, and so does
-        # the optimizer whose state it holds (checkpoints from before --optimizer hold Adam's).
-        model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond", "vqvae", "optimizer"}
+        # The model's own flags (its config, and what it is conditioned on) stay the checkpoint's,
+        # and so does the optimizer whose state it holds (checkpoints from before --optimizer hold
+        # Adam's).
+        model_flags = {f.name for f in fields(self.stage.config)} | {"class_cond", "action_cond",
+                                                                     "vqvae", "optimizer"}
         kind = optimizer_kind(ckpt["optimizer"])
         saved = dict(ckpt.get("train_args", {}), optimizer=kind)
         line = changed_flags(saved, self.args, model_flags, len(ckpt["rng"]), self.dist.world)
@@ -488,40 +536,46 @@ class Run:
         self.args.optimizer = kind   # what the next checkpoint records
 
     def train_loader(self, step):
-        """Endless batches from `step` on, in an order fixed by (seed, step); workers ignore stop signals
-        (the loop decides)."""
+        """Endless batches from `step` on, in an order fixed by (seed, step); workers ignore stop
+        signals (the loop decides)."""
         args, train_set = self.args, self.train_set
         sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
                                   start=step * args.batch_size)
-        # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in memory, which
-        # a worker would only pickle across (and on a 2-core CPU take a core from the step: 15% slower).
+        # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in
+        # memory, which a worker would only pickle across (and on a 2-core CPU take a core from the
+        # step: 15% slower).
         workers = args.num_workers
         if workers is None:
-            workers = 0 if isinstance(train_set, CodesDataset) else max(1, min(4, (os.cpu_count() or 2) // 2))
+            half_the_cores = max(1, min(4, (os.cpu_count() or 2) // 2))
+            workers = 0 if isinstance(train_set, CodesDataset) else half_the_cores
         return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
                           worker_init_fn=ignore_stop_signals,
-                          # Its own generator: starting an iterator must not draw from the global RNG,
-                          # or a resumed run's random draws would differ from an uninterrupted one's.
+                          # Its own generator: starting an iterator must not draw from the global
+                          # RNG, or a resumed run's random draws would differ from an uninterrupted
+                          # one's.
                           generator=torch.Generator().manual_seed(args.seed))
 
     def eval_loader(self, test_set):
-        """The same clips and windows at every evaluation; every rank gets at least one (a tiny test set repeats)."""
+        """The same clips and windows at every evaluation; every rank gets at least one (a tiny test
+        set repeats)."""
         args, rank, world = self.args, self.dist.rank, self.dist.world
         n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
         items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
         return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
 
     def wrap(self, model):
-        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what is
-        saved. The evaluations use the wrapped model too."""
+        """SyncBatchNorm, DDP and torch.compile around the model, as asked; the raw model stays what
+        is saved. The evaluations use the wrapped model too."""
         if self.dist.ddp and self.args.sync_batchnorm:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.master:
-                warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); ignored on CPU")
+                warnings.warn("--sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); "
+                              "ignored on CPU")
         if self.dist.ddp:
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model = DDP(model,
+                        device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = torch.compile(model) if self.args.compile else model
         return self.model
 
@@ -531,9 +585,11 @@ class Run:
                         dynamic_ncols=True, unit="step")
         if self.master:
             n_params = sum(p.numel() for p in self.raw_model.parameters())
-            print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, {self.n_clips[0]} train / "
-                  f"{self.n_clips[1]} test clips, {self.dist.world} process(es) on {self.device}, {self.args.dtype}"
-                  + (f", resuming at step {self.state.step}" if self.state.step else ""), flush=True)
+            print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, "
+                  f"{self.n_clips[0]} train / {self.n_clips[1]} test clips, {self.dist.world} "
+                  f"process(es) on {self.device}, {self.args.dtype}"
+                  + (f", resuming at step {self.state.step}" if self.state.step else ""),
+                  flush=True)
 
     # --- chores of the loop ---
 
@@ -551,22 +607,25 @@ class Run:
             self.window.skipped += 1
             if self.master:
                 loss, grad_norm = float(metrics["loss"].detach()), float(metrics["grad_norm"])
-                tqdm.write(f"warning: step {self.state.step}: non-finite loss {loss:.4g} or gradient norm "
-                           f"{grad_norm:.4g}; step skipped "
-                           f"({self.state.bad_run} in a row, the run stops at --max_bad_steps={self.args.max_bad_steps})")
+                tqdm.write(f"warning: step {self.state.step}: non-finite loss {loss:.4g} or "
+                           f"gradient norm {grad_norm:.4g}; step skipped ({self.state.bad_run} in "
+                           f"a row, the run stops at --max_bad_steps={self.args.max_bad_steps})")
         elif overflow:
-            self.window.scaler_skipped += 1   # float16 overflow: the scaler skipped the step, routine early in a run
+            # float16 overflow: the scaler skipped the step, routine early in a run
+            self.window.scaler_skipped += 1
         else:
             self.state.bad_run = 0
             self.window.add(metrics)
 
     def log_due(self):
-        return self.state.step % self.args.log_interval == 0 or self.state.step == self.args.max_steps
+        step = self.state.step
+        return step % self.args.log_interval == 0 or step == self.args.max_steps
 
     def eval_due(self):
         # Never in the middle of a bad stretch: the last good checkpoint stays.
         step = self.state.step
-        return (step % self.args.eval_interval == 0 or step == self.args.max_steps) and self.state.bad_run == 0
+        due = step % self.args.eval_interval == 0 or step == self.args.max_steps
+        return due and self.state.bad_run == 0
 
     def log_train(self, lr):
         """One log line: the window's mean metrics, throughput, skipped steps; the loss curve."""
@@ -581,25 +640,30 @@ class Run:
         if self.master:
             if self.stage.curve in metrics:
                 self.state.history["train"].append((self.state.step, metrics[self.stage.curve]))
-            self.log(dict(step=self.state.step, split="train", lr=lr, clips_per_s=clips_per_s, **metrics, **extra))
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()} | {"clips/s": f"{clips_per_s:.1f}"})
+            self.log(dict(step=self.state.step, split="train", lr=lr, clips_per_s=clips_per_s,
+                          **metrics, **extra))
+            shown = {k: f"{v:.4g}" for k, v in metrics.items()}
+            self.bar.set_postfix(shown | {"clips/s": f"{clips_per_s:.1f}"})
 
     def log(self, record):
         """The one place a log record goes: log.jsonl, and the dashboards asked for."""
         if self.master:
-            self.dashboards.log(record)   # first: a record in log.jsonl has reached them (see last_logged_step)
+            # first: a record in log.jsonl has reached them (see last_logged_step)
+            self.dashboards.log(record)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def check_divergence(self):
         if self.state.bad_run >= self.args.max_bad_steps:
-            raise RunError(f"{self.args.out_dir}: stopped at step {self.state.step} after {self.state.bad_run} "
-                           f"consecutive steps with a non-finite loss or gradient; {self.last_good()}. Try a lower "
-                           f"--lr, --gradient_clip_val 1, or --dtype bfloat16 / float32")
+            raise RunError(f"{self.args.out_dir}: stopped at step {self.state.step} after "
+                           f"{self.state.bad_run} consecutive steps with a non-finite loss or "
+                           f"gradient; {self.last_good()}. Try a lower --lr, --gradient_clip_val "
+                           "1, or --dtype bfloat16 / float32")
 
     @torch.no_grad()
     def evaluate(self):
-        """Mean test metrics over the fixed test clips, averaged over processes; and the first batch."""
+        """Mean test metrics over the fixed test clips, averaged over processes; and the first
+        batch."""
         self.model.eval()
         sums, n, first = {}, 0, None
         for batch in self.test_loader:
@@ -613,40 +677,47 @@ class Run:
         return all_mean({k: v / max(n, 1) for k, v in sums.items()}, self.dist.ddp), first
 
     def pictures(self, batch):
-        """The stage's picture of this step and the loss plot. They are for looking at: one that cannot be
-        written (a full disk) is a warning, not the end of the run."""
+        """The stage's picture of this step and the loss plot. They are for looking at: one that
+        cannot be written (a full disk) is a warning, not the end of the run."""
         # Eval mode: on rank 0 alone a training-mode forward would start codebook collectives.
         self.raw_model.eval()
         try:
             with self.autocast:
-                path = os.path.join(self.args.out_dir, f"{self.stage.picture_name}_{self.state.step:07d}")
+                path = os.path.join(self.args.out_dir,
+                                    f"{self.stage.picture_name}_{self.state.step:07d}")
                 self.stage.picture(self.raw_model, batch, self.device, path)
             for written in (path + ext for ext in (".png", ".gif") if os.path.exists(path + ext)):
                 self.dashboards.picture(f"test/{self.stage.picture_name}", written, self.state.step)
-            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"), self.stage.curve_label)
+            plot_losses(self.state.history, os.path.join(self.args.out_dir, "loss.png"),
+                        self.stage.curve_label)
         except OSError as e:
             warnings.warn(f"{e.filename}: {e.strerror or e}; picture skipped, training goes on")
         finally:
             self.raw_model.train()
 
     def evaluate_and_checkpoint(self):
-        """Test metrics, a picture and the loss plot (rank 0), then a checkpoint if the weights are worth one."""
+        """Test metrics, a picture and the loss plot (rank 0), then a checkpoint if the weights are
+        worth one."""
         metrics, batch = self.evaluate()
         step, curve = self.state.step, self.stage.curve
         if self.master:
             self.state.history["test"].append((step, metrics[curve]))
             self.log(dict(step=step, split="test", **metrics))
             self.pictures(batch)
-            print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint stays.
+            print(f"step {step}: test " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                  flush=True)
+        # Weights that give a non-finite test loss are not worth keeping: the last good checkpoint
+        # stays.
         if not math.isfinite(metrics[curve]):
             if self.master:
-                tqdm.write(f"warning: step {step}: test {curve} is {metrics[curve]}; checkpoint not written")
+                tqdm.write(f"warning: step {step}: test {curve} is {metrics[curve]}; checkpoint "
+                           "not written")
             return
         self.checkpoint()
 
     def checkpoint(self):
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's RNG, curves."""
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, every rank's
+        RNG, curves."""
         rng = [rng_state(self.device)]
         if self.dist.ddp:
             mine, rng = rng[0], [None] * self.dist.world
@@ -654,18 +725,20 @@ class Run:
         if self.master:
             self.save(dict(stage=self.args.stage, model=self.raw_model.state_dict(),
                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                           train_args=vars(self.args), **self.state.state_dict(rng), **self.stage.checkpoint()))
+                           train_args=vars(self.args), **self.state.state_dict(rng),
+                           **self.stage.checkpoint()))
         self.state.saved_step = self.state.step
 
     def save(self, ckpt):
-        """Write ckpt.pt (and the --keep_last copy); a full disk ends the run with one line, the previous
-        checkpoint intact (the write went to a temp file, now removed)."""
+        """Write ckpt.pt (and the --keep_last copy); a full disk ends the run with one line, the
+        previous checkpoint intact (the write went to a temp file, now removed)."""
         try:
             save_checkpoint(ckpt, self.ckpt_path)
             if self.args.keep_last > 0:
                 keep_copy(self.ckpt_path, self.state.step, self.args.keep_last)
         except DiskFull as e:
-            raise RunError(f"{e.filename}: {e.strerror} (step {self.state.step}); {self.last_good()}") from None
+            raise RunError(f"{e.filename}: {e.strerror} (step {self.state.step}); "
+                           f"{self.last_good()}") from None
 
     def last_good(self):
         saved = self.state.saved_step
@@ -673,27 +746,32 @@ class Run:
             else "no checkpoint was written"
 
     def stop(self, stop):
-        """A stop was asked for (Ctrl-C, SIGTERM): checkpoint this step unless it is saved or bad, then exit."""
+        """A stop was asked for (Ctrl-C, SIGTERM): checkpoint this step unless it is saved or bad,
+        then exit."""
         if self.state.saved_step != self.state.step and self.state.bad_run == 0:
             self.checkpoint()
         if self.master:
-            tqdm.write(f"stopped at step {self.state.step}; {self.last_good()}; run the same command to resume")
+            tqdm.write(f"stopped at step {self.state.step}; {self.last_good()}; run the same "
+                       "command to resume")
         raise SystemExit(stop.exit_status)
 
     @contextlib.contextmanager
     def failures_explained(self):
-        """Around the loop: a lost peer becomes one line naming the last good checkpoint; on the way out, the
-        progress bar closes and the DataLoader workers are shut down (they ignore SIGTERM, so exit cannot)."""
+        """Around the loop: a lost peer becomes one line naming the last good checkpoint; on the way
+        out, the progress bar closes and the DataLoader workers are shut down (they ignore SIGTERM,
+        so exit cannot)."""
         try:
             yield
         except KeyboardInterrupt:
             if self.master:
-                tqdm.write(f"interrupted at step {self.state.step} without saving; {self.last_good()}")
+                tqdm.write(f"interrupted at step {self.state.step} without saving; "
+                           f"{self.last_good()}")
             raise
         except RuntimeError as e:
             if not (self.dist.ddp and collective_failure(e)):
                 raise
-            raise lost_peer_error(e, self.dist.rank, self.state.step, self.args.ddp_timeout, self.last_good()) from None
+            raise lost_peer_error(e, self.dist.rank, self.state.step, self.args.ddp_timeout,
+                                  self.last_good()) from None
         finally:
             self.bar.close()
             self.batches = None

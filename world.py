@@ -69,7 +69,8 @@ from gpt import load_gpt, sample_logits, uniform_noise
 # The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
 STRIDE = 1            # latent steps dropped when the window slides: full context, nothing to guess
 DECODE_CONTEXT = 2    # latent steps the decoder sees to draw the newest one's frames
-TEMPERATURE = 0.9     # play's: over 1,000 frames the level keeps its sky and floor (at 1.0, 80% of the time)
+# play's: over 1,000 frames the level keeps its sky and floor (at 1.0, 80% of the time)
+TEMPERATURE = 0.9
 
 
 def idle_action(names):
@@ -81,12 +82,14 @@ def idle_action(names):
 
 
 class World:
-    """An action-conditional (or unconditional) prior and its VQ-VAE, played one latent step at a time.
+    """An action-conditional (or unconditional) prior and its VQ-VAE, played one latent step at a
+    time.
 
-    `reset(start)` starts from real frames (uint8 (T0, H, W, 3), T0 a multiple of the frames per latent
-    step, at most the window's), from stored codes (`start_codes` (k, h, w)), or from a sample; `step(action)`
-    draws the next latent step for the held action (an index, a name, or None: `idle_action`) and
-    returns its frames. `timing` holds the last step's milliseconds: prefill, codes, decode."""
+    `reset(start)` starts from real frames (uint8 (T0, H, W, 3), T0 a multiple of the frames per
+    latent step, at most the window's), from stored codes (`start_codes` (k, h, w)), or from a
+    sample; `step(action)` draws the next latent step for the held action (an index, a name, or
+    None: `idle_action`) and returns its frames. `timing` holds the last step's milliseconds:
+    prefill, codes, decode."""
 
     def __init__(self, gpt, vq, action_names=None, temperature=1.0, top_k=None, stride=STRIDE,
                  decode_context=DECODE_CONTEXT, seed=0, source=None):
@@ -96,18 +99,21 @@ class World:
         self.per_step = c.sequence_length // self.t                # frames per latent step
         self.hw = self.h * self.w                                   # codes per latent step
         if not 1 <= stride <= self.t - 1:
-            raise ValueError(f"stride={stride} must be between 1 and the window's {self.t} latent steps - 1")
+            raise ValueError(f"stride={stride} must be between 1 and the window's {self.t} latent "
+                             "steps - 1")
         self.stride, self.decode_context = stride, max(1, decode_context)
         self.n_actions = c.action_dim
         self.action_names = list(action_names) if action_names else None
         if self.action_names and len(self.action_names) != self.n_actions:
-            raise ValueError(f"{len(self.action_names)} action names for a prior of {self.n_actions} actions")
-        self.idle = idle_action(self.action_names) if self.action_names else (0 if self.n_actions else None)
+            raise ValueError(f"{len(self.action_names)} action names for a prior of "
+                             f"{self.n_actions} actions")
+        self.idle = idle_action(self.action_names) if self.action_names else (0 if self.n_actions
+                                                                              else None)
         self.temperature, self.top_k = temperature, top_k
         self.device = gpt.fc_in.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.weights = decode_weights(gpt)
-        self.source = source   # the checkpoint file, if any: it names the compiled step kept on disk
+        self.source = source  # the checkpoint file, if any: it names the compiled step kept on disk
         self.compiled_step = self.compile_error = None
         self.compiler = self.loader = None   # the process compiling the step, the thread loading it
         self.timing = {}
@@ -116,17 +122,20 @@ class World:
     # --- what the held key means ---
 
     def action_index(self, action):
-        """An action given as an index, a name or None (the idle action) -> its index; one-line errors."""
+        """An action given as an index, a name or None (the idle action) -> its index; one-line
+        errors."""
         if not self.n_actions:
             if action is not None:
-                raise ValueError("this prior has no actions: its dream plays on by itself (keys are disabled)")
+                raise ValueError("this prior has no actions: its dream plays on by itself (keys "
+                                 "are disabled)")
             return None
         if action is None:
             return self.idle
         if isinstance(action, str):
             if not self.action_names or action not in self.action_names:
+                known = self.action_names or [str(i) for i in range(self.n_actions)]
                 raise ValueError(f"unknown action {action!r}; this prior's actions are "
-                                 f"{', '.join(self.action_names or map(str, range(self.n_actions)))}")
+                                 f"{', '.join(known)}")
             return self.action_names.index(action)
         if not 0 <= int(action) < self.n_actions:
             raise ValueError(f"action {action} is not an index in [0, {self.n_actions})")
@@ -136,21 +145,25 @@ class World:
 
     @torch.inference_mode()
     def reset(self, start=None, start_actions=None, start_codes=None):
-        """Start again: from real frames `start`, stored codes `start_codes`, or (neither) a sample of a
-        whole window with the idle action. `start_actions`: the start frames' actions (indices or names,
-        one per frame; default the idle action). Returns the start's frames as the VQ-VAE sees them."""
+        """Start again: from real frames `start`, stored codes `start_codes`, or (neither) a sample
+        of a whole window with the idle action. `start_actions`: the start frames' actions (indices
+        or names, one per frame; default the idle action). Returns the start's frames as the VQ-VAE
+        sees them."""
         if start is not None:
             start_codes = self.encode(start)                                        # (k, h, w)
-        n_frames = self.t * self.per_step if start_codes is None else start_codes.shape[0] * self.per_step
+        n_steps = self.t if start_codes is None else start_codes.shape[0]
+        n_frames = n_steps * self.per_step
         acts = [self.action_index(a) for a in start_actions] if start_actions is not None else \
             [self.action_index(None)] * n_frames
         if len(acts) != n_frames:
             raise ValueError(f"{len(acts)} start actions for {n_frames} start frames")
-        self.codes = torch.zeros(1, 0, self.h, self.w, dtype=torch.long, device=self.device)   # (1, k, h, w)
+        # (1, k, h, w)
+        self.codes = torch.zeros(1, 0, self.h, self.w, dtype=torch.long, device=self.device)
         self.fed, self.cond, self.cond_key, self.actions = 0, None, None, []
         if start_codes is None:   # a sample: the window drawn step by step with the start's actions
             steps = [acts[i:i + self.per_step] for i in range(0, n_frames, self.per_step)]
-            return np.concatenate([self.step(a if self.n_actions else None) for a in steps])   # (T, H, W, 3)
+            # (T, H, W, 3)
+            return np.concatenate([self.step(a if self.n_actions else None) for a in steps])
         self.actions = acts if self.n_actions else []
         self.codes = start_codes.to(self.device, torch.long)[None]                  # (1, k, h, w)
         return to_uint8(self.vq.decode(self.codes)).numpy()[0]                      # (T0, H, W, 3)
@@ -159,31 +172,36 @@ class World:
         """uint8 frames (T0, H, W, 3) of any size -> their codes (T0 / frames per step, h, w)."""
         frames = np.asarray(frames)
         T0 = frames.shape[0]
-        if frames.ndim != 4 or frames.shape[-1] != 3 or T0 % self.per_step or not 0 < T0 <= self.t * self.per_step:
-            raise ValueError(f"start frames must be uint8 (T0, H, W, 3) with T0 a multiple of {self.per_step} "
-                             f"and at most {self.t * self.per_step}, got {frames.dtype} {frames.shape}")
+        fits = 0 < T0 <= self.t * self.per_step and T0 % self.per_step == 0
+        if frames.ndim != 4 or frames.shape[-1] != 3 or not fits:
+            raise ValueError("start frames must be uint8 (T0, H, W, 3) with T0 a multiple of "
+                             f"{self.per_step} and at most {self.t * self.per_step}, got "
+                             f"{frames.dtype} {frames.shape}")
         video = preprocess(torch.from_numpy(frames), self.vq.config.resolution)     # (3, T0, R, R)
         return self.vq.encode(video[None].to(self.device))[0]                      # (k, h, w)
 
     # --- one latent step ---
 
     def window_actions(self, new):
-        """The conditioning actions (1, T, A) of the window with the new step's frames: the played actions,
-        the new step's `new` (one per frame), then (the fill rule) its last one for any frame after them."""
+        """The conditioning actions (1, T, A) of the window with the new step's frames: the played
+        actions, the new step's `new` (one per frame), then (the fill rule) its last one for any
+        frame after them."""
         T = self.t * self.per_step
         played = self.actions[len(self.actions) - self.codes.shape[1] * self.per_step:]
         idx = played + new + [new[-1]] * (T - len(played) - len(new))
         return torch.eye(self.n_actions, device=self.device)[idx][None]             # (1, T, A)
 
-    @torch.inference_mode()   # as no_grad, and less bookkeeping per op: the eager step 20-30% sooner
+    @torch.inference_mode()  # as no_grad, and less bookkeeping per op: the eager step 20-30% sooner
     def step(self, action=None, cancel=None):
-        """Draw the next latent step with `action` held for its frames (or a list of one action per frame);
-        its frames, uint8 (per_step, H, W, 3). `cancel` (optional) is asked before each code: if it says
-        yes, the step is given up and the world is left as it was before it (its codes, its noise), and
-        step returns None: the page draws the step again at once when the key changes meanwhile."""
+        """Draw the next latent step with `action` held for its frames (or a list of one action per
+        frame); its frames, uint8 (per_step, H, W, 3). `cancel` (optional) is asked before each
+        code: if it says yes, the step is given up and the world is left as it was before it (its
+        codes, its noise), and step returns None: the page draws the step again at once when the key
+        changes meanwhile."""
         if isinstance(action, (list, tuple)):
             if len(action) != self.per_step:
-                raise ValueError(f"{len(action)} actions for a latent step of {self.per_step} frames")
+                raise ValueError(f"{len(action)} actions for a latent step of {self.per_step} "
+                                 "frames")
             a = [self.action_index(x) for x in action]
         else:
             a = [self.action_index(action)] * self.per_step
@@ -192,17 +210,20 @@ class World:
         t0 = time.perf_counter()
         # What a cancelled step puts back.
         before = (self.codes, self.generator.get_state()) if cancel is not None else None
-        # The window slides: drop the oldest steps; the positions of the rest change, so the cache is stale.
+        # The window slides: drop the oldest steps; the positions of the rest change, so the cache
+        # is stale.
         if self.codes.shape[1] == self.t:
-            self.codes = self.codes[:, self.stride:]                                # (1, t - stride, h, w)
+            self.codes = self.codes[:, self.stride:]  # (1, t - stride, h, w)
             self.fed = 0
-        k = self.codes.shape[1]                                                     # the new step's index
-        actions = self.window_actions(a) if self.n_actions else None                # (1, T, A)
+        k = self.codes.shape[1]                                       # the new step's index
+        actions = self.window_actions(a) if self.n_actions else None  # (1, T, A)
         key = None if actions is None else actions.argmax(-1).tolist()
-        if self.cond is None or key != self.cond_key:   # new conditioning: every norm (or cross-attention) of the window changes
+        # new conditioning: every norm (or cross-attention) of the window changes
+        if self.cond is None or key != self.cond_key:
             self.cond = cached_condition(gpt, None, None, 1, actions)
             self.cond_key, self.fed = key, 0
-        if self.fed == 0:   # (re)fill the cache: the start vector and every code of the window so far
+        # (re)fill the cache: the start vector and every code of the window so far
+        if self.fed == 0:
             self.caches = gpt.setup_caches(1, self.device, sampling_dtype(gpt))
             logits = prefill(gpt, self.cond, self.caches, 1, self.codes.flatten(1))  # (1, n_codes)
             self.fed, self.fed_from_prefill = k * hw + 1, True
@@ -214,53 +235,60 @@ class World:
         new = torch.zeros(1, hw, dtype=torch.long, device=self.device)
         noise = uniform_noise(1, gpt.config.n_codes, hw, self.generator, self.device)
         for i in range(hw):
-            if cancel is not None and cancel():   # given up: the cache is filled again by the next step
+            # given up: the cache is filled again by the next step
+            if cancel is not None and cancel():
                 self.codes, self.fed = before[0], 0
                 self.generator.set_state(before[1])
                 return None
             new[:, i] = sample_logits(logits, self.temperature, self.top_k, noise=next(noise))
             if i < hw - 1:
                 logits = self.decode(new[0, i:i + 1], k * hw + i + 1)               # (1, n_codes)
-        self.codes = torch.cat([self.codes, new.view(1, 1, self.h, self.w)], dim=1)  # (1, k + 1, h, w)
+        new = new.view(1, 1, self.h, self.w)                                    # (1, 1, h, w)
+        self.codes = torch.cat([self.codes, new], dim=1)                        # (1, k + 1, h, w)
         if self.n_actions:
             self.actions += a
         t2 = time.perf_counter()
         # Decode the new step's frames with a little context before them.
-        context = self.codes[:, -self.decode_context:]                              # (1, <= dc, h, w)
-        video = self.vq.decode(context)[:, :, -self.per_step:]                      # (1, 3, per_step, H, W)
-        frames = to_uint8(video).numpy()[0]                                         # (per_step, H, W, 3)
+        context = self.codes[:, -self.decode_context:]  # (1, <= dc, h, w)
+        video = self.vq.decode(context)[:, :, -self.per_step:]  # (1, 3, per_step, H, W)
+        frames = to_uint8(video).numpy()[0]  # (per_step, H, W, 3)
         t3 = time.perf_counter()
-        self.timing = dict(prefill_ms=1e3 * (t1 - t0), codes_ms=1e3 * (t2 - t1), decode_ms=1e3 * (t3 - t2),
+        self.timing = dict(prefill_ms=1e3 * (t1 - t0), codes_ms=1e3 * (t2 - t1),
+                           decode_ms=1e3 * (t3 - t2),
                            compiled=self.compiled_step is not None)
         return frames
 
     def decode(self, code, pos):
-        """Feed `code` (1,) in at position `pos` (written into the cache); the logits of position pos."""
+        """Feed `code` (1,) in at position `pos` (written into the cache); the logits of position
+        pos."""
         p = torch.tensor([pos], device=self.device)
-        if self.compiled_step is not None:   # compiled: fixed shapes, the whole cache and the mask's row
+        # compiled: fixed shapes, the whole cache and the mask's row
+        if self.compiled_step is not None:
             return self.compiled_step(code, p, self.cond, self.caches)
         # Eager: attention over the written prefix only.
-        return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)  # (1, n_codes)
+        # (1, n_codes)
+        return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)
 
     # --- the compiled step: made ahead of time in a process of its own, kept on disk ---
 
     def compile_step(self, background=True, backend="inductor"):
-        """Switch to the compiled one-code step (fixed shapes: the whole cache with the position's row
-        of the mask, so one compiled program serves every position), checked to give the eager step's
-        logits. It is compiled ahead of time (torch.export, then inductor's AOTInductor) into a package
-        kept in the cache folder under a name drawn from the checkpoint file (`source`), so a later
-        start only loads it (1-3 s). With `background` (which needs `source`), the package is made by
-        a process of its own and loaded by a thread while the eager step plays on, and `step` switches
-        once it is ready. backend "export": the exported program run by PyTorch itself, no compiler
-        (seconds to make; what the tests use)."""
+        """Switch to the compiled one-code step (fixed shapes: the whole cache with the position's
+        row of the mask, so one compiled program serves every position), checked to give the eager
+        step's logits. It is compiled ahead of time (torch.export, then inductor's AOTInductor) into
+        a package kept in the cache folder under a name drawn from the checkpoint file (`source`),
+        so a later start only loads it (1-3 s). With `background` (which needs `source`), the
+        package is made by a process of its own and loaded by a thread while the eager step plays
+        on, and `step` switches once it is ready. backend "export": the exported program run by
+        PyTorch itself, no compiler (seconds to make; what the tests use)."""
         path = package_file(self.source, backend) if self.source else None
         if background and path is None:
-            raise ValueError("compiling in the background needs the prior's checkpoint file (World's source)")
+            raise ValueError("compiling in the background needs the prior's checkpoint file "
+                             "(World's source)")
         if background and not os.path.isfile(path):
             # Another process, so the eager play keeps Python's lock, in a session of its own, so
-            # Ctrl-C reaches only play.py (which ends it), and at a lower priority. Meanwhile the play
-            # uses one core fewer: on 2 cores two busy processes on both cores ran the eager play at
-            # 4-6 frames/s, one core each at 11-16 (and the compiler finished sooner).
+            # Ctrl-C reaches only play.py (which ends it), and at a lower priority. Meanwhile the
+            # play uses one core fewer: on 2 cores two busy processes on both cores ran the eager
+            # play at 4-6 frames/s, one core each at 11-16 (and the compiler finished sooner).
             self.compiler = subprocess.Popen(
                 [sys.executable, "-c", "import sys, world; world.compile_checkpoint(*sys.argv[1:])",
                  self.source, path, backend], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -282,7 +310,8 @@ class World:
         return self.compiler is not None or (self.loader is not None and self.loader.is_alive())
 
     def load_in_background(self, path):
-        self.loader = threading.Thread(target=self.adopt, args=(path,), name="load-step", daemon=True)
+        self.loader = threading.Thread(target=self.adopt, args=(path,), name="load-step",
+                                       daemon=True)
         self.loader.start()
 
     def poll_compiler(self):
@@ -299,7 +328,8 @@ class World:
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
 
     def stop_compiling(self):
-        """End a compiling process still running (it would otherwise finish its package on its own)."""
+        """End a compiling process still running (it would otherwise finish its package on its
+        own)."""
         if self.compiler is not None:
             self.compiler.terminate()
             self.compiler.wait()
@@ -313,7 +343,8 @@ class World:
             runner = load_package(path)
         except Exception as e:
             os.remove(path)
-            self.compile_error = f"{path}: could not load the compiled step ({type(e).__name__}); playing eager"
+            self.compile_error = (f"{path}: could not load the compiled step "
+                                  f"({type(e).__name__}); playing eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
             return
         step = PackageCall(runner)
@@ -323,25 +354,28 @@ class World:
         if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
             self.compiled_step = step
         else:
-            self.compile_error = f"{path}: the compiled step's logits differ from the eager step's; playing eager"
+            self.compile_error = (f"{path}: the compiled step's logits differ from the eager "
+                                  f"step's; playing eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
 
 
 class LogitsStep(DecodeStep):
-    """fast.DecodeStep (its tables as buffers, constants of the compiled code) returning the logits, over
-    the whole cache (fixed shapes): temperature and top-k are applied outside, so changing them on the
-    page compiles nothing again."""
+    """fast.DecodeStep (its tables as buffers, constants of the compiled code) returning the logits,
+    over the whole cache (fixed shapes): temperature and top-k are applied outside, so changing them
+    on the page compiles nothing again."""
 
     def __init__(self, gpt):
         super().__init__(gpt, temperature=1.0, top_k=None, top_p=None)
 
     def forward(self, code, pos, cond, caches):
-        return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())   # (1, n_codes)
+        # (1, n_codes)
+        return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())
 
 
 class PackedStep(LogitsStep):
-    """LogitsStep with inputs torch.export takes: of the conditioning, the norms' gains and biases and the
-    cross-attention's keys and values; of each layer's cache, its key and value buffers, written in place."""
+    """LogitsStep with inputs torch.export takes: of the conditioning, the norms' gains and biases
+    and the cross-attention's keys and values; of each layer's cache, its key and value buffers,
+    written in place."""
 
     @staticmethod
     def arguments(cond, caches):
@@ -349,27 +383,30 @@ class PackedStep(LogitsStep):
 
     def forward(self, code, pos, plan, frame_kv, buffers):
         caches = []
-        for k, v in buffers:   # the lesson's KVCache around the given buffers (it allocates its own)
+        for k, v in buffers:  # the lesson's KVCache around the given buffers (it allocates its own)
             cache = KVCache.__new__(KVCache)
             cache.k, cache.v = k, v
             caches.append(cache)
-        return super().forward(code, pos, dict(plan=plan, frame_kv=frame_kv), caches)  # (1, n_codes)
+        # (1, n_codes)
+        return super().forward(code, pos, dict(plan=plan, frame_kv=frame_kv), caches)
 
 
 class PackageCall:
     """A compiled package called as World.decode calls a step: (code, pos, cond, caches) -> logits.
-    AOTInductor's own call flattens its argument tree at every step, 75 us of a 330 us step here; this
-    lists the conditioning's and the caches' tensors once per prefill and hands its runner the list."""
+    AOTInductor's own call flattens its argument tree at every step, 75 us of a 330 us step here;
+    this lists the conditioning's and the caches' tensors once per prefill and hands its runner the
+    list."""
 
     def __init__(self, runner):
         self.runner, self.held, self.tensors = runner, (None, None), []
-        self.boxed_run = getattr(getattr(runner, "loader", None), "boxed_run", None)   # AOTInductor's
+        # AOTInductor's
+        self.boxed_run = getattr(getattr(runner, "loader", None), "boxed_run", None)
 
     def __call__(self, code, pos, cond, caches):
         if self.boxed_run is None:   # another kind of runner (an exported program): the whole tree
             return self.runner(code, pos, *PackedStep.arguments(cond, caches))
         if self.held[0] is not cond or self.held[1] is not caches:   # a prefill: list the tensors
-            self.held = (cond, caches)   # held, not their ids: an id may be reused by a later object
+            self.held = (cond, caches)  # held, not their ids: an id may be reused by a later object
             leaves = pytree.tree_leaves(PackedStep.arguments(cond, caches))
             self.tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         return self.boxed_run([code, pos, *self.tensors])[0]                         # (1, n_codes)
@@ -380,8 +417,10 @@ def probe_inputs(gpt):
     step of code 0, and code 0 fed in after it."""
     c, device = gpt.config, gpt.fc_in.weight.device
     hw = c.latent_shape[1] * c.latent_shape[2]
-    actions = torch.eye(c.action_dim, device=device)[[0] * c.sequence_length][None] if c.action_dim else None
-    cond = cached_condition(gpt, None, None, 1, actions)                            # actions: (1, T, A)
+    actions = None
+    if c.action_dim:
+        actions = torch.eye(c.action_dim, device=device)[[0] * c.sequence_length][None]
+    cond = cached_condition(gpt, None, None, 1, actions)  # actions: (1, T, A)
     caches = gpt.setup_caches(1, device, sampling_dtype(gpt))
     prefill(gpt, cond, caches, 1, torch.zeros(1, hw, dtype=torch.long, device=device))
     code = torch.zeros(1, dtype=torch.long, device=device)
@@ -389,16 +428,17 @@ def probe_inputs(gpt):
 
 
 def package_file(source, backend):
-    """Where the compiled step of checkpoint file `source` is kept: named for the file's contents, the
-    PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine makes
-    it again (data.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
-    tag = f"{sha256(source)[:16]}-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    """Where the compiled step of checkpoint file `source` is kept: named for the file's contents,
+    the PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine
+    makes it again (data.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+    cpu = torch.backends.cpu.get_cpu_capability()
+    tag = f"{sha256(source)[:16]}-torch{torch.__version__}-{cpu}"
     return os.path.join(cache_dir(), "play", f"{tag}-{backend}.pt2")
 
 
 def build_package(gpt, path, backend="inductor"):
-    """Export the one-code step of `gpt` and compile it into the file `path` (written whole or not at
-    all). inductor: AOTInductor with frozen weights (15-30 s on 2 cores); export: no compiler."""
+    """Export the one-code step of `gpt` and compile it into the file `path` (written whole or not
+    at all). inductor: AOTInductor with frozen weights (15-30 s on 2 cores); export: no compiler."""
     step = PackedStep(gpt).eval()
     with torch.no_grad():
         code, pos, cond, caches = probe_inputs(gpt)
@@ -408,7 +448,8 @@ def build_package(gpt, path, backend="inductor"):
     try:
         if backend == "inductor":
             from torch._inductor import aoti_compile_and_package   # lazily: 1 s of imports
-            aoti_compile_and_package(program, package_path=partial, inductor_configs={"freezing": True})
+            aoti_compile_and_package(program, package_path=partial,
+                                     inductor_configs={"freezing": True})
         elif backend == "export":
             torch.export.save(program, partial)
         else:
@@ -428,7 +469,8 @@ def load_package(path):
 
 
 def compile_checkpoint(source, path, backend):
-    """The compiling process: load the prior of checkpoint `source` and build its package at `path`."""
+    """The compiling process: load the prior of checkpoint `source` and build its package at
+    `path`."""
     os.nice(10)   # the eager play comes first
     gpt, _ = load_gpt(source)
     build_package(use_fast_attention(gpt), path, backend)
@@ -439,15 +481,16 @@ def compile_checkpoint(source, path, backend):
 
 
 def load_world(path, start=None, clip=0, device="cpu", **world_kwargs):
-    """The World of prior checkpoint `path` (ours: it carries its VQ-VAE), its action names, and its start:
-    dict(frames | codes, actions), from test clip `clip` of dataset `start`, else the start stored with the
-    weights (`play_start`), else {} (a sample). `world_kwargs` go to World. One-line errors."""
+    """The World of prior checkpoint `path` (ours: it carries its VQ-VAE), its action names, and its
+    start: dict(frames | codes, actions), from test clip `clip` of dataset `start`, else the start
+    stored with the weights (`play_start`), else {} (a sample). `world_kwargs` go to World. One-line
+    errors."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file")
     ckpt = load_checkpoint(path)
     if ckpt.get("stage") != "gpt":
-        raise ValueError(f"{path}: is not a prior checkpoint of ours (play needs the VQ-VAE a prior of "
-                         f"ours carries; train one with train.py --stage gpt)")
+        raise ValueError(f"{path}: is not a prior checkpoint of ours (play needs the VQ-VAE a "
+                         "prior of ours carries; train one with train.py --stage gpt)")
     if not isinstance(ckpt.get("vqvae"), dict):
         raise ValueError(f"{path}: carries no VQ-VAE (expected the 'vqvae' entry train.py writes)")
     gpt, vq = (use_fast_attention(m) for m in load_gpt(path, device=device))
@@ -455,49 +498,58 @@ def load_world(path, start=None, clip=0, device="cpu", **world_kwargs):
     if c.n_cond_frames or c.n_classes:
         raise ValueError(f"{path}: a world is a prior conditioned on actions (or on nothing), "
                          f"not on frames or classes")
-    names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim else [])
+    names = ckpt.get("action_names") or ([str(i) for i in range(c.action_dim)] if c.action_dim
+                                         else [])
     world = World(gpt, vq, action_names=names or None, source=path, **world_kwargs)
     found = {}
     if start is not None:
         found = clip_start(start, clip, vq.config, names)
     elif isinstance(ckpt.get("play_start"), dict):   # opening codes stored with the weights
         s = ckpt["play_start"]
-        found = dict(codes=s["codes"].long(), actions=[names[int(i)] for i in s["actions"]] if names else None)
+        found = dict(codes=s["codes"].long(),
+                     actions=[names[int(i)] for i in s["actions"]] if names else None)
     return world, names, found
 
 
 def clip_start(path, clip, vq_config, names):
-    """The opening frames (one window) of test clip `clip` of a dataset, and their actions by name."""
-    data = make_dataset(path, vq_config.sequence_length, train=False, resolution=vq_config.resolution)
+    """The opening frames (one window) of test clip `clip` of a dataset, and their actions by
+    name."""
+    data = make_dataset(path, vq_config.sequence_length, train=False,
+                        resolution=vq_config.resolution)
     if not 0 <= clip < len(data):
         raise ValueError(f"{path}: clip {clip} is outside its {len(data)} test clips")
     if not hasattr(data, "starts"):   # a video folder: its clip's first window
         return dict(frames=to_uint8(data[(clip, None)]["video"]).numpy(), actions=None)
     first = data.starts[clip]
-    frames = np.asarray(data.frames()[first:first + vq_config.sequence_length])              # (T, H, W, 3)
+    frames = np.asarray(data.frames()[first:first + vq_config.sequence_length])  # (T, H, W, 3)
     actions = None
     if names and "actions" in data.extras:
-        buttons = np.asarray(data.frames("actions")[first:first + vq_config.sequence_length]).argmax(-1)
+        pressed = data.frames("actions")[first:first + vq_config.sequence_length]   # (T, A)
+        buttons = np.asarray(pressed).argmax(-1)
         actions = [names[int(b)] for b in buttons]
     return dict(frames=frames, actions=actions)
 
 
 def start_world(world, start):
-    """Reset the world from its start (as load_world gives it); the opening frames, uint8 (T0, H, W, 3)."""
+    """Reset the world from its start (as load_world gives it); the opening frames, uint8 (T0, H, W,
+    3)."""
     acts = start.get("actions") if world.n_actions else None
-    return world.reset(start=start.get("frames"), start_codes=start.get("codes"), start_actions=acts)
+    return world.reset(start=start.get("frames"), start_codes=start.get("codes"),
+                       start_actions=acts)
 
 
 def action_script(spec, names):
-    """"TURN_RIGHT*8,MOVE_FORWARD*8": each of `names` held for its count of frames (1 without one) -> one
-    name per frame; one-line errors. sample.py's --actions reads the same syntax."""
+    """"TURN_RIGHT*8,MOVE_FORWARD*8": each of `names` held for its count of frames (1 without one)
+    -> one name per frame; one-line errors. sample.py's --actions reads the same syntax."""
     frames = []
     for part in spec.split(","):
         name, star, count = part.strip().partition("*")
         if name not in names:
-            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are {', '.join(names)}")
+            raise ValueError(f"--actions: unknown action {name!r}; this prior's actions are "
+                             f"{', '.join(names)}")
         if star and not (count.isdigit() and int(count) > 0):
-            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive whole number")
+            raise ValueError(f"--actions: {part.strip()!r}: the count after * must be a positive "
+                             "whole number")
         frames += [name] * (int(count) if star else 1)
     return frames
 
@@ -506,7 +558,8 @@ def named_actions(spec, names, n, lengths, where):
     """--actions "TURN_RIGHT*8,MOVE_FORWARD*8": each name held for its count of frames (1 without
     one) -> one-hot float32 (n, T, A), T one of `lengths` (the prior's clip, or --frames)."""
     if not names:
-        raise ValueError(f"{where}: its actions have no names (data without action_names); pass --actions FILE.npy")
+        raise ValueError(f"{where}: its actions have no names (data without action_names); pass "
+                         "--actions FILE.npy")
     steps = [names.index(name) for name in action_script(spec, names)]
     if len(steps) not in lengths:
         raise ValueError(f"--actions {spec}: {len(steps)} frames of actions, the video has "
@@ -516,8 +569,8 @@ def named_actions(spec, names, n, lengths, where):
 
 
 def script_actions(spec, names, per_step):
-    """A rollout's script (action_script) -> one action name per frame, a multiple of `per_step` of them
-    (with no actions: a number of frames, "64" -> None each); one-line errors."""
+    """A rollout's script (action_script) -> one action name per frame, a multiple of `per_step` of
+    them (with no actions: a number of frames, "64" -> None each); one-line errors."""
     if not names:
         if not spec.isdigit() or int(spec) % per_step:
             raise ValueError(f"--actions: this prior has no actions; give the number of frames "
@@ -525,8 +578,8 @@ def script_actions(spec, names, per_step):
         return [None] * int(spec)
     frames = action_script(spec, names)
     if len(frames) % per_step:
-        raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames at a time "
-                         f"(one latent step), so give a multiple of {per_step}")
+        raise ValueError(f"--actions: {len(frames)} frames; the dream is drawn {per_step} frames "
+                         f"at a time (one latent step), so give a multiple of {per_step}")
     return frames
 
 
@@ -535,22 +588,24 @@ def script_actions(spec, names, per_step):
 
 
 class Player:
-    """Draws latent steps with the held keys while anyone watches, and hands out each frame at its time.
+    """Draws latent steps with the held keys while anyone watches, and hands out each frame at its
+    time.
 
-    Keys: `keys(held, key_id)` says which actions are held, in the order they were pressed (the newest
-    wins), with the id of that key event. Pace: a publisher thread hands out a frame every 1 / fps s,
-    while `run()` draws the next latent step as soon as only one frame of the last is still waiting:
-    so the drawing of a step overlaps the showing of the one before, and a key waits at most one
-    step to be drawn. Each frame carries the id of the newest key event its step was drawn with, so a
-    screen can measure the time from a key to the first frame that shows it. `start_fn()` gives the
-    start of each restart (load_world's dict); `companion` (optional) steps beside the dream on the same
-    actions: the real game, whose `step(action)` returns its frame, or None once its episode has ended
-    (then both start again)."""
+    Keys: `keys(held, key_id)` says which actions are held, in the order they were pressed (the
+    newest wins), with the id of that key event. Pace: a publisher thread hands out a frame every 1
+    / fps s, while `run()` draws the next latent step as soon as only one frame of the last is still
+    waiting: so the drawing of a step overlaps the showing of the one before, and a key waits at
+    most one step to be drawn. Each frame carries the id of the newest key event its step was drawn
+    with, so a screen can measure the time from a key to the first frame that shows it. `start_fn()`
+    gives the start of each restart (load_world's dict); `companion` (optional) steps beside the
+    dream on the same actions: the real game, whose `step(action)` returns its frame, or None once
+    its episode has ended (then both start again)."""
 
     MAX_VIEWERS = 8
 
     def __init__(self, world, names, start_fn, fps, companion=None):
-        self.world, self.names, self.start_fn, self.fps, self.companion = world, names, start_fn, fps, companion
+        self.world, self.names, self.start_fn = world, names, start_fn
+        self.fps, self.companion = fps, companion
         self.lock = threading.Condition()
         self.held, self.key_id = [], 0
         self.outbox = collections.deque()        # frames drawn, waiting for their time
@@ -595,8 +650,8 @@ class Player:
             self.viewers -= 1
 
     def next_frame(self, after, timeout=1.0):
-        """The frame after sequence number `after` (the oldest one kept, for a viewer that fell behind):
-        (seq, frame dict), or None after `timeout` s."""
+        """The frame after sequence number `after` (the oldest one kept, for a viewer that fell
+        behind): (seq, frame dict), or None after `timeout` s."""
         with self.lock:
             self.lock.wait_for(lambda: self.seq > after or self.stopped.is_set(), timeout=timeout)
             return next(((s, f) for s, f in self.recent if s > after), None)
@@ -606,8 +661,8 @@ class Player:
         with self.lock:
             self.lock.notify_all()
 
-    # --- drawing: run() in the main thread, where PyTorch's CPU kernels run fastest (the compiled step
-    # ran 3-4x slower called from a second thread here) ---
+    # --- drawing: run() in the main thread, where PyTorch's CPU kernels run fastest (the compiled
+    # step ran 3-4x slower called from a second thread here) ---
 
     def run(self):
         """Play until stop() (or Ctrl-C, which is let through)."""
@@ -618,7 +673,8 @@ class Player:
         except Exception as e:   # said on the page and the console; the server stays up
             with self.lock:
                 self.seq += 1
-                self.recent.append((self.seq, dict(image=np.zeros((8, 8, 3), np.uint8), key_id=self.key_id,
+                self.recent.append((self.seq,
+                                    dict(image=np.zeros((8, 8, 3), np.uint8), key_id=self.key_id,
                                                    error=f"{type(e).__name__}: {e}")))
                 self.lock.notify_all()
             print(f"play: error: the player stopped: {e}", file=sys.stderr, flush=True)
@@ -629,7 +685,8 @@ class Player:
 
     def wait(self, ready):
         """Wait until ready() (under the lock) or stop; in short waits, so Ctrl-C gets through."""
-        while not self.stopped.is_set() and not self.lock.wait_for(lambda: ready() or self.stopped.is_set(), 0.5):
+        while not self.stopped.is_set() and not self.lock.wait_for(lambda: ready()
+                                                                   or self.stopped.is_set(), 0.5):
             pass
         return not self.stopped.is_set()
 
@@ -649,8 +706,8 @@ class Player:
                     self.outbox.clear()
             else:
                 tick = time.perf_counter()
-                # A key changed while this step is drawn: give it up and draw it again with the new key
-                # (once per step, so keys pressed faster than a step cannot stop the dream).
+                # A key changed while this step is drawn: give it up and draw it again with the new
+                # key (once per step, so keys pressed faster than a step cannot stop the dream).
                 frames = world.step(action, cancel=lambda: self.action_now() != action)
                 if frames is None:
                     with self.lock:
@@ -660,16 +717,20 @@ class Player:
                 reals = [None] * len(frames)
                 if self.companion is not None:
                     reals = [self.companion.step(action) for _ in frames]
-                    if any(r is None for r in reals):   # the game's episode ended: a new life for both
+                    # the game's episode ended: a new life for both
+                    if any(r is None for r in reals):
                         self.request_restart()
                         reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
-                self.info = dict(action=action, step_ms=round(1e3 * (time.perf_counter() - tick), 1),
+                self.info = dict(action=action,
+                                 step_ms=round(1e3 * (time.perf_counter() - tick), 1),
                                  compiled=world.compiled_step is not None,
                                  compiling=world.compiling,
-                                 **{k: round(v, 1) for k, v in world.timing.items() if k.endswith("_ms")})
+                                 **{k: round(v, 1) for k,
+                                    v in world.timing.items() if k.endswith("_ms")})
             with self.lock:
                 for frame, real in zip(frames, reals):   # the real game's frame beside the dream's
-                    image = frame if real is None else np.concatenate([frame, real], axis=1)   # (H, W[*2], 3)
+                    # (H, W[*2], 3)
+                    image = frame if real is None else np.concatenate([frame, real], axis=1)
                     self.outbox.append(dict(image=image, key_id=key_id, **self.info))
                 self.lock.notify_all()
 
@@ -680,7 +741,8 @@ class Player:
             with self.lock:
                 if not self.wait(lambda: len(self.outbox) > 0):
                     return
-            # Fallen behind: catch up by at most half a frame, so two frames are never shown at once.
+            # Fallen behind: catch up by at most half a frame, so two frames are never shown at
+            # once.
             when = max(when, time.perf_counter() - period / 2)
             if self.stopped.wait(max(0.0, when - time.perf_counter())):
                 return
@@ -693,10 +755,12 @@ class Player:
 
 
 # -----------------------------------------------------------------------------
-# The real game (ViZDoom): what prepare/vizdoom.py records, and what play.py --game plays beside the dream
+# The real game (ViZDoom): what prepare/vizdoom.py records, and what play.py --game plays beside the
+# dream
 
 
-MISSING = "vizdoom is not installed: pip install vizdoom (the ViZDoom engine, its assets and scenarios)"
+MISSING = ("vizdoom is not installed: pip install vizdoom (the ViZDoom engine, its assets and "
+           "scenarios)")
 
 
 def import_vizdoom():
@@ -714,24 +778,27 @@ def shipped_scenarios():
 
 
 def scenario_path(scenario):
-    """A shipped scenario's name (with or without .cfg), or a path to a .cfg; one line if neither."""
-    if (scenario.endswith(".cfg") and os.sep in scenario) or os.path.isfile(scenario):   # a path, not a name
+    """A shipped scenario's name (with or without .cfg), or a path to a .cfg; one line if
+    neither."""
+    # a path, not a name
+    if (scenario.endswith(".cfg") and os.sep in scenario) or os.path.isfile(scenario):
         if not os.path.isfile(scenario):
             raise ValueError(f"{scenario}: no such scenario file")
         return scenario
     name = scenario[:-4] if scenario.endswith(".cfg") else scenario
     if name not in shipped_scenarios():
-        raise ValueError(f"unknown scenario {scenario!r}: the vizdoom package ships {', '.join(shipped_scenarios())}; "
-                         f"or pass the path of a .cfg")
+        raise ValueError(f"unknown scenario {scenario!r}: the vizdoom package ships "
+                         f"{', '.join(shipped_scenarios())}; or pass the path of a .cfg")
     return os.path.join(import_vizdoom().scenarios_path, name + ".cfg")
 
 
 @contextlib.contextmanager
 def make_game(scenario, seed):
-    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded; closed after.
+    """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded;
+    closed after.
 
-    The engine keeps a `_vizdoom/` folder and a `_vizdoom.ini` in its working folder: it starts in a scratch
-    folder, removed with the game, so making a dataset leaves nothing in the user's."""
+    The engine keeps a `_vizdoom/` folder and a `_vizdoom.ini` in its working folder: it starts in a
+    scratch folder, removed with the game, so making a dataset leaves nothing in the user's."""
     vzd = import_vizdoom()
     path = os.path.abspath(scenario_path(scenario))
     game, here = vzd.DoomGame(), os.getcwd()
@@ -741,7 +808,8 @@ def make_game(scenario, seed):
             game.set_window_visible(False)
             game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
             game.set_screen_format(vzd.ScreenFormat.RGB24)
-            game.set_labels_buffer_enabled(True)    # where the health packs are, how far the walls: for the policy
+            # where the health packs are, how far the walls: for the policy
+            game.set_labels_buffer_enabled(True)
             game.set_depth_buffer_enabled(True)
             game.set_mode(vzd.Mode.PLAYER)
             game.set_doom_config_path(os.path.join(scratch, "_vizdoom.ini"))

@@ -7,11 +7,11 @@
 # %% [markdown]
 # # VideoGPT in one sitting: a walkthrough
 #
-# Run it as a script (`python docs/walkthrough.py`, a few minutes on a CPU) or open it as a
-# notebook (`jupytext --to notebook docs/walkthrough.py`, or Jupyter with the jupytext extension).
-# It trains a tiny VQ-VAE and a tiny prior on the built-in moving digits and shows each chapter at
-# work. The pictures land in `runs/walkthrough/` (or `$WALKTHROUGH_OUT`). Each cell names the file
-# and function it shows: read those next. `$WALKTHROUGH_STEPS` sets the training steps of each stage.
+# Run it as a script (`python docs/walkthrough.py`, a few minutes on a CPU) or open it as a notebook
+# (`jupytext --to notebook docs/walkthrough.py`, or Jupyter with the jupytext extension). It trains
+# a tiny VQ-VAE and a tiny prior on the built-in moving digits and shows each chapter at work. The
+# pictures land in `runs/walkthrough/` (or `$WALKTHROUGH_OUT`). Each cell names the file and
+# function it shows: read those next. `$WALKTHROUGH_STEPS` sets the training steps of each stage.
 
 # %%
 import os
@@ -24,7 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
+if "__file__" in globals():
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+else:   # a notebook, started in the repository's root
+    ROOT = os.getcwd()
 sys.path.insert(0, ROOT)
 from attention import causal_mask, strided_sparse_layout  # noqa: E402
 from data import MovingDigitsDataset, save_png, to_uint8, video_grid  # noqa: E402
@@ -40,25 +43,29 @@ torch.manual_seed(0)
 # ## 1. A clip (data.py)
 #
 # Inside the models a video is float `(B, C, T, H, W)` with values in [-0.5, 0.5]; at the edges it
-# is uint8 `(T, H, W, 3)`. `MovingDigitsDataset` draws two coloured digits bouncing in a black frame.
+# is uint8 `(T, H, W, 3)`. `MovingDigitsDataset` draws two coloured digits bouncing in a black
+# frame.
 
 # %%
 data = MovingDigitsDataset(512, sequence_length=8, resolution=32)
 clip = data[0]["video"]
-print("one clip:", tuple(clip.shape), "(C, T, H, W), values in", (round(clip.min().item(), 2), round(clip.max().item(), 2)))
-batch = lambda n, start: torch.stack([data[(start + i) % len(data)]["video"] for i in range(n)])   # (n, 3, T, H, W)
+print("one clip:", tuple(clip.shape), "(C, T, H, W), values in",
+      (round(clip.min().item(), 2), round(clip.max().item(), 2)))
+# (n, 3, T, H, W)
+batch = lambda n, start: torch.stack([data[(start + i) % len(data)]["video"] for i in range(n)])
 save_png(video_grid(to_uint8(batch(4, 0)).numpy()), os.path.join(OUT, "1_clips.png"))
 
 # %% [markdown]
 # ## 2. The VQ-VAE compresses a clip into a grid of codes (vqvae.py, Section 3.1)
 #
 # The encoder's strided 3D convolutions shrink (T, H, W) by `downsample`; the codebook replaces each
-# latent vector by its nearest entry (`Codebook.forward`); the decoder maps the codes back to pixels.
-# Training minimises the normalized MSE plus the commitment loss; the codebook follows by moving
-# averages (`Codebook.ema_update`). This VQ-VAE is the Quick start's shape, smaller.
+# latent vector by its nearest entry (`Codebook.forward`); the decoder maps the codes back to
+# pixels. Training minimises the normalized MSE plus the commitment loss; the codebook follows by
+# moving averages (`Codebook.ema_update`). This VQ-VAE is the Quick start's shape, smaller.
 
 # %%
-vq = VQVAE(VQVAEConfig(embedding_dim=32, n_codes=64, n_hiddens=32, n_res_layers=0, decoder_res_layers=1,
+vq = VQVAE(VQVAEConfig(embedding_dim=32, n_codes=64, n_hiddens=32, n_res_layers=0,
+                       decoder_res_layers=1,
                        local_encoder=True, downsample=(2, 4, 4), sequence_length=8, resolution=32,
                        dead_code_threshold=0.05))
 opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
@@ -68,30 +75,33 @@ for step in range(STEPS):
     out["loss"].backward()
     opt.step()
     if step % max(1, STEPS // 4) == 0 or step == STEPS - 1:
-        print(f"vq step {step}: normalized MSE {out['recon_loss'].item():.3f}, perplexity {out['perplexity'].item():.1f}")
+        print(f"vq step {step}: normalized MSE {out['recon_loss'].item():.3f}, perplexity "
+              f"{out['perplexity'].item():.1f}")
 vq.eval()
 x = batch(4, 0)
 codes = vq.encode(x)                                   # (4, t, h, w) int64
-print("codes of one clip:", tuple(codes.shape[1:]), "(t, h, w): 8x32x32x3 numbers become", codes[0].numel(), "codes")
-print(codes[0, 0])                                     # the first latent time step: mostly the empty patch's code
-recon = vq.decode(codes)                               # (4, 3, T, H, W)
-pairs = torch.stack([x, recon], dim=1).flatten(0, 1)   # (8, 3, T, H, W): clip, then its reconstruction
+print("codes of one clip:", tuple(codes.shape[1:]), "(t, h, w): 8x32x32x3 numbers become",
+      codes[0].numel(), "codes")
+print(codes[0, 0])        # the first latent time step: mostly the empty patch's code
+recon = vq.decode(codes)  # (4, 3, T, H, W)
+# (8, 3, T, H, W): clip, then its reconstruction
+pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
 save_png(video_grid(to_uint8(pairs).numpy()), os.path.join(OUT, "2_reconstructions.png"))
 
 # %% [markdown]
 # ## 3. Attention patterns (attention.py)
 #
-# The prior reads a clip's codes in raster order and each code may look only at codes before it:
-# the causal mask (`causal_mask`). The original's sparse prior looks at fewer (`strided_sparse_layout`:
-# blocks of 32 codes, a few local blocks and the same block on earlier rows and frames). The VQ-VAE's
-# axial attention (`AxialAttention`) lets a position see its own time line, row and column.
+# The prior reads a clip's codes in raster order and each code may look only at codes before it: the
+# causal mask (`causal_mask`). The original's sparse prior looks at fewer (`strided_sparse_layout`:
+# blocks of 32 codes, a few local blocks and the same block on earlier rows and frames). The
+# VQ-VAE's axial attention (`AxialAttention`) lets a position see its own time line, row and column.
 
 # %%
 t, h, w = codes.shape[1:]
 L = t * h * w
 sparse = strided_sparse_layout((4, 8, 8), block=16, num_local_blocks=1)
 axial = torch.zeros(t, h, w)
-pt, ph, pw = 1, h // 2, w // 3                          # one position, and the three lines it attends along
+pt, ph, pw = 1, h // 2, w // 3  # one position, and the three lines it attends along
 axial[:, ph, pw] = axial[pt, :, pw] = axial[pt, ph, :] = 1.0
 axial[pt, ph, pw] = 2.0
 
@@ -108,8 +118,11 @@ axes[0].set_title(f"causal: {L} codes of the prior")
 axes[1].imshow(sparse, cmap="Greys")
 axes[1].set_title(f"strided sparse, 256 codes ({sparse.float().mean():.0%} of all pairs)")
 axes[2].imshow(frames_side_by_side(axial), cmap="Greys")
-axes[2].set_title("axial: what one position (darkest) sees:\nits row and column, its place in every step")
-for ax, (xl, yl) in zip(axes, [("key", "query"), ("key", "query"), ("latent steps, side by side", "height")]):
+axes[2].set_title("axial: what one position (darkest) sees:\nits row and column, its place in "
+                  "every step")
+for ax, (xl, yl) in zip(axes,
+                        [("key", "query"), ("key", "query"),
+                         ("latent steps, side by side", "height")]):
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
 fig.tight_layout()
@@ -125,7 +138,8 @@ plt.close(fig)
 # come from the frozen VQ-VAE.
 
 # %%
-gpt = VideoGPT(GPTConfig(latent_shape=(t, h, w), n_codes=64, embedding_dim=32, hidden_dim=48, heads=4, layers=2,
+gpt = VideoGPT(GPTConfig(latent_shape=(t, h, w), n_codes=64, embedding_dim=32, hidden_dim=48,
+                         heads=4, layers=2,
                          dropout=0.0, attn_dropout=0.0, sequence_length=8, rope=True))
 gpt.set_codebook(vq.codebook.embeddings)
 opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
@@ -161,7 +175,8 @@ with torch.no_grad():
         logits = gpt.step(x_in, torch.tensor([i]), cond, caches)[:, 0]        # (n, n_codes)
         drawn[:, i] = torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
         x_in = gpt.embed(drawn[:, i:i + 1])                                     # (n, 1, hidden)
-        if i + 1 in snapshots:   # the size of every cached key of layer 0, sample 0, laid out on the grid
+        # the size of every cached key of layer 0, sample 0, laid out on the grid
+        if i + 1 in snapshots:
             snapshots[i + 1] = caches[0].k[0].norm(dim=-1).mean(0).view(t, h, w)   # (t, h, w)
 fig, axes = plt.subplots(len(snapshots), 1, figsize=(7, 6))
 top = max(float(keys.max()) for keys in snapshots.values())
@@ -169,11 +184,13 @@ for ax, (k, keys) in zip(axes, snapshots.items()):
     ax.imshow(frames_side_by_side(keys), cmap="viridis", vmin=0, vmax=top)
     ax.set_title(f"after {k} of {L} codes", fontsize=9)
     ax.axis("off")
-fig.suptitle("the KV cache fills in raster order\n(size of each cached key; latent steps side by side)")
+fig.suptitle("the KV cache fills in raster order\n(size of each cached key; latent steps side by "
+             "side)")
 fig.tight_layout()
 fig.savefig(os.path.join(OUT, "5_kv_cache.png"), dpi=80)
 plt.close(fig)
-samples = gpt.sample(n, generator=torch.Generator().manual_seed(0))     # the same loop, as the chapter writes it
+# the same loop, as the chapter writes it
+samples = gpt.sample(n, generator=torch.Generator().manual_seed(0))
 video = vq.decode(samples)                                               # (n, 3, T, H, W)
 save_png(video_grid(to_uint8(video.clamp(-0.5, 0.5)).numpy()), os.path.join(OUT, "6_samples.png"))
 print("sampled", tuple(samples.shape), "codes ->", tuple(video.shape), "video; pictures in", OUT)

@@ -1,7 +1,7 @@
 """BAIR robot pushing, read from the release's TFRecords without TensorFlow.
 
-    python -m prepare bair bair_robot_pushing_dataset_v0.tar bair.h5          # or the unpacked folder
-    python -m prepare bair softmotion30_44k/.. bair_main.h5 --view main        # the other camera
+    python -m prepare bair bair_robot_pushing_dataset_v0.tar bair.h5    # or the unpacked folder
+    python -m prepare bair softmotion30_44k/.. bair_main.h5 --view main  # the other camera
 
 Writes the HDF5 layout every dataset here uses (data.HDF5Dataset): 64x64 frames
 of camera image_aux1 (the original VideoGPT's) or image_main, 30 per
@@ -27,14 +27,12 @@ from checkpoints import atomic_write
 
 #
 # The release, bair_robot_pushing_dataset_v0.tar (30 GB), holds
-# softmotion30_44k/{train,test}/traj_A_to_B.tfrecords. A TFRecord file is a plain
-# sequence of records, each framed as
-#     length: uint64 LE | masked CRC32C of those 8 bytes: uint32 LE | data | masked CRC32C of data: uint32 LE
-# and the data of each record is one trajectory, a serialized tf.train.Example:
-# a protobuf message that maps feature names to lists of bytes, floats or ints.
-# Per step t of the 30: "{t}/image_aux1/encoded" and "{t}/image_main/encoded"
-# (raw 64x64x3 RGB bytes, one per camera), "{t}/action" (4 floats) and
-# "{t}/endeffector_pos" (3 floats).
+# softmotion30_44k/{train,test}/traj_A_to_B.tfrecords. A TFRecord file is a plain sequence of
+# records, each framed as length: uint64 LE | masked CRC32C of those 8 bytes: uint32 LE | data |
+# masked CRC32C of data: uint32 LE and the data of each record is one trajectory, a serialized
+# tf.train.Example: a protobuf message that maps feature names to lists of bytes, floats or ints.
+# Per step t of the 30: "{t}/image_aux1/encoded" and "{t}/image_main/encoded" (raw 64x64x3 RGB
+# bytes, one per camera), "{t}/action" (4 floats) and "{t}/endeffector_pos" (3 floats).
 
 BAIR_FOLDER = "softmotion30_44k"
 BAIR_SIDE = 64                                # frames are 64x64 RGB
@@ -52,7 +50,8 @@ def masked_crc32c(data):
 
 
 def read_tfrecords(f, name):
-    """Yield the data of every record of the binary file `f`, checking both CRCs; `name` is for errors."""
+    """Yield the data of every record of the binary file `f`, checking both CRCs; `name` is for
+    errors."""
     for i in itertools.count():
         header = f.read(12)
         if not header:
@@ -71,7 +70,8 @@ def read_tfrecords(f, name):
 
 
 def read_varint(buf, pos):
-    """The base-128 varint at buf[pos:] -> (value, position after it): 7 bits per byte, low bits first."""
+    """The base-128 varint at buf[pos:] -> (value, position after it): 7 bits per byte, low bits
+    first."""
     value = shift = 0
     while True:
         if pos >= len(buf):
@@ -79,7 +79,7 @@ def read_varint(buf, pos):
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
-        if byte < 0x80:                                        # the high bit says "more bytes follow"
+        if byte < 0x80:  # the high bit says "more bytes follow"
             return value, pos
         shift += 7
 
@@ -128,9 +128,11 @@ def parse_example(buf):
                 items = [(w, v) for k, w, v in protobuf_fields(values) if k == 1]
                 if kind == 1:
                     out[name] = [bytes(v) for _, v in items]
-                elif kind == 2:   # packed (wire 2) or one float per field (wire 5): little-endian float32 either way
+                # packed (wire 2) or one float per field (wire 5): little-endian float32 either way
+                elif kind == 2:
                     out[name] = np.frombuffer(b"".join(bytes(v) for _, v in items), "<f4")
-                elif kind == 3:   # packed varints, or one varint per field; negative numbers wrap around 2**64
+                # packed varints, or one varint per field; negative numbers wrap around 2**64
+                elif kind == 3:
                     ints = []
                     for w, v in items:
                         pos = 0
@@ -139,12 +141,14 @@ def parse_example(buf):
                             ints.append(x)
                         if w == 0:
                             ints.append(v)
-                    out[name] = np.array([x - (1 << 64) if x >= 1 << 63 else x for x in ints], np.int64)
+                    out[name] = np.array([x - (1 << 64) if x >= 1 << 63 else x for x in ints],
+                                         np.int64)
     return out
 
 
 def bair_trajectory(example, view, where):
-    """(frames uint8 (T, 64, 64, 3), actions float32 (T, 4), states float32 (T, 3)) of one parsed Example."""
+    """(frames uint8 (T, 64, 64, 3), actions float32 (T, 4), states float32 (T, 3)) of one parsed
+    Example."""
     T = 0
     while f"{T}/image_{view}/encoded" in example:
         T += 1
@@ -152,21 +156,25 @@ def bair_trajectory(example, view, where):
         raise ValueError(f"{where}: missing feature '0/image_{view}/encoded'")
     frames, actions, states = [], [], []
     for t in range(T):
-        for key, dim in ((f"{t}/action", BAIR_ACTION_DIM), (f"{t}/endeffector_pos", BAIR_STATE_DIM)):
+        for key, dim in ((f"{t}/action", BAIR_ACTION_DIM),
+                         (f"{t}/endeffector_pos", BAIR_STATE_DIM)):
             if key not in example:
                 raise ValueError(f"{where}: missing feature '{key}'")
             if len(example[key]) != dim:
-                raise ValueError(f"{where}: feature '{key}' has {len(example[key])} values, expected {dim}")
+                raise ValueError(f"{where}: feature '{key}' has {len(example[key])} values, "
+                                 f"expected {dim}")
         image = example[f"{t}/image_{view}/encoded"]
         size = BAIR_SIDE * BAIR_SIDE * 3
         if len(image) != 1 or len(image[0]) != size:
             got = len(image[0]) if len(image) == 1 else f"{len(image)} values, not one of"
             raise ValueError(f"{where}: feature '{t}/image_{view}/encoded' has {got} bytes, "
                              f"expected {size} (raw {BAIR_SIDE}x{BAIR_SIDE}x3 RGB)")
-        frames.append(np.frombuffer(image[0], np.uint8).reshape(BAIR_SIDE, BAIR_SIDE, 3))   # (64, 64, 3)
+        # (64, 64, 3)
+        frames.append(np.frombuffer(image[0], np.uint8).reshape(BAIR_SIDE, BAIR_SIDE, 3))
         actions.append(example[f"{t}/action"])
         states.append(example[f"{t}/endeffector_pos"])
-    return np.stack(frames), np.stack(actions).astype(np.float32), np.stack(states).astype(np.float32)
+    actions, states = (np.stack(x).astype(np.float32) for x in (actions, states))
+    return np.stack(frames), actions, states
 
 
 def first_number(name):
@@ -176,20 +184,22 @@ def first_number(name):
 
 
 def bair_files(src):
-    """{split: [(name, size, open())]} of the release's TFRecord files, from the tar or a folder holding
-    softmotion30_44k/, each split in the order of the first number in the file names."""
+    """{split: [(name, size, open())]} of the release's TFRecord files, from the tar or a folder
+    holding softmotion30_44k/, each split in the order of the first number in the file names."""
     pattern = re.compile(rf"(^|/){BAIR_FOLDER}/(train|test)/[^/]+\.tfrecords$")
     files = {"train": [], "test": []}
     if os.path.isdir(src):
         for path in glob.glob(os.path.join(src, BAIR_FOLDER, "*", "*.tfrecords")):
             match = pattern.search(os.path.relpath(path, src).replace(os.sep, "/"))
             if match:
-                files[match.group(2)].append((path, os.path.getsize(path), lambda p=path: open(p, "rb")))
+                files[match.group(2)].append((path, os.path.getsize(path),
+                                              lambda p=path: open(p, "rb")))
     elif os.path.isfile(src):
         try:
-            tar = tarfile.open(src)                            # members are read in place: no extraction
+            tar = tarfile.open(src)  # members are read in place: no extraction
         except tarfile.TarError:
-            raise ValueError(f"{src}: not a tar file (expected bair_robot_pushing_dataset_v0.tar or a folder)") from None
+            raise ValueError(f"{src}: not a tar file (expected bair_robot_pushing_dataset_v0.tar "
+                             "or a folder)") from None
         for member in tar.getmembers():
             match = pattern.search(member.name)
             if match and member.isfile():
@@ -206,7 +216,8 @@ def bair_files(src):
 
 
 def write_bair(src, out, view="aux1", batch=64, progress=True):
-    """Convert the BAIR release at `src` into the HDF5 layout at `out`, atomically, in bounded memory.
+    """Convert the BAIR release at `src` into the HDF5 layout at `out`, atomically, in bounded
+    memory.
 
     `{split}_data` uint8 (N*30, 64, 64, 3) from camera `view`, `{split}_idx` the
     start frames, `{split}_actions` float32 (N*30, 4), `{split}_states` float32
@@ -218,11 +229,13 @@ def write_bair(src, out, view="aux1", batch=64, progress=True):
 
     def append(h5, split, chunk):
         """Append a list of trajectories to the split's growing datasets."""
-        frames, actions, states = (np.concatenate(parts) for parts in zip(*chunk))   # (frames of the chunk, ...) each
+        # (frames of the chunk, ...) each
+        frames, actions, states = (np.concatenate(parts) for parts in zip(*chunk))
         data = h5[f"{split}_data"]
         start = data.shape[0]
         starts = start + np.cumsum([0] + [len(c[0]) for c in chunk[:-1]])
-        for key, values in ((f"{split}_data", frames), (f"{split}_actions", actions), (f"{split}_states", states),
+        for key, values in ((f"{split}_data", frames), (f"{split}_actions", actions),
+                            (f"{split}_states", states),
                             (f"{split}_idx", starts.astype(np.int64))):
             d = h5[key]
             d.resize(d.shape[0] + len(values), axis=0)
@@ -234,7 +247,8 @@ def write_bair(src, out, view="aux1", batch=64, progress=True):
             h5.attrs["source"] = f"BAIR robot pushing ({BAIR_FOLDER}), camera image_{view}"
             for split, split_files in files.items():
                 shapes = {"data": ((BAIR_SIDE, BAIR_SIDE, 3), np.uint8), "idx": ((), np.int64),
-                          "actions": ((BAIR_ACTION_DIM,), np.float32), "states": ((BAIR_STATE_DIM,), np.float32)}
+                          "actions": ((BAIR_ACTION_DIM,), np.float32),
+                          "states": ((BAIR_STATE_DIM,), np.float32)}
                 for key, (shape, dtype) in shapes.items():
                     h5.create_dataset(f"{split}_{key}", (0, *shape), dtype, maxshape=(None, *shape),
                                       chunks=(30 if key == "data" else 1024, *shape))
@@ -245,7 +259,8 @@ def write_bair(src, out, view="aux1", batch=64, progress=True):
                             try:
                                 example = parse_example(record)
                             except ValueError as e:
-                                raise ValueError(f"{name}: record {i}: not a tf.train.Example ({e})") from None
+                                raise ValueError(f"{name}: record {i}: not a tf.train.Example "
+                                                 f"({e})") from None
                             chunk.append(bair_trajectory(example, view, f"{name}: record {i}"))
                             if len(chunk) == batch:
                                 append(h5, split, chunk)

@@ -1,8 +1,9 @@
-"""ViZDoom, made here (Section 4.4 of the paper): episodes of a 3D world with the actions that steer it.
+"""ViZDoom, made here (Section 4.4 of the paper): episodes of a 3D world with the actions that steer
+it.
 
-    python -m prepare vizdoom vizdoom.h5                                    # the paper's size: 1000 x 100 frames
+    python -m prepare vizdoom vizdoom.h5        # the paper's size: 1000 episodes of 100 frames
     python -m prepare vizdoom small.h5 --episodes 40 --length 32 --resolution 32 --seed 1
-    python -m prepare vizdoom battle2.h5 --scenario path/to/battle2.cfg    # any scenario .cfg
+    python -m prepare vizdoom battle2.h5 --scenario path/to/battle2.cfg   # any scenario .cfg
 
 The `vizdoom` package (an optional dependency: `pip install vizdoom`) ships the
 engine, the Freedoom assets and its scenarios (health_gathering_supreme among
@@ -16,7 +17,8 @@ every dataset here uses, split 8:1:1 into train / val / test:
     {split}_data     uint8 (N_frames, R, R, 3)   {split}_idx  int64 (N_episodes,)
     {split}_actions  float32 (N_frames, A)       one-hot: actions[t] is the button pressed after
                                                  frame t was seen, which leads to frame t + 1
-    {split}_states   float32 (N_frames, S)       the scenario's game variables at frame t (health, ...)
+    {split}_states   float32 (N_frames, S)       the scenario's game variables at frame t
+                                                 (health, ...)
     action_names, state_names                    e.g. TURN_LEFT, TURN_RIGHT, MOVE_FORWARD; HEALTH
 
 An episode that ends before `--length` frames (the player died) is dropped and
@@ -47,11 +49,13 @@ from world import make_game
 
 
 class Explorer:
-    """Holds each action for 3-8 steps; turns to a visible health pack and walks to it; walks on while the way
-    ahead is open and turns towards the more open side before a wall; turns now and then, for a fair share.
+    """Holds each action for 3-8 steps; turns to a visible health pack and walks to it; walks on
+    while the way ahead is open and turns towards the more open side before a wall; turns now and
+    then, for a fair share.
 
-    Called with an observation dict(frame (H, W, 3) uint8, depth (H, W) uint8 (distance, 0 near), labels
-    [(name, x, width)] of the objects in view, buttons [names]) and returns the index of the button to press."""
+    Called with an observation dict(frame (H, W, 3) uint8, depth (H, W) uint8 (distance, 0 near),
+    labels [(name, x, width)] of the objects in view, buttons [names]) and returns the index of the
+    button to press."""
 
     NEAR = 14   # depth units ahead under which the way is blocked (a wall about four steps away)
 
@@ -72,13 +76,16 @@ class Explorer:
         if self.left > 0 and not (blocked and self.action == forward):
             self.left -= 1
             return self.action
-        packs = [x + width / 2 for name, x, width in obs["labels"] if "medikit" in name.lower() or "health" in name.lower()]
+        packs = [x + width / 2 for name, x,
+                 width in obs["labels"] if "medikit" in name.lower() or "health" in name.lower()]
         if len(turns) == 2 and blocked:     # towards the side with more room
-            return self.hold(turns[0] if depth[:, :w // 2].mean() > depth[:, w // 2:].mean() else turns[1], 4, 9)
+            return self.hold(turns[0] if depth[:, :w // 2].mean() > depth[:, w // 2:].mean()
+                             else turns[1], 4, 9)
         if packs and forward is not None and len(turns) == 2:
             # The pack nearest the centre of view: turn until it is ahead, then walk to it.
             offset = (min(packs, key=lambda c: abs(c - w / 2)) - w / 2) / w
-            return self.hold(forward if abs(offset) < 0.1 else turns[0] if offset < 0 else turns[1], 2, 5)
+            return self.hold(forward if abs(offset) < 0.1 else turns[0] if offset < 0
+                             else turns[1], 2, 5)
         # Explore: forward half the time, any other button the rest, each held long enough to show.
         weights = np.ones(len(buttons))
         if forward is not None:
@@ -87,14 +94,16 @@ class Explorer:
 
 
 def load_policy(spec):
-    """A factory seed -> policy: the built-in Explorer (None), or `module:function`, one's own policy (any seed)."""
+    """A factory seed -> policy: the built-in Explorer (None), or `module:function`, one's own
+    policy (any seed)."""
     if spec is None:
         return Explorer
     module, _, name = spec.partition(":")
     try:
         policy = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"--policy {spec}: cannot import it ({type(e).__name__}); expected module:function") from None
+        raise ValueError(f"--policy {spec}: cannot import it ({type(e).__name__}); expected "
+                         "module:function") from None
     return lambda seed: policy
 
 
@@ -103,8 +112,8 @@ def load_policy(spec):
 
 
 def play_episode(game, policy, length, frame_skip, resolution):
-    """One life of `length` frames: uint8 (length, R, R, 3), one-hot actions (length, A), states (length, S);
-    None if the episode ended first."""
+    """One life of `length` frames: uint8 (length, R, R, 3), one-hot actions (length, A), states
+    (length, S); None if the episode ended first."""
     buttons = [b.name for b in game.get_available_buttons()]
     frames, actions, states = [], [], []
     game.new_episode()
@@ -112,7 +121,7 @@ def play_episode(game, policy, length, frame_skip, resolution):
         if game.is_episode_finished():
             return None
         state = game.get_state()
-        frame = state.screen_buffer                                               # (120, 160, 3) uint8
+        frame = state.screen_buffer  # (120, 160, 3) uint8
         labels = [(label.object_name, label.x, label.width) for label in state.labels]
         a = int(policy(dict(frame=frame, depth=state.depth_buffer, labels=labels, buttons=buttons)))
         if not 0 <= a < len(buttons):
@@ -130,14 +139,17 @@ def split_sizes(n):
     return {"train": n - val - test, "val": val, "test": test}
 
 
-def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, length=100, resolution=64, frame_skip=4,
+def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, length=100,
+                  resolution=64, frame_skip=4,
                   seed=0, policy=None, progress=True):
-    """Play `episodes` lives of `length` frames and write them to `out` (HDF5), atomically; returns the counts."""
+    """Play `episodes` lives of `length` frames and write them to `out` (HDF5), atomically; returns
+    the counts."""
     if episodes < 3:
         raise ValueError(f"--episodes {episodes}: need at least 3 (train, val and test)")
     check_writable(os.path.dirname(os.path.abspath(out)))
     make_policy = load_policy(policy)
-    sizes, episode_seeds, dropped, played = split_sizes(episodes), iter(range(seed * 1_000_003, (seed + 1) * 1_000_003)), 0, {}
+    sizes, dropped, played = split_sizes(episodes), 0, {}
+    episode_seeds = iter(range(seed * 1_000_003, (seed + 1) * 1_000_003))
     with make_game(scenario, seed) as game, tqdm(total=episodes, desc="episodes", unit="episode",
                                                  disable=not progress) as bar:
         buttons = [b.name for b in game.get_available_buttons()]
@@ -151,8 +163,8 @@ def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, lengt
                 if clip is None:
                     dropped += 1
                     if dropped > 10 * episodes:
-                        raise ValueError(f"{scenario}: {dropped} episodes ended before {length} frames; "
-                                         f"try a shorter --length")
+                        raise ValueError(f"{scenario}: {dropped} episodes ended before {length} "
+                                         "frames; try a shorter --length")
                     continue
                 played[split].append(clip)
                 bar.update(1)
@@ -162,11 +174,13 @@ def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, lengt
             for split, clips in played.items():
                 h5.create_dataset(f"{split}_data", data=np.concatenate([c[0] for c in clips]),
                                   chunks=(1, resolution, resolution, 3))
-                h5.create_dataset(f"{split}_idx", data=np.arange(len(clips), dtype=np.int64) * length)
+                h5.create_dataset(f"{split}_idx",
+                                  data=np.arange(len(clips), dtype=np.int64) * length)
                 h5.create_dataset(f"{split}_actions", data=np.concatenate([c[1] for c in clips]))
                 h5.create_dataset(f"{split}_states", data=np.concatenate([c[2] for c in clips]))
             h5.create_dataset("action_names", data=np.array(buttons, dtype=h5py.string_dtype()))
             h5.create_dataset("state_names", data=np.array(variables, dtype=h5py.string_dtype()))
-            h5.attrs.update(scenario=scenario, frame_skip=frame_skip, seed=seed, policy=policy or "Explorer")
+            h5.attrs.update(scenario=scenario, frame_skip=frame_skip, seed=seed,
+                            policy=policy or "Explorer")
     atomic_write(out, write)
     return dict(sizes, dropped=dropped, buttons=buttons)

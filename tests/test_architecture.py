@@ -1,5 +1,5 @@
-"""The shape of the house (docs/design.md): who imports whom, the lesson's budget, no speed machinery in the
-model chapters, a loop that reads at a glance, docstrings, shape comments.
+"""The shape of the house (docs/design.md): who imports whom, the lesson's budget, no speed
+machinery in the model chapters, a loop that reads at a glance, docstrings, shape comments.
 
 python -m pytest tests/test_architecture.py
 
@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT
 
-# Each file and the project modules it may import (docs/design.md's rooms). The plumbing imports no chapter.
+# Each file and the project modules it may import (docs/design.md's rooms). The plumbing imports no
+# chapter.
 ALLOWED = {
     "attention": set(),
     "vqvae": {"attention", "checkpoints"},
@@ -23,11 +24,13 @@ ALLOWED = {
     "data": {"checkpoints", "runtime"},
     "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "muon", "run"},
     "run": {"checkpoints", "runtime", "data", "fast", "muon"},
-    "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},   # world.named_actions: --actions
+    # world.named_actions: --actions
+    "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
     "metrics": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "world"},
     "bench": {"runtime", "vqvae", "gpt", "fast", "muon", "run", "world"},
-    "world": {"attention", "checkpoints", "data", "gpt", "fast"},     # the play loop: engineering beside the chapters
+    # the play loop: engineering beside the chapters
+    "world": {"attention", "checkpoints", "data", "gpt", "fast"},
     "play": {"checkpoints", "runtime", "data", "world"},
     "fast": {"attention", "gpt"},
     "muon": {"vqvae", "gpt"},
@@ -66,7 +69,8 @@ def project_imports(name):
 def test_every_top_level_file_is_a_known_room():
     files = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
     assert files == set(ALLOWED), f"files without a room in the design: {files ^ set(ALLOWED)}"
-    assert len(files) <= 16, f"{len(files)} Python files at the top level; the rest belong in folders"
+    assert len(files) <= 16, (f"{len(files)} Python files at the top level; the rest belong in "
+                              "folders")
     design = open(os.path.join(ROOT, "docs", "design.md")).read()
     assert all(f"`{name}.py`" in design for name in ALLOWED), "docs/design.md names every room"
 
@@ -93,7 +97,8 @@ def test_the_model_chapters_use_plain_names_and_leave_the_history_to_docs():
 def test_no_function_runs_past_100_lines():
     """A function a reader can hold in view: the commands, converters and tools included."""
     for path in (os.path.join(folder, name) for folder in ("", "prepare", "docs", "weights")
-                 for name in sorted(os.listdir(os.path.join(ROOT, folder))) if name.endswith(".py")):
+                 for name in sorted(os.listdir(os.path.join(ROOT, folder)))
+                 if name.endswith(".py")):
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
@@ -101,12 +106,12 @@ def test_no_function_runs_past_100_lines():
 
 
 def test_the_model_chapters_hold_no_speed_machinery():
-    """No compiling, inductor settings, FlexAttention or per-device choices in attention/vqvae/gpt: a faster
-    kernel comes in as one argument (MultiHeadAttention.attend), from fast.py."""
+    """No compiling, inductor settings, FlexAttention or per-device choices in attention/vqvae/gpt:
+    a faster kernel comes in as one argument (MultiHeadAttention.attend), from fast.py."""
     for name in MODEL_CHAPTERS:
         source = open(os.path.join(ROOT, f"{name}.py")).read()
-        for machinery in ("torch.compile", "_inductor", "flex_attention", "scaled_dot_product_attention",
-                          "device.type ==", "is_compiling"):
+        for machinery in ("torch.compile", "_inductor", "flex_attention",
+                          "scaled_dot_product_attention", "device.type ==", "is_compiling"):
             assert machinery not in source, f"{name}.py holds {machinery}"
 
 
@@ -135,7 +140,8 @@ def test_imports_follow_the_design_and_each_file_says_what_it_holds(name):
     extra = project_imports(name) - ALLOWED[name]
     assert not extra, f"{name}.py imports {sorted(extra)}, outside its room"
     doc = ast.get_docstring(tree(name))
-    assert doc and len(doc.splitlines()) >= 3, f"{name}.py opens without a docstring saying what it holds"
+    assert doc and len(doc.splitlines()) >= 3, (f"{name}.py opens without a docstring saying what "
+                                                "it holds")
 
 
 def test_no_import_cycle():
@@ -155,14 +161,18 @@ def test_no_import_cycle():
 
 
 def test_the_training_loop_reads_at_a_glance():
-    """train.train holds the loop: at most 60 lines, no closures sharing state, no per-step .item()."""
+    """train.train holds the loop: at most 60 lines, no closures sharing state, no per-step
+    .item()."""
     fn = next(n for n in tree("train").body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert fn.end_lineno - fn.lineno + 1 <= 60
     assert any(isinstance(n, ast.While) for n in ast.walk(fn))
-    calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-    assert "item" not in calls and "tolist" not in calls      # host syncs live in named helpers, read once per step
+    calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute)}
+    # host syncs live in named helpers, read once per step
+    assert "item" not in calls and "tolist" not in calls
     for name in ALLOWED:
-        assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(tree(name))), f"nonlocal in {name}.py"
+        assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(tree(name))), ("nonlocal in "
+                                                                                    f"{name}.py")
 
 
 def test_every_reshape_carries_a_shape_comment():

@@ -96,9 +96,8 @@ def hold_lock(path):
     """Another process holding OutputLock(path) (locks belong to processes); returns it once the
     lock is taken."""
     import subprocess
-    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); "
-            f"from checkpoints import OutputLock; lock = OutputLock({path!r}, '').acquire(); "
-            f"print('held', flush=True); time.sleep(60)")
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from checkpoints import OutputLock; "
+            f"lock = OutputLock({path!r}, '').acquire(); print('held', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child

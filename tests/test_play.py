@@ -1,5 +1,6 @@
-"""Playing the dream: world.World (keys -> actions, causality, the sliding window, the cache) and play.py
-(rollouts to files, the web server's behaviour, the page in a real browser where Chromium is installed).
+"""Playing the dream: world.World (keys -> actions, causality, the sliding window, the cache) and
+play.py (rollouts to files, the web server's behaviour, the page in a real browser where Chromium is
+installed).
 
 python -m pytest tests/test_play.py
 """
@@ -32,11 +33,13 @@ NAMES = ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
 def tiny_world_parts(action_norms=True, action_dim=3, seed=0):
     """A random VQ-VAE of 16x16 clips of 8 frames and a prior over its (4, 4, 4) codes."""
     torch.manual_seed(seed)
-    vq = VQVAE(VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
-                           local_encoder=True, downsample=(2, 4, 4), sequence_length=8, resolution=16)).eval()
+    vq = VQVAE(VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0,
+                           decoder_res_layers=1, local_encoder=True, downsample=(2, 4, 4),
+                           sequence_length=8, resolution=16)).eval()
     kw = dict(action_dim=action_dim, action_norms=action_norms) if action_dim else {}
     gpt = tiny_prior(seed, latent_shape=(4, 4, 4), rope=True, sequence_length=8, **kw).eval()
-    for name, p in gpt.named_parameters():   # the norms' action columns start at zero: make actions matter
+    # the norms' action columns start at zero: make actions matter
+    for name, p in gpt.named_parameters():
         if name.endswith((".to_gain.weight", ".to_bias.weight")):
             p.data.normal_(std=0.5)
     gpt.set_codebook(vq.codebook.embeddings)
@@ -66,18 +69,22 @@ def one_hot(indices, n=3):
 
 @pytest.mark.parametrize("conditioning", ["norms", "tokens", "none"])
 def test_the_world_draws_what_the_long_video_sampler_draws(conditioning):
-    """Stride 1, from a full window of start codes: each step is the sliding-window sampler's next window
-    (fast.sample_long, itself tested against the lesson's sampler), for the same actions and generator."""
-    gpt, vq = tiny_world_parts(action_norms=conditioning == "norms", action_dim=0 if conditioning == "none" else 3)
+    """Stride 1, from a full window of start codes: each step is the sliding-window sampler's next
+    window (fast.sample_long, itself tested against the lesson's sampler), for the same actions and
+    generator."""
+    gpt, vq = tiny_world_parts(action_norms=conditioning == "norms",
+                               action_dim=0 if conditioning == "none" else 3)
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
     keys = [0, 0, 2, 1, 1, 0, 2, 2, 1, 0] if conditioning != "none" else [None] * 10
     world = World(gpt, vq, action_names=NAMES if conditioning != "none" else None, seed=3)
-    world.reset(start_codes=start, start_actions=["MOVE_FORWARD"] * 8 if conditioning != "none" else None)
+    world.reset(start_codes=start,
+                start_actions=["MOVE_FORWARD"] * 8 if conditioning != "none" else None)
     drawn = [world.step(k) for k in keys]
     assert all(f.shape == (2, 16, 16, 3) and f.dtype == np.uint8 for f in drawn)
-    actions = one_hot([2] * 8 + [k for k in keys for _ in range(2)]) if conditioning != "none" else None
+    actions = (one_hot([2] * 8 + [k for k in keys for _ in range(2)]) if conditioning != "none"
+               else None)
     expected = sample_long(gpt, 1, 8 + 2 * len(keys), stride=1, actions=actions, prefix=start[None],
-                           generator=torch.Generator().manual_seed(3))                 # (1, 4 + 10, 4, 4)
+                           generator=torch.Generator().manual_seed(3))  # (1, 4 + 10, 4, 4)
     assert torch.equal(world.codes[0], expected[0, -4:])
 
 
@@ -91,21 +98,22 @@ def test_a_wider_stride_keeps_the_cache_and_draws_the_same_for_a_held_key():
     for _ in range(6):
         world.step("TURN_LEFT")
         prefills.append(world.fed_from_prefill)
-    assert prefills == [True, False, True, False, True, False]                       # a prefill per slide only
+    assert prefills == [True, False, True, False, True, False]  # a prefill per slide only
     expected = sample_long(gpt, 1, 8 + 12, stride=2, actions=one_hot([0] * 20), prefix=start[None],
                            generator=torch.Generator().manual_seed(5))
     assert torch.equal(world.codes[0], expected[0, -4:])
 
 
-@pytest.mark.parametrize("conditioning,stride", [("norms", 1), ("tokens", 1), ("norms", 2), ("tokens", 3)])
+@pytest.mark.parametrize("conditioning,stride",
+                         [("norms", 1), ("tokens", 1), ("norms", 2), ("tokens", 3)])
 def test_a_drawn_code_never_depends_on_a_key_pressed_after_it(conditioning, stride):
-    """Two players press the same keys for 5 steps, then different ones: every code and frame of the first
-    5 steps is the same, bit for bit, and the keys after them change what is drawn next."""
+    """Two players press the same keys for 5 steps, then different ones: every code and frame of the
+    first 5 steps is the same, bit for bit, and the keys after them change what is drawn next."""
     gpt, vq = tiny_world_parts(action_norms=conditioning == "norms")
     runs = []
     for later in (["TURN_LEFT"] * 4, ["TURN_RIGHT"] * 4):
         world = World(gpt, vq, action_names=NAMES, seed=7, stride=stride)
-        frames = [world.reset()]                            # a sampled start: the idle action, 8 frames
+        frames = [world.reset()]  # a sampled start: the idle action, 8 frames
         codes = []
         for key in ["MOVE_FORWARD", "TURN_LEFT", "TURN_LEFT", None, "TURN_RIGHT"] + later:
             frames.append(world.step(key))
@@ -115,30 +123,34 @@ def test_a_drawn_code_never_depends_on_a_key_pressed_after_it(conditioning, stri
     for i in range(5):
         assert torch.equal(codes_a[i], codes_b[i])
         assert np.array_equal(frames_a[i + 1], frames_b[i + 1])
-    assert any(not torch.equal(a, b) for a, b in zip(codes_a[5:], codes_b[5:]))      # the keys do steer
+    assert any(not torch.equal(a, b) for a, b in zip(codes_a[5:], codes_b[5:]))  # the keys do steer
 
 
 def test_the_fill_rule_and_a_key_change_refill_the_cache():
-    """While the window fills, frames after the step being drawn take the held key; a new key changes
-    the conditioning of the whole window, so the cache is filled again (and a held key keeps it)."""
+    """While the window fills, frames after the step being drawn take the held key; a new key
+    changes the conditioning of the whole window, so the cache is filled again (and a held key keeps
+    it)."""
     gpt, vq = tiny_world_parts()
     world = World(gpt, vq, action_names=NAMES, seed=0)
-    world.reset(start_codes=torch.zeros(1, 4, 4, dtype=torch.long), start_actions=["MOVE_FORWARD"] * 2)
+    world.reset(start_codes=torch.zeros(1, 4, 4, dtype=torch.long),
+                start_actions=["MOVE_FORWARD"] * 2)
     assert world.window_actions([0, 0]).argmax(-1).tolist() == [[2, 2, 0, 0, 0, 0, 0, 0]]
     world.step("TURN_LEFT")
     assert world.fed_from_prefill
     world.step("TURN_LEFT")
-    assert not world.fed_from_prefill                                          # the same conditioning: cached
+    assert not world.fed_from_prefill  # the same conditioning: cached
     world.step("TURN_RIGHT")
     assert world.fed_from_prefill and world.actions == [2, 2, 0, 0, 0, 0, 1, 1]
 
 
 def test_a_step_given_up_for_a_new_key_leaves_the_world_as_it_was():
     """The page gives up a step when the key changes while it is drawn: the world keeps its codes,
-    actions and noise, so the step drawn again with the new key is the one an uncancelled world draws."""
+    actions and noise, so the step drawn again with the new key is the one an uncancelled world
+    draws."""
     gpt, vq = tiny_world_parts()
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
-    played, straight = World(gpt, vq, action_names=NAMES, seed=4), World(gpt, vq, action_names=NAMES, seed=4)
+    played, straight = World(gpt, vq, action_names=NAMES, seed=4), World(gpt, vq,
+                                                                         action_names=NAMES, seed=4)
     for world in (played, straight):
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
         world.step("TURN_LEFT")
@@ -146,17 +158,22 @@ def test_a_step_given_up_for_a_new_key_leaves_the_world_as_it_was():
     assert played.step("TURN_LEFT", cancel=lambda: asked.append(1) or len(asked) > 5) is None
     assert len(asked) == 6 and played.codes.shape[1] == 4 and played.actions == straight.actions
     frames = played.step("TURN_RIGHT", cancel=lambda: False)
-    assert np.array_equal(frames, straight.step("TURN_RIGHT")) and torch.equal(played.codes, straight.codes)
-    assert played.step("MOVE_FORWARD", cancel=lambda: True) is None and torch.equal(played.codes, straight.codes)
+    assert np.array_equal(frames, straight.step("TURN_RIGHT")) and torch.equal(played.codes,
+                                                                               straight.codes)
+    assert played.step("MOVE_FORWARD", cancel=lambda: True) is None and torch.equal(played.codes,
+                                                                                    straight.codes)
 
 
 def test_start_frames_are_encoded_and_bad_ones_are_one_line():
     gpt, vq = tiny_world_parts()
     world = World(gpt, vq, action_names=NAMES)
-    frames = np.random.default_rng(0).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8)   # any size: resized
+    # any size: resized
+    frames = np.random.default_rng(0).integers(0, 255, (4, 40, 40, 3), dtype=np.uint8)
     shown = world.reset(start=frames, start_actions=["TURN_LEFT"] * 4)
-    assert shown.shape == (4, 16, 16, 3) and world.codes.shape == (1, 2, 4, 4) and world.actions == [0] * 4
-    assert world.step(None).shape == (2, 16, 16, 3) and world.actions[-2:] == [2, 2]    # idle: MOVE_FORWARD
+    assert (shown.shape == (4, 16, 16, 3) and world.codes.shape == (1, 2, 4, 4)
+            and world.actions == [0] * 4)
+    # idle: MOVE_FORWARD
+    assert world.step(None).shape == (2, 16, 16, 3) and world.actions[-2:] == [2, 2]
     with pytest.raises(ValueError, match="a multiple of 2 and at most 8"):
         world.reset(start=frames[:3])
     with pytest.raises(ValueError, match="unknown action 'JUMP'"):
@@ -180,14 +197,14 @@ def play_codes(world, start, keys=("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "T
     world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
     for key in keys:
         world.step(key)
-    return world.codes.clone()                                                         # (1, 4, 4, 4)
+    return world.codes.clone()  # (1, 4, 4, 4)
 
 
 def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_draws():
-    """The step compile_step compiles (the whole cache read through the position's row of the mask, one
-    program for every position, the caches written in place) draws the eager step's codes. Packaged here
-    by torch.export alone (backend "export": the same export in seconds; inductor's kernels are checked
-    against the eager ones in test_fast.py)."""
+    """The step compile_step compiles (the whole cache read through the position's row of the mask,
+    one program for every position, the caches written in place) draws the eager step's codes.
+    Packaged here by torch.export alone (backend "export": the same export in seconds; inductor's
+    kernels are checked against the eager ones in test_fast.py)."""
     import world as world_module
     gpt, vq = tiny_world_parts()
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
@@ -197,7 +214,8 @@ def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_
     packaged = World(gpt, vq, action_names=NAMES, seed=2)
     packaged.compile_step(background=False, backend="export")
     assert packaged.compiled_step is not None and packaged.compile_error is None
-    assert torch.equal(eager, play_codes(fixed, start)) and torch.equal(eager, play_codes(packaged, start))
+    assert torch.equal(eager, play_codes(fixed, start)) and torch.equal(eager,
+                                                                        play_codes(packaged, start))
     assert packaged.timing["compiled"] and fixed.timing["compiled"]
     with pytest.raises(ValueError, match="needs the prior's checkpoint file"):
         packaged.compile_step(background=True)
@@ -217,7 +235,8 @@ def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_an
     world.compile_step(background=True, backend="export")
     assert world.compiling and world.compiled_step is None and world.compiler.poll() is None
     deadline = time.monotonic() + 120
-    while world.compiled_step is None and time.monotonic() < deadline:   # the eager play goes on meanwhile
+    # the eager play goes on meanwhile
+    while world.compiled_step is None and time.monotonic() < deadline:
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
         world.step("TURN_LEFT")
         time.sleep(0.05)
@@ -235,7 +254,8 @@ def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_an
         f.write(b"not a package")
     broken = load_world(tiny_ckpt, seed=2)[0]
     broken.compile_step(background=False, backend="export")
-    assert broken.compiled_step is None and "could not load the compiled step" in broken.compile_error
+    assert (broken.compiled_step is None
+            and "could not load the compiled step" in broken.compile_error)
     assert not os.path.exists(path) and "playing eager" in capsys.readouterr().err
     assert torch.equal(play_codes(broken, start), eager)
 
@@ -247,11 +267,13 @@ def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_an
 def test_a_rollout_holds_the_start_then_a_frame_per_scripted_action(tiny_ckpt, tmp_path, capsys):
     import play
     out = tmp_path / "dream.gif"
-    play.main(["--ckpt", tiny_ckpt, "--actions", "MOVE_FORWARD*4,TURN_LEFT*6,TURN_RIGHT*2", "--out", str(out)])
+    play.main(["--ckpt", tiny_ckpt, "--actions", "MOVE_FORWARD*4,TURN_LEFT*6,TURN_RIGHT*2",
+               "--out", str(out)])
     printed = capsys.readouterr().out
-    assert printed.strip().endswith(str(out)) and "12 frames in" in printed and "frames/s" in printed
+    assert (printed.strip().endswith(str(out)) and "12 frames in" in printed
+            and "frames/s" in printed)
     gif = Image.open(out)
-    assert gif.n_frames == 8 + 12 and gif.size == (16, 16)                 # the dream alone, at its own size
+    assert gif.n_frames == 8 + 12 and gif.size == (16, 16)  # the dream alone, at its own size
     play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*2", "--out", str(tmp_path / "d.png")])
     assert Image.open(tmp_path / "d.png").size[0] > 0
     play.main(["--ckpt", tiny_ckpt, "--actions", "TURN_LEFT*4", "--out", str(tmp_path / "d.mp4")])
@@ -262,7 +284,8 @@ def test_a_rollout_holds_the_start_then_a_frame_per_scripted_action(tiny_ckpt, t
 
 @pytest.mark.parametrize("argv,message", [
     (["--actions", "TURN_LEFT*3"], "--actions: 3 frames; the dream is drawn 2 frames at a time"),
-    (["--actions", "JUMP*2"], "--actions: unknown action 'JUMP'; this prior's actions are TURN_LEFT, TURN_RIGHT, "
+    (["--actions", "JUMP*2"],
+     "--actions: unknown action 'JUMP'; this prior's actions are TURN_LEFT, TURN_RIGHT, "
                               "MOVE_FORWARD"),
     (["--actions", "TURN_LEFT*x"], "the count after * must be a positive whole number"),
     (["--actions", "TURN_LEFT*2", "--out", "d.avi"], "unknown output type '.avi'"),
@@ -290,7 +313,8 @@ def test_a_missing_checkpoint_or_one_without_a_vqvae_is_one_line(tmp_path, tiny_
     with pytest.raises(SystemExit) as e:
         play.main(["--ckpt", str(tmp_path / "novq.pt")])
     assert "carries no VQ-VAE" in str(e.value.code) and "\n" not in str(e.value.code)
-    torch.save(dict(stage="vqvae", config=saved["vqvae"]["config"], model=saved["vqvae"]["model"]), tmp_path / "vq.pt")
+    torch.save(dict(stage="vqvae", config=saved["vqvae"]["config"], model=saved["vqvae"]["model"]),
+               tmp_path / "vq.pt")
     with pytest.raises(SystemExit) as e:
         play.main(["--ckpt", str(tmp_path / "vq.pt")])
     assert "is not a prior checkpoint of ours" in str(e.value.code)
@@ -324,7 +348,8 @@ def raw_request(port, text):
 
 
 def read_frames(port, n, timeout=30, until=None):
-    """The first n frames of /stream, as dicts (or, with `until`, up to the first frame it accepts)."""
+    """The first n frames of /stream, as dicts (or, with `until`, up to the first frame it
+    accepts)."""
     frames = []
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream", timeout=timeout) as r:
         for line in r:
@@ -345,9 +370,11 @@ def server(tiny_ckpt):
     port = free_port()
     player = Player(world, names, lambda: start, fps=60)
     threading.Thread(target=player.run, daemon=True).start()
-    srv = ThreadingHTTPServer(("127.0.0.1", port), play.make_handler(player, open(play.PAGE).read()))
+    srv = ThreadingHTTPServer(("127.0.0.1", port),
+                              play.make_handler(player, open(play.PAGE).read()))
     srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05),
+                              daemon=True)
     thread.start()
     yield port, player
     srv.shutdown()
@@ -360,19 +387,22 @@ def test_the_server_serves_its_page_its_frames_and_nothing_else(server):
     status, page = request(f"http://127.0.0.1:{port}/")
     assert status == 200 and "<canvas" in page
     info = json.loads(request(f"http://127.0.0.1:{port}/info")[1])
-    assert info["actions"] == NAMES and info["keys"]["TURN_LEFT"] == ["ArrowLeft", "a"] and info["idle"] == "MOVE_FORWARD"
+    assert (info["actions"] == NAMES and info["keys"]["TURN_LEFT"] == ["ArrowLeft", "a"]
+            and info["idle"] == "MOVE_FORWARD")
     frames = read_frames(port, 12)
     assert len(frames) == 12 and all((f["w"], f["h"]) == (16, 16) for f in frames)
     assert all(len(base64.b64decode(f["rgb"])) == 16 * 16 * 3 for f in frames)
     assert frames[-1]["step_ms"] > 0 and "prefill_ms" in frames[-1]
-    for path in ["/play.py", "/../play.py", "/%2e%2e/play.py", "/..%2fplay.py", "//etc/passwd", "/play.html",
-                 "/weights/vizdoom.pt", "/%00", "/stream/../play.py"]:
-        status_line = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    for path in ["/play.py", "/../play.py", "/%2e%2e/play.py", "/..%2fplay.py", "//etc/passwd",
+                 "/play.html", "/weights/vizdoom.pt", "/%00", "/stream/../play.py"]:
+        status_line = raw_request(port,
+                                  f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert " 404 " in status_line, (path, status_line)
 
 
 @pytest.mark.parametrize("path,body,message", [
-    ("/keys", {"held": ["JUMP"], "id": 1}, "unknown action 'JUMP'; this prior's actions are TURN_LEFT"),
+    ("/keys", {"held": ["JUMP"], "id": 1},
+     "unknown action 'JUMP'; this prior's actions are TURN_LEFT"),
     ("/keys", {"held": "TURN_LEFT", "id": 1}, "keys: expected"),
     ("/keys", {"held": [], "id": "x"}, "keys: expected"),
     ("/keys", b"not json", "the body must be a JSON object"),
@@ -385,14 +415,18 @@ def test_the_server_serves_its_page_its_frames_and_nothing_else(server):
 def test_bad_requests_get_a_4xx_and_one_line(server, path, body, message):
     port, _ = server
     status, text = request(f"http://127.0.0.1:{port}{path}", body)
-    assert 400 <= status < 500 and message in text and text.count("\n") == 1 and "Traceback" not in text
+    assert (400 <= status < 500 and message in text and text.count("\n") == 1
+            and "Traceback" not in text)
 
 
 def test_keys_are_held_in_the_order_pressed_and_settings_apply(server):
     port, player = server
-    assert request(f"http://127.0.0.1:{port}/keys", {"held": ["TURN_LEFT", "TURN_RIGHT"], "id": 5})[0] == 204
-    assert player.held == ["TURN_LEFT", "TURN_RIGHT"] and player.key_id == 5             # the newest: TURN_RIGHT
-    # The stream begins with the frames kept from before the key (however long a busy machine took to draw).
+    held = {"held": ["TURN_LEFT", "TURN_RIGHT"], "id": 5}
+    assert request(f"http://127.0.0.1:{port}/keys", held)[0] == 204
+    # the newest: TURN_RIGHT
+    assert player.held == ["TURN_LEFT", "TURN_RIGHT"] and player.key_id == 5
+    # The stream begins with the frames kept from before the key (however long a busy machine took
+    # to draw).
     drawn_with_it = lambda f: f["key_id"] == 5 and f.get("action") == "TURN_RIGHT"
     frames = read_frames(port, 200, until=drawn_with_it)
     assert drawn_with_it(frames[-1]) and all(f["key_id"] < 5 for f in frames[:-1])
@@ -407,8 +441,10 @@ def test_keys_are_held_in_the_order_pressed_and_settings_apply(server):
 def test_closed_tabs_reloads_and_bursts_leave_no_thread_behind(server):
     port, player = server
     before = threading.active_count()
-    # A burst of page loads at once, and tabs that open the stream and close it after a frame or two.
-    loads = [threading.Thread(target=request, args=(f"http://127.0.0.1:{port}/",)) for _ in range(20)]
+    # A burst of page loads at once, and tabs that open the stream and close it after a frame or
+    # two.
+    loads = [threading.Thread(target=request, args=(f"http://127.0.0.1:{port}/",))
+             for _ in range(20)]
     tabs = [threading.Thread(target=read_frames, args=(port, 2)) for _ in range(4)]
     for t in loads + tabs:
         t.start()
@@ -438,7 +474,8 @@ def test_too_many_tabs_are_told_so(server):
 
 def test_the_command_prints_its_url_warns_off_loopback_and_stops_on_ctrl_c(tiny_ckpt):
     port = free_port()
-    proc = start_script("play.py", "--ckpt", tiny_ckpt, "--port", str(port), "--host", "0.0.0.0", "--no-compile")
+    proc = start_script("play.py", "--ckpt", tiny_ckpt, "--port", str(port), "--host", "0.0.0.0",
+                        "--no-compile")
     try:
         first = proc.stdout.readline()
         assert first == f"http://0.0.0.0:{port}/\n"
@@ -447,7 +484,8 @@ def test_the_command_prints_its_url_warns_off_loopback_and_stops_on_ctrl_c(tiny_
         out, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
-    assert proc.returncode == 0 and "warning: --host 0.0.0.0: the page is open to other machines" in err
+    assert (proc.returncode == 0
+            and "warning: --host 0.0.0.0: the page is open to other machines" in err)
     assert "Traceback" not in err and err.strip().endswith("play.py: stopped")
 
 
@@ -459,21 +497,22 @@ def chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(not chromium(), reason="headless Chromium (apt-get install chromium) drives the page")
+@pytest.mark.skipif(not chromium(),
+                    reason="headless Chromium (apt-get install chromium) drives the page")
 def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
-    """Hold the left arrow: the shipped prior's view slides right (the world turns left), then the right arrow:
-    it slides left. Keys act on the page as loaded, with no click first."""
+    """Hold the left arrow: the shipped prior's view slides right (the world turns left), then the
+    right arrow: it slides left. Keys act on the page as loaded, with no click first."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright drives Chromium")
     from metrics import view_shift
     port = free_port()
-    proc = start_script("play.py", "--ckpt", os.path.join(ROOT, "weights", "vizdoom.pt"), "--port", str(port),
-                        "--no-compile")
+    proc = start_script("play.py", "--ckpt", os.path.join(ROOT, "weights", "vizdoom.pt"), "--port",
+                        str(port), "--no-compile")
     try:
         assert proc.stdout.readline() == f"http://127.0.0.1:{port}/\n"
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("window.playStats.frames > 16", timeout=20_000)
@@ -486,7 +525,8 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
                 for _ in range(2 * steps):
                     page.wait_for_function(f"window.playStats.frames > {frames}", timeout=10_000)
                     frames = page.evaluate("window.playStats.frames")
-                    rgb = np.array(page.evaluate("Array.from(window.playStats.last)"), np.uint8).reshape(64, 64, 3)
+                    last_frame = page.evaluate("Array.from(window.playStats.last)")
+                    rgb = np.array(last_frame, np.uint8).reshape(64, 64, 3)       # (64, 64, 3)
                     if last is not None:
                         slide += view_shift(last, rgb)
                     last = rgb
@@ -501,22 +541,25 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
 
 
 def test_the_real_game_plays_beside_the_dream_on_the_same_keys(tiny_ckpt, tmp_path):
-    """--game: the dream starts from the game's own first frames and the game's frames stand beside it."""
+    """--game: the dream starts from the game's own first frames and the game's frames stand beside
+    it."""
     pytest.importorskip("vizdoom", reason="the optional vizdoom package (pip install vizdoom)")
     import play
     out = tmp_path / "beside.gif"
-    play.main(["--ckpt", tiny_ckpt, "--game", "--actions", "TURN_LEFT*4,MOVE_FORWARD*2", "--out", str(out)])
+    play.main(["--ckpt", tiny_ckpt, "--game", "--actions", "TURN_LEFT*4,MOVE_FORWARD*2", "--out",
+               str(out)])
     gif = Image.open(out)
-    assert gif.n_frames == 8 + 6 and gif.size == (32, 16)                        # the dream, then the game
+    assert gif.n_frames == 8 + 6 and gif.size == (32, 16)  # the dream, then the game
     gif.seek(0)
     game = np.asarray(gif.convert("RGB"))[:, 16:]
-    assert game.std() > 5                                                        # a rendered level, not a blank
+    assert game.std() > 5  # a rendered level, not a blank
 
 
 def test_long_play_scores_on_hand_made_frames():
-    """fvd.py dream's parts: sky (dark blue) and floor (green) found where they are painted, the colour range
-    and a grey frame outside it, a frozen stretch, and the script's held turns."""
-    from metrics import long_play_script, longest_still, sky_and_floor, stays_a_world, world_reference
+    """fvd.py dream's parts: sky (dark blue) and floor (green) found where they are painted, the
+    colour range and a grey frame outside it, a frozen stretch, and the script's held turns."""
+    from metrics import (long_play_script, longest_still, sky_and_floor, stays_a_world,
+                         world_reference)
     rng = np.random.default_rng(0)
     world = np.zeros((60, 8, 8, 3), np.uint8) + rng.integers(0, 20, (60, 8, 8, 3), dtype=np.uint8)
     world[:, :3, :, 2] += 80                                   # sky: the top 3 rows blue
@@ -524,7 +567,7 @@ def test_long_play_scores_on_hand_made_frames():
     assert np.allclose(sky_and_floor(world[:1]), [[3 / 8, 3 / 8]])
     reference = world_reference(world)
     assert reference["shows_sky"] == reference["shows_floor"] == 1.0
-    grey = np.full((50, 8, 8, 3), 100, np.uint8)              # mush: no sky, no floor, standing still
+    grey = np.full((50, 8, 8, 3), 100, np.uint8)  # mush: no sky, no floor, standing still
     report = stays_a_world(np.concatenate([world[:50], grey]), reference)
     assert report["in_real_range"] == 0.5 and report["froze"] and report["longest_still"] == 50
     assert [s["keeps_its_look"] for s in report["stretches"]] == [True, False]
@@ -532,4 +575,5 @@ def test_long_play_scores_on_hand_made_frames():
     script = long_play_script(300, NAMES)
     runs = [len(list(g)) for k, g in itertools.groupby(script) if k != "MOVE_FORWARD"]
     assert len(script) == 300 and min(runs) >= 12 and len(runs) >= 12
-    assert "TURN_LEFT" in script and ("TURN_LEFT", "TURN_RIGHT") in zip(script, script[1:])   # direct reversal
+    # direct reversal
+    assert "TURN_LEFT" in script and ("TURN_LEFT", "TURN_RIGHT") in zip(script, script[1:])

@@ -1,9 +1,10 @@
-"""ViZDoom made here (prepare/vizdoom.py): the layout, reproducibility, the action convention, errors.
+"""ViZDoom made here (prepare/vizdoom.py): the layout, reproducibility, the action convention,
+errors.
 
 python -m pytest tests/test_vizdoom.py
 
-The vizdoom package is an optional dependency (CI installs it); without it these tests skip, except the
-one-line error that says what to install.
+The vizdoom package is an optional dependency (CI installs it); without it these tests skip, except
+the one-line error that says what to install.
 """
 
 import json
@@ -38,22 +39,24 @@ def small_file(tmp_path_factory):
 
 def test_a_few_episodes_make_a_file_of_the_documented_layout(small_file):
     path, counts = small_file
-    assert (counts["train"], counts["val"], counts["test"]) == (3, 1, 1)            # 8:1:1, at least one each
+    assert (counts["train"], counts["val"], counts["test"]) == (3, 1, 1)  # 8:1:1, at least one each
     with h5py.File(path) as f:
         names = [n.decode() for n in f["action_names"][()]]
         assert names == ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"] == counts["buttons"]
         assert [n.decode() for n in f["state_names"][()]] == ["HEALTH"]
         for split, n in (("train", 3), ("val", 1), ("test", 1)):
-            assert f[f"{split}_data"].shape == (n * 12, 48, 48, 3) and f[f"{split}_data"].dtype == np.uint8
+            assert (f[f"{split}_data"].shape == (n * 12, 48, 48, 3)
+                    and f[f"{split}_data"].dtype == np.uint8)
             assert list(f[f"{split}_idx"]) == [12 * i for i in range(n)]
             actions = f[f"{split}_actions"][()]
             assert actions.dtype == np.float32 and actions.shape == (n * 12, 3)
             assert (actions.sum(1) == 1).all() and set(np.unique(actions)) == {0.0, 1.0}   # one-hot
             health = f[f"{split}_states"][()]
-            assert health.shape == (n * 12, 1) and (health > 0).all()                   # one life each
+            assert health.shape == (n * 12, 1) and (health > 0).all()  # one life each
     # The dataset reader hands out each window's actions and states with its frames.
     item = HDF5Dataset(path, sequence_length=8, train=True, resolution=48)[(0, 0)]
-    assert item["video"].shape == (3, 8, 48, 48) and item["actions"].shape == (8, 3) and item["states"].shape == (8, 1)
+    assert (item["video"].shape == (3, 8, 48, 48) and item["actions"].shape == (8, 3)
+            and item["states"].shape == (8, 1))
 
 
 def test_the_same_seed_gives_the_same_bytes(small_file, tmp_path):
@@ -67,7 +70,8 @@ def test_the_same_seed_gives_the_same_bytes(small_file, tmp_path):
 
 
 def test_the_engine_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
-    """The engine writes _vizdoom/ and _vizdoom.ini where it runs: in a scratch folder, removed after."""
+    """The engine writes _vizdoom/ and _vizdoom.ini where it runs: in a scratch folder, removed
+    after."""
     needs_vizdoom()
     monkeypatch.chdir(tmp_path)
     vizdoom.write_vizdoom("out.h5", episodes=3, length=4, resolution=16, progress=False)
@@ -75,8 +79,9 @@ def test_the_engine_leaves_nothing_in_the_working_folder(tmp_path, monkeypatch):
 
 
 def turn_shifts(frames, actions, length):
-    """{button: [how far the view moved right from frame t to t + 1]} over the first and last steps of each
-    held action: a label one step late (or early) names the other button at one of the two ends."""
+    """{button: [how far the view moved right from frame t to t + 1]} over the first and last steps
+    of each held action: a label one step late (or early) names the other button at one of the two
+    ends."""
     shifts = {0: [], 1: [], 2: []}
     for t in range(1, len(frames) - 2):
         ends = actions[t] != actions[t - 1] or actions[t] != actions[t + 1]
@@ -96,12 +101,13 @@ def turns_file(tmp_path_factory):
 
 
 def test_actions_t_is_the_button_after_frame_t_and_turns_the_view_that_way(turns_file):
-    """On rendered frames: after TURN_LEFT at frame t the world moves right in frame t + 1, after TURN_RIGHT
-    left (the view turned); after MOVE_FORWARD it does not turn. Read where the button changes, so that
-    actions one step off (the button that led *to* frame t) fail."""
+    """On rendered frames: after TURN_LEFT at frame t the world moves right in frame t + 1, after
+    TURN_RIGHT left (the view turned); after MOVE_FORWARD it does not turn. Read where the button
+    changes, so that actions one step off (the button that led *to* frame t) fail."""
     frames, actions = turns_file
     left, right, forward = (turn_shifts(frames, actions, 40)[i] for i in range(3))
-    assert len(left) >= 8 and len(right) >= 8 and len(forward) >= 8, (len(left), len(right), len(forward))
+    assert len(left) >= 8 and len(right) >= 8 and len(forward) >= 8, (len(left), len(right),
+                                                                      len(forward))
     assert (left > 0).mean() > 0.8 and (right < 0).mean() > 0.8, (left, right)
     assert np.abs(forward).mean() < np.abs(left).mean() / 2
     # The same frames with the actions one step late, or early: the check above would not hold.
@@ -111,8 +117,9 @@ def test_actions_t_is_the_button_after_frame_t_and_turns_the_view_that_way(turns
 
 
 def test_the_steering_score_reads_real_turns_and_fails_swapped_ones(turns_file):
-    """metrics.turn_following, the score `fvd.py steer` gives samples, is near 1 on real clips (the ceiling),
-    near 0 when left and right are swapped, and counts only turns held for min_hold steps."""
+    """metrics.turn_following, the score `fvd.py steer` gives samples, is near 1 on real clips (the
+    ceiling), near 0 when left and right are swapped, and counts only turns held for min_hold
+    steps."""
     frames, actions = turns_file
     clips, buttons = frames.reshape(8, 40, 64, 64, 3), actions.reshape(8, 40)
     slides = view_slides(clips)
@@ -121,10 +128,12 @@ def test_the_steering_score_reads_real_turns_and_fails_swapped_ones(turns_file):
     swapped, _ = turn_following(slides, buttons, {0: -1, 1: 1})
     assert swapped == pytest.approx(1 - share)
     # Runs of one button, the last step of a clip left out (it leads to no frame).
-    assert held_turns(np.array([[0, 0, 0, 2, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0, 0, 0]]), {0: 1, 1: -1}) == \
-        [(0, 0, 3, 1), (0, 4, 7, -1)]
+    buttons = np.array([[0, 0, 0, 2, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0, 0, 0]])
+    assert held_turns(buttons, {0: 1, 1: -1}) == [(0, 0, 3, 1), (0, 4, 7, -1)]
     texture = np.random.default_rng(0).integers(0, 255, (32, 96, 3), dtype=np.uint8)
-    assert [view_shift(texture[:, 16:80], texture[:, 16 - d:80 - d]) for d in (-5, 0, 3, 11)] == [-5, 0, 3, 11]
+    shifts = (-5, 0, 3, 11)
+    found = [view_shift(texture[:, 16:80], texture[:, 16 - d:80 - d]) for d in shifts]
+    assert found == list(shifts)
 
 
 def test_the_built_in_policy_holds_its_actions_and_uses_every_button(small_file):
@@ -132,7 +141,7 @@ def test_the_built_in_policy_holds_its_actions_and_uses_every_button(small_file)
     with h5py.File(path) as f:
         actions = f["train_actions"][()].argmax(1).reshape(3, 12)
     runs = [np.diff(np.flatnonzero(np.diff(np.r_[-1, row, -1]))) for row in actions]
-    assert np.mean(np.concatenate(runs)) >= 2.5                     # each action held for several steps
+    assert np.mean(np.concatenate(runs)) >= 2.5  # each action held for several steps
     assert set(actions.ravel()) == {0, 1, 2}
 
 
@@ -143,20 +152,23 @@ def always_forward(obs):
 def test_a_policy_of_ones_own_plugs_in_with_one_flag(tmp_path):
     needs_vizdoom()
     out = tmp_path / "mine.h5"
-    r = run_script("-m prepare", "vizdoom", out, "--episodes", "3", "--length", "6", "--resolution", "32",
-                   "--policy", "test_vizdoom:always_forward",
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])))
+    r = run_script("-m prepare", "vizdoom", out, "--episodes", "3", "--length", "6",
+                   "--resolution", "32", "--policy", "test_vizdoom:always_forward",
+                   env=dict(os.environ,
+                            PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1 train, 1 val and 1 test episodes of 6 frames" in r.stdout
     with h5py.File(out) as f:
-        assert (f["train_actions"][()].argmax(1) == 2).all() and f.attrs["policy"] == "test_vizdoom:always_forward"
+        assert ((f["train_actions"][()].argmax(1) == 2).all()
+                and f.attrs["policy"] == "test_vizdoom:always_forward")
 
 
 def one_line(tmp_path, argv):
     """The command's one-line error; nothing is left where the output would have gone."""
     from prepare.__main__ import main
     with pytest.raises(SystemExit) as e:
-        main(["vizdoom", str(tmp_path / "out.h5"), "--episodes", "3", "--length", "4", "--resolution", "16"] + argv)
+        main(["vizdoom", str(tmp_path / "out.h5"), "--episodes", "3", "--length", "4",
+              "--resolution", "16"] + argv)
     message = str(e.value.code)
     assert message.startswith("prepare: error: ") and "\n" not in message
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out.h5")]
@@ -165,62 +177,77 @@ def one_line(tmp_path, argv):
 
 def test_every_error_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     needs_vizdoom()
-    assert "unknown scenario 'battle2': the vizdoom package ships basic, " in one_line(tmp_path, ["--scenario", "battle2"])
+    unknown = one_line(tmp_path, ["--scenario", "battle2"])
+    assert "unknown scenario 'battle2': the vizdoom package ships basic, " in unknown
     assert "health_gathering_supreme" in one_line(tmp_path, ["--scenario", "battle2"])
-    (tmp_path / "bad.cfg").write_text("doom_scenario_path = nothing_here.wad\navailable_buttons = { }\n")
+    (tmp_path / "bad.cfg").write_text("doom_scenario_path = nothing_here.wad\navailable_buttons = "
+                                      "{ }\n")
     msg = one_line(tmp_path, ["--scenario", str(tmp_path / "bad.cfg")])
     assert msg.startswith(f"prepare: error: {tmp_path / 'bad.cfg'}: ")
-    assert one_line(tmp_path, ["--scenario", str(tmp_path / "missing.cfg")]).endswith("missing.cfg: no such scenario file")
+    missing = one_line(tmp_path, ["--scenario", str(tmp_path / "missing.cfg")])
+    assert missing.endswith("missing.cfg: no such scenario file")
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     from prepare.__main__ import main
     with pytest.raises(SystemExit) as e:
         main(["vizdoom", str(blocked / "out.h5"), "--episodes", "3", "--length", "4"])
     assert str(e.value.code).startswith("prepare: error: ") and "a_file" in str(e.value.code)
-    # Interrupted while playing: nothing written (the file appears whole, at the end, or not at all).
-    monkeypatch.setattr(vizdoom, "play_episode", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Interrupted while playing: nothing written (the file appears whole, at the end, or not at
+    # all).
+    monkeypatch.setattr(vizdoom, "play_episode",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        vizdoom.write_vizdoom(str(tmp_path / "out.h5"), episodes=3, length=4, resolution=16, progress=False)
+        vizdoom.write_vizdoom(str(tmp_path / "out.h5"), episodes=3, length=4, resolution=16,
+                              progress=False)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out.h5")]
 
 
 def test_without_vizdoom_the_command_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vizdoom", None)              # import vizdoom now raises ImportError
+    monkeypatch.setitem(sys.modules, "vizdoom", None)  # import vizdoom now raises ImportError
     import world
     assert one_line(tmp_path, []) == "prepare: error: " + world.MISSING
 
 
-def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_name(small_file, tmp_path, digits_h5):
-    """The whole path of the README's ViZDoom block at toy sizes: VQ-VAE, a prior with the paper's conditional
-    norms, sample.py told actions by name, and the steering score with its picture."""
+def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_name(small_file,
+                                                                                  tmp_path,
+                                                                                  digits_h5):
+    """The whole path of the README's ViZDoom block at toy sizes: VQ-VAE, a prior with the paper's
+    conditional norms, sample.py told actions by name, and the steering score with its picture."""
     import sample
     import train
     from metrics import steer_main
     path, _ = small_file
     vq, prior = tmp_path / "vq", tmp_path / "gpt"
-    train.train(train.parse_args(TINY + ["--data", str(path), "--out_dir", str(vq), "--max_steps", "2"]))
-    train.train(train.parse_args(TINY_GPT + ["--data", str(path), "--vqvae", str(vq / "ckpt.pt"), "--out_dir",
-                                             str(prior), "--max_steps", "2", "--action_cond", "norms"]))
+    train.train(train.parse_args(TINY + ["--data", str(path), "--out_dir", str(vq), "--max_steps",
+                                         "2"]))
+    train.train(train.parse_args(TINY_GPT + ["--data", str(path), "--vqvae", str(vq / "ckpt.pt"),
+                                             "--out_dir",
+                                             str(prior), "--max_steps", "2", "--action_cond",
+                                             "norms"]))
     ckpt = torch.load(prior / "ckpt.pt", weights_only=True)
     assert ckpt["action_names"] == ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
     assert ckpt["config"]["action_norms"] and ckpt["config"]["action_dim"] == 3
     assert ckpt["model"]["blocks.0.attn_norm.to_gain.weight"].shape == (24, 4 * 3)   # T*A
-    sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions", "TURN_LEFT*2,MOVE_FORWARD*2",
-                 "--out", str(tmp_path / "told.gif")])
+    sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions",
+                 "TURN_LEFT*2,MOVE_FORWARD*2", "--out", str(tmp_path / "told.gif")])
     assert Image.open(tmp_path / "told.gif").n_frames == 4
-    rows = steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", str(path), "--n", "2", "--min_hold", "1",
-                       "--picture", str(tmp_path / "steer.png"), "--out", str(tmp_path / "steer.json")])
-    assert set(rows) == {"real", "reconstructions", "samples", "told TURN_LEFT", "told MOVE_FORWARD",
-                         "told TURN_RIGHT"}
+    rows = steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", str(path), "--n", "2",
+                       "--min_hold", "1",
+                       "--picture", str(tmp_path / "steer.png"), "--out",
+                       str(tmp_path / "steer.json")])
+    assert set(rows) == {"real", "reconstructions", "samples", "told TURN_LEFT",
+                         "told MOVE_FORWARD", "told TURN_RIGHT"}
     assert rows["told TURN_LEFT"]["turns"] == 2 and rows["told MOVE_FORWARD"]["turns"] == 0
-    assert json.load(open(tmp_path / "steer.json"))["scores"]["told MOVE_FORWARD"]["turned_as_told"] is None   # not NaN
-    assert all(0 <= r["mean_slide"] <= 4 for r in rows.values())                 # at most a quarter of 16 px
+    record = json.load(open(tmp_path / "steer.json"))
+    assert record["scores"]["told MOVE_FORWARD"]["turned_as_told"] is None   # not NaN
+    assert all(0 <= r["mean_slide"] <= 4 for r in rows.values())  # at most a quarter of 16 px
     w, h = Image.open(tmp_path / "steer.png").size
-    assert (w + 2) / 4 == (h + 2) / 3                  # square frames: 4 frames across, rows left, straight, right
+    assert (w + 2) / 4 == (h + 2) / 3  # square frames: 4 frames across, rows left, straight, right
     # A prior without actions has nothing to steer: one line.
     with pytest.raises(SystemExit) as e:
         steer_main(["--ckpt", str(vq / "ckpt.pt"), "--data", str(path)])
     assert str(e.value.code).startswith("fvd.py: error: ") and "\n" not in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", digits_h5])
-    assert str(e.value.code) == f"fvd.py: error: {digits_h5}: no per-frame actions to steer by (expected an HDF5 file with test_actions)"
+    assert (str(e.value.code) == f"fvd.py: error: {digits_h5}: no per-frame actions to steer by "
+            "(expected an HDF5 file with test_actions)")

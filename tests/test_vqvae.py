@@ -7,12 +7,14 @@ from vqvae import VQVAE, Codebook, VQVAEConfig
 
 
 def tiny(**kw):
-    cfg = dict(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, sequence_length=8, resolution=16)
+    cfg = dict(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=1, sequence_length=8,
+               resolution=16)
     cfg.update(kw)
     return VQVAEConfig(**cfg)
 
 
-@pytest.mark.parametrize("downsample", [(1, 4, 4), (4, 2, 2), (2, 4, 4), (4, 4, 4), (1, 2, 2), (2, 1, 1)])
+@pytest.mark.parametrize("downsample",
+                         [(1, 4, 4), (4, 2, 2), (2, 4, 4), (4, 4, 4), (1, 2, 2), (2, 1, 1)])
 def test_shapes(downsample):
     torch.manual_seed(0)
     config = tiny(downsample=downsample)
@@ -89,7 +91,8 @@ def test_codebook_never_takes_a_non_finite_value(bad):
     z[0, 1, 0, 0, 2] = bad                     # one number of one latent vector
     cb(z)
     assert all(torch.equal(before[k], v) for k, v in cb.state_dict().items())
-    # An uninitialised codebook is not seeded from a non-finite first batch, but from the next good one.
+    # An uninitialised codebook is not seeded from a non-finite first batch, but from the next good
+    # one.
     fresh = Codebook(n_codes=3, embedding_dim=2)
     fresh(torch.full((1, 2, 1, 2, 2), bad))
     assert not fresh.initialized and torch.isfinite(fresh.embeddings).all()
@@ -158,38 +161,47 @@ def test_bad_configs_are_refused_naming_the_value(kw, message):
 
 
 def test_paper_constants_and_the_normalized_mse_by_hand():
-    """The paper's (and the original's) defaults, and loss = MSE / 0.06 + 0.25 * commitment, computed by hand."""
+    """The paper's (and the original's) defaults, and loss = MSE / 0.06 + 0.25 * commitment,
+    computed by hand."""
     c = VQVAEConfig()
-    assert (c.embedding_dim, c.n_codes, c.n_hiddens, c.n_res_layers, c.downsample) == (256, 2048, 240, 4, (4, 4, 4))
+    assert (c.embedding_dim, c.n_codes, c.n_hiddens, c.n_res_layers, c.downsample) == (256, 2048,
+                                                                                       240, 4,
+                                                                                       (4, 4, 4))
     assert (c.sequence_length, c.resolution, c.n_head) == (16, 64, 2)
-    assert (c.commitment_cost, c.ema_decay, c.dead_code_threshold, c.data_variance) == (0.25, 0.99, 1.0, 0.06)
+    assert (c.commitment_cost, c.ema_decay, c.dead_code_threshold, c.data_variance) == (0.25, 0.99,
+                                                                                        1.0, 0.06)
     torch.manual_seed(0)
     model = VQVAE(tiny(downsample=(2, 4, 4))).eval()
     x = torch.rand(2, 3, 8, 16, 16) - 0.5
     with torch.no_grad():
         out = model(x)
         z = model.pre_vq_conv(model.encoder(x))                              # (B, D, t, h, w)
-    # Written out: the mean of the squared pixel errors over all 2*3*8*16*16 numbers, divided by 0.06.
+    # Written out: the mean of the squared pixel errors over all 2*3*8*16*16 numbers, divided by
+    # 0.06.
     mse = sum(float(d) ** 2 for d in (out["recon"] - x).flatten()) / x.numel()
     assert out["recon_loss"].item() == pytest.approx(mse / 0.06, rel=1e-5)
     # Commitment: the mean squared distance of each latent vector to its code, times beta = 0.25.
     e = model.codebook.embeddings[out["codes"]].permute(0, 4, 1, 2, 3)      # (B, D, t, h, w)
-    assert out["commitment_loss"].item() == pytest.approx(0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
-    assert out["loss"].item() == pytest.approx(mse / 0.06 + 0.25 * ((z - e) ** 2).mean().item(), rel=1e-5)
+    assert out["commitment_loss"].item() == pytest.approx(0.25 * ((z - e) ** 2).mean().item(),
+                                                          rel=1e-5)
+    assert out["loss"].item() == pytest.approx(mse / 0.06 + 0.25 * ((z - e) ** 2).mean().item(),
+                                               rel=1e-5)
 
 
 def test_a_code_whose_count_is_exactly_the_threshold_lives():
     """Dead means N < dead_code_threshold: a code at exactly the threshold keeps its average."""
     cb, flat, z = hand_made_codebook()
-    cb.N[2] = 2.0                                # after this batch (no vector chooses it): 0.5 * 2 = 1.0, the threshold
+    cb.N[2] = 2.0  # after this batch (no vector chooses it): 0.5 * 2 = 1.0, the threshold
     cb(z)
     assert cb.N[2].item() == 1.0
-    # Not restarted: e_2 = z_avg_2 / N_2 = (0.5 * [0, 5]) / 1.0 (Laplace smoothing moves it by ~1e-7).
+    # Not restarted: e_2 = z_avg_2 / N_2 = (0.5 * [0, 5]) / 1.0 (Laplace smoothing moves it by
+    # ~1e-7).
     torch.testing.assert_close(cb.embeddings[2], torch.tensor([0.0, 2.5]))
 
 
 def test_training_forward_reconstructs_from_the_codes_it_returns():
-    """The straight-through estimator passes the codes' vectors forward: recon = decode(codes), exactly."""
+    """The straight-through estimator passes the codes' vectors forward: recon = decode(codes),
+    exactly."""
     torch.manual_seed(0)
     model = VQVAE(tiny(downsample=(2, 4, 4)))
     x = torch.rand(2, 3, 8, 16, 16) - 0.5
@@ -200,7 +212,8 @@ def test_training_forward_reconstructs_from_the_codes_it_returns():
 
 
 def test_ema_weights_new_statistics_by_one_minus_decay():
-    """decay 0.75 (not 0.5, where decay = 1 - decay): N = 0.75 N + 0.25 n, z_avg = 0.75 z_avg + 0.25 sums."""
+    """decay 0.75 (not 0.5, where decay = 1 - decay): N = 0.75 N + 0.25 n, z_avg = 0.75 z_avg + 0.25
+    sums."""
     cb, flat, z = hand_made_codebook()
     cb.decay = 0.75
     cb(z)
@@ -209,20 +222,23 @@ def test_ema_weights_new_statistics_by_one_minus_decay():
     torch.testing.assert_close(cb.embeddings[:2], torch.tensor([[0.0, 0.25], [10.0, 0.0]]))
 
 
-def test_an_encoder_without_attention_sees_only_its_neighbourhood_and_the_decoder_keeps_its_own_depth():
-    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
+def test_an_encoder_without_attention_sees_only_its_neighbourhood_and_the_decoder_its_depth():
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0,
+                         decoder_res_layers=1,
                          downsample=(2, 4, 4), sequence_length=4, resolution=32)
     model = VQVAE(config).eval()
-    assert len(model.encoder.res_stack) == 2 and len(model.decoder.res_stack) == 3   # (BN, ReLU) vs block + (BN, ReLU)
-    assert VQVAEConfig(**config.to_dict()) == config                                 # saved and restored as is
-    assert VQVAEConfig(n_res_layers=2).decoder_res_layers == 2                      # default: the encoder's count
-    # Changing the bottom-right corner of the clip leaves the latents of the top rows unchanged (local codes).
+    # (BN, ReLU) vs block + (BN, ReLU)
+    assert len(model.encoder.res_stack) == 2 and len(model.decoder.res_stack) == 3
+    assert VQVAEConfig(**config.to_dict()) == config  # saved and restored as is
+    assert VQVAEConfig(n_res_layers=2).decoder_res_layers == 2  # default: the encoder's count
+    # Changing the bottom-right corner of the clip leaves the latents of the top rows unchanged
+    # (local codes).
     torch.manual_seed(0)
     x = torch.rand(1, 3, 4, 32, 32) - 0.5
     y = x.clone()
     y[..., 24:, 24:] = 0.5
     with torch.no_grad():
-        a, b = (model.pre_vq_conv(model.encoder(v)) for v in (x, y))                  # (1, 8, 2, 8, 8)
+        a, b = (model.pre_vq_conv(model.encoder(v)) for v in (x, y))  # (1, 8, 2, 8, 8)
     assert torch.equal(a[..., :3, :], b[..., :3, :]) and not torch.equal(a, b)
     # With (axial) attention in the encoder, the top rows see it through the changed columns.
     with torch.no_grad():
@@ -232,7 +248,8 @@ def test_an_encoder_without_attention_sees_only_its_neighbourhood_and_the_decode
 
 
 def test_a_local_encoder_gives_each_code_its_own_patch_only():
-    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0, decoder_res_layers=1,
+    config = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=0,
+                         decoder_res_layers=1,
                          downsample=(2, 4, 4), sequence_length=4, resolution=16, local_encoder=True)
     torch.manual_seed(0)
     x = torch.rand(1, 3, 4, 16, 16) - 0.5
@@ -241,7 +258,8 @@ def test_a_local_encoder_gives_each_code_its_own_patch_only():
     for local in (True, False):
         model = VQVAE(VQVAEConfig(**{**config.to_dict(), "local_encoder": local})).eval()
         with torch.no_grad():
-            changed = (model.pre_vq_conv(model.encoder(x)) != model.pre_vq_conv(model.encoder(y))).any(1)[0]  # (2, 4, 4)
+            encode = lambda v: model.pre_vq_conv(model.encoder(v))
+            changed = (encode(x) != encode(y)).any(1)[0]                    # (2, 4, 4)
         if local:
             assert changed.nonzero().tolist() == [[1, 1, 2]]
         else:   # the original's 4-wide kernels: the neighbours see it too
@@ -250,5 +268,6 @@ def test_a_local_encoder_gives_each_code_its_own_patch_only():
     model = VQVAE(config).eval()
     assert model.encode(torch.full((1, 3, 4, 16, 16), -0.5)).unique().numel() == 1
     assert VQVAEConfig(**config.to_dict()) == config and VQVAEConfig().local_encoder is False
-    with pytest.raises(ValueError, match="local_encoder needs n_res_layers=0: the encoder's attention"):
+    with pytest.raises(ValueError,
+                       match="local_encoder needs n_res_layers=0: the encoder's attention"):
         VQVAEConfig(**{**config.to_dict(), "n_res_layers": 1})

@@ -1,6 +1,7 @@
 """Make the weights that ship with the project from two finished runs of the README's own commands.
 
-    python weights/make.py --vizdoom runs/doom_gpt/ckpt.pt --digits runs/gpt/ckpt.pt --data vizdoom.h5
+    python weights/make.py --vizdoom runs/doom_gpt/ckpt.pt --digits runs/gpt/ckpt.pt \
+        --data vizdoom.h5
 
 weights/vizdoom.pt is the ViZDoom block's action-conditional prior, weights/digits.pt the Quick
 start's prior; each carries its VQ-VAE, as every prior checkpoint of ours does. A shipped file keeps
@@ -36,9 +37,10 @@ KEEP = ("stage", "config", "model", "vqvae", "step", "train_args", "action_names
 
 COMMANDS = {
     "vizdoom.pt": ["python -m prepare vizdoom vizdoom.h5",
-                   "python train.py --stage vqvae --data vizdoom.h5 --preset cpu --out_dir runs/doom_vq",
-                   "python train.py --stage gpt --data vizdoom.h5 --preset cpu --vqvae runs/doom_vq/ckpt.pt "
-                   "--action_cond norms --out_dir runs/doom_gpt"],
+                   "python train.py --stage vqvae --data vizdoom.h5 --preset cpu --out_dir "
+                   "runs/doom_vq",
+                   "python train.py --stage gpt --data vizdoom.h5 --preset cpu --vqvae "
+                   "runs/doom_vq/ckpt.pt --action_cond norms --out_dir runs/doom_gpt"],
     "digits.pt": ["python train.py --stage vqvae --out_dir runs/vqvae",
                   "python train.py --stage gpt --vqvae runs/vqvae/ckpt.pt --out_dir runs/gpt"],
 }
@@ -64,10 +66,12 @@ def play_start(run, data, clip):
     gpt, vq = load_gpt(run)
     names = load_checkpoint(run)["action_names"]
     found = clip_start(data, clip, vq.config, names)
-    video = torch.from_numpy(found["frames"]).permute(3, 0, 1, 2).float() / 255 - 0.5     # (3, T, H, W)
+    # (3, T, H, W)
+    video = torch.from_numpy(found["frames"]).permute(3, 0, 1, 2).float() / 255 - 0.5
     with torch.no_grad():
-        codes = vq.encode(video[None])[0]                                                    # (t, h, w)
-    return dict(codes=codes.to(torch.int16), actions=torch.tensor([names.index(a) for a in found["actions"]],
+        codes = vq.encode(video[None])[0]  # (t, h, w)
+    return dict(codes=codes.to(torch.int16),
+                actions=torch.tensor([names.index(a) for a in found["actions"]],
                                                                  dtype=torch.int8), clip=clip)
 
 
@@ -75,23 +79,29 @@ def scores(kind, path, data, n, clip):
     """The scores of one file: steering and long play for ViZDoom, legibility for the digits."""
     if kind == "vizdoom.pt":
         steer = steer_main(["--ckpt", path, "--data", data, "--n", str(n)])
-        dream = dream_main(["--ckpt", path, "--data", data, "--frames", "300", "--start", data, "--clip", str(clip)])
-        return dict(steer=steer, long_play_300={k: dream[k] for k in (
-            "turned_as_told", "turns", "in_real_range", "in_reconstructions_range", "froze", "longest_still",
-            "stretches_keeping_their_look", "drift_mean")})
+        dream = dream_main(["--ckpt", path, "--data", data, "--frames", "300", "--start", data,
+                            "--clip", str(clip)])
+        kept = ("turned_as_told", "turns", "in_real_range", "in_reconstructions_range", "froze",
+                "longest_still", "stretches_keeping_their_look", "drift_mean")
+        return dict(steer=steer, long_play_300={k: dream[k] for k in kept})
     return dict(digits=digits_main(["--ckpt", path, "--n", str(n)]))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Make weights/vizdoom.pt and weights/digits.pt from finished runs.")
-    p.add_argument("--vizdoom", required=True, help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
+    p = argparse.ArgumentParser(description="Make weights/vizdoom.pt and weights/digits.pt from "
+                                "finished runs.")
+    p.add_argument("--vizdoom", required=True,
+                   help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
     p.add_argument("--digits", required=True, help="the Quick start's prior: runs/gpt/ckpt.pt")
-    p.add_argument("--data", required=True, help="vizdoom.h5: the start clip, and the scores' real clips")
-    p.add_argument("--clip", type=int, default=0, help="the test clip whose opening frames play starts from")
+    p.add_argument("--data", required=True,
+                   help="vizdoom.h5: the start clip, and the scores' real clips")
+    p.add_argument("--clip", type=int, default=0,
+                   help="the test clip whose opening frames play starts from")
     p.add_argument("--n", type=int, default=128, help="clips per score")
     p.add_argument("--out_dir", default=HERE, help="where the files go (default: this folder)")
     args = p.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(args.vizdoom)),
+    commit = subprocess.run(["git", "rev-parse", "HEAD"],
+                            cwd=os.path.dirname(os.path.abspath(args.vizdoom)),
                             capture_output=True, text=True).stdout.strip() or None
     record = dict(commit=commit, seed=0, torch=torch.__version__, files={})
     for kind, run in (("vizdoom.pt", args.vizdoom), ("digits.pt", args.digits)):
@@ -100,12 +110,14 @@ def main(argv=None):
         out = os.path.join(args.out_dir, kind)
         atomic_write(out, lambda f: torch.save(shipped(ckpt, start), f))
         record["files"][kind] = dict(
-            commands=COMMANDS[kind], step=ckpt.get("step"), bytes=os.path.getsize(out), sha256=sha256(out),
+            commands=COMMANDS[kind], step=ckpt.get("step"), bytes=os.path.getsize(out),
+                                     sha256=sha256(out),
             seed=ckpt.get("train_args", {}).get("seed"), dtype="float16",
             scores=dict(float32_run=scores(kind, run, args.data, args.n, args.clip),
                         shipped=scores(kind, out, args.data, args.n, args.clip)))
         print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB", flush=True)
-    atomic_write(os.path.join(args.out_dir, "record.json"), lambda f: json.dump(record, f, indent=1, default=float),
+    atomic_write(os.path.join(args.out_dir, "record.json"),
+                 lambda f: json.dump(record, f, indent=1, default=float),
                  binary=False)
     print(json.dumps({k: v["bytes"] for k, v in record["files"].items()}))
 

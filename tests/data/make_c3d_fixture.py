@@ -1,4 +1,5 @@
-"""Makes the C3D Inception Score fixture with TGANv2's own code; run once, the outputs are committed.
+"""Makes the C3D Inception Score fixture with TGANv2's own code; run once, the outputs are
+committed.
 
     python3.8 -m venv c3d38 && c3d38/bin/pip install "numpy<1.20" chainer==7.8.1
     c3d38/bin/python tests/data/make_c3d_fixture.py --tgan2 PATH/TO/tgan2 --out tests/data
@@ -8,7 +9,8 @@ tgan2/models/c3d/c3d_ucf101.py and tgan2/evaluations/inception_score.py are
 imported (by file, so the package's other dependencies are not needed).
 
 Writes, in the layout of TGANv2's release files but narrow (so the fixture is small):
-  c3d_narrow.npz         conv1a/W (4, 3, 3, 3, 3), conv1a/b, ... conv5b/*, fc6/W (16, 128), fc7/*, fc8/W (101, 12)
+  c3d_narrow.npz         conv1a/W (4, 3, 3, 3, 3), conv1a/b, ... conv5b/*, fc6/W (16, 128),
+                         fc7/*, fc8/W (101, 12)
   c3d_narrow_mean.npz    mean (3, 16, 128, 171), BGR
 and c3d_tgan2_expected.npz: uint8 clips (N, 16, S, S, 3) at S = 64 and 128, the fc8 logits
 TGANv2's C3DVersion1UCF101 gives for them (clips as u / 127.5 - 1, channels first, as its
@@ -31,22 +33,25 @@ FC_WIDTHS = (16, 12, 101)
 
 
 def module(tgan2, relative):
-    spec = importlib.util.spec_from_file_location(os.path.basename(relative)[:-3], os.path.join(tgan2, relative))
+    spec = importlib.util.spec_from_file_location(os.path.basename(relative)[:-3],
+                                                  os.path.join(tgan2, relative))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def narrow_weights(rng):
-    """He-scaled random weights so that activations neither vanish nor explode through eleven layers."""
+    """He-scaled random weights so that activations neither vanish nor explode through eleven
+    layers."""
     arrays, c_in = {}, 3
     for name, c in zip(CONVS, CONV_WIDTHS):
-        # The input is in pixel units (about +-128 around the mean), so the first layer is scaled down by 128.
+        # The input is in pixel units (about +-128 around the mean), so the first layer is scaled
+        # down by 128.
         std = np.sqrt(2 / (27 * c_in)) / (128 if name == "conv1a" else 1)
         arrays[f"{name}/W"] = rng.normal(0, std, (c, c_in, 3, 3, 3)).astype(np.float32)
         arrays[f"{name}/b"] = rng.normal(0, 0.1, c).astype(np.float32)
         c_in = c
-    f_in = c_in * 4 * 4                                   # conv5b's C x 1 x 4 x 4 after the ceil-mode pool5
+    f_in = c_in * 4 * 4  # conv5b's C x 1 x 4 x 4 after the ceil-mode pool5
     for name, c in zip(FCS, FC_WIDTHS):
         arrays[f"{name}/W"] = rng.normal(0, np.sqrt(2 / f_in), (c, f_in)).astype(np.float32)
         arrays[f"{name}/b"] = rng.normal(0, 0.1, c).astype(np.float32)
@@ -56,16 +61,18 @@ def narrow_weights(rng):
 
 def mean_clip(rng):
     """A BGR mean clip like the release's (around 90-110), coarse so that it compresses."""
-    coarse = rng.integers(80, 120, (3, 4, 8, 9)).astype(np.float32)                # (3, 16/4, 128/16, ~171/19)
-    return np.repeat(np.repeat(np.repeat(coarse, 4, 1), 16, 2), 19, 3)[:, :, :, :171]   # (3, 16, 128, 171)
+    coarse = rng.integers(80, 120, (3, 4, 8, 9)).astype(np.float32)  # (3, 16/4, 128/16, ~171/19)
+    # (3, 16, 128, 171)
+    return np.repeat(np.repeat(np.repeat(coarse, 4, 1), 16, 2), 19, 3)[:, :, :, :171]
 
 
 def clips(rng, n, side):
-    """uint8 (n, 16, side, side, 3): random 8x8-pixel blocks that change every frame, sharp-edged so that
-    a resize with other corner alignment would show, each clip tinted its own colour so that the random
-    network tells the clips apart (an Inception Score well above 1)."""
-    blocks = rng.integers(0, 256, (n, 16, side // 8, side // 8, 3)) * rng.uniform(0, 1, (n, 1, 1, 1, 3)) ** 2
-    return np.repeat(np.repeat(blocks.astype(np.uint8), 8, 2), 8, 3)                   # (n, 16, side, side, 3)
+    """uint8 (n, 16, side, side, 3): random 8x8-pixel blocks that change every frame, sharp-edged so
+    that a resize with other corner alignment would show, each clip tinted its own colour so that
+    the random network tells the clips apart (an Inception Score well above 1)."""
+    tint = rng.uniform(0, 1, (n, 1, 1, 1, 3)) ** 2
+    blocks = rng.integers(0, 256, (n, 16, side // 8, side // 8, 3)) * tint
+    return np.repeat(np.repeat(blocks.astype(np.uint8), 8, 2), 8, 3)  # (n, 16, side, side, 3)
 
 
 def tgan2_c3d(c3d_module, weights_path, mean_path):
@@ -102,13 +109,15 @@ def main():
     c3d_module = module(args.tgan2, "tgan2/models/c3d/c3d_ucf101.py")
     is_module = module(args.tgan2, "tgan2/evaluations/inception_score.py")
     sets = {side: clips(rng, n, side) for side, n in ((64, 6), (128, 4))}
-    inputs = {side: (u.astype(np.float32) / 127.5 - 1).transpose(0, 4, 1, 2, 3) for side, u in sets.items()}  # (n, 3, 16, S, S)
-    # A random ReLU network maps different clips to nearly parallel features, so every clip would get the
-    # same class. Centre fc8 on the clips' mean fc7 feature and scale it to logits of spread ~2, so the
-    # score is well above 1 and every part of the softmax matters.
+    inputs = {side: (u.astype(np.float32) / 127.5 - 1).transpose(0, 4, 1, 2, 3)
+              for side, u in sets.items()}  # (n, 3, 16, S, S)
+    # A random ReLU network maps different clips to nearly parallel features, so every clip would
+    # get the same class. Centre fc8 on the clips' mean fc7 feature and scale it to logits of spread
+    # ~2, so the score is well above 1 and every part of the softmax matters.
     net = tgan2_c3d(c3d_module, weights_path, mean_path)
     with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
-        h7 = np.concatenate([net.extract(x, layers=["fc7"])["fc7"].array for x in inputs.values()])   # (10, 12)
+        # (10, 12)
+        h7 = np.concatenate([net.extract(x, layers=["fc7"])["fc7"].array for x in inputs.values()])
     weights = dict(np.load(weights_path))
     w8 = weights["fc8/W"]                                                                # (101, 12)
     weights["fc8/W"] = w8 * np.float32(2 / ((h7 - h7.mean(0)) @ w8.T).std())
