@@ -544,7 +544,7 @@ def main(argv=None):
                    help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke "
-                   "test)")
+                        "test)")
     p.add_argument("--codes", type=int, default=None,
                    help="sampling benchmark: latent size 4*s^2 (e.g. 1024)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
@@ -556,12 +556,12 @@ def main(argv=None):
                    help="training benchmarks: torch.compile the models")
     p.add_argument("--compile_sample", action=argparse.BooleanOptionalAction, default=True,
                    help="sampling benchmark: also time fast.generate(compile=True) and report its "
-                   "first call")
+                        "first call")
     p.add_argument("--ckpt",
                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
                                         "vizdoom.pt"),
                    help="play benchmark: the prior to play (without the file: random weights, the "
-                   "recipe's sizes)")
+                        "recipe's sizes)")
     p.add_argument("--play_steps", type=int, default=60,
                    help="play benchmark: timed latent steps per setting")
     p.add_argument("--play_keys", type=int, default=20,

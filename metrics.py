@@ -382,10 +382,9 @@ def inception_score_command(args):
             if args.out:
                 write_record(args.out, dict(
                     metric="inception_score", protocol="TGANv2 C3D (conv3d_deepnetA_ucf)",
-                                            n=len(probs),
-                    trials=trials, splits=args.splits, frames=C3D_FRAMES,
-                                            resolution=args.resolution, seed=args.seed,
-                    processes=world, **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
+                    n=len(probs), trials=trials, splits=args.splits, frames=C3D_FRAMES,
+                    resolution=args.resolution, seed=args.seed, processes=world,
+                    **provenance(source=source, c3d=args.c3d, c3d_mean=args.mean),
                     mean=mean, std=std, per_trial=[m for m, _ in per_trial]))
         return mean, std
     finally:
@@ -401,17 +400,17 @@ def is_main(argv):
     source.add_argument("--ckpt", help="a prior checkpoint: score N samples of it")
     source.add_argument("--videos",
                         help="clips made elsewhere: a uint8 (N, T, H, W, 3) .npy, or a folder of "
-                        "videos")
+                             "videos")
     source.add_argument("--data",
                         help="a dataset whose real test clips are scored (the reference point)")
     p.add_argument("--c3d", default=None,
                    help="conv3d_deepnetA_ucf.npz from TGANv2's release (default: in the folder "
-                   "$VIDEOGPT_C3D)")
+                        "$VIDEOGPT_C3D)")
     p.add_argument("--mean", default=None,
                    help="mean2.npz from TGANv2's release (default: in the folder $VIDEOGPT_C3D)")
     p.add_argument("--n", "--num_videos", dest="n", type=int, default=2048,
                    help="clips per trial (the published setting: 2048; under torchrun write "
-                   "--num_videos)")
+                        "--num_videos)")
     p.add_argument("--trials", type=int, default=10, help="trials with fresh clips (published: 10)")
     p.add_argument("--splits", type=int, default=1, help="splits per trial (published: 1)")
     p.add_argument("--resolution", type=int, default=128,
@@ -636,12 +635,11 @@ def digits_of_checkpoint(args):
     if args.out:
         write_record(args.out, dict(
             metric="digit_legibility",
-                                    protocol="DigitReader, read when every count has p > "
-                                    f"{CONFIDENT}", n=args.n,
+            protocol=f"DigitReader, read when every count has p > {CONFIDENT}", n=args.n,
             frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
-                                    temperature=args.temperature,
-            top_k=args.top_k, **provenance(ckpt=args.ckpt, data=args.data,
-                                           reader=args.reader or reader_cache_path()),
+            temperature=args.temperature, top_k=args.top_k,
+            **provenance(ckpt=args.ckpt, data=args.data,
+                         reader=args.reader or reader_cache_path()),
             scores=rows))
     return rows
 
@@ -650,7 +648,7 @@ def digits_main(argv):
     """`python fvd.py digits ...`: the command line of digit legibility."""
     p = argparse.ArgumentParser(prog="fvd.py digits",
                                 description="Digit legibility of moving-digits clips: real, "
-                                "reconstructed, sampled.")
+                                            "reconstructed, sampled.")
     p.add_argument("--ckpt", required=True,
                    help="a prior checkpoint (real, reconstructions, samples) or a VQ-VAE one")
     p.add_argument("--data", default=None,
@@ -659,7 +657,7 @@ def digits_main(argv):
     add_sampling_flags(p)
     p.add_argument("--reader", default=None,
                    help="digit reader weights (default: trained on first use, about 90 s, then "
-                   "cached)")
+                        "cached)")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)
     args = p.parse_args(argv)
@@ -797,7 +795,7 @@ def steer_main(argv):
     """`python fvd.py steer ...`: the command line of the steering score."""
     p = argparse.ArgumentParser(prog="fvd.py steer",
                                 description="How often an action-conditional prior's samples turn "
-                                "the way they were told.")
+                                            "the way they were told.")
     p.add_argument("--ckpt", required=True,
                    help="an action-conditional prior (ViZDoom: TURN_LEFT, TURN_RIGHT, ...)")
     p.add_argument("--data", required=True,
@@ -808,7 +806,7 @@ def steer_main(argv):
     add_sampling_flags(p)
     p.add_argument("--picture", default=None,
                    help="also write a PNG: samples told to turn left, go straight, turn right (a "
-                   "row each)")
+                        "row each)")
     p.add_argument("--picture_rows", type=int, default=1, help="rows per told action in --picture")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)

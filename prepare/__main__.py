@@ -120,7 +120,7 @@ def main(argv=None):
     p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("bair",
                        help="BAIR robot pushing (the release tar or its folder) to HDF5, no "
-                       "TensorFlow")
+                            "TensorFlow")
     p.add_argument("src",
                    help="bair_robot_pushing_dataset_v0.tar, or a folder holding softmotion30_44k/")
     p.add_argument("out", help="output .h5 path")
@@ -140,7 +140,7 @@ def main(argv=None):
     p.set_defaults(fn=cmd_ucf101)
     p = sub.add_parser("vizdoom",
                        help="play ViZDoom episodes with their actions, made here (pip install "
-                       "vizdoom)")
+                            "vizdoom)")
     p.add_argument("out", help="output .h5 path")
     p.add_argument("--scenario", default="health_gathering_supreme",
                    help="a scenario the vizdoom package ships (by name), or the path of a .cfg")
@@ -154,7 +154,7 @@ def main(argv=None):
                    help="seeds the game and the policy; the same seed, the same bytes")
     p.add_argument("--policy", default=None,
                    help="module:function, a callable (observation) -> button index (default: the "
-                   "built-in Explorer, prepare/vizdoom.py)")
+                        "built-in Explorer, prepare/vizdoom.py)")
     p.set_defaults(fn=cmd_vizdoom)
     args = parser.parse_args(argv)
     run_cli("prepare", args.fn, args)

@@ -153,7 +153,7 @@ def test_video_folder_with_no_usable_video_is_a_clear_error(tmp_path):
     (tmp_path / "train" / "x" / "a.mp4").write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(ValueError,
                                                   match="no usable video among 1 files: none of "
-                                                  "them can be decoded"):
+                                                        "them can be decoded"):
         VideoFolderDataset(tmp_path, sequence_length=4)
     with pytest.raises(FileNotFoundError, match="has no 'test' folder"):
         VideoFolderDataset(tmp_path, sequence_length=4, train=False)

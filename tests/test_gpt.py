@@ -262,13 +262,13 @@ def test_weights_that_do_not_fit_give_one_line_naming_the_file(tmp_path):
                tmp_path / "a.pt")
     with pytest.raises(ValueError,
                        match="a.pt: weights do not fit the prior's config: Missing "
-                       "key.*fc_out.weight"):
+                             "key.*fc_out.weight"):
         load_gpt(tmp_path / "a.pt")
     del vq_state["decoder.convts.0.convt.bias"]
     torch.save(dict(ours, model=state), tmp_path / "b.pt")
     with pytest.raises(ValueError,
                        match="b.pt: weights do not fit the VQ-VAE's config: Missing "
-                       "key.*convts.0.convt.bias"):
+                             "key.*convts.0.convt.bias"):
         load_gpt(tmp_path / "b.pt")
 
 

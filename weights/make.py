@@ -89,7 +89,7 @@ def scores(kind, path, data, n, clip):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Make weights/vizdoom.pt and weights/digits.pt from "
-                                "finished runs.")
+                                            "finished runs.")
     p.add_argument("--vizdoom", required=True,
                    help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
     p.add_argument("--digits", required=True, help="the Quick start's prior: runs/gpt/ckpt.pt")
@@ -111,8 +111,7 @@ def main(argv=None):
         atomic_write(out, lambda f: torch.save(shipped(ckpt, start), f))
         record["files"][kind] = dict(
             commands=COMMANDS[kind], step=ckpt.get("step"), bytes=os.path.getsize(out),
-                                     sha256=sha256(out),
-            seed=ckpt.get("train_args", {}).get("seed"), dtype="float16",
+            sha256=sha256(out), seed=ckpt.get("train_args", {}).get("seed"), dtype="float16",
             scores=dict(float32_run=scores(kind, run, args.data, args.n, args.clip),
                         shipped=scores(kind, out, args.data, args.n, args.clip)))
         print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB", flush=True)
