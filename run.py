@@ -38,14 +38,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from checkpoints import (DiskFull, OutputLock, atomic_write, check_writable, checkpoint_kind,
-                         current_prior_keys, keep_copy, load_checkpoint, remove_stale_temps,
-                         save_checkpoint, trim_log)
+                         current_prior_keys, expect_kind, keep_copy, load_checkpoint,
+                         load_weights, original_prior, original_vqvae, remove_stale_temps,
+                         save_checkpoint, stored_config, trim_log)
 from data import make_dataset
 from fast import use_fast_attention
+from gpt import embedded_vqvae
 from muon import optimizer_kind
 from runtime import (RunError, all_mean, autocast, collective_failure, first_line,
                      ignore_stop_signals, init_distributed, lost_peer_error, rng_state,
                      seed_everything, set_rng_state)
+from vqvae import load_vqvae
 
 # -----------------------------------------------------------------------------
 # Data order and the learning rate: pure functions of (seed, step)
@@ -89,10 +92,11 @@ class InfiniteSampler(Sampler):
 
 # Flags that decide which clips a step sees: changed on resume, the data order is no longer an
 # uninterrupted run's.
-DATA_ORDER_FLAGS = ("batch_size", "seed", "data")
-# Flags that only say where and how to report, never what is trained.
+DATA_ORDER_FLAGS = ("batch_size", "grad_accum", "seed", "data")
+# Flags that only say where and how to report, never what is trained; and a fine-tune's source,
+# which only its first start reads.
 HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device",
-                  "ddp_timeout")
+                  "ddp_timeout", "init_from", "from_preset")
 
 
 def changed_flags(saved, args, model_flags, saved_world, world):
@@ -171,6 +175,164 @@ def cached_codes(vq, args, train_set, test_set, device, master, ddp):
 
 # -----------------------------------------------------------------------------
 # The state of a run, and the metrics of a log window
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning: a new run that starts from another run's weights (--init_from)
+
+# Model flags a fine-tune may change: how the model is regularised and when codes restart, not
+# its shape. (The learning rate and its schedule are not model flags: they are always the run's.)
+SAFE_TO_CHANGE = ("dropout", "attn_dropout", "dead_code_threshold")
+
+
+def fine_tune_source(path, stage):
+    """A checkpoint to fine-tune from, ours or the original release's, as our checkpoint's dict:
+    stage, config, model (today's parameter names) and, for a prior, the VQ-VAE it was trained
+    with ({config, model}) and its action names."""
+    ckpt = load_checkpoint(path)
+    expect_kind(ckpt, path, stage)
+    if "stage" in ckpt:
+        model = ckpt.get("model")
+        if stage == "gpt":
+            model = current_prior_keys(model)
+        return dict(ckpt, model=model)
+    if stage == "vqvae":
+        config, model = original_vqvae(ckpt, path)
+        return dict(stage=stage, config=config, model=model)
+    vq_config, config, vq_model, model = original_prior(ckpt, path)
+    model = dict(current_prior_keys(model), codebook=vq_model["codebook.embeddings"])
+    return dict(stage=stage, config=config, model=model,
+                vqvae=dict(config=vq_config, model=vq_model))
+
+
+def fine_tune_config(cls, source, args):
+    """The source checkpoint's config, with the flags that may safely change taken from the run;
+    a model flag the user set to another value than the checkpoint's is a one-line error."""
+    config = stored_config(cls, source, args.init_from)
+    prior = cls.__name__ == "GPTConfig"
+    # A prior's clip is its VQ-VAE's, and its frame count is checked below.
+    not_flags = ("sequence_length", "resolution", "n_cond_frames") if prior else ()
+    given = {k for k in vars(args) if k not in args.from_preset and getattr(args, k) is not None}
+    for f in fields(config):
+        if not f.init or f.name not in given or f.name in not_flags:
+            continue
+        flag, saved = getattr(args, f.name), getattr(config, f.name)
+        if f.name in SAFE_TO_CHANGE:
+            setattr(config, f.name, flag)
+        elif as_list(flag) != as_list(saved):
+            raise ValueError(f"{args.init_from}: --{f.name} {flag} differs from the checkpoint's "
+                             f"{saved}; a fine-tune keeps the model's shape (leave the flag out)")
+    if prior:
+        if args.class_cond and not config.n_classes:
+            raise ValueError(f"{args.init_from}: --class_cond, but the checkpoint's prior has no "
+                             f"classes")
+        if args.action_cond and (not config.action_dim
+                                 or (args.action_cond == "norms") != config.action_norms):
+            raise ValueError(f"{args.init_from}: --action_cond {args.action_cond}, but the "
+                             f"checkpoint's prior is not conditioned on actions that way")
+        if args.n_cond_frames not in (0, config.n_cond_frames):
+            raise ValueError(f"{args.init_from}: --n_cond_frames {args.n_cond_frames} differs "
+                             f"from the checkpoint's {config.n_cond_frames}")
+    return type(config)(**config.to_dict())   # derived fields recomputed, checks run again
+
+
+def as_list(value):
+    """Flags and configs hold sequences as lists or tuples: compare them as lists."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def fine_tune_vqvae(source, args):
+    """The VQ-VAE a prior was trained with, from the fine-tune's source; --vqvae, if given, must
+    be the same one."""
+    vq = embedded_vqvae(source, args.init_from)
+    if args.vqvae is not None:
+        same_weights(vq, load_vqvae(args.vqvae), args.vqvae, args.init_from)
+    # A prior conditioned on frames or actions reads clips, not cached codes.
+    config = source.get("config") or {}
+    if config.get("n_cond_frames") or config.get("action_dim"):
+        args.cache_codes = False
+    return vq
+
+
+def check_prior_flags(args, vq_config):
+    """The prior's flags against its VQ-VAE's clips: one-line errors, and a warning for the clip
+    flags it ignores."""
+    for flag in ("sequence_length", "resolution"):
+        value = getattr(vq_config, flag)
+        if getattr(args, flag) not in (None, value):
+            warnings.warn(f"--{flag} {getattr(args, flag)} ignored: the prior models clips of the "
+                          f"VQ-VAE's {value}")
+    if args.n_cond_frames >= vq_config.sequence_length:
+        raise ValueError(f"--n_cond_frames {args.n_cond_frames} must be smaller than the clip's "
+                         f"{vq_config.sequence_length} frames")
+    if args.cache_codes and (args.n_cond_frames or args.action_cond):
+        raise ValueError("--cache_codes keeps only codes, but --n_cond_frames and --action_cond "
+                         "need the clips' frames and actions; use one or the other")
+
+
+def check_prior_data(args, train_set, config=None):
+    """The data must hold what the prior is conditioned on: what the flags ask for, or (a
+    fine-tune's) what its source `config` is conditioned on."""
+    data = args.data or "(moving digits)"
+    has_actions = "actions" in getattr(train_set, "extras", ())
+    if config is None:
+        if args.class_cond and not train_set.n_classes:
+            raise ValueError(f"--class_cond: the data {data} has no class labels")
+        if args.action_cond and not has_actions:
+            raise ValueError(f"--action_cond: the data {data} has no per-frame actions (an HDF5 "
+                             f"file with train_actions, e.g. from python -m prepare bair)")
+        return
+    if config.n_classes and not train_set.n_classes:
+        raise ValueError(f"{args.init_from}: its prior is class-conditional, but the data {data} "
+                         f"has no class labels")
+    if config.action_dim and not has_actions:
+        raise ValueError(f"{args.init_from}: its prior is action-conditional, but the data {data} "
+                         f"has no per-frame actions")
+
+
+def same_weights(model, other, path, source):
+    """Stop with one line unless `model` (the fine-tune's VQ-VAE) has the weights of `other`."""
+    theirs = other.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name not in theirs or not torch.equal(tensor.cpu(), theirs[name].cpu()):
+            raise ValueError(f"{path}: is not the VQ-VAE that {source} was trained with "
+                             f"({name} differs); leave --vqvae out to use that one")
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation: the micro-batches of one optimizer step
+
+
+def gradient_sync(model, last):
+    """DDP averages the gradients over the processes at the backward of the last micro-batch
+    only; the earlier ones add up locally (DDP.no_sync). Nothing to do in one process."""
+    if isinstance(model, DDP) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def one_codebook_step(model, micro_batches):
+    """The VQ-VAE's codebook takes one EMA step per optimizer step, over all its micro-batches.
+
+    Each micro-batch quantizes with the codebook as it was at the start of the step, as one big
+    batch would; their codes' counts and sums, and the encoder outputs that dead codes restart
+    from, are gathered, and one update (all-reduced under DDP) runs when the step's last
+    micro-batch is done. A batch of 8 and 4 micro-batches of 2 thus give the same codebook.
+    """
+    codebook = getattr(model, "codebook", None)
+    if micro_batches == 1 or not hasattr(codebook, "ema_update"):
+        yield
+        return
+    seen = []
+    codebook.ema_update = lambda flat, idx, counts: seen.append((flat, idx, counts))
+    try:
+        yield
+    finally:
+        del codebook.ema_update   # back to the class's method
+    if seen:
+        flat, idx, counts = zip(*seen)
+        codebook.ema_update(torch.cat(flat), torch.cat(idx), sum(counts))
 
 
 @dataclass
@@ -438,7 +600,11 @@ class Run:
         if self.master:
             remove_stale_temps(self.ckpt_path)
         ckpt = self.resumable_checkpoint()
-        self.stage = self.make_stage(args, ckpt, self.ckpt_path, self.device)
+        # A fine-tune's first start reads its source; a restart resumes its own checkpoint.
+        source = None
+        if args.init_from and not ckpt:
+            source = fine_tune_source(args.init_from, args.stage)
+        self.stage = self.make_stage(args, ckpt, self.ckpt_path, self.device, source)
         seq_len, resolution = self.stage.clip
         train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution,
                                             seed=args.seed)
@@ -446,6 +612,8 @@ class Run:
         # The same seed on every rank gives the same initial weights.
         torch.manual_seed(args.seed)
         self.raw_model = use_fast_attention(self.stage.build(args, train_set).to(self.device))
+        if source is not None:
+            load_weights(self.raw_model, source["model"], args.init_from, "the fine-tune's model")
         if args.stage == "gpt" and args.cache_codes:
             train_set, test_set = cached_codes(self.stage.vq, args, train_set, test_set,
                                                self.device, self.master,
@@ -540,7 +708,7 @@ class Run:
         signals (the loop decides)."""
         args, train_set = self.args, self.train_set
         sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
-                                  start=step * args.batch_size)
+                                  start=step * args.batch_size * args.grad_accum)
         # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in
         # memory, which a worker would only pickle across (and on a 2-core CPU take a core from the
         # step: 15% slower).
@@ -560,7 +728,9 @@ class Run:
         """The same clips and windows at every evaluation; every rank gets at least one (a tiny test
         set repeats)."""
         args, rank, world = self.args, self.dist.rank, self.dist.world
-        n_eval = max(world, min(len(test_set), args.eval_batches * args.batch_size * world))
+        # As many clips as eval_batches optimizer steps read, in batches of the micro-batch size.
+        per_step = args.batch_size * args.grad_accum
+        n_eval = max(world, min(len(test_set), args.eval_batches * per_step * world))
         items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
         return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
 
@@ -587,9 +757,17 @@ class Run:
             n_params = sum(p.numel() for p in self.raw_model.parameters())
             print(f"{self.args.stage}: {n_params / 1e6:.2f}M parameters, {self.stage.describe()}, "
                   f"{self.n_clips[0]} train / {self.n_clips[1]} test clips, {self.dist.world} "
-                  f"process(es) on {self.device}, {self.args.dtype}"
+                  f"process(es) on {self.device}, {self.args.dtype}, {self.batch_text()}"
                   + (f", resuming at step {self.state.step}" if self.state.step else ""),
                   flush=True)
+
+    def batch_text(self):
+        """The clips of one optimizer step: per process and micro-batch, times both."""
+        a, world = self.args, self.dist.world
+        if a.grad_accum == 1 and world == 1:
+            return f"batch {a.batch_size}"
+        return (f"batch {a.batch_size} x {a.grad_accum} micro-batch(es) x {world} process(es) = "
+                f"{a.batch_size * a.grad_accum * world} clips per step")
 
     # --- chores of the loop ---
 
@@ -635,7 +813,8 @@ class Run:
         extra = dict(skipped=w.skipped)
         if self.scaler.is_enabled():
             extra |= dict(scaler_skipped=w.scaler_skipped, loss_scale=self.scaler.get_scale())
-        clips_per_s = taken * self.args.batch_size * self.dist.world / seconds
+        per_step = self.args.batch_size * self.args.grad_accum * self.dist.world
+        clips_per_s = taken * per_step / seconds
         self.window = MetricWindow()
         if self.master:
             if self.stage.curve in metrics:

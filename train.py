@@ -1,8 +1,7 @@
 """Training, both stages of VideoGPT: `--stage vqvae` (Section 3.1), then `--stage gpt` (3.2).
 
-The VQ-VAE learns to compress clips into codes; the prior then learns those
-codes, read by a frozen VQ-VAE (`--vqvae PATH`: our checkpoint or an original
-VideoGPT one).
+The VQ-VAE learns to compress clips into codes; the prior then learns those codes, read by a
+frozen VQ-VAE (`--vqvae PATH`: our checkpoint or an original VideoGPT one).
 
 Single process (GPU if present, else CPU):
     python train.py --stage vqvae --out_dir runs/vqvae
@@ -14,23 +13,21 @@ Several GPUs on one machine, plain DDP:
         --data bair.hdf5 --n_cond_frames 1 --attn_type sparse --out_dir runs/bair_gpt
 Several machines: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint).
 
-With no --data a run trains on the built-in moving digits, and every flag left
-out takes a small value that trains in minutes on a CPU; with --data, flags
-left out take the paper's values. A run writes to --out_dir: ckpt.pt (the
-latest checkpoint, written atomically; a restart resumes from it; a prior's
-embeds its VQ-VAE), log.jsonl, loss.png, and pictures: recon_*.png (test clips
+With no --data a run trains on the built-in moving digits, and every flag left out takes a small
+value that trains in minutes on a CPU; with --data, flags left out take the paper's values. A run
+writes to --out_dir: ckpt.pt (the latest checkpoint, written atomically; a restart resumes from
+it; a prior's embeds its VQ-VAE), log.jsonl, loss.png, and pictures: recon_*.png (test clips
 above their reconstructions) or samples_*.gif (real clips above samples).
 
-Read it in this order: the flags and their presets (the one place a run's
-settings are decided), the learning rate, the two stages (what differs between
-training the VQ-VAE and the prior: config, loss, pictures), then `train`, the
-loop. The loop holds a `Run` (run.py) that sets everything up and does the
-chores (logging, evaluating, checkpointing, stopping), each one named call.
+Read it in this order: the flags and their presets (the one place a run's settings are decided),
+the learning rate, the two stages (what differs between training the VQ-VAE and the prior:
+config, loss, pictures), then `train`, the loop. The loop holds a `Run` (run.py) that sets
+everything up and does the chores (logging, evaluating, checkpointing, stopping), each one named
+call.
 """
 
 import argparse
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -42,7 +39,8 @@ from data import grid_video, samples_to_uint8, save_gif, save_png, to_uint8, vid
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
 from muon import make_optimizer
-from run import Run, step_flags
+from run import (Run, check_prior_data, check_prior_flags, fine_tune_config, fine_tune_vqvae,
+                 gradient_sync, one_codebook_step, step_flags)
 from runtime import StopRequest, default_device, run_cli
 from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
@@ -141,8 +139,8 @@ def prior_flags(p):
     p.add_argument("--dropout", type=float, default=None, help="gpt: residual dropout")
     p.add_argument("--attn_dropout", type=float, default=None,
                    help="gpt: attention-weight dropout")
-    p.add_argument("--attn_type", default="full", choices=["full", "sparse"],
-                   help="gpt: causal attention pattern")
+    p.add_argument("--attn_type", default=None, choices=["full", "sparse"],
+                   help="gpt: causal attention pattern (default: full)")
     p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
                    help="gpt: rotary position embeddings over (t, h, w) in self-attention, "
                         "besides the learned tables (default: on for the moving digits, off for "
@@ -180,6 +178,12 @@ def optimisation_flags(p):
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps in total")
     p.add_argument("--gradient_clip_val", type=float, default=0.0,
                    help="clip the gradient norm to this (0: off)")
+    p.add_argument("--grad_accum", type=int, default=1, metavar="N",
+                   help="micro-batches of --batch_size whose gradients add up to one optimizer "
+                        "step, per process: the step sees batch_size x N x processes clips")
+    p.add_argument("--init_from", default=None, metavar="CKPT",
+                   help="fine-tune from this checkpoint of the stage (ours or an original .ckpt): "
+                        "its weights, a fresh optimizer, step 0; model flags must agree")
 
 
 def run_flags(p):
@@ -215,9 +219,12 @@ def fill_from_preset(args):
     with --data and the moving digits' without."""
     args.preset = args.preset or ("digits" if args.data is None else "paper")
     preset = PRESETS[(args.stage, args.preset)]
-    filled = [k for k in preset if getattr(args, k) is None]
+    preset = dict(preset, attn_type="full")
+    filled = [k for k in preset if k in vars(args) and getattr(args, k) is None]
     for k in filled:
         setattr(args, k, preset[k])
+    # Which flags the user left out: a fine-tune takes those from its checkpoint instead.
+    args.from_preset = filled
     # The digits' local encoder goes with their attention-free encoder, so asking for attention
     # blocks turns it off.
     if "local_encoder" in filled and args.n_res_layers:
@@ -247,15 +254,14 @@ def get_lr(step, args):
 # The two stages: what differs between them is here, the loop below is shared
 
 
-def resolved_config(config, ckpt, path):
-    """The config a run uses: `config` from the flags, or on resume the checkpoint's, which wins
-    (`changed_flags` tells the user which flags it overrode)."""
-    return config if ckpt is None else stored_config(type(config), ckpt, path)
-
-
-def data_name(args):
-    """The training data as a message names it."""
-    return args.data or "(moving digits)"
+def resolved_config(config, ckpt, path, source=None, args=None):
+    """The config a run uses: `config` from the flags; on resume the checkpoint's, which wins
+    (`changed_flags` says which flags it overrode); on a fine-tune's first start its source's."""
+    if ckpt is not None:
+        return stored_config(type(config), ckpt, path)
+    if source is not None:
+        return fine_tune_config(type(config), source, args)
+    return config
 
 
 class VQVAEStage:
@@ -264,14 +270,14 @@ class VQVAEStage:
     name, curve, curve_label, picture_name = "vqvae", "recon_loss", "normalized MSE", "recon"
     logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")
 
-    def __init__(self, args, ckpt, ckpt_path):
+    def __init__(self, args, ckpt, ckpt_path, source=None):
         config = VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes,
             dead_code_threshold=args.dead_code_threshold, n_hiddens=args.n_hiddens,
             n_res_layers=args.n_res_layers, decoder_res_layers=args.decoder_res_layers,
             local_encoder=args.local_encoder, downsample=args.downsample,
             sequence_length=args.sequence_length, resolution=args.resolution)
-        self.config = resolved_config(config, ckpt, ckpt_path)
+        self.config = resolved_config(config, ckpt, ckpt_path, source, args)
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
@@ -304,11 +310,13 @@ class GPTStage:
     curve_label = "cross-entropy (nats per code)"
     logged = ("loss", "bits_per_code")
 
-    def __init__(self, args, ckpt, ckpt_path, device="cpu"):
-        # The VQ-VAE is the checkpoint's own copy when resuming, else --vqvae's. It stays frozen,
-        # in eval mode, for good.
+    def __init__(self, args, ckpt, ckpt_path, device="cpu", source=None):
+        # The VQ-VAE is the checkpoint's own copy when resuming or fine-tuning, else --vqvae's. It
+        # stays frozen, in eval mode, for good.
         if ckpt:
             self.vq = embedded_vqvae(ckpt, ckpt_path)
+        elif source:
+            self.vq = fine_tune_vqvae(source, args)
         elif args.vqvae is None:
             raise ValueError("--stage gpt needs --vqvae PATH (a VQ-VAE checkpoint: ours or an "
                              "original VideoGPT .ckpt)")
@@ -317,33 +325,17 @@ class GPTStage:
         self.vq = use_fast_attention(self.vq.to(device).eval().requires_grad_(False))
         vc = self.vq.config
         self.clip = (vc.sequence_length, vc.resolution)
-        for flag, value in (("sequence_length", vc.sequence_length), ("resolution", vc.resolution)):
-            if getattr(args, flag) not in (None, value):
-                warnings.warn(f"--{flag} {getattr(args, flag)} ignored: the prior models clips "
-                              f"of the VQ-VAE's {value}")
-        if args.n_cond_frames >= vc.sequence_length:
-            raise ValueError(f"--n_cond_frames {args.n_cond_frames} must be smaller than the "
-                             f"clip's {vc.sequence_length} frames")
-        if args.cache_codes and (args.n_cond_frames or args.action_cond):
-            raise ValueError("--cache_codes keeps only codes, but --n_cond_frames and "
-                             "--action_cond need the clips' frames and actions; use one or the "
-                             "other")
-        self.ckpt, self.ckpt_path = ckpt, ckpt_path
+        check_prior_flags(args, vc)
+        self.ckpt, self.ckpt_path, self.source = ckpt, ckpt_path, source
 
     def build(self, args, train_set):
-        if args.class_cond and not train_set.n_classes and not self.ckpt:
-            raise ValueError(f"--class_cond: the data {data_name(args)} has no class labels")
         has_actions = "actions" in getattr(train_set, "extras", ())
-        if args.action_cond and not has_actions and not self.ckpt:
-            raise ValueError(f"--action_cond: the data {data_name(args)} has no per-frame actions "
-                             f"(an HDF5 file with train_actions, e.g. from python -m prepare bair)")
         action_dim = 0
         if args.action_cond and has_actions:
             action_dim = train_set[(0, 0)]["actions"].shape[-1]
-        # The actions' names travel with the prior (sample.py --actions "TURN_LEFT*8,..."). A
-        # resumed run keeps those of its checkpoint.
+        # The actions' names travel with the prior (sample.py --actions "TURN_LEFT*8,...").
         data_names = getattr(train_set, "action_names", None) if action_dim else None
-        self.action_names = (self.ckpt or {}).get("action_names") or data_names
+        self.action_names = (self.ckpt or self.source or {}).get("action_names") or data_names
         vc = self.vq.config
         config = GPTConfig(
             latent_shape=vc.latent_shape, n_codes=vc.n_codes, embedding_dim=vc.embedding_dim,
@@ -352,7 +344,9 @@ class GPTStage:
             rope=args.rope, n_cond_frames=args.n_cond_frames, resolution=vc.resolution,
             n_classes=train_set.n_classes if args.class_cond else 0, action_dim=action_dim,
             action_norms=args.action_cond == "norms", sequence_length=vc.sequence_length)
-        self.config = resolved_config(config, self.ckpt, self.ckpt_path)
+        self.config = resolved_config(config, self.ckpt, self.ckpt_path, self.source, args)
+        if not self.ckpt:   # the data holds what the flags (or a fine-tune's source) ask for
+            check_prior_data(args, train_set, self.config if self.source else None)
         model = VideoGPT(self.config)
         model.set_codebook(self.vq.codebook.embeddings)
         return use_grad_checkpointing(model, args.grad_checkpointing)
@@ -407,15 +401,38 @@ class GPTStage:
         save_gif(grid_video(clips, ncol=n), f"{path}.gif", fps=4)
 
 
-def make_stage(args, ckpt, ckpt_path, device):
-    """The stage `args.stage` names, its config from the flags (or from `ckpt`, resuming)."""
+def make_stage(args, ckpt, ckpt_path, device, source=None):
+    """The stage `args.stage` names; its config as `resolved_config` says."""
     if args.stage == "vqvae":
-        return VQVAEStage(args, ckpt, ckpt_path)
-    return GPTStage(args, ckpt, ckpt_path, device)
+        return VQVAEStage(args, ckpt, ckpt_path, source)
+    return GPTStage(args, ckpt, ckpt_path, device, source)
 
 
 # -----------------------------------------------------------------------------
 # The training loop
+
+
+def accumulate_gradients(model, run, scaler, micro_batches):
+    """Forward and backward over `micro_batches` batches, whose gradients add up to one optimizer
+    step's; returns the loss and metrics, averaged over them.
+
+    Each stage's loss is a mean over its micro-batch. Divided by N, the N gradients sum to the
+    gradient of the mean over all N micro-batches, as one batch N times larger would give. The
+    VQ-VAE's codebook takes one EMA step over them all, and DDP averages the gradients over the
+    processes once, at the last backward.
+    """
+    seen = []
+    with one_codebook_step(run.raw_model, micro_batches):
+        for micro in range(micro_batches):
+            with gradient_sync(model, last=micro == micro_batches - 1):
+                # Forward under autocast; the stage says what the loss is.
+                with run.autocast:
+                    loss, metrics = run.stage.loss(model, next(run.batches), run.device)
+                # Backward through the scaler, which scales the loss only under float16.
+                scaler.scale(loss / micro_batches).backward()
+            seen.append(metrics)
+    metrics = {k: torch.stack([m[k].detach() for m in seen]).mean(0) for k in seen[0]}
+    return metrics["loss"], metrics
 
 
 def train(args):
@@ -436,12 +453,9 @@ def train(args):
     with StopRequest() as stop, run.failures_explained():
         while state.step < args.max_steps:
             lr = run.set_lr(get_lr(state.step, args))
-            # Forward under autocast; the stage says what the loss is.
-            with run.autocast:
-                loss, metrics = run.stage.loss(model, next(run.batches), run.device)
-            # Backward through the scaler (a no-op unless float16), then unscale the gradients
-            # so that clipping sees their true norm.
-            scaler.scale(loss).backward()
+            # Forward and backward over --grad_accum micro-batches, through the scaler.
+            loss, metrics = accumulate_gradients(model, run, scaler, args.grad_accum)
+            # Unscale the gradients so that clipping sees their true norm.
             scaler.unscale_(optimizer)
             clip = args.gradient_clip_val or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -23,7 +23,8 @@ ALLOWED = {
     "gpt": {"attention", "checkpoints", "vqvae"},
     "data": {"checkpoints", "runtime"},
     "train": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "muon", "run"},
-    "run": {"checkpoints", "runtime", "data", "fast", "muon"},
+    # a fine-tune's VQ-VAE: gpt.embedded_vqvae, vqvae.load_vqvae
+    "run": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "muon"},
     # world.named_actions: --actions
     "sample": {"checkpoints", "runtime", "data", "gpt", "fast", "world"},
     "fvd": {"checkpoints", "runtime", "data", "vqvae", "gpt", "fast", "metrics"},
