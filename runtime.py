@@ -136,7 +136,7 @@ def init_distributed(device=None, timeout=None):
     device = default_device(device, local_rank=int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if ddp:
+    if ddp and not dist.is_initialized():   # a second run in the same processes reuses it
         kw = dict(timeout=datetime.timedelta(seconds=timeout)) if timeout else {}
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kw)
     return Distributed(ddp, rank, world, device)

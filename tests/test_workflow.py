@@ -1,0 +1,215 @@
+"""A researcher's own workflow: gradient accumulation (--grad_accum) and fine-tuning
+(--init_from).
+
+python -m pytest tests/test_workflow.py
+"""
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, train_records
+
+# One optimizer step, in this process, reading clips in a fixed order.
+ONE_STEP = ["--num_workers", "0", "--max_steps", "1", "--device", "cpu", "--dtype", "float32",
+            "--eval_interval", "100", "--log_interval", "1"]
+# A tiny prior without dropout (dropout would draw other masks for other batch shapes).
+PRIOR = ["--stage", "gpt", "--hidden_dim", "24", "--heads", "2", "--layers", "1",
+         "--no-cache_codes", "--dropout", "0", "--attn_dropout", "0"]
+
+
+def train_once(*argv):
+    """train.train in this process; the trained model's state, copied."""
+    import train
+    model = train.train(train.parse_args(list(argv)))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def biggest_difference(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_vqvae(tmp_path_factory):
+    """A one-step VQ-VAE of the moving digits (4 frames of 16x16), its codebook seeded."""
+    out = tmp_path_factory.mktemp("vq")
+    train_once("--stage", "vqvae", "--out_dir", str(out), "--sequence_length", "4",
+               "--resolution", "16", "--n_hiddens", "16", "--n_res_layers", "0",
+               "--decoder_res_layers", "0", "--embedding_dim", "8", "--n_codes", "16",
+               "--downsample", "2", "4", "4", "--batch_size", "2", *ONE_STEP)
+    return str(out / "ckpt.pt")
+
+
+# -----------------------------------------------------------------------------
+# --grad_accum
+
+
+def test_micro_batches_give_the_big_batchs_step(tiny_vqvae, tmp_path):
+    """--batch_size 2 --grad_accum 4 reads the clips a batch of 8 reads, in the same order, and
+    steps the prior to the same weights: the sums differ only in the order of float additions
+    (measured 4e-12 after one Muon step; the bound is 1e-6)."""
+    big = train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(tmp_path / "big"),
+                     "--batch_size", "8", *ONE_STEP)
+    micro = train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(tmp_path / "micro"),
+                       "--batch_size", "2", "--grad_accum", "4", *ONE_STEP)
+    assert biggest_difference(big, micro) < 1e-6
+    # The logged loss is the mean over the micro-batches: the big batch's.
+    loss = lambda name: train_records(tmp_path / name)[0]["loss"]
+    assert loss("micro") == pytest.approx(loss("big"), rel=1e-6)
+    # Not a vacuous match: one micro-batch of 2 alone steps elsewhere.
+    alone = train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(tmp_path / "alone"),
+                       "--batch_size", "2", *ONE_STEP)
+    assert biggest_difference(big, alone) > 1e-5
+
+
+def test_the_codebook_takes_one_ema_step_over_all_micro_batches():
+    """Four micro-batches quantize with the codebook as it was, and their counts, sums and
+    restart rows make the one EMA update a batch of all of them makes, dead codes included."""
+    from run import one_codebook_step
+    from vqvae import Codebook
+    torch.manual_seed(0)
+    z = torch.randn(8, 4, 2, 3, 3)                                   # (B, D, t, h, w)
+    # A threshold above every count: each code restarts at a random encoder output.
+    books = [Codebook(16, 4, dead_code_threshold=100.0) for _ in range(2)]
+    books[0].init_from(torch.randn(32, 4))
+    books[1].load_state_dict(books[0].state_dict())
+    start = books[1].embeddings.clone()
+    torch.manual_seed(1)
+    whole = books[0](z)
+    torch.manual_seed(1)
+    parts = []
+    with one_codebook_step(SimpleNamespace(codebook=books[1]), 4):   # as a VQVAE holds it
+        for chunk in z.split(2):
+            parts.append(books[1](chunk))
+            # Until the step ends, every micro-batch sees the codebook of its start.
+            assert torch.equal(books[1].embeddings, start)
+    assert not torch.equal(books[1].embeddings, start)
+    assert torch.equal(torch.cat([p["codes"] for p in parts]), whole["codes"])
+    for name in ("embeddings", "N", "z_avg"):
+        torch.testing.assert_close(getattr(books[1], name), getattr(books[0], name),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batches_under_ddp_step_as_one_process_does(tiny_vqvae, tmp_path):
+    """Two gloo processes: each process's micro-batches are dealt from its share of the clips.
+    The prior (2 processes x 2 micro-batches of 2) steps as one process with a batch of 8. The
+    VQ-VAE's BatchNorm normalises each batch it is given by that batch's statistics, so its
+    micro-batches step as processes do: 2 x 2 micro-batches of 1 as 4 processes of 1 would,
+    which one process with 4 micro-batches of 1 reproduces."""
+    gathered = tmp_path / "ddp.pt"
+    r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   os.path.join("tests", "ddp_accum_worker.py"), gathered, tiny_vqvae,
+                   tmp_path / "ddp", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = torch.load(gathered, weights_only=True)
+    prior = train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(tmp_path / "gpt"),
+                       "--batch_size", "8", *ONE_STEP)
+    assert biggest_difference(ddp["gpt"], prior) < 1e-6
+    vq = train_once("--stage", "vqvae", "--init_from", tiny_vqvae, "--out_dir",
+                    str(tmp_path / "vq"), "--batch_size", "1", "--grad_accum", "4", *ONE_STEP)
+    # Weights and codebook alike; BatchNorm's running statistics (read in eval mode only) are
+    # each process's own.
+    running = ("running_mean", "running_var", "num_batches_tracked")
+    trained = {k: v for k, v in vq.items() if not k.endswith(running)}
+    assert biggest_difference(trained, ddp["vqvae"]) < 1e-5
+
+
+def test_a_run_with_micro_batches_resumes_where_it_stopped(tiny_vqvae, tmp_path):
+    common = [*PRIOR, "--vqvae", tiny_vqvae, "--batch_size", "2", "--grad_accum", "2",
+              *ONE_STEP[:2], *ONE_STEP[4:]]
+    straight = train_once(*common, "--out_dir", str(tmp_path / "a"), "--max_steps", "4")
+    train_once(*common, "--out_dir", str(tmp_path / "b"), "--max_steps", "2")
+    resumed = train_once(*common, "--out_dir", str(tmp_path / "b"), "--max_steps", "4")
+    assert biggest_difference(straight, resumed) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# --init_from
+
+
+def digits_file(path, seed):
+    """A small moving-digits HDF5 file of 4-frame 16x16 clips: 8 train, 2 test."""
+    from data import moving_digits
+    from prepare import write_hdf5
+    write_hdf5(str(path), {s: (list(moving_digits(n, 4, 16, seed=seed, train=s == "train")), None)
+                           for s, n in (("train", 8), ("test", 2))})
+    return str(path)
+
+
+def test_a_fine_tune_starts_from_the_source_and_learns_the_new_data(tiny_vqvae, tmp_path):
+    import run
+    from data import make_dataset
+    from gpt import load_gpt
+    source = tmp_path / "source"
+    train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(source), "--batch_size", "2",
+               *ONE_STEP)
+    data = digits_file(tmp_path / "other.h5", seed=1)
+    # Twelve steps on the other file, from the source's weights; --vqvae may name its VQ-VAE.
+    train_once("--stage", "gpt", "--init_from", str(source / "ckpt.pt"), "--vqvae", tiny_vqvae,
+               "--data", data, "--out_dir", str(tmp_path / "tuned"), "--batch_size", "4",
+               *ONE_STEP[:2], "--max_steps", "12", *ONE_STEP[4:], "--lr", "1e-2",
+               "--warmup_steps", "0")
+    records = train_records(tmp_path / "tuned")
+    assert records[0]["step"] == 1 and records[-1]["step"] == 12
+    # Its first loss is the source model's loss on the first batch of the new data.
+    gpt, vq = load_gpt(source / "ckpt.pt")
+    clips = make_dataset(data, 4, resolution=16, seed=0)
+    order = iter(run.InfiniteSampler(len(clips), seed=0))
+    x = torch.stack([clips[next(order)]["video"] for _ in range(4)])
+    with torch.no_grad():
+        codes = vq.encode(x)
+        first = torch.nn.functional.cross_entropy(gpt(codes).flatten(0, -2), codes.flatten())
+    assert records[0]["loss"] == pytest.approx(first.item(), rel=1e-5)
+    # ...and training on the new data lowers it.
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1
+    # A fresh optimizer at step 0: the new run's checkpoint counts its own steps.
+    saved = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 12 and saved["train_args"]["init_from"] == str(source / "ckpt.pt")
+
+
+def test_a_fine_tune_keeps_the_models_shape_and_its_vqvae(tiny_vqvae, tmp_path):
+    from conftest import train_error
+    source = tmp_path / "source"
+    train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(source), "--batch_size", "2",
+               *ONE_STEP)
+    ckpt = str(source / "ckpt.pt")
+    tune = ["--stage", "gpt", "--init_from", ckpt, "--no-cache_codes", *ONE_STEP]
+    message = train_error(*tune, "--hidden_dim", "48", "--out_dir", str(tmp_path / "a"))
+    assert message.endswith(f"{ckpt}: --hidden_dim 48 differs from the checkpoint's 24; a "
+                            f"fine-tune keeps the model's shape (leave the flag out)")
+    assert "--class_cond, but the checkpoint's prior has no classes" in train_error(
+        *tune, "--class_cond", "--out_dir", str(tmp_path / "b"))
+    # Another VQ-VAE (another seed gives other weights) is refused; dropout may change.
+    other = tmp_path / "other_vq"
+    train_once("--stage", "vqvae", "--out_dir", str(other), "--sequence_length", "4",
+               "--resolution", "16", "--n_hiddens", "16", "--n_res_layers", "0",
+               "--decoder_res_layers", "0", "--embedding_dim", "8", "--n_codes", "16",
+               "--downsample", "2", "4", "4", "--batch_size", "2", "--seed", "1", *ONE_STEP)
+    message = train_error(*tune, "--vqvae", str(other / "ckpt.pt"), "--out_dir",
+                          str(tmp_path / "c"))
+    assert f"{other / 'ckpt.pt'}: is not the VQ-VAE that {ckpt} was trained with" in message
+    tuned = tmp_path / "d"
+    train_once(*tune, "--dropout", "0.3", "--out_dir", str(tuned))
+    config = torch.load(tuned / "ckpt.pt", weights_only=True)["config"]
+    assert config["dropout"] == 0.3 and config["hidden_dim"] == 24
+
+
+def test_a_fine_tune_starts_from_an_original_release_checkpoint(tmp_path):
+    """The original's prior files hold no configs: the fine-tune reads them off the weights, as
+    gpt.load_gpt does, and its first loss is the loaded prior's."""
+    from originals import ORIGINAL_ARGS, PRIOR_KEYS, original_state_dict, save_like_lightning
+    sd = original_state_dict(seed=0, keys=PRIOR_KEYS["uncond"])
+    args = dict(ORIGINAL_ARGS, hidden_dim=60, heads=2, layers=2, attn_type="full",
+                vqvae="vqvae.ckpt")
+    save_like_lightning(tmp_path / "prior.ckpt", sd, args)
+    train_once("--stage", "gpt", "--init_from", str(tmp_path / "prior.ckpt"), "--no-cache_codes",
+               "--batch_size", "2", "--dropout", "0", "--attn_dropout", "0",
+               "--out_dir", str(tmp_path / "tuned"), *ONE_STEP)
+    record = train_records(tmp_path / "tuned")[0]
+    assert record["step"] == 1 and np.isfinite(record["loss"])
+    saved = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
+    assert saved["config"]["hidden_dim"] == 60
+    assert tuple(saved["config"]["latent_shape"]) == (4, 8, 8)
