@@ -9,8 +9,10 @@ Speed is measured here and only here: the tests check behaviour, never timings.
 
 Benchmarks:
   vqvae_train   VQ-VAE training steps: clips/s; the optimizer's own step, Adam's and
-                train.py's --optimizer muon (Muon over the hidden matrices, Adam the rest)
-  gpt_train     prior training steps: tokens/s, and MFU on CUDA; the optimizer's step, as above
+                train.py's --optimizer muon (Muon over the hidden matrices, Adam the rest);
+                the peak memory of one micro-batch per size up to the batch (--grad_accum)
+  gpt_train     prior training steps: tokens/s, and MFU on CUDA; the optimizer's step and the
+                micro-batches' peak memory, as above
   sample        prior sampling: seconds for one whole batch through fast.generate, eager and
                 compiled (and the compiling first call), the lesson's gpt.sample once,
                 its VQ-VAE decode, tokens/s of
@@ -34,12 +36,14 @@ Benchmarks:
 
 Times are medians over timed steps after warm-up (CUDA synchronised), so one
 slow step does not move them. Peak memory is CUDA's max allocated, or the
-process's peak resident set on CPU. The naive sampler costs the same at every
-position (a full forward of the grid), so it is timed over `--naive_steps`
-positions and reported per token.
+process's peak resident set on CPU (reset before each micro-batch size on Linux,
+so those include the model, its gradients and the optimizer's state). The naive
+sampler costs the same at every position (a full forward of the grid), so it is
+timed over `--naive_steps` positions and reported per token.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,9 +110,36 @@ def sync(device):
 
 
 def peak_memory_mb(device):
+    """CUDA's peak allocated memory, or the process's peak resident set (since the last reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:   # Linux: VmHWM, in kB, which a reset lowers
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kilobytes on Linux
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's counter, or (Linux) the process's resident-set high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def micro_batch_memory(step_with, batch, device):
+    """{micro-batch size: peak MB of one forward and backward at that size}, for the sizes up to
+    `batch`: what train.py --grad_accum needs per micro-batch, to choose N."""
+    sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < batch} | {batch})
+    peaks = {}
+    for b in sizes:
+        sync(device)
+        reset_peak_memory(device)
+        step_with(b)
+        sync(device)
+        peaks[str(b)] = peak_memory_mb(device)
+    return peaks
 
 
 def timed(fn, device, warmup, steps):
@@ -155,13 +186,21 @@ def bench_vqvae(size, args, device, autocast):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def forward_backward(b):
+        with autocast:
+            loss = model(x[:b])["loss"]
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
     t = timed(step, device, args.warmup, args.steps)
+    peak = peak_memory_mb(device)
+    per_micro_batch = micro_batch_memory(forward_backward, B, device)
     emit(bench="vqvae_train", device=str(device), dtype=args.dtype,
          threads=torch.get_num_threads(), batch=B,
          clip=[c.sequence_length, c.resolution], n_hiddens=c.n_hiddens, n_res_layers=c.n_res_layers,
          downsample=list(c.downsample), n_codes=c.n_codes, embedding_dim=c.embedding_dim,
-         step_ms=1000 * t, clips_per_s=B / t, peak_mem_mb=peak_memory_mb(device),
-         **optimizer_steps_ms(model, device, args))
+         step_ms=1000 * t, clips_per_s=B / t, peak_mem_mb=peak,
+         micro_batch_peak_mem_mb=per_micro_batch, **optimizer_steps_ms(model, device, args))
 
 
 def bench_gpt_train(size, args, device, autocast):
@@ -179,7 +218,16 @@ def bench_gpt_train(size, args, device, autocast):
         F.cross_entropy(logits, codes.flatten()).backward()               # against (B*L,)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def forward_backward(b):
+        with autocast:
+            logits = fwd(codes[:b])
+        logits = logits.flatten(0, -2).float()                            # (b*L, n_codes)
+        F.cross_entropy(logits, codes[:b].flatten()).backward()           # against (b*L,)
+        opt.zero_grad(set_to_none=True)
     t = timed(step, device, args.warmup, args.steps)
+    peak = peak_memory_mb(device)
+    per_micro_batch = micro_batch_memory(forward_backward, B, device)
     tokens_per_s = B * L / t
     optimizer_ms = optimizer_steps_ms(model, device, args)
     # Training FLOPs per token: 6 per weight, plus the attention scores and sums (PaLM's estimate).
@@ -192,7 +240,7 @@ def bench_gpt_train(size, args, device, autocast):
                   heads=config.heads, dropout=config.dropout, attn_dropout=config.attn_dropout,
                   attn_type=config.attn_type, compiled=args.compile, params_m=n_params / 1e6,
                   step_ms=1000 * t, **optimizer_ms, tokens_per_s=tokens_per_s,
-                  peak_mem_mb=peak_memory_mb(device))
+                  peak_mem_mb=peak, micro_batch_peak_mem_mb=per_micro_batch)
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)

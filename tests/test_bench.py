@@ -16,8 +16,12 @@ def test_bench_prints_json_lines():
     assert [rec["bench"] for rec in records] == ["vqvae_train", "gpt_train", "sample", "sparse",
                                                  "attention", "attention"]
     assert records[0]["clips_per_s"] > 0 and records[1]["tokens_per_s"] > 0
-    # The optimizers' steps.
+    # The optimizers' steps, and the peak memory of each micro-batch size up to the batch.
     assert all(rec["adam_step_ms"] > 0 and rec["muon_step_ms"] > 0 for rec in records[:2])
+    for rec in records[:2]:
+        sizes = [int(b) for b in rec["micro_batch_peak_mem_mb"]]
+        assert sizes[0] == 1 and sizes[-1] == rec["batch"] and sizes == sorted(sizes)
+        assert all(mb > 0 for mb in rec["micro_batch_peak_mem_mb"].values())
     sample = records[2]
     assert sample["codes"] == 64 and sample["latent"] == [4, 4, 4]
     ratio = sample["cached_tokens_per_s"] / sample["naive_tokens_per_s"]
