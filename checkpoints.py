@@ -8,6 +8,7 @@ a file that matters uses it:
   leaves at worst a `NAME.tmpPID` that the next start clears, and an output
   folder is proved writable before hours of work go into it. `OutputLock`:
   one run per output folder (or file), released by the kernel if the run dies.
+  `save_gif`, `save_mp4` and `save_png` write pictures and videos that way.
 * Checkpoints: `save_checkpoint` / `keep_copy` write ours; `load_checkpoint`
   reads ours and the original VideoGPT release's PyTorch Lightning files with
   `weights_only=True` and an explicit allow-list, so a file that would run code
@@ -32,6 +33,7 @@ import pickle
 import re
 import socket
 
+import numpy as np
 import torch
 
 
@@ -126,6 +128,47 @@ def check_writable(folder):
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ValueError(f"{folder}: cannot write there ({reason})") from None
+
+
+# -----------------------------------------------------------------------------
+# Pictures and videos, written whole
+
+
+def save_gif(frames, path, fps=8):
+    """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
+    from PIL import Image  # Pillow comes with matplotlib
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+    save = lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                    duration=round(1000 / fps), loop=0)
+    atomic_write(path, save)
+
+
+def save_mp4(frames, path, fps=8):
+    """Write uint8 frames (T, H, W, 3) as an H.264 MP4 with PyAV, atomically; odd sides are
+    padded to even."""
+    import av  # lazy: only the MP4 writer needs PyAV
+    frames = np.asarray(frames)
+    T, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))   # yuv420p needs even sides
+
+    def write(f):
+        with av.open(f, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in frames:
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                for packet in stream.encode(picture):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    atomic_write(path, write)
+
+
+def save_png(image, path):
+    """Write a uint8 (H, W, 3) image as PNG, atomically."""
+    from PIL import Image  # Pillow comes with matplotlib
+    atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"))
 
 
 # -----------------------------------------------------------------------------

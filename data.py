@@ -12,8 +12,8 @@ per-frame `"actions"` and `"states"` where the data has them. Both training stag
 
 An item is one video's random `sequence_length` window. Asked for as `(index, seed)`, the window
 is fixed, so the data a run sees is a pure function of its seed and step, whatever the DataLoader
-workers do. Out: `video_grid` and `grid_video` tile clips, and `save_gif`, `save_mp4` and
-`save_png` write files atomically. `python -m prepare` makes datasets.
+workers do. Out: `video_grid` and `grid_video` tile clips, which checkpoints.py's `save_gif`,
+`save_mp4` and `save_png` write whole or not at all. `python -m prepare` makes datasets.
 """
 
 import concurrent.futures
@@ -37,6 +37,7 @@ from checkpoints import atomic_write
 from runtime import first_line
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def stored_names(f, key):
 
 
 # -----------------------------------------------------------------------------
-# Folders of video files, decoded with PyAV
+# Video files (decoded with PyAV), images, and folders of them
 
 
 def find_videos(folder):
@@ -307,9 +308,9 @@ def count_frames(path):
         return sum(1 for _ in container.decode(stream))
 
 
-def read_frames(path, start=0, length=None):
+def read_frames(path, start=0, length=None, indexed=True):
     """Frames [start, start + length) of a video file, uint8 (length, H, W, 3); all without
-    a length."""
+    a length, and fewer (not indexed: a user's file) if it ends sooner."""
     container, stream = open_video(path)
     frames = []
     with container:
@@ -318,10 +319,45 @@ def read_frames(path, start=0, length=None):
                 frames.append(frame.to_ndarray(format="rgb24"))   # (H, W, 3)
             if length is not None and len(frames) == length:
                 break
-    if not frames or (length is not None and len(frames) < length):
+    if indexed and (not frames or (length is not None and len(frames) < length)):
         raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its "
                          f"index sidecar")
     return np.stack(frames)                                       # (T, H, W, 3)
+
+
+def read_images(paths):
+    """uint8 (T, H, W, 3) frames from image files, in the order given (RGB, alpha dropped)."""
+    from PIL import Image  # Pillow comes with matplotlib
+    frames = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                frames.append(np.asarray(image.convert("RGB")))          # (H, W, 3)
+        except OSError as e:
+            raise ValueError(f"{path}: not a readable image ({first_line(e)})") from None
+        if frames[-1].shape != frames[0].shape:
+            raise ValueError(f"{path}: {frames[-1].shape[1]}x{frames[-1].shape[0]} pixels, but "
+                             f"the first frame is {frames[0].shape[1]}x{frames[0].shape[0]}")
+    return np.stack(frames)                                               # (T, H, W, 3)
+
+
+def read_clip(path, n_frames):
+    """Up to `n_frames` first frames of a user's clip (a video file, an image, or a folder of
+    images in the order of their names), uint8 (T, H, W, 3)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS))
+        if not names:
+            raise ValueError(f"{path}: holds no images ({', '.join(IMAGE_EXTS)})")
+        return read_images([os.path.join(path, n) for n in names[:n_frames]])
+    if path.lower().endswith(IMAGE_EXTS):
+        return read_images([path])
+    try:
+        return read_frames(path, 0, n_frames, indexed=False)               # (T, H, W, 3)
+    except Exception as e:  # any decoder failure means: not a video we can read
+        raise ValueError(f"{path}: not a readable video ({first_line(e)})") from None
 
 
 def cache_dir():
@@ -650,43 +686,6 @@ def grid_video(videos, ncol=None, pad=2):
         r, c = divmod(i, ncol)
         canvas[:, r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = videos[i]
     return canvas
-
-
-def save_gif(frames, path, fps=8):
-    """Write uint8 frames (T, H, W, 3) as a looping GIF, atomically."""
-    from PIL import Image  # Pillow comes with matplotlib
-    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
-    save = lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                    duration=round(1000 / fps), loop=0)
-    atomic_write(path, save)
-
-
-def save_mp4(frames, path, fps=8):
-    """Write uint8 frames (T, H, W, 3) as an H.264 MP4 with PyAV, atomically; odd sides are
-    padded to even."""
-    import av  # lazy: only the folder reader and MP4 writers need PyAV
-    frames = np.asarray(frames)
-    T, H, W, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))   # yuv420p needs even sides
-
-    def write(f):
-        with av.open(f, "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = W + W % 2, H + H % 2, "yuv420p"
-            stream.options = {"crf": "18"}
-            for frame in frames:
-                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                for packet in stream.encode(picture):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-    atomic_write(path, write)
-
-
-def save_png(image, path):
-    """Write a uint8 (H, W, 3) image as PNG, atomically."""
-    from PIL import Image  # Pillow comes with matplotlib
-    atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"))
 
 
 def main(argv=None):

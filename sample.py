@@ -9,6 +9,8 @@
     python sample.py --ckpt runs/gpt/ckpt.pt --frames 64 --out long.mp4           # longer videos
     python sample.py --ckpt runs/gpt/ckpt.pt --cond_from DATA --context_frames 4 --frames 32 \
         --out predicted.mp4                                                       # prediction
+    python sample.py --ckpt bair_gpt.ckpt --cond_from my_frame.png --out mine.mp4  # your frame
+    python sample.py --ckpt runs/gpt/ckpt.pt --cond_from clip.mp4 --context_frames 4 --out next.mp4
 
 The checkpoint is ours (it embeds its VQ-VAE) or an original VideoGPT prior.
 Codes are drawn with the fast KV-cached sampler (fast.generate, which draws
@@ -28,9 +30,10 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import OutputLock, check_writable, load_checkpoint
-from data import (grid_video, make_dataset, samples_to_uint8, save_gif, save_mp4, save_png,
-                  video_grid)
+from checkpoints import (OutputLock, check_writable, load_checkpoint, save_gif, save_mp4,
+                         save_png)
+from data import (IMAGE_EXTS, VIDEO_EXTS, grid_video, make_dataset, preprocess, read_clip,
+                  samples_to_uint8, video_grid)
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, sample_long, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli
@@ -56,7 +59,8 @@ def parse_args(argv=None):
                    help="class of every sample (class-conditional priors)")
     p.add_argument("--cond_from", default=None,
                    help="HDF5 file or video folder whose test clips give the conditioning frames "
-                        "(and labels, actions)")
+                        "(and labels, actions); or your own clip: a video file, an image, or a "
+                        "folder of images, whose first frames every sample continues")
     p.add_argument("--actions", default=None,
                    help="action-conditional priors: the actions' names, each held for a number of "
                         "frames, e.g. \"TURN_RIGHT*8,MOVE_FORWARD*8\" (one per frame, for every "
@@ -108,6 +112,28 @@ def load_actions(path, n, sequence_length, action_dim):
     return torch.from_numpy(np.ascontiguousarray(actions, np.float32))
 
 
+def is_own_clip(path):
+    """Whether --cond_from names one clip of the user's (a video file, an image, a folder of
+    images) rather than a dataset (an HDF5 file, or a folder with train/ and test/)."""
+    if os.path.isdir(path):
+        return not any(os.path.isdir(os.path.join(path, s)) for s in ("train", "test"))
+    return path.lower().endswith(VIDEO_EXTS + IMAGE_EXTS)
+
+
+def own_frames(args, config, vq_config):
+    """The first frames of the user's clip that the prior needs (its conditioning frames, or
+    --context_frames to continue), preprocessed as training data is: (3, k, H, W)."""
+    needed = max(config.n_cond_frames, args.context_frames)
+    if not needed:
+        raise ValueError(f"{args.cond_from}: this prior takes no frames; pass --context_frames K "
+                         f"to continue the first K")
+    clip = read_clip(args.cond_from, needed)                                  # (k, H, W, 3)
+    if len(clip) < needed:
+        raise ValueError(f"{args.cond_from}: {len(clip)} frame(s), but the prior needs "
+                         f"{needed} to continue")
+    return preprocess(clip, vq_config.resolution)                             # (3, k, R, R)
+
+
 def conditioning(gpt, args, vq_config, device):
     """The prior's inputs for all n samples: dict(label (n,), frames (n, 3, k, H, W), actions
     (n, T, A)), None where unused; and the prediction context (n, 3, K, H, W) or None."""
@@ -115,7 +141,12 @@ def conditioning(gpt, args, vq_config, device):
     labels = frames = actions = context = data = None
     if args.context_frames and args.cond_from is None:
         raise ValueError("--context_frames continues real clips: pass --cond_from DATA too")
-    if args.cond_from is not None:
+    if args.cond_from is not None and is_own_clip(args.cond_from):
+        video = own_frames(args, c, vq_config).to(device)                     # (3, k, H, W)
+        video = video.expand(args.n, -1, -1, -1, -1)                          # (n, 3, k, H, W)
+        frames = video[:, :, :c.n_cond_frames] if c.n_cond_frames else None
+        context = video[:, :, :args.context_frames] if args.context_frames else None
+    elif args.cond_from is not None:
         data = make_dataset(args.cond_from, vq_config.sequence_length, train=False,
                             resolution=vq_config.resolution)
         # The first n test clips (cycled when there are fewer), each with a fixed window.

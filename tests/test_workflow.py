@@ -1,5 +1,5 @@
-"""A researcher's own workflow: gradient accumulation (--grad_accum) and fine-tuning
-(--init_from).
+"""A researcher's own workflow: gradient accumulation (--grad_accum), fine-tuning
+(--init_from), and sampling from one's own frames (sample.py --cond_from FILE).
 
 python -m pytest tests/test_workflow.py
 """
@@ -41,6 +41,16 @@ def tiny_vqvae(tmp_path_factory):
                "--decoder_res_layers", "0", "--embedding_dim", "8", "--n_codes", "16",
                "--downsample", "2", "4", "4", "--batch_size", "2", *ONE_STEP)
     return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def priors(tiny_vqvae, tmp_path_factory):
+    """One-step priors on the tiny VQ-VAE: unconditional, and conditioned on the first frame."""
+    out = tmp_path_factory.mktemp("priors")
+    for name, flags in (("plain", []), ("framed", ["--n_cond_frames", "1"])):
+        train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(out / name),
+                   "--batch_size", "2", *flags, *ONE_STEP)
+    return {name: str(out / name / "ckpt.pt") for name in ("plain", "framed")}
 
 
 # -----------------------------------------------------------------------------
@@ -139,23 +149,22 @@ def digits_file(path, seed):
     return str(path)
 
 
-def test_a_fine_tune_starts_from_the_source_and_learns_the_new_data(tiny_vqvae, tmp_path):
+def test_a_fine_tune_starts_from_the_source_and_learns_the_new_data(tiny_vqvae, priors,
+                                                                   tmp_path):
     import run
     from data import make_dataset
     from gpt import load_gpt
-    source = tmp_path / "source"
-    train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(source), "--batch_size", "2",
-               *ONE_STEP)
+    source = priors["plain"]
     data = digits_file(tmp_path / "other.h5", seed=1)
     # Twelve steps on the other file, from the source's weights; --vqvae may name its VQ-VAE.
-    train_once("--stage", "gpt", "--init_from", str(source / "ckpt.pt"), "--vqvae", tiny_vqvae,
+    train_once("--stage", "gpt", "--init_from", source, "--vqvae", tiny_vqvae,
                "--data", data, "--out_dir", str(tmp_path / "tuned"), "--batch_size", "4",
                *ONE_STEP[:2], "--max_steps", "12", *ONE_STEP[4:], "--lr", "1e-2",
                "--warmup_steps", "0")
     records = train_records(tmp_path / "tuned")
     assert records[0]["step"] == 1 and records[-1]["step"] == 12
     # Its first loss is the source model's loss on the first batch of the new data.
-    gpt, vq = load_gpt(source / "ckpt.pt")
+    gpt, vq = load_gpt(source)
     clips = make_dataset(data, 4, resolution=16, seed=0)
     order = iter(run.InfiniteSampler(len(clips), seed=0))
     x = torch.stack([clips[next(order)]["video"] for _ in range(4)])
@@ -167,15 +176,12 @@ def test_a_fine_tune_starts_from_the_source_and_learns_the_new_data(tiny_vqvae, 
     assert records[-1]["loss"] < records[0]["loss"] - 0.1
     # A fresh optimizer at step 0: the new run's checkpoint counts its own steps.
     saved = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
-    assert saved["step"] == 12 and saved["train_args"]["init_from"] == str(source / "ckpt.pt")
+    assert saved["step"] == 12 and saved["train_args"]["init_from"] == source
 
 
-def test_a_fine_tune_keeps_the_models_shape_and_its_vqvae(tiny_vqvae, tmp_path):
+def test_a_fine_tune_keeps_the_models_shape_and_its_vqvae(priors, tmp_path):
     from conftest import train_error
-    source = tmp_path / "source"
-    train_once(*PRIOR, "--vqvae", tiny_vqvae, "--out_dir", str(source), "--batch_size", "2",
-               *ONE_STEP)
-    ckpt = str(source / "ckpt.pt")
+    ckpt = priors["plain"]
     tune = ["--stage", "gpt", "--init_from", ckpt, "--no-cache_codes", *ONE_STEP]
     message = train_error(*tune, "--hidden_dim", "48", "--out_dir", str(tmp_path / "a"))
     assert message.endswith(f"{ckpt}: --hidden_dim 48 differs from the checkpoint's 24; a "
@@ -213,3 +219,72 @@ def test_a_fine_tune_starts_from_an_original_release_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
     assert saved["config"]["hidden_dim"] == 60
     assert tuple(saved["config"]["latent_shape"]) == (4, 8, 8)
+
+
+# -----------------------------------------------------------------------------
+# sample.py --cond_from: your own frames
+
+
+def conditioning_of(ckpt, *argv):
+    """What sample.py gives the prior for these arguments: (cond, context)."""
+    import sample
+    from gpt import load_gpt
+    gpt, vq = load_gpt(ckpt)
+    args = sample.parse_args(["--ckpt", ckpt, "--n", "3", *argv])
+    return sample.conditioning(gpt, args, vq.config, torch.device("cpu"))
+
+
+def test_samples_continue_your_own_image_or_video(priors, tmp_path):
+    from PIL import Image
+    from conftest import gradient_video, write_video
+    from data import preprocess, read_frames
+    # An RGBA image of another size and shape: resized, centre-cropped, its alpha dropped.
+    rgba = np.random.default_rng(0).integers(0, 256, (20, 28, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "frame.png")
+    cond, context = conditioning_of(priors["framed"], "--cond_from", str(tmp_path / "frame.png"))
+    given = preprocess(rgba[None, :, :, :3], 16)                       # (3, 1, 16, 16)
+    assert cond["frames"].shape == (3, 3, 1, 16, 16) and context is None
+    assert all(torch.equal(f, given) for f in cond["frames"])
+    # A video file continued from its first 2 frames by an unconditional prior.
+    write_video(tmp_path / "clip.mp4", gradient_video(6, 24, 32))
+    cond, context = conditioning_of(priors["plain"], "--cond_from", str(tmp_path / "clip.mp4"),
+                                    "--context_frames", "2")
+    decoded = preprocess(read_frames(str(tmp_path / "clip.mp4"), 0, 2), 16)   # (3, 2, 16, 16)
+    assert context.shape == (3, 3, 2, 16, 16) and torch.equal(context[1], decoded)
+    # The whole command, to a picture and a video, both samples framed as the given frames are.
+    import sample
+    for ckpt, argv in ((priors["framed"], ["--cond_from", str(tmp_path / "frame.png")]),
+                       (priors["plain"], ["--cond_from", str(tmp_path / "clip.mp4"),
+                                          "--context_frames", "2"])):
+        out = tmp_path / f"{os.path.basename(os.path.dirname(ckpt))}.gif"
+        sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(out), "--device", "cpu", *argv])
+        assert out.stat().st_size > 0
+
+
+def test_your_own_frames_give_one_line_errors(priors, tmp_path):
+    from PIL import Image
+    from conftest import gradient_video, write_video
+    import sample
+    write_video(tmp_path / "short.mp4", gradient_video(1, 16, 16))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "frames" / "0.png")
+    Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(tmp_path / "frames" / "1.png")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (priors["plain"], ["--cond_from", tmp_path / "short.mp4", "--context_frames", "2"],
+         f"{tmp_path / 'short.mp4'}: 1 frame(s), but the prior needs 2 to continue"),
+        (priors["plain"], ["--cond_from", tmp_path / "a.png"],
+         f"{tmp_path / 'a.png'}: this prior takes no frames; pass --context_frames K to "
+         f"continue the first K"),
+        (priors["plain"], ["--cond_from", tmp_path / "frames", "--context_frames", "2"],
+         f"{tmp_path / 'frames' / '1.png'}: 20x16 pixels, but the first frame is 16x16"),
+        (priors["framed"], ["--cond_from", tmp_path / "empty"],
+         f"{tmp_path / 'empty'}: holds no images (.png, .jpg, .jpeg)"),
+    ]
+    for ckpt, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "x.gif"),
+                         *map(str, argv)])
+        assert str(e.value.code) == f"sample.py: error: {message}"
+        assert not (tmp_path / "x.gif").exists()
