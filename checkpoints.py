@@ -8,7 +8,8 @@ a file that matters uses it:
   leaves at worst a `NAME.tmpPID` that the next start clears, and an output
   folder is proved writable before hours of work go into it. `OutputLock`:
   one run per output folder (or file), released by the kernel if the run dies.
-  `save_gif`, `save_mp4` and `save_png` write pictures and videos that way.
+  `video_grid` and `grid_video` tile clips into a picture or a video, which `save_gif`,
+  `save_mp4` and `save_png` write that way.
 * Checkpoints: `save_checkpoint` / `keep_copy` write ours; `load_checkpoint`
   reads ours and the original VideoGPT release's PyTorch Lightning files with
   `weights_only=True` and an explicit allow-list, so a file that would run code
@@ -28,6 +29,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -131,7 +133,44 @@ def check_writable(folder):
 
 
 # -----------------------------------------------------------------------------
-# Pictures and videos, written whole
+# Pictures and videos: clips tiled, and written whole
+
+
+# Pictures show every frame at least this many pixels high (nearest neighbour, a whole factor):
+# a 32x32 clip shown at its size is too small to read.
+MIN_FRAME_SIDE = 128
+
+
+def upscale(videos, min_side=MIN_FRAME_SIDE):
+    """uint8 (..., H, W, 3) enlarged by the smallest whole factor that makes H >= min_side,
+    nearest neighbour."""
+    k = max(1, math.ceil(min_side / videos.shape[-3]))
+    return videos.repeat(k, axis=-3).repeat(k, axis=-2) if k > 1 else videos   # (..., k*H, k*W, 3)
+
+
+def video_grid(videos, pad=2):
+    """uint8 (N, T, H, W, 3) -> one uint8 image: a clip per row, its frames left to right,
+    enlarged, with white gaps."""
+    videos = upscale(np.asarray(videos))
+    N, T, H, W, C = videos.shape
+    canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
+    canvas[:, :H, :, :W] = videos.transpose(0, 2, 1, 3, 4)       # (N, H, T, W, 3)
+    image = canvas.reshape(N * (H + pad), T * (W + pad), C)     # (N*(H+pad), T*(W+pad), 3)
+    return image[:-pad, :-pad] if pad else image
+
+
+def grid_video(videos, ncol=None, pad=2):
+    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips, enlarged, tiled in a grid and
+    playing together."""
+    videos = upscale(np.asarray(videos))
+    N, T, H, W, C = videos.shape
+    ncol = ncol or math.ceil(math.sqrt(N))
+    nrow = math.ceil(N / ncol)
+    canvas = np.full((T, nrow * (H + pad) - pad, ncol * (W + pad) - pad, C), 255, np.uint8)
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        canvas[:, r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = videos[i]
+    return canvas
 
 
 def save_gif(frames, path, fps=8):

@@ -12,8 +12,8 @@ per-frame `"actions"` and `"states"` where the data has them. Both training stag
 
 An item is one video's random `sequence_length` window. Asked for as `(index, seed)`, the window
 is fixed, so the data a run sees is a pure function of its seed and step, whatever the DataLoader
-workers do. Out: `video_grid` and `grid_video` tile clips, which checkpoints.py's `save_gif`,
-`save_mp4` and `save_png` write whole or not at all. `python -m prepare` makes datasets.
+workers do. Out: checkpoints.py tiles clips into pictures (`video_grid`, `grid_video`) and writes
+them whole or not at all (`save_gif`, `save_mp4`, `save_png`). `python -m prepare` makes datasets.
 """
 
 import concurrent.futures
@@ -645,47 +645,6 @@ def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10
     if os.path.isfile(data):
         return HDF5Dataset(data, sequence_length, train=train, resolution=resolution)
     raise FileNotFoundError(f"{data}: no such file or folder")
-
-
-# -----------------------------------------------------------------------------
-# Pictures of videos
-
-
-# Pictures show every frame at least this many pixels high (nearest neighbour, a whole factor):
-# a 32x32 clip shown at its size is too small to read.
-MIN_FRAME_SIDE = 128
-
-
-def upscale(videos, min_side=MIN_FRAME_SIDE):
-    """uint8 (..., H, W, 3) enlarged by the smallest whole factor that makes H >= min_side,
-    nearest neighbour."""
-    k = max(1, math.ceil(min_side / videos.shape[-3]))
-    return videos.repeat(k, axis=-3).repeat(k, axis=-2) if k > 1 else videos   # (..., k*H, k*W, 3)
-
-
-def video_grid(videos, pad=2):
-    """uint8 (N, T, H, W, 3) -> one uint8 image: a clip per row, its frames left to right,
-    enlarged, with white gaps."""
-    videos = upscale(np.asarray(videos))
-    N, T, H, W, C = videos.shape
-    canvas = np.full((N, H + pad, T, W + pad, C), 255, np.uint8)
-    canvas[:, :H, :, :W] = videos.transpose(0, 2, 1, 3, 4)       # (N, H, T, W, 3)
-    image = canvas.reshape(N * (H + pad), T * (W + pad), C)     # (N*(H+pad), T*(W+pad), 3)
-    return image[:-pad, :-pad] if pad else image
-
-
-def grid_video(videos, ncol=None, pad=2):
-    """uint8 (N, T, H, W, 3) -> uint8 (T, H', W', 3): the clips, enlarged, tiled in a grid and
-    playing together."""
-    videos = upscale(np.asarray(videos))
-    N, T, H, W, C = videos.shape
-    ncol = ncol or math.ceil(math.sqrt(N))
-    nrow = math.ceil(N / ncol)
-    canvas = np.full((T, nrow * (H + pad) - pad, ncol * (W + pad) - pad, C), 255, np.uint8)
-    for i in range(N):
-        r, c = divmod(i, ncol)
-        canvas[:, r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = videos[i]
-    return canvas
 
 
 def main(argv=None):

@@ -762,8 +762,7 @@ def steer_of_checkpoint(args):
           flush=True)
     # Figure 7 of the paper: the same model told to turn left, go straight, turn right
     if args.picture:
-        from checkpoints import save_png
-        from data import video_grid
+        from checkpoints import save_png, video_grid
         shown = [sets[f"told {k}"][i] for k in told for i in range(args.picture_rows)]
         save_png(video_grid(np.stack(shown)), args.picture)
         print(args.picture, flush=True)

@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from checkpoints import OutputLock, check_writable, save_gif, save_mp4, save_png
-from data import preprocess, to_uint8, video_grid
+from checkpoints import OutputLock, check_writable, save_gif, save_mp4, save_png, video_grid
+from data import preprocess, to_uint8
 from runtime import run_cli
 from world import (DECODE_CONTEXT, STRIDE, TEMPERATURE, Player, load_world, make_game, package_file,
                    script_actions, start_world)

@@ -30,10 +30,9 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import (OutputLock, check_writable, load_checkpoint, save_gif, save_mp4,
-                         save_png)
-from data import (IMAGE_EXTS, VIDEO_EXTS, grid_video, make_dataset, preprocess, read_clip,
-                  samples_to_uint8, video_grid)
+from checkpoints import (OutputLock, check_writable, grid_video, load_checkpoint, save_gif,
+                         save_mp4, save_png, video_grid)
+from data import IMAGE_EXTS, VIDEO_EXTS, make_dataset, preprocess, read_clip, samples_to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, sample_long, use_fast_attention
 from gpt import load_gpt
 from runtime import autocast, default_device, run_cli

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoints import save_gif, save_png, stored_config
-from data import grid_video, samples_to_uint8, to_uint8, video_grid
+from checkpoints import grid_video, save_gif, save_png, stored_config, video_grid
+from data import samples_to_uint8, to_uint8
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
 from muon import make_optimizer

@@ -30,8 +30,8 @@ else:   # a notebook, started in the repository's root
     ROOT = os.getcwd()
 sys.path.insert(0, ROOT)
 from attention import causal_mask, strided_sparse_layout  # noqa: E402
-from checkpoints import save_png  # noqa: E402
-from data import MovingDigitsDataset, to_uint8, video_grid  # noqa: E402
+from checkpoints import save_png, video_grid  # noqa: E402
+from data import MovingDigitsDataset, to_uint8  # noqa: E402
 from gpt import GPTConfig, VideoGPT  # noqa: E402
 from vqvae import VQVAE, VQVAEConfig  # noqa: E402
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import save_png
+from checkpoints import save_png, video_grid
 from data import (VideoFolderDataset, make_dataset, moving_digits, preprocess, read_frames,
-                  to_uint8, video_grid)
+                  to_uint8)
 from prepare import bair, ucf101, vizdoom, write_hdf5
 from runtime import run_cli
 

@@ -266,7 +266,7 @@ def test_cli_digits_inspect_and_folder_to_hdf5(tmp_path, monkeypatch, capsys):
 
 
 def test_pictures_enlarge_small_frames_by_a_whole_factor():
-    from data import grid_video, upscale, video_grid
+    from checkpoints import grid_video, upscale, video_grid
     clips = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32, 3), dtype=np.uint8)
     big = upscale(clips)                                        # 32 -> 128: each pixel a 4x4 block
     assert big.shape == (2, 3, 128, 128, 3) and np.array_equal(big[:, :, ::4, ::4], clips)
