@@ -375,6 +375,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def trained_with(path, flag, default=None):
+    """train.py's --flag in the run that wrote our checkpoint `path`; `default` for an original
+    checkpoint, or a flag the run did not have."""
+    args = load_checkpoint(path).get("train_args")
+    value = args.get(flag) if isinstance(args, dict) else None
+    return default if value is None else value
+
+
 def checkpoint_kind(ckpt):
     """'vqvae' or 'gpt' for our checkpoints and the original's; None if unrecognised."""
     if "stage" in ckpt:

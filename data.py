@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from checkpoints import atomic_write
-from runtime import first_line
+from runtime import cache_dir, first_line
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -138,6 +138,17 @@ class VideoFileDataset(Dataset):
     """
 
     max_read_failures = 8
+    sample_every = 1   # take every K-th frame: a window then spans (T - 1) * K + 1 frames
+
+    @property
+    def span(self):
+        """The frames a window covers, of which it keeps every sample_every-th."""
+        return (self.sequence_length - 1) * self.sample_every + 1
+
+    def window_text(self):
+        """What a video must be at least as long as, for messages."""
+        every = f" every {self.sample_every} frames ({self.span})" * (self.sample_every > 1)
+        return f"sequence_length={self.sequence_length}{every}"
 
     def __getitem__(self, item):
         i, seed = split_item(item)
@@ -159,10 +170,11 @@ class VideoFileDataset(Dataset):
 class HDF5Dataset(VideoFileDataset):
     """Videos stored as in the original VideoGPT HDF5 files; see the module docstring."""
 
-    def __init__(self, path, sequence_length, train=True, resolution=64):
+    def __init__(self, path, sequence_length, train=True, resolution=64, sample_every=1):
         super().__init__()
         self.path = os.fspath(path)
         self.sequence_length, self.resolution = sequence_length, resolution
+        self.sample_every = sample_every
         self.split = "train" if train else "test"
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such file")
@@ -179,15 +191,14 @@ class HDF5Dataset(VideoFileDataset):
         # Each video runs from its start to the next one's (the last one to the end of the data).
         # original: ended the last video at n_videos instead of n_frames.
         lengths = np.append(idx[1:], n_frames_total) - idx
-        keep = lengths >= sequence_length
+        keep = lengths >= self.span
         if not keep.any():
             raise ValueError(f"{self.path}: all {len(idx)} {self.split} videos are shorter than "
-                             f"sequence_length={sequence_length} (the longest has "
-                             f"{lengths.max()} frames)")
+                             f"{self.window_text()} (the longest has {lengths.max()} frames)")
         self.n_skipped = int((~keep).sum())
         if self.n_skipped:
             warnings.warn(f"{self.path}: skipping {self.n_skipped} {self.split} videos shorter "
-                          f"than sequence_length={sequence_length}")
+                          f"than {self.window_text()}")
         self.starts, self.lengths = idx[keep], lengths[keep]
         self.labels = labels[keep] if labels is not None else None
         self.n_classes = int(labels.max()) + 1 if labels is not None else 0
@@ -261,13 +272,14 @@ class HDF5Dataset(VideoFileDataset):
         return f"{self.path}: {self.split} video {i}"
 
     def load(self, i, seed):
-        start = self.starts[i] + window_start(self.lengths[i], self.sequence_length, seed)
-        video = self.frames()[start:start + self.sequence_length]           # (T, H, W, 3) uint8
+        start = self.starts[i] + window_start(self.lengths[i], self.span, seed)
+        window = slice(start, start + self.span, self.sample_every)
+        video = self.frames()[window]                                        # (T, H, W, 3) uint8
         out = dict(video=preprocess(video, self.resolution))
         if self.labels is not None:
             out["label"] = int(self.labels[i])
         for name in self.extras:
-            extra = self.frames(name)[start:start + self.sequence_length]      # (T, dim)
+            extra = self.frames(name)[window]                                 # (T, dim)
             out[name] = torch.from_numpy(np.asarray(extra, np.float32))
         return out
 
@@ -284,9 +296,19 @@ def stored_names(f, key):
 
 
 def find_videos(folder):
-    """Sorted paths of every .mp4/.avi/.webm below `folder` (any case)."""
+    """Sorted paths of every video below `folder`: a .mp4/.avi/.webm file (any case), or a folder
+    of frame images (.png/.jpg), one frame per image in the order of their names."""
     paths = glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-    return sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(VIDEO_EXTS))
+    files = [p for p in paths if os.path.isfile(p) and p.lower().endswith(VIDEO_EXTS)]
+    # A folder holding frame images is one video (the split's own folder is not).
+    frame_folders = {os.path.dirname(p) for p in paths if p.lower().endswith(IMAGE_EXTS)}
+    return sorted(files + [f for f in frame_folders if not os.path.samefile(f, folder)])
+
+
+def frame_images(folder):
+    """The frame images of a video stored as a folder of them, in the order of their names."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+    return [os.path.join(folder, n) for n in names]
 
 
 def open_video(path):
@@ -302,7 +324,12 @@ def open_video(path):
 
 
 def count_frames(path):
-    """Number of decodable frames of a video file; decoding all of it also proves it is readable."""
+    """Number of decodable frames of a video file (all decoded, which proves it readable), or of
+    images in a folder of frames (the first read)."""
+    if os.path.isdir(path):
+        images = frame_images(path)
+        read_images(images[:1])
+        return len(images)
     container, stream = open_video(path)
     with container:
         return sum(1 for _ in container.decode(stream))
@@ -311,6 +338,19 @@ def count_frames(path):
 def read_frames(path, start=0, length=None, indexed=True):
     """Frames [start, start + length) of a video file, uint8 (length, H, W, 3); all without
     a length, and fewer (not indexed: a user's file) if it ends sooner."""
+    if os.path.isdir(path):   # a folder of frame images
+        paths = frame_images(path)[start:None if length is None else start + length]
+        frames = list(read_images(paths)) if paths else []
+    else:
+        frames = decode_frames(path, start, length)
+    if indexed and (not frames or (length is not None and len(frames) < length)):
+        raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its "
+                         f"index sidecar")
+    return np.stack(frames)                                       # (T, H, W, 3)
+
+
+def decode_frames(path, start, length):
+    """Frames [start, start + length) of a video file as a list of uint8 (H, W, 3)."""
     container, stream = open_video(path)
     frames = []
     with container:
@@ -319,10 +359,7 @@ def read_frames(path, start=0, length=None, indexed=True):
                 frames.append(frame.to_ndarray(format="rgb24"))   # (H, W, 3)
             if length is not None and len(frames) == length:
                 break
-    if indexed and (not frames or (length is not None and len(frames) < length)):
-        raise ValueError(f"{path}: has fewer frames than indexed (changed since?); delete its "
-                         f"index sidecar")
-    return np.stack(frames)                                       # (T, H, W, 3)
+    return frames
 
 
 def read_images(paths):
@@ -348,22 +385,16 @@ def read_clip(path, n_frames):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS))
-        if not names:
+        images = frame_images(path)
+        if not images:
             raise ValueError(f"{path}: holds no images ({', '.join(IMAGE_EXTS)})")
-        return read_images([os.path.join(path, n) for n in names[:n_frames]])
+        return read_images(images[:n_frames])
     if path.lower().endswith(IMAGE_EXTS):
         return read_images([path])
     try:
         return read_frames(path, 0, n_frames, indexed=False)               # (T, H, W, 3)
     except Exception as e:  # any decoder failure means: not a video we can read
         raise ValueError(f"{path}: not a readable video ({first_line(e)})") from None
-
-
-def cache_dir():
-    """Where generated data and indexes go when they cannot go beside the data."""
-    default = os.path.join(os.path.expanduser("~"), ".cache", "videogpt")
-    return os.environ.get("VIDEOGPT_CACHE", default)
 
 
 def index_videos(folder, paths, workers=None):
@@ -433,10 +464,12 @@ CLASSES_FILE = "classes.txt"
 class VideoFolderDataset(VideoFileDataset):
     """`ROOT/train/**/*.{mp4,avi,webm}` (or test/); the class of a video is its parent folder."""
 
-    def __init__(self, root, sequence_length, train=True, resolution=64, index_workers=None):
+    def __init__(self, root, sequence_length, train=True, resolution=64, index_workers=None,
+                 sample_every=1):
         super().__init__()
         self.root = os.fspath(root)
         self.sequence_length, self.resolution = sequence_length, resolution
+        self.sample_every = sample_every
         self.split = "train" if train else "test"
         folder = os.path.join(self.root, self.split)
         if not os.path.isdir(folder):
@@ -444,7 +477,7 @@ class VideoFolderDataset(VideoFileDataset):
                                     f"{self.root}/train/**/*.mp4 and {self.root}/test/**/*.mp4)")
         paths = find_videos(folder)
         if not paths:
-            raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_EXTS)}) found")
+            raise ValueError(f"{folder}: no videos (.mp4, .avi, .webm, or folders of images)")
         # Classes are the parent folders of both splits, so that train and test agree on labels.
         # They are in the order of ROOT/classes.txt when there is one (a dataset's official
         # order), else sorted.
@@ -468,7 +501,7 @@ class VideoFolderDataset(VideoFileDataset):
             if n is None:
                 warnings.warn(f"{p}: cannot be decoded, skipped")
                 self.n_skipped += 1
-            elif n < sequence_length:
+            elif n < self.span:
                 self.n_skipped += 1
             else:
                 self.paths.append(p)
@@ -477,8 +510,8 @@ class VideoFolderDataset(VideoFileDataset):
             decodable = [n for n in counts.values() if n is not None]
             reason = "none of them can be decoded"
             if decodable:
-                reason = (f"all are shorter than sequence_length={sequence_length} (the longest "
-                          f"has {max(decodable)} frames)")
+                reason = (f"all are shorter than {self.window_text()} (the longest has "
+                          f"{max(decodable)} frames)")
             raise ValueError(f"{folder}: no usable video among {len(paths)} files: {reason}")
         label = {c: i for i, c in enumerate(self.classes)}
         self.labels = [label[os.path.basename(os.path.dirname(p))] for p in self.paths]
@@ -490,8 +523,8 @@ class VideoFolderDataset(VideoFileDataset):
         return self.paths[i]
 
     def load(self, i, seed):
-        start = window_start(self.lengths[i], self.sequence_length, seed)
-        video = read_frames(self.paths[i], start, self.sequence_length)   # (T, H, W, 3) uint8
+        start = window_start(self.lengths[i], self.span, seed)
+        video = read_frames(self.paths[i], start, self.span)[::self.sample_every]   # (T, H, W, 3)
         return dict(video=preprocess(video, self.resolution), label=self.labels[i])
 
 
@@ -634,16 +667,22 @@ class MovingDigitsDataset(Dataset):
 # Choosing a dataset from a path
 
 
-def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10000, 256), seed=0):
-    """`data` None -> moving digits; a folder -> VideoFolderDataset; a file -> HDF5Dataset."""
+def make_dataset(data, sequence_length, train=True, resolution=64, n_default=(10000, 256), seed=0,
+                 sample_every=1):
+    """`data` None -> moving digits; a folder -> VideoFolderDataset; a file -> HDF5Dataset. With
+    `sample_every` K, a clip is every K-th frame of its window (footage of a high frame rate)."""
     if data is None:
+        if sample_every != 1:
+            raise ValueError(f"--sample_every {sample_every}: the built-in moving digits are "
+                             f"drawn at their own speed; it takes a folder or an HDF5 file")
         return MovingDigitsDataset(n_default[0] if train else n_default[1], sequence_length,
                                    train=train, resolution=resolution, seed=seed)
     data = os.fspath(data)
+    kw = dict(train=train, resolution=resolution, sample_every=sample_every)
     if os.path.isdir(data):
-        return VideoFolderDataset(data, sequence_length, train=train, resolution=resolution)
+        return VideoFolderDataset(data, sequence_length, **kw)
     if os.path.isfile(data):
-        return HDF5Dataset(data, sequence_length, train=train, resolution=resolution)
+        return HDF5Dataset(data, sequence_length, **kw)
     raise FileNotFoundError(f"{data}: no such file or folder")
 
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import OutputLock, atomic_write, load_weights
+from checkpoints import OutputLock, atomic_write, load_weights, trained_with
 from data import make_dataset, resize_and_crop, samples_to_uint8, to_uint8
 from fast import generate, use_fast_attention
 from gpt import load_gpt
@@ -406,7 +406,9 @@ def evaluate_checkpoint(args):
         if c.sequence_length < 10:
             raise ValueError(f"{args.ckpt}: clips of {c.sequence_length} frames; I3D needs at "
                              f"least 10")
-        data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
+        every = args.sample_every or trained_with(args.ckpt, "sample_every", 1)
+        data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution,
+                            sample_every=every)
         if gpt.config.n_classes and not data.n_classes:
             raise ValueError(f"{args.data}: the prior is class-conditional but the data has no "
                              f"labels")
@@ -519,6 +521,8 @@ def main(argv=None):
                                       "of video files, a uint8 (N, T, H, W, 3) .npy, or an HDF5 "
                                       "file (its test split)")
         p.add_argument("--fake", help="the other set, in any of those forms")
+        p.add_argument("--sample_every", type=int, default=None, metavar="K",
+                       help="--data: every K-th frame (default: as the prior was trained)")
         p.add_argument("--frames", type=int, default=16,
                        help="--real/--fake: each clip's first frames that are scored")
         p.add_argument("--n", "--num_videos", dest="n", type=int, default=256,

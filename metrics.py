@@ -40,13 +40,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256
-from data import (HDF5Dataset, cache_dir, find_videos, make_dataset, read_frames,
+from checkpoints import (atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256,
+                         trained_with)
+from data import (HDF5Dataset, find_videos, make_dataset, read_frames,
                   samples_to_uint8, to_uint8)
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
 from data import digit_glyphs, moving_digits_video
-from runtime import default_device, init_distributed, run_cli
+from runtime import cache_dir, default_device, init_distributed, run_cli
 from vqvae import load_vqvae
 from world import load_world, named_actions, start_world
 
@@ -1139,7 +1140,9 @@ def prediction_scores(args):
         raise ValueError(f"--context_frames {k} must be a multiple of {stride} below the clip's "
                          f"{vc.sequence_length} frames")
     data_path = args.data if args.data is not None else trained_on(args.ckpt)
-    data = make_dataset(data_path, vc.sequence_length, train=False, resolution=vc.resolution)
+    every = args.sample_every or trained_with(args.ckpt, "sample_every", 1)
+    data = make_dataset(data_path, vc.sequence_length, train=False, resolution=vc.resolution,
+                        sample_every=every)
     psnr, ssim_ = [], []
     for start in tqdm(range(0, args.n, args.batch_size), desc="predicting", leave=False):
         end = min(args.n, start + args.batch_size)
@@ -1194,6 +1197,8 @@ def predict_main(argv):
                    help="HDF5 file or video folder whose test clips are continued (default: the "
                         "data the prior was trained on, the built-in digits included)")
     p.add_argument("--n", type=int, default=64, help="test clips")
+    p.add_argument("--sample_every", type=int, default=None, metavar="K",
+                   help="every K-th frame of the data (default: as the prior was trained)")
     p.add_argument("--samples", type=int, default=1,
                    help="samples per clip; with more than one, the best is reported too")
     p.add_argument("--context_frames", type=int, default=None,

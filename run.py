@@ -92,7 +92,7 @@ class InfiniteSampler(Sampler):
 
 # Flags that decide which clips a step sees: changed on resume, the data order is no longer an
 # uninterrupted run's.
-DATA_ORDER_FLAGS = ("batch_size", "grad_accum", "seed", "data")
+DATA_ORDER_FLAGS = ("batch_size", "grad_accum", "seed", "data", "sample_every")
 # Flags that only say where and how to report, never what is trained; and a fine-tune's source,
 # which only its first start reads.
 HARMLESS_FLAGS = ("out_dir", "num_workers", "log_interval", "eval_batches", "keep_last", "device",
@@ -607,7 +607,7 @@ class Run:
         self.stage = self.make_stage(args, ckpt, self.ckpt_path, self.device, source)
         seq_len, resolution = self.stage.clip
         train_set, test_set = (make_dataset(args.data, seq_len, train=split, resolution=resolution,
-                                            seed=args.seed)
+                                            seed=args.seed, sample_every=args.sample_every)
                                for split in (True, False))
         # The same seed on every rank gives the same initial weights.
         torch.manual_seed(args.seed)

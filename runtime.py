@@ -125,6 +125,13 @@ class Distributed:
         return self.rank == 0
 
 
+def cache_dir():
+    """Where generated data, indexes and compiled steps go when they cannot go beside what they
+    come from: $VIDEOGPT_CACHE, else ~/.cache/videogpt."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "videogpt")
+    return os.environ.get("VIDEOGPT_CACHE", default)
+
+
 def init_distributed(device=None, timeout=None):
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and join the process group.
 

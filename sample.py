@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from checkpoints import (OutputLock, check_writable, grid_video, load_checkpoint, save_gif,
-                         save_mp4, save_png, video_grid)
+                         save_mp4, save_png, trained_with, video_grid)
 from data import IMAGE_EXTS, VIDEO_EXTS, make_dataset, preprocess, read_clip, samples_to_uint8
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, sample_long, use_fast_attention
 from gpt import load_gpt
@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="HDF5 file or video folder whose test clips give the conditioning frames "
                         "(and labels, actions); or your own clip: a video file, an image, or a "
                         "folder of images, whose first frames every sample continues")
+    p.add_argument("--sample_every", type=int, default=None, metavar="K",
+                   help="--cond_from DATA: every K-th frame (default: as the prior was trained)")
     p.add_argument("--actions", default=None,
                    help="action-conditional priors: the actions' names, each held for a number of "
                         "frames, e.g. \"TURN_RIGHT*8,MOVE_FORWARD*8\" (one per frame, for every "
@@ -146,8 +148,9 @@ def conditioning(gpt, args, vq_config, device):
         frames = video[:, :, :c.n_cond_frames] if c.n_cond_frames else None
         context = video[:, :, :args.context_frames] if args.context_frames else None
     elif args.cond_from is not None:
+        every = args.sample_every or trained_with(args.ckpt, "sample_every", 1)
         data = make_dataset(args.cond_from, vq_config.sequence_length, train=False,
-                            resolution=vq_config.resolution)
+                            resolution=vq_config.resolution, sample_every=every)
         # The first n test clips (cycled when there are fewer), each with a fixed window.
         items = [data[(i % len(data), i % len(data))] for i in range(args.n)]
         video = torch.stack([it["video"] for it in items]).to(device)          # (n, 3, T, H, W)

@@ -95,14 +95,14 @@ def parse_args(argv=None):
 
 def data_flags(p):
     p.add_argument("--data", "--data_path", dest="data", default=None,
-                   help="HDF5 file or video folder (default: the built-in moving digits)")
+                   help="HDF5 file, or folder of videos or of image folders (default: digits)")
+    p.add_argument("--sample_every", type=int, default=1, metavar="K",
+                   help="a clip takes every K-th frame of its window (high-fps footage)")
     p.add_argument("--preset", default=None, choices=["paper", "digits", "cpu"],
                    help="what flags left out take: paper (default with --data), digits (without), "
                         "cpu: 64x64 real data on a CPU (ViZDoom's recipe)")
-    p.add_argument("--sequence_length", type=int, default=None,
-                   help="frames per clip (gpt: the VQ-VAE's)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="frame height = width, pixels (gpt: the VQ-VAE's)")
+    p.add_argument("--sequence_length", type=int, default=None, help="frames per clip")
+    p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels")
     p.add_argument("--batch_size", type=int, default=None, help="clips per step per process")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader worker processes per process (default: half the cores, at "

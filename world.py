@@ -430,7 +430,7 @@ def probe_inputs(gpt):
 def package_file(source, backend):
     """Where the compiled step of checkpoint file `source` is kept: named for the file's contents,
     the PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine
-    makes it again (data.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+    makes it again (runtime.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
     cpu = torch.backends.cpu.get_cpu_capability()
     tag = f"{sha256(source)[:16]}-torch{torch.__version__}-{cpu}"
     return os.path.join(cache_dir(), "play", f"{tag}-{backend}.pt2")

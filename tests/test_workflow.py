@@ -374,3 +374,66 @@ def test_fvd_between_any_two_sets_of_videos(monkeypatch, tmp_path, capsys):
                   "--frames", "13"])
     assert str(e.value.code) == (f"fvd.py: error: {tmp_path / 'real.npy'}: a clip of 12 frames; "
                                  f"scoring needs 13")
+
+
+# -----------------------------------------------------------------------------
+# Data options: folders of frame images, --sample_every
+
+
+def numbered_frames(n, side=16):
+    """uint8 (n, side, side, 3) frames whose pixels hold their frame number (times 10)."""
+    return np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 10, side * side * 3
+                     ).reshape(n, side, side, 3)
+
+
+def frame_number(clip):
+    """The frame numbers a preprocessed clip (3, T, H, W) holds, read back from its pixels."""
+    return [round((float(f.mean()) + 0.5) * 255 / 10) for f in clip.unbind(1)]
+
+
+def test_folders_of_frame_images_are_videos_and_sample_every_thins_them(tmp_path, monkeypatch):
+    from PIL import Image
+    import data
+    root = tmp_path / "frames"
+    for split, videos in (("train", [("Walk", "a", 12), ("Run", "b", 9)]),
+                          ("test", [("Walk", "c", 12)])):
+        for cls, name, n in videos:
+            folder = root / split / cls / name
+            folder.mkdir(parents=True)
+            for t, frame in enumerate(numbered_frames(n)):
+                Image.fromarray(frame).save(folder / f"{t:04d}.png")
+    ds = data.make_dataset(str(root), 4, resolution=16)
+    assert len(ds) == 2 and ds.classes == ["Run", "Walk"] and sorted(ds.labels) == [0, 1]
+    start = data.window_start(12, 4, seed=5)
+    assert frame_number(ds[(ds.labels.index(1), 5)]["video"]) == list(range(start, start + 4))
+    # Every 3rd frame: a window of 4 then spans 10 frames, and the 9-frame video is too short.
+    thin = data.make_dataset(str(root), 4, resolution=16, sample_every=3)
+    assert len(thin) == 1
+    start = data.window_start(12, 10, seed=7)
+    assert frame_number(thin[(0, 7)]["video"]) == [start, start + 3, start + 6, start + 9]
+    # The index written by the first read serves the later ones: nothing is counted again.
+    assert (root / "train" / ".videogpt_index.json").exists()
+    monkeypatch.setattr(data, "count_frames", lambda path: pytest.fail(f"counted {path}"))
+    assert len(data.make_dataset(str(root), 4, resolution=16, sample_every=2)) == 2
+    monkeypatch.undo()
+    # HDF5 files alike; the built-in digits are drawn at their own speed.
+    from prepare import write_hdf5
+    splits = {s: ([numbered_frames(12)], None) for s in ("train", "test")}
+    write_hdf5(str(tmp_path / "n.h5"), splits)
+    h5 = data.make_dataset(str(tmp_path / "n.h5"), 4, resolution=16, sample_every=2)
+    start = data.window_start(12, 7, seed=3)
+    assert frame_number(h5[(0, 3)]["video"]) == [start, start + 2, start + 4, start + 6]
+    with pytest.raises(ValueError, match=r"all 1 train videos are shorter than "
+                                         r"sequence_length=4 every 4 frames \(13\) \(the longest "
+                                         r"has 12 frames\)"):
+        data.make_dataset(str(tmp_path / "n.h5"), 4, resolution=16, sample_every=4)
+    with pytest.raises(ValueError, match="--sample_every 2: the built-in moving digits"):
+        data.make_dataset(None, 4, resolution=16, sample_every=2)
+    # And train.py reads them so.
+    train_once("--stage", "vqvae", "--data", str(root), "--sample_every", "2",
+               "--sequence_length", "4", "--resolution", "16", "--n_hiddens", "16",
+               "--n_res_layers", "0", "--embedding_dim", "8", "--n_codes", "16",
+               "--downsample", "2", "4", "4", "--batch_size", "2", "--out_dir",
+               str(tmp_path / "run"), *ONE_STEP)
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert saved["train_args"]["sample_every"] == 2
