@@ -99,7 +99,7 @@ def test_fvd_of_black_against_white_videos_matches_the_official_number():
         assert frechet_distance(a, b) == pytest.approx(expected, abs=0.01)
 
 
-def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     """The videogpt protocol's whole pipeline with a random-weight I3D: real clips, reconstructions,
     samples."""
     import h5py
@@ -118,15 +118,17 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
     torch.save({k: v for k, v in InceptionI3d().state_dict().items()
                 if not k.endswith("num_batches_tracked")},
                tmp_path / "i3d.pt")
-    run = lambda *a: run_script("fvd.py", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--data", data,
-                                "--i3d", tmp_path / "i3d.pt", "--n", "3", "--batch_size", "2", *a)
-    r = run("--protocol", "videogpt", "--trials", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = r.stdout.strip().splitlines()[-1]
+    # In this process: the command's own code, without a start-up per run.
+    common = ["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d",
+              str(tmp_path / "i3d.pt"), "--n", "3", "--batch_size", "2"]
+    run = lambda *a: (fvd.main([*common, *map(str, a)]), capsys.readouterr().out)
+    scores, out = run("--protocol", "videogpt", "--trials", "2")
+    line = out.strip().splitlines()[-1]
     assert (line.startswith("FVD ") and " FVD* " in line
             and "(N=3, 12 frames, protocol videogpt, 2 trial(s)" in line)
-    r = run("--recon-only", "--out", tmp_path / "recon.json")
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-2].startswith("recon FVD ")
+    assert len(scores["FVD"]) == len(scores["FVD*"]) == 2
+    scores, out = run("--recon-only", "--out", tmp_path / "recon.json")
+    assert out.strip().splitlines()[-2].startswith("recon FVD ")
     # --out: the numbers printed, with what makes them reproducible; the same seeded command, the
     # same numbers.
     import json
@@ -138,11 +140,11 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
             and record["i3d_sha256"] == sha256(tmp_path / "i3d.pt"))
     assert {"torch", "date", "data_sha256"} <= set(record)
     score = record["scores"]["recon FVD"]
-    assert (f"recon FVD {score['mean']:.2f} ± {score['std']:.2f}" in r.stdout
+    assert (f"recon FVD {score['mean']:.2f} ± {score['std']:.2f}" in out
             and score["per_trial"] == [score["mean"]])
-    r = run("--recon-only", "--out", tmp_path / "again.json")
+    run("--recon-only", "--out", tmp_path / "again.json")
     assert json.load(open(tmp_path / "again.json"))["scores"] == record["scores"]
-    r = run("--recon-only", "--seed", "1", "--out", tmp_path / "seed1.json")
+    run("--recon-only", "--seed", "1", "--out", tmp_path / "seed1.json")
     assert json.load(open(tmp_path / "seed1.json"))["scores"] != record["scores"]   # other clips
     # Two processes share the videos (gloo on CPU); rank 0 alone prints the scores.
     r = run_script("-m torch.distributed.run", "--standalone", "--nproc_per_node=2", "fvd.py",
@@ -152,7 +154,6 @@ def test_fvd_command_runs_end_to_end_on_a_tiny_checkpoint(tmp_path, monkeypatch)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if "FVD" in line]
     assert len(lines) == 1 and lines[0].startswith("recon FVD ") and "(N=3, 12 frames" in lines[0]
-    # in this process: the command's code without a second start-up
     with pytest.raises(SystemExit) as e:
         fvd.main(["--ckpt", str(tmp_path / "gpt" / "ckpt.pt"), "--data", str(data), "--i3d",
                   str(tmp_path / "missing.pt")])
