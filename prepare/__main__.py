@@ -69,8 +69,8 @@ def cmd_inspect(args):
 
 def cmd_vizdoom(args):
     counts = vizdoom.write_vizdoom(args.out, args.scenario, args.episodes, args.length,
-                                   args.resolution, args.frame_skip,
-                                   args.seed, args.policy)
+                                   args.resolution, args.frame_skip, args.seed, args.policy,
+                                   wad=args.wad)
     print(f"wrote {args.out}: {counts['train']} train, {counts['val']} val and {counts['test']} "
           f"test episodes of {args.length} frames ({counts['dropped']} ended early and were played "
           f"again); actions {', '.join(counts['buttons'])}")
@@ -144,7 +144,11 @@ def main(argv=None):
                             "vizdoom)")
     p.add_argument("out", help="output .h5 path")
     p.add_argument("--scenario", default="health_gathering_supreme",
-                   help="a scenario the vizdoom package ships (by name), or the path of a .cfg")
+                   help="a scenario the vizdoom package ships (by name), battle2 (the paper's "
+                        "second world), or the path of a .cfg")
+    p.add_argument("--wad", default=None,
+                   help="battle2: its map file (default: the one in an installed "
+                        "sample-factory==2.1.1), checked by its sha256")
     p.add_argument("--episodes", type=int, default=1000,
                    help="episodes, split 8:1:1 into train / val / test")
     p.add_argument("--length", type=int, default=100, help="frames per episode")

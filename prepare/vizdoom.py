@@ -3,12 +3,16 @@ it.
 
     python -m prepare vizdoom vizdoom.h5        # the paper's size: 1000 episodes of 100 frames
     python -m prepare vizdoom small.h5 --episodes 40 --length 32 --resolution 32 --seed 1
-    python -m prepare vizdoom battle2.h5 --scenario path/to/battle2.cfg   # any scenario .cfg
+    python -m prepare vizdoom battle2.h5 --scenario battle2   # the paper's second world
+    python -m prepare vizdoom mine.h5 --scenario path/to/mine.cfg    # any scenario .cfg
 
 The `vizdoom` package (an optional dependency: `pip install vizdoom`) ships the
 engine, the Freedoom assets and its scenarios (health_gathering_supreme among
-them; the paper's Battle2 is not shipped, pass its .cfg). The game runs
-headless, seeded, so the same seed gives the same file, byte for byte.
+them). The paper's Battle2 is not shipped: its map comes from the wheel of
+sample-factory 2.1.1 (`pip install --no-deps sample-factory==2.1.1`) or
+`--wad PATH`, checked by its sha256, and world.py writes its scenario settings.
+The game runs headless, seeded, so the same seed gives the same file, byte for
+byte.
 
 Each episode: `--length` frames, one every `--frame_skip` game tics, made 64x64
 by data.preprocess (shorter side scaled, centre cropped). The layout is the one
@@ -93,11 +97,58 @@ class Explorer:
         return self.hold(int(self.rng.choice(len(buttons), p=weights / weights.sum())), 3, 9)
 
 
-def load_policy(spec):
-    """A factory seed -> policy: the built-in Explorer (None), or `module:function`, one's own
-    policy (any seed)."""
+class Fighter(Explorer):
+    """Battle2's built-in player: turns toward the monster nearest the centre of view and shoots
+    it once it is ahead, strafing now and then and backing off when it is close; walks to a
+    medikit when health is low and to ammunition when it runs out; otherwise explores as Explorer
+    does (the depth buffer keeps it from staring at walls), forward with a turn or a run mixed in.
+
+    Its observation adds `variables` (the scenario's game variables by name: HEALTH, AMMO2) to
+    Explorer's; it returns the index of an action of prepare.vizdoom.BATTLE2_ACTIONS."""
+
+    MONSTERS = ("Imp", "Demon", "Zombie", "Sergeant", "Cacodemon", "Baron", "Knight", "Spectre")
+
+    def __call__(self, obs):
+        names, depth, var = obs["buttons"], obs["depth"], obs.get("variables", {})
+        act = lambda name: names.index(name)
+        w = depth.shape[1]
+        if self.left > 0 and getattr(self, "fighting", False):   # a fight's move, held on
+            self.left -= 1
+            return self.action
+        self.fighting = False
+        seen = lambda kinds: [(x + width / 2 - w / 2) / w for name, x, width in obs["labels"]
+                              if any(k.lower() in name.lower() for k in kinds)]
+        monsters = [] if var.get("AMMO2", 1) <= 0 else seen(self.MONSTERS)
+        wanted = (seen(("Medikit",)) if var.get("HEALTH", 100) < 50 else
+                  seen(("Clip",)) if var.get("AMMO2", 1) < 5 else [])
+        for targets, shoot in ((monsters, True), (wanted, False)):
+            if targets:
+                self.fighting = True
+                offset = min(targets, key=abs)      # of the view's width, from its centre
+                if abs(offset) > 0.08:
+                    return self.hold(act("TURN_LEFT" if offset < 0 else "TURN_RIGHT"), 1, 3)
+                if not shoot:
+                    return self.hold(act("MOVE_FORWARD+SPEED"), 2, 5)
+                roll = self.rng.random()
+                if roll < 0.2:                      # dodge as a player does
+                    return self.hold(act(self.rng.choice(["MOVE_LEFT", "MOVE_RIGHT"])), 2, 4)
+                if roll < 0.3:
+                    return self.hold(act("MOVE_BACKWARD"), 2, 4)
+                return self.hold(act("ATTACK" if roll < 0.8 else "MOVE_FORWARD+ATTACK"), 2, 4)
+        choice = super().__call__(obs)        # Explorer's walk, its own holds included
+        if names[choice] == "MOVE_FORWARD" and self.left > 2 and self.rng.random() < 0.4:
+            # Forward with a turn or a run: the combinations Battle2's players use.
+            choice = act(self.rng.choice(["MOVE_FORWARD+TURN_LEFT", "MOVE_FORWARD+TURN_RIGHT",
+                                          "MOVE_FORWARD+MOVE_RIGHT", "MOVE_FORWARD+SPEED"]))
+            self.action = choice
+        return choice
+
+
+def load_policy(spec, scenario=None):
+    """A factory seed -> policy: the built-in one (None: Battle2's Fighter, or Explorer), or
+    `module:function`, one's own policy (any seed)."""
     if spec is None:
-        return Explorer
+        return Fighter if scenario in ("battle2", "battle2.cfg") else Explorer
     module, _, name = spec.partition(":")
     try:
         policy = getattr(importlib.import_module(module), name)
@@ -110,11 +161,31 @@ def load_policy(spec):
 # -----------------------------------------------------------------------------
 # Episodes and the file
 
+# What a player of Battle2 presses: its buttons alone, and the combinations a player uses most, as
+# one action each (named with "+"). SPEED alone shows nothing (it makes a move a run), so it comes
+# only with moving forward; "forward and right" is the paper's Figure 8 conditioning. Every other
+# scenario's actions are its buttons, one at a time.
+BATTLE2_ACTIONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_LEFT", "MOVE_RIGHT", "TURN_LEFT",
+                   "TURN_RIGHT", "ATTACK", "MOVE_FORWARD+TURN_LEFT", "MOVE_FORWARD+TURN_RIGHT",
+                   "MOVE_FORWARD+MOVE_RIGHT", "MOVE_FORWARD+ATTACK", "MOVE_FORWARD+SPEED")
 
-def play_episode(game, policy, length, frame_skip, resolution):
+
+def scenario_actions(scenario, buttons):
+    """The actions of a scenario, each the names of the buttons it presses together."""
+    if scenario in ("battle2", "battle2.cfg"):
+        return [tuple(a.split("+")) for a in BATTLE2_ACTIONS]
+    return [(b,) for b in buttons]
+
+
+def play_episode(game, policy, length, frame_skip, resolution, actions_pressed=None):
     """One life of `length` frames: uint8 (length, R, R, 3), one-hot actions (length, A), states
-    (length, S); None if the episode ended first."""
-    buttons = [b.name for b in game.get_available_buttons()]
+    (length, S); None if the episode ended first. `actions_pressed` lists each action's buttons
+    (default: one button each); the policy sees the actions' names as its "buttons"."""
+    available = [b.name for b in game.get_available_buttons()]
+    variables = [v.name for v in game.get_available_game_variables()]
+    actions_pressed = actions_pressed or [(b,) for b in available]
+    buttons = ["+".join(a) for a in actions_pressed]
+    press = [[int(b in a) for b in available] for a in actions_pressed]   # (A, n_buttons)
     frames, actions, states = [], [], []
     game.new_episode()
     for _ in range(length):
@@ -123,13 +194,15 @@ def play_episode(game, policy, length, frame_skip, resolution):
         state = game.get_state()
         frame = state.screen_buffer  # (120, 160, 3) uint8
         labels = [(label.object_name, label.x, label.width) for label in state.labels]
-        a = int(policy(dict(frame=frame, depth=state.depth_buffer, labels=labels, buttons=buttons)))
+        obs = dict(frame=frame, depth=state.depth_buffer, labels=labels, buttons=buttons,
+                   variables=dict(zip(variables, state.game_variables)))
+        a = int(policy(obs))
         if not 0 <= a < len(buttons):
             raise ValueError(f"the policy returned {a}, not a button index in [0, {len(buttons)})")
         frames.append(to_uint8(preprocess(frame[None], resolution)).numpy()[0])   # (R, R, 3)
         actions.append(np.eye(len(buttons), dtype=np.float32)[a])
         states.append(np.asarray(state.game_variables, np.float32))
-        game.make_action(np.eye(len(buttons), dtype=int)[a].tolist(), frame_skip)
+        game.make_action(press[a], frame_skip)
     return np.stack(frames), np.stack(actions), np.stack(states)
 
 
@@ -140,26 +213,26 @@ def split_sizes(n):
 
 
 def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, length=100,
-                  resolution=64, frame_skip=4,
-                  seed=0, policy=None, progress=True):
+                  resolution=64, frame_skip=4, seed=0, policy=None, progress=True, wad=None):
     """Play `episodes` lives of `length` frames and write them to `out` (HDF5), atomically; returns
     the counts."""
     if episodes < 3:
         raise ValueError(f"--episodes {episodes}: need at least 3 (train, val and test)")
     check_writable(os.path.dirname(os.path.abspath(out)))
-    make_policy = load_policy(policy)
+    make_policy = load_policy(policy, scenario)
     sizes, dropped, played = split_sizes(episodes), 0, {}
     episode_seeds = iter(range(seed * 1_000_003, (seed + 1) * 1_000_003))
-    with make_game(scenario, seed) as game, tqdm(total=episodes, desc="episodes", unit="episode",
-                                                 disable=not progress) as bar:
-        buttons = [b.name for b in game.get_available_buttons()]
+    with make_game(scenario, seed, wad) as game, tqdm(total=episodes, desc="episodes",
+                                                      unit="episode", disable=not progress) as bar:
+        pressed = scenario_actions(scenario, [b.name for b in game.get_available_buttons()])
+        buttons = ["+".join(a) for a in pressed]
         variables = [v.name for v in game.get_available_game_variables()]
         for split, n in sizes.items():
             played[split] = []
             while len(played[split]) < n:
                 s = next(episode_seeds)
                 game.set_seed(s)
-                clip = play_episode(game, make_policy(s), length, frame_skip, resolution)
+                clip = play_episode(game, make_policy(s), length, frame_skip, resolution, pressed)
                 if clip is None:
                     dropped += 1
                     if dropped > 10 * episodes:
@@ -181,6 +254,6 @@ def write_vizdoom(out, scenario="health_gathering_supreme", episodes=1000, lengt
             h5.create_dataset("action_names", data=np.array(buttons, dtype=h5py.string_dtype()))
             h5.create_dataset("state_names", data=np.array(variables, dtype=h5py.string_dtype()))
             h5.attrs.update(scenario=scenario, frame_skip=frame_skip, seed=seed,
-                            policy=policy or "Explorer")
+                            policy=policy or make_policy.__name__)
     atomic_write(out, write)
     return dict(sizes, dropped=dropped, buttons=buttons)

@@ -177,9 +177,9 @@ def one_line(tmp_path, argv):
 
 def test_every_error_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     needs_vizdoom()
-    unknown = one_line(tmp_path, ["--scenario", "battle2"])
-    assert "unknown scenario 'battle2': the vizdoom package ships basic, " in unknown
-    assert "health_gathering_supreme" in one_line(tmp_path, ["--scenario", "battle2"])
+    unknown = one_line(tmp_path, ["--scenario", "battle3"])
+    assert "unknown scenario 'battle3': the vizdoom package ships basic, " in unknown
+    assert "health_gathering_supreme" in unknown
     (tmp_path / "bad.cfg").write_text("doom_scenario_path = nothing_here.wad\navailable_buttons = "
                                       "{ }\n")
     msg = one_line(tmp_path, ["--scenario", str(tmp_path / "bad.cfg")])
@@ -251,3 +251,104 @@ def test_a_tiny_action_conditional_prior_trains_on_vizdoom_and_is_steered_by_nam
         steer_main(["--ckpt", str(prior / "ckpt.pt"), "--data", digits_h5])
     assert (str(e.value.code) == f"fvd.py: error: {digits_h5}: no per-frame actions to steer by "
             "(expected an HDF5 file with test_actions)")
+
+
+# -----------------------------------------------------------------------------
+# Battle2: the paper's second world, its map from sample-factory's wheel
+
+
+def battle2_map():
+    """The path of Battle2's map in an installed sample-factory (skips without one)."""
+    needs_vizdoom()
+    pytest.importorskip("sf_examples", reason="pip install --no-deps sample-factory==2.1.1")
+    from world import battle2_wad
+    return battle2_wad()
+
+
+def test_battle2_makes_a_file_of_the_documented_layout(tmp_path):
+    from prepare.vizdoom import BATTLE2_ACTIONS, write_vizdoom
+    battle2_map()
+    counts = write_vizdoom(str(tmp_path / "b2.h5"), "battle2", episodes=3, length=8,
+                           resolution=16, progress=False)
+    assert counts["buttons"] == list(BATTLE2_ACTIONS) and len(BATTLE2_ACTIONS) == 12
+    with h5py.File(tmp_path / "b2.h5") as f:
+        names = [n.decode() for n in f["action_names"][()]]
+        assert names[:7] == ["MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_LEFT", "MOVE_RIGHT",
+                             "TURN_LEFT", "TURN_RIGHT", "ATTACK"]
+        assert "MOVE_FORWARD+TURN_RIGHT" in names          # the paper's Figure 8 conditioning
+        assert [n.decode() for n in f["state_names"][()]] == ["AMMO2", "HEALTH", "USER2"]
+        assert f["train_data"].shape == (8, 16, 16, 3) and f["train_actions"].shape == (8, 12)
+        assert (f["train_actions"][()].sum(-1) == 1).all()  # one action per frame
+        assert f["train_states"][0, 1] > 0                  # alive: health above zero
+    assert not [p for p in os.listdir(tmp_path) if p != "b2.h5"]
+
+
+def test_battle2_checks_its_map_with_one_line(tmp_path, monkeypatch):
+    """Another file under --wad names its sha256 and the one expected; without sample-factory the
+    line says what to install. Neither leaves a file behind."""
+    from world import BATTLE2_SHA256
+    wad = battle2_map()
+    other = tmp_path / "other.wad"
+    other.write_bytes(open(wad, "rb").read()[:-1] + b"x")
+    message = one_line(tmp_path, ["--scenario", "battle2", "--wad", str(other)])
+    assert message.startswith(f"prepare: error: {other}: sha256 ")
+    assert message.endswith(f" is not Battle2's ({BATTLE2_SHA256})")
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sf_examples" else find_spec(name, *a))
+    assert one_line(tmp_path, ["--scenario", "battle2"]) == (
+        "prepare: error: battle2: its map is not installed: pip install --no-deps "
+        "sample-factory==2.1.1 (its wheel holds battle2.wad), or pass --wad PATH")
+
+
+def test_battle2_actions_t_is_the_action_after_frame_t(tmp_path):
+    """As for Health Gathering Supreme, on Battle2's rendered frames: where TURN_LEFT (alone or
+    with a forward move) starts or ends at frame t, the world moves right in frame t + 1;
+    TURN_RIGHT, left. The actions one step off do not pass."""
+    from prepare.vizdoom import BATTLE2_ACTIONS, write_vizdoom
+    battle2_map()
+    write_vizdoom(str(tmp_path / "b2.h5"), "battle2", episodes=12, length=40, resolution=64,
+                  seed=1, progress=False)
+    with h5py.File(tmp_path / "b2.h5") as f:
+        frames, actions = f["train_data"][()], f["train_actions"][()].argmax(1)
+    names = [BATTLE2_ACTIONS[a] for a in actions]
+    turn = lambda name: 1 if "TURN_LEFT" in name else -1 if "TURN_RIGHT" in name else 0
+
+    def agreement(labels):
+        signs = []
+        for t in range(1, len(frames) - 2):
+            ends = labels[t] != labels[t - 1] or labels[t] != labels[t + 1]
+            inside = t % 40 and (t + 1) % 40 and (t + 2) % 40
+            if inside and ends and turn(labels[t]):
+                shift = view_shift(frames[t], frames[t + 1], most=12)
+                if shift:   # a dark or a flashing frame can read no slide at all
+                    signs.append(np.sign(shift) == turn(labels[t]))
+        return np.mean(signs), len(signs)
+    share, count = agreement(names)
+    assert count >= 30 and share >= 0.8, (share, count)       # measured 0.87 of 45
+    for shifted in (names[:1] + names[:-1], names[1:] + names[-1:]):
+        assert agreement(shifted)[0] <= 0.72                 # measured 0.66 both ways
+
+
+def test_battle2s_player_turns_to_monsters_shoots_and_fetches_what_it_lacks():
+    """The built-in Fighter, on observations made up here (no engine): a monster to the left is
+    turned to; one ahead is mostly shot at, sometimes dodged; a medikit is fetched only when
+    health is low, ammunition only when it runs out."""
+    from prepare.vizdoom import BATTLE2_ACTIONS, Fighter
+    names = list(BATTLE2_ACTIONS)
+    depth = np.full((120, 160), 100, np.uint8)                 # open ground ahead
+    obs = lambda labels, **variables: dict(frame=None, depth=depth, labels=labels, buttons=names,
+                                           variables=dict(dict(HEALTH=100, AMMO2=20), **variables))
+    act = lambda policy, o: names[policy(o)]
+    assert act(Fighter(0), obs([("DoomImp", 10, 10)])) == "TURN_LEFT"
+    assert act(Fighter(0), obs([("DoomImp", 140, 10)])) == "TURN_RIGHT"
+    ahead = [act(Fighter(seed), obs([("DoomImp", 75, 10)])) for seed in range(200)]
+    shots = np.mean([a in ("ATTACK", "MOVE_FORWARD+ATTACK") for a in ahead])
+    assert 0.6 < shots < 0.8 and {"MOVE_LEFT", "MOVE_RIGHT", "MOVE_BACKWARD"} <= set(ahead)
+    medikit = [("CustomMedikit", 75, 10)]
+    assert act(Fighter(0), obs(medikit, HEALTH=30)) == "MOVE_FORWARD+SPEED"
+    assert act(Fighter(0), obs([("Clip", 75, 10)], AMMO2=0)) == "MOVE_FORWARD+SPEED"
+    # Healthy, it walks on rather than towards the medikit: Explorer's walk, combinations mixed in.
+    walks = {act(Fighter(seed), obs(medikit)) for seed in range(50)}
+    assert "MOVE_FORWARD+SPEED" in walks and len(walks) >= 4
