@@ -33,8 +33,10 @@ The built-in policy (`Explorer`) plays as a person would: it holds each action
 for several steps, so turning and walking show in the video; it turns towards
 a health pack it sees and walks to it; otherwise it explores, walking on while
 the way ahead is open (the depth buffer) and turning to the more open side
-before a wall, with every button in a fair share. `--policy
-module:function` plugs in your own: a callable (observation) -> action index.
+before a wall, with every button in a fair share. Battle2's (`Fighter`) also
+turns to monsters and shoots them, dodges, and fetches health and ammunition
+when low (docs/vizdoom.md). `--policy module:function` plugs in your own: a
+callable (observation) -> action index.
 """
 
 import importlib
