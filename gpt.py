@@ -247,8 +247,8 @@ class RightShift(nn.Module):
 # * Actions, one vector per frame, take either door. As tokens (the default), each frame's action
 #   is mapped to the context width and given its frame's embedding, and joins the frames' tokens:
 #   a code can then attend to the actions of the frames it depends on. Through the norms (the
-#   paper's way, --action_norms), the clip's T actions are flattened and appended to the class's
-#   one-hot, so the norms' vector is (n_classes + T * action_dim) wide.
+#   paper's way, --action_cond norms), the clip's T actions are flattened and appended to the
+#   class's one-hot, so the norms' vector is (n_classes + T * action_dim) wide.
 #
 # The norms' weights for the action columns start at zero (see VideoGPT.init_weights): a new
 # prior then normalises as if it had no actions and learns how far each action should move each
