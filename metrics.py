@@ -665,8 +665,7 @@ TURN_SIGN = {"TURN_LEFT": 1, "TURN_RIGHT": -1}   # the sign of the slide each tu
 
 def view_shift(a, b, most=None):
     """How many pixels the picture slid right from frame a to frame b (uint8 (H, W, 3)): the offset
-    in
-    -most..most (default W // 4) with the least mean squared difference of the overlapping grey
+    in -most..most (default W // 4) with the least mean squared difference of the overlapping grey
     columns."""
     a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)             # (H, W) each
     w = a.shape[1]
@@ -719,7 +718,9 @@ def steer_of_checkpoint(args):
         raise ValueError(f"{args.ckpt}: steer needs a prior conditioned on actions named TURN_LEFT "
                          "and TURN_RIGHT (trained with --action_cond on ViZDoom data), got "
                          f"{names or 'no action names'}")
-    signs = {names.index(k): v for k, v in TURN_SIGN.items()}
+    # Every action that turns, alone or with a move (Battle2's MOVE_FORWARD+TURN_LEFT, ...).
+    signs = {i: TURN_SIGN[b] for i, name in enumerate(names) for b in name.split("+")
+             if b in TURN_SIGN}
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
     if "actions" not in getattr(data, "extras", ()):
         raise ValueError(f"{args.data}: no per-frame actions to steer by (expected an HDF5 file "
@@ -768,13 +769,11 @@ def steer_of_checkpoint(args):
         save_png(video_grid(np.stack(shown)), args.picture)
         print(args.picture, flush=True)
     if args.out:
-        write_record(args.out,
-                     dict(metric="turn_following",
-                          protocol=f"view_shift, turns held >= {args.min_hold}",
-                                    n=args.n, frames=c.sequence_length, resolution=c.resolution,
-                          seed=args.seed,
-                                    temperature=args.temperature, top_k=args.top_k,
-                                    **provenance(ckpt=args.ckpt, data=args.data), scores=rows))
+        write_record(args.out, dict(
+            metric="turn_following", protocol=f"view_shift, turns held >= {args.min_hold}",
+            n=args.n, frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
+            temperature=args.temperature, top_k=args.top_k,
+            **provenance(ckpt=args.ckpt, data=args.data), scores=rows))
     return rows
 
 
