@@ -116,10 +116,8 @@ def test_tensorboard_holds_every_logged_number_and_the_reconstructions(tmp_path,
     assert images["test/recon"][-1][1] == open(os.path.join(out, "recon_0000004.png"), "rb").read()
 
 
-def test_a_killed_and_resumed_prior_has_each_step_once_in_tensorboard_and_wandb(tmp_path,
-                                                                                digits_h5,
-                                                                                vqvae_ckpt,
-                                                                               offline_wandb):
+def test_a_killed_and_resumed_prior_has_each_step_once_in_tensorboard_and_wandb(
+        tmp_path, digits_h5, vqvae_ckpt, offline_wandb):
     """Killed after logging step 6 with its last checkpoint at step 4 (ckpt.pt put back to the
     step-4 copy), then run on to 8: each step once in both, the values log.jsonl has, the samples
     GIF as a video."""

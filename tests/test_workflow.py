@@ -151,7 +151,7 @@ def digits_file(path, seed):
 
 
 def test_a_fine_tune_starts_from_the_source_and_learns_the_new_data(tiny_vqvae, priors,
-                                                                   tmp_path):
+                                                                    tmp_path):
     import run
     from data import make_dataset
     from gpt import load_gpt
