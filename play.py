@@ -319,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
             whole = isinstance(key_id, int) and not isinstance(key_id, bool)
             if not isinstance(held, list) or not whole:
                 return self.bad(400, "keys: expected {\"held\": [action names], \"id\": integer}")
-            unknown = [h for h in held if h not in self.player.names]
+            unknown = [h for h in held if h not in self.bindings]
             if unknown:
                 names = ", ".join(self.player.names) or "none (its dream plays by itself)"
                 return self.bad(400, f"unknown action {str(unknown[0])[:40]!r}; "
@@ -346,8 +346,25 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_handler(player, page):
     """Handler bound to `player` and the page's HTML, with each action's keys."""
-    bindings = {n: KEYS.get(n, [str(i + 1)]) for i, n in enumerate(player.names)}
-    return type("BoundHandler", (Handler,), dict(player=player, page=page, bindings=bindings))
+    return type("BoundHandler", (Handler,), dict(player=player, page=page,
+                                                  bindings=key_bindings(player.names)))
+
+
+def key_bindings(names):
+    """Each action's keys: KEYS's, else a digit; an action of several buttons (Battle2's
+    MOVE_FORWARD+TURN_RIGHT) has none of its own and is pressed by holding its buttons' keys, so a
+    button that is no action alone (SPEED) is bound too."""
+    bindings = {}
+    for i, name in enumerate(names):
+        buttons = name.split("+")
+        if len(buttons) == 1:
+            bindings[name] = KEYS.get(name, [str(i + 1)] if i < 9 else [])
+            continue
+        bindings[name] = []
+        for b in buttons:
+            if b not in names and b in KEYS:
+                bindings[b] = KEYS[b]
+    return bindings
 
 
 def serve(args):

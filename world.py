@@ -589,6 +589,19 @@ def script_actions(spec, names, per_step):
 # Playing in real time: a thread that draws while someone watches, at a steady pace
 
 
+def held_action(held, names):
+    """The action of the keys held (buttons or actions, in the order pressed): the prior's action
+    that presses exactly their buttons together, where it has one (Battle2's MOVE_FORWARD+TURN_RIGHT
+    for ↑ and →), else the newest key's; None with no key held."""
+    if len(held) > 1:
+        pressed = {b for h in held for b in h.split("+")}
+        combined = [n for n in names if set(n.split("+")) == pressed]
+        if combined:
+            return combined[0]
+    held = [h for h in held if h in names]
+    return held[-1] if held else None
+
+
 class Player:
     """Draws latent steps with the held keys while anyone watches, and hands out each frame at its
     time.
@@ -619,9 +632,8 @@ class Player:
     # --- called from other threads (the web server's) ---
 
     def action_now(self):
-        """The action held now: the newest key pressed, or None (the idle action)."""
-        held = self.held
-        return held[-1] if held else None
+        """The action held now (see held_action), or None (the idle action)."""
+        return held_action(self.held, self.names)
 
     def keys(self, held, key_id):
         with self.lock:

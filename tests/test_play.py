@@ -577,3 +577,23 @@ def test_long_play_scores_on_hand_made_frames():
     assert len(script) == 300 and min(runs) >= 12 and len(runs) >= 12
     # direct reversal
     assert "TURN_LEFT" in script and ("TURN_LEFT", "TURN_RIGHT") in zip(script, script[1:])
+
+
+def test_held_keys_press_battle2s_combined_actions():
+    """Battle2's prior has actions of several buttons: holding ↑ and → presses
+    MOVE_FORWARD+TURN_RIGHT, ↑ and shift MOVE_FORWARD+SPEED (SPEED is bound though no action
+    alone); keys with no such combination fall back to the newest."""
+    from play import key_bindings
+    from prepare.vizdoom import BATTLE2_ACTIONS
+    from world import held_action
+    names = list(BATTLE2_ACTIONS)
+    bindings = key_bindings(names)
+    assert bindings["TURN_RIGHT"] == ["ArrowRight", "d"] and bindings["ATTACK"] == [" "]
+    assert bindings["SPEED"] == ["Shift"] and bindings["MOVE_FORWARD+TURN_RIGHT"] == []
+    assert held_action(["MOVE_FORWARD", "TURN_RIGHT"], names) == "MOVE_FORWARD+TURN_RIGHT"
+    assert held_action(["TURN_RIGHT", "MOVE_FORWARD"], names) == "MOVE_FORWARD+TURN_RIGHT"
+    assert held_action(["SPEED", "MOVE_FORWARD"], names) == "MOVE_FORWARD+SPEED"
+    assert held_action(["TURN_LEFT", "TURN_RIGHT"], names) == "TURN_RIGHT"   # no such action
+    assert held_action(["SPEED"], names) is None and held_action([], names) is None
+    # A scenario of single buttons (Health Gathering Supreme) is as before: the newest wins.
+    assert held_action(["TURN_LEFT", "MOVE_FORWARD"], NAMES) == "MOVE_FORWARD"
