@@ -352,3 +352,25 @@ def test_battle2s_player_turns_to_monsters_shoots_and_fetches_what_it_lacks():
     # Healthy, it walks on rather than towards the medikit: Explorer's walk, combinations mixed in.
     walks = {act(Fighter(seed), obs(medikit)) for seed in range(50)}
     assert "MOVE_FORWARD+SPEED" in walks and len(walks) >= 4
+
+
+def test_a_tiny_prior_trained_on_battle2_samples_with_named_actions(tmp_path):
+    """Battle2's file trains a prior like any other, and sample.py takes its actions by name,
+    combined ones included (the paper's Figure 8: moving forward and right)."""
+    import sample
+    import train
+    from prepare.vizdoom import write_vizdoom
+    battle2_map()
+    path = str(tmp_path / "b2.h5")
+    write_vizdoom(path, "battle2", episodes=4, length=8, resolution=16, progress=False)
+    vq, prior = tmp_path / "vq", tmp_path / "gpt"
+    train.train(train.parse_args(TINY + ["--data", path, "--out_dir", str(vq), "--max_steps",
+                                         "1"]))
+    train.train(train.parse_args(TINY_GPT + ["--data", path, "--vqvae", str(vq / "ckpt.pt"),
+                                             "--out_dir", str(prior), "--max_steps", "1",
+                                             "--action_cond", "norms"]))
+    ckpt = torch.load(prior / "ckpt.pt", weights_only=True)
+    assert len(ckpt["action_names"]) == 12 and ckpt["config"]["action_dim"] == 12
+    sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions",
+                 "MOVE_FORWARD+TURN_RIGHT*2,ATTACK*2", "--out", str(tmp_path / "told.gif")])
+    assert Image.open(tmp_path / "told.gif").n_frames == 4
