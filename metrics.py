@@ -40,8 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import (atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256,
-                         trained_with)
+from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256
 from data import (HDF5Dataset, find_videos, make_dataset, read_frames,
                   samples_to_uint8, to_uint8)
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
@@ -1119,14 +1118,6 @@ def prediction_summary(values):
                 best_of_samples=dict(mean=float(best.mean()), per_frame=curve(best)))
 
 
-def trained_on(ckpt_path):
-    """The --data a prior of ours was trained with (None: the built-in moving digits)."""
-    ckpt = load_checkpoint(ckpt_path)
-    if "train_args" not in ckpt:
-        raise ValueError(f"{ckpt_path}: does not say what it was trained on; pass --data")
-    return ckpt["train_args"].get("data")
-
-
 @torch.no_grad()
 def prediction_scores(args):
     """PSNR and SSIM of the prior's continuations of the first k frames of --n test clips."""
@@ -1138,8 +1129,13 @@ def prediction_scores(args):
     if not c.n_cond_frames and (k % stride or k >= vc.sequence_length):
         raise ValueError(f"--context_frames {k} must be a multiple of {stride} below the clip's "
                          f"{vc.sequence_length} frames")
-    data_path = args.data if args.data is not None else trained_on(args.ckpt)
-    every = args.sample_every or trained_with(args.ckpt, "sample_every", 1)
+    # The data and frame rate the prior was trained with, unless told otherwise (None: the
+    # built-in digits); an original checkpoint does not say.
+    trained = load_checkpoint(args.ckpt).get("train_args")
+    if args.data is None and not isinstance(trained, dict):
+        raise ValueError(f"{args.ckpt}: does not say what it was trained on; pass --data")
+    data_path = args.data if args.data is not None else trained.get("data")
+    every = args.sample_every or (trained or {}).get("sample_every") or 1
     data = make_dataset(data_path, vc.sequence_length, train=False, resolution=vc.resolution,
                         sample_every=every)
     psnr, ssim_ = [], []

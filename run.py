@@ -306,6 +306,7 @@ def same_weights(model, other, path, source):
 def gradient_sync(model, last):
     """DDP averages the gradients over the processes at the backward of the last micro-batch
     only; the earlier ones add up locally (DDP.no_sync). Nothing to do in one process."""
+    model = getattr(model, "_orig_mod", model)   # under --compile, the DDP module it wraps
     if isinstance(model, DDP) and not last:
         return model.no_sync()
     return contextlib.nullcontext()

@@ -807,6 +807,11 @@ mode = PLAYER
 """
 
 
+def is_battle2(scenario):
+    """Whether --scenario names Battle2, which is written here rather than shipped."""
+    return scenario in ("battle2", "battle2.cfg")
+
+
 def battle2_wad(wad=None):
     """The Battle2 map: `wad`, or the one inside an installed sample-factory; checked by its
     sha256. One line when it is missing or another file."""
@@ -821,8 +826,9 @@ def battle2_wad(wad=None):
                              "PATH")
     if not os.path.isfile(wad):
         raise ValueError(f"{wad}: no such map file")
-    if sha256(wad) != BATTLE2_SHA256:
-        raise ValueError(f"{wad}: sha256 {sha256(wad)} is not Battle2's ({BATTLE2_SHA256})")
+    digest = sha256(wad)
+    if digest != BATTLE2_SHA256:
+        raise ValueError(f"{wad}: sha256 {digest} is not Battle2's ({BATTLE2_SHA256})")
     return os.path.abspath(wad)
 
 
@@ -867,7 +873,7 @@ def make_game(scenario, seed, wad=None):
     vzd = import_vizdoom()
     game, here = vzd.DoomGame(), os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:
-        if scenario in ("battle2", "battle2.cfg"):
+        if is_battle2(scenario):
             path = battle2_scenario(scratch, wad)
         else:
             path = os.path.abspath(scenario_path(scenario))

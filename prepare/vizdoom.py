@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from checkpoints import atomic_write, check_writable
 from data import preprocess, to_uint8
-from world import make_game
+from world import is_battle2, make_game
 
 # -----------------------------------------------------------------------------
 # The built-in policy
@@ -110,11 +110,15 @@ class Fighter(Explorer):
 
     MONSTERS = ("Imp", "Demon", "Zombie", "Sergeant", "Cacodemon", "Baron", "Knight", "Spectre")
 
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.fighting = False   # the held action is a fight's (not Explorer's walk)
+
     def __call__(self, obs):
         names, depth, var = obs["buttons"], obs["depth"], obs.get("variables", {})
         act = lambda name: names.index(name)
         w = depth.shape[1]
-        if self.left > 0 and getattr(self, "fighting", False):   # a fight's move, held on
+        if self.left > 0 and self.fighting:   # a fight's move, held on
             self.left -= 1
             return self.action
         self.fighting = False
@@ -150,7 +154,7 @@ def load_policy(spec, scenario=None):
     """A factory seed -> policy: the built-in one (None: Battle2's Fighter, or Explorer), or
     `module:function`, one's own policy (any seed)."""
     if spec is None:
-        return Fighter if scenario in ("battle2", "battle2.cfg") else Explorer
+        return Fighter if is_battle2(scenario) else Explorer
     module, _, name = spec.partition(":")
     try:
         policy = getattr(importlib.import_module(module), name)
@@ -174,7 +178,7 @@ BATTLE2_ACTIONS = ("MOVE_FORWARD", "MOVE_BACKWARD", "MOVE_LEFT", "MOVE_RIGHT", "
 
 def scenario_actions(scenario, buttons):
     """The actions of a scenario, each the names of the buttons it presses together."""
-    if scenario in ("battle2", "battle2.cfg"):
+    if is_battle2(scenario):
         return [tuple(a.split("+")) for a in BATTLE2_ACTIONS]
     return [(b,) for b in buttons]
 
