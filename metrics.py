@@ -658,15 +658,28 @@ def digits_main(argv):
 # centre with no net slide. So the slide between two frames, the horizontal offset that best lines
 # them up, reads the turn: on real ViZDoom test frames, 97% of the steps after TURN_LEFT slide right
 # and 97% after TURN_RIGHT slide left.
+#
+# Where the player holds a weapon (Battle2), the weapon sprite stands still at the bottom centre of
+# every frame and the floor below the horizon is one flat grey: the whole frame lines up best with
+# no slide at all in 36% of turning steps, and 81% of Battle2's real held turns read right. The top
+# half of the frame (walls, monsters, the horizon) holds what slides: 99% of the held turns read
+# right.
 
 TURN_SIGN = {"TURN_LEFT": 1, "TURN_RIGHT": -1}   # the sign of the slide each turn makes
 
 
-def view_shift(a, b, most=None):
+def view_rows(names, height):
+    """The rows a turn is read from: the top half where the buttons include ATTACK (a weapon is
+    drawn at the bottom), every row otherwise."""
+    armed = any("ATTACK" in name.split("+") for name in names or ())
+    return slice(0, height // 2) if armed else slice(0, height)
+
+
+def view_shift(a, b, most=None, rows=slice(None)):
     """How many pixels the picture slid right from frame a to frame b (uint8 (H, W, 3)): the offset
     in -most..most (default W // 4) with the least mean squared difference of the overlapping grey
-    columns."""
-    a, b = a.astype(np.float32).mean(-1), b.astype(np.float32).mean(-1)             # (H, W) each
+    columns of the given rows (default: all)."""
+    a, b = a[rows].astype(np.float32).mean(-1), b[rows].astype(np.float32).mean(-1)    # (h, W)
     w = a.shape[1]
     most = most or w // 4
     # The mean squared difference of the two pictures' overlap when b is slid d columns.
@@ -690,10 +703,11 @@ def held_turns(actions, signs, min_hold=3):
     return runs
 
 
-def view_slides(videos):
-    """Every step's slide (view_shift) of uint8 clips (N, T, H, W, 3): int (N, T - 1), frame t to t
-    + 1."""
-    return np.array([[view_shift(v[t], v[t + 1]) for t in range(len(v) - 1)] for v in videos])
+def view_slides(videos, rows=slice(None)):
+    """Every step's slide (view_shift, read from the given rows) of uint8 clips (N, T, H, W, 3):
+    int (N, T - 1), frame t to t + 1."""
+    return np.array([[view_shift(v[t], v[t + 1], rows=rows) for t in range(len(v) - 1)]
+                     for v in videos])
 
 
 def turn_following(slides, actions, signs, min_hold=3):
@@ -705,32 +719,90 @@ def turn_following(slides, actions, signs, min_hold=3):
     return (float(np.mean(right)) if runs else None), len(runs)
 
 
-def steer_of_checkpoint(args):
-    """`fvd.py steer`: the turn-following of real test clips (the ceiling), their reconstructions,
-    samples given the real clips' actions, and samples told to turn left or right (or go straight)
-    all the way."""
-    device = default_device(args.device)
-    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
+# Battle2's other buttons. A strafe slides the picture the way a turn to the same side does, but
+# less (3-4 px a step against 11), and unevenly: near things slide further than far ones. Near the
+# top of the view only near walls reach (a far wall ends lower down), while the band around the
+# horizon is mostly far walls. So a held strafe shows when the near band slides the told way, and
+# further than the horizon band. On Battle2's 100 real test lives: 63% of 182 held strafes, against
+# 28% of 968 held turns, which slide both bands alike. A weak reading, but one that separates.
+#
+# A shot shows the muzzle flash: a blob of warm, bright pixels just above the pistol's barrel, the
+# weapon sprite drawn in its firing pose around it. The pistol fires about every fourth frame while
+# ATTACK is held, so 44% of the three frames after a press flash, and 4% of the frames with no
+# press in the five before (a fireball, a lit pickup). A shot counts as shown when one of the frames
+# it leads to, or the two after, flashes: 98% of 284 real presses, against 18% of 217 walks forward.
+
+STRAFE_SIGN = {"MOVE_LEFT": 1, "MOVE_RIGHT": -1}   # the sign of a strafe's slide, as for turns
+
+
+def button_signs(names, signs):
+    """{action index: sign} for every action that holds one of the buttons in `signs`, alone or with
+    others (Battle2's MOVE_FORWARD+TURN_LEFT, ...)."""
+    return {i: signs[b] for i, name in enumerate(names) for b in name.split("+") if b in signs}
+
+
+def strafe_following(videos, actions, signs, min_hold=3):
+    """The share of held strafes after which the near band (the top 3/16 of the frame) slid the told
+    way, and further than the horizon band (the middle 3/16); and how many. videos uint8 (N, T, H,
+    W, 3), actions (N, T) action indices, signs as for held_turns."""
+    h = videos.shape[2]
+    near = view_slides(videos, slice(0, 3 * h // 16))                                  # (N, T - 1)
+    far = view_slides(videos, slice(11 * h // 32, 17 * h // 32))                      # (N, T - 1)
+    runs = held_turns(actions, signs, min_hold)
+    shown = [sign * near[i, a:b].sum() > max(0, sign * far[i, a:b].sum()) for i, a, b, sign in runs]
+    return (float(np.mean(shown)) if runs else None), len(runs)
+
+
+def muzzle_flash(frames):
+    """Whether each uint8 frame (..., H, W, 3) shows the pistol's muzzle flash: at least 4 warm,
+    bright pixels (at 64x64) in the patch above the barrel, rows 7/16 to 3/4 and columns 11/32 to
+    21/32 of the frame."""
+    h, w = frames.shape[-3:-1]
+    patch = frames[..., 7 * h // 16:3 * h // 4, 11 * w // 32:21 * w // 32, :].astype(np.int16)
+    warm = (patch[..., 0] > 200) & (patch[..., 1] > 140) & (patch[..., 2] < 140)
+    return warm.sum((-1, -2)) >= 4 * h * w / 4096
+
+
+def shot_following(videos, actions, shoots):
+    """The share of shots (runs of actions holding ATTACK, the indices in `shoots`) followed by a
+    muzzle flash in one of the frames they lead to or the two after; and how many. videos (N, T, H,
+    W, 3), actions (N, T)."""
+    flash = muzzle_flash(videos)                                                         # (N, T)
+    runs = held_turns(actions, dict.fromkeys(shoots, 1), min_hold=1)
+    shown = [flash[i, a + 1:b + 3].any() for i, a, b, _ in runs]
+    return (float(np.mean(shown)) if runs else None), len(runs)
+
+
+# The actions a prior is told all the way through a clip, and the picture's rows: Figure 7's left,
+# straight, right; on Battle2 also the strafes, the shot and Figure 8's "moving forward and right"
+# (three rows, as the paper shows).
+TOLD = ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "MOVE_LEFT", "MOVE_RIGHT", "ATTACK",
+        "MOVE_FORWARD+MOVE_RIGHT")
+PICTURE_ROWS = {"MOVE_FORWARD+MOVE_RIGHT": 3}
+
+
+def steer_sets(args, gpt, vq, names, told, device):
+    """The clips `fvd.py steer` scores, uint8 (n, T, H, W, 3) per set: the real test clips, their
+    reconstructions, samples given their actions, samples told each action in `told` all the way
+    through, and (with --uncond) an unconditional prior's samples; and the real clips' action
+    indices (n, T)."""
     c = vq.config
-    names = load_checkpoint(args.ckpt).get("action_names")
-    if not gpt.config.action_dim or not names or not set(TURN_SIGN) <= set(names):
-        raise ValueError(f"{args.ckpt}: steer needs a prior conditioned on actions named TURN_LEFT "
-                         "and TURN_RIGHT (trained with --action_cond on ViZDoom data), got "
-                         f"{names or 'no action names'}")
-    # Every action that turns, alone or with a move (Battle2's MOVE_FORWARD+TURN_LEFT, ...).
-    signs = {i: TURN_SIGN[b] for i, name in enumerate(names) for b in name.split("+")
-             if b in TURN_SIGN}
     data = make_dataset(args.data, c.sequence_length, train=False, resolution=c.resolution)
     if "actions" not in getattr(data, "extras", ()):
         raise ValueError(f"{args.data}: no per-frame actions to steer by (expected an HDF5 file "
                          "with test_actions)")
     generator = torch.Generator(device).manual_seed(args.seed)
-    draw = lambda a: samples_to_uint8(vq.decode(generate(gpt, len(a), actions=a,
-                                                         temperature=args.temperature,
-                                                         top_k=args.top_k, generator=generator)))
-    told = {k: names.index(k) for k in ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT") if k in names}
+    sample = lambda gpt, vq, n, a=None: samples_to_uint8(vq.decode(generate(
+        gpt, n, actions=a, temperature=args.temperature, top_k=args.top_k, generator=generator)))
+    uncond = None
+    if args.uncond:
+        uncond = tuple(use_fast_attention(m) for m in load_gpt(args.uncond, device=device))
+        if uncond[0].config.action_dim:
+            raise ValueError(f"--uncond {args.uncond}: a prior conditioned on actions, expected "
+                             "one without")
     T = c.sequence_length
     sets = {"real": [], "reconstructions": [], "samples": []} | {f"told {k}": [] for k in told}
+    sets |= {"unconditional": []} if uncond else {}
     buttons = []
     with torch.no_grad():
         for start in tqdm(range(0, args.n, args.batch_size), desc="clips", leave=False):
@@ -741,38 +813,82 @@ def steer_of_checkpoint(args):
             buttons.append(a.argmax(-1).cpu().numpy())
             sets["real"].append(to_uint8(x).numpy())
             sets["reconstructions"].append(samples_to_uint8(vq.decode(vq.encode(x))))
-            sets["samples"].append(draw(a))
-            for k in told:   # every clip told the same button all the way through
+            sets["samples"].append(sample(gpt, vq, len(items), a))
+            for k in told:   # every clip told the same action all the way through
                 told_k = named_actions(f"{k}*{T}", names, len(items), (T,), args.ckpt)
-                sets[f"told {k}"].append(draw(told_k.to(device)))
-    buttons, sets = np.concatenate(buttons), {k: np.concatenate(v) for k, v in sets.items()}
+                sets[f"told {k}"].append(sample(gpt, vq, len(items), told_k.to(device)))
+            if uncond:
+                sets["unconditional"].append(sample(*uncond, len(items)))
+    return {k: np.concatenate(v) for k, v in sets.items()}, np.concatenate(buttons)
+
+
+def steer_scores(sets, buttons, names, told, min_hold):
+    """Each set's scores: turns followed, and where the prior has them strafes and shots shown, the
+    share of frames that flash, and the mean slide per step. A told set is scored against its one
+    action; the unconditional samples only for the slide and the flashes."""
+    turns, strafes = button_signs(names, TURN_SIGN), button_signs(names, STRAFE_SIGN)
+    shoots = [i for i, name in enumerate(names) if "ATTACK" in name.split("+")]
     rows = {}
     for name, videos in sets.items():
-        b = np.full(buttons.shape, told[name[5:]]) if name.startswith("told") else buttons
-        slides = view_slides(videos)                                                    # (N, T - 1)
-        share, count = turn_following(slides, b, signs, args.min_hold)
-        rows[name] = dict(turned_as_told=share, turns=count,
-                          mean_slide=float(np.abs(slides).mean()))
-        line = f"{name:>17}: mean slide {rows[name]['mean_slide']:5.2f} px/step"
-        if count:
-            line += f"  turned the way told {100 * share:5.1f}% of {count} held turns"
+        b = np.full(buttons.shape, names.index(name[5:])) if name.startswith("told") else buttons
+        b = np.full(buttons.shape, -1) if name == "unconditional" else b
+        slides = view_slides(videos, view_rows(names, videos.shape[2]))               # (N, T - 1)
+        share, count = turn_following(slides, b, turns, min_hold)
+        row = rows[name] = dict(turned_as_told=share, turns=count,
+                                mean_slide=float(np.abs(slides).mean()))
+        if strafes:
+            row["strafed_as_told"], row["strafes"] = strafe_following(videos, b, strafes, min_hold)
+        if shoots:
+            row["shots_shown"], row["shots"] = shot_following(videos, b, shoots)
+            row["flash_frames"] = float(muzzle_flash(videos).mean())
+        line = f"{name:>31}: slide {row['mean_slide']:5.2f} px/step"
+        for key, total, what in (("turned_as_told", "turns", "turns"),
+                                 ("strafed_as_told", "strafes", "strafes"),
+                                 ("shots_shown", "shots", "shots")):
+            if row.get(total):
+                line += f"  {what} {100 * row[key]:5.1f}% of {row[total]}"
+        if shoots:
+            line += f"  flashing frames {100 * row['flash_frames']:4.1f}%"
         print(line, flush=True)
-    print(f"(N={args.n} clips of {c.sequence_length} frames, turns held >= {args.min_hold} steps, "
-          f"seed {args.seed}, {os.path.basename(args.ckpt)}, temperature {args.temperature}, top_k "
-          f"{args.top_k})",
-          flush=True)
-    # Figure 7 of the paper: the same model told to turn left, go straight, turn right
+    return rows
+
+
+def steer_of_checkpoint(args):
+    """`fvd.py steer`: the turn-following of real test clips (the ceiling), their reconstructions,
+    samples given the real clips' actions, and samples told to turn left or right (or go straight)
+    all the way; on Battle2 also strafes and shots."""
+    device = default_device(args.device)
+    gpt, vq = (use_fast_attention(m) for m in load_gpt(args.ckpt, device=device))
+    c = vq.config
+    names = load_checkpoint(args.ckpt).get("action_names")
+    if not gpt.config.action_dim or not names or not set(TURN_SIGN) <= set(names):
+        raise ValueError(f"{args.ckpt}: steer needs a prior conditioned on actions named TURN_LEFT "
+                         "and TURN_RIGHT (trained with --action_cond on ViZDoom data), got "
+                         f"{names or 'no action names'}")
+    told = [k for k in TOLD if k in names]
+    sets, buttons = steer_sets(args, gpt, vq, names, told, device)
+    rows = steer_scores(sets, buttons, names, told, args.min_hold)
+    print(f"(N={args.n} clips of {c.sequence_length} frames, turns and strafes held >= "
+          f"{args.min_hold} steps, seed {args.seed}, {os.path.basename(args.ckpt)}, temperature "
+          f"{args.temperature}, top_k {args.top_k})", flush=True)
+    # Figure 7 of the paper: the same model told to turn left, go straight, turn right; Figure 8:
+    # an unconditional row, then three told to move forward and right, then the other buttons.
     if args.picture:
         from checkpoints import save_png, video_grid
-        shown = [sets[f"told {k}"][i] for k in told for i in range(args.picture_rows)]
+        shown = list(sets.get("unconditional", [])[:args.picture_rows])
+        shown += [sets[f"told {k}"][i] for k in told
+                  for i in range(args.picture_rows * PICTURE_ROWS.get(k, 1))]
         save_png(video_grid(np.stack(shown)), args.picture)
         print(args.picture, flush=True)
     if args.out:
+        rows_read = view_rows(names, c.resolution)
         write_record(args.out, dict(
-            metric="turn_following", protocol=f"view_shift, turns held >= {args.min_hold}",
+            metric="turn_following",
+            protocol=f"view_shift of rows {rows_read.start}-{rows_read.stop - 1}, turns and "
+                     f"strafes held >= {args.min_hold}, a flash within 3 frames of a shot",
             n=args.n, frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
             temperature=args.temperature, top_k=args.top_k,
-            **provenance(ckpt=args.ckpt, data=args.data), scores=rows))
+            **provenance(ckpt=args.ckpt, data=args.data, uncond=args.uncond), scores=rows))
     return rows
 
 
@@ -793,6 +909,9 @@ def steer_main(argv):
                    help="also write a PNG: samples told to turn left, go straight, turn right (a "
                         "row each)")
     p.add_argument("--picture_rows", type=int, default=1, help="rows per told action in --picture")
+    p.add_argument("--uncond", default=None,
+                   help="a prior without actions on the same data: its samples are scored too and "
+                        "make the top row of --picture (the paper's Figure 8)")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)
     args = p.parse_args(argv)
@@ -905,7 +1024,8 @@ def play_turns(frames, script, names, start):
     commanded way; and how many. Action i is the action of frame start + i (the data's convention:
     it leads to the next)."""
     signs = {names.index(k): v for k, v in TURN_SIGN.items() if k in names}
-    slides = view_slides(np.asarray(frames)[None, start:])                             # (1, N - 1)
+    frames = np.asarray(frames)                                                   # (N, H, W, 3)
+    slides = view_slides(frames[None, start:], view_rows(names, frames.shape[1]))  # (1, N - 1)
     buttons = np.array([[names.index(a) for a in script]])                             # (1, N)
     return turn_following(slides, buttons, signs, min_hold=12)
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import ROOT, TINY, TINY_GPT, run_script
 from data import HDF5Dataset
-from metrics import held_turns, turn_following, view_shift, view_slides
+from metrics import (held_turns, muzzle_flash, shot_following, strafe_following, turn_following,
+                     view_rows, view_shift, view_slides)
 from prepare import vizdoom
 
 SMALL = dict(episodes=5, length=12, resolution=48, seed=0, progress=False)
@@ -134,6 +135,53 @@ def test_the_steering_score_reads_real_turns_and_fails_swapped_ones(turns_file):
     shifts = (-5, 0, 3, 11)
     found = [view_shift(texture[:, 16:80], texture[:, 16 - d:80 - d]) for d in shifts]
     assert found == list(shifts)
+
+
+def test_a_weapon_moves_the_turn_reading_to_the_top_half():
+    """metrics.view_rows: with ATTACK among the actions (a weapon drawn at the bottom), turns are
+    read from the top half; without, from every row. A still sprite below pins the whole frame's
+    reading at no slide, as Battle2's pistol does; the top half still reads the turn."""
+    assert view_rows(["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"], 64) == slice(0, 64)
+    assert view_rows(["TURN_LEFT", "MOVE_FORWARD+ATTACK"], 64) == slice(0, 32)
+    rng = np.random.default_rng(0)
+    world = rng.integers(0, 60, (32, 96, 3), dtype=np.uint8)    # dim walls that slide 5 px
+    weapon = rng.integers(150, 255, (32, 64, 3), dtype=np.uint8)  # a bright sprite that stays
+    a, b = (np.concatenate([world[:, 16 - d:80 - d], weapon]) for d in (0, 5))
+    assert view_shift(a, b) == 0 and view_shift(a, b, rows=slice(0, 32)) == 5
+
+
+def test_strafes_read_by_parallax_and_shots_by_the_muzzle_flash():
+    """metrics.strafe_following: a held strafe shows when the near band (the top 3/16) slides the
+    told way and further than the horizon band; a turn slides both alike and does not.
+    metrics.muzzle_flash: 4 warm, bright pixels above the barrel (64x64); shot_following: a flash
+    in one of the frames a shot leads to or the two after."""
+    rng = np.random.default_rng(1)
+    texture = rng.integers(0, 255, (64, 160, 3), dtype=np.uint8)
+
+    def clip(near, far, steps=4):   # each step slides rows 0-11 by `near`, rows 22-33 by `far`
+        frames = []
+        for t in range(steps):
+            f = texture[:, 48:112].copy()
+            f[:12] = texture[:12, 48 - near * t:112 - near * t]
+            f[22:34] = texture[22:34, 48 - far * t:112 - far * t]
+            frames.append(f)
+        return np.stack(frames)                                                  # (T, 64, 64, 3)
+    videos = np.stack([clip(4, 2), clip(3, 3), clip(-4, -2), clip(4, 2)])
+    told = np.array([[0] * 4, [0] * 4, [0] * 4, [1] * 4])   # 0: MOVE_LEFT (+1), 1: MOVE_RIGHT
+    share, count = strafe_following(videos, told, {0: 1, 1: -1})
+    assert count == 4 and share == 0.25   # only the first: even, backwards, the wrong way fail
+    frames = np.zeros((6, 64, 64, 3), np.uint8)
+    frames[2, 30, 26:30] = (255, 200, 60)            # 4 warm pixels above the barrel: a flash
+    frames[3, 30, 26:29] = (255, 200, 60)            # 3: too few
+    frames[4, 5, 26:34] = (255, 200, 60)             # out of the patch (the sky)
+    frames[5, 30, 26:34] = (255, 255, 255)           # white, not warm
+    assert muzzle_flash(frames).tolist() == [False, False, True, False, False, False]
+    assert muzzle_flash(frames[:, ::2, ::2]).tolist() == [False, False, True, True, False, False]
+    shots = np.array([[5, 2, 5, 5, 5, 5], [2, 5, 5, 5, 5, 5]])    # 2: ATTACK, pressed once
+    videos = np.stack([frames, np.roll(frames, 2, axis=0)])       # the flash at frame 2, then 4
+    # The first press leads to frame 2, which flashes; the second's frames 1-3 do not (its flash,
+    # at frame 4, comes too late).
+    assert shot_following(videos, shots, [2]) == (0.5, 2)
 
 
 def test_the_built_in_policy_holds_its_actions_and_uses_every_button(small_file):
@@ -374,3 +422,25 @@ def test_a_tiny_prior_trained_on_battle2_samples_with_named_actions(tmp_path):
     sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions",
                  "MOVE_FORWARD+TURN_RIGHT*2,ATTACK*2", "--out", str(tmp_path / "told.gif")])
     assert Image.open(tmp_path / "told.gif").n_frames == 4
+    # Figure 8: the steering score with an unconditional prior beside it, strafes and shots scored.
+    from metrics import steer_main
+    uncond = tmp_path / "uncond"
+    train.train(train.parse_args(TINY_GPT + ["--data", path, "--vqvae", str(vq / "ckpt.pt"),
+                                             "--out_dir", str(uncond), "--max_steps", "1"]))
+    steer = ["--ckpt", str(prior / "ckpt.pt"), "--data", path, "--n", "3", "--min_hold", "1"]
+    rows = steer_main(steer + ["--uncond", str(uncond / "ckpt.pt"),
+                               "--picture", str(tmp_path / "fig8.png")])
+    told = ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "MOVE_LEFT", "MOVE_RIGHT", "ATTACK",
+            "MOVE_FORWARD+MOVE_RIGHT")
+    assert set(rows) == {"real", "reconstructions", "samples", "unconditional"} | {
+        f"told {k}" for k in told}
+    assert rows["told MOVE_LEFT"]["strafes"] == 3 and rows["told ATTACK"]["shots"] == 3
+    assert rows["told MOVE_FORWARD+MOVE_RIGHT"]["strafes"] == 3
+    assert rows["told ATTACK"]["turns"] == 0 and rows["unconditional"]["shots"] == 0
+    assert all(0 <= r["flash_frames"] <= 1 for r in rows.values())
+    w, h = Image.open(tmp_path / "fig8.png").size
+    assert (w + 2) / 4 == (h + 2) / 10   # rows: unconditional, 3 forward and right, 6 told
+    with pytest.raises(SystemExit) as e:   # --uncond must be a prior without actions
+        steer_main(steer + ["--uncond", str(prior / "ckpt.pt")])
+    assert str(e.value.code) == (f"fvd.py: error: --uncond {prior / 'ckpt.pt'}: a prior "
+                                 "conditioned on actions, expected one without")
