@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--game", action="store_true",
                    help="run the real ViZDoom scenario on the same keys, beside the dream (pip "
                         "install vizdoom); the dream starts from the game's own first frames")
-    p.add_argument("--scenario", default="health_gathering_supreme",
-                   help="with --game: the scenario")
+    p.add_argument("--scenario", default=None,
+                   help="with --game: the scenario (default: battle2 for a prior with Battle2's "
+                        "actions, else health_gathering_supreme)")
     p.add_argument("--frame_skip", type=int, default=4,
                    help="with --game: game tics per frame (the data's)")
     # sampling
@@ -125,11 +126,14 @@ class Game:
     def __init__(self, stack, scenario, frame_skip, resolution, names, seed):
         self.game = stack.enter_context(make_game(scenario, seed))
         buttons = [b.name for b in self.game.get_available_buttons()]
-        missing = [n for n in names if n not in buttons]
+        missing = sorted({b for n in names for b in n.split("+")} - set(buttons))
         if missing:
             raise ValueError(f"--game {scenario}: its buttons {', '.join(buttons)} lack the "
                              f"prior's {', '.join(missing)}")
-        self.press = {n: np.eye(len(buttons), dtype=int)[buttons.index(n)].tolist() for n in names}
+        # An action presses its buttons together (Battle2's MOVE_FORWARD+TURN_RIGHT: two of them).
+        one_hot = np.eye(len(buttons), dtype=int)
+        self.press = {n: sum(one_hot[buttons.index(b)] for b in n.split("+")).tolist()
+                      for n in names}
         self.frame_skip, self.resolution, self.seed = frame_skip, resolution, seed
 
     def frame(self):
@@ -161,7 +165,8 @@ def open_game(stack, args, world, names):
     """The real game when --game asks for it (closed with `stack`), else None."""
     if not args.game:
         return None
-    return Game(stack, args.scenario, args.frame_skip, world.vq.config.resolution, names, args.seed)
+    scenario = args.scenario or ("battle2" if "ATTACK" in names else "health_gathering_supreme")
+    return Game(stack, scenario, args.frame_skip, world.vq.config.resolution, names, args.seed)
 
 
 def game_start(world, game, names):

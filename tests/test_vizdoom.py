@@ -422,6 +422,13 @@ def test_a_tiny_prior_trained_on_battle2_samples_with_named_actions(tmp_path):
     sample.main(["--ckpt", str(prior / "ckpt.pt"), "--n", "2", "--actions",
                  "MOVE_FORWARD+TURN_RIGHT*2,ATTACK*2", "--out", str(tmp_path / "told.gif")])
     assert Image.open(tmp_path / "told.gif").n_frames == 4
+    # Play beside the real game (the scenario found from the prior's actions), two buttons at once.
+    import play
+    play.main(["--ckpt", str(prior / "ckpt.pt"), "--game", "--actions",
+               "MOVE_FORWARD+TURN_RIGHT*2,ATTACK*2", "--out", str(tmp_path / "beside.gif")])
+    gif = Image.open(tmp_path / "beside.gif")
+    assert gif.size == (32, 16) and gif.n_frames == 4 + 4   # the start, then one per action
+    assert np.asarray(gif.convert("RGB"))[:, 16:].std() > 5  # the game: a rendered level
     # Figure 8: the steering score with an unconditional prior beside it, strafes and shots scored.
     from metrics import steer_main
     uncond = tmp_path / "uncond"
