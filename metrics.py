@@ -773,11 +773,11 @@ def shot_following(videos, actions, shoots):
     return (float(np.mean(shown)) if runs else None), len(runs)
 
 
-# The actions a prior is told all the way through a clip, and the picture's rows: Figure 7's left,
-# straight, right; on Battle2 also the strafes, the shot and Figure 8's "moving forward and right"
-# (three rows, as the paper shows).
-TOLD = ("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "MOVE_LEFT", "MOVE_RIGHT", "ATTACK",
-        "MOVE_FORWARD+MOVE_RIGHT")
+# The actions a prior is told all the way through a clip, in the picture's order: on Battle2
+# Figure 8's "moving forward and right" first (three rows, as the paper shows), then Figure 7's
+# left, straight, right, then the strafes and the shot.
+TOLD = ("MOVE_FORWARD+MOVE_RIGHT", "TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "MOVE_LEFT",
+        "MOVE_RIGHT", "ATTACK")
 PICTURE_ROWS = {"MOVE_FORWARD+MOVE_RIGHT": 3}
 
 
@@ -907,7 +907,8 @@ def steer_main(argv):
     add_sampling_flags(p)
     p.add_argument("--picture", default=None,
                    help="also write a PNG: samples told to turn left, go straight, turn right (a "
-                        "row each)")
+                        "row each); on Battle2 also three told to move forward and right, the "
+                        "strafes and the shot (the paper's Figure 8)")
     p.add_argument("--picture_rows", type=int, default=1, help="rows per told action in --picture")
     p.add_argument("--uncond", default=None,
                    help="a prior without actions on the same data: its samples are scored too and "
