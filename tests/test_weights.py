@@ -52,6 +52,25 @@ def test_they_are_small_half_precision_checkpoints_made_as_their_record_says():
                        - scores["float32_run"]["digits"]["samples"]["clips_kept"]) <= 0.03
 
 
+def test_the_shipped_digit_reader_is_made_as_its_record_says_and_training_it_is_seeded():
+    """weights/digit_reader.pt: half precision, its hash in the record, what fvd.py digits loads
+    when --reader is left out; and train_digit_reader, which made it, gives the same weights for a
+    seed and other weights for another."""
+    from metrics import SHIPPED_READER, default_reader_path, train_digit_reader
+    entry = json.load(open(os.path.join(WEIGHTS, "record.json")))["files"]["digit_reader.pt"]
+    assert entry["sha256"] == sha256(SHIPPED_READER) and entry["commands"] == [
+        "python weights/make.py --reader"]
+    state = torch.load(SHIPPED_READER, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert default_reader_path() == SHIPPED_READER
+    scores = entry["scores"]["real_test_clips"]   # half precision read as float32 did
+    assert abs(scores["shipped"]["frames_read"] - scores["float32"]["frames_read"]) <= 0.01
+    a, b, c = (train_digit_reader(steps=2, batch_size=4, seed=s, progress=False).state_dict()
+               for s in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["head.1.weight"],
+                                                                         c["head.1.weight"])
+
+
 def test_the_shipped_vizdoom_prior_turns_as_told():
     """Three samples told TURN_LEFT all the way slide right, three told TURN_RIGHT slide left; and
     in play, from the start stored with the weights, holding a turn turns the view."""
@@ -72,15 +91,15 @@ def test_the_shipped_vizdoom_prior_turns_as_told():
         assert sign * view_slides(frames[None]).sum() > 0, name
 
 
-def test_the_shipped_digits_prior_reads_as_digits(small_reader, tmp_path):
-    """Its samples are about as legible as real clips to the same (briefly trained) reader, as the
-    Quick start's own run is; and sample.py writes them in a fresh clone, with no training."""
+def test_the_shipped_digits_prior_reads_as_digits(digit_reader, tmp_path):
+    """Its samples are about as legible as real clips to the shipped reader, as the Quick start's
+    own run is; and sample.py writes them in a fresh clone, with no training."""
     gpt, vq = (use_fast_attention(m) for m in load_gpt(os.path.join(WEIGHTS, "digits.pt")))
     with torch.no_grad():
         codes = generate(gpt, 32, generator=torch.Generator().manual_seed(0))
         fake = samples_to_uint8(vq.decode(codes))
     real = moving_digits(32, frames=8, resolution=32, seed=0, train=False)
-    ours, theirs = legibility(small_reader, fake), legibility(small_reader, real)
+    ours, theirs = legibility(digit_reader, fake), legibility(digit_reader, real)
     assert all(ours[k] >= 0.7 * theirs[k] > 0 for k in ("frames_read", "clips_kept")), (
         ours, theirs)
     import sample

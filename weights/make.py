@@ -2,6 +2,7 @@
 
     python weights/make.py --vizdoom runs/doom_gpt/ckpt.pt --digits runs/gpt/ckpt.pt \
         --data vizdoom.h5
+    python weights/make.py --reader          # the digit reader fvd.py digits reads with
 
 weights/vizdoom.pt is the ViZDoom block's action-conditional prior, weights/digits.pt the Quick
 start's prior; each carries its VQ-VAE, as every prior checkpoint of ours does. A shipped file keeps
@@ -13,7 +14,8 @@ frames of one test clip, so that play starts from the real game with no data fil
 
 weights/record.json says how they were made (the commands, the seed, the commit) and what they
 score, before and after half precision: steering (fvd.py steer) and long play (fvd.py dream) for
-ViZDoom, digit legibility (fvd.py digits) for the digits.
+ViZDoom, digit legibility (fvd.py digits) for the digits. weights/digit_reader.pt is the network
+fvd.py digits reads frames with: shipped, it spares every user its 90 s of training.
 """
 
 import argparse
@@ -29,7 +31,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from checkpoints import atomic_write, load_checkpoint  # noqa: E402  (after the project is on the path)
 from gpt import load_gpt  # noqa: E402
-from metrics import digits_main, dream_main, sha256, steer_main  # noqa: E402
+from data import moving_digits  # noqa: E402
+from metrics import (READER_STEPS, digits_main, dream_main, legibility, load_digit_reader,  # noqa: E402
+                     sha256, steer_main, train_digit_reader)
 from world import clip_start  # noqa: E402
 
 # What a shipped file keeps of a run's checkpoint.
@@ -87,22 +91,51 @@ def scores(kind, path, data, n, clip):
     return dict(digits=digits_main(["--ckpt", path, "--n", str(n)]))
 
 
+def git_commit(folder):
+    """The commit checked out in `folder`, or None outside a clone."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                          text=True).stdout.strip() or None
+
+
+def make_reader(out_dir, n):
+    """weights/digit_reader.pt: the digit reader `fvd.py digits` reads with (train_digit_reader,
+    seed 0), in half precision, and its entry in record.json: its legibility of n real test clips
+    in float32 and as shipped."""
+    reader = train_digit_reader(seed=0)
+    out = os.path.join(out_dir, "digit_reader.pt")
+    atomic_write(out, lambda f: torch.save(half(reader.state_dict()), f))
+    real = moving_digits(n, frames=8, resolution=32, seed=0, train=False)
+    shipped = load_digit_reader(out)            # the half-precision file, loaded as float32
+    scores = dict(float32=legibility(reader, real), shipped=legibility(shipped, real))
+    path = os.path.join(out_dir, "record.json")
+    record = json.load(open(path)) if os.path.isfile(path) else dict(seed=0, files={})
+    record["files"]["digit_reader.pt"] = dict(
+        commands=["python weights/make.py --reader"], commit=git_commit(HERE), seed=0,
+        steps=READER_STEPS, bytes=os.path.getsize(out), sha256=sha256(out), dtype="float16",
+        torch=torch.__version__, scores=dict(real_test_clips=scores))
+    atomic_write(path, lambda f: json.dump(record, f, indent=1, default=float), binary=False)
+    print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB; real clips read: {scores}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Make weights/vizdoom.pt and weights/digits.pt from "
-                                            "finished runs.")
-    p.add_argument("--vizdoom", required=True,
-                   help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
-    p.add_argument("--digits", required=True, help="the Quick start's prior: runs/gpt/ckpt.pt")
-    p.add_argument("--data", required=True,
-                   help="vizdoom.h5: the start clip, and the scores' real clips")
+                                            "finished runs, or (--reader) the digit reader.")
+    p.add_argument("--reader", action="store_true",
+                   help="make weights/digit_reader.pt alone (trained here, about 90 s) and add it "
+                        "to record.json")
+    p.add_argument("--vizdoom", help="the ViZDoom block's prior: runs/doom_gpt/ckpt.pt")
+    p.add_argument("--digits", help="the Quick start's prior: runs/gpt/ckpt.pt")
+    p.add_argument("--data", help="vizdoom.h5: the start clip, and the scores' real clips")
     p.add_argument("--clip", type=int, default=0,
                    help="the test clip whose opening frames play starts from")
     p.add_argument("--n", type=int, default=128, help="clips per score")
     p.add_argument("--out_dir", default=HERE, help="where the files go (default: this folder)")
     args = p.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"],
-                            cwd=os.path.dirname(os.path.abspath(args.vizdoom)),
-                            capture_output=True, text=True).stdout.strip() or None
+    if args.reader:
+        return make_reader(args.out_dir, args.n)
+    if not (args.vizdoom and args.digits and args.data):
+        p.error("--vizdoom, --digits and --data are needed (or --reader alone)")
+    commit = git_commit(os.path.dirname(os.path.abspath(args.vizdoom)))
     record = dict(commit=commit, seed=0, torch=torch.__version__, files={})
     for kind, run in (("vizdoom.pt", args.vizdoom), ("digits.pt", args.digits)):
         ckpt = load_checkpoint(run)
