@@ -369,14 +369,15 @@ def test_battle2_actions_t_is_the_action_after_frame_t(tmp_path):
             ends = labels[t] != labels[t - 1] or labels[t] != labels[t + 1]
             inside = t % 40 and (t + 1) % 40 and (t + 2) % 40
             if inside and ends and turn(labels[t]):
-                shift = view_shift(frames[t], frames[t + 1], most=12)
+                # The top half, as fvd.py steer reads Battle2 (the pistol below stands still).
+                shift = view_shift(frames[t], frames[t + 1], most=12, rows=slice(0, 32))
                 if shift:   # a dark or a flashing frame can read no slide at all
                     signs.append(np.sign(shift) == turn(labels[t]))
         return np.mean(signs), len(signs)
     share, count = agreement(names)
-    assert count >= 30 and share >= 0.8, (share, count)       # measured 0.87 of 45
+    assert count >= 30 and share >= 0.85, (share, count)      # measured 0.95 of 77
     for shifted in (names[:1] + names[:-1], names[1:] + names[-1:]):
-        assert agreement(shifted)[0] <= 0.72                 # measured 0.66 both ways
+        assert agreement(shifted)[0] <= 0.75                 # measured 0.57 and 0.67
 
 
 def test_battle2s_player_turns_to_monsters_shoots_and_fetches_what_it_lacks():
