@@ -1089,15 +1089,11 @@ def dream_of_checkpoint(args):
                    f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature "
                    f"{args.temperature}")
     if args.out:
-        write_record(args.out,
-                     dict(metric="long_play", frames=args.frames, seed=args.seed,
-                          stride=args.stride,
-                                    temperature=args.temperature, top_k=args.top_k,
-                          turned_as_told=share, turns=turns,
-                                    **provenance(ckpt=args.ckpt, data=args.data),
-                          references=references,
-                                    reconstructions_in_real_range=recon_report["in_real_range"],
-                          dream=report))
+        write_record(args.out, dict(
+            metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,
+            temperature=args.temperature, top_k=args.top_k, turned_as_told=share, turns=turns,
+            **provenance(ckpt=args.ckpt, data=args.data), references=references,
+            reconstructions_in_real_range=recon_report["in_real_range"], dream=report))
     return dict(turned_as_told=share, turns=turns, **report)
 
 
