@@ -702,9 +702,10 @@ def view_shift(a, b, most=None, rows=slice(None)):
 
 
 def held_turns(actions, signs, min_hold=3):
-    """(clip, first, last, sign) of every run of one turning button held for at least min_hold steps
-    in (N, T) button indices; `signs` maps a button index to its slide's sign. The run's steps t
-    lead to t + 1, so the last step of a clip leads nowhere and is left out."""
+    """(clip, first, last, sign) of every run of one action held for at least min_hold steps in
+    (N, T) action indices, for the actions in `signs` (index -> its slide's sign: the turns, or the
+    strafes; the shots use it with sign 1). The run's steps t lead to t + 1, so the last step of a
+    clip leads nowhere and is left out."""
     runs = []
     for i, row in enumerate(np.asarray(actions)[:, :-1]):
         start = 0

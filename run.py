@@ -303,6 +303,12 @@ def same_weights(model, other, path, source):
 # Gradient accumulation: the micro-batches of one optimizer step
 
 
+def clips_per_step(args):
+    """The clips one optimizer step reads in each process: --grad_accum micro-batches of
+    --batch_size."""
+    return args.batch_size * args.grad_accum
+
+
 def gradient_sync(model, last):
     """DDP averages the gradients over the processes at the backward of the last micro-batch
     only; the earlier ones add up locally (DDP.no_sync). Nothing to do in one process."""
@@ -709,7 +715,7 @@ class Run:
         signals (the loop decides)."""
         args, train_set = self.args, self.train_set
         sampler = InfiniteSampler(len(train_set), args.seed, self.dist.rank, self.dist.world,
-                                  start=step * args.batch_size * args.grad_accum)
+                                  start=step * clips_per_step(args))
         # Clips are decoded or drawn in worker processes; cached codes are slices of a tensor in
         # memory, which a worker would only pickle across (and on a 2-core CPU take a core from the
         # step: 15% slower).
@@ -730,8 +736,7 @@ class Run:
         set repeats)."""
         args, rank, world = self.args, self.dist.rank, self.dist.world
         # As many clips as eval_batches optimizer steps read, in batches of the micro-batch size.
-        per_step = args.batch_size * args.grad_accum
-        n_eval = max(world, min(len(test_set), args.eval_batches * per_step * world))
+        n_eval = max(world, min(len(test_set), args.eval_batches * clips_per_step(args) * world))
         items = [(i % len(test_set), i % len(test_set)) for i in range(rank, n_eval, world)]
         return DataLoader(test_set, batch_size=args.batch_size, sampler=items, num_workers=0)
 
@@ -768,7 +773,7 @@ class Run:
         if a.grad_accum == 1 and world == 1:
             return f"batch {a.batch_size}"
         return (f"batch {a.batch_size} x {a.grad_accum} micro-batch(es) x {world} process(es) = "
-                f"{a.batch_size * a.grad_accum * world} clips per step")
+                f"{clips_per_step(a) * world} clips per step")
 
     # --- chores of the loop ---
 
@@ -814,8 +819,7 @@ class Run:
         extra = dict(skipped=w.skipped)
         if self.scaler.is_enabled():
             extra |= dict(scaler_skipped=w.scaler_skipped, loss_scale=self.scaler.get_scale())
-        per_step = self.args.batch_size * self.args.grad_accum * self.dist.world
-        clips_per_s = taken * per_step / seconds
+        clips_per_s = taken * clips_per_step(self.args) * self.dist.world / seconds
         self.window = MetricWindow()
         if self.master:
             if self.stage.curve in metrics:

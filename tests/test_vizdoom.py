@@ -445,7 +445,7 @@ def test_a_tiny_prior_trained_on_battle2_samples_with_named_actions(tmp_path):
     assert rows["told MOVE_LEFT"]["strafes"] == 3 and rows["told ATTACK"]["shots"] == 3
     assert rows["told MOVE_FORWARD+MOVE_RIGHT"]["strafes"] == 3
     assert rows["told ATTACK"]["turns"] == 0 and rows["unconditional"]["shots"] == 0
-    assert all(0 <= r["flash_frames"] <= 1 for r in rows.values())
+    assert all("flash_frames" in r for r in rows.values())   # an armed prior: every set's flashes
     w, h = Image.open(tmp_path / "fig8.png").size
     assert (w + 2) / 4 == (h + 2) / 10   # rows: unconditional, 3 forward and right, 6 told
     with pytest.raises(SystemExit) as e:   # --uncond must be a prior without actions
