@@ -901,3 +901,57 @@ def make_game(scenario, seed, wad=None):
             yield game
         finally:
             game.close()
+
+
+class Game:
+    """The ViZDoom scenario the prior learned, played on the same actions: its frames at the
+    dream's size."""
+
+    def __init__(self, stack, scenario, frame_skip, resolution, names, seed):
+        self.game = stack.enter_context(make_game(scenario, seed))
+        buttons = [b.name for b in self.game.get_available_buttons()]
+        missing = sorted({b for n in names for b in n.split("+")} - set(buttons))
+        if missing:
+            raise ValueError(f"--game {scenario}: its buttons {', '.join(buttons)} lack the "
+                             f"prior's {', '.join(missing)}")
+        # An action presses its buttons together (Battle2's MOVE_FORWARD+TURN_RIGHT: two of them).
+        one_hot = np.eye(len(buttons), dtype=int)
+        self.press = {n: sum(one_hot[buttons.index(b)] for b in n.split("+")).tolist()
+                      for n in names}
+        self.frame_skip, self.resolution, self.seed = frame_skip, resolution, seed
+
+    def frame(self):
+        screen = self.game.get_state().screen_buffer                           # (120, 160, 3) uint8
+        return to_uint8(preprocess(screen[None], self.resolution)).numpy()[0]  # (R, R, 3)
+
+    def new_life(self, n_frames, action):
+        """A new episode: its first n_frames frames, playing `action`."""
+        self.seed += 1
+        self.game.set_seed(self.seed)
+        self.game.new_episode()
+        frames = []
+        for _ in range(n_frames):
+            frames.append(self.frame())
+            self.game.make_action(self.press[action], self.frame_skip)
+        return np.stack(frames), [action] * n_frames
+
+    def step(self, action):
+        """The frame after the last, playing `action`; None when the episode has ended (a death,
+        or its time)."""
+        if self.game.is_episode_finished():
+            return None
+        frame = self.frame()
+        self.game.make_action(self.press[action], self.frame_skip)
+        return frame
+
+
+def game_start(world, game, names):
+    """The dream's start from the game's own first frames: a new life, the idle action held."""
+    frames, actions = game.new_life(world.t * world.per_step, names[world.idle])
+    return dict(frames=frames, actions=actions)
+
+
+def default_scenario(names):
+    """The scenario a prior's actions come from: Battle2's have ATTACK, Health Gathering Supreme's
+    do not."""
+    return "battle2" if "ATTACK" in names else "health_gathering_supreme"
