@@ -924,24 +924,35 @@ class Game:
         screen = self.game.get_state().screen_buffer                           # (120, 160, 3) uint8
         return to_uint8(preprocess(screen[None], self.resolution)).numpy()[0]  # (R, R, 3)
 
-    def new_life(self, n_frames, action):
-        """A new episode: its first n_frames frames, playing `action`."""
+    def new_episode(self):
+        """A new life, of the next seed."""
         self.seed += 1
         self.game.set_seed(self.seed)
         self.game.new_episode()
+
+    def ended(self):
+        """Whether the episode has ended (a death, or its time)."""
+        return self.game.is_episode_finished()
+
+    def act(self, action):
+        """Press `action`'s buttons for a frame's tics."""
+        self.game.make_action(self.press[action], self.frame_skip)
+
+    def new_life(self, n_frames, action):
+        """A new episode: its first n_frames frames, playing `action`."""
+        self.new_episode()
         frames = []
         for _ in range(n_frames):
             frames.append(self.frame())
-            self.game.make_action(self.press[action], self.frame_skip)
+            self.act(action)
         return np.stack(frames), [action] * n_frames
 
     def step(self, action):
-        """The frame after the last, playing `action`; None when the episode has ended (a death,
-        or its time)."""
-        if self.game.is_episode_finished():
+        """The frame after the last, playing `action`; None when the episode has ended."""
+        if self.ended():
             return None
         frame = self.frame()
-        self.game.make_action(self.press[action], self.frame_skip)
+        self.act(action)
         return frame
 
 
