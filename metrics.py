@@ -996,14 +996,15 @@ FROZEN = 16   # frames standing still in a row that count as a frozen picture (a
 def stays_a_world(frames, reference, stretch=50):
     """The long-play report of uint8 frames (N, H, W, 3) against world_reference's dict: the share
     of frames whose colour statistics lie in the real range; whether the picture froze; per stretch
-    of `stretch` frames the shares showing sky and floor, and whether both are at least half the
-    real game's (a dream melted to grey keeps its colours' spread but loses its sky); the drift per
-    frame."""
+    of `stretch` frames (a last partial one left out) the shares showing sky and floor, and whether
+    both are at least half the real game's (a dream melted to grey keeps its colours' spread but
+    loses its sky); the drift per frame."""
     stats, looks = colour_stats(frames), sky_and_floor(frames)
     # (N,)
     inside = ((stats >= np.array(reference["low"])) & (stats <= np.array(reference["high"]))).all(1)
     stretches = []
-    for start in range(0, len(frames) - stretch + 1, stretch):
+    # (a session shorter than a stretch is one stretch)
+    for start in range(0, max(len(frames) - stretch, 0) + 1, stretch):
         part = looks[start:start + stretch] >= SHOWS
         sky, floor = float(part[:, 0].mean()), float(part[:, 1].mean())
         keeps = sky >= reference["shows_sky"] / 2 and floor >= reference["shows_floor"] / 2

@@ -581,6 +581,37 @@ def test_long_play_scores_on_hand_made_frames():
     assert "TURN_LEFT" in script and ("TURN_LEFT", "TURN_RIGHT") in zip(script, script[1:])
 
 
+def test_the_long_player_ends_a_walk_before_a_wall_and_holds_its_turns():
+    """fvd.py dream's player looks at the newest frame: floor ahead, it walks on; a wall close ahead
+    ends the walk and starts the next turn, which is held its whole length however close the
+    wall. Blind, it plays the fixed script."""
+    from metrics import LONG_PLAY, LongPlayer, long_play_script, way_blocked
+    open_ = np.full((16, 16, 3), 40, np.uint8)
+    open_[10:, :, 1] = 120                                # green floor over the bottom 6 rows
+    wall = np.full((16, 16, 3), 90, np.uint8)             # grey from top to bottom
+    edge = open_.copy()
+    edge[10:, 6:] = 90                 # floor on the left only: 1 of the 5 columns ahead is floor
+    assert not way_blocked(open_) and way_blocked(wall) and way_blocked(edge)
+    assert LONG_PLAY[:3] == [("MOVE_FORWARD", 10), ("TURN_LEFT", 12), ("TURN_RIGHT", 12)]
+    player = LongPlayer(NAMES)
+    assert player.actions(open_, 4) == ["MOVE_FORWARD"] * 4
+    assert player.actions(wall, 2) == ["TURN_LEFT"] * 2           # the walk's last 6 left out
+    assert player.actions(wall, 10) == ["TURN_LEFT"] * 10         # a turn is held to its end
+    assert player.actions(wall, 12) == ["TURN_RIGHT"] * 12          # the reversal
+    assert player.actions(wall, 2) == ["TURN_RIGHT"] * 2            # the walk of 8 skipped
+    assert player.actions(open_, 14) == ["TURN_RIGHT"] * 12 + ["MOVE_FORWARD"] * 2
+    # The frame is looked at once, before a call's first action: a walk that starts within the
+    # call goes on (a latent step's frames take their actions at once).
+    assert LongPlayer(NAMES).actions(wall, 12) == ["TURN_LEFT"] * 12
+    assert LongPlayer(NAMES).actions(wall, 26) == ["TURN_LEFT"] * 12 + ["TURN_RIGHT"] * 12 + [
+        "MOVE_FORWARD"] * 2
+    blind = LongPlayer(NAMES, looks=False)
+    assert blind.actions(wall, 12) == ["MOVE_FORWARD"] * 10 + ["TURN_LEFT"] * 2
+    assert long_play_script(40, NAMES) == LongPlayer(NAMES, looks=False).actions(None, 40)
+    with pytest.raises(ValueError, match="needs the actions MOVE_FORWARD"):
+        LongPlayer(["TURN_LEFT", "TURN_RIGHT"])
+
+
 def test_held_keys_press_battle2s_combined_actions():
     """Battle2's prior has actions of several buttons: holding ↑ and → presses
     MOVE_FORWARD+TURN_RIGHT, ↑ and shift MOVE_FORWARD+SPEED (SPEED is bound though no action
