@@ -31,7 +31,7 @@ Command line:
         --c3d conv3d_deepnetA_ucf.npz --mean mean2.npz
     python fvd.py digits --ckpt runs/gpt/ckpt.pt
     python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--picture steer.png]
-    python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --plot drift.png]
+    python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000 --game]
 Under torchrun the GPUs share the videos. The paper's UCF-101 metric (the Inception Score of
 TGANv2's C3D: `is`; load_c3d, c3d_logits and inception_score import from here too), the moving
 digits' legibility (`digits`), ViZDoom's turn-following (`steer`) and long play (`dream`) live in

@@ -1147,8 +1147,8 @@ def game_report(args, world, names, reference):
     return dict(turned_as_told=share, turns=turns, in_real_range=report["in_real_range"],
                 reconstructions_in_real_range=recon["in_real_range"],
                 stretches_keeping_their_look=report["stretches_keeping_their_look"],
-                drift_mean=report["drift_mean"], blocked=float(np.mean([way_blocked(f)
-                                                                        for f in frames])))
+                drift_mean=report["drift_mean"], drift=report["drift"],
+                blocked=float(np.mean([way_blocked(f) for f in frames])))
 
 
 def dream_of_checkpoint(args):
@@ -1198,7 +1198,7 @@ def dream_of_checkpoint(args):
     if args.plot:
         plot_drift(report["drift"], real_drift, args.plot,
                    f"{os.path.basename(args.ckpt)}, {args.frames} frames, temperature "
-                   f"{args.temperature}, {args.player}")
+                   f"{args.temperature}, {args.player}", game=game and game["drift"])
     if args.out:
         write_record(args.out, dict(
             metric="long_play", frames=args.frames, seed=args.seed, stride=args.stride,
@@ -1209,8 +1209,9 @@ def dream_of_checkpoint(args):
     return dict(turned_as_told=share, turns=turns, **report, game=game)
 
 
-def plot_drift(dream, real, path, title):
-    """The drift of each played frame, beside the real frames' mean and 99th percentile."""
+def plot_drift(dream, real, path, title, game=None):
+    """The drift of each played frame, beside the real frames' mean and 99th percentile (and the
+    real game's played the same way, where given)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1219,6 +1220,9 @@ def plot_drift(dream, real, path, title):
     ax.plot(np.arange(12, len(dream) - 12), np.convolve(dream, np.ones(25) / 25, mode="valid"),
             lw=2,
             label="its mean over 25 frames")
+    if game is not None:
+        ax.plot(np.arange(12, len(game) - 12), np.convolve(game, np.ones(25) / 25, mode="valid"),
+                lw=1.5, color="0.4", label="the real game played the same way: mean over 25")
     ax.axhline(np.percentile(real, 99), color="k", ls="--", lw=1,
                label="real frames: 99th percentile")
     ax.axhline(np.mean(real), color="k", ls=":", lw=1, label="real frames: mean")
