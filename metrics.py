@@ -1119,7 +1119,8 @@ def reconstruct(vq, clips):
     with torch.no_grad():
         recon = torch.cat([vq.decode(vq.encode(clips[i:i + 16]))
                            for i in range(0, len(clips), 16)])
-    return to_uint8(recon.clamp(-0.5, 0.5)).numpy().reshape(-1, *recon.shape[-2:], 3)
+    frames = to_uint8(recon.clamp(-0.5, 0.5)).numpy()                  # (N, T, H, W, 3)
+    return frames.reshape(-1, *frames.shape[2:])  # (N*T, H, W, 3)
 
 
 def as_clips(frames, length):
@@ -1127,7 +1128,8 @@ def as_clips(frames, length):
     out."""
     n = len(frames) // length * length
     video = torch.from_numpy(frames[:n]).float().div(255).sub(0.5)                 # (n, H, W, 3)
-    return video.reshape(-1, length, *video.shape[1:]).permute(0, 4, 1, 2, 3)
+    clips = video.reshape(-1, length, *video.shape[1:])           # (n / length, length, H, W, 3)
+    return clips.permute(0, 4, 1, 2, 3)                       # (n / length, 3, length, H, W)
 
 
 def game_report(args, world, names, reference):
