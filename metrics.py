@@ -1099,18 +1099,19 @@ def play_dream(world, start, player, n_frames):
 
 def play_game(game, player, n_frames):
     """The real game (world.Game) played by `player` for `n_frames` frames, a new life whenever one
-    ends: uint8 frames (N, H, W, 3) and the actions played (N,). The player looks at the newest
-    frame and acts two frames at a time (a latent step), as in the dream."""
-    frames, script, planned = [], [], []
+    ends: uint8 frames (N, H, W, 3), the actions played (N,), and where each life starts. The player
+    looks at the newest frame and acts two frames at a time (a latent step), as in the dream."""
+    frames, script, planned, lives = [], [], [], [0]
     game.new_episode()
     while len(frames) < n_frames:
         if game.ended():
             game.new_episode()
+            lives.append(len(frames))
         frames.append(game.frame())
         planned = planned or player.actions(frames[-1], 2)
         script.append(planned.pop(0))
         game.act(script[-1])
-    return np.stack(frames), script
+    return np.stack(frames), script, lives
 
 
 def reconstruct(vq, clips):
@@ -1140,9 +1141,13 @@ def game_report(args, world, names, reference):
     with contextlib.ExitStack() as stack:
         game = Game(stack, default_scenario(names), args.frame_skip, world.vq.config.resolution,
                     names, args.seed)
-        frames, script = play_game(game, LongPlayer(names, looks=args.player == "looking"),
-                                   args.frames)
-    share, turns = play_turns(frames, script, names, 0)
+        frames, script, lives = play_game(game, LongPlayer(names, looks=args.player == "looking"),
+                                          args.frames)
+    # turns read within each life: a new life's first frame is no slide of the last one's
+    each = [play_turns(frames[a:b], script[a:b], names, 0)
+            for a, b in zip(lives, lives[1:] + [len(frames)])]
+    turns = sum(n for _, n in each)
+    share = sum((s or 0) * n for s, n in each) / turns if turns else None
     report = stays_a_world(frames, reference)
     recon = stays_a_world(reconstruct(world.vq, as_clips(frames, world.vq.config.sequence_length)),
                           reference)

@@ -612,6 +612,36 @@ def test_the_long_player_ends_a_walk_before_a_wall_and_holds_its_turns():
         LongPlayer(["TURN_LEFT", "TURN_RIGHT"])
 
 
+def test_the_real_game_is_played_life_after_life_by_the_same_player():
+    """fvd.py dream --game's loop on a stand-in game whose lives last 7 frames: a new life starts
+    where one ends, the session goes on across them, and each life's start is reported (turns are
+    read within a life)."""
+    from metrics import LongPlayer, play_game
+
+    class Lives:
+        def __init__(self):
+            self.t, self.lives = 0, 0
+
+        def new_episode(self):
+            self.t, self.lives = 0, self.lives + 1
+
+        def ended(self):
+            return self.t >= 7
+
+        def frame(self):
+            frame = np.zeros((16, 16, 3), np.uint8)
+            frame[10:, :, 1] = 120 + self.t             # floor ahead, a new picture each frame
+            return frame
+
+        def act(self, action):
+            self.t += 1
+
+    game = Lives()
+    frames, script, lives = play_game(game, LongPlayer(NAMES), 20)
+    assert frames.shape == (20, 16, 16, 3) and lives == [0, 7, 14] and game.lives == 3
+    assert script == ["MOVE_FORWARD"] * 10 + ["TURN_LEFT"] * 10       # one session throughout
+
+
 def test_held_keys_press_battle2s_combined_actions():
     """Battle2's prior has actions of several buttons: holding ↑ and → presses
     MOVE_FORWARD+TURN_RIGHT, ↑ and shift MOVE_FORWARD+SPEED (SPEED is bound though no action
