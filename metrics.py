@@ -16,10 +16,12 @@ moving digits.
   prior was told, read from how far the picture slides sideways between frames:
       python fvd.py steer --ckpt runs/doom_gpt/ckpt.pt --data vizdoom.h5 [--n 256
           --picture steer.png]
-* Long play (ViZDoom): a scripted session of hundreds of frames through the play
-  loop: does it keep turning as told, and stay a world (colours, sky and floor)?
+* Long play (ViZDoom): a session of hundreds of frames through the play loop,
+  played by a player who ends each walk before a wall: does it keep turning as
+  told, and stay a world (colours, sky and floor)? --game plays the real game
+  the same way, the bar:
       python fvd.py dream --ckpt weights/vizdoom.pt --data vizdoom.h5 [--frames 1000
-          --plot drift.png]
+          --game --plot drift.png]
 
 And what every score shares (fvd.py uses it too): a seed per trial, clips
 gathered in order under torchrun, and a JSON record of the settings and the
@@ -940,7 +942,9 @@ def steer_main(argv):
 # A dream that dissolves drifts away from what the game looks like: its colours go grey, its sky and
 # floor fade, or it freezes. Each frame is measured against the real game's test frames by its
 # colour statistics (each channel's mean and spread), by how much of it is sky (ViZDoom's dark blue)
-# and floor (its green), and by how much it changed since the frame before.
+# and floor (its green), and by how much it changed since the frame before. The same measures of the
+# real game, played the same way, and of its frames through the VQ-VAE, say how far a dream could
+# get: the decoder draws a close wall smoother than the game does, whatever the prior draws.
 
 SHOWS = 0.02   # a frame shows the sky (the floor) when at least 2% of its pixels are sky (floor)
 
