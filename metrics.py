@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import atomic_write, checkpoint_kind, load_checkpoint, load_weights, sha256
-from data import (HDF5Dataset, find_videos, make_dataset, read_frames,
+from data import (HDF5Dataset, find_videos, make_dataset, preprocess, read_frames,
                   samples_to_uint8, to_uint8)
 from fast import AUTO_COMPILE_STEPS, compile_pays_off, generate, use_fast_attention
 from gpt import load_gpt
@@ -1080,7 +1080,7 @@ def play_turns(frames, script, names, start):
     action): the share of its turns held 12 frames or more after which the picture slid the
     commanded way; and how many. Action i is the action of frame start + i (the data's convention:
     it leads to the next)."""
-    signs = {names.index(k): v for k, v in TURN_SIGN.items() if k in names}
+    signs = button_signs(names, TURN_SIGN)
     frames = np.asarray(frames)                                                   # (N, H, W, 3)
     slides = view_slides(frames[None, start:], view_rows(names, frames.shape[1]))  # (1, N - 1)
     buttons = np.array([[names.index(a) for a in script]])                             # (1, N)
@@ -1101,10 +1101,11 @@ def play_dream(world, start, player, n_frames):
     return np.concatenate(frames), script, n_start
 
 
-def play_game(game, player, n_frames):
+def play_game(game, player, n_frames, per_step):
     """The real game (world.Game) played by `player` for `n_frames` frames, a new life whenever one
     ends: uint8 frames (N, H, W, 3), the actions played (N,), and where each life starts. The player
-    looks at the newest frame and acts two frames at a time (a latent step), as in the dream."""
+    looks at the newest frame and acts `per_step` frames at a time (a latent step), as in the
+    dream."""
     frames, script, planned, lives = [], [], [], [0]
     game.new_episode()
     while len(frames) < n_frames:
@@ -1112,7 +1113,7 @@ def play_game(game, player, n_frames):
             game.new_episode()
             lives.append(len(frames))
         frames.append(game.frame())
-        planned = planned or player.actions(frames[-1], 2)
+        planned = planned or player.actions(frames[-1], per_step)
         script.append(planned.pop(0))
         game.act(script[-1])
     return np.stack(frames), script, lives
@@ -1124,17 +1125,13 @@ def reconstruct(vq, clips):
     with torch.no_grad():
         recon = torch.cat([vq.decode(vq.encode(clips[i:i + 16]))
                            for i in range(0, len(clips), 16)])
-    frames = to_uint8(recon.clamp(-0.5, 0.5)).numpy()                  # (N, T, H, W, 3)
-    return frames.reshape(-1, *frames.shape[2:])  # (N*T, H, W, 3)
+    frames = samples_to_uint8(recon)                                           # (N, T, H, W, 3)
+    return frames.reshape(-1, *frames.shape[2:])                               # (N*T, H, W, 3)
 
 
-def as_clips(frames, length):
-    """uint8 frames (N, H, W, 3) -> float clips (N // length, 3, length, H, W); the rest is left
-    out."""
-    n = len(frames) // length * length
-    video = torch.from_numpy(frames[:n]).float().div(255).sub(0.5)                 # (n, H, W, 3)
-    clips = video.reshape(-1, length, *video.shape[1:])           # (n / length, length, H, W, 3)
-    return clips.permute(0, 4, 1, 2, 3)                       # (n / length, 3, length, H, W)
+def facing_a_wall(frames):
+    """The share of uint8 frames (N, H, W, 3) with a wall close ahead (way_blocked)."""
+    return float(np.mean([way_blocked(f) for f in frames]))
 
 
 def game_report(args, world, names, reference):
@@ -1146,20 +1143,22 @@ def game_report(args, world, names, reference):
         game = Game(stack, default_scenario(names), args.frame_skip, world.vq.config.resolution,
                     names, args.seed)
         frames, script, lives = play_game(game, LongPlayer(names, looks=args.player == "looking"),
-                                          args.frames)
+                                          args.frames, world.per_step)
     # turns read within each life: a new life's first frame is no slide of the last one's
     each = [play_turns(frames[a:b], script[a:b], names, 0)
             for a, b in zip(lives, lives[1:] + [len(frames)])]
     turns = sum(n for _, n in each)
     share = sum((s or 0) * n for s, n in each) / turns if turns else None
     report = stays_a_world(frames, reference)
-    recon = stays_a_world(reconstruct(world.vq, as_clips(frames, world.vq.config.sequence_length)),
-                          reference)
+    T = world.vq.config.sequence_length   # the game's frames as clips, the rest left out
+    clips = torch.stack([preprocess(frames[i:i + T], frames.shape[1])       # (3, T, H, W) each
+                         for i in range(0, len(frames) - T + 1, T)])        # (N // T, 3, T, H, W)
+    recon = stays_a_world(reconstruct(world.vq, clips), reference)
     return dict(turned_as_told=share, turns=turns, in_real_range=report["in_real_range"],
                 reconstructions_in_real_range=recon["in_real_range"],
                 stretches_keeping_their_look=report["stretches_keeping_their_look"],
                 drift_mean=report["drift_mean"], drift=report["drift"],
-                blocked=float(np.mean([way_blocked(f) for f in frames])))
+                blocked=facing_a_wall(frames))
 
 
 def dream_of_checkpoint(args):
@@ -1185,7 +1184,7 @@ def dream_of_checkpoint(args):
     report = stays_a_world(frames[n_start:], references["real"])
     in_recon = stays_a_world(frames[n_start:], references["reconstructions"])
     report["in_reconstructions_range"] = in_recon["in_real_range"]
-    report["blocked"] = float(np.mean([way_blocked(f) for f in frames[n_start:]]))
+    report["blocked"] = facing_a_wall(frames[n_start:])
     recon_report = stays_a_world(recon, references["real"])
     real_drift = drift(real, references["real"])
     print(f"{args.frames} frames played ({args.player}): turned the way told "

@@ -69,6 +69,13 @@ class Explorer:
         self.rng = np.random.default_rng(seed)
         self.action, self.left = None, 0
 
+    @classmethod
+    def blocked(cls, depth):
+        """Whether a wall stands close ahead: the median depth of the middle ninth of the view
+        (depth (H, W)) under NEAR."""
+        h, w = depth.shape
+        return bool(np.median(depth[h // 3:2 * h // 3, w // 3:2 * w // 3]) < cls.NEAR)
+
     def hold(self, action, low, high):
         self.action, self.left = action, int(self.rng.integers(low, high))
         return action
@@ -77,8 +84,8 @@ class Explorer:
         buttons, depth = obs["buttons"], obs["depth"]
         forward = buttons.index("MOVE_FORWARD") if "MOVE_FORWARD" in buttons else None
         turns = [buttons.index(b) for b in ("TURN_LEFT", "TURN_RIGHT") if b in buttons]
-        h, w = depth.shape
-        blocked = np.median(depth[h // 3:2 * h // 3, w // 3:2 * w // 3]) < self.NEAR
+        w = depth.shape[1]
+        blocked = self.blocked(depth)
         if self.left > 0 and not (blocked and self.action == forward):
             self.left -= 1
             return self.action

@@ -637,7 +637,7 @@ def test_the_real_game_is_played_life_after_life_by_the_same_player():
             self.t += 1
 
     game = Lives()
-    frames, script, lives = play_game(game, LongPlayer(NAMES), 20)
+    frames, script, lives = play_game(game, LongPlayer(NAMES), 20, per_step=2)
     assert frames.shape == (20, 16, 16, 3) and lives == [0, 7, 14] and game.lives == 3
     assert script == ["MOVE_FORWARD"] * 10 + ["TURN_LEFT"] * 10       # one session throughout
 

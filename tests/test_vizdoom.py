@@ -152,10 +152,7 @@ def test_the_long_players_wall_reading_agrees_with_the_depth_buffer():
         game.new_episode()
         while len(by_depth) < 160 and not game.is_episode_finished():
             state = game.get_state()
-            depth = state.depth_buffer                                         # (120, 160) uint8
-            h, w = depth.shape
-            by_depth.append(np.median(depth[h // 3:2 * h // 3, w // 3:2 * w // 3])
-                            < vizdoom.Explorer.NEAR)
+            by_depth.append(vizdoom.Explorer.blocked(state.depth_buffer))   # (120, 160) uint8
             frame = to_uint8(preprocess(state.screen_buffer[None], 64)).numpy()[0]   # (64, 64, 3)
             by_picture.append(way_blocked(frame))
             # forward mostly, so walls come close; a turn now and then, held a while
