@@ -47,6 +47,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
 import statistics
 import tempfile
@@ -449,7 +450,7 @@ def play_world(args):
 
 
 def page_timing(world, names, start, args, load_s):
-    """The page's loop: a tab watching, a key event every ~0.3 s from another thread (as the web
+    """The page's loop: a tab watching, a key event every 0.3-0.37 s from another thread (as the web
     server's would be); the latency from each to the first frame drawn with it, the frames handed
     out per second, and the first frame's time from loading the checkpoint."""
     t0 = time.perf_counter()
@@ -463,8 +464,11 @@ def page_timing(world, names, start, args, load_s):
         latencies, seen = [], first[0] if first else 0
         while seen < world.t * world.per_step:   # keys from the end of the start frames on
             seen = (player.next_frame(seen, timeout=5) or (seen + 1,))[0]
+        phases = random.Random(0)
         for i in range(args.play_keys):
-            time.sleep(0.3)
+            # 0.3 s is 9 frames at 30 frames/s: a key every 0.3 s would land at one point of the
+            # step each time; up to two frames more sample every point
+            time.sleep(0.3 + phases.uniform(0, 2 / args.fps))
             pressed = time.perf_counter()
             player.keys([names[i % len(names)]] if names else [], i + 1)
             while (got := player.next_frame(seen, timeout=5)) is not None:
@@ -485,8 +489,9 @@ def page_timing(world, names, start, args, load_s):
 
 
 def compiling_in_background(path, args):
-    """A first start: the eager play's frames/s while a process compiles the step into an empty
-    cache folder, the seconds until the compiled step plays, and its frames/s just after."""
+    """A first start: the eager play's frames/s while a process compiles the step and then the
+    prefill into an empty cache folder, the seconds until each plays, the frames/s in between, and
+    the frames/s just after."""
     world, _, start = load_world(path)
     start_world(world, start)
     key = "TURN_LEFT" if world.n_actions else None
@@ -494,16 +499,23 @@ def compiling_in_background(path, args):
         try:
             t0 = time.perf_counter()
             world.compile_step(background=True)
-            frames = 0
-            compiling = lambda: world.compiled_step is None and world.compile_error is None
-            while compiling() and time.perf_counter() - t0 < 300:
-                frames += len(world.step(key))
+            frames, step_s, frames_step = 0, None, 0
+            while world.compiling and time.perf_counter() - t0 < 300:
+                got = len(world.step(key))
+                if world.compiled_step is None:
+                    frames += got
+                else:   # the compiled step plays while the prefill compiles
+                    step_s = step_s or time.perf_counter() - t0
+                    frames_step += got
             ready_s = time.perf_counter() - t0
             t = time.perf_counter()
             after = sum(len(world.step(key)) for _ in range(args.play_steps))
         finally:
             world.stop_compiling()
-    return dict(background_ready_s=ready_s, fps_while_compiling=frames / ready_s,
+    step_s = step_s or ready_s
+    return dict(step_ready_s=step_s, fps_while_compiling=frames / step_s,
+                background_ready_s=ready_s,
+                fps_while_compiling_prefill=frames_step / max(ready_s - step_s, 1e-9),
                 fps_after=after / (time.perf_counter() - t), compile_error=world.compile_error)
 
 
@@ -558,15 +570,19 @@ def bench_play(size, args, device, autocast):
     if args.compile_sample:
         if world.source:  # compiled in the background from nothing, as a first start of the page is
             emit(**base, **compiling_in_background(args.ckpt, args))
-        kept = world.source is not None and os.path.isfile(package_file(world.source, "inductor"))
+        kept = world.source is not None and all(
+            os.path.isfile(package_file(world.source, "inductor", program))
+            for program in ("step", "prefill"))
         t = time.perf_counter()
         world.compile_step(background=False)
         base["load_s" if kept else "compile_s"] = time.perf_counter() - t
-        for stride in strides:
+        # the compiled step with the eager prefill, then both compiled at each stride
+        for stride, prefill_compiled in [(1, False)] + [(s, True) for s in strides]:
             w = World(world.gpt, world.vq, action_names=names or None, stride=stride)
             w.compiled_step = world.compiled_step
-            emit(**base, stride=stride, compiled=True, decode_context=DECODE_CONTEXT,
-                 **rollout(w, args.play_steps))
+            w.compiled_prefill = world.compiled_prefill if prefill_compiled else None
+            emit(**base, stride=stride, compiled=True, prefill_compiled=prefill_compiled,
+                 decode_context=DECODE_CONTEXT, **rollout(w, args.play_steps))
     # The page (compiled where asked), as play.py runs it.
     emit(**base, compiled=world.compiled_step is not None,
          **page_timing(world, names, start, args, load_s),

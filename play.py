@@ -41,7 +41,7 @@ import torch
 from checkpoints import OutputLock, check_writable, save_gif, save_mp4, save_png, video_grid
 from runtime import run_cli
 from world import (DECODE_CONTEXT, STRIDE, TEMPERATURE, Game, Player, default_scenario,
-                   game_start, load_world, package_file, script_actions, start_world)
+                   game_start, load_world, script_actions, start_world)
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.html")
 WRITERS = {".mp4", ".gif", ".png"}
@@ -82,10 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--decode_context", type=int, default=DECODE_CONTEXT,
                    help="latent steps the decoder sees to draw the newest one's frames")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the one-code step ahead of time, about twice as fast (15-45 s "
-                        "once, then kept in the cache folder and loaded in 1-3 s). Default: on for "
-                        "the page, which plays the eager step meanwhile; for rollouts, on when a "
-                        "compiled step is kept")
+                   help="compile the one-code step and the prefill ahead of time, about twice "
+                        "as fast (30-60 s once, then kept in the cache folder and loaded in 1-3 "
+                        "s). Default: on for the page, which plays eager meanwhile; for rollouts, "
+                        "what is kept is used")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch (default: PyTorch's)")
     # a rollout to a file
@@ -140,9 +140,10 @@ def rollout(args):
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     world, names, start = open_world(args)
     script = script_actions(args.actions, names, world.per_step)
-    kept = os.path.isfile(package_file(args.ckpt, "inductor"))   # a compiled step from before
-    if args.compile or (args.compile is None and kept):
+    if args.compile:
         world.compile_step(background=False)
+    elif args.compile is None:   # what play's page compiled before, if anything
+        world.compile_step(background=False, only_kept=True)
     lock = OutputLock(f"{args.out}.lock", "wait for it to finish or choose another --out")
     with ExitStack() as stack, lock:
         game = open_game(stack, args, world, names)

@@ -116,8 +116,10 @@ class World:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.weights = decode_weights(gpt)
         self.source = source  # the checkpoint file, if any: it names the compiled step kept on disk
-        self.compiled_step = self.compile_error = None
-        self.compiler = self.loader = None   # the process compiling the step, the thread loading it
+        self.compiled_step = self.compiled_prefill = self.compile_error = None
+        self.compiler = None   # the process compiling the programs
+        self.waiting = {}      # program -> the file that process is making
+        self.loaders = []      # the threads loading them
         self.timing = {}
         self.codes = self.actions = None
 
@@ -227,7 +229,7 @@ class World:
         # (re)fill the cache: the start vector and every code of the window so far
         if self.fed == 0:
             self.caches = gpt.setup_caches(1, self.device, sampling_dtype(gpt))
-            logits = prefill(gpt, self.cond, self.caches, 1, self.codes.flatten(1))  # (1, n_codes)
+            logits = self.fill_cache(self.codes.flatten(1))                      # (1, n_codes)
             self.fed, self.fed_from_prefill = k * hw + 1, True
         else:   # the cache holds the window: feed the last code drawn
             logits = self.decode(self.codes[0, -1].flatten()[-1:], k * hw)          # (1, n_codes)
@@ -257,8 +259,17 @@ class World:
         t3 = time.perf_counter()
         self.timing = dict(prefill_ms=1e3 * (t1 - t0), codes_ms=1e3 * (t2 - t1),
                            decode_ms=1e3 * (t3 - t2),
-                           compiled=self.compiled_step is not None)
+                           compiled=self.compiled_step is not None,
+                           prefill_compiled=self.compiled_prefill is not None)
         return frames
+
+    def fill_cache(self, prefix):
+        """Prefill the fresh caches with the start vector and the codes `prefix` (1, P); the logits
+        of the code after them. Compiled where it can be (P from 2 to the sequence's length - 2)."""
+        fits = 2 <= prefix.shape[1] <= self.gpt.config.seq_len - 2
+        if self.compiled_prefill is not None and fits:
+            return self.compiled_prefill(prefix, self.cond, self.caches)             # (1, n_codes)
+        return prefill(self.gpt, self.cond, self.caches, 1, prefix)                 # (1, n_codes)
 
     def decode(self, code, pos):
         """Feed `code` (1,) in at position `pos` (written into the cache); the logits of position
@@ -271,93 +282,115 @@ class World:
         # (1, n_codes)
         return decode_one_token(self.gpt, code, p, self.cond, self.caches, pos + 1, self.weights)
 
-    # --- the compiled step: made ahead of time in a process of its own, kept on disk ---
+    # --- the compiled programs: made ahead of time in a process of its own, kept on disk ---
 
-    def compile_step(self, background=True, backend="inductor"):
-        """Switch to the compiled one-code step (fixed shapes: the whole cache with the position's
-        row of the mask, so one compiled program serves every position), checked to give the eager
-        step's logits. It is compiled ahead of time (torch.export, then inductor's AOTInductor) into
-        a package kept in the cache folder under a name drawn from the checkpoint file (`source`),
-        so a later start only loads it (1-3 s). With `background` (which needs `source`), the
-        package is made by a process of its own and loaded by a thread while the eager step plays
-        on, and `step` switches once it is ready. backend "export": the exported program run by
-        PyTorch itself, no compiler (seconds to make; what the tests use)."""
-        path = package_file(self.source, backend) if self.source else None
-        if background and path is None:
+    def compile_step(self, background=True, backend="inductor", only_kept=False):
+        """Switch to the compiled one-code step and the compiled prefill, each checked to give the
+        eager one's numbers. The step has fixed shapes (the whole cache with the position's row of
+        the mask, so one compiled program serves every position); the prefill takes a prefix of any
+        length. Both are compiled ahead of time (torch.export, then inductor's AOTInductor) into
+        packages kept in the cache folder under names drawn from the checkpoint file (`source`), so
+        a later start only loads them (1-3 s). With `background` (which needs `source`), a process
+        of its own makes the packages that are missing, the step first, and each is loaded by a
+        thread as soon as it is written, while the eager play goes on; `step` switches to each once
+        it is ready. backend "export": the exported programs run by PyTorch itself, no compiler
+        (seconds to make; what the tests use). `only_kept` (here and now): load what is kept and
+        make nothing."""
+        if background and not self.source:
             raise ValueError("compiling in the background needs the prior's checkpoint file "
                              "(World's source)")
-        if background and not os.path.isfile(path):
+        if not background:   # here and now; a prior not from a file: for this World alone
+            with tempfile.TemporaryDirectory() as tmp:
+                for program in PROGRAMS:
+                    path = (package_file(self.source, backend, program) if self.source else
+                            os.path.join(tmp, f"{program}-{backend}.pt2"))
+                    if not os.path.isfile(path):
+                        if only_kept:
+                            continue
+                        build_package(self.gpt, path, backend, program)
+                    self.adopt(path, program)
+            return
+        paths = {program: package_file(self.source, backend, program) for program in PROGRAMS}
+        for program, path in paths.items():
+            if os.path.isfile(path):   # kept from an earlier start: loaded beside the eager play
+                self.load_in_background(path, program)
+            else:
+                self.waiting[program] = path
+        if self.waiting:
             # Another process, so the eager play keeps Python's lock, in a session of its own, so
             # Ctrl-C reaches only play.py (which ends it), and at a lower priority. Meanwhile the
             # play uses one core fewer: on 2 cores two busy processes on both cores ran the eager
             # play at 4-6 frames/s, one core each at 11-16 (and the compiler finished sooner).
             self.compiler = subprocess.Popen(
                 [sys.executable, "-c", "import sys, world; world.compile_checkpoint(*sys.argv[1:])",
-                 self.source, path, backend], cwd=os.path.dirname(os.path.abspath(__file__)),
+                 self.source, backend], cwd=os.path.dirname(os.path.abspath(__file__)),
                 start_new_session=True)
-            self.package, self.threads = path, torch.get_num_threads()
+            self.threads = torch.get_num_threads()
             torch.set_num_threads(max(1, self.threads - 1))
-        elif background:   # kept from an earlier start: loaded beside the eager play
-            self.load_in_background(path)
-        else:   # here and now; a prior not from a file is compiled for this World alone
-            with tempfile.TemporaryDirectory() as tmp:
-                path = path or os.path.join(tmp, f"step-{backend}.pt2")
-                if not os.path.isfile(path):
-                    build_package(self.gpt, path, backend)
-                self.adopt(path)
 
     @property
     def compiling(self):
-        """Whether a compiled step is being made or loaded."""
-        return self.compiler is not None or (self.loader is not None and self.loader.is_alive())
+        """Whether a compiled program is being made or loaded."""
+        return self.compiler is not None or any(t.is_alive() for t in self.loaders)
 
-    def load_in_background(self, path):
-        self.loader = threading.Thread(target=self.adopt, args=(path,), name="load-step",
-                                       daemon=True)
-        self.loader.start()
+    def load_in_background(self, path, program):
+        loader = threading.Thread(target=self.adopt, args=(path, program),
+                                  name=f"load-{program}", daemon=True)
+        self.loaders = [t for t in self.loaders if t.is_alive()] + [loader]
+        loader.start()
 
     def poll_compiler(self):
-        """Once the compiling process has finished: the play's cores back, and its package loaded
-        beside the eager play (or said once why there is none)."""
-        if self.compiler is None or self.compiler.poll() is None:
+        """Each package the compiling process has written is loaded beside the eager play (they are
+        written whole, under their final names at the end); once the process has finished, the play
+        gets its core back, and a package it did not make is said once."""
+        if self.compiler is None:
+            return
+        done = self.compiler.poll() is not None
+        for program, path in list(self.waiting.items()):
+            if os.path.isfile(path):
+                del self.waiting[program]
+                self.load_in_background(path, program)
+        if not done:
             return
         code, self.compiler = self.compiler.returncode, None
         torch.set_num_threads(self.threads)
-        if code == 0 and os.path.isfile(self.package):
-            self.load_in_background(self.package)
-        else:
-            self.compile_error = f"compiling the step failed (exit code {code}); playing eager"
+        for program in self.waiting:
+            self.compile_error = (f"compiling the {program} failed (exit code {code}); its part "
+                                  "plays eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
+        self.waiting = {}
 
     def stop_compiling(self):
-        """End a compiling process still running (it would otherwise finish its package on its
+        """End a compiling process still running (it would otherwise finish its packages on its
         own)."""
         if self.compiler is not None:
             self.compiler.terminate()
             self.compiler.wait()
-            self.compiler = None
+            self.compiler, self.waiting = None, {}
             torch.set_num_threads(self.threads)
 
-    def adopt(self, path):
-        """Load a compiled step and use it if it gives the eager step's logits on a probe (a package
-        that will not load, from another PyTorch or machine, is made again next time)."""
+    def adopt(self, path, program="step"):
+        """Load a compiled program and use it if it gives the eager one's numbers on a probe (a
+        package that will not load, from another PyTorch or machine, is removed and made again next
+        time)."""
         try:
-            runner = load_package(path)
+            with LOADING:   # one at a time: torch.export.load is not safe in two threads at once
+                runner = load_package(path)
         except Exception as e:
             os.remove(path)
-            self.compile_error = (f"{path}: could not load the compiled step "
-                                  f"({type(e).__name__}); playing eager")
+            self.compile_error = (f"{path}: could not load the compiled {program} "
+                                  f"({type(e).__name__}); its part plays eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
             return
-        step = PackageCall(runner)
-        with torch.inference_mode():   # each on its own caches, which a step writes
-            ref = LogitsStep(self.gpt)(*probe_inputs(self.gpt))                    # (1, n_codes)
-            got = step(*probe_inputs(self.gpt))                                    # (1, n_codes)
-        if torch.allclose(got, ref, atol=1e-3, rtol=1e-3):
-            self.compiled_step = step
+        call = (PackageCall if program == "step" else PrefillCall)(runner)
+        if gives_eager_numbers(self.gpt, call, program):
+            if program == "step":
+                self.compiled_step = call
+            else:
+                self.compiled_prefill = call
         else:
-            self.compile_error = (f"{path}: the compiled step's logits differ from the eager "
-                                  f"step's; playing eager")
+            self.compile_error = (f"{path}: the compiled {program}'s numbers differ from the "
+                                  f"eager one's; its part plays eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
 
 
@@ -374,6 +407,17 @@ class LogitsStep(DecodeStep):
         return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())
 
 
+def cache_views(buffers):
+    """The lesson's KVCache around given key and value buffers (it allocates its own), one per
+    layer: how a program torch.export takes receives the caches it writes in place."""
+    caches = []
+    for k, v in buffers:
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v = k, v
+        caches.append(cache)
+    return caches
+
+
 class PackedStep(LogitsStep):
     """LogitsStep with inputs torch.export takes: of the conditioning, the norms' gains and biases
     and the cross-attention's keys and values; of each layer's cache, its key and value buffers,
@@ -384,13 +428,27 @@ class PackedStep(LogitsStep):
         return cond["plan"], cond["frame_kv"], [(cache.k, cache.v) for cache in caches]
 
     def forward(self, code, pos, plan, frame_kv, buffers):
-        caches = []
-        for k, v in buffers:  # the lesson's KVCache around the given buffers (it allocates its own)
-            cache = KVCache.__new__(KVCache)
-            cache.k, cache.v = k, v
-            caches.append(cache)
         # (1, n_codes)
-        return super().forward(code, pos, dict(plan=plan, frame_kv=frame_kv), caches)
+        return super().forward(code, pos, dict(plan=plan, frame_kv=frame_kv), cache_views(buffers))
+
+
+class PackedPrefill(torch.nn.Module):
+    """fast.prefill (the lesson's VideoGPT.step over a whole prefix) with inputs torch.export takes:
+    the prefix (1, P), the conditioning's norm vector and cross-attention tokens (None where the
+    prior has none), and each layer's key and value buffers, written in place. Exported with P free
+    (2 to the sequence's length - 2), so one program prefills every window."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    @staticmethod
+    def arguments(cond, caches):
+        return cond["vector"], cond["context"], [(cache.k, cache.v) for cache in caches]
+
+    def forward(self, prefix, vector, context, buffers):
+        cond = dict(vector=vector, context=context)
+        return prefill(self.gpt, cond, cache_views(buffers), 1, prefix)             # (1, n_codes)
 
 
 class PackageCall:
@@ -414,6 +472,21 @@ class PackageCall:
         return self.boxed_run([code, pos, *self.tensors])[0]                         # (1, n_codes)
 
 
+class PrefillCall:
+    """A compiled prefill called as World.fill_cache calls it: (prefix, cond, caches) -> logits
+    (once a step: the runner's own call, argument tree and all, is cheap enough here)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __call__(self, prefix, cond, caches):
+        return self.runner(prefix, *PackedPrefill.arguments(cond, caches))          # (1, n_codes)
+
+
+PROGRAMS = ("step", "prefill")   # what compile_step compiles, in the order it compiles them
+LOADING = threading.Lock()       # held while a package is loaded
+
+
 def probe_inputs(gpt):
     """The inputs a step is traced and checked on: the idle conditioning, a cache holding one latent
     step of code 0, and code 0 fed in after it."""
@@ -429,31 +502,76 @@ def probe_inputs(gpt):
     return code, torch.tensor([hw + 1], device=device), cond, caches
 
 
-def package_file(source, backend):
-    """Where the compiled step of checkpoint file `source` is kept: named for the file's contents,
-    the PyTorch version and the CPU's instruction set, so a new file, an upgrade or another machine
-    makes it again (runtime.cache_dir: VIDEOGPT_CACHE or ~/.cache/videogpt)."""
+def probe_prefix(gpt, steps=1):
+    """A prefix the prefill is traced and checked on: `steps` latent steps of codes 0, 1, 2, ...
+    (1, steps * h * w)."""
+    c = gpt.config
+    n = steps * c.latent_shape[1] * c.latent_shape[2]
+    return (torch.arange(n, device=gpt.fc_in.weight.device) % c.n_codes)[None]
+
+
+def gives_eager_numbers(gpt, call, program, tolerance=1e-3):
+    """Whether a compiled `program` gives the eager one's logits (and, for the prefill, caches) on
+    the probe, each on its own caches. The tolerance allows for the compiler's other order of
+    summation in float32 (differences of 1e-5 to 1e-6 here), not for a wrong program."""
+    close = lambda a, b: torch.allclose(a, b, atol=tolerance, rtol=tolerance)
+    with torch.inference_mode():
+        if program == "step":
+            ref = LogitsStep(gpt)(*probe_inputs(gpt))                                # (1, n_codes)
+            return close(call(*probe_inputs(gpt)), ref)
+        _, _, cond, ref_caches = probe_inputs(gpt)
+        _, _, _, caches = probe_inputs(gpt)
+        prefix = probe_prefix(gpt, steps=2)                                           # (1, 2hw)
+        # (1, n_codes)
+        ref = prefill(gpt, cond, ref_caches, 1, prefix)
+        got = call(prefix, cond, caches)
+        return close(got, ref) and all(close(a.k, b.k) and close(a.v, b.v)
+                                       for a, b in zip(caches, ref_caches))
+
+
+def package_file(source, backend, program="step"):
+    """Where the compiled `program` (step or prefill) of checkpoint file `source` is kept: named for
+    the file's contents, the PyTorch version and the CPU's instruction set, so a new file, an
+    upgrade or another machine makes it again (runtime.cache_dir: VIDEOGPT_CACHE or
+    ~/.cache/videogpt)."""
     cpu = torch.backends.cpu.get_cpu_capability()
     tag = f"{sha256(source)[:16]}-torch{torch.__version__}-{cpu}"
-    return os.path.join(cache_dir(), "play", f"{tag}-{backend}.pt2")
+    part = "" if program == "step" else f"-{program}"   # the step's name is the one it always had
+    return os.path.join(cache_dir(), "play", f"{tag}{part}-{backend}.pt2")
 
 
-def build_package(gpt, path, backend="inductor"):
-    """Export the one-code step of `gpt` and compile it into the file `path` (written whole or not
-    at all). inductor: AOTInductor with frozen weights (15-30 s on 2 cores); export: no compiler."""
-    step = PackedStep(gpt).eval()
+def export_program(gpt, program):
+    """torch.export's program of the one-code step (fixed shapes) or of the prefill (the prefix's
+    length free)."""
     with torch.no_grad():
         code, pos, cond, caches = probe_inputs(gpt)
-        program = torch.export.export(step, (code, pos, *PackedStep.arguments(cond, caches)))
+        if program == "step":
+            return torch.export.export(PackedStep(gpt).eval(),
+                                       (code, pos, *PackedStep.arguments(cond, caches)))
+        if program != "prefill":
+            raise ValueError(f"unknown program {program!r} (step or prefill)")
+        # Traced on one latent step (a length of 1 would be taken as fixed); every length from 2
+        # to seq_len - 2 keeps the prefix shorter than the cache, as the traced attention assumes.
+        length = torch.export.Dim("prefix", min=2, max=gpt.config.seq_len - 2)
+        args = (probe_prefix(gpt), *PackedPrefill.arguments(cond, caches))
+        shapes = ({1: length}, None, None, [(None, None)] * len(caches))
+        return torch.export.export(PackedPrefill(gpt).eval(), args, dynamic_shapes=shapes)
+
+
+def build_package(gpt, path, backend="inductor", program="step"):
+    """Export `program` (step or prefill) of `gpt` and compile it into the file `path` (written
+    whole or not at all). inductor: AOTInductor with frozen weights (15-30 s each on 2 cores);
+    export: no compiler."""
+    exported = export_program(gpt, program)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path[:-4]}.{os.getpid()}.partial.pt2"   # the compiler wants the .pt2 ending
     try:
         if backend == "inductor":
             from torch._inductor import aoti_compile_and_package   # lazily: 1 s of imports
-            aoti_compile_and_package(program, package_path=partial,
+            aoti_compile_and_package(exported, package_path=partial,
                                      inductor_configs={"freezing": True})
         elif backend == "export":
-            torch.export.save(program, partial)
+            torch.export.save(exported, partial)
         else:
             raise ValueError(f"unknown backend {backend!r} (inductor or export)")
         os.replace(partial, path)
@@ -463,19 +581,31 @@ def build_package(gpt, path, backend="inductor"):
 
 
 def load_package(path):
-    """The compiled step kept at `path` by build_package, callable as PackedStep is."""
+    """A compiled program kept at `path` by build_package, callable as the module it was exported
+    from is."""
     if path.endswith("-export.pt2"):
         return torch.export.load(path).module()
     from torch._inductor import aoti_load_package   # lazily: 1 s of imports
     return aoti_load_package(path)
 
 
-def compile_checkpoint(source, path, backend):
-    """The compiling process: load the prior of checkpoint `source` and build its package at
-    `path`."""
+def compile_checkpoint(source, backend):
+    """The compiling process: load the prior of checkpoint `source` and build each of its packages
+    not yet kept, the step first. One that fails does not stop the next; the exit code says that
+    one did."""
     os.nice(10)   # the eager play comes first
     gpt, _ = load_gpt(source)
-    build_package(use_fast_attention(gpt), path, backend)
+    gpt, failed = use_fast_attention(gpt), False
+    for program in PROGRAMS:
+        path = package_file(source, backend, program)
+        if not os.path.isfile(path):
+            try:
+                build_package(gpt, path, backend, program)
+            except Exception as e:
+                print(f"play: compiling the {program} failed: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+                failed = True
+    sys.exit(1 if failed else 0)
 
 
 # -----------------------------------------------------------------------------

@@ -202,9 +202,10 @@ def play_codes(world, start, keys=("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "T
 
 def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_draws():
     """The step compile_step compiles (the whole cache read through the position's row of the mask,
-    one program for every position, the caches written in place) draws the eager step's codes.
-    Packaged here by torch.export alone (backend "export": the same export in seconds; inductor's
-    kernels are checked against the eager ones in test_fast.py)."""
+    one program for every position, the caches written in place) and the prefill (a prefix of any
+    length) draw the eager step's codes. Packaged here by torch.export alone (backend "export": the
+    same export in seconds; inductor's kernels are checked against the eager ones in
+    test_fast.py)."""
     import world as world_module
     gpt, vq = tiny_world_parts()
     start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
@@ -213,12 +214,41 @@ def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_
     fixed.compiled_step = world_module.LogitsStep(gpt)   # the uncompiled fixed-shape step
     packaged = World(gpt, vq, action_names=NAMES, seed=2)
     packaged.compile_step(background=False, backend="export")
-    assert packaged.compiled_step is not None and packaged.compile_error is None
+    assert packaged.compiled_step is not None and packaged.compiled_prefill is not None
+    assert packaged.compile_error is None
     assert torch.equal(eager, play_codes(fixed, start)) and torch.equal(eager,
                                                                         play_codes(packaged, start))
-    assert packaged.timing["compiled"] and fixed.timing["compiled"]
+    assert packaged.timing["compiled"] and packaged.timing["prefill_compiled"]
+    assert fixed.timing["compiled"] and not fixed.timing["prefill_compiled"]
     with pytest.raises(ValueError, match="needs the prior's checkpoint file"):
         packaged.compile_step(background=True)
+
+
+def test_the_compiled_prefill_fills_the_caches_the_eager_one_fills_at_any_length(tmp_path):
+    """One exported prefill serves every window: prefixes of 2 codes, one latent step and three and
+    a bit give the eager prefill's logits and caches (for a prior without actions too); a program
+    whose numbers differ is refused."""
+    import world as world_module
+    from fast import prefill
+    for action_dim in (3, 0):
+        gpt, _ = tiny_world_parts(action_dim=action_dim)
+        path = str(tmp_path / f"prefill-{action_dim}-export.pt2")
+        world_module.build_package(gpt, path, "export", "prefill")
+        call = world_module.PrefillCall(world_module.load_package(path))
+        assert world_module.gives_eager_numbers(gpt, call, "prefill")
+        _, _, cond, _ = world_module.probe_inputs(gpt)
+        for n in (2, 16, 53):
+            prefix = torch.randint(16, (1, n), generator=torch.Generator().manual_seed(n))
+            mine, theirs = gpt.setup_caches(1, "cpu"), gpt.setup_caches(1, "cpu")
+            with torch.inference_mode():
+                got, ref = call(prefix, cond, mine), prefill(gpt, cond, theirs, 1, prefix)
+            # float32 through two routes: the same operations, summed in the same order here
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(mine, theirs):
+                torch.testing.assert_close(a.k, b.k, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a.v, b.v, atol=1e-5, rtol=1e-5)
+    wrong = lambda prefix, cond, caches: call(prefix, cond, caches) + 0.01
+    assert not world_module.gives_eager_numbers(gpt, wrong, "prefill")
 
 
 def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_and_is_kept(
@@ -235,28 +265,32 @@ def test_the_step_compiles_in_a_process_of_its_own_while_the_eager_step_plays_an
     world.compile_step(background=True, backend="export")
     assert world.compiling and world.compiled_step is None and world.compiler.poll() is None
     deadline = time.monotonic() + 120
-    # the eager play goes on meanwhile
-    while world.compiled_step is None and time.monotonic() < deadline:
+    # the eager play goes on meanwhile, and each program is taken up once it is loaded
+    while world.compiling and time.monotonic() < deadline:
         world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
         world.step("TURN_LEFT")
         time.sleep(0.05)
-    assert world.compiled_step is not None and not world.compiling and world.compile_error is None
+    assert world.compiled_step is not None and world.compiled_prefill is not None
+    assert not world.compiling and world.compile_error is None
     assert torch.get_num_threads() == threads   # the core lent to the compiler is given back
     assert torch.equal(play_codes(world, start), eager)
     path = package_file(tiny_ckpt, "export")
     assert os.path.isfile(path) and os.path.dirname(path) == str(tmp_path / "play")
+    assert os.path.isfile(package_file(tiny_ckpt, "export", "prefill"))
     again = load_world(tiny_ckpt, seed=2)[0]
     again.compile_step(background=True, backend="export")                     # kept: only loaded
-    assert again.compiler is None
-    again.loader.join(timeout=60)
-    assert again.compiled_step is not None and torch.equal(play_codes(again, start), eager)
+    assert again.compiler is None and len(again.loaders) == 2
+    for loader in again.loaders:
+        loader.join(timeout=60)
+    assert again.compiled_step is not None and again.compiled_prefill is not None
+    assert torch.equal(play_codes(again, start), eager)
     with open(path, "wb") as f:
         f.write(b"not a package")
     broken = load_world(tiny_ckpt, seed=2)[0]
     broken.compile_step(background=False, backend="export")
     assert (broken.compiled_step is None
             and "could not load the compiled step" in broken.compile_error)
-    assert not os.path.exists(path) and "playing eager" in capsys.readouterr().err
+    assert not os.path.exists(path) and "plays eager" in capsys.readouterr().err
     assert torch.equal(play_codes(broken, start), eager)
 
 
