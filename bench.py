@@ -29,6 +29,10 @@ Benchmarks:
                 frames/s of a rollout per window stride, eager and compiled; the latent step
                 split into prefill, codes and decode, per decoder context; the page's
                 key-to-frame latency and its first frame, paced at --fps
+  page          (only with --only page) the page of play.py on --ckpt in headless Chromium on
+                the same machine (pip install playwright; apt-get install chromium): its first
+                frame, when the compiled step plays, then --page_seconds of held keys: frames/s,
+                frames later than 50 ms, frames counted each second, key-to-screen latency
   dashboards    (only with --only dashboards) train.py --tensorboard / --wandb: the
                 milliseconds of one log call (a prior's log record) and of one picture (a
                 16-frame samples GIF), per dashboard whose package is installed (W&B offline);
@@ -49,7 +53,12 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -590,6 +599,66 @@ def bench_play(size, args, device, autocast):
 
 
 
+def bench_page(args):
+    """play.py's page in headless Chromium beside it on the same cores, as a person would see it:
+    every frame's time taken where the page draws it."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return emit(bench="page", skipped="pip install playwright: it drives the browser")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        return emit(bench="page", skipped="no Chromium on the PATH (apt-get install chromium)")
+    with socket.socket() as s:   # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "play.py")
+    proc = subprocess.Popen([sys.executable, play, "--ckpt", args.ckpt, "--port", str(port),
+                             "--fps", str(args.fps)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    found = dict(bench="page", ckpt=os.path.basename(args.ckpt), target_fps=args.fps)
+    try:
+        proc.stdout.readline()   # the URL, once the server listens
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport=dict(width=1000, height=560))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("window.playStats.frames > 0", timeout=60_000)
+            found["first_frame_s"] = time.perf_counter() - t0
+            try:   # a first start compiles in the background
+                page.wait_for_function("document.getElementById('mode').textContent === "
+                                       "'compiled'", timeout=300_000)
+                found["compiled_s"] = time.perf_counter() - t0
+            except Exception:
+                found["compiled_s"] = None
+            time.sleep(2)
+            page.evaluate("window.playStats.latencies = []; window.playStats.times = []")
+            keys, end = ["ArrowLeft", "ArrowUp", "ArrowRight", "ArrowUp"], time.perf_counter()
+            end += args.page_seconds
+            while time.perf_counter() < end:   # each key held 1.2 s, then 0.3 s of none
+                page.keyboard.down(keys[0])
+                time.sleep(1.2)
+                page.keyboard.up(keys[0])
+                time.sleep(0.3)
+                keys = keys[1:] + keys[:1]
+            times = np.array(page.evaluate("window.playStats.times"))                     # ms
+            latencies = page.evaluate("window.playStats.latencies")
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    gaps = np.diff(times)
+    seconds = int((times[-1] - times[0]) // 1000)
+    counted = np.histogram(times, bins=times[0] + 1000 * np.arange(seconds + 1))[0]
+    emit(**found, frames=len(times), fps=1e3 * len(gaps) / (times[-1] - times[0]),
+         late_frames=int((gaps > 50).sum()), worst_gap_ms=float(gaps.max()),
+         fps_each_second_min=int(counted.min()), fps_each_second_median=float(np.median(counted)),
+         latency_median_ms=statistics.median(latencies), latency_max_ms=max(latencies))
+
+
 def latent_for(codes):
     """A (4, s, s) latent shape with `codes` positions."""
     side = int(math.isqrt(codes // 4))
@@ -604,7 +673,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast precision (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--only", default=None,
-                   choices=["vqvae", "gpt", "sample", "sparse", "attention", "dashboards", "play"],
+                   choices=["vqvae", "gpt", "sample", "sparse", "attention", "dashboards", "play",
+                            "page"],
                    help="run one benchmark")
     p.add_argument("--size", default=None, choices=list(SIZES),
                    help="model and batch sizes (default: cuda on a GPU, else cpu; tiny: a smoke "
@@ -633,6 +703,8 @@ def main(argv=None):
     p.add_argument("--fps", type=int, default=30, help="play benchmark: the page's pace")
     p.add_argument("--play_pace_s", type=float, default=2.0,
                    help="play benchmark: seconds the page's pace is timed")
+    p.add_argument("--page_seconds", type=float, default=24.0,
+                   help="page benchmark: seconds of held keys timed")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -647,6 +719,8 @@ def main(argv=None):
         bench_dashboards(size, args, device, autocast)
     if args.only == "play":
         bench_play(size, args, device, autocast)
+    if args.only == "page":
+        bench_page(args)
 
 
 if __name__ == "__main__":

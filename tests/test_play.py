@@ -570,6 +570,9 @@ def test_the_page_in_chromium_turns_the_view_the_way_the_key_says():
                 page.evaluate("window.playStats.latencies = []")
                 return slide
             assert hold("ArrowLeft") > 0 and hold("ArrowRight") < 0
+            # when each frame was drawn, as bench.py --only page reads it: one time a frame, rising
+            frames, times = page.evaluate("[window.playStats.frames, window.playStats.times]")
+            assert len(times) == min(frames, 4000) and all(np.diff(times) >= 0)
             browser.close()
     finally:
         proc.send_signal(signal.SIGINT)
