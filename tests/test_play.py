@@ -226,13 +226,14 @@ def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_
 
 def test_the_compiled_prefill_fills_the_caches_the_eager_one_fills_at_any_length(tmp_path):
     """One exported prefill serves every window: prefixes of 2 codes, one latent step and three and
-    a bit give the eager prefill's logits and caches (for a prior without actions too); a program
+    a bit give the eager prefill's logits and caches, for a prior with action tokens (cross-attended
+    inside the prefill) and one without actions (conditional norms: the test above); a program
     whose numbers differ is refused."""
     import world as world_module
     from fast import prefill
-    for action_dim in (3, 0):
-        gpt, _ = tiny_world_parts(action_dim=action_dim)
-        path = str(tmp_path / f"prefill-{action_dim}-export.pt2")
+    for norms, action_dim in ((False, 3), (True, 0)):
+        gpt, _ = tiny_world_parts(action_norms=norms, action_dim=action_dim)
+        path = str(tmp_path / f"prefill-{norms}-{action_dim}-export.pt2")
         world_module.build_package(gpt, path, "export", "prefill")
         call = world_module.PrefillCall(world_module.load_package(path))
         assert world_module.gives_eager_numbers(gpt, call, "prefill")
