@@ -74,7 +74,8 @@ from gpt import GPTConfig, VideoGPT
 from muon import make_optimizer
 from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
-from world import DECODE_CONTEXT, Player, World, load_world, package_file, start_world
+from world import (DECODE_CONTEXT, Player, World, decode_precision, load_world, package_file,
+                   start_world)
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -497,11 +498,11 @@ def page_timing(world, names, start, args, load_s):
                 latency_max_ms=max(latencies) if latencies else None)
 
 
-def compiling_in_background(path, args):
+def compiling_in_background(path, args, decode_dtype):
     """A first start: the eager play's frames/s while a process compiles the step and then the
     prefill into an empty cache folder, the seconds until each plays, the frames/s in between, and
     the frames/s just after."""
-    world, _, start = load_world(path)
+    world, _, start = load_world(path, decode_dtype=decode_dtype)
     start_world(world, start)
     key = "TURN_LEFT" if world.n_actions else None
     with tempfile.TemporaryDirectory() as empty, mock.patch.dict(os.environ, VIDEOGPT_CACHE=empty):
@@ -533,11 +534,13 @@ def bench_play(size, args, device, autocast):
     t0 = time.perf_counter()
     world, names, start, source = play_world(args)
     load_s = time.perf_counter() - t0
+    # the frames' precision play.py chooses here (--decode auto), for every row but one
+    dtype = world.decode_dtype = decode_precision(world.vq, (1, DECODE_CONTEXT, world.h, world.w))
     # a key change every 6 steps
     keys = ["TURN_LEFT"] * 6 + ["MOVE_FORWARD"] * 6 + ["TURN_RIGHT"] * 6 + [None] * 6
     base = dict(bench="play", ckpt=source, threads=torch.get_num_threads(),
                 latent=list(world.gpt.config.latent_shape),
-                frames_per_step=world.per_step)
+                frames_per_step=world.per_step, decode_dtype=str(dtype).replace("torch.", ""))
 
     def rollout(w, steps):
         """Frames/s of `steps` latent steps after a warm-up, and the medians of the step's parts."""
@@ -557,13 +560,14 @@ def bench_play(size, args, device, autocast):
     strides = [s for s in (1, 2, 4) if s < world.t]
     for stride in strides:
         emit(**base, stride=stride, compiled=False, decode_context=DECODE_CONTEXT,
-             **rollout(World(world.gpt, world.vq, action_names=names or None, stride=stride),
-                       args.play_steps))
+             **rollout(World(world.gpt, world.vq, action_names=names or None, stride=stride,
+                             decode_dtype=dtype), args.play_steps))
     # The decoder's context: the new step alone, with one before it, or the whole window; and how
     # far the new frames lie from the whole window's decoding of them (PSNR in dB over the rollout's
     # last steps).
     for context in (1, 2, world.t):
-        w = World(world.gpt, world.vq, action_names=names or None, decode_context=context)
+        w = World(world.gpt, world.vq, action_names=names or None, decode_context=context,
+                  decode_dtype=dtype)
         timing = rollout(w, args.play_steps // 2)
         with torch.no_grad():
             errors = []
@@ -578,19 +582,24 @@ def bench_play(size, args, device, autocast):
              psnr_vs_window_db=10 * math.log10(1 / mse) if mse > 0 else None, **timing)
     if args.compile_sample:
         if world.source:  # compiled in the background from nothing, as a first start of the page is
-            emit(**base, **compiling_in_background(args.ckpt, args))
+            emit(**base, **compiling_in_background(args.ckpt, args, dtype))
         kept = world.source is not None and all(
             os.path.isfile(package_file(world.source, "inductor", program))
             for program in ("step", "prefill"))
         t = time.perf_counter()
         world.compile_step(background=False)
         base["load_s" if kept else "compile_s"] = time.perf_counter() - t
-        # the compiled step with the eager prefill, then both compiled at each stride
-        for stride, prefill_compiled in [(1, False)] + [(s, True) for s in strides]:
-            w = World(world.gpt, world.vq, action_names=names or None, stride=stride)
+        # the compiled step with the eager prefill, both compiled with float32 frames, then both
+        # compiled at each stride
+        settings = [(1, False, dtype), (1, True, torch.float32)] + [(s, True, dtype)
+                                                                     for s in strides]
+        for stride, prefill_compiled, frames_dtype in settings:
+            w = World(world.gpt, world.vq, action_names=names or None, stride=stride,
+                      decode_dtype=frames_dtype)
             w.compiled_step = world.compiled_step
             w.compiled_prefill = world.compiled_prefill if prefill_compiled else None
-            emit(**base, stride=stride, compiled=True, prefill_compiled=prefill_compiled,
+            emit(**{**base, "decode_dtype": str(frames_dtype).replace("torch.", "")},
+                 stride=stride, compiled=True, prefill_compiled=prefill_compiled,
                  decode_context=DECODE_CONTEXT, **rollout(w, args.play_steps))
     # The page (compiled where asked), as play.py runs it.
     emit(**base, compiled=world.compiled_step is not None,

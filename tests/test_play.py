@@ -200,6 +200,45 @@ def play_codes(world, start, keys=("TURN_LEFT", "MOVE_FORWARD", "TURN_RIGHT", "T
     return world.codes.clone()  # (1, 4, 4, 4)
 
 
+def test_frames_decoded_in_bfloat16_lie_within_a_grey_level_or_two_and_the_codes_are_the_same():
+    """--decode bfloat16 changes the picture by a grey level or two and nothing else; "auto" keeps
+    float32 unless bfloat16 is both faster and that close."""
+    from world import decode_precision
+    gpt, vq = tiny_world_parts()
+    start = torch.randint(16, (4, 4, 4), generator=torch.Generator().manual_seed(1))
+    worlds = [World(gpt, vq, action_names=NAMES, seed=2, decode_dtype=d)
+              for d in (torch.float32, torch.bfloat16)]
+    frames = []
+    for world in worlds:
+        world.reset(start_codes=start, start_actions=["TURN_LEFT"] * 8)
+        frames.append(np.concatenate([world.step(k) for k in ("TURN_LEFT", "MOVE_FORWARD")]))
+    assert torch.equal(worlds[0].codes, worlds[1].codes)
+    difference = np.abs(frames[0].astype(int) - frames[1].astype(int))
+    assert 0 < difference.max() <= 2   # decoded in bfloat16 indeed, and within two grey levels
+    # bfloat16 must take no time at all, or match to better than a grey level: never chosen
+    assert decode_precision(vq, (1, 2, 4, 4), trials=1, slower=0.0) == torch.float32
+    assert decode_precision(vq, (1, 2, 4, 4), trials=1, grey_levels=-1) == torch.float32
+    assert World(gpt, vq, action_names=NAMES, decode_dtype="auto").decode_dtype in (
+        torch.float32, torch.bfloat16)
+
+
+def test_the_next_step_is_started_just_in_time():
+    """With one frame waiting, the next step starts the slowest recent step (and a margin) before
+    its first frame is due, one period after the waiting one is shown; behind, it starts at once."""
+    from world import Player
+    gpt, vq = tiny_world_parts()
+    player = Player(World(gpt, vq, action_names=NAMES), NAMES, dict, fps=20)
+    assert player.time_to_start() == 0.0   # nothing timed yet
+    player.took.extend([0.02, 0.03])
+    player.outbox.append({})
+    player.shows_at = time.perf_counter() + 0.04
+    # due in 0.04 + 0.05 s; started 0.03 + MARGIN before that
+    wait = player.time_to_start()
+    assert 0.04 + 0.05 - 0.03 - player.MARGIN - 0.01 <= wait <= 0.04 + 0.05 - 0.03 - player.MARGIN
+    player.outbox.clear()
+    assert player.time_to_start() == 0.0   # nothing waiting: behind, at once
+
+
 def test_the_fixed_shape_step_and_its_compiled_package_draw_what_the_eager_step_draws():
     """The step compile_step compiles (the whole cache read through the position's row of the mask,
     one program for every position, the caches written in place) and the prefill (a prefix of any
