@@ -70,6 +70,11 @@ from fast import (DecodeStep, cached_condition, decode_one_token, decode_weights
                   sampling_dtype, use_fast_attention)
 from gpt import load_gpt, sample_logits, uniform_noise
 
+# PyTorch 2.13 warns of its own pytree internals when a compiled package is made or loaded: a
+# line on the player's console that is not theirs to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        category=FutureWarning)
+
 # The defaults, each chosen by measurement on the README recipe's prior (docs/play.md):
 STRIDE = 1            # latent steps dropped when the window slides: full context, nothing to guess
 DECODE_CONTEXT = 2    # latent steps the decoder sees to draw the newest one's frames
@@ -636,7 +641,6 @@ def compile_checkpoint(source, backend):
     not yet kept, the step first. One that fails does not stop the next; the exit code says that
     one did."""
     os.nice(10)   # the eager play comes first
-    warnings.filterwarnings("ignore", category=FutureWarning)   # PyTorch's own, not the player's
     gpt, _ = load_gpt(source)
     gpt, failed = use_fast_attention(gpt), False
     for program in PROGRAMS:
