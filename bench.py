@@ -661,6 +661,8 @@ def bench_page(args):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+    if len(times) < 2 or not latencies:
+        return emit(**found, frames=len(times), error="the page drew no frames or no key")
     gaps = np.diff(times)
     seconds = int((times[-1] - times[0]) // 1000)
     counted = np.histogram(times, bins=times[0] + 1000 * np.arange(seconds + 1))[0]
