@@ -125,7 +125,7 @@ class World:
         self.device = gpt.fc_in.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.weights = decode_weights(gpt)
-        self.source = source  # the checkpoint file, if any: it names the compiled step kept on disk
+        self.source = source  # the checkpoint file, if any: it names the compiled programs kept
         self.compiled_step = self.compiled_prefill = self.compile_error = None
         self.compiler = None   # the process compiling the programs
         self.waiting = {}      # program -> the file that process is making
@@ -276,9 +276,9 @@ class World:
 
     def fill_cache(self, prefix):
         """Prefill the fresh caches with the start vector and the codes `prefix` (1, P); the logits
-        of the code after them. Compiled where it can be (P from 2 to the sequence's length - 2)."""
-        fits = 2 <= prefix.shape[1] <= self.gpt.config.seq_len - 2
-        if self.compiled_prefill is not None and fits:
+        of the code after them. Compiled where the exported program takes P (prefill_lengths)."""
+        low, high = prefill_lengths(self.gpt)
+        if self.compiled_prefill is not None and low <= prefix.shape[1] <= high:
             return self.compiled_prefill(prefix, self.cond, self.caches)             # (1, n_codes)
         return prefill(self.gpt, self.cond, self.caches, 1, prefix)                 # (1, n_codes)
 
@@ -393,12 +393,9 @@ class World:
                                   f"({type(e).__name__}); its part plays eager")
             print(f"play: {self.compile_error}", file=sys.stderr, flush=True)
             return
-        call = (PackageCall if program == "step" else PrefillCall)(runner)
+        call = CALLS[program](runner)
         if gives_eager_numbers(self.gpt, call, program):
-            if program == "step":
-                self.compiled_step = call
-            else:
-                self.compiled_prefill = call
+            setattr(self, f"compiled_{program}", call)   # compiled_step, compiled_prefill
         else:
             self.compile_error = (f"{path}: the compiled {program}'s numbers differ from the "
                                   f"eager one's; its part plays eager")
@@ -448,6 +445,12 @@ class LogitsStep(DecodeStep):
         return decode_one_token(self.gpt, code, pos, cond, caches, None, self.tables())
 
 
+def cache_buffers(caches):
+    """Each layer's cache as its (key, value) buffers: what a program torch.export takes receives
+    (cache_views turns them back)."""
+    return [(cache.k, cache.v) for cache in caches]
+
+
 def cache_views(buffers):
     """The lesson's KVCache around given key and value buffers (it allocates its own), one per
     layer: how a program torch.export takes receives the caches it writes in place."""
@@ -466,7 +469,7 @@ class PackedStep(LogitsStep):
 
     @staticmethod
     def arguments(cond, caches):
-        return cond["plan"], cond["frame_kv"], [(cache.k, cache.v) for cache in caches]
+        return cond["plan"], cond["frame_kv"], cache_buffers(caches)
 
     def forward(self, code, pos, plan, frame_kv, buffers):
         # (1, n_codes)
@@ -477,7 +480,7 @@ class PackedPrefill(torch.nn.Module):
     """fast.prefill (the lesson's VideoGPT.step over a whole prefix) with inputs torch.export takes:
     the prefix (1, P), the conditioning's norm vector and cross-attention tokens (None where the
     prior has none), and each layer's key and value buffers, written in place. Exported with P free
-    (2 to the sequence's length - 2), so one program prefills every window."""
+    (prefill_lengths), so one program prefills every window."""
 
     def __init__(self, gpt):
         super().__init__()
@@ -485,7 +488,7 @@ class PackedPrefill(torch.nn.Module):
 
     @staticmethod
     def arguments(cond, caches):
-        return cond["vector"], cond["context"], [(cache.k, cache.v) for cache in caches]
+        return cond["vector"], cond["context"], cache_buffers(caches)
 
     def forward(self, prefix, vector, context, buffers):
         cond = dict(vector=vector, context=context)
@@ -525,7 +528,15 @@ class PrefillCall:
 
 
 PROGRAMS = ("step", "prefill")   # what compile_step compiles, in the order it compiles them
+CALLS = dict(step=PackageCall, prefill=PrefillCall)   # how World calls each, loaded
 LOADING = threading.Lock()       # held while a package is loaded
+
+
+def prefill_lengths(gpt):
+    """The prefix lengths the exported prefill takes: from 2 (a length of 1 would be traced as
+    fixed) to the sequence's length - 2 (the prefix stays shorter than the cache, as the traced
+    attention assumes)."""
+    return 2, gpt.config.seq_len - 2
 
 
 def probe_inputs(gpt):
@@ -560,8 +571,9 @@ def gives_eager_numbers(gpt, call, program, tolerance=1e-3):
         if program == "step":
             ref = LogitsStep(gpt)(*probe_inputs(gpt))                                # (1, n_codes)
             return close(call(*probe_inputs(gpt)), ref)
-        _, _, cond, ref_caches = probe_inputs(gpt)
-        _, _, _, caches = probe_inputs(gpt)
+        cond, dtype = probe_inputs(gpt)[2], sampling_dtype(gpt)
+        device = gpt.fc_in.weight.device
+        ref_caches, caches = (gpt.setup_caches(1, device, dtype) for _ in range(2))   # fresh each
         prefix = probe_prefix(gpt, steps=2)                                           # (1, 2hw)
         # (1, n_codes)
         ref = prefill(gpt, cond, ref_caches, 1, prefix)
@@ -590,9 +602,9 @@ def export_program(gpt, program):
                                        (code, pos, *PackedStep.arguments(cond, caches)))
         if program != "prefill":
             raise ValueError(f"unknown program {program!r} (step or prefill)")
-        # Traced on one latent step (a length of 1 would be taken as fixed); every length from 2
-        # to seq_len - 2 keeps the prefix shorter than the cache, as the traced attention assumes.
-        length = torch.export.Dim("prefix", min=2, max=gpt.config.seq_len - 2)
+        # Traced on one latent step; every length prefill_lengths gives
+        low, high = prefill_lengths(gpt)
+        length = torch.export.Dim("prefix", min=low, max=high)
         args = (probe_prefix(gpt), *PackedPrefill.arguments(cond, caches))
         shapes = ({1: length}, None, None, [(None, None)] * len(caches))
         return torch.export.export(PackedPrefill(gpt).eval(), args, dynamic_shapes=shapes)
@@ -919,8 +931,7 @@ class Player:
                         self.request_restart()
                         reals = [r if r is not None else np.zeros_like(frames[0]) for r in reals]
                 self.took.append(time.perf_counter() - tick)
-                self.info = dict(action=action,
-                                 step_ms=round(1e3 * (time.perf_counter() - tick), 1),
+                self.info = dict(action=action, step_ms=round(1e3 * self.took[-1], 1),
                                  compiled=world.compiled_step is not None,
                                  compiling=world.compiling,
                                  **{k: round(v, 1) for k,
