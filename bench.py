@@ -75,7 +75,7 @@ from gpt import GPTConfig, VideoGPT
 from muon import make_optimizer
 from runtime import autocast as autocast_for
 from vqvae import VQVAE, VQVAEConfig
-from world import (DECODE_CONTEXT, Player, World, decode_precision, load_world, package_file,
+from world import (DECODE_CONTEXT, PROGRAMS, Player, World, load_world, package_file,
                    start_world)
 
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
@@ -441,9 +441,9 @@ def bench_dashboards(size, args, device, autocast):
 
 def play_world(args):
     """The World bench_play times: the checkpoint's prior, or random weights at the recipe's
-    sizes."""
+    sizes; its frames' precision chosen as play.py's --decode auto chooses it."""
     if args.ckpt and os.path.isfile(args.ckpt):
-        world, names, start = load_world(args.ckpt)
+        world, names, start = load_world(args.ckpt, decode_dtype="auto")
         return world, names, start, os.path.basename(args.ckpt)
     gpt = VideoGPT(GPTConfig(latent_shape=(8, 8, 8), n_codes=512, embedding_dim=64, hidden_dim=120,
                              heads=4, layers=4,
@@ -457,7 +457,7 @@ def play_world(args):
                            resolution=64))
     gpt, vq = use_fast_attention(gpt.eval()), use_fast_attention(vq.eval())
     names = ["TURN_LEFT", "TURN_RIGHT", "MOVE_FORWARD"]
-    return World(gpt, vq, action_names=names), names, {}, "random weights"
+    return World(gpt, vq, action_names=names, decode_dtype="auto"), names, {}, "random weights"
 
 
 def page_timing(world, names, start, args, load_s):
@@ -530,18 +530,22 @@ def compiling_in_background(path, args, decode_dtype):
                 fps_after=after / (time.perf_counter() - t), compile_error=world.compile_error)
 
 
+def dtype_name(dtype):
+    """torch.bfloat16 -> "bfloat16", as the records say it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def bench_play(size, args, device, autocast):
     """The play loop: frames/s, the latent step's parts, the page's latency and first frame."""
     t0 = time.perf_counter()
     world, names, start, source = play_world(args)
     load_s = time.perf_counter() - t0
-    # the frames' precision play.py chooses here (--decode auto), for every row but one
-    dtype = world.decode_dtype = decode_precision(world.vq, (1, DECODE_CONTEXT, world.h, world.w))
+    dtype = world.decode_dtype   # the frames' precision, for every row but one
     # a key change every 6 steps
     keys = ["TURN_LEFT"] * 6 + ["MOVE_FORWARD"] * 6 + ["TURN_RIGHT"] * 6 + [None] * 6
     base = dict(bench="play", ckpt=source, threads=torch.get_num_threads(),
                 latent=list(world.gpt.config.latent_shape),
-                frames_per_step=world.per_step, decode_dtype=str(dtype).replace("torch.", ""))
+                frames_per_step=world.per_step, decode_dtype=dtype_name(dtype))
 
     def rollout(w, steps):
         """Frames/s of `steps` latent steps after a warm-up, and the medians of the step's parts."""
@@ -586,7 +590,7 @@ def bench_play(size, args, device, autocast):
             emit(**base, **compiling_in_background(args.ckpt, args, dtype))
         kept = world.source is not None and all(
             os.path.isfile(package_file(world.source, "inductor", program))
-            for program in ("step", "prefill"))
+            for program in PROGRAMS)
         t = time.perf_counter()
         world.compile_step(background=False)
         base["load_s" if kept else "compile_s"] = time.perf_counter() - t
@@ -599,7 +603,7 @@ def bench_play(size, args, device, autocast):
                       decode_dtype=frames_dtype)
             w.compiled_step = world.compiled_step
             w.compiled_prefill = world.compiled_prefill if prefill_compiled else None
-            emit(**{**base, "decode_dtype": str(frames_dtype).replace("torch.", "")},
+            emit(**{**base, "decode_dtype": dtype_name(frames_dtype)},
                  stride=stride, compiled=True, prefill_compiled=prefill_compiled,
                  decode_context=DECODE_CONTEXT, **rollout(w, args.play_steps))
     # The page (compiled where asked), as play.py runs it.
