@@ -1070,11 +1070,6 @@ class LongPlayer:
         return out
 
 
-def long_play_script(n_frames, names):
-    """The session played blind: `n_frames` action names, one per frame."""
-    return LongPlayer(names, looks=False).actions(None, n_frames)
-
-
 def play_turns(frames, script, names, start):
     """The steering score of a played session (frames: the `start` ones, then one per scripted
     action): the share of its turns held 12 frames or more after which the picture slid the

@@ -637,8 +637,7 @@ def test_the_real_game_plays_beside_the_dream_on_the_same_keys(tiny_ckpt, tmp_pa
 def test_long_play_scores_on_hand_made_frames():
     """fvd.py dream's parts: sky (dark blue) and floor (green) found where they are painted, the
     colour range and a grey frame outside it, a frozen stretch, and the script's held turns."""
-    from metrics import (long_play_script, longest_still, sky_and_floor, stays_a_world,
-                         world_reference)
+    from metrics import LongPlayer, longest_still, sky_and_floor, stays_a_world, world_reference
     rng = np.random.default_rng(0)
     world = np.zeros((60, 8, 8, 3), np.uint8) + rng.integers(0, 20, (60, 8, 8, 3), dtype=np.uint8)
     world[:, :3, :, 2] += 80                                   # sky: the top 3 rows blue
@@ -651,7 +650,7 @@ def test_long_play_scores_on_hand_made_frames():
     assert report["in_real_range"] == 0.5 and report["froze"] and report["longest_still"] == 50
     assert [s["keeps_its_look"] for s in report["stretches"]] == [True, False]
     assert longest_still(world) == 1
-    script = long_play_script(300, NAMES)
+    script = LongPlayer(NAMES, looks=False).actions(None, 300)   # the session played blind
     runs = [len(list(g)) for k, g in itertools.groupby(script) if k != "MOVE_FORWARD"]
     assert len(script) == 300 and min(runs) >= 12 and len(runs) >= 12
     # direct reversal
@@ -662,7 +661,7 @@ def test_the_long_player_ends_a_walk_before_a_wall_and_holds_its_turns():
     """fvd.py dream's player looks at the newest frame: floor ahead, it walks on; a wall close ahead
     ends the walk and starts the next turn, which is held its whole length however close the
     wall. Blind, it plays the fixed script."""
-    from metrics import LONG_PLAY, LongPlayer, long_play_script, way_blocked
+    from metrics import LONG_PLAY, LongPlayer, way_blocked
     open_ = np.full((16, 16, 3), 40, np.uint8)
     open_[10:, :, 1] = 120                                # green floor over the bottom 6 rows
     wall = np.full((16, 16, 3), 90, np.uint8)             # grey from top to bottom
@@ -684,7 +683,9 @@ def test_the_long_player_ends_a_walk_before_a_wall_and_holds_its_turns():
         "MOVE_FORWARD"] * 2
     blind = LongPlayer(NAMES, looks=False)
     assert blind.actions(wall, 12) == ["MOVE_FORWARD"] * 10 + ["TURN_LEFT"] * 2
-    assert long_play_script(40, NAMES) == LongPlayer(NAMES, looks=False).actions(None, 40)
+    # blind over the whole session: walls or not, the script as LONG_PLAY writes it
+    assert LongPlayer(NAMES, looks=False).actions(wall, 40) == (
+        ["MOVE_FORWARD"] * 10 + ["TURN_LEFT"] * 12 + ["TURN_RIGHT"] * 12 + ["MOVE_FORWARD"] * 6)
     with pytest.raises(ValueError, match="needs the actions MOVE_FORWARD"):
         LongPlayer(["TURN_LEFT", "TURN_RIGHT"])
 
