@@ -69,6 +69,8 @@ def fast_attention(q, k, v, mask=None, dropout_p=0.0, pattern=None, block=None):
     backward)."""
     square = mask is not None and mask.shape[-2] == mask.shape[-1] == k.shape[-2]
     whole = pattern is not None and square
+    # a plain bool: traced with a free length (world.py's exported prefill) the shapes' comparison
+    # is symbolic, and SDPA's is_causal takes no symbol
     causal = bool(whole and pattern == "full")
     if whole and pattern == "sparse" and dropout_p == 0.0 and flex_available() and \
             (q.device.type == "cuda" or not torch.is_grad_enabled()):
