@@ -188,8 +188,12 @@ SAFE_TO_CHANGE = ("dropout", "attn_dropout", "dead_code_threshold")
 def fine_tune_source(path, stage):
     """A checkpoint to fine-tune from, ours or the original release's, as our checkpoint's dict:
     stage, config, model (today's parameter names) and, for a prior, the VQ-VAE it was trained
-    with ({config, model}) and its action names."""
+    with ({config, model}) and its action names. For --stage vqvae, a prior of ours stands for
+    the VQ-VAE it carries."""
     ckpt = load_checkpoint(path)
+    if stage == "vqvae" and ckpt.get("stage") == "gpt" and isinstance(ckpt.get("vqvae"), dict):
+        # A prior of ours carries the VQ-VAE it was trained with: fine-tune that one.
+        return dict(stage=stage, **ckpt["vqvae"])
     expect_kind(ckpt, path, stage)
     if "stage" in ckpt:
         model = ckpt.get("model")
@@ -262,6 +266,9 @@ def check_prior_flags(args, vq_config):
         if getattr(args, flag) not in (None, value):
             warnings.warn(f"--{flag} {getattr(args, flag)} ignored: the prior models clips of the "
                           f"VQ-VAE's {value}")
+    if args.decoder_only or args.texture_weight:
+        raise ValueError("--decoder_only and --texture_weight train a VQ-VAE's decoder (--stage "
+                         "vqvae); the prior reads the codes it is given")
     if args.n_cond_frames >= vq_config.sequence_length:
         raise ValueError(f"--n_cond_frames {args.n_cond_frames} must be smaller than the clip's "
                          f"{vq_config.sequence_length} frames")

@@ -42,7 +42,7 @@ from muon import make_optimizer
 from run import (Run, check_prior_data, check_prior_flags, fine_tune_config, fine_tune_vqvae,
                  gradient_sync, one_codebook_step, step_flags)
 from runtime import StopRequest, default_device, run_cli
-from vqvae import VQVAE, VQVAEConfig, load_vqvae
+from vqvae import VQVAE, VQVAEConfig, load_vqvae, texture_loss
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -127,6 +127,13 @@ def vqvae_flags(p):
                         "patches, equal codes")
     p.add_argument("--downsample", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                    help="vqvae: compression factor per axis, powers of two")
+    p.add_argument("--texture_weight", type=float, default=0.0,
+                   help="vqvae: weight of the texture term (vqvae.texture_loss) added to the "
+                        "loss; 0, the default, is the paper's loss")
+    p.add_argument("--decoder_only", action="store_true",
+                   help="vqvae, with --init_from: train the decoder alone; the encoder and the "
+                        "codebook stay, so every clip keeps its codes and a prior trained on them "
+                        "still holds")
 
 
 def prior_flags(p):
@@ -182,8 +189,9 @@ def optimisation_flags(p):
                    help="micro-batches of --batch_size whose gradients add up to one optimizer "
                         "step, per process: the step sees batch_size x N x processes clips")
     p.add_argument("--init_from", default=None, metavar="CKPT",
-                   help="fine-tune from this checkpoint of the stage (ours or an original .ckpt): "
-                        "its weights, a fresh optimizer, step 0; model flags must agree")
+                   help="fine-tune from this checkpoint of the stage (ours or an original .ckpt; "
+                        "for vqvae also a prior of ours, for the VQ-VAE it carries): its weights, "
+                        "a fresh optimizer, step 0; model flags must agree")
 
 
 def run_flags(p):
@@ -265,12 +273,22 @@ def resolved_config(config, ckpt, path, source=None, args=None):
 
 
 class VQVAEStage:
-    """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA."""
+    """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA.
+    Beyond the paper: --texture_weight adds vqvae.texture_loss, and --decoder_only trains the
+    decoder alone (the codes kept)."""
 
     name, curve, curve_label, picture_name = "vqvae", "recon_loss", "normalized MSE", "recon"
     logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")
 
     def __init__(self, args, ckpt, ckpt_path, source=None):
+        if args.decoder_only and not (ckpt or source):
+            raise ValueError("--decoder_only trains the decoder of a trained VQ-VAE: give "
+                             "--init_from CKPT")
+        if args.texture_weight < 0:
+            raise ValueError(f"--texture_weight must be 0 or more, got {args.texture_weight}")
+        self.texture_weight, self.decoder_only = args.texture_weight, args.decoder_only
+        if self.texture_weight:
+            self.logged = (*self.logged, "texture_loss")
         config = VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes,
             dead_code_threshold=args.dead_code_threshold, n_hiddens=args.n_hiddens,
@@ -281,10 +299,17 @@ class VQVAEStage:
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
-        return use_channels_last(VQVAE(self.config), default_device(args.device), args.dtype)
+        model = VQVAE(self.config)
+        if self.decoder_only:
+            model.freeze_codes()
+        return use_channels_last(model, default_device(args.device), args.dtype)
 
     def loss(self, model, batch, device):
-        out = model(batch["video"].to(device, non_blocking=True))   # (B, 3, T, H, W) in
+        x = batch["video"].to(device, non_blocking=True)             # (B, 3, T, H, W)
+        out = model(x)
+        if self.texture_weight:
+            out["texture_loss"] = texture_loss(out["recon"], x)
+            out["loss"] = out["loss"] + self.texture_weight * out["texture_loss"]
         return out["loss"], {k: out[k] for k in self.logged}
 
     def describe(self):

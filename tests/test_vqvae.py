@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqvae import VQVAE, Codebook, VQVAEConfig
+from vqvae import VQVAE, Codebook, VQVAEConfig, patch_spread, texture_loss
 
 
 def tiny(**kw):
@@ -133,6 +133,48 @@ def test_encode_never_updates_codebook_even_in_training_mode():
     before = {k: v.clone() for k, v in model.codebook.state_dict().items()}
     model.encode(torch.rand(1, 3, 8, 16, 16) - 0.5)
     assert all(torch.equal(before[k], v) for k, v in model.codebook.state_dict().items())
+
+
+def test_texture_loss_on_hand_made_patches():
+    """A one-pixel checkerboard of +-0.1 against a flat picture: each 4x4 patch's spread is
+    sqrt(16 * 0.01 / 15) (the unbiased estimate) at full resolution and 0 at half (2x2 pixels
+    averaged), so the loss is half the first, over sqrt(0.06)."""
+    signs = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1      # (8, 8)
+    x = (0.1 * signs).float().expand(1, 3, 2, 8, 8).clone()                       # (B, C, T, H, W)
+    spread = (16 * 0.01 / 15) ** 0.5
+    assert torch.allclose(patch_spread(x, 4), torch.full((1, 3, 2, 2, 2), spread))
+    assert texture_loss(torch.zeros_like(x), x).item() == pytest.approx(
+        spread / 2 / 0.06 ** 0.5, rel=1e-6)
+    assert texture_loss(x, x).item() == 0.0
+    # A texture of 2x2 blocks counts at both scales: its 2x2 averages keep it whole.
+    blocks = x[..., :4, :4].repeat_interleave(2, -1).repeat_interleave(2, -2)     # (1, 3, 2, 8, 8)
+    assert texture_loss(torch.zeros_like(x), blocks).item() == pytest.approx(
+        spread / 0.06 ** 0.5, rel=1e-6)
+    # It pulls a faint texture's patches apart: the gradient reaches every pixel, and a step
+    # down it brings the spreads closer. (A perfectly flat patch has no gradient of its spread.)
+    torch.manual_seed(0)
+    faint = (0.01 * torch.randn_like(x)).requires_grad_()
+    loss = texture_loss(faint, x)
+    loss.backward()
+    assert (faint.grad != 0).all()
+    assert texture_loss(faint.detach() - 0.01 * faint.grad, x) < loss
+
+
+def test_frozen_codes_stay_put_in_training_mode():
+    """freeze_codes: a training step's forward pass leaves the encoder's side in eval mode (its
+    codebook neither averages nor restarts), and only the decoder's side takes gradients."""
+    torch.manual_seed(0)
+    model = VQVAE(tiny(downsample=(2, 4, 4), dead_code_threshold=100.0)).freeze_codes().train()
+    model.codebook.init_from(torch.randn(32, 8))
+    before = {k: v.clone() for k, v in model.codebook.state_dict().items()}
+    x = torch.rand(2, 3, 8, 16, 16) - 0.5
+    out = model(x)
+    assert all(torch.equal(before[k], v) for k, v in model.codebook.state_dict().items())
+    assert not model.encoder.training and model.decoder.training
+    (out["loss"] + texture_loss(out["recon"], x)).backward()
+    tuned = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert tuned == {n for n, _ in model.named_parameters()
+                     if n.startswith(("decoder.", "post_vq_conv."))}
 
 
 def test_codebook_stays_float32_under_bfloat16_autocast():

@@ -222,6 +222,41 @@ def test_a_fine_tune_starts_from_an_original_release_checkpoint(tmp_path):
     assert tuple(saved["config"]["latent_shape"]) == (4, 8, 8)
 
 
+
+def test_a_decoder_fine_tune_keeps_every_code_so_the_prior_still_holds(tiny_vqvae, priors,
+                                                                         tmp_path):
+    """--decoder_only --texture_weight, from the VQ-VAE a prior carries: three steps change the
+    decoder and leave the encoder and the codebook (weights and moving averages) as they were;
+    the loss logged is the paper's plus the texture term."""
+    from conftest import train_error
+    from gpt import load_gpt
+    from vqvae import load_vqvae
+    tuned = train_once("--stage", "vqvae", "--init_from", priors["plain"], "--decoder_only",
+                       "--texture_weight", "2", "--out_dir", str(tmp_path / "sharp"),
+                       "--batch_size", "2", *ONE_STEP[:2], "--max_steps", "3", *ONE_STEP[4:])
+    source = torch.load(tiny_vqvae, weights_only=True)["model"]
+    coding = ("encoder.", "pre_vq_conv.", "codebook.")
+    for k, v in source.items():
+        if k.startswith(coding):
+            assert torch.equal(tuned[k], v), k
+    decoding = [k for k in source if k.startswith(("decoder.", "post_vq_conv."))]
+    assert decoding and all(not torch.equal(tuned[k], source[k]) for k in decoding)
+    for r in train_records(tmp_path / "sharp"):
+        assert r["loss"] == pytest.approx(r["recon_loss"] + r["commitment_loss"]
+                                          + 2 * r["texture_loss"], rel=1e-5)
+    # The prior's own VQ-VAE and the fine-tuned one give a clip the same codes.
+    _, vq = load_gpt(priors["plain"])
+    x = torch.rand(2, 3, 4, 16, 16) - 0.5
+    assert torch.equal(load_vqvae(str(tmp_path / "sharp" / "ckpt.pt")).encode(x), vq.encode(x))
+    # One-line errors: nothing to fine-tune, a negative weight, a prior's stage.
+    assert train_error("--stage", "vqvae", "--decoder_only", "--out_dir",
+                       str(tmp_path / "a")).endswith(
+        "--decoder_only trains the decoder of a trained VQ-VAE: give --init_from CKPT")
+    assert train_error("--stage", "vqvae", "--texture_weight", "-1", "--out_dir",
+                       str(tmp_path / "b")).endswith("--texture_weight must be 0 or more, got -1.0")
+    assert "--decoder_only and --texture_weight train a VQ-VAE's decoder" in train_error(
+        *PRIOR, "--vqvae", tiny_vqvae, "--decoder_only", "--out_dir", str(tmp_path / "c"))
+
 # -----------------------------------------------------------------------------
 # sample.py --cond_from: your own frames
 

@@ -3,6 +3,8 @@
     python weights/make.py --vizdoom runs/doom_gpt/ckpt.pt --digits runs/gpt/ckpt.pt \
         --data vizdoom.h5
     python weights/make.py --reader          # the digit reader fvd.py digits reads with
+    python weights/make.py --sharpen runs/doom_vq_sharp/ckpt.pt --data vizdoom.h5
+                                             # vizdoom.pt with a decoder fine-tuned for texture
 
 weights/vizdoom.pt is the ViZDoom block's action-conditional prior, weights/digits.pt the Quick
 start's prior; each carries its VQ-VAE, as every prior checkpoint of ours does. A shipped file keeps
@@ -50,6 +52,14 @@ COMMANDS = {
 }
 
 
+# How weights/vizdoom.pt's decoder was sharpened after the run (docs/vizdoom.md): its VQ-VAE's
+# decoder fine-tuned with the texture term, the codes kept; the prior is the run's.
+SHARPEN = ["python train.py --stage vqvae --data vizdoom.h5 --preset cpu --init_from "
+           "weights/vizdoom.pt --decoder_only --texture_weight 1 --max_steps 500 --out_dir "
+           "runs/doom_vq_sharp",
+           "python weights/make.py --sharpen runs/doom_vq_sharp/ckpt.pt --data vizdoom.h5"]
+
+
 def half(state):
     """A state dict with its floating-point tensors in float16 (integers and flags as they are)."""
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -93,6 +103,32 @@ def scores(kind, path, data, n, clip):
     return dict(digits=digits_main(["--ckpt", path, "--n", str(n)]))
 
 
+def sharpen(vq_run, data, n, clip, out_dir):
+    """--sharpen: weights/vizdoom.pt again, its VQ-VAE's decoder replaced by a decoder fine-tune of
+    it (train.py --decoder_only --texture_weight, from weights/vizdoom.pt). The encoder and the
+    codebook must be the shipped ones, weight for weight, so that every clip keeps its codes and
+    the prior still holds; the record keeps the scores before and adds those after."""
+    out = os.path.join(out_dir, "vizdoom.pt")
+    ckpt, tuned = load_checkpoint(out), load_checkpoint(vq_run)
+    if tuned.get("stage") != "vqvae" or tuned.get("config") != ckpt["vqvae"]["config"]:
+        raise SystemExit(f"{vq_run}: not a VQ-VAE of {out}'s shape")
+    coding = ("encoder.", "pre_vq_conv.", "codebook.")
+    for k, v in ckpt["vqvae"]["model"].items():
+        if k.startswith(coding) and not torch.equal(tuned["model"][k].to(v.dtype), v):
+            raise SystemExit(f"{vq_run}: its {k} is not {out}'s: only the decoder may change")
+    ckpt["vqvae"]["model"] = half(tuned["model"])
+    atomic_write(out, lambda f: torch.save(ckpt, f))
+    path = os.path.join(out_dir, "record.json")
+    record = json.load(open(path))
+    entry = record["files"]["vizdoom.pt"]
+    entry["scores"]["before_sharpening"] = entry["scores"].pop("shipped")
+    entry["commands"] = COMMANDS["vizdoom.pt"] + SHARPEN
+    entry.update(sharpened_at=git_commit(HERE), bytes=os.path.getsize(out), sha256=sha256(out),
+                 scores=dict(entry["scores"], shipped=scores("vizdoom.pt", out, data, n, clip)))
+    atomic_write(path, lambda f: json.dump(record, f, indent=1, default=float), binary=False)
+    print(f"{out}: {os.path.getsize(out) / 1e6:.1f} MB, its decoder from {vq_run}", flush=True)
+
+
 def git_commit(folder):
     """The commit checked out in `folder`, or None outside a clone."""
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
@@ -132,7 +168,14 @@ def main(argv=None):
                    help="the test clip whose opening frames play starts from")
     p.add_argument("--n", type=int, default=128, help="clips per score")
     p.add_argument("--out_dir", default=HERE, help="where the files go (default: this folder)")
+    p.add_argument("--sharpen", metavar="VQVAE",
+                   help="give the shipped vizdoom.pt this VQ-VAE: a decoder fine-tune of its own "
+                        "(train.py --decoder_only); needs --data")
     args = p.parse_args(argv)
+    if args.sharpen:
+        if not args.data:
+            p.error("--sharpen needs --data (vizdoom.h5, for the scores)")
+        return sharpen(args.sharpen, args.data, args.n, args.clip, args.out_dir)
     if args.reader:
         return make_reader(args.out_dir, args.n)
     if not (args.vizdoom and args.digits and args.data):
