@@ -8,7 +8,9 @@ a serious run needs lives here, behind the `Run` object the loop holds:
   optimizer, scaler, step, curves, every rank's random streams; a line naming
   the flags that changed), data in an order fixed by (seed, step) on any number
   of processes and workers (`InfiniteSampler`), the prior's codes encoded once
-  (`cached_codes`), DDP, SyncBatchNorm, torch.compile, the fast attention kernels;
+  (`cached_codes`), DDP, SyncBatchNorm, torch.compile, the fast attention kernels,
+  a fine-tune's source, and beyond the paper a decoder fine-tuned for texture
+  (`TextureTune`: `DecoderOnly`, `texture_loss`);
 * chores of the loop: one device read per step (`step_flags`), metric windows,
   log lines (log.jsonl, the progress bar, TensorBoard and W&B when asked for),
   evaluation, pictures and loss.png,
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -48,7 +51,7 @@ from muon import optimizer_kind
 from runtime import (RunError, all_mean, autocast, collective_failure, first_line,
                      ignore_stop_signals, init_distributed, lost_peer_error, rng_state,
                      seed_everything, set_rng_state)
-from vqvae import load_vqvae
+from vqvae import VQVAE, load_vqvae
 
 # -----------------------------------------------------------------------------
 # Data order and the learning rate: pure functions of (seed, step)
@@ -304,6 +307,77 @@ def same_weights(model, other, path, source):
         if name not in theirs or not torch.equal(tensor.cpu(), theirs[name].cpu()):
             raise ValueError(f"{path}: is not the VQ-VAE that {source} was trained with "
                              f"({name} differs); leave --vqvae out to use that one")
+
+
+# -----------------------------------------------------------------------------
+# Beyond the paper: a decoder fine-tuned for texture (--decoder_only, --texture_weight)
+#
+# The paper's VQ-VAE loss is the mean squared error alone. Where a code cannot tell where a brick's
+# edge or a blade of grass lies inside its patch, that error is least for their average, so the
+# decoder paints a smooth wall, with less spread of colour than any real frame of one
+# (docs/vizdoom.md has the numbers). The texture term asks each small patch of the reconstruction
+# for the real patch's spread, wherever its details lie. Training the decoder alone keeps every
+# clip's codes, so a prior trained on them still holds.
+
+
+class DecoderOnly(VQVAE):
+    """A VQ-VAE that trains its decoder alone: the encoder, its projection and the codebook keep
+    their weights (no gradients, no moving averages, no restarts), so every clip keeps its codes.
+    Its state dict is a VQVAE's."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.coding().requires_grad_(False)
+        self.train()   # and out of training mode: the encoder's BatchNorm statistics stay too
+
+    def coding(self):
+        """The modules that decide the codes."""
+        return nn.ModuleList([self.encoder, self.pre_vq_conv, self.codebook])
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.coding().eval()   # in eval mode the codebook neither averages nor restarts
+        return self
+
+
+class TextureTune:
+    """What train.py's VQ-VAE stage does beyond the paper, from its flags: the model it builds
+    (`model`: DecoderOnly with --decoder_only) and the texture term it adds to the loss
+    (`add_to`, with --texture_weight). One-line errors for flags that cannot work."""
+
+    def __init__(self, args, source):
+        if args.decoder_only and not source:
+            raise ValueError("--decoder_only trains the decoder of a trained VQ-VAE: give "
+                             "--init_from CKPT")
+        if args.texture_weight < 0:
+            raise ValueError(f"--texture_weight must be 0 or more, got {args.texture_weight}")
+        self.weight, self.model = args.texture_weight, DecoderOnly if args.decoder_only else VQVAE
+
+    def add_to(self, out, x):
+        """The VQ-VAE's outputs on clips x, with the weighted term in the loss and logged."""
+        if self.weight:
+            out["texture_loss"] = texture_loss(out["recon"], x)
+            out["loss"] = out["loss"] + self.weight * out["texture_loss"]
+        return out
+
+
+def patch_spread(video, size):
+    """Each channel's standard deviation over each size x size patch of each frame:
+    (B, C, T, H, W) -> (B, C, T, H/size, W/size)."""
+    B, C, T, H, W = video.shape
+    patches = video.reshape(B, C, T, H // size, size, W // size, size)   # (B, C, T, h, s, w, s)
+    return patches.float().std(dim=(4, 6))                                # (B, C, T, h, w)
+
+
+def texture_loss(recon, x, size=4, data_variance=0.06):
+    """The mean absolute difference of the patches' spreads (patch_spread), at full resolution
+    and at half (2x2 pixels averaged, so that a one-pixel checkerboard cannot pay for a missing
+    texture twice), in the units of the normalized MSE's square root."""
+    loss = 0.0
+    for scale in (1, 2):
+        r, t = (F.avg_pool3d(v, (1, scale, scale)) for v in (recon, x))
+        loss = loss + (patch_spread(r, size) - patch_spread(t, size)).abs().mean()
+    return loss / 2 / data_variance ** 0.5
 
 
 # -----------------------------------------------------------------------------

@@ -39,10 +39,10 @@ from data import samples_to_uint8, to_uint8
 from gpt import GPTConfig, VideoGPT, embedded_vqvae
 from fast import use_channels_last, use_fast_attention, use_grad_checkpointing
 from muon import make_optimizer
-from run import (Run, check_prior_data, check_prior_flags, fine_tune_config, fine_tune_vqvae,
-                 gradient_sync, one_codebook_step, step_flags)
+from run import (Run, TextureTune, check_prior_data, check_prior_flags, fine_tune_config,
+                 fine_tune_vqvae, gradient_sync, one_codebook_step, step_flags)
 from runtime import StopRequest, default_device, run_cli
-from vqvae import VQVAE, VQVAEConfig, load_vqvae, texture_loss
+from vqvae import VQVAEConfig, load_vqvae
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -99,14 +99,13 @@ def data_flags(p):
     p.add_argument("--sample_every", type=int, default=1, metavar="K",
                    help="a clip takes every K-th frame of its window (high-fps footage)")
     p.add_argument("--preset", default=None, choices=["paper", "digits", "cpu"],
-                   help="what flags left out take: paper (default with --data), digits (without), "
-                        "cpu: 64x64 real data on a CPU (ViZDoom's recipe)")
+                   help="flags left out take: paper (default with --data), digits (without), cpu "
+                        "(64x64 real data on a CPU)")
     p.add_argument("--sequence_length", type=int, default=None, help="frames per clip")
     p.add_argument("--resolution", type=int, default=None, help="frame height = width, pixels")
     p.add_argument("--batch_size", type=int, default=None, help="clips per step per process")
     p.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader worker processes per process (default: half the cores, at "
-                        "most 4; none for cached codes, which are already in memory)")
+                   help="DataLoader workers per process (default: half the cores, at most 4)")
 
 
 def vqvae_flags(p):
@@ -127,13 +126,8 @@ def vqvae_flags(p):
                         "patches, equal codes")
     p.add_argument("--downsample", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
                    help="vqvae: compression factor per axis, powers of two")
-    p.add_argument("--texture_weight", type=float, default=0.0,
-                   help="vqvae: weight of the texture term (vqvae.texture_loss) added to the "
-                        "loss; 0, the default, is the paper's loss")
-    p.add_argument("--decoder_only", action="store_true",
-                   help="vqvae, with --init_from: train the decoder alone; the encoder and the "
-                        "codebook stay, so every clip keeps its codes and a prior trained on them "
-                        "still holds")
+    p.add_argument("--texture_weight", type=float, default=0.0, help="vqvae: texture term weight")
+    p.add_argument("--decoder_only", action="store_true", help="vqvae: train the decoder alone")
 
 
 def prior_flags(p):
@@ -144,27 +138,23 @@ def prior_flags(p):
     p.add_argument("--heads", type=int, default=None, help="gpt: attention heads")
     p.add_argument("--layers", type=int, default=None, help="gpt: transformer blocks")
     p.add_argument("--dropout", type=float, default=None, help="gpt: residual dropout")
-    p.add_argument("--attn_dropout", type=float, default=None,
-                   help="gpt: attention-weight dropout")
+    p.add_argument("--attn_dropout", type=float, default=None, help="gpt: attention-weight dropout")
     p.add_argument("--attn_type", default=None, choices=["full", "sparse"],
                    help="gpt: causal attention pattern (default: full)")
     p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
-                   help="gpt: rotary position embeddings over (t, h, w) in self-attention, "
-                        "besides the learned tables (default: on for the moving digits, off for "
-                        "real data as in the paper)")
+                   help="gpt: rotary position embeddings over (t, h, w) besides the learned "
+                        "tables (default: on for the digits, off for real data, as the paper)")
     p.add_argument("--n_cond_frames", type=int, default=0,
                    help="gpt: condition on the first k frames")
     p.add_argument("--class_cond", action="store_true",
                    help="gpt: condition on the data's class labels")
     p.add_argument("--action_cond", nargs="?", const="tokens", default=None,
                    choices=["tokens", "norms"],
-                   help="gpt: condition on the data's per-frame actions ({split}_actions: BAIR, "
-                        "ViZDoom) as tokens to cross-attend to (the default), or norms: the "
-                        "paper's conditional LayerNorms")
+                   help="gpt: condition on the data's per-frame actions as tokens to cross-attend "
+                        "to (the default), or norms: the paper's conditional LayerNorms")
     p.add_argument("--cache_codes", action=argparse.BooleanOptionalAction, default=None,
-                   help="gpt: encode every clip once (window fixed per clip) to "
-                        "out_dir/codes.pt instead of every step (default: on for the moving "
-                        "digits, whose clips are exactly one window long, unless --n_cond_frames)")
+                   help="gpt: encode every clip once, to out_dir/codes.pt (default: on for the "
+                        "digits, whose clips are one window long, unless conditioned on frames)")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="gpt: recompute activations in backward")
 
@@ -201,8 +191,7 @@ def run_flags(p):
     p.add_argument("--max_bad_steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
     p.add_argument("--ddp_timeout", type=float, default=600,
-                   help="seconds a process waits for its peers in a collective before the job "
-                        "stops")
+                   help="seconds a process waits for its peers before the job stops")
     p.add_argument("--eval_interval", type=int, default=None,
                    help="steps between evaluations and checkpoints")
     p.add_argument("--eval_batches", type=int, default=4, help="test batches per evaluation")
@@ -214,8 +203,8 @@ def run_flags(p):
     p.add_argument("--wandb_run", default=None, metavar="NAME", help="the W&B run's display name")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="autocast precision; float16 uses a GradScaler; the codebook always runs "
-                        "in float32 (default: float32 with --data, bfloat16 for the moving digits)")
+                   help="autocast precision; float16 adds a GradScaler; the codebook stays float32 "
+                        "(default: float32 with --data, bfloat16 for the digits)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and clip windows")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync_batchnorm", action="store_true",
@@ -273,22 +262,13 @@ def resolved_config(config, ckpt, path, source=None, args=None):
 
 
 class VQVAEStage:
-    """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA.
-    Beyond the paper: --texture_weight adds vqvae.texture_loss, and --decoder_only trains the
-    decoder alone (the codes kept)."""
+    """Reconstruction: loss = normalized MSE + 0.25 * commitment; the codebook follows by EMA."""
 
     name, curve, curve_label, picture_name = "vqvae", "recon_loss", "normalized MSE", "recon"
-    logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage")
+    logged = ("loss", "recon_loss", "commitment_loss", "perplexity", "usage", "texture_loss")
 
     def __init__(self, args, ckpt, ckpt_path, source=None):
-        if args.decoder_only and not (ckpt or source):
-            raise ValueError("--decoder_only trains the decoder of a trained VQ-VAE: give "
-                             "--init_from CKPT")
-        if args.texture_weight < 0:
-            raise ValueError(f"--texture_weight must be 0 or more, got {args.texture_weight}")
-        self.texture_weight, self.decoder_only = args.texture_weight, args.decoder_only
-        if self.texture_weight:
-            self.logged = (*self.logged, "texture_loss")
+        self.tune = TextureTune(args, ckpt or source)   # beyond the paper: --decoder_only, ...
         config = VQVAEConfig(
             embedding_dim=args.embedding_dim, n_codes=args.n_codes,
             dead_code_threshold=args.dead_code_threshold, n_hiddens=args.n_hiddens,
@@ -299,18 +279,13 @@ class VQVAEStage:
         self.clip = (self.config.sequence_length, self.config.resolution)
 
     def build(self, args, train_set):
-        model = VQVAE(self.config)
-        if self.decoder_only:
-            model.freeze_codes()
+        model = self.tune.model(self.config)   # VQVAE(config); run.DecoderOnly: --decoder_only
         return use_channels_last(model, default_device(args.device), args.dtype)
 
     def loss(self, model, batch, device):
         x = batch["video"].to(device, non_blocking=True)             # (B, 3, T, H, W)
-        out = model(x)
-        if self.texture_weight:
-            out["texture_loss"] = texture_loss(out["recon"], x)
-            out["loss"] = out["loss"] + self.texture_weight * out["texture_loss"]
-        return out["loss"], {k: out[k] for k in self.logged}
+        out = self.tune.add_to(model(x), x)
+        return out["loss"], {k: out[k] for k in self.logged if k in out}
 
     def describe(self):
         return f"latent {self.config.latent_shape}"

@@ -386,24 +386,6 @@ class VQVAE(nn.Module):
                     commitment_loss=commitment_loss, perplexity=vq["perplexity"],
                     usage=vq["usage"], codes=vq["codes"])
 
-    def freeze_codes(self):
-        """Train the decoder alone from here on: the encoder, its projection and the codebook keep
-        their weights (no gradients, no moving averages, no restarts), so every clip keeps its
-        codes. See texture_loss below."""
-        self.codes_frozen = True
-        self.coding().requires_grad_(False)
-        return self.train(self.training)
-
-    def coding(self):
-        """The modules that decide the codes: the encoder, its projection and the codebook."""
-        return nn.ModuleList([self.encoder, self.pre_vq_conv, self.codebook])
-
-    def train(self, mode=True):
-        super().train(mode)
-        if getattr(self, "codes_frozen", False):
-            self.coding().eval()   # in eval mode the codebook neither averages nor restarts
-        return self
-
     @torch.no_grad()
     def encode(self, x):
         """(B, 3, T, H, W) in [-0.5, 0.5] -> codes (B, t, h, w) int64; the codebook stays as is."""
@@ -435,32 +417,3 @@ def load_vqvae(path, device="cpu"):
         config = VQVAEConfig(**kwargs)
     return load_weights(VQVAE(config), state, path, "the VQ-VAE's config").to(device).eval()
 
-
-# -----------------------------------------------------------------------------
-# Beyond the paper: a decoder that keeps the texture
-#
-# The paper's loss is the mean squared error alone. Where a code cannot tell where a brick's edge
-# or a blade of grass lies inside its 8x8 patch, the error is least for their average, so the
-# decoder paints a smooth wall: a close wall's spread of colours falls under any real frame's
-# (docs/vizdoom.md has the numbers). The texture term asks each small patch of the reconstruction
-# for the real patch's spread, wherever its details lie. It is zero for the paper's recipe
-# (--texture_weight 0); the ViZDoom weights fine-tune their decoder with it, the codes kept
-# (VQVAE.freeze_codes), so that the prior trained on those codes still holds.
-
-def patch_spread(video, size):
-    """Each channel's standard deviation over each size x size patch of each frame:
-    (B, C, T, H, W) -> (B, C, T, H/size, W/size)."""
-    B, C, T, H, W = video.shape
-    patches = video.reshape(B, C, T, H // size, size, W // size, size)   # (B, C, T, h, s, w, s)
-    return patches.float().std(dim=(4, 6))                                # (B, C, T, h, w)
-
-
-def texture_loss(recon, x, size=4):
-    """The mean absolute difference of the patches' spreads (patch_spread), at full resolution
-    and at half (2x2 pixels averaged, so that a one-pixel checkerboard cannot pay for a missing
-    texture twice), in the units of the normalized MSE's square root."""
-    loss = 0.0
-    for scale in (1, 2):
-        r, t = (F.avg_pool3d(v, (1, scale, scale)) for v in (recon, x))
-        loss = loss + (patch_spread(r, size) - patch_spread(t, size)).abs().mean()
-    return loss / 2 / VQVAEConfig.data_variance ** 0.5

@@ -190,7 +190,8 @@ def test_presets_fill_only_what_the_flags_leave_out():
     assert (vq.dead_code_threshold, paper_vq.dead_code_threshold) == (0.05, 1.0)
     asked = train.parse_args(["--stage", "vqvae", "--out_dir", "x", "--dead_code_threshold", "0.2"])
     assert train.VQVAEStage(asked, None, "x/ckpt.pt").config.dead_code_threshold == 0.2
-    codebook = train.VQVAE(train.VQVAEStage(asked, None, "x/ckpt.pt").config).codebook
+    stage = train.VQVAEStage(asked, None, "x/ckpt.pt")
+    codebook = stage.build(asked, None).codebook
     assert codebook.dead_code_threshold == 0.2
     assert vqvae_args("--no-local_encoder").local_encoder is False
     assert vqvae_args("--n_res_layers", "1").local_encoder is False

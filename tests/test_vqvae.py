@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vqvae import VQVAE, Codebook, VQVAEConfig, patch_spread, texture_loss
+from run import DecoderOnly, patch_spread, texture_loss
+from vqvae import VQVAE, Codebook, VQVAEConfig
 
 
 def tiny(**kw):
@@ -161,16 +162,20 @@ def test_texture_loss_on_hand_made_patches():
 
 
 def test_frozen_codes_stay_put_in_training_mode():
-    """freeze_codes: a training step's forward pass leaves the encoder's side in eval mode (its
-    codebook neither averages nor restarts), and only the decoder's side takes gradients."""
+    """run.DecoderOnly (train.py --decoder_only): a training step's forward pass leaves the
+    encoder's side in eval mode (its codebook neither averages nor restarts), and only the
+    decoder's side takes gradients."""
     torch.manual_seed(0)
-    model = VQVAE(tiny(downsample=(2, 4, 4), dead_code_threshold=100.0)).freeze_codes().train()
+    model = DecoderOnly(tiny(downsample=(2, 4, 4), dead_code_threshold=100.0))
     model.codebook.init_from(torch.randn(32, 8))
-    before = {k: v.clone() for k, v in model.codebook.state_dict().items()}
+    before = {k: v.clone() for k, v in model.coding().state_dict().items()}
     x = torch.rand(2, 3, 8, 16, 16) - 0.5
-    out = model(x)
-    assert all(torch.equal(before[k], v) for k, v in model.codebook.state_dict().items())
-    assert not model.encoder.training and model.decoder.training
+    for _ in range(2):   # as built, and after the loop's model.train()
+        out = model(x)
+        # the codebook's averages and the encoder's BatchNorm statistics alike
+        assert all(torch.equal(before[k], v) for k, v in model.coding().state_dict().items())
+        assert model.training and not model.encoder.training and model.decoder.training
+        model.eval().train()
     (out["loss"] + texture_loss(out["recon"], x)).backward()
     tuned = {n for n, p in model.named_parameters() if p.grad is not None}
     assert tuned == {n for n, _ in model.named_parameters()
