@@ -328,7 +328,7 @@ class DecoderOnly(VQVAE):
     def __init__(self, config):
         super().__init__(config)
         self.coding().requires_grad_(False)
-        self.train()   # and out of training mode: the encoder's BatchNorm statistics stay too
+        self.train()   # the coding modules in eval mode from the start: their BatchNorm stays
 
     def coding(self):
         """The modules that decide the codes."""
@@ -363,9 +363,12 @@ class TextureTune:
 
 def patch_spread(video, size):
     """Each channel's standard deviation over each size x size patch of each frame:
-    (B, C, T, H, W) -> (B, C, T, H/size, W/size)."""
+    (B, C, T, H, W) -> (B, C, T, H // size, W // size); rows and columns past the last whole
+    patch are left out."""
     B, C, T, H, W = video.shape
-    patches = video.reshape(B, C, T, H // size, size, W // size, size)   # (B, C, T, h, s, w, s)
+    h, w = H // size, W // size
+    video = video[..., :h * size, :w * size]                              # (B, C, T, h*s, w*s)
+    patches = video.reshape(B, C, T, h, size, w, size)                    # (B, C, T, h, s, w, s)
     return patches.float().std(dim=(4, 6))                                # (B, C, T, h, w)
 
 

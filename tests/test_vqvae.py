@@ -147,6 +147,9 @@ def test_texture_loss_on_hand_made_patches():
     assert texture_loss(torch.zeros_like(x), x).item() == pytest.approx(
         spread / 2 / 0.06 ** 0.5, rel=1e-6)
     assert texture_loss(x, x).item() == 0.0
+    # Frames whose half is no whole number of patches: the last rows and columns are left out.
+    assert patch_spread(torch.rand(1, 3, 2, 12, 10), 4).shape == (1, 3, 2, 3, 2)
+    assert torch.isfinite(texture_loss(torch.rand(1, 3, 2, 12, 12), torch.rand(1, 3, 2, 12, 12)))
     # A texture of 2x2 blocks counts at both scales: its 2x2 averages keep it whole.
     blocks = x[..., :4, :4].repeat_interleave(2, -1).repeat_interleave(2, -2)     # (1, 3, 2, 8, 8)
     assert texture_loss(torch.zeros_like(x), blocks).item() == pytest.approx(
