@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, train_records
+from conftest import ROOT, run_script, train_records
 
 # One optimizer step, in this process, reading clips in a fixed order.
 ONE_STEP = ["--num_workers", "0", "--max_steps", "1", "--device", "cpu", "--dtype", "float32",
@@ -256,6 +256,26 @@ def test_a_decoder_fine_tune_keeps_every_code_so_the_prior_still_holds(tiny_vqva
                        str(tmp_path / "b")).endswith("--texture_weight must be 0 or more, got -1.0")
     assert "--decoder_only and --texture_weight train a VQ-VAE's decoder" in train_error(
         *PRIOR, "--vqvae", tiny_vqvae, "--decoder_only", "--out_dir", str(tmp_path / "c"))
+    # weights/make.py --sharpen takes such a decoder only: an encoder changed by one number, or
+    # a file that is no VQ-VAE of the prior's shape, is refused and the shipped file kept.
+    import importlib.util
+    import shutil
+    spec = importlib.util.spec_from_file_location("make", os.path.join(ROOT, "weights", "make.py"))
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(priors["plain"], shipped / "vizdoom.pt")
+    before = open(shipped / "vizdoom.pt", "rb").read()
+    bent = torch.load(tmp_path / "sharp" / "ckpt.pt", weights_only=True)
+    key = next(k for k in bent["model"] if k.startswith("encoder."))
+    bent["model"][key] = bent["model"][key] + 1
+    torch.save(bent, tmp_path / "bent.pt")
+    for tuned, message in ((tmp_path / "bent.pt", f"its {key} is not"),
+                           (priors["framed"], "not a VQ-VAE of")):
+        with pytest.raises(SystemExit, match=message):
+            make.sharpen(str(tuned), "unused.h5", 4, 0, str(shipped))
+    assert open(shipped / "vizdoom.pt", "rb").read() == before
 
 # -----------------------------------------------------------------------------
 # sample.py --cond_from: your own frames
