@@ -51,7 +51,7 @@ from muon import optimizer_kind
 from runtime import (RunError, all_mean, autocast, collective_failure, first_line,
                      ignore_stop_signals, init_distributed, lost_peer_error, rng_state,
                      seed_everything, set_rng_state)
-from vqvae import VQVAE, load_vqvae
+from vqvae import VQVAE, VQVAEConfig, load_vqvae
 
 # -----------------------------------------------------------------------------
 # Data order and the learning rate: pure functions of (seed, step)
@@ -320,6 +320,9 @@ def same_weights(model, other, path, source):
 # clip's codes, so a prior trained on them still holds.
 
 
+CODING = ("encoder", "pre_vq_conv", "codebook")   # a VQVAE's modules that decide the codes
+
+
 class DecoderOnly(VQVAE):
     """A VQ-VAE that trains its decoder alone: the encoder, its projection and the codebook keep
     their weights (no gradients, no moving averages, no restarts), so every clip keeps its codes.
@@ -331,8 +334,8 @@ class DecoderOnly(VQVAE):
         self.train()   # the coding modules in eval mode from the start: their BatchNorm stays
 
     def coding(self):
-        """The modules that decide the codes."""
-        return nn.ModuleList([self.encoder, self.pre_vq_conv, self.codebook])
+        """The modules that decide the codes (CODING)."""
+        return nn.ModuleList([getattr(self, name) for name in CODING])
 
     def train(self, mode=True):
         super().train(mode)
@@ -372,7 +375,7 @@ def patch_spread(video, size):
     return patches.float().std(dim=(4, 6))                                # (B, C, T, h, w)
 
 
-def texture_loss(recon, x, size=4, data_variance=0.06):
+def texture_loss(recon, x, size=4, data_variance=VQVAEConfig.data_variance):
     """The mean absolute difference of the patches' spreads (patch_spread), at full resolution
     and at half (2x2 pixels averaged, so that a one-pixel checkerboard cannot pay for a missing
     texture twice), in the units of the normalized MSE's square root."""

@@ -416,4 +416,3 @@ def load_vqvae(path, device="cpu"):
         kwargs, state = original_vqvae(ckpt, path)
         config = VQVAEConfig(**kwargs)
     return load_weights(VQVAE(config), state, path, "the VQ-VAE's config").to(device).eval()
-

@@ -222,7 +222,6 @@ def test_a_fine_tune_starts_from_an_original_release_checkpoint(tmp_path):
     assert tuple(saved["config"]["latent_shape"]) == (4, 8, 8)
 
 
-
 def test_a_decoder_fine_tune_keeps_every_code_so_the_prior_still_holds(tiny_vqvae, priors,
                                                                          tmp_path):
     """--decoder_only --texture_weight, from the VQ-VAE a prior carries: three steps change the
@@ -271,11 +270,12 @@ def test_a_decoder_fine_tune_keeps_every_code_so_the_prior_still_holds(tiny_vqva
     key = next(k for k in bent["model"] if k.startswith("encoder."))
     bent["model"][key] = bent["model"][key] + 1
     torch.save(bent, tmp_path / "bent.pt")
-    for tuned, message in ((tmp_path / "bent.pt", f"its {key} is not"),
+    for given, message in ((tmp_path / "bent.pt", f"its {key} is not"),
                            (priors["framed"], "not a VQ-VAE of")):
         with pytest.raises(SystemExit, match=message):
-            make.sharpen(str(tuned), "unused.h5", 4, 0, str(shipped))
+            make.sharpen(str(given), "unused.h5", 4, 0, str(shipped))
     assert open(shipped / "vizdoom.pt", "rb").read() == before
+
 
 # -----------------------------------------------------------------------------
 # sample.py --cond_from: your own frames

@@ -37,6 +37,7 @@ from data import moving_digits  # noqa: E402
 from metrics import (READER_STEPS, digits_main, dream_main, legibility, load_digit_reader,  # noqa: E402
                      sha256, steer_main, train_digit_reader)
 from world import clip_start  # noqa: E402
+from run import CODING  # noqa: E402
 
 # What a shipped file keeps of a run's checkpoint.
 KEEP = ("stage", "config", "model", "vqvae", "step", "train_args", "action_names")
@@ -112,7 +113,7 @@ def sharpen(vq_run, data, n, clip, out_dir):
     ckpt, tuned = load_checkpoint(out), load_checkpoint(vq_run)
     if tuned.get("stage") != "vqvae" or tuned.get("config") != ckpt["vqvae"]["config"]:
         raise SystemExit(f"{vq_run}: not a VQ-VAE of {out}'s shape")
-    coding = ("encoder.", "pre_vq_conv.", "codebook.")
+    coding = tuple(f"{name}." for name in CODING)   # the encoder's side: run.DecoderOnly's
     for k, v in ckpt["vqvae"]["model"].items():
         if k.startswith(coding) and not torch.equal(tuned["model"][k].to(v.dtype), v):
             raise SystemExit(f"{vq_run}: its {k} is not {out}'s: only the decoder may change")
